@@ -1,0 +1,284 @@
+// Elementwise ops. Broadcast inputs get their gradient summed back to their own shape.
+#include <cmath>
+
+#include "../core/kernels.hpp"
+#include "ops.hpp"
+#include "tape.hpp"
+
+namespace loom {
+
+using autograd::BackwardContext;
+using autograd::record;
+using Grads = std::vector<Tensor>;
+
+namespace {
+
+Tensor scalar_like(double value, const Tensor& t) { return scalar_tensor(value, t.dtype()); }
+
+// g summed to `shape`, or undefined when that input needs no gradient.
+Tensor reduce_to(const BackwardContext& c, std::size_t input, const Tensor& g, const Shape& shape)
+{
+    return c.needs[input] ? kernels::sum_to(g, shape) : Tensor();
+}
+
+}  // namespace
+
+// ---- binary ----
+
+Tensor add(const Tensor& a, const Tensor& b)
+{
+    Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return x + y; });
+    return record("add", {a, b}, out, {}, [sa = a.sizes(), sb = b.sizes()](const BackwardContext& c) {
+        return Grads{reduce_to(c, 0, c.grad(), sa), reduce_to(c, 1, c.grad(), sb)};
+    });
+}
+
+Tensor sub(const Tensor& a, const Tensor& b)
+{
+    Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return x - y; });
+    return record("sub", {a, b}, out, {}, [sa = a.sizes(), sb = b.sizes()](const BackwardContext& c) {
+        return Grads{reduce_to(c, 0, c.grad(), sa), c.needs[1] ? reduce_to(c, 1, -c.grad(), sb) : Tensor()};
+    });
+}
+
+Tensor mul(const Tensor& a, const Tensor& b)
+{
+    Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return x * y; });
+    return record("mul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
+        const Tensor &x = c.saved[0], &y = c.saved[1];
+        return Grads{c.needs[0] ? kernels::sum_to(c.grad() * y, x.sizes()) : Tensor(),
+                     c.needs[1] ? kernels::sum_to(c.grad() * x, y.sizes()) : Tensor()};
+    });
+}
+
+Tensor div(const Tensor& a, const Tensor& b)
+{
+    Tensor out = kernels::zip_floating("div", a, b, [](auto x, auto y) { return x / y; });
+    return record("div", {a, b}, out, {b, out}, [sa = a.sizes()](const BackwardContext& c) {
+        const Tensor &y = c.saved[0], &q = c.saved[1];
+        return Grads{c.needs[0] ? kernels::sum_to(c.grad() / y, sa) : Tensor(),
+                     c.needs[1] ? kernels::sum_to(-(c.grad() * q / y), y.sizes()) : Tensor()};
+    });
+}
+
+Tensor pow(const Tensor& base, const Tensor& exponent)
+{
+    Tensor out = kernels::zip_floating("pow", base, exponent, [](auto x, auto e) { return std::pow(x, e); });
+    return record("pow", {base, exponent}, out, {base, exponent, out}, [](const BackwardContext& c) {
+        const Tensor &x = c.saved[0], &e = c.saved[1], &y = c.saved[2];
+        Grads g(2);
+        if (c.needs[0]) g[0] = kernels::sum_to(c.grad() * e * pow(x, e - 1.0), x.sizes());
+        if (c.needs[1]) {
+            // d/de x^e = x^e log x; taken as 0 where x == 0, as PyTorch does.
+            Tensor log_x = kernels::map_floating("pow", x, [](auto v) { return v == 0 ? v : std::log(v); });
+            g[1] = kernels::sum_to(c.grad() * y * log_x, e.sizes());
+        }
+        return g;
+    });
+}
+
+Tensor pow(const Tensor& base, double exponent)
+{
+    Tensor out = kernels::map_floating("pow", base, [exponent](auto x) {
+        return static_cast<decltype(x)>(std::pow(x, exponent));
+    });
+    return record("pow", {base}, out, {base}, [exponent](const BackwardContext& c) {
+        return Grads{c.grad() * exponent * pow(c.saved[0], exponent - 1)};
+    });
+}
+
+namespace {
+
+// Share of the gradient that goes to `a` in maximum(a, b) (Max) or minimum(a, b): 1, 0, or 1/2 on ties.
+template <bool Max> Tensor extremum(const char* op, const Tensor& a, const Tensor& b)
+{
+    Tensor out = kernels::zip_floating(op, a, b, [](auto x, auto y) {
+        if (std::isnan(x) || std::isnan(y)) return x + y;
+        return Max ? std::max(x, y) : std::min(x, y);
+    });
+    return record(op, {a, b}, out, {a, b}, [](const BackwardContext& c) {
+        const Tensor &x = c.saved[0], &y = c.saved[1];
+        const Tensor share = kernels::zip_floating("maximum", x, y, [](auto u, auto v) {
+            using T = decltype(u);
+            return u == v ? T(0.5) : ((Max ? u > v : u < v) ? T(1) : T(0));
+        });
+        return Grads{c.needs[0] ? kernels::sum_to(c.grad() * share, x.sizes()) : Tensor(),
+                     c.needs[1] ? kernels::sum_to(c.grad() * (1.0 - share), y.sizes()) : Tensor()};
+    });
+}
+
+}  // namespace
+
+Tensor maximum(const Tensor& a, const Tensor& b) { return extremum<true>("maximum", a, b); }
+Tensor minimum(const Tensor& a, const Tensor& b) { return extremum<false>("minimum", a, b); }
+
+// ---- unary ----
+
+Tensor neg(const Tensor& x)
+{
+    Tensor out = kernels::map_numeric("neg", x, [](auto v) { return static_cast<decltype(v)>(-v); });
+    return record("neg", {x}, out, {}, [](const BackwardContext& c) { return Grads{-c.grad()}; });
+}
+
+Tensor exp(const Tensor& x)
+{
+    Tensor out = kernels::map_floating("exp", x, [](auto v) { return std::exp(v); });
+    return record("exp", {x}, out, {out}, [](const BackwardContext& c) { return Grads{c.grad() * c.saved[0]}; });
+}
+
+Tensor log(const Tensor& x)
+{
+    Tensor out = kernels::map_floating("log", x, [](auto v) { return std::log(v); });
+    return record("log", {x}, out, {x}, [](const BackwardContext& c) { return Grads{c.grad() / c.saved[0]}; });
+}
+
+Tensor sqrt(const Tensor& x)
+{
+    Tensor out = kernels::map_floating("sqrt", x, [](auto v) { return std::sqrt(v); });
+    return record("sqrt", {x}, out, {out}, [](const BackwardContext& c) {
+        return Grads{c.grad() / (2.0 * c.saved[0])};
+    });
+}
+
+Tensor abs(const Tensor& x)
+{
+    Tensor out = kernels::map_numeric("abs", x, [](auto v) { return static_cast<decltype(v)>(v < 0 ? -v : v); });
+    return record("abs", {x}, out, {x}, [](const BackwardContext& c) {
+        return Grads{kernels::zip_floating("abs", c.grad(), c.saved[0], [](auto g, auto v) {
+            return v > 0 ? g : (v < 0 ? -g : decltype(g)(0));
+        })};
+    });
+}
+
+Tensor tanh(const Tensor& x)
+{
+    Tensor out = kernels::map_floating("tanh", x, [](auto v) { return std::tanh(v); });
+    return record("tanh", {x}, out, {out}, [](const BackwardContext& c) {
+        return Grads{kernels::zip_floating("tanh", c.grad(), c.saved[0], [](auto g, auto y) { return g * (1 - y * y); })};
+    });
+}
+
+Tensor sigmoid(const Tensor& x)
+{
+    Tensor out = kernels::map_floating("sigmoid", x, [](auto v) { return 1 / (1 + std::exp(-v)); });
+    return record("sigmoid", {x}, out, {out}, [](const BackwardContext& c) {
+        return Grads{kernels::zip_floating("sigmoid", c.grad(), c.saved[0], [](auto g, auto y) { return g * y * (1 - y); })};
+    });
+}
+
+Tensor relu(const Tensor& x)
+{
+    Tensor out = kernels::map_floating("relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); });
+    return record("relu", {x}, out, {out}, [](const BackwardContext& c) {
+        return Grads{kernels::zip_floating("relu", c.grad(), c.saved[0], [](auto g, auto y) {
+            return y > 0 ? g : decltype(g)(0);
+        })};
+    });
+}
+
+Tensor clamp(const Tensor& x, std::optional<double> min, std::optional<double> max)
+{
+    LOOM_CHECK(min || max, "clamp", "expects at least one of min and max");
+    LOOM_CHECK(!min || !max || *min <= *max, "clamp", "expects min <= max, got min={} max={}", *min, *max);
+    const double lo = min.value_or(-INFINITY), hi = max.value_or(INFINITY);
+    Tensor out = kernels::map_numeric("clamp", x, [lo, hi](auto v) {
+        using T = decltype(v);
+        return v < lo ? static_cast<T>(lo) : (v > hi ? static_cast<T>(hi) : v);
+    });
+    return record("clamp", {x}, out, {x}, [lo, hi](const BackwardContext& c) {
+        return Grads{kernels::zip_floating("clamp", c.grad(), c.saved[0], [lo, hi](auto g, auto v) {
+            return v >= lo && v <= hi ? g : decltype(g)(0);
+        })};
+    });
+}
+
+// ---- selection ----
+
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b)
+{
+    LOOM_CHECK(cond.dtype() == kBool, "where", "expects a bool condition, got {}", cond.dtype());
+    kernels::check_same_dtype("where", a, b);
+    const Shape shape = broadcast_shapes("where", cond.sizes(), broadcast_shapes("where", a.sizes(), b.sizes()));
+    Tensor out = empty(shape, a.dtype());
+    dispatch(a.dtype(), [&]<class T>() {
+        const bool* pc = cond.data_ptr<bool>();
+        const T *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
+        T* po = out.data_ptr<T>();
+        const Shape sc = kernels::broadcast_strides(cond, shape), sa = kernels::broadcast_strides(a, shape),
+                    sb = kernels::broadcast_strides(b, shape), so = contiguous_strides(shape);
+        kernels::for_each_offset<4>(shape, {sc.data(), sa.data(), sb.data(), so.data()}, {0, 0, 0, 0},
+                                    [&](const auto& o) { po[o[3]] = pc[o[0]] ? pa[o[1]] : pb[o[2]]; });
+    });
+    return record("where", {a, b}, out, {cond}, [sa = a.sizes(), sb = b.sizes()](const BackwardContext& c) {
+        const Tensor zero = scalar_like(0, c.grad());
+        return Grads{c.needs[0] ? kernels::sum_to(where(c.saved[0], c.grad(), zero), sa) : Tensor(),
+                     c.needs[1] ? kernels::sum_to(where(c.saved[0], zero, c.grad()), sb) : Tensor()};
+    });
+}
+
+Tensor masked_fill(const Tensor& x, const Tensor& mask, double value)
+{
+    LOOM_CHECK(broadcast_shapes("masked_fill", x.sizes(), mask.sizes()) == x.sizes(), "masked_fill",
+               "mask of shape {} does not broadcast to the input's shape {}", mask.sizes(), x.sizes());
+    return where(mask, scalar_like(value, x), x);
+}
+
+// ---- comparisons and logic ----
+
+#define LOOM_COMPARISON(name, expr)                                                             \
+    Tensor name(const Tensor& a, const Tensor& b)                                             \
+    {                                                                                         \
+        return kernels::zip_any(#name, a, b, [](auto x, auto y) { return static_cast<bool>(expr); }); \
+    }
+LOOM_COMPARISON(eq, x == y)
+LOOM_COMPARISON(ne, x != y)
+LOOM_COMPARISON(lt, x < y)
+LOOM_COMPARISON(le, x <= y)
+LOOM_COMPARISON(gt, x > y)
+LOOM_COMPARISON(ge, x >= y)
+#undef LOOM_COMPARISON
+
+namespace {
+void check_bool(std::string_view op, const Tensor& t)
+{
+    LOOM_CHECK(t.dtype() == kBool, op, "expects bool masks, got {}", t.dtype());
+}
+}  // namespace
+
+Tensor logical_not(const Tensor& mask)
+{
+    check_bool("logical_not", mask);
+    return kernels::map_typed<bool>(mask, [](bool v) { return !v; });
+}
+
+Tensor logical_and(const Tensor& a, const Tensor& b)
+{
+    check_bool("logical_and", a);
+    check_bool("logical_and", b);
+    return kernels::zip_any("logical_and", a, b, [](auto x, auto y) { return static_cast<bool>(x && y); });
+}
+
+Tensor logical_or(const Tensor& a, const Tensor& b)
+{
+    check_bool("logical_or", a);
+    check_bool("logical_or", b);
+    return kernels::zip_any("logical_or", a, b, [](auto x, auto y) { return static_cast<bool>(x || y); });
+}
+
+// ---- operators ----
+
+Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+Tensor operator-(const Tensor& x) { return neg(x); }
+Tensor operator+(const Tensor& a, double b) { return add(a, scalar_like(b, a)); }
+Tensor operator-(const Tensor& a, double b) { return sub(a, scalar_like(b, a)); }
+Tensor operator*(const Tensor& a, double b) { return mul(a, scalar_like(b, a)); }
+Tensor operator/(const Tensor& a, double b) { return div(a, scalar_like(b, a)); }
+Tensor operator+(double a, const Tensor& b) { return add(scalar_like(a, b), b); }
+Tensor operator-(double a, const Tensor& b) { return sub(scalar_like(a, b), b); }
+Tensor operator*(double a, const Tensor& b) { return mul(scalar_like(a, b), b); }
+Tensor operator/(double a, const Tensor& b) { return div(scalar_like(a, b), b); }
+
+}  // namespace loom

@@ -1,0 +1,33 @@
+// Finite-difference checking of tape gradients, in float64.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "../core/tensor.hpp"
+
+namespace loom {
+
+struct GradcheckOptions {
+    double eps = 1e-6;   // central-difference step
+    double atol = 1e-5;  // an element passes when |analytic - numeric| <= atol + rtol * |numeric|
+    double rtol = 1e-3;
+    std::uint64_t seed = 0;  // for the random projection of a non-scalar output
+};
+
+struct GradcheckResult {
+    bool ok = true;
+    // The worst element over all inputs: which input, where, and both derivatives.
+    std::size_t input = 0;
+    Shape index;
+    double analytic = 0, numeric = 0, error = 0;
+    std::string report() const;
+};
+
+// Compares the tape's gradients of fn with central finite differences. Every input that
+// requires grad must be float64. A non-scalar output y is checked through sum(y * r) for a
+// fixed random r, which tests the whole vector-Jacobian product in one backward pass.
+GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
+                          const std::vector<Tensor>& inputs, const GradcheckOptions& options = {});
+
+}  // namespace loom

@@ -1,0 +1,226 @@
+// Views, copies, joins and indexing. A view's backward lays the gradient back out in the input's shape.
+#include "../core/kernels.hpp"
+#include "ops.hpp"
+#include "tape.hpp"
+
+namespace loom {
+
+using autograd::BackwardContext;
+using autograd::record;
+using Grads = std::vector<Tensor>;
+
+namespace {
+
+// Gradient of an op that reads the region `region(zeros)` of its input: scatter g into zeros.
+template <class Region> Tensor scatter_back(const Tensor& g, const Shape& input, Region&& region)
+{
+    Tensor z = zeros(input, g.dtype());
+    kernels::copy_into(region(z), g);
+    return z;
+}
+
+Tensor reshape_back(const char* op, const Tensor& x, Tensor out)
+{
+    return record(op, {x}, out, {}, [shape = x.sizes()](const BackwardContext& c) {
+        return Grads{kernels::reshape(c.grad(), shape)};
+    });
+}
+
+}  // namespace
+
+Tensor reshape(const Tensor& x, const Shape& shape) { return reshape_back("reshape", x, kernels::reshape(x, shape)); }
+Tensor view(const Tensor& x, const Shape& shape) { return reshape_back("view", x, kernels::view(x, shape)); }
+Tensor squeeze(const Tensor& x, std::optional<std::int64_t> dim) { return reshape_back("squeeze", x, kernels::squeeze(x, dim)); }
+Tensor unsqueeze(const Tensor& x, std::int64_t dim) { return reshape_back("unsqueeze", x, kernels::unsqueeze(x, dim)); }
+
+Tensor permute(const Tensor& x, const Shape& dims)
+{
+    Tensor out = kernels::permute(x, dims);
+    Shape inverse(dims.size());
+    for (std::size_t i = 0; i < dims.size(); ++i) inverse[wrap_dim("permute", dims[i], x.dim())] = static_cast<std::int64_t>(i);
+    return record("permute", {x}, out, {}, [inverse](const BackwardContext& c) {
+        return Grads{kernels::permute(c.grad(), inverse)};
+    });
+}
+
+Tensor transpose(const Tensor& x, std::int64_t dim0, std::int64_t dim1)
+{
+    Shape dims(x.dim());
+    for (std::int64_t i = 0; i < x.dim(); ++i) dims[i] = i;
+    std::swap(dims[wrap_dim("transpose", dim0, x.dim())], dims[wrap_dim("transpose", dim1, x.dim())]);
+    return permute(x, dims);
+}
+
+Tensor expand(const Tensor& x, const Shape& shape)
+{
+    Tensor out = kernels::expand(x, shape);
+    return record("expand", {x}, out, {}, [in = x.sizes()](const BackwardContext& c) {
+        return Grads{kernels::sum_to(c.grad(), in)};
+    });
+}
+
+Tensor broadcast_to(const Tensor& x, const Shape& shape) { return expand(x, shape); }
+
+Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step)
+{
+    Tensor out = kernels::slice(x, dim, start, end, step);
+    return record("slice", {x}, out, {}, [in = x.sizes(), dim, start, end, step](const BackwardContext& c) {
+        return Grads{scatter_back(c.grad(), in, [&](const Tensor& z) { return kernels::slice(z, dim, start, end, step); })};
+    });
+}
+
+Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t length)
+{
+    const std::int64_t d = wrap_dim("narrow", dim, x.dim());
+    const std::int64_t n = x.sizes()[d];
+    if (start < 0) start += n;
+    LOOM_CHECK(start >= 0 && length >= 0 && start + length <= n, "narrow",
+               "range [{}, {}) is outside dim {} of size {} (shape {})", start, start + length, d, n, x.sizes());
+    return slice(x, d, start, start + length, 1);
+}
+
+Tensor select(const Tensor& x, std::int64_t dim, std::int64_t index)
+{
+    Tensor out = kernels::select(x, dim, index);
+    return record("select", {x}, out, {}, [in = x.sizes(), dim, index](const BackwardContext& c) {
+        return Grads{scatter_back(c.grad(), in, [&](const Tensor& z) { return kernels::select(z, dim, index); })};
+    });
+}
+
+Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
+{
+    Tensor out = kernels::index_select(x, dim, index);
+    return record("index_select", {x}, out, {index}, [in = x.sizes(), dim](const BackwardContext& c) {
+        Tensor z = zeros(in, c.grad().dtype());
+        kernels::index_add_into(z, wrap_dim("index_select", dim, static_cast<std::int64_t>(in.size())), c.saved[0],
+                                c.grad());
+        return Grads{z};
+    });
+}
+
+Tensor gather(const Tensor& x, std::int64_t dim, const Tensor& index)
+{
+    Tensor out = kernels::gather(x, dim, index);
+    return record("gather", {x}, out, {index}, [in = x.sizes(), dim](const BackwardContext& c) {
+        Tensor z = zeros(in, c.grad().dtype());
+        kernels::scatter_add_into(z, wrap_dim("gather", dim, static_cast<std::int64_t>(in.size())), c.saved[0],
+                                  kernels::contiguous(c.grad()));
+        return Grads{z};
+    });
+}
+
+Tensor contiguous(const Tensor& x)
+{
+    if (x.is_contiguous()) return x;
+    return clone(x);
+}
+
+Tensor clone(const Tensor& x)
+{
+    return record("clone", {x}, kernels::clone(x), {}, [](const BackwardContext& c) { return Grads{c.grad()}; });
+}
+
+Tensor to(const Tensor& x, DType dtype)
+{
+    if (x.dtype() == dtype) return x;
+    Tensor out = kernels::to(x, dtype);
+    if (!is_floating(dtype)) return out;  // an integer or bool result carries no gradient
+    return record("to", {x}, out, {}, [from = x.dtype()](const BackwardContext& c) {
+        return Grads{kernels::to(c.grad(), from)};
+    });
+}
+
+Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim)
+{
+    Tensor out = kernels::concat(tensors, dim);
+    Shape sizes;
+    for (const Tensor& t : tensors) sizes.push_back(t.sizes()[wrap_dim("concat", dim, t.dim())]);
+    return record("concat", tensors, out, {}, [sizes, dim](const BackwardContext& c) {
+        Grads g;
+        std::int64_t at = 0;
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            if (c.needs[i]) g.push_back(kernels::slice(c.grad(), dim, at, at + sizes[i], 1));
+            else g.emplace_back();
+            at += sizes[i];
+        }
+        return g;
+    });
+}
+
+Tensor stack(const std::vector<Tensor>& tensors, std::int64_t dim)
+{
+    LOOM_CHECK(!tensors.empty(), "stack", "expects at least one tensor");
+    const std::int64_t d = wrap_dim("stack", dim, tensors[0].dim() + 1);
+    std::vector<Tensor> parts;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+        LOOM_CHECK(tensors[i].sizes() == tensors[0].sizes(), "stack", "tensor {} has shape {}, expected {}", i,
+                   tensors[i].sizes(), tensors[0].sizes());
+        parts.push_back(unsqueeze(tensors[i], d));
+    }
+    return concat(parts, d);
+}
+
+std::vector<Tensor> split(const Tensor& x, std::int64_t split_size, std::int64_t dim)
+{
+    LOOM_CHECK(split_size > 0, "split", "expects a positive split size, got {}", split_size);
+    const std::int64_t d = wrap_dim("split", dim, x.dim());
+    std::vector<Tensor> parts;
+    for (std::int64_t at = 0; at < x.sizes()[d]; at += split_size)
+        parts.push_back(narrow(x, d, at, std::min(split_size, x.sizes()[d] - at)));
+    return parts;
+}
+
+std::vector<Tensor> chunk(const Tensor& x, std::int64_t chunks, std::int64_t dim)
+{
+    LOOM_CHECK(chunks > 0, "chunk", "expects a positive number of chunks, got {}", chunks);
+    const std::int64_t n = x.sizes()[wrap_dim("chunk", dim, x.dim())];
+    return split(x, std::max<std::int64_t>(1, (n + chunks - 1) / chunks), dim);
+}
+
+Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype)
+{
+    return kernels::one_hot(indices, num_classes, dtype);
+}
+
+// ---- linear algebra ----
+
+namespace {
+
+// a [..., n, k] @ b [..., k, m] with identical batch dims: the one matmul primitive.
+Tensor bmm(const Tensor& a, const Tensor& b)
+{
+    Tensor out = kernels::bmm(a, b);
+    return record("matmul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
+        const Tensor &x = c.saved[0], &y = c.saved[1];
+        return Grads{c.needs[0] ? kernels::bmm(c.grad(), transpose(y, -1, -2)) : Tensor(),
+                     c.needs[1] ? kernels::bmm(transpose(x, -1, -2), c.grad()) : Tensor()};
+    });
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b)
+{
+    LOOM_CHECK(a.dim() >= 1 && b.dim() >= 1, "matmul", "expects operands of at least 1 dim, got {} and {}", a.sizes(),
+               b.sizes());
+    kernels::check_same_dtype("matmul", a, b);
+    const std::int64_t k = a.sizes().back(), kb = b.dim() == 1 ? b.sizes()[0] : b.sizes()[b.dim() - 2];
+    LOOM_CHECK(k == kb, "matmul", "inner sizes differ: {} @ {} ({} vs {})", a.sizes(), b.sizes(), k, kb);
+    if (a.dim() == 1 && b.dim() == 1) return sum(a * b);
+    if (a.dim() == 1) return squeeze(matmul(unsqueeze(a, 0), b), -2);
+    if (b.dim() == 1) return squeeze(matmul(a, unsqueeze(b, -1)), -1);
+    if (b.dim() == 2 && a.dim() > 2) {  // fold a's batch into rows: one GEMM instead of many
+        Shape out_shape = a.sizes();
+        out_shape.back() = b.sizes()[1];
+        return reshape(bmm(reshape(a, {-1, k}), b), out_shape);
+    }
+    if (a.dim() == 2 && b.dim() == 2) return bmm(a, b);
+    const Shape batch = broadcast_shapes("matmul", Shape(a.sizes().begin(), a.sizes().end() - 2),
+                                         Shape(b.sizes().begin(), b.sizes().end() - 2));
+    Shape sa = batch, sb = batch;
+    sa.insert(sa.end(), a.sizes().end() - 2, a.sizes().end());
+    sb.insert(sb.end(), b.sizes().end() - 2, b.sizes().end());
+    return bmm(a.sizes() == sa ? a : expand(a, sa), b.sizes() == sb ? b : expand(b, sb));
+}
+
+}  // namespace loom

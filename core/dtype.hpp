@@ -1,0 +1,91 @@
+// Element types and the one place that turns a runtime dtype into a C++ type.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "error.hpp"
+
+namespace loom {
+
+enum class DType : std::uint8_t { Float32, Float64, Int64, Bool };
+
+inline constexpr DType kFloat32 = DType::Float32;
+inline constexpr DType kFloat = DType::Float32;
+inline constexpr DType kFloat64 = DType::Float64;
+inline constexpr DType kDouble = DType::Float64;
+inline constexpr DType kInt64 = DType::Int64;
+inline constexpr DType kLong = DType::Int64;
+inline constexpr DType kBool = DType::Bool;
+
+constexpr std::string_view dtype_name(DType d)
+{
+    switch (d) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::Int64: return "int64";
+    case DType::Bool: return "bool";
+    }
+    return "?";
+}
+
+constexpr std::size_t dtype_size(DType d)
+{
+    switch (d) {
+    case DType::Float32: return 4;
+    case DType::Float64: return 8;
+    case DType::Int64: return 8;
+    case DType::Bool: return 1;
+    }
+    return 0;
+}
+
+constexpr bool is_floating(DType d) { return d == DType::Float32 || d == DType::Float64; }
+
+template <class T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::Float32; }
+template <> constexpr DType dtype_of<double>() { return DType::Float64; }
+template <> constexpr DType dtype_of<std::int64_t>() { return DType::Int64; }
+template <> constexpr DType dtype_of<bool>() { return DType::Bool; }
+
+// dispatch(d, [&]<class T>() { ... }) calls the lambda with T = the C++ type of d.
+template <class F> decltype(auto) dispatch(DType d, F&& f)
+{
+    switch (d) {
+    case DType::Float32: return f.template operator()<float>();
+    case DType::Float64: return f.template operator()<double>();
+    case DType::Int64: return f.template operator()<std::int64_t>();
+    case DType::Bool: return f.template operator()<bool>();
+    }
+    throw Error("dispatch: unknown dtype");
+}
+
+// Like dispatch, for ops defined on float32 and float64 only.
+template <class F> decltype(auto) dispatch_floating(std::string_view op, DType d, F&& f)
+{
+    switch (d) {
+    case DType::Float32: return f.template operator()<float>();
+    case DType::Float64: return f.template operator()<double>();
+    default: fail(op, "expects a float32 or float64 tensor, got {}", dtype_name(d));
+    }
+}
+
+// Like dispatch, for arithmetic (every dtype but bool).
+template <class F> decltype(auto) dispatch_numeric(std::string_view op, DType d, F&& f)
+{
+    switch (d) {
+    case DType::Float32: return f.template operator()<float>();
+    case DType::Float64: return f.template operator()<double>();
+    case DType::Int64: return f.template operator()<std::int64_t>();
+    default: fail(op, "expects a float32, float64 or int64 tensor, got {}", dtype_name(d));
+    }
+}
+
+}  // namespace loom
+
+template <> struct fmt::formatter<loom::DType> : fmt::formatter<std::string_view> {
+    auto format(loom::DType d, fmt::format_context& ctx) const
+    {
+        return fmt::formatter<std::string_view>::format(loom::dtype_name(d), ctx);
+    }
+};

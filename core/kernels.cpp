@@ -1,0 +1,549 @@
+#include "kernels.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <numeric>
+
+namespace loom::kernels {
+
+// ---- views ----
+
+Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offset)
+{
+    auto impl = std::make_shared<TensorImpl>();
+    impl->storage = t.impl().storage;
+    impl->shape = std::move(shape);
+    impl->strides = std::move(strides);
+    impl->offset = offset;
+    impl->dtype = t.dtype();
+    return Tensor(std::move(impl));
+}
+
+Tensor alias(const Tensor& t) { return as_strided(t, t.sizes(), t.strides(), t.storage_offset()); }
+
+Shape infer_shape(std::string_view op, const Shape& shape, std::int64_t numel)
+{
+    Shape out = shape;
+    std::int64_t known = 1, infer_at = -1;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+        if (out[i] == -1) {
+            LOOM_CHECK(infer_at < 0, op, "only one dimension can be -1, got {}", shape);
+            infer_at = static_cast<std::int64_t>(i);
+        } else {
+            LOOM_CHECK(out[i] >= 0, op, "invalid dimension {} in shape {}", out[i], shape);
+            known *= out[i];
+        }
+    }
+    if (infer_at >= 0) {
+        LOOM_CHECK(known != 0 && numel % known == 0, op, "cannot infer -1 in shape {} for {} elements", shape, numel);
+        out[infer_at] = numel / known;
+    }
+    LOOM_CHECK(numel_of(out) == numel, op, "cannot reshape a tensor of {} elements to shape {} ({} elements)",
+               numel, shape, numel_of(out));
+    return out;
+}
+
+Tensor view(const Tensor& t, const Shape& shape)
+{
+    Shape out = infer_shape("view", shape, t.numel());
+    LOOM_CHECK(t.is_contiguous(), "view", "needs a contiguous tensor (shape {}, strides {}); use reshape()",
+               t.sizes(), t.strides());
+    return as_strided(t, out, contiguous_strides(out), t.storage_offset());
+}
+
+Tensor reshape(const Tensor& t, const Shape& shape)
+{
+    infer_shape("reshape", shape, t.numel());
+    return view(t.is_contiguous() ? t : clone(t), shape);
+}
+
+Tensor permute(const Tensor& t, const Shape& dims)
+{
+    const auto nd = t.dim();
+    LOOM_CHECK(static_cast<std::int64_t>(dims.size()) == nd, "permute",
+               "expects {} dims for a tensor of shape {}, got {}", nd, t.sizes(), dims);
+    Shape shape(nd), strides(nd);
+    std::vector<bool> seen(nd, false);
+    for (std::int64_t i = 0; i < nd; ++i) {
+        const auto d = wrap_dim("permute", dims[i], nd);
+        LOOM_CHECK(!seen[d], "permute", "dim {} repeats in {}", d, dims);
+        seen[d] = true;
+        shape[i] = t.sizes()[d];
+        strides[i] = t.strides()[d];
+    }
+    return as_strided(t, shape, strides, t.storage_offset());
+}
+
+Shape broadcast_strides(const Tensor& t, const Shape& shape)
+{
+    const std::size_t lead = shape.size() - t.sizes().size();
+    Shape strides(shape.size(), 0);
+    for (std::size_t i = 0; i < t.sizes().size(); ++i)
+        strides[lead + i] = t.sizes()[i] == 1 && shape[lead + i] != 1 ? 0 : t.strides()[i];
+    return strides;
+}
+
+Tensor expand(const Tensor& t, const Shape& shape)
+{
+    LOOM_CHECK(shape.size() >= t.sizes().size(), "expand", "cannot expand shape {} to fewer dims {}", t.sizes(),
+               shape);
+    Shape target = shape;
+    const std::size_t lead = shape.size() - t.sizes().size();
+    for (std::size_t i = 0; i < target.size(); ++i) {
+        if (i >= lead && target[i] == -1) target[i] = t.sizes()[i - lead];
+        const std::int64_t have = i < lead ? 1 : t.sizes()[i - lead];
+        LOOM_CHECK(have == target[i] || have == 1, "expand", "cannot expand shape {} to {} (dim {}: {} vs {})",
+                   t.sizes(), shape, i, have, target[i]);
+    }
+    return as_strided(t, target, broadcast_strides(t, target), t.storage_offset());
+}
+
+Tensor slice(const Tensor& t, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step)
+{
+    dim = wrap_dim("slice", dim, t.dim());
+    LOOM_CHECK(step > 0, "slice", "expects a positive step, got {}", step);
+    const std::int64_t n = t.sizes()[dim];
+    if (start < 0) start += n;
+    if (end < 0) end += n;
+    start = std::clamp<std::int64_t>(start, 0, n);
+    end = std::clamp<std::int64_t>(end, start, n);
+    Shape shape = t.sizes(), strides = t.strides();
+    shape[dim] = (end - start + step - 1) / step;
+    strides[dim] *= step;
+    return as_strided(t, shape, strides, t.storage_offset() + start * t.strides()[dim]);
+}
+
+Tensor select(const Tensor& t, std::int64_t dim, std::int64_t index)
+{
+    LOOM_CHECK(t.dim() > 0, "select", "cannot select from a 0-d tensor");
+    dim = wrap_dim("select", dim, t.dim());
+    const std::int64_t n = t.sizes()[dim];
+    LOOM_CHECK(index >= -n && index < n, "select", "index {} is out of range for dim {} of size {} (shape {})", index,
+               dim, n, t.sizes());
+    if (index < 0) index += n;
+    Shape shape = t.sizes(), strides = t.strides();
+    shape.erase(shape.begin() + dim);
+    strides.erase(strides.begin() + dim);
+    return as_strided(t, shape, strides, t.storage_offset() + index * t.strides()[dim]);
+}
+
+Tensor unsqueeze(const Tensor& t, std::int64_t dim)
+{
+    dim = wrap_dim("unsqueeze", dim, t.dim() + 1);
+    Shape shape = t.sizes(), strides = t.strides();
+    const std::int64_t stride = dim < t.dim() ? t.strides()[dim] * t.sizes()[dim] : 1;
+    shape.insert(shape.begin() + dim, 1);
+    strides.insert(strides.begin() + dim, stride);
+    return as_strided(t, shape, strides, t.storage_offset());
+}
+
+Tensor squeeze(const Tensor& t, std::optional<std::int64_t> dim)
+{
+    Shape shape, strides;
+    const std::int64_t only = dim ? wrap_dim("squeeze", *dim, t.dim()) : -1;
+    for (std::int64_t i = 0; i < t.dim(); ++i) {
+        const bool drop = t.sizes()[i] == 1 && (only < 0 || i == only);
+        if (!drop) {
+            shape.push_back(t.sizes()[i]);
+            strides.push_back(t.strides()[i]);
+        }
+    }
+    return as_strided(t, shape, strides, t.storage_offset());
+}
+
+// ---- copies ----
+
+void copy_into(const Tensor& dst, const Tensor& src)
+{
+    broadcast_shapes("copy_", src.sizes(), dst.sizes());
+    LOOM_CHECK(src.dim() <= dst.dim() && broadcast_shapes("copy_", src.sizes(), dst.sizes()) == dst.sizes(),
+               "copy_", "source of shape {} does not broadcast to destination shape {}", src.sizes(), dst.sizes());
+    const Shape ss = broadcast_strides(src, dst.sizes());
+    dispatch(dst.dtype(), [&]<class D>() {
+        dispatch(src.dtype(), [&]<class S>() {
+            D* d = dst.data_ptr<D>();
+            const S* s = src.data_ptr<S>();
+            if (dst.is_contiguous() && src.is_contiguous() && src.sizes() == dst.sizes()) {
+                const std::int64_t n = dst.numel();
+                for (std::int64_t i = 0; i < n; ++i) d[i] = static_cast<D>(s[i]);
+                return;
+            }
+            for_each_offset<2>(dst.sizes(), {dst.strides().data(), ss.data()}, {0, 0},
+                               [&](const auto& o) { d[o[0]] = static_cast<D>(s[o[1]]); });
+        });
+    });
+}
+
+Tensor clone(const Tensor& t)
+{
+    Tensor out = empty(t.sizes(), t.dtype());
+    copy_into(out, t);
+    return out;
+}
+
+Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : clone(t); }
+
+Tensor to(const Tensor& t, DType dtype)
+{
+    if (t.dtype() == dtype) return t;
+    Tensor out = empty(t.sizes(), dtype);
+    copy_into(out, t);
+    return out;
+}
+
+// ---- reductions ----
+
+namespace {
+
+struct Reduction {
+    Tensor input;      // contiguous, reduced dims moved last
+    Shape out_shape;   // kept dims (keepdim: reduced dims as 1)
+    std::int64_t outer = 1, inner = 1;
+};
+
+Reduction prepare(std::string_view op, const Tensor& t, const Shape& dims_in, bool keepdim)
+{
+    const auto nd = t.dim();
+    std::vector<bool> reduced(std::max<std::int64_t>(nd, 0), dims_in.empty());
+    for (auto d : dims_in) {
+        const auto w = wrap_dim(op, d, nd);
+        if (nd == 0) continue;
+        LOOM_CHECK(!reduced[w], op, "dim {} repeats in {}", w, dims_in);
+        reduced[w] = true;
+    }
+    Shape order, out_shape;
+    Reduction r;
+    for (std::int64_t i = 0; i < nd; ++i)
+        if (!reduced[i]) {
+            order.push_back(i);
+            out_shape.push_back(t.sizes()[i]);
+            r.outer *= t.sizes()[i];
+        } else if (keepdim) {
+            out_shape.push_back(1);
+        }
+    for (std::int64_t i = 0; i < nd; ++i)
+        if (reduced[i]) {
+            order.push_back(i);
+            r.inner *= t.sizes()[i];
+        }
+    r.input = contiguous(permute(t, order));
+    r.out_shape = out_shape;
+    return r;
+}
+
+// acc = combine(acc, x) over each reduced block, written as Out.
+template <class F>
+Tensor reduce(std::string_view op, const Tensor& t, const Shape& dims, bool keepdim, DType out_dtype, F&& combine,
+              bool needs_elements)
+{
+    Reduction r = prepare(op, t, dims, keepdim);
+    LOOM_CHECK(!needs_elements || r.inner > 0, op, "cannot reduce over an empty dimension (shape {})", t.sizes());
+    Tensor out = empty(r.out_shape, out_dtype);
+    dispatch(t.dtype(), [&]<class T>() {
+        dispatch(out_dtype, [&]<class O>() {
+            const T* in = r.input.data_ptr<T>();
+            O* o = out.data_ptr<O>();
+            for (std::int64_t i = 0; i < r.outer; ++i) o[i] = static_cast<O>(combine(in + i * r.inner, r.inner));
+        });
+    });
+    return out;
+}
+
+template <class T> bool greater(T a, T b)
+{
+    if constexpr (std::is_floating_point_v<T>) return a > b || (std::isnan(a) && !std::isnan(b));
+    else return a > b;
+}
+
+template <bool Max> Tensor extreme(std::string_view op, const Tensor& t, const Shape& dims, bool keepdim)
+{
+    dispatch_numeric(op, t.dtype(), [] <class T>() {});
+    return reduce(op, t, dims, keepdim, t.dtype(), [](const auto* p, std::int64_t n) {
+        auto best = p[0];
+        for (std::int64_t j = 1; j < n; ++j)
+            if (Max ? greater(p[j], best) : greater(best, p[j])) best = p[j];
+        return best;
+    }, true);
+}
+
+template <bool Max> Tensor arg_extreme(std::string_view op, const Tensor& t, std::optional<std::int64_t> dim, bool keepdim)
+{
+    dispatch_numeric(op, t.dtype(), [] <class T>() {});
+    Tensor src = dim ? t : reshape(t, {-1});
+    Shape dims = {dim ? *dim : 0};
+    if (src.dim() == 0) src = reshape(src, {1});
+    Tensor out = reduce(op, src, dims, keepdim && dim.has_value(), kInt64, [](const auto* p, std::int64_t n) {
+        std::int64_t best = 0;
+        for (std::int64_t j = 1; j < n; ++j)
+            if (Max ? greater(p[j], p[best]) : greater(p[best], p[j])) best = j;
+        return best;
+    }, true);
+    return out;
+}
+
+}  // namespace
+
+Tensor sum(const Tensor& t, const Shape& dims, bool keepdim)
+{
+    const DType out_dtype = t.dtype() == kBool ? kInt64 : t.dtype();
+    return reduce("sum", t, dims, keepdim, out_dtype, [](const auto* p, std::int64_t n) {
+        using T = std::remove_cvref_t<decltype(*p)>;
+        using Acc = std::conditional_t<std::is_floating_point_v<T>, double, std::int64_t>;
+        Acc acc = 0;
+        for (std::int64_t j = 0; j < n; ++j) acc += static_cast<Acc>(p[j]);
+        return acc;
+    }, false);
+}
+
+Tensor amax(const Tensor& t, const Shape& dims, bool keepdim) { return extreme<true>("max", t, dims, keepdim); }
+Tensor amin(const Tensor& t, const Shape& dims, bool keepdim) { return extreme<false>("min", t, dims, keepdim); }
+Tensor argmax(const Tensor& t, std::optional<std::int64_t> dim, bool keepdim)
+{
+    return arg_extreme<true>("argmax", t, dim, keepdim);
+}
+Tensor argmin(const Tensor& t, std::optional<std::int64_t> dim, bool keepdim)
+{
+    return arg_extreme<false>("argmin", t, dim, keepdim);
+}
+
+Tensor sum_to(const Tensor& t, const Shape& shape)
+{
+    if (t.sizes() == shape) return t;
+    const std::size_t lead = t.sizes().size() - shape.size();
+    Shape dims;
+    for (std::size_t i = 0; i < t.sizes().size(); ++i)
+        if (i < lead || (shape[i - lead] == 1 && t.sizes()[i] != 1)) dims.push_back(static_cast<std::int64_t>(i));
+    Tensor s = dims.empty() ? t : sum(t, dims, true);
+    return reshape(s, shape);
+}
+
+// ---- indexing ----
+
+namespace {
+
+void check_index_tensor(std::string_view op, const Tensor& index)
+{
+    LOOM_CHECK(index.dtype() == kInt64, op, "expects an int64 index tensor, got {}", index.dtype());
+}
+
+std::int64_t checked_index(std::string_view op, std::int64_t i, std::int64_t n, std::int64_t dim)
+{
+    LOOM_CHECK(i >= -n && i < n, op, "index {} is out of range for dim {} of size {}", i, dim, n);
+    return i < 0 ? i + n : i;
+}
+
+}  // namespace
+
+Tensor index_select(const Tensor& t, std::int64_t dim, const Tensor& index)
+{
+    check_index_tensor("index_select", index);
+    LOOM_CHECK(index.dim() <= 1, "index_select", "expects a 1-D index, got shape {}", index.sizes());
+    dim = wrap_dim("index_select", dim, t.dim());
+    const Tensor idx = contiguous(index);
+    Shape shape = t.sizes();
+    shape[dim] = idx.numel();
+    Tensor out = empty(shape, t.dtype());
+    const std::int64_t* p = idx.data_ptr<std::int64_t>();
+    for (std::int64_t i = 0; i < idx.numel(); ++i)
+        copy_into(select(out, dim, i), select(t, dim, checked_index("index_select", p[i], t.sizes()[dim], dim)));
+    return out;
+}
+
+void index_add_into(const Tensor& dst, std::int64_t dim, const Tensor& index, const Tensor& src)
+{
+    const Tensor idx = contiguous(index);
+    const std::int64_t* p = idx.data_ptr<std::int64_t>();
+    dispatch_numeric("index_add", dst.dtype(), [&]<class T>() {
+        for (std::int64_t i = 0; i < idx.numel(); ++i) {
+            const Tensor d = select(dst, dim, checked_index("index_add", p[i], dst.sizes()[dim], dim));
+            const Tensor s = select(src, dim, i);
+            const Shape ss = s.strides();
+            T* pd = d.data_ptr<T>();
+            const T* ps = s.data_ptr<T>();
+            for_each_offset<2>(d.sizes(), {d.strides().data(), ss.data()}, {0, 0},
+                               [&](const auto& o) { pd[o[0]] += ps[o[1]]; });
+        }
+    });
+}
+
+namespace {
+
+// Visits gather/scatter positions: f(offset in t, offset in index/src, index value -> element of t).
+template <class F> void for_each_gather(std::string_view op, const Tensor& t, std::int64_t dim, const Tensor& index,
+                                        const Tensor& other, F&& f)
+{
+    check_index_tensor(op, index);
+    LOOM_CHECK(index.dim() == t.dim(), op, "index of shape {} must have as many dims as the input {}", index.sizes(),
+               t.sizes());
+    for (std::int64_t d = 0; d < t.dim(); ++d)
+        LOOM_CHECK(d == dim || index.sizes()[d] <= t.sizes()[d], op,
+                   "index shape {} exceeds input shape {} at dim {}", index.sizes(), t.sizes(), d);
+    Shape t_strides = t.strides();
+    t_strides[dim] = 0;
+    const std::int64_t* pi = index.data_ptr<std::int64_t>();
+    const std::int64_t n = t.sizes()[dim], step = t.strides()[dim];
+    for_each_offset<3>(index.sizes(), {t_strides.data(), index.strides().data(), other.strides().data()}, {0, 0, 0},
+                       [&](const auto& o) { f(o[0] + checked_index(op, pi[o[1]], n, dim) * step, o[2]); });
+}
+
+}  // namespace
+
+Tensor gather(const Tensor& t, std::int64_t dim, const Tensor& index)
+{
+    dim = wrap_dim("gather", dim, t.dim());
+    Tensor out = empty(index.sizes(), t.dtype());
+    dispatch(t.dtype(), [&]<class T>() {
+        const T* pt = t.data_ptr<T>();
+        T* po = out.data_ptr<T>();
+        for_each_gather("gather", t, dim, index, out, [&](std::int64_t ot, std::int64_t oo) { po[oo] = pt[ot]; });
+    });
+    return out;
+}
+
+void scatter_add_into(const Tensor& dst, std::int64_t dim, const Tensor& index, const Tensor& src)
+{
+    dispatch_numeric("scatter_add", dst.dtype(), [&]<class T>() {
+        T* pd = dst.data_ptr<T>();
+        const T* ps = src.data_ptr<T>();
+        for_each_gather("scatter_add", dst, dim, index, src, [&](std::int64_t od, std::int64_t os) { pd[od] += ps[os]; });
+    });
+}
+
+Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim)
+{
+    LOOM_CHECK(!tensors.empty(), "concat", "expects at least one tensor");
+    const Tensor& first = tensors[0];
+    LOOM_CHECK(first.dim() > 0, "concat", "cannot concatenate 0-d tensors; unsqueeze them or use stack");
+    dim = wrap_dim("concat", dim, first.dim());
+    Shape shape = first.sizes();
+    shape[dim] = 0;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+        const Tensor& t = tensors[i];
+        LOOM_CHECK(t.dtype() == first.dtype(), "concat", "tensor {} has dtype {}, expected {}", i, t.dtype(),
+                   first.dtype());
+        bool same = t.dim() == first.dim();
+        for (std::int64_t d = 0; same && d < t.dim(); ++d) same = d == dim || t.sizes()[d] == first.sizes()[d];
+        LOOM_CHECK(same, "concat", "tensor {} has shape {}, expected {} except at dim {}", i, t.sizes(),
+                   first.sizes(), dim);
+        shape[dim] += t.sizes()[dim];
+    }
+    Tensor out = empty(shape, first.dtype());
+    std::int64_t at = 0;
+    for (const Tensor& t : tensors) {
+        copy_into(slice(out, dim, at, at + t.sizes()[dim], 1), t);
+        at += t.sizes()[dim];
+    }
+    return out;
+}
+
+Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype)
+{
+    check_index_tensor("one_hot", indices);
+    LOOM_CHECK(num_classes > 0, "one_hot", "expects num_classes > 0, got {}", num_classes);
+    const Tensor idx = contiguous(indices);
+    Shape shape = idx.sizes();
+    shape.push_back(num_classes);
+    Tensor out = zeros(shape, dtype);
+    const std::int64_t* p = idx.data_ptr<std::int64_t>();
+    dispatch(dtype, [&]<class T>() {
+        T* o = out.data_ptr<T>();
+        for (std::int64_t i = 0; i < idx.numel(); ++i) {
+            LOOM_CHECK(p[i] >= 0 && p[i] < num_classes, "one_hot", "class {} is outside [0, {})", p[i], num_classes);
+            o[i * num_classes + p[i]] = T(1);
+        }
+    });
+    return out;
+}
+
+// ---- linear algebra ----
+
+namespace {
+
+// How BLAS can read a strided matrix without copying it.
+struct BlasOperand {
+    CBLAS_TRANSPOSE trans;
+    int ld;
+};
+
+std::optional<BlasOperand> blas_layout(std::int64_t rows, std::int64_t cols, std::int64_t row_stride,
+                                       std::int64_t col_stride)
+{
+    if (col_stride == 1 || cols == 1) {
+        const std::int64_t ld = rows == 1 ? std::max<std::int64_t>(cols, 1) : row_stride;
+        if (ld >= std::max<std::int64_t>(cols, 1) && ld <= INT_MAX) return BlasOperand{CblasNoTrans, int(ld)};
+    }
+    if (row_stride == 1 || rows == 1) {
+        const std::int64_t ld = cols == 1 ? std::max<std::int64_t>(rows, 1) : col_stride;
+        if (ld >= std::max<std::int64_t>(rows, 1) && ld <= INT_MAX) return BlasOperand{CblasTrans, int(ld)};
+    }
+    return std::nullopt;
+}
+
+// Makes the last two dims BLAS-readable, copying only when they are not.
+Tensor blas_ready(const Tensor& t, BlasOperand& layout)
+{
+    const auto nd = t.dim();
+    auto l = blas_layout(t.sizes()[nd - 2], t.sizes()[nd - 1], t.strides()[nd - 2], t.strides()[nd - 1]);
+    if (l) {
+        layout = *l;
+        return t;
+    }
+    Tensor c = clone(t);
+    layout = *blas_layout(c.sizes()[nd - 2], c.sizes()[nd - 1], c.strides()[nd - 2], c.strides()[nd - 1]);
+    return c;
+}
+
+}  // namespace
+
+Tensor bmm(const Tensor& a_in, const Tensor& b_in)
+{
+    check_same_dtype("matmul", a_in, b_in);
+    dispatch_floating("matmul", a_in.dtype(), [] <class T>() {});
+    const auto nd = a_in.dim();
+    LOOM_CHECK(nd >= 2 && b_in.dim() == nd, "matmul", "internal: bmm expects equal ranks >= 2, got {} and {}",
+               a_in.sizes(), b_in.sizes());
+    const std::int64_t n = a_in.sizes()[nd - 2], k = a_in.sizes()[nd - 1], m = b_in.sizes()[nd - 1];
+    LOOM_CHECK(b_in.sizes()[nd - 2] == k, "matmul", "inner sizes differ: {} @ {} ({} vs {})", a_in.sizes(),
+               b_in.sizes(), k, b_in.sizes()[nd - 2]);
+    LOOM_CHECK(n <= INT_MAX && k <= INT_MAX && m <= INT_MAX, "matmul", "matrix too large for BLAS: {} @ {}",
+               a_in.sizes(), b_in.sizes());
+    const Shape batch(a_in.sizes().begin(), a_in.sizes().end() - 2);
+    LOOM_CHECK(Shape(b_in.sizes().begin(), b_in.sizes().end() - 2) == batch, "matmul",
+               "internal: batch dims differ: {} vs {}", a_in.sizes(), b_in.sizes());
+    Shape out_shape = batch;
+    out_shape.push_back(n);
+    out_shape.push_back(m);
+    if (k == 0) return zeros(out_shape, a_in.dtype());
+    Tensor out = empty(out_shape, a_in.dtype());
+    if (n == 0 || m == 0) return out;
+    BlasOperand la{}, lb{};
+    const Tensor a = blas_ready(a_in, la), b = blas_ready(b_in, lb);
+    const Shape batch_strides_out = contiguous_strides(batch);
+    dispatch_floating("matmul", a.dtype(), [&]<class T>() {
+        const T* pa = a.data_ptr<T>();
+        const T* pb = b.data_ptr<T>();
+        T* po = out.data_ptr<T>();
+        for_each_offset<3>(batch, {a.strides().data(), b.strides().data(), batch_strides_out.data()}, {0, 0, 0},
+                           [&](const auto& o) {
+                               T* c = po + o[2] * n * m;
+                               if constexpr (std::is_same_v<T, float>)
+                                   cblas_sgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0f,
+                                               pa + o[0], la.ld, pb + o[1], lb.ld, 0.0f, c, int(m));
+                               else
+                                   cblas_dgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0,
+                                               pa + o[0], la.ld, pb + o[1], lb.ld, 0.0, c, int(m));
+                           });
+    });
+    return out;
+}
+
+void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b)
+{
+    LOOM_CHECK(a.dtype() == b.dtype(), op, "dtypes differ: {} (shape {}) and {} (shape {}); convert one with .to()",
+               a.dtype(), a.sizes(), b.dtype(), b.sizes());
+}
+
+}  // namespace loom::kernels

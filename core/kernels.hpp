@@ -1,0 +1,173 @@
+// Value-level kernels: they compute, never record. autograd/ wraps them in differentiable ops.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "tensor.hpp"
+
+namespace loom::kernels {
+
+// ---- views: new handles on the same storage ----
+Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offset);
+Tensor view(const Tensor& t, const Shape& shape);     // contiguous input only; one -1 allowed
+Tensor reshape(const Tensor& t, const Shape& shape);  // a view when contiguous, else a copy
+Tensor permute(const Tensor& t, const Shape& dims);
+Tensor expand(const Tensor& t, const Shape& shape);
+Tensor slice(const Tensor& t, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step);
+Tensor select(const Tensor& t, std::int64_t dim, std::int64_t index);
+Tensor unsqueeze(const Tensor& t, std::int64_t dim);
+Tensor squeeze(const Tensor& t, std::optional<std::int64_t> dim);
+Tensor alias(const Tensor& t);  // same view, no autograd node
+Shape infer_shape(std::string_view op, const Shape& shape, std::int64_t numel);
+
+// ---- copies ----
+void copy_into(const Tensor& dst, const Tensor& src);  // src broadcasts to dst; converts dtype
+Tensor contiguous(const Tensor& t);  // t itself when already contiguous
+Tensor clone(const Tensor& t);
+Tensor to(const Tensor& t, DType dtype);  // t itself when the dtype already matches
+
+// ---- reductions; dims empty = all ----
+Tensor sum(const Tensor& t, const Shape& dims, bool keepdim);
+Tensor amax(const Tensor& t, const Shape& dims, bool keepdim);
+Tensor amin(const Tensor& t, const Shape& dims, bool keepdim);
+Tensor argmax(const Tensor& t, std::optional<std::int64_t> dim, bool keepdim);
+Tensor argmin(const Tensor& t, std::optional<std::int64_t> dim, bool keepdim);
+// Sums `t` down to `shape`, undoing a broadcast.
+Tensor sum_to(const Tensor& t, const Shape& shape);
+
+// ---- indexing ----
+Tensor index_select(const Tensor& t, std::int64_t dim, const Tensor& index);
+void index_add_into(const Tensor& dst, std::int64_t dim, const Tensor& index, const Tensor& src);
+Tensor gather(const Tensor& t, std::int64_t dim, const Tensor& index);
+void scatter_add_into(const Tensor& dst, std::int64_t dim, const Tensor& index, const Tensor& src);
+Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim);
+Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype);
+
+// ---- linear algebra ----
+// a [..., n, k] @ b [..., k, m] -> [..., n, m], batch dims equal. Strided operands go to BLAS as they are.
+Tensor bmm(const Tensor& a, const Tensor& b);
+
+// ---- elementwise machinery ----
+
+// Visits every index of `shape` in row-major order, handing `f` the element offset of each operand.
+template <std::size_t N, class F>
+void for_each_offset(const Shape& shape, const std::array<const std::int64_t*, N>& strides,
+                     std::array<std::int64_t, N> offsets, F&& f)
+{
+    const auto nd = static_cast<std::int64_t>(shape.size());
+    for (auto s : shape)
+        if (s == 0) return;
+    if (nd == 0) {
+        f(offsets);
+        return;
+    }
+    std::vector<std::int64_t> index(static_cast<std::size_t>(nd), 0);
+    const std::int64_t inner = shape[nd - 1];
+    std::array<std::int64_t, N> inner_stride;
+    for (std::size_t k = 0; k < N; ++k) inner_stride[k] = strides[k][nd - 1];
+    while (true) {
+        auto o = offsets;
+        for (std::int64_t i = 0; i < inner; ++i) {
+            f(o);
+            for (std::size_t k = 0; k < N; ++k) o[k] += inner_stride[k];
+        }
+        std::int64_t d = nd - 2;
+        for (; d >= 0; --d) {
+            for (std::size_t k = 0; k < N; ++k) offsets[k] += strides[k][d];
+            if (++index[d] < shape[d]) break;
+            for (std::size_t k = 0; k < N; ++k) offsets[k] -= strides[k][d] * shape[d];
+            index[d] = 0;
+        }
+        if (d < 0) return;
+    }
+}
+
+// Strides of `t` seen through a broadcast to `shape` (0 where t is broadcast).
+Shape broadcast_strides(const Tensor& t, const Shape& shape);
+
+// out[i] = f(x[i]) for T = x's C++ type; the result dtype follows f's return type.
+template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
+{
+    using R = decltype(f(T{}));
+    Tensor out = empty(x.sizes(), dtype_of<R>());
+    R* o = out.data_ptr<R>();
+    const T* in = x.data_ptr<T>();
+    if (x.is_contiguous()) {
+        const std::int64_t n = x.numel();
+        for (std::int64_t i = 0; i < n; ++i) o[i] = f(in[i]);
+    } else {
+        const Shape out_strides = contiguous_strides(x.sizes());
+        for_each_offset<2>(x.sizes(), {x.strides().data(), out_strides.data()}, {0, 0},
+                           [&](const auto& off) { o[off[1]] = f(in[off[0]]); });
+    }
+    return out;
+}
+
+// out = f(x) elementwise over float32/float64 tensors.
+template <class F> Tensor map_floating(std::string_view op, const Tensor& x, F&& f)
+{
+    return dispatch_floating(op, x.dtype(), [&]<class T>() { return map_typed<T>(x, f); });
+}
+
+// out = f(x) elementwise over float32/float64/int64 tensors.
+template <class F> Tensor map_numeric(std::string_view op, const Tensor& x, F&& f)
+{
+    return dispatch_numeric(op, x.dtype(), [&]<class T>() { return map_typed<T>(x, f); });
+}
+
+void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b);
+
+// out = f(a, b) with broadcasting, for T = the operands' C++ type (they share a dtype).
+template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, F&& f)
+{
+    using R = decltype(f(T{}, T{}));
+    const T* pa = a.data_ptr<T>();
+    const T* pb = b.data_ptr<T>();
+    if (a.sizes() == b.sizes() && a.is_contiguous() && b.is_contiguous()) {
+        Tensor out = empty(a.sizes(), dtype_of<R>());
+        R* o = out.data_ptr<R>();
+        const std::int64_t n = a.numel();
+        for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], pb[i]);
+        return out;
+    }
+    if (b.numel() == 1 && b.dim() <= a.dim() && a.is_contiguous()) {  // tensor op scalar
+        Tensor out = empty(a.sizes(), dtype_of<R>());
+        R* o = out.data_ptr<R>();
+        const T s = *pb;
+        const std::int64_t n = a.numel();
+        for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], s);
+        return out;
+    }
+    const Shape shape = broadcast_shapes("broadcast", a.sizes(), b.sizes());
+    Tensor out = empty(shape, dtype_of<R>());
+    R* o = out.data_ptr<R>();
+    const Shape sa = broadcast_strides(a, shape), sb = broadcast_strides(b, shape);
+    const Shape so = contiguous_strides(shape);
+    for_each_offset<3>(shape, {sa.data(), sb.data(), so.data()}, {0, 0, 0},
+                       [&](const auto& off) { o[off[2]] = f(pa[off[0]], pb[off[1]]); });
+    return out;
+}
+
+// out = f(a, b) with broadcasting; both operands must have the same dtype.
+template <class F> Tensor zip_floating(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
+{
+    check_same_dtype(op, a, b);
+    broadcast_shapes(op, a.sizes(), b.sizes());
+    return dispatch_floating(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, f); });
+}
+template <class F> Tensor zip_numeric(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
+{
+    check_same_dtype(op, a, b);
+    broadcast_shapes(op, a.sizes(), b.sizes());
+    return dispatch_numeric(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, f); });
+}
+template <class F> Tensor zip_any(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
+{
+    check_same_dtype(op, a, b);
+    broadcast_shapes(op, a.sizes(), b.sizes());
+    return dispatch(a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, f); });
+}
+
+}  // namespace loom::kernels

@@ -1,0 +1,29 @@
+// Seeded random numbers: xoshiro256** seeded by splitmix64, so a seed gives the same
+// numbers on every platform and the state is four integers a checkpoint can store.
+#pragma once
+#include <array>
+#include <cstdint>
+
+namespace loom {
+
+class Generator {
+public:
+    explicit Generator(std::uint64_t seed = 0) { manual_seed(seed); }
+    void manual_seed(std::uint64_t seed);
+    std::uint64_t next_u64();
+    double uniform01();  // [0, 1), 53 random bits
+    double normal();     // standard normal (Box-Muller)
+    std::int64_t randint(std::int64_t low, std::int64_t high);  // [low, high)
+
+    std::array<std::uint64_t, 4> state() const { return s_; }
+    void set_state(const std::array<std::uint64_t, 4>& s) { s_ = s; }
+
+private:
+    std::array<std::uint64_t, 4> s_{};
+};
+
+// The generator used when an op is given none.
+Generator& default_generator();
+void manual_seed(std::uint64_t seed);
+
+}  // namespace loom

@@ -1,0 +1,219 @@
+#include "tensor.hpp"
+
+#include <cblas.h>
+
+#include <cstring>
+#include <new>
+
+#include "kernels.hpp"
+#include "random.hpp"
+
+namespace loom {
+
+namespace {
+constexpr std::align_val_t kAlignment{64};
+}
+
+Storage::Storage(std::size_t n) : nbytes(n)
+{
+    data = static_cast<std::byte*>(::operator new(n == 0 ? 1 : n, kAlignment));
+}
+
+Storage::~Storage() { ::operator delete(data, kAlignment); }
+
+TensorImpl& Tensor::impl() const
+{
+    if (!impl_) throw Error("tensor: used an undefined tensor (default-constructed, or a gradient never computed)");
+    return *impl_;
+}
+
+std::int64_t numel_of(const Shape& shape)
+{
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+}
+
+Shape contiguous_strides(const Shape& shape)
+{
+    Shape strides(shape.size());
+    std::int64_t s = 1;
+    for (auto i = static_cast<std::int64_t>(shape.size()) - 1; i >= 0; --i) {
+        strides[i] = s;
+        s *= std::max<std::int64_t>(shape[i], 1);
+    }
+    return strides;
+}
+
+std::int64_t wrap_dim(std::string_view op, std::int64_t dim, std::int64_t ndim)
+{
+    const std::int64_t lo = ndim == 0 ? -1 : -ndim, hi = ndim == 0 ? 0 : ndim - 1;
+    LOOM_CHECK(dim >= lo && dim <= hi, op, "dim {} is out of range for a tensor of {} dims (expected {} to {})",
+               dim, ndim, lo, hi);
+    return dim < 0 ? dim + std::max<std::int64_t>(ndim, 1) : dim;
+}
+
+Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b)
+{
+    const std::size_t n = std::max(a.size(), b.size());
+    Shape out(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::int64_t da = i < n - a.size() ? 1 : a[i - (n - a.size())];
+        const std::int64_t db = i < n - b.size() ? 1 : b[i - (n - b.size())];
+        LOOM_CHECK(da == db || da == 1 || db == 1, op,
+                   "shapes {} and {} do not broadcast (dim {}: {} vs {})", a, b, i, da, db);
+        out[i] = da == 1 ? db : da;
+    }
+    return out;
+}
+
+std::int64_t Tensor::size(std::int64_t d) const { return sizes()[wrap_dim("size", d, dim())]; }
+std::int64_t Tensor::stride(std::int64_t d) const { return strides()[wrap_dim("stride", d, dim())]; }
+std::int64_t Tensor::numel() const { return numel_of(sizes()); }
+
+bool Tensor::is_contiguous() const
+{
+    std::int64_t expected = 1;
+    for (auto i = dim() - 1; i >= 0; --i) {
+        if (sizes()[i] == 1) continue;
+        if (strides()[i] != expected) return false;
+        expected *= sizes()[i];
+    }
+    return true;
+}
+
+bool Tensor::shares_storage(const Tensor& other) const
+{
+    return defined() && other.defined() && impl().storage == other.impl().storage;
+}
+
+template <class T> T Tensor::item() const
+{
+    LOOM_CHECK(numel() == 1, "item", "expects a tensor with one element, got shape {}", sizes());
+    return dispatch(dtype(), [&]<class S>() { return static_cast<T>(*data_ptr<S>()); });
+}
+template float Tensor::item<float>() const;
+template double Tensor::item<double>() const;
+template std::int64_t Tensor::item<std::int64_t>() const;
+template int Tensor::item<int>() const;
+template bool Tensor::item<bool>() const;
+
+// ---- creation ----
+
+Tensor empty(const Shape& shape, DType dtype)
+{
+    for (auto s : shape) LOOM_CHECK(s >= 0, "empty", "negative dimension in shape {}", shape);
+    auto impl = std::make_shared<TensorImpl>();
+    impl->storage = std::make_shared<Storage>(static_cast<std::size_t>(numel_of(shape)) * dtype_size(dtype));
+    impl->shape = shape;
+    impl->strides = contiguous_strides(shape);
+    impl->dtype = dtype;
+    return Tensor(std::move(impl));
+}
+
+Tensor full(const Shape& shape, double value, DType dtype)
+{
+    Tensor t = empty(shape, dtype);
+    dispatch(dtype, [&]<class T>() { std::fill_n(t.data_ptr<T>(), t.numel(), static_cast<T>(value)); });
+    return t;
+}
+
+Tensor zeros(const Shape& shape, DType dtype)
+{
+    Tensor t = empty(shape, dtype);
+    std::memset(t.impl().storage->data, 0, t.impl().storage->nbytes);
+    return t;
+}
+
+Tensor ones(const Shape& shape, DType dtype) { return full(shape, 1.0, dtype); }
+Tensor zeros_like(const Tensor& t) { return zeros(t.sizes(), t.dtype()); }
+Tensor ones_like(const Tensor& t) { return ones(t.sizes(), t.dtype()); }
+Tensor full_like(const Tensor& t, double value) { return full(t.sizes(), value, t.dtype()); }
+Tensor scalar_tensor(double value, DType dtype) { return full({}, value, dtype); }
+
+Tensor tensor(const std::vector<double>& values, const Shape& shape, DType dtype)
+{
+    LOOM_CHECK(numel_of(shape) == static_cast<std::int64_t>(values.size()), "tensor",
+               "{} values do not fill shape {} ({} elements)", values.size(), shape, numel_of(shape));
+    Tensor t = empty(shape, dtype);
+    dispatch(dtype, [&]<class T>() {
+        T* p = t.data_ptr<T>();
+        for (std::size_t i = 0; i < values.size(); ++i) p[i] = static_cast<T>(values[i]);
+    });
+    return t;
+}
+
+Tensor tensor(const std::vector<double>& values, DType dtype)
+{
+    return tensor(values, {static_cast<std::int64_t>(values.size())}, dtype);
+}
+
+template <class T> Tensor from_vector(const std::vector<T>& values, const Shape& shape)
+{
+    LOOM_CHECK(numel_of(shape) == static_cast<std::int64_t>(values.size()), "from_vector",
+               "{} values do not fill shape {} ({} elements)", values.size(), shape, numel_of(shape));
+    Tensor t = empty(shape, dtype_of<T>());
+    std::copy(values.begin(), values.end(), t.data_ptr<T>());
+    return t;
+}
+template Tensor from_vector<float>(const std::vector<float>&, const Shape&);
+template Tensor from_vector<double>(const std::vector<double>&, const Shape&);
+template Tensor from_vector<std::int64_t>(const std::vector<std::int64_t>&, const Shape&);
+
+Tensor arange(double end, DType dtype) { return arange(0, end, 1, dtype); }
+
+Tensor arange(double start, double end, double step, DType dtype)
+{
+    LOOM_CHECK(step != 0 && std::isfinite(start) && std::isfinite(end) && std::isfinite(step), "arange",
+               "expects finite bounds and a non-zero step, got start={} end={} step={}", start, end, step);
+    const auto n = static_cast<std::int64_t>(std::max(0.0, std::ceil((end - start) / step)));
+    Tensor t = empty({n}, dtype);
+    dispatch(dtype, [&]<class T>() {
+        T* p = t.data_ptr<T>();
+        for (std::int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(start + static_cast<double>(i) * step);
+    });
+    return t;
+}
+
+Tensor eye(std::int64_t n, DType dtype)
+{
+    Tensor t = zeros({n, n}, dtype);
+    dispatch(dtype, [&]<class T>() {
+        for (std::int64_t i = 0; i < n; ++i) t.data_ptr<T>()[i * n + i] = T(1);
+    });
+    return t;
+}
+
+Tensor uniform(const Shape& shape, double low, double high, DType dtype, Generator* gen)
+{
+    Tensor t = empty(shape, dtype);
+    t.uniform_(low, high, gen);
+    return t;
+}
+
+Tensor normal(const Shape& shape, double mean, double std, DType dtype, Generator* gen)
+{
+    Tensor t = empty(shape, dtype);
+    t.normal_(mean, std, gen);
+    return t;
+}
+
+Tensor rand(const Shape& shape, DType dtype, Generator* gen) { return uniform(shape, 0, 1, dtype, gen); }
+Tensor randn(const Shape& shape, DType dtype, Generator* gen) { return normal(shape, 0, 1, dtype, gen); }
+
+Tensor randint(std::int64_t low, std::int64_t high, const Shape& shape, Generator* gen)
+{
+    Generator& g = gen ? *gen : default_generator();
+    Tensor t = empty(shape, kInt64);
+    std::int64_t* p = t.data_ptr<std::int64_t>();
+    for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = g.randint(low, high);
+    return t;
+}
+
+void set_num_threads(int threads)
+{
+    LOOM_CHECK(threads >= 1, "set_num_threads", "expects at least 1 thread, got {}", threads);
+    openblas_set_num_threads(threads);
+}
+
+}  // namespace loom

@@ -1,0 +1,10 @@
+// loom: tensors with tape-based automatic differentiation, built for recurrent networks.
+// One header for everything a user needs.
+#pragma once
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "core/random.hpp"
+#include "core/tensor.hpp"
+#include "autograd/gradcheck.hpp"
+#include "autograd/ops.hpp"
+#include "autograd/tape.hpp"
