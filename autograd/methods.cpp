@@ -64,7 +64,7 @@ Tensor Tensor::argmax() const { return loom::argmax(*this); }
 Tensor Tensor::argmax(std::int64_t d, bool keepdim) const { return loom::argmax(*this, d, keepdim); }
 Tensor Tensor::argmin() const { return loom::argmin(*this); }
 Tensor Tensor::argmin(std::int64_t d, bool keepdim) const { return loom::argmin(*this, d, keepdim); }
-Tensor Tensor::var(bool unbiased) const { return loom::var(*this, {}, unbiased); }
+Tensor Tensor::var() const { return loom::var(*this); }
 Tensor Tensor::var(const Shape& dims, bool unbiased, bool keepdim) const { return loom::var(*this, dims, unbiased, keepdim); }
 Tensor Tensor::norm(double p) const { return loom::norm(*this, p); }
 Tensor Tensor::norm(double p, const Shape& dims, bool keepdim) const { return loom::norm(*this, p, dims, keepdim); }

@@ -141,7 +141,7 @@ public:
     Tensor argmax(std::int64_t dim, bool keepdim = false) const;
     Tensor argmin() const;
     Tensor argmin(std::int64_t dim, bool keepdim = false) const;
-    Tensor var(bool unbiased = true) const;
+    Tensor var() const;  // unbiased, over all elements
     Tensor var(const Shape& dims, bool unbiased = true, bool keepdim = false) const;
     Tensor norm(double p = 2) const;
     Tensor norm(double p, const Shape& dims, bool keepdim = false) const;

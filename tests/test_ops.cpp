@@ -1,0 +1,191 @@
+// Forward values of the ops: broadcasting, reductions along each axis, joins, indexing, matmul.
+#include "helpers.hpp"
+
+using namespace loom;
+using testing::close;
+using testing::values;
+
+TEST_CASE("elementwise ops broadcast like NumPy")
+{
+    const Tensor a = tensor({1, 2, 3}, {3, 1}, kFloat64);
+    const Tensor b = tensor({10, 20}, {2}, kFloat64);
+    CHECK((a + b).sizes() == Shape{3, 2});
+    CHECK(close(a + b, {11, 21, 12, 22, 13, 23}));
+    CHECK(close(a - b, {-9, -19, -8, -18, -7, -17}));
+    CHECK(close(a * b, {10, 20, 20, 40, 30, 60}));
+    CHECK(close(b / a, {10, 20, 5, 10, 10.0 / 3, 20.0 / 3}));
+    CHECK(close(a * 2.0, {2, 4, 6}));
+    CHECK(close(2.0 - a, {1, 0, -1}));
+    CHECK(close(1.0 / a, {1, 0.5, 1.0 / 3}));
+    CHECK(close(-a, {-1, -2, -3}));
+    CHECK(close(pow(a, 2.0), {1, 4, 9}));
+    CHECK(close(pow(a, tensor({3}, kFloat64)), {1, 8, 27}));
+    CHECK(close(tensor({1, 2}, kInt64) + tensor({3, 4}, kInt64), {4, 6}));
+    // a strided (transposed) operand
+    const Tensor m = arange(6, kFloat64).reshape({2, 3});
+    CHECK(close(m.t() + ones({3, 2}, kFloat64), {1, 4, 2, 5, 3, 6}));
+}
+
+TEST_CASE("unary math matches the C library")
+{
+    const Tensor x = tensor({-2, -0.5, 0.5, 2}, kFloat64);
+    const auto v = values(x);
+    for (auto [name, t, f] : std::vector<std::tuple<const char*, Tensor, double (*)(double)>>{
+             {"exp", exp(x), [](double u) { return std::exp(u); }},
+             {"tanh", tanh(x), [](double u) { return std::tanh(u); }},
+             {"sigmoid", sigmoid(x), [](double u) { return 1 / (1 + std::exp(-u)); }},
+             {"relu", relu(x), [](double u) { return u > 0 ? u : 0; }},
+             {"abs", abs(x), [](double u) { return std::abs(u); }},
+             {"sqrt", sqrt(abs(x)), [](double u) { return std::sqrt(std::abs(u)); }},
+             {"log", log(abs(x)), [](double u) { return std::log(std::abs(u)); }},
+         }) {
+        std::vector<double> expected;
+        for (double u : v) expected.push_back(f(u));
+        CHECK_MESSAGE(close(t, expected, 1e-12), name);
+    }
+    CHECK(close(clamp(x, -1.0, 1.0), {-1, -0.5, 0.5, 1}));
+    CHECK(close(clamp(x, std::nullopt, 0.0), {-2, -0.5, 0, 0}));
+    CHECK(close(maximum(x, zeros({1}, kFloat64)), {0, 0, 0.5, 2}));
+    CHECK(close(minimum(x, zeros({1}, kFloat64)), {-2, -0.5, 0, 0}));
+    CHECK(close(sigmoid(tensor({-1000, 1000})), {0, 1}));  // no overflow to NaN
+}
+
+TEST_CASE("comparisons give bool masks; where and masked_fill select")
+{
+    const Tensor a = tensor({1, 2, 3}, kFloat64), b = tensor({3, 2, 1}, kFloat64);
+    CHECK(lt(a, b).dtype() == kBool);
+    CHECK(close(lt(a, b), {1, 0, 0}));
+    CHECK(close(le(a, b), {1, 1, 0}));
+    CHECK(close(gt(a, b), {0, 0, 1}));
+    CHECK(close(ge(a, b), {0, 1, 1}));
+    CHECK(close(eq(a, b), {0, 1, 0}));
+    CHECK(close(ne(a, b), {1, 0, 1}));
+    CHECK(close(logical_not(eq(a, b)), {1, 0, 1}));
+    CHECK(close(logical_and(le(a, b), ge(a, b)), {0, 1, 0}));
+    CHECK(close(logical_or(lt(a, b), gt(a, b)), {1, 0, 1}));
+    CHECK(close(where(lt(a, b), a, b), {1, 2, 1}));
+    CHECK(close(where(tensor({1, 0}).to(kBool).reshape({2, 1}), a, scalar_tensor(0, kFloat64)), {1, 2, 3, 0, 0, 0}));
+    CHECK(close(masked_fill(a, gt(a, b), -1), {1, 2, -1}));
+    CHECK(close(lt(a, b).sum(), {1}));
+}
+
+TEST_CASE("reductions over all dims and each axis, with keepdim")
+{
+    const Tensor x = arange(24, kFloat64).reshape({2, 3, 4});
+    CHECK(x.sum().item<double>() == 276);
+    CHECK(x.sum().dim() == 0);
+    CHECK(close(x.sum({0}), values(x.select(0, 0) + x.select(0, 1))));
+    CHECK(x.sum({1}).sizes() == Shape{2, 4});
+    CHECK(x.sum({1}, true).sizes() == Shape{2, 1, 4});
+    CHECK(close(x.sum({-1}), {6, 22, 38, 54, 70, 86}));
+    CHECK(close(x.sum({0, 2}), {60, 92, 124}));
+    CHECK(close(x.mean({2}), {1.5, 5.5, 9.5, 13.5, 17.5, 21.5}));
+    CHECK(close(x.max({1}), {8, 9, 10, 11, 20, 21, 22, 23}));
+    CHECK(close(x.min(0), values(x.select(0, 0))));
+    CHECK(x.max().item<double>() == 23);
+    CHECK(close(x.argmax(2), {3, 3, 3, 3, 3, 3}));
+    CHECK(x.argmax().item<std::int64_t>() == 23);
+    CHECK(x.argmin(1, true).sizes() == Shape{2, 1, 4});
+    CHECK(close(tensor({3, 1, 3}).argmax(), {0}));  // the first of equal maxima
+    CHECK(close(tensor({1, 2, 3, 4}, kFloat64).var(), {5.0 / 3}));
+    CHECK(close(tensor({1, 2, 3, 4}, kFloat64).var({}, false), {1.25}));
+    CHECK(close(x.var({2}), std::vector<double>(6, 5.0 / 3)));
+    CHECK(close(tensor({3, 4}, kFloat64).norm(), {5}));
+    CHECK(close(tensor({3, -4}, kFloat64).norm(1), {7}));
+    CHECK(close(tensor({3, -4}, kFloat64).norm(INFINITY), {4}));
+    CHECK(close(tensor({1, 2, 3, 4}, {2, 2}, kFloat64).norm(3, {1}), {std::cbrt(9.0), std::cbrt(91.0)}));
+    CHECK(close(tensor({1, 2}, kInt64).sum(), {3}));
+    CHECK(tensor({1, 2}, kInt64).sum().dtype() == kInt64);
+}
+
+TEST_CASE("softmax and log_softmax are stable for large inputs")
+{
+    const Tensor x = tensor({1000, 1001, 1002, -1000, 0, 1000}, {2, 3}, kFloat64);
+    const Tensor s = x.softmax(1);
+    const double z = 1 + std::exp(1.0) + std::exp(2.0);
+    CHECK(close(s.select(0, 0), {1 / z, std::exp(1.0) / z, std::exp(2.0) / z}, 1e-12));
+    CHECK(close(s.select(1, 2), {std::exp(2.0) / z, 1}, 1e-12));
+    CHECK(close(x.log_softmax(1).select(0, 0), {-std::log(z), 1 - std::log(z), 2 - std::log(z)}, 1e-12));
+    CHECK(close(x.softmax(0).sum({0}), {1, 1, 1}, 1e-12));
+    CHECK(close(tensor({-1e30, 0}).log_softmax(0), {-1e30, 0}));
+}
+
+TEST_CASE("concat, stack, split, chunk")
+{
+    const Tensor a = arange(4, kFloat64).reshape({2, 2}), b = arange(4, 6, 1, kFloat64).reshape({1, 2});
+    CHECK(close(concat({a, b}, 0), {0, 1, 2, 3, 4, 5}));
+    CHECK(close(concat({a, a}, 1), {0, 1, 0, 1, 2, 3, 2, 3}));
+    const Tensor s = stack({a, a * 10.0}, 1);
+    CHECK(s.sizes() == Shape{2, 2, 2});
+    CHECK(close(s, {0, 1, 0, 10, 2, 3, 20, 30}));
+    const auto parts = arange(7).split(3);
+    REQUIRE(parts.size() == 3);
+    CHECK(close(parts[2], {6}));
+    const auto chunks = arange(6).reshape({2, 3}).chunk(3, 1);
+    REQUIRE(chunks.size() == 3);
+    CHECK(close(chunks[1], {1, 4}));
+}
+
+TEST_CASE("gather, index_select, one_hot")
+{
+    const Tensor x = arange(6, kFloat64).reshape({2, 3});
+    const Tensor idx = from_vector<std::int64_t>({2, 0, 1, 1}, {2, 2});
+    CHECK(close(x.gather(1, idx), {2, 0, 4, 4}));
+    CHECK(close(x.gather(0, from_vector<std::int64_t>({1, 0, 1}, {1, 3})), {3, 1, 5}));
+    CHECK(close(x.index_select(1, from_vector<std::int64_t>({2, 2, 0}, {3})), {2, 2, 0, 5, 5, 3}));
+    CHECK(close(x.index_select(0, from_vector<std::int64_t>({-1}, {1})), {3, 4, 5}));
+    const Tensor oh = one_hot(from_vector<std::int64_t>({0, 2}, {2}), 3);
+    CHECK(oh.dtype() == kInt64);
+    CHECK(close(oh, {1, 0, 0, 0, 0, 1}));
+    CHECK(one_hot(from_vector<std::int64_t>({1}, {1}), 2, kFloat32).dtype() == kFloat32);
+}
+
+namespace {
+// Reference matmul on [n, k] x [k, m] values.
+std::vector<double> naive_mm(const Tensor& a, const Tensor& b)
+{
+    const auto va = values(a), vb = values(b);
+    const std::int64_t n = a.size(0), k = a.size(1), m = b.size(1);
+    std::vector<double> out(n * m, 0);
+    for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t j = 0; j < m; ++j)
+            for (std::int64_t p = 0; p < k; ++p) out[i * m + j] += va[i * k + p] * vb[p * m + j];
+    return out;
+}
+}  // namespace
+
+TEST_CASE("matmul: 1-D, 2-D, batched, broadcast, and strided views")
+{
+    Generator gen(5);
+    for (DType dt : {kFloat32, kFloat64}) {
+        const double tol = dt == kFloat32 ? 1e-5 : 1e-12;
+        const Tensor a = randn({3, 4}, dt, &gen), b = randn({4, 5}, dt, &gen);
+        CHECK(close(matmul(a, b), naive_mm(a, b), tol));
+        // transposed views go to BLAS as they are, and give the same values
+        const Tensor at = randn({4, 3}, dt, &gen).t(), bt = randn({5, 4}, dt, &gen).t();
+        CHECK(close(matmul(at, bt), naive_mm(at.contiguous(), bt.contiguous()), tol));
+        // a view that BLAS cannot read (step 2 in both dims) is copied
+        const Tensor strided = randn({6, 8}, dt, &gen).slice(0, 0, 6, 2).slice(1, 0, 8, 2);
+        CHECK(close(matmul(strided, b), naive_mm(strided.contiguous(), b), tol));
+    }
+    const Tensor v = tensor({1, 2}, kFloat64), w = tensor({3, 4}, kFloat64);
+    CHECK(matmul(v, w).dim() == 0);
+    CHECK(close(matmul(v, w), {11}));
+    const Tensor m = arange(4, kFloat64).reshape({2, 2});
+    CHECK(close(matmul(v, m), {4, 7}));
+    CHECK(close(matmul(m, v), {2, 8}));
+    // batched with broadcasting batch dims: [2, 1, 2, 3] @ [3, 3, 2] -> [2, 3, 2, 2]
+    const Tensor x = randn({2, 1, 2, 3}, kFloat64), y = randn({3, 3, 2}, kFloat64);
+    const Tensor z = matmul(x, y);
+    CHECK(z.sizes() == Shape{2, 3, 2, 2});
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 3; ++j)
+            CHECK(close(z.select(0, i).select(0, j), naive_mm(x.select(0, i).select(0, 0), y.select(0, j)), 1e-12));
+    // [T, B, I] @ [I, H] folds into one GEMM
+    const Tensor seq = randn({4, 3, 2}, kFloat64), W = randn({2, 5}, kFloat64);
+    const Tensor out = matmul(seq, W);
+    CHECK(out.sizes() == Shape{4, 3, 5});
+    CHECK(close(out.select(0, 2), naive_mm(seq.select(0, 2), W), 1e-12));
+    CHECK(matmul(zeros({2, 0}), zeros({0, 3})).sizes() == Shape{2, 3});
+    CHECK(close(matmul(zeros({2, 0}), zeros({0, 3})), std::vector<double>(6, 0)));
+}

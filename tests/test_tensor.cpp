@@ -1,0 +1,136 @@
+// Tensors: creation, dtypes, views sharing storage, copies, printing, random numbers.
+#include "helpers.hpp"
+
+using namespace loom;
+using testing::close;
+using testing::values;
+
+TEST_CASE("creation functions fill shapes and dtypes")
+{
+    CHECK(zeros({2, 3}).sizes() == Shape{2, 3});
+    CHECK(zeros({2, 3}).dtype() == kFloat32);
+    CHECK(close(zeros({2, 2}, kFloat64), {0, 0, 0, 0}));
+    CHECK(close(ones({3}, kInt64), {1, 1, 1}));
+    CHECK(close(full({2}, 2.5), {2.5, 2.5}));
+    CHECK(close(arange(4), {0, 1, 2, 3}));
+    CHECK(close(arange(1, 2, 0.25, kFloat64), {1, 1.25, 1.5, 1.75}));
+    CHECK(close(eye(2), {1, 0, 0, 1}));
+    CHECK(close(tensor({1, 2, 3, 4}, {2, 2}, kFloat64), {1, 2, 3, 4}));
+    CHECK(from_vector<std::int64_t>({1, 2}, {2}).dtype() == kInt64);
+    CHECK(scalar_tensor(3).dim() == 0);
+    CHECK(scalar_tensor(3).item<double>() == 3);
+    CHECK(zeros({0, 3}).numel() == 0);
+}
+
+TEST_CASE("seeded random numbers are reproducible and have the right moments")
+{
+    manual_seed(7);
+    const auto a = values(randn({1000}, kFloat64));
+    manual_seed(7);
+    const auto b = values(randn({1000}, kFloat64));
+    CHECK(a == b);
+    Generator g1(3), g2(3);
+    CHECK(values(rand({5}, kFloat32, &g1)) == values(rand({5}, kFloat32, &g2)));
+
+    Generator gen(11);
+    const Tensor n = randn({20000}, kFloat64, &gen);
+    CHECK(std::abs(n.mean().item<double>()) < 0.03);
+    CHECK(std::abs(n.var().item<double>() - 1) < 0.05);
+    const Tensor u = uniform({20000}, -2, 4, kFloat64, &gen);
+    CHECK(u.min().item<double>() >= -2);
+    CHECK(u.max().item<double>() < 4);
+    CHECK(std::abs(u.mean().item<double>() - 1) < 0.05);
+    const Tensor r = randint(0, 5, {1000}, &gen);
+    CHECK(r.dtype() == kInt64);
+    CHECK(r.min().item<std::int64_t>() == 0);
+    CHECK(r.max().item<std::int64_t>() == 4);
+}
+
+TEST_CASE("views share storage with their base")
+{
+    Tensor base = arange(12, kFloat64).reshape({3, 4});
+    Tensor row = base.select(0, 1);
+    Tensor col = base.select(1, 2);
+    Tensor tr = base.t();
+    CHECK(row.shares_storage(base));
+    CHECK(close(row, {4, 5, 6, 7}));
+    CHECK(close(col, {2, 6, 10}));
+    CHECK(tr.sizes() == Shape{4, 3});
+    CHECK(!tr.is_contiguous());
+    CHECK(close(tr, {0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11}));
+
+    row.fill_(-1);  // a write through a view shows in the base
+    CHECK(close(base.select(0, 1), {-1, -1, -1, -1}));
+
+    CHECK(close(base.narrow(1, 1, 2), {1, 2, -1, -1, 9, 10}));
+    CHECK(close(base.slice(1, 0, 4, 2), {0, 2, -1, -1, 8, 10}));
+    CHECK(close(base.slice(0, -1, 3), {8, 9, 10, 11}));
+    CHECK(base.unsqueeze(0).sizes() == Shape{1, 3, 4});
+    CHECK(base.unsqueeze(-1).sizes() == Shape{3, 4, 1});
+    CHECK(ones({1, 3, 1}).squeeze().sizes() == Shape{3});
+    CHECK(ones({1, 3, 1}).squeeze(0).sizes() == Shape{3, 1});
+    CHECK(ones({3, 1, 2}).permute({2, 0, 1}).sizes() == Shape{2, 3, 1});
+    CHECK(arange(3).reshape({3, 1}).expand({3, 2}).strides()[1] == 0);
+    CHECK(close(arange(3).expand({2, 3}), {0, 1, 2, 0, 1, 2}));
+    CHECK(arange(6).view({2, -1}).sizes() == Shape{2, 3});
+    CHECK(arange(6).reshape({-1}).sizes() == Shape{6});
+}
+
+TEST_CASE("contiguous, clone and to copy only when they must")
+{
+    Tensor a = arange(6, kFloat64).reshape({2, 3});
+    CHECK(a.contiguous().is_same(a));
+    Tensor t = a.t();
+    Tensor c = t.contiguous();
+    CHECK(c.is_contiguous());
+    CHECK(!c.shares_storage(a));
+    CHECK(close(c, {0, 3, 1, 4, 2, 5}));
+    CHECK(!a.clone().shares_storage(a));
+    CHECK(a.to(kFloat64).is_same(a));
+    CHECK(a.to(kFloat32).dtype() == kFloat32);
+    CHECK(close(tensor({1.7, -1.7}).to(kInt64), {1, -1}));
+    CHECK(close(tensor({0, 2}).to(kBool), {0, 1}));
+    CHECK(t.reshape({6}).sizes() == Shape{6});  // reshape of a non-contiguous view copies
+    CHECK(close(t.reshape({6}), {0, 3, 1, 4, 2, 5}));
+}
+
+TEST_CASE("in-place writes bump the version counter")
+{
+    Tensor a = zeros({3});
+    const auto v0 = a.version();
+    a.add_(ones({3}));
+    a.mul_(2.0);
+    CHECK(a.version() == v0 + 2);
+    CHECK(close(a, {2, 2, 2}));
+    a.add_(ones({3}), -0.5);
+    CHECK(close(a, {1.5, 1.5, 1.5}));
+    a.masked_fill_(tensor({1, 0, 1}).to(kBool), 9);
+    CHECK(close(a, {9, 1.5, 9}));
+    a.copy_(tensor({1, 2, 3}, kFloat64));  // converts dtype
+    CHECK(close(a, {1, 2, 3}));
+    a.zero_();
+    CHECK(close(a, {0, 0, 0}));
+}
+
+TEST_CASE("item and data_ptr check the element type")
+{
+    Tensor a = tensor({2.5}, kFloat64);
+    CHECK(a.item<double>() == 2.5);
+    CHECK(a.item<float>() == 2.5f);
+    CHECK(*a.data_ptr<double>() == 2.5);
+    CHECK_THROWS_AS(a.data_ptr<float>(), Error);
+}
+
+TEST_CASE("printing looks like PyTorch's repr")
+{
+    CHECK(tensor({1, 2.5, -3}, {3}).to_string() == "tensor([ 1.0000,  2.5000, -3.0000], shape=[3], dtype=float32)");
+    CHECK(tensor({1, 2, 3, 4}, {2, 2}, kInt64).to_string() == "tensor([[1, 2],\n        [3, 4]], shape=[2, 2], dtype=int64)");
+    CHECK(fmt::format("{}", scalar_tensor(0.5, kFloat64)) == "tensor(0.5000, shape=[], dtype=float64)");
+    CHECK(tensor({1e-6, 1}).to_string().find("e-06") != std::string::npos);
+    CHECK(tensor({1, 0}).to(kBool).to_string() == "tensor([ True, False], shape=[2], dtype=bool)");
+    const std::string big = arange(5000).reshape({50, 100}).to_string();
+    CHECK(big.find("...") != std::string::npos);
+    CHECK(big.size() < 2000);  // abridged
+    CHECK(big.find("4999.0000") != std::string::npos);
+    CHECK(ones({2}).requires_grad_().to_string().find("requires_grad=true") != std::string::npos);
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs, with apt-get, whichever of loom's build and test dependencies are missing.
+set -euo pipefail
+packages=(g++ meson ninja-build pkgconf libopenblas-dev libfmt-dev doctest-dev libbenchmark-dev)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,48 @@
+// Small helpers shared by the test files.
+#pragma once
+#include <doctest/doctest.h>
+
+#include <loom/loom.hpp>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace testing {
+
+// The values of any tensor as doubles, row-major.
+inline std::vector<double> values(const loom::Tensor& t)
+{
+    loom::NoGradGuard no_grad;
+    const loom::Tensor c = t.to(loom::kFloat64).contiguous();
+    const double* p = c.data_ptr<double>();
+    return std::vector<double>(p, p + c.numel());
+}
+
+inline bool close(const loom::Tensor& a, const std::vector<double>& expected, double tol = 1e-6)
+{
+    const auto v = values(a);
+    if (v.size() != expected.size()) return false;
+    for (std::size_t i = 0; i < v.size(); ++i)
+        if (!(std::abs(v[i] - expected[i]) <= tol * (1 + std::abs(expected[i])))) return false;
+    return true;
+}
+
+inline bool close_tensors(const loom::Tensor& a, const loom::Tensor& b, double tol = 1e-6)
+{
+    return a.sizes() == b.sizes() && close(a, values(b), tol);
+}
+
+// Runs f, expecting a loom::Error whose message contains every one of `parts`.
+template <class F> void check_error(F&& f, const std::vector<std::string>& parts)
+{
+    try {
+        f();
+        FAIL("expected a loom::Error containing \"" << parts.at(0) << "\"");
+    } catch (const loom::Error& e) {
+        const std::string message = e.what();
+        for (const auto& part : parts) CHECK_MESSAGE(message.find(part) != std::string::npos, message);
+    }
+}
+
+}  // namespace testing
