@@ -15,10 +15,10 @@ namespace {
 
 Tensor scalar_like(double value, const Tensor& t) { return scalar_tensor(value, t.dtype()); }
 
-// g summed to `shape`, or undefined when that input needs no gradient.
-Tensor reduce_to(const BackwardContext& c, std::size_t input, const Tensor& g, const Shape& shape)
+// g summed to input k's shape (undoing a broadcast), or undefined when k needs no gradient.
+Tensor reduce_to(const BackwardContext& c, std::size_t k, const Tensor& g)
 {
-    return c.needs[input] ? kernels::sum_to(g, shape) : Tensor();
+    return c.needs[k] ? kernels::sum_to(g, c.input_shape(k)) : Tensor();
 }
 
 }  // namespace
@@ -28,16 +28,16 @@ Tensor reduce_to(const BackwardContext& c, std::size_t input, const Tensor& g, c
 Tensor add(const Tensor& a, const Tensor& b)
 {
     Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return x + y; });
-    return record("add", {a, b}, out, {}, [sa = a.sizes(), sb = b.sizes()](const BackwardContext& c) {
-        return Grads{reduce_to(c, 0, c.grad(), sa), reduce_to(c, 1, c.grad(), sb)};
+    return record("add", {a, b}, out, {}, [](const BackwardContext& c) {
+        return Grads{reduce_to(c, 0, c.grad()), reduce_to(c, 1, c.grad())};
     });
 }
 
 Tensor sub(const Tensor& a, const Tensor& b)
 {
     Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return x - y; });
-    return record("sub", {a, b}, out, {}, [sa = a.sizes(), sb = b.sizes()](const BackwardContext& c) {
-        return Grads{reduce_to(c, 0, c.grad(), sa), c.needs[1] ? reduce_to(c, 1, -c.grad(), sb) : Tensor()};
+    return record("sub", {a, b}, out, {}, [](const BackwardContext& c) {
+        return Grads{reduce_to(c, 0, c.grad()), c.needs[1] ? reduce_to(c, 1, -c.grad()) : Tensor()};
     });
 }
 
@@ -46,18 +46,18 @@ Tensor mul(const Tensor& a, const Tensor& b)
     Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return x * y; });
     return record("mul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
-        return Grads{c.needs[0] ? kernels::sum_to(c.grad() * y, x.sizes()) : Tensor(),
-                     c.needs[1] ? kernels::sum_to(c.grad() * x, y.sizes()) : Tensor()};
+        return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() * y) : Tensor(),
+                     c.needs[1] ? reduce_to(c, 1, c.grad() * x) : Tensor()};
     });
 }
 
 Tensor div(const Tensor& a, const Tensor& b)
 {
     Tensor out = kernels::zip_floating("div", a, b, [](auto x, auto y) { return x / y; });
-    return record("div", {a, b}, out, {b, out}, [sa = a.sizes()](const BackwardContext& c) {
+    return record("div", {a, b}, out, {b, out}, [](const BackwardContext& c) {
         const Tensor &y = c.saved[0], &q = c.saved[1];
-        return Grads{c.needs[0] ? kernels::sum_to(c.grad() / y, sa) : Tensor(),
-                     c.needs[1] ? kernels::sum_to(-(c.grad() * q / y), y.sizes()) : Tensor()};
+        return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() / y) : Tensor(),
+                     c.needs[1] ? reduce_to(c, 1, -(c.grad() * q / y)) : Tensor()};
     });
 }
 
@@ -67,11 +67,11 @@ Tensor pow(const Tensor& base, const Tensor& exponent)
     return record("pow", {base, exponent}, out, {base, exponent, out}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &e = c.saved[1], &y = c.saved[2];
         Grads g(2);
-        if (c.needs[0]) g[0] = kernels::sum_to(c.grad() * e * pow(x, e - 1.0), x.sizes());
+        if (c.needs[0]) g[0] = reduce_to(c, 0, c.grad() * e * pow(x, e - 1.0));
         if (c.needs[1]) {
             // d/de x^e = x^e log x; taken as 0 where x == 0, as PyTorch does.
             Tensor log_x = kernels::map_floating("pow", x, [](auto v) { return v == 0 ? v : std::log(v); });
-            g[1] = kernels::sum_to(c.grad() * y * log_x, e.sizes());
+            g[1] = reduce_to(c, 1, c.grad() * y * log_x);
         }
         return g;
     });
@@ -102,8 +102,8 @@ template <bool Max> Tensor extremum(const char* op, const Tensor& a, const Tenso
             using T = decltype(u);
             return u == v ? T(0.5) : ((Max ? u > v : u < v) ? T(1) : T(0));
         });
-        return Grads{c.needs[0] ? kernels::sum_to(c.grad() * share, x.sizes()) : Tensor(),
-                     c.needs[1] ? kernels::sum_to(c.grad() * (1.0 - share), y.sizes()) : Tensor()};
+        return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() * share) : Tensor(),
+                     c.needs[1] ? reduce_to(c, 1, c.grad() * (1.0 - share)) : Tensor()};
     });
 }
 
@@ -209,10 +209,10 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b)
         kernels::for_each_offset<4>(shape, {sc.data(), sa.data(), sb.data(), so.data()}, {0, 0, 0, 0},
                                     [&](const auto& o) { po[o[3]] = pc[o[0]] ? pa[o[1]] : pb[o[2]]; });
     });
-    return record("where", {a, b}, out, {cond}, [sa = a.sizes(), sb = b.sizes()](const BackwardContext& c) {
+    return record("where", {a, b}, out, {cond}, [](const BackwardContext& c) {
         const Tensor zero = scalar_like(0, c.grad());
-        return Grads{c.needs[0] ? kernels::sum_to(where(c.saved[0], c.grad(), zero), sa) : Tensor(),
-                     c.needs[1] ? kernels::sum_to(where(c.saved[0], zero, c.grad()), sb) : Tensor()};
+        return Grads{c.needs[0] ? reduce_to(c, 0, where(c.saved[0], c.grad(), zero)) : Tensor(),
+                     c.needs[1] ? reduce_to(c, 1, where(c.saved[0], zero, c.grad())) : Tensor()};
     });
 }
 

@@ -52,8 +52,8 @@ Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim,
 Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 {
     Tensor out = kernels::sum(x, dims, keepdim);
-    return record("sum", {x}, out, {}, [shape = x.sizes(), dims, keepdim](const BackwardContext& c) {
-        return Grads{unreduce(c.grad(), shape, dims, keepdim)};
+    return record("sum", {x}, out, {}, [dims, keepdim](const BackwardContext& c) {
+        return Grads{unreduce(c.grad(), c.input_shape(0), dims, keepdim)};
     });
 }
 

@@ -21,8 +21,8 @@ template <class Region> Tensor scatter_back(const Tensor& g, const Shape& input,
 
 Tensor reshape_back(const char* op, const Tensor& x, Tensor out)
 {
-    return record(op, {x}, out, {}, [shape = x.sizes()](const BackwardContext& c) {
-        return Grads{kernels::reshape(c.grad(), shape)};
+    return record(op, {x}, out, {}, [](const BackwardContext& c) {
+        return Grads{kernels::reshape(c.grad(), c.input_shape(0))};
     });
 }
 
@@ -54,8 +54,8 @@ Tensor transpose(const Tensor& x, std::int64_t dim0, std::int64_t dim1)
 Tensor expand(const Tensor& x, const Shape& shape)
 {
     Tensor out = kernels::expand(x, shape);
-    return record("expand", {x}, out, {}, [in = x.sizes()](const BackwardContext& c) {
-        return Grads{kernels::sum_to(c.grad(), in)};
+    return record("expand", {x}, out, {}, [](const BackwardContext& c) {
+        return Grads{kernels::sum_to(c.grad(), c.input_shape(0))};
     });
 }
 
@@ -64,8 +64,8 @@ Tensor broadcast_to(const Tensor& x, const Shape& shape) { return expand(x, shap
 Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step)
 {
     Tensor out = kernels::slice(x, dim, start, end, step);
-    return record("slice", {x}, out, {}, [in = x.sizes(), dim, start, end, step](const BackwardContext& c) {
-        return Grads{scatter_back(c.grad(), in, [&](const Tensor& z) { return kernels::slice(z, dim, start, end, step); })};
+    return record("slice", {x}, out, {}, [dim, start, end, step](const BackwardContext& c) {
+        return Grads{scatter_back(c.grad(), c.input_shape(0), [&](const Tensor& z) { return kernels::slice(z, dim, start, end, step); })};
     });
 }
 
@@ -82,18 +82,18 @@ Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_
 Tensor select(const Tensor& x, std::int64_t dim, std::int64_t index)
 {
     Tensor out = kernels::select(x, dim, index);
-    return record("select", {x}, out, {}, [in = x.sizes(), dim, index](const BackwardContext& c) {
-        return Grads{scatter_back(c.grad(), in, [&](const Tensor& z) { return kernels::select(z, dim, index); })};
+    return record("select", {x}, out, {}, [dim, index](const BackwardContext& c) {
+        return Grads{scatter_back(c.grad(), c.input_shape(0), [&](const Tensor& z) { return kernels::select(z, dim, index); })};
     });
 }
 
 Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
 {
     Tensor out = kernels::index_select(x, dim, index);
-    return record("index_select", {x}, out, {index}, [in = x.sizes(), dim](const BackwardContext& c) {
-        Tensor z = zeros(in, c.grad().dtype());
-        kernels::index_add_into(z, wrap_dim("index_select", dim, static_cast<std::int64_t>(in.size())), c.saved[0],
-                                c.grad());
+    const std::int64_t d = wrap_dim("index_select", dim, x.dim());
+    return record("index_select", {x}, out, {index}, [d](const BackwardContext& c) {
+        Tensor z = zeros(c.input_shape(0), c.grad().dtype());
+        kernels::index_add_into(z, d, c.saved[0], c.grad());
         return Grads{z};
     });
 }
@@ -101,10 +101,10 @@ Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
 Tensor gather(const Tensor& x, std::int64_t dim, const Tensor& index)
 {
     Tensor out = kernels::gather(x, dim, index);
-    return record("gather", {x}, out, {index}, [in = x.sizes(), dim](const BackwardContext& c) {
-        Tensor z = zeros(in, c.grad().dtype());
-        kernels::scatter_add_into(z, wrap_dim("gather", dim, static_cast<std::int64_t>(in.size())), c.saved[0],
-                                  kernels::contiguous(c.grad()));
+    const std::int64_t d = wrap_dim("gather", dim, x.dim());
+    return record("gather", {x}, out, {index}, [d](const BackwardContext& c) {
+        Tensor z = zeros(c.input_shape(0), c.grad().dtype());
+        kernels::scatter_add_into(z, d, c.saved[0], kernels::contiguous(c.grad()));
         return Grads{z};
     });
 }
@@ -125,8 +125,8 @@ Tensor to(const Tensor& x, DType dtype)
     if (x.dtype() == dtype) return x;
     Tensor out = kernels::to(x, dtype);
     if (!is_floating(dtype)) return out;  // an integer or bool result carries no gradient
-    return record("to", {x}, out, {}, [from = x.dtype()](const BackwardContext& c) {
-        return Grads{kernels::to(c.grad(), from)};
+    return record("to", {x}, out, {}, [](const BackwardContext& c) {
+        return Grads{kernels::to(c.grad(), c.input_dtype(0))};
     });
 }
 

@@ -131,6 +131,7 @@ struct Sweep {
                            s.value.sizes(), s.value.version(), s.version);
                 ctx.saved.push_back(s.value);
             }
+            ctx.inputs = &e.inputs;
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = e.inputs[k] != nullptr;
             const std::vector<Tensor> input_grads = e.backward(ctx);
@@ -186,20 +187,14 @@ namespace autograd {
 
 std::size_t tape_size() { return tape.entries.size(); }
 
-bool should_record(std::initializer_list<Tensor> inputs)
+bool should_record(std::span<const Tensor> inputs)
 {
     if (!grad_mode) return false;
     return std::any_of(inputs.begin(), inputs.end(), [](const Tensor& t) { return t.requires_grad(); });
 }
 
-bool should_record(const std::vector<Tensor>& inputs)
-{
-    if (!grad_mode) return false;
-    return std::any_of(inputs.begin(), inputs.end(), [](const Tensor& t) { return t.requires_grad(); });
-}
-
-void push_entry(const char* name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
-                const std::vector<Tensor>& saved, BackwardFn backward)
+void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
+                std::span<const Tensor> saved, BackwardFn backward)
 {
     if (tape.entries.size() >= tape.compact_at) {
         compact();

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "../core/tensor.hpp"
@@ -61,7 +62,11 @@ struct BackwardContext {
     std::vector<Tensor> grads;   // one per output; undefined where no gradient arrived
     std::vector<Tensor> saved;   // in the order given to record()
     std::vector<bool> needs;     // per input: does it want a gradient?
+    const std::vector<std::shared_ptr<Node>>* inputs = nullptr;
     const Tensor& grad() const { return grads[0]; }
+    // Shape of input k; known for every input that needs a gradient, so ops need not save it.
+    const Shape& input_shape(std::size_t k) const { return (*inputs)[k]->shape; }
+    DType input_dtype(std::size_t k) const { return (*inputs)[k]->dtype; }
 };
 
 // Returns one gradient per input (undefined where not needed), each of that input's shape.
@@ -78,28 +83,28 @@ struct Entry {
 };
 
 // True when an op on these inputs must be recorded.
-bool should_record(std::initializer_list<Tensor> inputs);
-bool should_record(const std::vector<Tensor>& inputs);
+bool should_record(std::span<const Tensor> inputs);
 
 // Appends one entry for `outputs = name(inputs)` and marks each output as requiring grad.
-void push_entry(const char* name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
-                const std::vector<Tensor>& saved, BackwardFn backward);
+void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
+                std::span<const Tensor> saved, BackwardFn backward);
 
-// The usual single-output case: records when needed and returns `output`.
+// The usual single-output case: records when needed and returns `output`. The backward
+// closure is only turned into a tape entry when something is recorded.
+template <class F>
+Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
+              F&& backward)
+{
+    if (should_record(inputs))
+        push_entry(name, inputs, std::span<const Tensor>(&output, 1), saved, BackwardFn(std::forward<F>(backward)));
+    return output;
+}
 template <class F>
 Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor output,
               std::initializer_list<Tensor> saved, F&& backward)
 {
-    if (should_record(inputs)) push_entry(name, inputs, {output}, saved, BackwardFn(std::forward<F>(backward)));
-    return output;
-}
-
-template <class F>
-Tensor record(const char* name, const std::vector<Tensor>& inputs, Tensor output,
-              std::initializer_list<Tensor> saved, F&& backward)
-{
-    if (should_record(inputs)) push_entry(name, inputs, {output}, saved, BackwardFn(std::forward<F>(backward)));
-    return output;
+    return record(name, std::span<const Tensor>(inputs.begin(), inputs.size()), std::move(output),
+                  std::span<const Tensor>(saved.begin(), saved.size()), std::forward<F>(backward));
 }
 
 // Number of entries on this thread's tape (live or released but not yet reclaimed).

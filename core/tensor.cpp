@@ -2,24 +2,21 @@
 
 #include <cblas.h>
 
+#include <cstdlib>
 #include <cstring>
-#include <new>
 
 #include "kernels.hpp"
 #include "random.hpp"
 
 namespace loom {
 
-namespace {
-constexpr std::align_val_t kAlignment{64};
-}
-
 Storage::Storage(std::size_t n) : nbytes(n)
 {
-    data = static_cast<std::byte*>(::operator new(n == 0 ? 1 : n, kAlignment));
+    data = static_cast<std::byte*>(std::malloc(n == 0 ? 1 : n));  // 16-byte aligned: enough for every dtype
+    if (!data) throw Error(fmt::format("empty: out of memory allocating {} bytes", n));
 }
 
-Storage::~Storage() { ::operator delete(data, kAlignment); }
+Storage::~Storage() { std::free(data); }
 
 TensorImpl& Tensor::impl() const
 {
