@@ -257,6 +257,11 @@ void Tensor::set_grad(const Tensor& g) const
     node->grad = g;
 }
 
+void Tensor::zero_grad() const
+{
+    if (requires_grad()) impl().node->grad = Tensor();
+}
+
 void Tensor::retain_grad() const { node_of("retain_grad", *this, "the tensor")->retains_grad = true; }
 
 void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const

@@ -1,5 +1,6 @@
 // Tensor printing in the look of PyTorch's repr, abridged when large.
 #include <cmath>
+#include <ostream>
 
 #include "kernels.hpp"
 
@@ -102,5 +103,7 @@ std::string Tensor::to_string() const
     out += ')';
     return out;
 }
+
+std::ostream& operator<<(std::ostream& out, const Tensor& t) { return out << t.to_string(); }
 
 }  // namespace loom

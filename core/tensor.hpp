@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <iosfwd>
 #include <memory>
 #include <optional>
 #include <string>
@@ -83,6 +84,9 @@ public:
     bool is_leaf() const;
     Tensor grad() const;
     void set_grad(const Tensor& grad) const;
+    // Forgets the accumulated gradient (grad() is undefined until the next backward), like
+    // PyTorch's zero_grad(set_to_none=True): the next backward writes a fresh tensor.
+    void zero_grad() const;
     void retain_grad() const;
     // Calls hook(grad) when this tensor's gradient is computed; a defined result replaces it.
     void register_hook(std::function<Tensor(const Tensor&)> hook) const;
@@ -172,6 +176,8 @@ public:
 private:
     std::shared_ptr<TensorImpl> impl_;
 };
+
+std::ostream& operator<<(std::ostream& out, const Tensor& t);
 
 // ---- creation ----
 Tensor empty(const Shape& shape, DType dtype = kFloat32);

@@ -45,7 +45,7 @@ int main()
             h = tanh(matmul(x.select(0, s), W_ih.t()) + matmul(h, W_hh.t()) + b);
         Tensor loss = (matmul(h, w_out) + b_out - y).pow(2).mean();
 
-        for (auto& p : params) p.set_grad({});
+        for (auto& p : params) p.zero_grad();
         loss.backward();
         {
             NoGradGuard no_grad;

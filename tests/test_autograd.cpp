@@ -22,9 +22,14 @@ TEST_CASE("leaf gradients accumulate until reset")
     (x * 3.0).sum().backward();
     (x * 3.0).sum().backward();
     CHECK(close(x.grad(), {6, 6}));
-    x.set_grad({});
+    x.zero_grad();
+    CHECK(!x.grad().defined());
     (x * 3.0).sum().backward();
     CHECK(close(x.grad(), {3, 3}));
+    x.set_grad(tensor({1, 1}, kFloat64));
+    (x * 3.0).sum().backward();
+    CHECK(close(x.grad(), {4, 4}));
+    check_error([&] { x.set_grad(ones({3}, kFloat64)); }, {"set_grad", "[3]", "[2]"});
 }
 
 TEST_CASE("a value used more than once sums its gradients")

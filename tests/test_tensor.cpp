@@ -1,6 +1,8 @@
 // Tensors: creation, dtypes, views sharing storage, copies, printing, random numbers.
 #include "helpers.hpp"
 
+#include <sstream>
+
 using namespace loom;
 using testing::close;
 using testing::values;
@@ -132,5 +134,8 @@ TEST_CASE("printing looks like PyTorch's repr")
     CHECK(big.find("...") != std::string::npos);
     CHECK(big.size() < 2000);  // abridged
     CHECK(big.find("4999.0000") != std::string::npos);
+    std::ostringstream stream;
+    stream << tensor({1, 2}, kInt64);
+    CHECK(stream.str() == "tensor([1, 2], shape=[2], dtype=int64)");
     CHECK(ones({2}).requires_grad_().to_string().find("requires_grad=true") != std::string::npos);
 }
