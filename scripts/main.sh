@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-[ -f build/build.ninja ] || meson setup build
+[ -f build/build.ninja ] || meson setup build -Dtests=false
 ninja -C build
 ./build/examples/rnn_by_hand
