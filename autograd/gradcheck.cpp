@@ -29,19 +29,15 @@ std::string GradcheckResult::report() const
                        ok ? "passed" : "FAILED", input, index, analytic, numeric, error);
 }
 
-GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
-                          const std::vector<Tensor>& inputs, const GradcheckOptions& options)
-{
-    std::vector<Tensor> wrt;
-    for (std::size_t i = 0; i < inputs.size(); ++i)
-        if (inputs[i].requires_grad()) {
-            LOOM_CHECK(inputs[i].dtype() == kFloat64, "gradcheck",
-                       "input {} has dtype {}; finite differences need float64", i, inputs[i].dtype());
-            wrt.push_back(inputs[i]);
-        }
-    LOOM_CHECK(!wrt.empty(), "gradcheck", "no input requires grad");
+namespace {
 
-    const Tensor out = fn(inputs);
+// Compares the tape's gradients of sum(y * r) at `wrt` (y = at_inputs()) with central differences
+// of at_work(), which reads `work`: each element of `work` is perturbed in place and restored.
+GradcheckResult compare(const std::function<Tensor()>& at_inputs, const std::function<Tensor()>& at_work,
+                        const std::vector<Tensor>& wrt, const std::vector<Tensor>& work,
+                        const std::vector<std::size_t>& positions, const GradcheckOptions& options)
+{
+    const Tensor out = at_inputs();
     LOOM_CHECK(out.dtype() == kFloat64, "gradcheck", "the function returned dtype {}; expected float64", out.dtype());
     Generator gen(options.seed);
     const Tensor projection = randn(out.sizes(), kFloat64, &gen);
@@ -49,45 +45,75 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
     const std::vector<Tensor> analytic = grad({objective(out)}, wrt, {}, false, /*allow_unused=*/true);
 
     GradcheckResult result;
-    result.error = -1;
+    double worst_excess = -INFINITY;
     NoGradGuard no_grad;
-    std::size_t k = 0;
-    for (std::size_t i = 0; i < inputs.size(); ++i) {
-        if (!inputs[i].requires_grad()) continue;
-        const Tensor& x = inputs[i];
-        const Tensor a = analytic[k].defined() ? kernels::contiguous(analytic[k]) : zeros(x.sizes(), kFloat64);
-        ++k;
-        // Perturb a private copy so the caller's tensor is never written.
-        std::vector<Tensor> probe = inputs;
-        Tensor work = kernels::clone(x);
-        probe[i] = work;
-        double* p = work.data_ptr<double>();
-        for (std::int64_t j = 0; j < x.numel(); ++j) {
+    for (std::size_t k = 0; k < work.size(); ++k) {
+        const Tensor a = analytic[k].defined() ? kernels::contiguous(analytic[k]) : zeros(wrt[k].sizes(), kFloat64);
+        double* p = work[k].data_ptr<double>();
+        for (std::int64_t j = 0; j < work[k].numel(); ++j) {
             const double original = p[j];
             p[j] = original + options.eps;
-            const double plus = objective(fn(probe)).item<double>();
+            const double plus = objective(at_work()).item<double>();
             p[j] = original - options.eps;
-            const double minus = objective(fn(probe)).item<double>();
+            const double minus = objective(at_work()).item<double>();
             p[j] = original;
             const double numeric = (plus - minus) / (2 * options.eps);
             const double analytic_j = a.data_ptr<double>()[j];
             const double error = std::abs(analytic_j - numeric);
-            const bool pass = error <= options.atol + options.rtol * std::abs(numeric);
-            const double excess = error - (options.atol + options.rtol * std::abs(numeric));
-            const double worst_excess =
-                result.error < 0 ? -INFINITY
-                                 : result.error - (options.atol + options.rtol * std::abs(result.numeric));
-            if (excess > worst_excess || (!std::isfinite(error))) {
-                result.input = i;
-                result.index = unravel(j, x.sizes());
+            const double allowed = options.atol + options.rtol * std::abs(numeric);
+            const double excess = std::isfinite(error) ? error - allowed : INFINITY;
+            if (!(error <= allowed)) result.ok = false;
+            if (excess > worst_excess) {
+                worst_excess = excess;
+                result.input = positions[k];
+                result.index = unravel(j, work[k].sizes());
                 result.analytic = analytic_j;
                 result.numeric = numeric;
-                result.error = std::isfinite(error) ? error : INFINITY;
+                result.error = error;
             }
-            if (!pass) result.ok = false;
         }
     }
     return result;
+}
+
+void check_float64(const Tensor& t, std::size_t i, const char* what)
+{
+    LOOM_CHECK(t.dtype() == kFloat64, "gradcheck", "{} {} has dtype {}; finite differences need float64", what, i,
+               t.dtype());
+}
+
+}  // namespace
+
+GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
+                          const std::vector<Tensor>& inputs, const GradcheckOptions& options)
+{
+    // Perturb private copies so the caller's tensors are never written.
+    std::vector<Tensor> probe = inputs, wrt, work;
+    std::vector<std::size_t> positions;
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+        if (inputs[i].requires_grad()) {
+            check_float64(inputs[i], i, "input");
+            wrt.push_back(inputs[i]);
+            work.push_back(kernels::clone(inputs[i]));
+            positions.push_back(i);
+        }
+    LOOM_CHECK(!wrt.empty(), "gradcheck", "no input requires grad");
+    for (std::size_t k = 0; k < work.size(); ++k) probe[positions[k]] = work[k];
+    return compare([&] { return fn(inputs); }, [&] { return fn(probe); }, wrt, work, positions, options);
+}
+
+GradcheckResult gradcheck_parameters(const std::function<Tensor()>& fn, const std::vector<Tensor>& parameters,
+                                     const GradcheckOptions& options)
+{
+    LOOM_CHECK(!parameters.empty(), "gradcheck_parameters", "no parameters given");
+    std::vector<std::size_t> positions;
+    for (std::size_t i = 0; i < parameters.size(); ++i) {
+        check_float64(parameters[i], i, "parameter");
+        LOOM_CHECK(parameters[i].requires_grad() && parameters[i].is_contiguous(), "gradcheck_parameters",
+                   "parameter {} must require grad and be contiguous", i);
+        positions.push_back(i);
+    }
+    return compare(fn, fn, parameters, parameters, positions, options);
 }
 
 }  // namespace loom

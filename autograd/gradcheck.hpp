@@ -30,4 +30,9 @@ struct GradcheckResult {
 GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
                           const std::vector<Tensor>& inputs, const GradcheckOptions& options = {});
 
+// The same check for tensors that fn reads by itself, such as a module's parameters
+// (module.parameters() after module.to(kFloat64)): each is perturbed in place and restored.
+GradcheckResult gradcheck_parameters(const std::function<Tensor()>& fn, const std::vector<Tensor>& parameters,
+                                     const GradcheckOptions& options = {});
+
 }  // namespace loom

@@ -1,0 +1,64 @@
+// Losses, composed from differentiable ops and numerically stable. Functions and modules.
+#pragma once
+#include "module.hpp"
+
+namespace loom::nn {
+
+enum class Reduction { None, Mean, Sum };
+
+// mean((input - target)^2), shapes broadcast.
+Tensor mse_loss(const Tensor& input, const Tensor& target, Reduction reduction = Reduction::Mean);
+
+struct CrossEntropyOptions {
+    std::int64_t ignore_index = -100;  // targets equal to it add nothing and are not counted
+    double label_smoothing = 0;        // in [0, 1]: mixes the target with the uniform distribution
+    Reduction reduction = Reduction::Mean;
+};
+
+// logits [N, C] (or [C]) and int64 class targets [N] (or []) in [0, C); PyTorch's semantics,
+// including ignore_index and label_smoothing. Mean divides by the number of targets not ignored.
+Tensor cross_entropy(const Tensor& logits, const Tensor& target, const CrossEntropyOptions& options = {});
+// log_probs [N, C] (or [C]), targets as for cross_entropy.
+Tensor nll_loss(const Tensor& log_probs, const Tensor& target, std::int64_t ignore_index = -100,
+                Reduction reduction = Reduction::Mean);
+// Stable sigmoid + binary cross-entropy: max(x, 0) - x t + log(1 + exp(-|x|)).
+Tensor binary_cross_entropy_with_logits(const Tensor& logits, const Tensor& target,
+                                        Reduction reduction = Reduction::Mean);
+
+class MSELoss : public Module {
+public:
+    explicit MSELoss(Reduction reduction = Reduction::Mean) : reduction(reduction) {}
+    Tensor operator()(const Tensor& input, const Tensor& target) const { return mse_loss(input, target, reduction); }
+    Reduction reduction;
+};
+
+class CrossEntropyLoss : public Module {
+public:
+    explicit CrossEntropyLoss(CrossEntropyOptions options = {}) : options(options) {}
+    Tensor operator()(const Tensor& logits, const Tensor& target) const { return cross_entropy(logits, target, options); }
+    CrossEntropyOptions options;
+};
+
+class NLLLoss : public Module {
+public:
+    explicit NLLLoss(std::int64_t ignore_index = -100, Reduction reduction = Reduction::Mean)
+        : ignore_index(ignore_index), reduction(reduction) {}
+    Tensor operator()(const Tensor& log_probs, const Tensor& target) const
+    {
+        return nll_loss(log_probs, target, ignore_index, reduction);
+    }
+    std::int64_t ignore_index;
+    Reduction reduction;
+};
+
+class BCEWithLogitsLoss : public Module {
+public:
+    explicit BCEWithLogitsLoss(Reduction reduction = Reduction::Mean) : reduction(reduction) {}
+    Tensor operator()(const Tensor& logits, const Tensor& target) const
+    {
+        return binary_cross_entropy_with_logits(logits, target, reduction);
+    }
+    Reduction reduction;
+};
+
+}  // namespace loom::nn

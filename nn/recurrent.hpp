@@ -1,0 +1,190 @@
+// Recurrent cells, the layers RNN/LSTM/GRU, and Recurrent<Cell>, which runs any cell over time.
+// Conventions are PyTorch's: gate orders (LSTM i,f,g,o; GRU r,z,n with the reset gate applied
+// after the hidden matmul), parameter names (weight_ih_l0, ..._reverse), time-major [T, B, F].
+#pragma once
+#include <functional>
+
+#include "layers.hpp"
+
+namespace loom::nn {
+
+// A cell's state: h first (the cell's output); an LSTM adds c. Each tensor is [B, H].
+using State = std::vector<Tensor>;
+
+// Options with chained setters, as in libtorch: LSTMOptions(64, 256).num_layers(2).bidirectional(true).
+#define LOOM_OPTION(type, name, value)                     \
+public:                                                    \
+    auto& name(type v) { name##_ = std::move(v); return *this; } \
+    const type& name() const { return name##_; }           \
+private:                                                   \
+    type name##_ = value;
+
+enum class Nonlinearity { Tanh, ReLU };
+
+class RecurrentOptions {
+public:
+    RecurrentOptions(std::int64_t input_size, std::int64_t hidden_size)
+        : input_size_(input_size), hidden_size_(hidden_size) {}
+    LOOM_OPTION(std::int64_t, input_size, 0)
+    LOOM_OPTION(std::int64_t, hidden_size, 0)
+    LOOM_OPTION(std::int64_t, num_layers, 1)
+    LOOM_OPTION(bool, bias, true)
+    LOOM_OPTION(bool, batch_first, false)
+    LOOM_OPTION(double, dropout, 0.0)  // between stacked layers, in training
+    LOOM_OPTION(bool, bidirectional, false)
+    LOOM_OPTION(Nonlinearity, nonlinearity, Nonlinearity::Tanh)  // RNN only
+    LOOM_OPTION(DType, dtype, kFloat32)
+};
+using RNNOptions = RecurrentOptions;
+using LSTMOptions = RecurrentOptions;
+using GRUOptions = RecurrentOptions;
+
+// What a recurrent layer returns: output [T, B, D*H] ([B, T, D*H] with batch_first) and the
+// final state, each tensor [L*D, B, H] (h_n; for an LSTM also c_n).
+struct RecurrentOutput {
+    Tensor output;
+    State state;
+    const Tensor& h_n() const { return state.at(0); }
+    const Tensor& c_n() const { return state.at(1); }
+};
+
+// ---- cells ----
+
+// Maps (x [B, I], state) to the next state. Subclass it to define a new architecture.
+class Cell : public Module {
+public:
+    Cell(std::int64_t input_size, std::int64_t hidden_size, std::size_t state_size = 1);
+    virtual State forward(const Tensor& x, const State& state) = 0;
+    State operator()(const Tensor& x, const State& state) { return forward(x, state); }
+    // The zero state for a batch of B.
+    State initial_state(std::int64_t batch, DType dtype) const;
+    std::int64_t input_size, hidden_size;
+    std::size_t state_size;
+};
+
+// h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)  (or relu)
+class RNNCell : public Cell {
+public:
+    RNNCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true,
+            Nonlinearity nonlinearity = Nonlinearity::Tanh, DType dtype = kFloat32);
+    State forward(const Tensor& x, const State& state) override;
+    Tensor weight_ih, weight_hh, bias_ih, bias_hh;
+    Nonlinearity nonlinearity;
+};
+
+// i,f,g,o = split(x W_ih^T + b_ih + h W_hh^T + b_hh); c' = s(f) c + s(i) tanh(g); h' = s(o) tanh(c')
+class LSTMCell : public Cell {
+public:
+    LSTMCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true, DType dtype = kFloat32);
+    State forward(const Tensor& x, const State& state) override;
+    Tensor weight_ih, weight_hh, bias_ih, bias_hh;
+};
+
+// r = s(x W_ir + b_ir + h W_hr + b_hr); z likewise; n = tanh(x W_in + b_in + r (h W_hn + b_hn));
+// h' = (1 - z) n + z h
+class GRUCell : public Cell {
+public:
+    GRUCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true, DType dtype = kFloat32);
+    State forward(const Tensor& x, const State& state) override;
+    Tensor weight_ih, weight_hh, bias_ih, bias_hh;
+};
+
+// ---- running over time ----
+
+// One step of layer `layer`, direction `direction` (0 forward, 1 reverse).
+using StepFn = std::function<State(std::int64_t layer, std::int64_t direction, const Tensor& x, const State& state)>;
+
+// Runs `step` over input [T, B, I] for every layer and direction with the options' stacking,
+// bidirectionality, dropout between layers, batch_first and per-sequence lengths (int64 [B],
+// any order, each in [1, T]): outputs past a sequence's length are zero and its final state is
+// the one at its own last step, as PyTorch's pack_padded_sequence gives. `op` names errors.
+RecurrentOutput run_recurrent(const char* op, const RecurrentOptions& options, std::size_t state_size,
+                              const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
+                              bool training, Generator* dropout_gen = nullptr);
+
+// Any cell over time: Recurrent<MyCell>(RecurrentOptions(I, H).num_layers(2).bidirectional(true)).
+// Cells are built as CellT(input_size, hidden_size), or by `make`, and named cell_l0, cell_l0_reverse, ...
+template <class CellT> class Recurrent : public Module {
+public:
+    using Factory = std::function<std::shared_ptr<CellT>(std::int64_t input_size, std::int64_t hidden_size)>;
+    explicit Recurrent(RecurrentOptions options, Factory make = nullptr) : options(std::move(options))
+    {
+        if (!make) make = [](std::int64_t i, std::int64_t h) { return std::make_shared<CellT>(i, h); };
+        const std::int64_t D = this->options.bidirectional() ? 2 : 1;
+        for (std::int64_t l = 0; l < this->options.num_layers(); ++l)
+            for (std::int64_t d = 0; d < D; ++d) {
+                const std::int64_t in = l == 0 ? this->options.input_size() : D * this->options.hidden_size();
+                auto cell = make(in, this->options.hidden_size());
+                LOOM_CHECK(cell && cell->input_size == in && cell->hidden_size == this->options.hidden_size(),
+                           "Recurrent", "the cell factory must build a cell of input size {} and hidden size {}",
+                           in, this->options.hidden_size());
+                cells_.push_back(register_module(fmt::format("cell_l{}{}", l, d ? "_reverse" : ""), cell));
+            }
+    }
+    RecurrentOutput forward(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
+    {
+        const std::int64_t D = options.bidirectional() ? 2 : 1;
+        return run_recurrent(
+            "Recurrent", options, cells_.at(0)->state_size,
+            [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s) { return (*cells_[l * D + d])(x, s); },
+            input, initial, lengths, is_training());
+    }
+    RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
+    {
+        return forward(input, initial, lengths);
+    }
+    CellT& cell(std::int64_t layer, std::int64_t direction = 0)
+    {
+        return *cells_.at(layer * (options.bidirectional() ? 2 : 1) + direction);
+    }
+    RecurrentOptions options;
+
+private:
+    std::vector<std::shared_ptr<CellT>> cells_;
+};
+
+// ---- built-in layers ----
+
+enum class CellKind { RNN, LSTM, GRU };
+
+// RNN, LSTM and GRU layers with PyTorch's parameters: weight_ih_l{k}[_reverse] [G*H, I or D*H],
+// weight_hh_l{k}[_reverse] [G*H, H], bias_ih_l{k}[_reverse] and bias_hh_l{k}[_reverse] [G*H].
+class RecurrentLayer : public Module {
+public:
+    RecurrentLayer(CellKind kind, RecurrentOptions options);
+    // input [T, B, I] ([B, T, I] with batch_first); initial: h0 (and c0) [L*D, B, H], or none for
+    // zeros; lengths: int64 [B] or none.
+    RecurrentOutput forward(const Tensor& input, const State& initial = {}, const Tensor& lengths = {});
+    RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
+    {
+        return forward(input, initial, lengths);
+    }
+    std::string type_name() const override;
+    // The four parameters of one layer and direction, in PyTorch's order.
+    std::vector<Tensor> weights(std::int64_t layer, std::int64_t direction) const;
+    CellKind kind;
+    RecurrentOptions options;
+
+private:
+    std::vector<std::vector<Tensor>> weights_;  // [layer * D + direction] -> w_ih, w_hh, (b_ih, b_hh)
+};
+
+class RNN : public RecurrentLayer {
+public:
+    explicit RNN(RecurrentOptions options) : RecurrentLayer(CellKind::RNN, std::move(options)) {}
+};
+class LSTM : public RecurrentLayer {
+public:
+    explicit LSTM(RecurrentOptions options) : RecurrentLayer(CellKind::LSTM, std::move(options)) {}
+};
+class GRU : public RecurrentLayer {
+public:
+    explicit GRU(RecurrentOptions options) : RecurrentLayer(CellKind::GRU, std::move(options)) {}
+};
+
+// Sets the forget-gate slice of every LSTM input bias to `value` and of every hidden bias to 0,
+// so the gate starts open (Jozefowicz et al. 2015; Keras' unit_forget_bias).
+void lstm_forget_bias_(RecurrentLayer& lstm, double value = 1.0);
+void lstm_forget_bias_(LSTMCell& cell, double value = 1.0);
+
+}  // namespace loom::nn

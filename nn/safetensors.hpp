@@ -1,0 +1,31 @@
+// safetensors files: an 8-byte little-endian header length, a JSON header naming each tensor's
+// dtype, shape and byte range, then the raw data. Supported dtypes: F32, F64, I64, BOOL.
+#pragma once
+#include <cstddef>
+#include <map>
+#include <span>
+#include <string>
+
+#include "../core/tensor.hpp"
+
+namespace loom {
+
+using NamedTensorMap = std::map<std::string, Tensor>;
+using Metadata = std::map<std::string, std::string>;
+
+struct SafetensorsContents {
+    NamedTensorMap tensors;
+    Metadata metadata;
+};
+
+// Writes atomically: a temporary file in the same folder, flushed and synced, then renamed over
+// `path`. A failure part-way leaves any previous file at `path` untouched.
+void save(const std::string& path, const NamedTensorMap& tensors, const Metadata& metadata = {});
+// Reads every tensor, or throws loom::Error naming the file and what is wrong with it;
+// nothing is returned partially.
+NamedTensorMap load(const std::string& path);
+SafetensorsContents load_with_metadata(const std::string& path);
+// Parses safetensors bytes held in memory; `source` names them in errors.
+SafetensorsContents parse_safetensors(std::span<const std::byte> bytes, const std::string& source);
+
+}  // namespace loom
