@@ -134,7 +134,7 @@ TEST_CASE("gradcheck every differentiable op")
         std::vector<Tensor> inputs;
         for (const Shape& s : c.shapes) inputs.push_back(uniform(s, c.low, c.high, kFloat64, &gen).requires_grad_());
         const GradcheckResult r = gradcheck(c.fn, inputs);
-        CHECK_MESSAGE(r.ok, c.name << ": " << r.report());
+        CHECK_MESSAGE(r.ok, std::string(c.name) << ": " << r.report());
     }
 }
 
