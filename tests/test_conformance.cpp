@@ -1,0 +1,134 @@
+// loom against PyTorch: reference files written by scripts/make_reference.py (float64), checked
+// to 1e-10 for every output and every gradient. PyTorch is not needed to run this.
+#include "helpers.hpp"
+
+#include <filesystem>
+
+using namespace loom;
+using testing::close_tensors;
+
+namespace {
+
+const std::string data_dir = LOOM_TEST_DATA;
+
+std::vector<std::string> files_starting(const std::string& prefix)
+{
+    std::vector<std::string> out;
+    for (const auto& entry : std::filesystem::directory_iterator(data_dir)) {
+        const std::string name = entry.path().filename().string();
+        if (name.rfind(prefix, 0) == 0) out.push_back(entry.path().string());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+// Parameters stored as "param.<name>", with their gradients as "grad.param.<name>".
+nn::StateDict parameters_in(const NamedTensorMap& file)
+{
+    nn::StateDict dict;
+    for (const auto& [key, t] : file)
+        if (key.rfind("param.", 0) == 0) dict[key.substr(6)] = t;
+    return dict;
+}
+
+void check_close(const Tensor& got, const Tensor& expected, const std::string& what)
+{
+    CHECK_MESSAGE(close_tensors(got, expected, 1e-10), what << ": got " << got << "\nexpected " << expected);
+}
+
+nn::Reduction reduction_of(const std::string& name)
+{
+    return name == "none" ? nn::Reduction::None : name == "sum" ? nn::Reduction::Sum : nn::Reduction::Mean;
+}
+
+}  // namespace
+
+TEST_CASE("Dense matches PyTorch's Linear")
+{
+    const auto file = load(data_dir + "/dense.safetensors");
+    nn::Dense dense(4, 3, true, kFloat64);
+    dense.load_state_dict(parameters_in(file));
+    const Tensor x = file.at("input").clone().requires_grad_();
+    const Tensor out = dense(x);
+    check_close(out, file.at("output"), "dense output");
+    (out * file.at("grad_output")).sum().backward();
+    check_close(x.grad(), file.at("grad.input"), "dense input gradient");
+    check_close(dense.weight.grad(), file.at("grad.param.weight"), "dense weight gradient");
+    check_close(dense.bias.grad(), file.at("grad.param.bias"), "dense bias gradient");
+}
+
+TEST_CASE("RNN, LSTM and GRU match PyTorch: 1 and 2 layers, bidirectional, with lengths")
+{
+    std::size_t cases = 0;
+    for (const std::string prefix : {"rnn_", "lstm_", "gru_"})
+        for (const auto& path : files_starting(prefix)) {
+            const auto contents = load_with_metadata(path);
+            const auto& file = contents.tensors;
+            const auto& meta = contents.metadata;
+            const std::string kind = meta.at("kind");
+            const auto options = nn::RecurrentOptions(std::stoll(meta.at("input_size")), std::stoll(meta.at("hidden_size")))
+                                     .num_layers(std::stoll(meta.at("num_layers")))
+                                     .bidirectional(meta.at("bidirectional") == "1")
+                                     .nonlinearity(kind == "rnn_relu" ? nn::Nonlinearity::ReLU : nn::Nonlinearity::Tanh)
+                                     .dtype(kFloat64);
+            const bool lstm = kind == "lstm";
+            nn::RecurrentLayer layer(lstm ? nn::CellKind::LSTM : kind == "gru" ? nn::CellKind::GRU : nn::CellKind::RNN,
+                                     options);
+            layer.load_state_dict(parameters_in(file));  // strict: the names are PyTorch's
+            const Tensor x = file.at("input").clone().requires_grad_();
+            nn::State initial = {file.at("h0").clone().requires_grad_()};
+            if (lstm) initial.push_back(file.at("c0").clone().requires_grad_());
+            const Tensor lengths = file.count("lengths") ? file.at("lengths") : Tensor();
+            const auto out = layer(x, initial, lengths);
+            const std::string name = std::filesystem::path(path).stem().string();
+            check_close(out.output, file.at("output"), name + " output");
+            check_close(out.h_n(), file.at("h_n"), name + " h_n");
+            Tensor loss = (out.output * file.at("grad_output")).sum() + (out.h_n() * file.at("grad_h_n")).sum();
+            if (lstm) {
+                check_close(out.c_n(), file.at("c_n"), name + " c_n");
+                loss = loss + (out.c_n() * file.at("grad_c_n")).sum();
+            }
+            loss.backward();
+            check_close(x.grad(), file.at("grad.input"), name + " input gradient");
+            check_close(initial[0].grad(), file.at("grad.h0"), name + " h0 gradient");
+            if (lstm) check_close(initial[1].grad(), file.at("grad.c0"), name + " c0 gradient");
+            for (const auto& [pname, p] : layer.named_parameters())
+                check_close(p.grad(), file.at("grad.param." + pname), name + " " + pname + " gradient");
+            ++cases;
+        }
+    CHECK(cases == 32);
+}
+
+TEST_CASE("losses match PyTorch")
+{
+    std::size_t cases = 0;
+    for (const auto& path : files_starting("loss_")) {
+        const auto contents = load_with_metadata(path);
+        const auto& file = contents.tensors;
+        const auto& meta = contents.metadata;
+        const std::string loss = meta.at("loss");
+        const auto reduction = reduction_of(meta.at("reduction"));
+        const Tensor x = file.at("input").clone().requires_grad_();
+        Tensor out;
+        if (loss == "cross_entropy") {
+            nn::CrossEntropyOptions o;
+            o.reduction = reduction;
+            o.label_smoothing = std::stod(meta.at("label_smoothing"));
+            o.ignore_index = std::stoll(meta.at("ignore_index"));
+            out = nn::cross_entropy(x, file.at("target"), o);
+        } else if (loss == "nll_loss") {
+            out = nn::nll_loss(x.log_softmax(1), file.at("target"), std::stoll(meta.at("ignore_index")), reduction);
+        } else if (loss == "mse_loss") {
+            out = nn::mse_loss(x, file.at("y"), reduction);
+        } else {
+            REQUIRE(loss == "bce_with_logits");
+            out = nn::binary_cross_entropy_with_logits(x * 5.0, file.at("p"), reduction);
+        }
+        const std::string name = std::filesystem::path(path).stem().string();
+        check_close(out, file.at("output"), name + " value");
+        (out * file.at("grad_output")).sum().backward();
+        check_close(x.grad(), file.at("grad.input"), name + " gradient");
+        ++cases;
+    }
+    CHECK(cases == 21);
+}
