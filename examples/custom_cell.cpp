@@ -1,0 +1,79 @@
+// custom_cell: a new recurrent architecture in twenty lines, checked and trained.
+//
+// The cell is a minimal gated unit (Zhou et al. 2016): one gate f decides how much of the state
+// to overwrite. Recurrent<Cell> gives it stacking, bidirectionality and lengths for free; the
+// tape gives its gradients. The program
+//   1. gradchecks the cell (float64, 2 layers, bidirectional, variable lengths), then
+//   2. trains it to output the sum of 20 numbers drawn from U(-1, 1), scaled by 1/sqrt(20), against
+//      the baseline of always answering 0 (MSE = the target's variance, 1/3).
+// Expected output: "gradcheck passed ..." then a loss falling well below the baseline.
+#include <loom/loom.hpp>
+
+#include <cstdio>
+
+using namespace loom;
+
+// ---- the new cell ----
+class MinimalGatedUnit : public nn::Cell {
+public:
+    MinimalGatedUnit(std::int64_t input, std::int64_t hidden, DType dtype = kFloat32) : nn::Cell(input, hidden)
+    {
+        gate = register_module("gate", std::make_shared<nn::Dense>(input + hidden, hidden, true, dtype));
+        candidate = register_module("candidate", std::make_shared<nn::Dense>(input + hidden, hidden, true, dtype));
+    }
+    // f = s(W_f [x, h] + b_f);  h~ = tanh(W_h [x, f * h] + b_h);  h' = (1 - f) h + f h~
+    nn::State forward(const Tensor& x, const nn::State& state) override
+    {
+        const Tensor& h = state[0];
+        const Tensor f = sigmoid((*gate)(concat({x, h}, 1)));
+        const Tensor h_tilde = tanh((*candidate)(concat({x, f * h}, 1)));
+        return {(1.0 - f) * h + f * h_tilde};
+    }
+    std::shared_ptr<nn::Dense> gate, candidate;
+};
+
+int main()
+{
+    manual_seed(0);
+
+    // 1. Its gradients, against finite differences in float64.
+    nn::Recurrent<MinimalGatedUnit> checked(nn::RecurrentOptions(2, 3).num_layers(2).bidirectional(true),
+                                            [](std::int64_t i, std::int64_t h) {
+                                                return std::make_shared<MinimalGatedUnit>(i, h, kFloat64);
+                                            });
+    const Tensor x_check = randn({5, 2, 2}, kFloat64);
+    const Tensor lengths = from_vector<std::int64_t>({5, 3}, {2});
+    const GradcheckResult check =
+        gradcheck_parameters([&] { return checked(x_check, {}, lengths).output; }, checked.parameters());
+    std::printf("%s\n", check.report().c_str());
+    if (!check.ok) return 1;
+
+    // 2. Train it: read 20 numbers, output their scaled sum.
+    const std::int64_t T = 20, B = 64, H = 16;
+    nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(1, H));
+    nn::Dense head(H, 1);
+    std::vector<Tensor> params = rnn.parameters();
+    for (auto& p : head.parameters()) params.push_back(p);
+    std::printf("%zu parameters in %zu tensors; baseline (always 0) MSE %.4f\n", std::size_t(rnn.parameter_count() + head.parameter_count()),
+                params.size(), 1.0 / 3);
+
+    const double lr = 0.1;
+    double first = 0, last = 0;
+    for (int step = 0; step <= 1000; ++step) {
+        const Tensor x = uniform({T, B, 1}, -1, 1);
+        const Tensor target = x.sum({0}) / std::sqrt(double(T));  // [B, 1], variance 1/3
+        const Tensor prediction = head(rnn(x).output.select(0, T - 1));
+        const Tensor loss = nn::mse_loss(prediction, target);
+        for (auto& p : params) p.zero_grad();
+        loss.backward();
+        {
+            NoGradGuard no_grad;
+            for (auto& p : params) p.add_(p.grad(), -lr);
+        }
+        last = loss.item<double>();
+        if (step == 0) first = last;
+        if (step % 200 == 0) std::printf("step %4d  mse %.5f\n", step, last);
+    }
+    std::printf("mse fell from %.4f to %.5f: %.0fx below the baseline\n", first, last, (1.0 / 3) / last);
+    return last < (1.0 / 3) / 5 ? 0 : 1;
+}
