@@ -1,5 +1,7 @@
 #include "recurrent.hpp"
 
+#include "fused_recurrent.hpp"
+
 #include <cmath>
 
 namespace loom::nn {
@@ -120,11 +122,21 @@ State GRUCell::forward(const Tensor& x, const State& state)
 
 namespace {
 
-using ProjectFn = std::function<Tensor(std::int64_t layer, std::int64_t direction, const Tensor& x)>;
+// Runs one layer in one direction over x [T, B, F] from state s0 ([B, H] each).
+using DirectionFn = std::function<RecurrentOutput(std::int64_t layer, std::int64_t direction, const Tensor& x,
+                                                  const State& s0)>;
 
-RecurrentOutput run_layers(const char* op, const RecurrentOptions& o, std::size_t state_size, const ProjectFn& project,
-                           const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
-                           bool training, Generator* dropout_gen)
+struct Lengths {
+    std::vector<std::int64_t> values;  // empty: every sequence runs all T steps
+    std::vector<Tensor> masks;         // per step: bool [B, 1], true while t < length
+};
+
+// Validates input, initial state and lengths, then stacks layers and directions the way PyTorch
+// does: directions concatenated on the feature dim, dropout between layers, final states
+// ordered layer by layer, forward before reverse.
+RecurrentOutput run_layers(const char* op, const RecurrentOptions& o, std::size_t state_size,
+                           const std::function<DirectionFn(const Lengths&)>& make_direction, const Tensor& input,
+                           const State& initial, const Tensor& lengths, bool training, Generator* dropout_gen)
 {
     const char* layout = o.batch_first() ? "[B, T, I]" : "[T, B, I] (time-major; set batch_first for [B, T, I])";
     LOOM_CHECK(input.dim() == 3, op, "expects input {}, got shape {}", layout, input.sizes());
@@ -146,45 +158,32 @@ RecurrentOutput run_layers(const char* op, const RecurrentOptions& o, std::size_
                    initial[k].dtype(), input.dtype());
     }
 
-    std::vector<Tensor> masks;  // per step: [B, 1], true while t < length
+    Lengths lens;
     if (lengths.defined()) {
         LOOM_CHECK(lengths.dtype() == kInt64 && lengths.sizes() == Shape{B}, op,
                    "expects lengths as int64 [B] = [{}], got {} {}", B, lengths.dtype(), lengths.sizes());
-        const Tensor lens = lengths.contiguous();
+        const Tensor values = lengths.contiguous();
         for (std::int64_t b = 0; b < B; ++b) {
-            const std::int64_t n = lens.data_ptr<std::int64_t>()[b];
+            const std::int64_t n = values.data_ptr<std::int64_t>()[b];
             LOOM_CHECK(n >= 1 && n <= T, op, "length {} of sequence {} is outside [1, T] = [1, {}]", n, b, T);
+            lens.values.push_back(n);
         }
-        const Tensor col = lens.unsqueeze(1);
-        for (std::int64_t t = 0; t < T; ++t) masks.push_back(gt(col, scalar_tensor(double(t), kInt64)));
+        const Tensor col = values.unsqueeze(1);
+        for (std::int64_t t = 0; t < T; ++t) lens.masks.push_back(gt(col, scalar_tensor(double(t), kInt64)));
     }
+    const DirectionFn run_direction = make_direction(lens);
 
     std::vector<std::vector<Tensor>> finals(state_size);
-    const Tensor no_output = zeros({1}, input.dtype());
     Tensor layer_input = x;
     for (std::int64_t l = 0; l < L; ++l) {
         std::vector<Tensor> direction_outputs;
         for (std::int64_t d = 0; d < D; ++d) {
-            State s;
-            for (std::size_t k = 0; k < state_size; ++k)
-                s.push_back(initial.empty() ? zeros({B, H}, input.dtype()) : initial[k].select(0, l * D + d));
-            const Tensor projected = project ? project(l, d, layer_input) : layer_input;
-            std::vector<Tensor> outputs(static_cast<std::size_t>(T));
-            for (std::int64_t i = 0; i < T; ++i) {
-                const std::int64_t t = d == 0 ? i : T - 1 - i;
-                State next = step(l, d, projected.select(0, t), s);
-                LOOM_CHECK(next.size() == state_size, op, "the cell returned {} state tensor(s), expected {}",
-                           next.size(), state_size);
-                if (masks.empty()) {
-                    outputs[t] = next[0];
-                    s = std::move(next);
-                } else {
-                    outputs[t] = where(masks[t], next[0], no_output);
-                    for (std::size_t k = 0; k < state_size; ++k) s[k] = where(masks[t], next[k], s[k]);
-                }
-            }
-            direction_outputs.push_back(stack(outputs, 0));
-            for (std::size_t k = 0; k < state_size; ++k) finals[k].push_back(s[k]);
+            State s0;
+            if (!initial.empty())
+                for (std::size_t k = 0; k < state_size; ++k) s0.push_back(initial[k].select(0, l * D + d));
+            RecurrentOutput r = run_direction(l, d, layer_input, s0);
+            direction_outputs.push_back(r.output);
+            for (std::size_t k = 0; k < state_size; ++k) finals[k].push_back(r.state[k]);
         }
         layer_input = D == 1 ? direction_outputs[0] : concat(direction_outputs, 2);
         if (l + 1 < L && training && o.dropout() > 0) layer_input = Dropout(o.dropout(), dropout_gen)(layer_input);
@@ -193,6 +192,40 @@ RecurrentOutput run_layers(const char* op, const RecurrentOptions& o, std::size_
     result.output = o.batch_first() ? layer_input.transpose(0, 1) : layer_input;
     for (auto& f : finals) result.state.push_back(stack(f, 0));
     return result;
+}
+
+// The composed path: `step` (a cell's equations, op by op) at every time step, in processing
+// order, with masked updates past each sequence's length. `project`, if set, maps the whole
+// input sequence first (the built-in layers' one-GEMM input projection).
+using ProjectFn = std::function<Tensor(std::int64_t layer, std::int64_t direction, const Tensor& x)>;
+
+std::function<DirectionFn(const Lengths&)> composed(const char* op, std::size_t state_size, std::int64_t hidden,
+                                                    const ProjectFn& project, const StepFn& step)
+{
+    return [=](const Lengths& lens) -> DirectionFn {
+        return [=](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
+            const std::int64_t T = x.size(0), B = x.size(1);
+            State s = s0;
+            if (s.empty()) s.assign(state_size, zeros({B, hidden}, x.dtype()));
+            const Tensor projected = project ? project(l, d, x) : x;
+            const Tensor no_output = zeros({1}, x.dtype());
+            std::vector<Tensor> outputs(static_cast<std::size_t>(T));
+            for (std::int64_t i = 0; i < T; ++i) {
+                const std::int64_t t = d == 0 ? i : T - 1 - i;
+                State next = step(l, d, projected.select(0, t), s);
+                LOOM_CHECK(next.size() == state_size, op, "the cell returned {} state tensor(s), expected {}",
+                           next.size(), state_size);
+                if (lens.masks.empty()) {
+                    outputs[t] = next[0];
+                    s = std::move(next);
+                } else {
+                    outputs[t] = where(lens.masks[t], next[0], no_output);
+                    for (std::size_t k = 0; k < state_size; ++k) s[k] = where(lens.masks[t], next[k], s[k]);
+                }
+            }
+            return RecurrentOutput{stack(outputs, 0), s};
+        };
+    };
 }
 
 void check_options(const char* op, const RecurrentOptions& o)
@@ -211,7 +244,8 @@ RecurrentOutput run_recurrent(const char* op, const RecurrentOptions& options, s
                               bool training, Generator* dropout_gen)
 {
     check_options(op, options);
-    return run_layers(op, options, state_size, nullptr, step, input, initial, lengths, training, dropout_gen);
+    return run_layers(op, options, state_size, composed(op, state_size, options.hidden_size(), nullptr, step), input,
+                      initial, lengths, training, dropout_gen);
 }
 
 // ---- built-in layers ----
@@ -251,26 +285,43 @@ std::vector<Tensor> RecurrentLayer::weights(std::int64_t layer, std::int64_t dir
 RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initial, const Tensor& lengths)
 {
     const std::string name = type_name();
+    LOOM_CHECK(input.dtype() == options.dtype(), name, "input has dtype {}, the layer's weights {}", input.dtype(),
+               options.dtype());
     const std::int64_t D = options.bidirectional() ? 2 : 1;
-    const auto w = [&](std::int64_t l, std::int64_t d, std::size_t k) {
+    const std::size_t state_size = kind == CellKind::LSTM ? 2 : 1;
+    const auto w = [this, D](std::int64_t l, std::int64_t d, std::size_t k) {
         const auto& ws = weights_[l * D + d];
         return k < ws.size() ? ws[k] : Tensor();
     };
+    if (options.fused()) {
+        const auto fused = [&](const Lengths& lens) -> DirectionFn {
+            return [&, lens](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
+                std::function<void(const Tensor&)> on_grad_h;
+                if (hidden_gradient_hook) {
+                    auto hook = hidden_gradient_hook;
+                    on_grad_h = [hook, l, d](const Tensor& g) { hook(l, d, g); };
+                }
+                return detail::fused_layer(kind, options.nonlinearity(), x, {w(l, d, 0), w(l, d, 1), w(l, d, 2), w(l, d, 3)},
+                                           s0, lens.values, d == 1, on_grad_h);
+            };
+        };
+        return run_layers(name.c_str(), options, state_size, fused, input, initial, lengths, is_training(), nullptr);
+    }
+    LOOM_CHECK(!hidden_gradient_hook, name, "hidden_gradient_hook needs the fused layer (fused(true))");
     // The input projection of every step at once: one GEMM per layer and direction.
-    const ProjectFn project = [&](std::int64_t l, std::int64_t d, const Tensor& x) {
+    const ProjectFn project = [w](std::int64_t l, std::int64_t d, const Tensor& x) {
         return input_projection(x, w(l, d, 0), w(l, d, 2));
     };
-    const StepFn step = [&](std::int64_t l, std::int64_t d, const Tensor& gx, const State& s) {
+    const StepFn step = [this, w](std::int64_t l, std::int64_t d, const Tensor& gx, const State& s) {
         switch (kind) {
         case CellKind::LSTM: return lstm_step(gx, s, w(l, d, 1), w(l, d, 3));
         case CellKind::GRU: return gru_step(gx, s, w(l, d, 1), w(l, d, 3));
         default: return rnn_step(gx, s, w(l, d, 1), w(l, d, 3), options.nonlinearity());
         }
     };
-    LOOM_CHECK(input.dtype() == options.dtype(), name, "input has dtype {}, the layer's weights {}", input.dtype(),
-               options.dtype());
-    return run_layers(name.c_str(), options, kind == CellKind::LSTM ? 2 : 1, project, step, input, initial, lengths,
-                      is_training(), nullptr);
+    return run_layers(name.c_str(), options, state_size,
+                      composed(name.c_str(), state_size, options.hidden_size(), project, step), input, initial,
+                      lengths, is_training(), nullptr);
 }
 
 namespace {

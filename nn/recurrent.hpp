@@ -34,6 +34,9 @@ public:
     LOOM_OPTION(bool, bidirectional, false)
     LOOM_OPTION(Nonlinearity, nonlinearity, Nonlinearity::Tanh)  // RNN only
     LOOM_OPTION(DType, dtype, kFloat32)
+    // Built-in layers only: one tape entry per layer and direction with a hand-written BPTT
+    // (true), or the cells' equations recorded op by op (false). Both give the same numbers.
+    LOOM_OPTION(bool, fused, true)
 };
 using RNNOptions = RecurrentOptions;
 using LSTMOptions = RecurrentOptions;
@@ -160,6 +163,10 @@ public:
         return forward(input, initial, lengths);
     }
     std::string type_name() const override;
+    // Called during backward with dL/dh_t [T, B, H] of every step of each layer and direction:
+    // the gradient that flows into each hidden state (the picture of vanishing and exploding
+    // gradients), at no cost to the fused path.
+    std::function<void(std::int64_t layer, std::int64_t direction, const Tensor& grad_h)> hidden_gradient_hook;
     // The four parameters of one layer and direction, in PyTorch's order.
     std::vector<Tensor> weights(std::int64_t layer, std::int64_t direction) const;
     CellKind kind;

@@ -135,24 +135,124 @@ TEST_CASE("layers agree with the same cells run step by step, to float64 roundin
             }
 }
 
+TEST_CASE("fused layers agree with the composed path: values and every gradient")
+{
+    Generator gen(8);
+    const std::int64_t T = 6, B = 3, I = 2, H = 3;
+    const Tensor lengths = from_vector<std::int64_t>({6, 2, 5}, {3});
+    for (auto kind : kinds)
+        for (bool bidirectional : {false, true})
+            for (bool with_lengths : {false, true}) {
+                const auto options = nn::RecurrentOptions(I, H).num_layers(2).bidirectional(bidirectional).dtype(kFloat64);
+                nn::RecurrentLayer fused(kind, options), composed(kind, nn::RecurrentOptions(options).fused(false));
+                composed.load_state_dict(fused.state_dict());
+                const std::int64_t D = bidirectional ? 2 : 1;
+                const Tensor x = randn({T, B, I}, kFloat64, &gen);
+                nn::State h0 = {randn({2 * D, B, H}, kFloat64, &gen)};
+                if (kind == nn::CellKind::LSTM) h0.push_back(randn({2 * D, B, H}, kFloat64, &gen));
+                const Tensor g = randn({T, B, D * H}, kFloat64, &gen), gh = randn({2 * D, B, H}, kFloat64, &gen);
+                const std::string what = fmt::format("{} bidirectional={} lengths={}", kind_name(kind), bidirectional, with_lengths);
+                std::vector<std::vector<Tensor>> grads;
+                std::vector<nn::RecurrentOutput> outs;
+                for (nn::RecurrentLayer* layer : {&fused, &composed}) {
+                    const Tensor xi = x.clone().requires_grad_();
+                    nn::State s;
+                    for (auto& t : h0) s.push_back(t.clone().requires_grad_());
+                    const auto out = (*layer)(xi, s, with_lengths ? lengths : Tensor());
+                    Tensor loss = (out.output * g).sum() + (out.h_n() * gh).sum();
+                    if (kind == nn::CellKind::LSTM) loss = loss + (out.c_n() * gh).sum();
+                    std::vector<Tensor> wrt = {xi};
+                    for (auto& t : s) wrt.push_back(t);
+                    for (auto& p : layer->parameters()) wrt.push_back(p);
+                    grads.push_back(grad({loss}, wrt));
+                    outs.push_back(out);
+                }
+                CHECK_MESSAGE(close_tensors(outs[0].output, outs[1].output, 1e-12), what);
+                for (std::size_t k = 0; k < outs[0].state.size(); ++k)
+                    CHECK_MESSAGE(close_tensors(outs[0].state[k], outs[1].state[k], 1e-12), what);
+                for (std::size_t k = 0; k < grads[0].size(); ++k)
+                    CHECK_MESSAGE(close_tensors(grads[0][k], grads[1][k], 1e-12), what << " gradient " << k);
+            }
+}
+
+TEST_CASE("a fused layer records one tape entry per layer and direction, whatever T")
+{
+    nn::LSTM lstm(nn::LSTMOptions(2, 3).num_layers(2).bidirectional(true));
+    const auto entries_for = [&](std::int64_t T) {
+        const Tensor x = randn({T, 2, 2});
+        const std::size_t before = autograd::tape_size();
+        const auto out = lstm(x);
+        return autograd::tape_size() - before;
+    };
+    const std::size_t short_run = entries_for(3), long_run = entries_for(60);
+    CHECK(short_run == long_run);
+    CHECK(short_run < 20);  // 4 fused entries plus the concat and the stacking of final states
+    nn::LSTM composed(nn::LSTMOptions(2, 3).num_layers(2).bidirectional(true).fused(false));
+    const std::size_t before = autograd::tape_size();
+    const auto out = composed(randn({60, 2, 2}));
+    CHECK(autograd::tape_size() - before > 1000);
+}
+
+TEST_CASE("the hidden-gradient hook hands over dL/dh_t of every step")
+{
+    Generator gen(9);
+    const std::int64_t T = 5, B = 2, I = 3, H = 4;
+    nn::LSTM lstm(nn::LSTMOptions(I, H).dtype(kFloat64));
+    std::vector<Tensor> seen;
+    lstm.hidden_gradient_hook = [&](std::int64_t layer, std::int64_t direction, const Tensor& g) {
+        CHECK(layer == 0);
+        CHECK(direction == 0);
+        seen.push_back(g);
+    };
+    const Tensor x = randn({T, B, I}, kFloat64, &gen), g = randn({T, B, H}, kFloat64, &gen);
+    (lstm(x).output * g).sum().backward();
+    REQUIRE(seen.size() == 1);
+    CHECK(seen[0].sizes() == Shape{T, B, H});
+
+    // The same gradients by hand: the cell unrolled step by step, each h_t retaining its gradient.
+    nn::LSTMCell cell(I, H, true, kFloat64);
+    cell.load_state_dict({{"weight_ih", lstm.weights(0, 0)[0]}, {"weight_hh", lstm.weights(0, 0)[1]},
+                          {"bias_ih", lstm.weights(0, 0)[2]}, {"bias_hh", lstm.weights(0, 0)[3]}});
+    nn::State s = cell.initial_state(B, kFloat64);
+    std::vector<Tensor> hs;
+    for (std::int64_t t = 0; t < T; ++t) {
+        s = cell(x.select(0, t), s);
+        s[0].retain_grad();
+        hs.push_back(s[0]);
+    }
+    (stack(hs, 0) * g).sum().backward();
+    for (std::int64_t t = 0; t < T; ++t) CHECK(close_tensors(seen[0].select(0, t), hs[t].grad(), 1e-12));
+
+    nn::LSTM composed(nn::LSTMOptions(I, H).fused(false));
+    composed.hidden_gradient_hook = [](std::int64_t, std::int64_t, const Tensor&) {};
+    check_error([&] { (void)composed(randn({T, B, I})); }, {"LSTM", "hidden_gradient_hook", "fused"});
+}
+
 TEST_CASE("layers gradcheck, stacked, bidirectional and with lengths")
 {
     Generator gen(3);
     const Tensor x = randn({4, 2, 2}, kFloat64, &gen);
     const Tensor lengths = from_vector<std::int64_t>({2, 4}, {2});
-    for (auto kind : kinds) {
-        nn::RecurrentLayer layer(kind, nn::RecurrentOptions(2, 2).num_layers(2).bidirectional(true).dtype(kFloat64));
-        const auto fn = [&] {
-            const auto out = layer(x, {}, lengths);
-            std::vector<Tensor> parts = {out.output.reshape({-1})};
-            for (auto& s : out.state) parts.push_back(s.reshape({-1}));
-            return concat(parts, 0);
-        };
-        check_ok(gradcheck_parameters(fn, layer.parameters()), kind_name(kind));
-        check_ok(gradcheck([&](const std::vector<Tensor>& v) { return layer(v[0], {}, lengths).output; },
-                           {x.clone().requires_grad_()}),
-                 std::string(kind_name(kind)) + " input");
-    }
+    for (auto kind : kinds)
+        for (bool fused : {true, false}) {
+            const auto options = nn::RecurrentOptions(2, 2).num_layers(2).bidirectional(true).dtype(kFloat64).fused(fused);
+            nn::RecurrentLayer layer(kind, options);
+            const auto fn = [&] {
+                const auto out = layer(x, {}, lengths);
+                std::vector<Tensor> parts = {out.output.reshape({-1})};
+                for (auto& s : out.state) parts.push_back(s.reshape({-1}));
+                return concat(parts, 0);
+            };
+            const std::string what = std::string(kind_name(kind)) + (fused ? " fused" : " composed");
+            check_ok(gradcheck_parameters(fn, layer.parameters()), what);
+            check_ok(gradcheck([&](const std::vector<Tensor>& v) { return layer(v[0], {}, lengths).output; },
+                               {x.clone().requires_grad_()}),
+                     what + " input");
+            std::vector<Tensor> h0 = {randn({4, 2, 2}, kFloat64, &gen).requires_grad_()};
+            if (kind == nn::CellKind::LSTM) h0.push_back(randn({4, 2, 2}, kFloat64, &gen).requires_grad_());
+            check_ok(gradcheck([&](const std::vector<Tensor>& v) { return layer(x, v, lengths).h_n(); }, h0),
+                     what + " initial state");
+        }
     nn::RNN relu_rnn(nn::RNNOptions(2, 3).nonlinearity(nn::Nonlinearity::ReLU).dtype(kFloat64));
     check_ok(gradcheck_parameters([&] { return relu_rnn(x).output; }, relu_rnn.parameters()), "RNN relu");
 }
