@@ -285,8 +285,9 @@ std::vector<Tensor> RecurrentLayer::weights(std::int64_t layer, std::int64_t dir
 RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initial, const Tensor& lengths)
 {
     const std::string name = type_name();
-    LOOM_CHECK(input.dtype() == options.dtype(), name, "input has dtype {}, the layer's weights {}", input.dtype(),
-               options.dtype());
+    const DType weight_dtype = weights_.at(0).at(0).dtype();  // follows Module::to, unlike options.dtype()
+    LOOM_CHECK(input.dtype() == weight_dtype, name, "input has dtype {}, the layer's weights {}", input.dtype(),
+               weight_dtype);
     const std::int64_t D = options.bidirectional() ? 2 : 1;
     const std::size_t state_size = kind == CellKind::LSTM ? 2 : 1;
     const auto w = [this, D](std::int64_t l, std::int64_t d, std::size_t k) {

@@ -65,6 +65,7 @@ TEST_CASE("train/eval, zero_grad and to(dtype) reach every child")
     CHECK(m.rnn->weights(1, 0)[0].dtype() == kFloat64);
     CHECK(held.requires_grad());
     CHECK(m.head->forward(ones({2, 3}, kFloat64)).dtype() == kFloat64);
+    CHECK(m.rnn->forward(ones({2, 1, 4}, kFloat64)).output.dtype() == kFloat64);
 }
 
 TEST_CASE("Dense computes x W^T + b and gradchecks")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Races loom against PyTorch on the reference workloads, each in its own process, in one run,
+# and prints the ratio of median step times (loom / PyTorch: below 1 means loom is faster).
+# Usage: bench/compare.sh [build dir] [workloads...]   Needs Debian's python3-torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+shift || true
+workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6}
+reference=../shared/bench/torch_reference.py
+[ -f bench/torch_reference.py ] && reference=bench/torch_reference.py
+ms() { sed -n 's/.* ms=\([0-9.]*\).*/\1/p'; }
+printf '%-8s %-6s %12s %12s %8s\n' workload mode "loom ms" "torch ms" ratio
+for w in $workloads; do
+    for mode in train infer; do
+        flag=$([ $mode = infer ] && echo --infer || true)
+        l=$("$build/bench/workloads" "$w" $flag | ms)
+        t=$(/usr/bin/python3 "$reference" "$w" $flag | ms)
+        printf '%-8s %-6s %12s %12s %8.2f\n' "$w" "$mode" "$l" "$t" "$(echo "$l / $t" | bc -l)"
+    done
+done
