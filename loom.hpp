@@ -14,3 +14,7 @@
 #include "nn/module.hpp"
 #include "nn/recurrent.hpp"
 #include "nn/safetensors.hpp"
+#include "optim/checkpoint.hpp"
+#include "optim/clip.hpp"
+#include "optim/optimizer.hpp"
+#include "optim/schedule.hpp"

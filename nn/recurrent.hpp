@@ -4,20 +4,13 @@
 #pragma once
 #include <functional>
 
+#include "../core/options.hpp"
 #include "layers.hpp"
 
 namespace loom::nn {
 
 // A cell's state: h first (the cell's output); an LSTM adds c. Each tensor is [B, H].
 using State = std::vector<Tensor>;
-
-// Options with chained setters, as in libtorch: LSTMOptions(64, 256).num_layers(2).bidirectional(true).
-#define LOOM_OPTION(type, name, value)                     \
-public:                                                    \
-    auto& name(type v) { name##_ = std::move(v); return *this; } \
-    const type& name() const { return name##_; }           \
-private:                                                   \
-    type name##_ = value;
 
 enum class Nonlinearity { Tanh, ReLU };
 

@@ -113,6 +113,99 @@ def loss_cases():
                               "grad.input": x.grad}, {"loss": name.rsplit("_", 3 if name.startswith("cross") else 1)[0], **meta})
 
 
+def optimizer_cases():
+    """Five steps of each optimizer from fixed parameters along a fixed gradient sequence."""
+    configs = [
+        ("sgd", "SGD", {"lr": 0.1}),
+        ("sgd_momentum", "SGD", {"lr": 0.1, "momentum": 0.9}),
+        ("sgd_dampening", "SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.5}),
+        ("sgd_nesterov", "SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        ("sgd_weight_decay", "SGD", {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.1}),
+        ("adam", "Adam", {"lr": 0.01}),
+        ("adam_weight_decay", "Adam", {"lr": 0.01, "weight_decay": 0.1}),
+        ("adam_amsgrad", "Adam", {"lr": 0.01, "amsgrad": True}),
+        ("adam_betas", "Adam", {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6}),
+        ("adamw", "AdamW", {"lr": 0.01}),
+        ("adamw_amsgrad", "AdamW", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+        ("rmsprop", "RMSprop", {"lr": 0.01}),
+        ("rmsprop_centered", "RMSprop", {"lr": 0.01, "centered": True}),
+        ("rmsprop_momentum", "RMSprop", {"lr": 0.01, "momentum": 0.9}),
+        ("rmsprop_all", "RMSprop", {"lr": 0.01, "alpha": 0.9, "centered": True, "momentum": 0.5, "weight_decay": 0.1}),
+        ("adagrad", "Adagrad", {"lr": 0.1}),
+        ("adagrad_all", "Adagrad", {"lr": 0.1, "lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.5}),
+        ("sgd_groups", "SGD", [{"lr": 0.1, "momentum": 0.9}, {"lr": 0.01}]),
+        ("adam_lr_change", "Adam", {"lr": 0.01}),
+    ]
+    for name, cls, options in configs:
+        torch.manual_seed(3)
+        params = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
+                  torch.randn(4, dtype=torch.float64, requires_grad=True)]
+        tensors = {f"init.{k}": p.detach().clone() for k, p in enumerate(params)}
+        if isinstance(options, list):
+            opt = getattr(torch.optim, cls)([{"params": [params[0]], **options[0]}, {"params": [params[1]], **options[1]}])
+        else:
+            opt = getattr(torch.optim, cls)(params, **options)
+        meta = {"optimizer": cls, "groups": len(opt.param_groups)}
+        for g, group in enumerate(opt.param_groups):
+            for key in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "eps", "amsgrad", "alpha",
+                        "centered", "lr_decay", "initial_accumulator_value"):
+                if key in group:
+                    meta[f"group{g}.{key}"] = float(group[key]) if not isinstance(group[key], bool) else int(group[key])
+            if "betas" in group:
+                meta[f"group{g}.beta1"], meta[f"group{g}.beta2"] = group["betas"]
+        for t in range(5):
+            if name == "adam_lr_change" and t == 3:
+                opt.param_groups[0]["lr"] = 0.05
+            for k, p in enumerate(params):
+                p.grad = torch.randn_like(p)
+                tensors[f"grad.{t}.{k}"] = p.grad.clone()
+            opt.step()
+            for k, p in enumerate(params):
+                tensors[f"param.{t}.{k}"] = p.detach().clone()
+        save("optim_" + name, tensors, meta)
+
+
+def clip_cases():
+    for name, fn in [("norm2", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
+                     ("norm_inf", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0, norm_type=float("inf"))),
+                     ("norm_large", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1000.0)),
+                     ("value", lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.5))]:
+        torch.manual_seed(4)
+        params = [torch.zeros(3, 2, dtype=torch.float64, requires_grad=True),
+                  torch.zeros(4, dtype=torch.float64, requires_grad=True)]
+        tensors = {}
+        for k, p in enumerate(params):
+            p.grad = torch.randn_like(p) * 3
+            tensors[f"grad.{k}"] = p.grad.clone()
+        total = fn(params)
+        for k, p in enumerate(params):
+            tensors[f"clipped.{k}"] = p.grad.clone()
+        if total is not None:
+            tensors["total_norm"] = total.detach().reshape(())
+        save("clip_" + name, tensors, {"clip": name})
+
+
+def schedule_cases():
+    metrics = [1.0, 0.9, 0.95, 0.95, 0.96, 0.97, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    cases = [("step", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
+             ("exponential", lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)),
+             ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5, eta_min=0.001)),
+             ("linear", lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, end_factor=1.0, total_iters=4)),
+             ("plateau", lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=2, cooldown=1,
+                                                                                threshold=0.01))]
+    for name, make in cases:
+        p = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.SGD([p], lr=0.1)
+        sched = make(opt)
+        lrs = [opt.param_groups[0]["lr"]]
+        for t in range(12):
+            opt.step()
+            sched.step(metrics[t]) if name == "plateau" else sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        save("schedule_" + name, {"lrs": torch.tensor(lrs, dtype=torch.float64),
+                                  "metrics": torch.tensor(metrics, dtype=torch.float64)}, {"schedule": name})
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     dense_case()
@@ -122,6 +215,9 @@ def main():
         recurrent_case(kind, layers, bidirectional, with_lengths, seed)
         seed += 1
     loss_cases()
+    optimizer_cases()
+    clip_cases()
+    schedule_cases()
     print(f"wrote {len(list(OUT.glob('*.safetensors')))} files to {OUT}")
 
 

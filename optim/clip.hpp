@@ -1,0 +1,19 @@
+// Gradient clipping, as torch.nn.utils.clip_grad_norm_ and clip_grad_value_.
+#pragma once
+#include <vector>
+
+#include "../core/tensor.hpp"
+
+namespace loom::nn::utils {
+
+// Scales every gradient by max_norm / (total_norm + 1e-6) when that is below 1, where total_norm
+// is the norm (p = norm_type, or infinity) of all gradients together. Returns total_norm as it
+// was before clipping. A non-finite total norm throws and leaves the gradients untouched, unless
+// error_if_nonfinite is false, in which case it is returned and the gradients are scaled anyway,
+// as PyTorch does.
+double clip_grad_norm(const std::vector<Tensor>& parameters, double max_norm, double norm_type = 2,
+                      bool error_if_nonfinite = true);
+// Clamps every gradient element to [-clip_value, clip_value].
+void clip_grad_value(const std::vector<Tensor>& parameters, double clip_value);
+
+}  // namespace loom::nn::utils

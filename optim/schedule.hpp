@@ -1,0 +1,106 @@
+// Learning-rate schedules with PyTorch's semantics. Construct one after its optimizer (it takes the
+// current rates as base rates, and sets the starting rate), then call step() once per epoch or
+// step, after optimizer.step().
+#pragma once
+#include "optimizer.hpp"
+
+namespace loom::optim {
+
+class Scheduler {
+public:
+    virtual ~Scheduler() = default;
+    virtual void step();
+    std::int64_t last_epoch() const { return last_epoch_; }
+    std::vector<double> last_lr() const;
+    virtual std::string name() const = 0;
+    virtual NamedTensorMap state_dict() const;
+    virtual void load_state_dict(const NamedTensorMap& state);
+
+protected:
+    explicit Scheduler(Optimizer& optimizer);
+    void initial_step() { apply(); }
+    // The rate of `group` at last_epoch_, from its current rate (PyTorch's chainable form).
+    virtual double next_lr(std::size_t group, double current) const = 0;
+    void apply();
+    Optimizer& optimizer_;
+    std::vector<double> base_lrs_;
+    std::int64_t last_epoch_ = 0;
+};
+
+// lr = base * gamma^floor(epoch / step_size)
+class StepLR : public Scheduler {
+public:
+    StepLR(Optimizer& optimizer, std::int64_t step_size, double gamma = 0.1);
+    std::string name() const override { return "StepLR"; }
+
+private:
+    double next_lr(std::size_t group, double current) const override;
+    std::int64_t step_size_;
+    double gamma_;
+};
+
+// lr = base * gamma^epoch
+class ExponentialLR : public Scheduler {
+public:
+    ExponentialLR(Optimizer& optimizer, double gamma);
+    std::string name() const override { return "ExponentialLR"; }
+
+private:
+    double next_lr(std::size_t group, double current) const override;
+    double gamma_;
+};
+
+// lr = eta_min + (base - eta_min) (1 + cos(pi epoch / T_max)) / 2
+class CosineAnnealingLR : public Scheduler {
+public:
+    CosineAnnealingLR(Optimizer& optimizer, std::int64_t T_max, double eta_min = 0);
+    std::string name() const override { return "CosineAnnealingLR"; }
+
+private:
+    double next_lr(std::size_t group, double current) const override;
+    std::int64_t T_max_;
+    double eta_min_;
+};
+
+// Linear warm-up (PyTorch's LinearLR): the factor goes from start_factor to end_factor over
+// total_iters steps, then stays.
+class LinearLR : public Scheduler {
+public:
+    LinearLR(Optimizer& optimizer, double start_factor = 1.0 / 3, double end_factor = 1.0, std::int64_t total_iters = 5);
+    std::string name() const override { return "LinearLR"; }
+
+private:
+    double next_lr(std::size_t group, double current) const override;
+    double start_, end_;
+    std::int64_t total_;
+};
+
+// Multiplies the rate by `factor` when the metric has not improved for `patience` steps.
+class ReduceLROnPlateau : public Scheduler {
+public:
+    enum class Mode { Min, Max };
+    enum class ThresholdMode { Rel, Abs };
+    ReduceLROnPlateau(Optimizer& optimizer, Mode mode = Mode::Min, double factor = 0.1, std::int64_t patience = 10,
+                      double threshold = 1e-4, ThresholdMode threshold_mode = ThresholdMode::Rel,
+                      std::int64_t cooldown = 0, double min_lr = 0, double eps = 1e-8);
+    void step(double metric);
+    void step() override;  // an error: this schedule needs the metric
+    std::string name() const override { return "ReduceLROnPlateau"; }
+    NamedTensorMap state_dict() const override;
+    void load_state_dict(const NamedTensorMap& state) override;
+
+private:
+    double next_lr(std::size_t, double current) const override { return current; }
+    bool better(double a) const;
+    Mode mode_;
+    double factor_;
+    std::int64_t patience_;
+    double threshold_;
+    ThresholdMode threshold_mode_;
+    std::int64_t cooldown_;
+    double min_lr_, eps_;
+    double best_;
+    std::int64_t bad_epochs_ = 0, cooldown_counter_ = 0;
+};
+
+}  // namespace loom::optim
