@@ -1,0 +1,111 @@
+// Training helpers: padding and batching, the metrics log, charts, the progress line.
+#include "helpers.hpp"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+using namespace loom;
+using testing::check_error;
+using testing::close;
+namespace fs = std::filesystem;
+
+namespace {
+struct TempDir {
+    fs::path path;
+    TempDir()
+    {
+        std::string p = (fs::temp_directory_path() / "loom-train-XXXXXX").string();
+        REQUIRE(::mkdtemp(p.data()) != nullptr);
+        path = p;
+    }
+    ~TempDir() { fs::remove_all(path); }
+};
+std::string text_of(const fs::path& p)
+{
+    std::ifstream in(p);
+    return {std::istreambuf_iterator<char>(in), {}};
+}
+}  // namespace
+
+TEST_CASE("pad_sequences pads time-major and gives lengths the recurrent layers take")
+{
+    const auto [tokens, lengths] = train::pad_sequences({{1, 2, 3}, {4}, {5, 6}}, 0);
+    CHECK(tokens.sizes() == Shape{3, 3});
+    CHECK(close(tokens, {1, 4, 5, 2, 0, 6, 3, 0, 0}));
+    CHECK(close(lengths, {3, 1, 2}));
+    const auto [feats, lens] = train::pad_sequences({ones({2, 4}), ones({1, 4}) * 2.0});
+    CHECK(feats.sizes() == Shape{2, 2, 4});
+    CHECK(close(feats.select(1, 1).sum({1}), {8, 0}));
+    nn::GRU gru(nn::GRUOptions(4, 3).bidirectional(true));
+    CHECK(gru(feats, {}, lens).output.sizes() == Shape{2, 2, 6});
+    check_error([] { (void)train::pad_sequences(std::vector<std::vector<std::int64_t>>{{1}, {}}); },
+                {"pad_sequences", "sequence 1 is empty"});
+    check_error([] { (void)train::pad_sequences({ones({2, 4}), ones({2, 3})}); }, {"pad_sequences", "[2, 3]"});
+}
+
+TEST_CASE("minibatches cover every index once, shuffled reproducibly")
+{
+    Generator g1(3), g2(3);
+    const auto a = train::minibatches(10, 4, &g1), b = train::minibatches(10, 4, &g2);
+    CHECK(a == b);
+    REQUIRE(a.size() == 3);
+    CHECK(a[2].size() == 2);
+    std::vector<std::int64_t> all;
+    for (auto& batch : a) all.insert(all.end(), batch.begin(), batch.end());
+    std::sort(all.begin(), all.end());
+    CHECK(all == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
+    CHECK(train::minibatches(5, 2)[0] == std::vector<std::int64_t>{0, 1});  // unshuffled
+}
+
+TEST_CASE("metrics logs round-trip as JSON Lines and write CSV with a header")
+{
+    TempDir dir;
+    {
+        train::MetricsLog log((dir.path / "m.jsonl").string());
+        log.write({{"epoch", 1}, {"loss", 2.5}});
+        log.write({{"epoch", 2}, {"loss", 1.25}});
+    }
+    train::MetricsLog more((dir.path / "m.jsonl").string(), /*append=*/true);
+    more.write({{"epoch", 3}, {"loss", 1}});
+    const auto rows = train::read_metrics((dir.path / "m.jsonl").string());
+    REQUIRE(rows.size() == 3);
+    CHECK(rows[1].at("loss") == 1.25);
+    CHECK(rows[2].at("epoch") == 3);
+    train::MetricsLog csv((dir.path / "m.csv").string());
+    csv.write({{"epoch", 1}, {"loss", 0.5}});
+    csv.write({{"epoch", 2}, {"loss", 0.25}});
+    CHECK(text_of(dir.path / "m.csv") == "epoch,loss\n1,0.5\n2,0.25\n");
+    std::ofstream(dir.path / "bad.jsonl") << "{\"a\": 1}\nnot json\n";
+    check_error([&] { (void)train::read_metrics((dir.path / "bad.jsonl").string()); }, {"read_metrics", "line 2"});
+}
+
+TEST_CASE("plot_svg draws every series with a legend")
+{
+    TempDir dir;
+    const auto path = dir.path / "loss.svg";
+    train::plot_svg(path.string(), "loss <&>", "epoch", "loss", {{"train", {1, 2, 3}, {3, 2, 1.5}}, {"val", {1, 2, 3}, {3.5, 2.5, 2}}});
+    const std::string svg = text_of(path);
+    CHECK(svg.rfind("<svg", 0) == 0);
+    CHECK(svg.find("loss &lt;&amp;&gt;") != std::string::npos);
+    CHECK(std::count(svg.begin(), svg.end(), '\n') > 10);
+    CHECK(svg.find("<polyline") != svg.rfind("<polyline"));  // two lines
+    check_error([&] { train::plot_svg(path.string(), "t", "x", "y", {{"a", {1, 2}, {1}}}); }, {"plot_svg", "2 x values"});
+}
+
+TEST_CASE("off a terminal, progress prints one line at the end")
+{
+    std::FILE* f = std::tmpfile();
+    REQUIRE(f);
+    train::Progress progress("epoch 1/2", 10, f);
+    for (int i = 1; i <= 10; ++i) progress.update(i, {{"loss", 1.0 / i}});
+    progress.finish({{"loss", 0.1}, {"val_bpc", 2.5}});
+    std::rewind(f);
+    char buffer[256] = {};
+    const std::size_t n = std::fread(buffer, 1, sizeof buffer - 1, f);
+    std::fclose(f);
+    const std::string out(buffer, n);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    CHECK(out.rfind("epoch 1/2 10/10 loss 0.1 val_bpc 2.5 |", 0) == 0);
+}
