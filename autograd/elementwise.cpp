@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "../core/kernels.hpp"
+#include "../core/math.hpp"
 #include "ops.hpp"
 #include "tape.hpp"
 
@@ -152,7 +153,7 @@ Tensor abs(const Tensor& x)
 
 Tensor tanh(const Tensor& x)
 {
-    Tensor out = kernels::map_floating("tanh", x, [](auto v) { return std::tanh(v); });
+    Tensor out = kernels::map_floating("tanh", x, [](auto v) { return tanh_of(v); });
     return record("tanh", {x}, out, {out}, [](const BackwardContext& c) {
         return Grads{kernels::zip_floating("tanh", c.grad(), c.saved[0], [](auto g, auto y) { return g * (1 - y * y); })};
     });

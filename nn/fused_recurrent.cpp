@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "../core/kernels.hpp"
+#include "../core/math.hpp"
 
 namespace loom::nn::detail {
 
@@ -98,22 +99,22 @@ template <class T> RecurrentOutput run(CellKind kind, Nonlinearity nl, const Ten
                 const std::int64_t k = b * d.H + j;
                 if (lstm) {
                     const T i = sigmoid_of(xb[j] + hb[j]), f = sigmoid_of(xb[d.H + j] + hb[d.H + j]);
-                    const T gg = std::tanh(xb[2 * d.H + j] + hb[2 * d.H + j]);
+                    const T gg = tanh_of(xb[2 * d.H + j] + hb[2 * d.H + j]);
                     const T o = sigmoid_of(xb[3 * d.H + j] + hb[3 * d.H + j]);
                     g[j] = i, g[d.H + j] = f, g[2 * d.H + j] = gg, g[3 * d.H + j] = o;
                     const T cn = f * pc[k] + i * gg;
                     c_new.data_ptr<T>()[t * BH + k] = cn;
-                    h_new = o * std::tanh(cn);
+                    h_new = o * tanh_of(cn);
                     if (on) pc[k] = cn;
                 } else if (gru) {
                     const T r = sigmoid_of(xb[j] + hb[j]), z = sigmoid_of(xb[d.H + j] + hb[d.H + j]);
-                    const T n = std::tanh(xb[2 * d.H + j] + r * hb[2 * d.H + j]);
+                    const T n = tanh_of(xb[2 * d.H + j] + r * hb[2 * d.H + j]);
                     g[j] = r, g[d.H + j] = z, g[2 * d.H + j] = n;
                     gh_n.data_ptr<T>()[t * BH + k] = hb[2 * d.H + j];
                     h_new = (1 - z) * n + z * ph[k];
                 } else {
                     const T a = xb[j] + hb[j];
-                    h_new = nl == Nonlinearity::Tanh ? std::tanh(a) : (a > 0 ? a : T(0));
+                    h_new = nl == Nonlinearity::Tanh ? tanh_of(a) : (a > 0 ? a : T(0));
                     g[j] = h_new;
                 }
                 if (on) {
@@ -162,7 +163,7 @@ template <class T> RecurrentOutput run(CellKind kind, Nonlinearity nl, const Ten
                     if (grad_h.defined()) grad_h.data_ptr<T>()[t * BH + k] = dh_new;
                     if (lstm) {
                         const T i = gb[j], f = gb[d.H + j], gg = gb[2 * d.H + j], o = gb[3 * d.H + j];
-                        const T tc = std::tanh(c_new.data_ptr<T>()[t * BH + k]);
+                        const T tc = tanh_of(c_new.data_ptr<T>()[t * BH + k]);
                         const T dct = pdc[k] + dh_new * o * (1 - tc * tc);
                         ax[j] = dct * gg * i * (1 - i);
                         ax[d.H + j] = dct * c_prev.data_ptr<T>()[t * BH + k] * f * (1 - f);

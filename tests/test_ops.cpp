@@ -50,6 +50,18 @@ TEST_CASE("unary math matches the C library")
     CHECK(close(sigmoid(tensor({-1000, 1000})), {0, 1}));  // no overflow to NaN
 }
 
+TEST_CASE("float32 tanh stays within a few ulps of the exact value")
+{
+    // float32 tanh is a rational approximation (core/math.hpp); float64 is std::tanh.
+    const Tensor x = arange(-12, 12, 1e-3, kFloat32);
+    const auto got = values(tanh(x)), at = values(x);
+    double worst = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::abs(got[i] - std::tanh(at[i])));
+    CHECK(worst < 4e-7);  // about 3 float32 epsilons
+    CHECK(tanh(tensor({0.0001})).item<float>() == doctest::Approx(0.0001));
+    CHECK(close(tanh(tensor({-30, 30})), {-1, 1}));
+}
+
 TEST_CASE("comparisons give bool masks; where and masked_fill select")
 {
     const Tensor a = tensor({1, 2, 3}, kFloat64), b = tensor({3, 2, 1}, kFloat64);

@@ -10,6 +10,7 @@
 
 #include "../autograd/ops.hpp"
 #include "../autograd/tape.hpp"
+#include "../optim/clip.hpp"
 
 namespace loom::train {
 
@@ -247,6 +248,125 @@ std::vector<std::vector<std::int64_t>> minibatches(std::int64_t n, std::int64_t 
     for (std::int64_t at = 0; at < n; at += batch)
         out.emplace_back(order.begin() + at, order.begin() + std::min(n, at + batch));
     return out;
+}
+
+// ---- fit ----
+
+std::pair<Dataset, Dataset> split(const Dataset& data, double fraction, Generator& gen)
+{
+    LOOM_CHECK(fraction > 0 && fraction < 1, "split", "expects a fraction in (0, 1), got {}", fraction);
+    const auto order = std::make_shared<std::vector<std::int64_t>>(minibatches(data.size, data.size, &gen).at(0));
+    const auto n_val = std::max<std::int64_t>(1, std::int64_t(std::round(double(data.size) * fraction)));
+    LOOM_CHECK(n_val < data.size, "split", "a validation fraction of {} leaves no training data out of {}", fraction,
+               data.size);
+    const auto view = [order, get = data.get](std::int64_t offset, std::int64_t size) {
+        return Dataset{size, [order, get, offset](const std::vector<std::int64_t>& idx) {
+                           std::vector<std::int64_t> mapped;
+                           for (auto i : idx) mapped.push_back((*order)[offset + i]);
+                           return get(mapped);
+                       }};
+    };
+    return {view(0, data.size - n_val), view(data.size - n_val, n_val)};
+}
+
+namespace {
+double correct_predictions(const Tensor& output, const Tensor& target)
+{
+    return eq(output.argmax(-1), target).sum().item<double>();
+}
+}  // namespace
+
+Metrics evaluate(nn::Module& model, const ForwardFn& forward, const LossFn& loss, const Dataset& data,
+                 std::int64_t batch_size, bool accuracy)
+{
+    NoGradGuard no_grad;
+    const bool was_training = model.is_training();
+    model.eval();
+    double loss_sum = 0, correct = 0;
+    std::int64_t seen = 0;
+    for (const auto& idx : minibatches(data.size, batch_size)) {
+        const Batch b = data.get(idx);
+        const Tensor out = forward(b);
+        loss_sum += loss(out, b).item<double>() * double(idx.size());
+        if (accuracy) correct += correct_predictions(out, b.target);
+        seen += static_cast<std::int64_t>(idx.size());
+    }
+    model.train(was_training);
+    Metrics m = {{"loss", loss_sum / double(seen)}};
+    if (accuracy) m.emplace_back("accuracy", correct / double(seen));
+    return m;
+}
+
+History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
+            const Dataset& train_data, const Dataset& validation, const FitOptions& o, optim::Scheduler* scheduler)
+{
+    LOOM_CHECK(train_data.size > 0 && train_data.get, "fit", "the training set is empty");
+    LOOM_CHECK(o.epochs > 0 && o.batch_size > 0, "fit", "expects epochs > 0 and batch_size > 0, got {} and {}",
+               o.epochs, o.batch_size);
+    const bool validating = validation.size > 0;
+    LOOM_CHECK(validating || (o.early_stopping == 0 && o.best_checkpoint.empty()), "fit",
+               "early stopping and a best-model checkpoint need validation data");
+    Generator gen(o.seed);
+    std::unique_ptr<MetricsLog> log = o.log.empty() ? nullptr : std::make_unique<MetricsLog>(o.log);
+    History history;
+    nn::StateDict best_state;
+    std::int64_t since_best = 0;
+    const double ln2 = std::log(2.0);
+    for (std::int64_t epoch = 1; epoch <= o.epochs; ++epoch) {
+        model.train();
+        const auto batches = minibatches(train_data.size, o.batch_size, o.shuffle ? &gen : nullptr);
+        Progress progress(fmt::format("epoch {}/{}", epoch, o.epochs), static_cast<std::int64_t>(batches.size()));
+        double loss_sum = 0, correct = 0;
+        std::int64_t seen = 0;
+        for (std::size_t k = 0; k < batches.size(); ++k) {
+            const Batch b = train_data.get(batches[k]);
+            const Tensor out = forward(b);
+            const Tensor l = loss(out, b);
+            optimizer.zero_grad();
+            l.backward();
+            if (o.clip_grad_norm > 0) nn::utils::clip_grad_norm(optimizer.parameters(), o.clip_grad_norm);
+            optimizer.step();
+            loss_sum += l.item<double>() * double(batches[k].size());
+            if (o.accuracy) {
+                NoGradGuard no_grad;
+                correct += correct_predictions(out, b.target);
+            }
+            seen += static_cast<std::int64_t>(batches[k].size());
+            if (o.verbose) progress.update(static_cast<std::int64_t>(k + 1), {{"loss", loss_sum / double(seen)}});
+        }
+        Metrics row = {{"epoch", double(epoch)}, {"train_loss", loss_sum / double(seen)}};
+        if (o.accuracy) row.emplace_back("train_accuracy", correct / double(seen));
+        if (o.bits_per_character) row.emplace_back("train_bpc", loss_sum / double(seen) / ln2);
+        if (validating) {
+            const Metrics v = evaluate(model, forward, loss, validation, o.batch_size, o.accuracy);
+            row.emplace_back("val_loss", v[0].second);
+            if (o.accuracy) row.emplace_back("val_accuracy", v[1].second);
+            if (o.bits_per_character) row.emplace_back("val_bpc", v[0].second / ln2);
+            if (v[0].second < history.best_val_loss) {
+                history.best_val_loss = v[0].second;
+                history.best_epoch = epoch;
+                since_best = 0;
+                best_state.clear();
+                for (const auto& [name, t] : model.state_dict()) best_state[name] = t.clone();
+                if (!o.best_checkpoint.empty()) save(o.best_checkpoint, best_state, {{"epoch", std::to_string(epoch)}});
+            } else {
+                ++since_best;
+            }
+        }
+        row.emplace_back("lr", optimizer.lr());
+        row.emplace_back("seconds", progress.seconds());
+        if (o.verbose) progress.finish(Metrics(row.begin() + 1, row.end() - 1));
+        if (log) log->write(row);
+        history.epochs.push_back(row);
+        if (scheduler) scheduler->step();
+        if (o.early_stopping > 0 && since_best >= o.early_stopping) {
+            history.stopped_early = true;
+            if (o.verbose) std::printf("early stop: no better validation loss for %lld epochs\n", (long long)since_best);
+            break;
+        }
+    }
+    if (validating && o.restore_best && !best_state.empty()) model.load_state_dict(best_state);
+    return history;
 }
 
 }  // namespace loom::train

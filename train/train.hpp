@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <cmath>
 #include <map>
 #include <string>
 #include <utility>
@@ -11,6 +13,8 @@
 
 #include "../core/random.hpp"
 #include "../core/tensor.hpp"
+#include "../nn/module.hpp"
+#include "../optim/schedule.hpp"
 
 namespace loom::train {
 
@@ -64,5 +68,56 @@ std::pair<Tensor, Tensor> pad_sequences(const std::vector<std::vector<std::int64
 std::pair<Tensor, Tensor> pad_sequences(const std::vector<Tensor>& sequences);
 // Indices 0..n-1 in mini-batches of `batch` (the last may be smaller), shuffled when `gen` is given.
 std::vector<std::vector<std::int64_t>> minibatches(std::int64_t n, std::int64_t batch, Generator* gen = nullptr);
+
+// ---- fit ----
+
+// A mini-batch: input (and lengths for variable-length sequences) and target.
+struct Batch {
+    Tensor input, target, lengths;
+};
+
+// Examples addressed by index; get() assembles a batch of them.
+struct Dataset {
+    std::int64_t size = 0;
+    std::function<Batch(const std::vector<std::int64_t>& indices)> get;
+};
+
+// Splits off the last `fraction` of a shuffled order as validation set.
+std::pair<Dataset, Dataset> split(const Dataset& data, double fraction, Generator& gen);
+
+struct FitOptions {
+    std::int64_t epochs = 10;
+    std::int64_t batch_size = 32;
+    bool shuffle = true;
+    std::uint64_t seed = 0;              // shuffling order
+    double clip_grad_norm = 0;           // 0: no clipping
+    std::int64_t early_stopping = 0;     // stop after this many epochs without a better validation loss; 0: never
+    std::string best_checkpoint;         // where to keep the best model's state (safetensors); empty: nowhere
+    bool restore_best = true;            // reload the best state at the end (needs validation data)
+    std::string log;                     // metrics log path (.jsonl or .csv); empty: none
+    bool accuracy = false;               // also report accuracy: argmax of the output's last dim vs the target
+    bool bits_per_character = false;     // also report loss / ln 2
+    bool verbose = true;                 // progress line and one line per epoch
+};
+
+struct History {
+    std::vector<Metrics> epochs;  // per epoch: epoch, train_loss, val_loss, ... as logged
+    std::int64_t best_epoch = 0;  // 1-based; 0 without validation
+    double best_val_loss = INFINITY;
+    bool stopped_early = false;
+};
+
+using ForwardFn = std::function<Tensor(const Batch&)>;
+using LossFn = std::function<Tensor(const Tensor& output, const Batch&)>;
+
+// Trains for options.epochs over shuffled mini-batches of `train_data`, evaluating on
+// `validation` (may have size 0) after each epoch; steps `scheduler` once per epoch if given.
+History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
+            const Dataset& train_data, const Dataset& validation, const FitOptions& options = {},
+            optim::Scheduler* scheduler = nullptr);
+
+// Mean loss (and accuracy) of `model` over `data`, in eval mode and without recording.
+Metrics evaluate(nn::Module& model, const ForwardFn& forward, const LossFn& loss, const Dataset& data,
+                 std::int64_t batch_size, bool accuracy);
 
 }  // namespace loom::train
