@@ -42,6 +42,9 @@ public:
     // unexpected keys (shapes must still match).
     void load_state_dict(const StateDict& dict, bool strict = true);
 
+    // Adds a child from outside, for modules assembled by code rather than by a constructor.
+    void register_child(std::string name, std::shared_ptr<Module> child) { register_module(std::move(name), std::move(child)); }
+
     // A table of the parameters: module path and type, name, shape, count, and the total.
     std::string summary() const;
     // The type shown by summary(): the class name without its namespace.
