@@ -11,27 +11,11 @@
 #include <cstdio>
 #include <sstream>
 
+#include "minimal_gated_unit.hpp"
+
 using namespace loom;
 
 namespace {
-
-// The minimal gated unit of custom_cell.cpp.
-class MinimalGatedUnit : public nn::Cell {
-public:
-    MinimalGatedUnit(std::int64_t input, std::int64_t hidden) : nn::Cell(input, hidden)
-    {
-        gate = register_module("gate", std::make_shared<nn::Dense>(input + hidden, hidden));
-        candidate = register_module("candidate", std::make_shared<nn::Dense>(input + hidden, hidden));
-    }
-    nn::State forward(const Tensor& x, const nn::State& state) override
-    {
-        const Tensor& h = state[0];
-        const Tensor f = sigmoid((*gate)(concat({x, h}, 1)));
-        const Tensor h_tilde = tanh((*candidate)(concat({x, f * h}, 1)));
-        return {(1.0 - f) * h + f * h_tilde};
-    }
-    std::shared_ptr<nn::Dense> gate, candidate;
-};
 
 // A batch of B sequences of length T: input [T, B, 2], target [B, 1].
 std::pair<Tensor, Tensor> adding_batch(std::int64_t T, std::int64_t B, Generator& gen)

@@ -4,7 +4,11 @@
 
 #include <loom/loom.hpp>
 
+#include <stdlib.h>
+
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -43,6 +47,25 @@ template <class F> void check_error(F&& f, const std::vector<std::string>& parts
         const std::string message = e.what();
         for (const auto& part : parts) CHECK_MESSAGE(message.find(part) != std::string::npos, message);
     }
+}
+
+// A fresh folder under the system's temporary directory, removed with everything in it.
+struct TempDir {
+    std::filesystem::path path;
+    TempDir()
+    {
+        std::string p = (std::filesystem::temp_directory_path() / "loom-test-XXXXXX").string();
+        REQUIRE(::mkdtemp(p.data()) != nullptr);
+        path = p;
+    }
+    ~TempDir() { std::filesystem::remove_all(path); }
+    std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+inline std::string bytes_of(const std::filesystem::path& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 }  // namespace testing

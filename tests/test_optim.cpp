@@ -13,7 +13,9 @@
 
 using namespace loom;
 using testing::check_error;
+using testing::bytes_of;
 using testing::close_tensors;
+using testing::TempDir;
 using testing::values;
 namespace fs = std::filesystem;
 
@@ -113,23 +115,6 @@ void train_steps(Net& net, optim::Optimizer& opt, optim::Scheduler& sched, int f
         opt.step();
         sched.step();
     }
-}
-
-struct TempDir {
-    fs::path path;
-    TempDir()
-    {
-        std::string p = (fs::temp_directory_path() / "loom-optim-XXXXXX").string();
-        REQUIRE(::mkdtemp(p.data()) != nullptr);
-        path = p;
-    }
-    ~TempDir() { fs::remove_all(path); }
-};
-
-std::string bytes_of(const fs::path& path)
-{
-    std::ifstream in(path, std::ios::binary);
-    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 }  // namespace

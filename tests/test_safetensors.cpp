@@ -10,28 +10,12 @@
 using namespace loom;
 using testing::check_error;
 using testing::close;
+using testing::bytes_of;
+using testing::TempDir;
 using testing::values;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-    fs::path path;
-    TempDir()
-    {
-        std::string p = (fs::temp_directory_path() / "loom-test-XXXXXX").string();
-        REQUIRE(::mkdtemp(p.data()) != nullptr);
-        path = p;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string bytes_of(const std::string& path)
-{
-    std::ifstream in(path, std::ios::binary);
-    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 void write_bytes(const std::string& path, const std::string& bytes)
 {

@@ -9,25 +9,10 @@
 using namespace loom;
 using testing::check_error;
 using testing::close;
+using testing::bytes_of;
+using testing::TempDir;
 namespace fs = std::filesystem;
 
-namespace {
-struct TempDir {
-    fs::path path;
-    TempDir()
-    {
-        std::string p = (fs::temp_directory_path() / "loom-train-XXXXXX").string();
-        REQUIRE(::mkdtemp(p.data()) != nullptr);
-        path = p;
-    }
-    ~TempDir() { fs::remove_all(path); }
-};
-std::string text_of(const fs::path& p)
-{
-    std::ifstream in(p);
-    return {std::istreambuf_iterator<char>(in), {}};
-}
-}  // namespace
 
 TEST_CASE("pad_sequences pads time-major and gives lengths the recurrent layers take")
 {
@@ -76,7 +61,7 @@ TEST_CASE("metrics logs round-trip as JSON Lines and write CSV with a header")
     train::MetricsLog csv((dir.path / "m.csv").string());
     csv.write({{"epoch", 1}, {"loss", 0.5}});
     csv.write({{"epoch", 2}, {"loss", 0.25}});
-    CHECK(text_of(dir.path / "m.csv") == "epoch,loss\n1,0.5\n2,0.25\n");
+    CHECK(bytes_of(dir.path / "m.csv") == "epoch,loss\n1,0.5\n2,0.25\n");
     std::ofstream(dir.path / "bad.jsonl") << "{\"a\": 1}\nnot json\n";
     check_error([&] { (void)train::read_metrics((dir.path / "bad.jsonl").string()); }, {"read_metrics", "line 2"});
 }
@@ -86,7 +71,7 @@ TEST_CASE("plot_svg draws every series with a legend")
     TempDir dir;
     const auto path = dir.path / "loss.svg";
     train::plot_svg(path.string(), "loss <&>", "epoch", "loss", {{"train", {1, 2, 3}, {3, 2, 1.5}}, {"val", {1, 2, 3}, {3.5, 2.5, 2}}});
-    const std::string svg = text_of(path);
+    const std::string svg = bytes_of(path);
     CHECK(svg.rfind("<svg", 0) == 0);
     CHECK(svg.find("loss &lt;&amp;&gt;") != std::string::npos);
     CHECK(std::count(svg.begin(), svg.end(), '\n') > 10);
