@@ -94,3 +94,46 @@ TEST_CASE("off a terminal, progress prints one line at the end")
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
     CHECK(out.rfind("epoch 1/2 10/10 loss 0.1 val_bpc 2.5 |", 0) == 0);
 }
+
+TEST_CASE("fit trains, keeps and restores the best model, stops early and logs every epoch")
+{
+    TempDir dir;
+    manual_seed(3);
+    // y = 2x + 1 with a little noise, 200 examples.
+    Generator gen(4);
+    const Tensor x = randn({200, 1}, kFloat64, &gen), y = x * 2.0 + 1.0 + randn({200, 1}, kFloat64, &gen) * 0.01;
+    const train::Dataset data{200, [&](const std::vector<std::int64_t>& idx) {
+                                  const Tensor i = from_vector<std::int64_t>(idx, {std::int64_t(idx.size())});
+                                  return train::Batch{x.index_select(0, i), y.index_select(0, i), {}};
+                              }};
+    auto [train_set, val_set] = train::split(data, 0.25, gen);
+    CHECK(train_set.size == 150);
+    CHECK(val_set.size == 50);
+    nn::Dense model(1, 1, true, kFloat64);
+    optim::SGD opt(model.parameters(), optim::SGDOptions(0.1));
+    train::FitOptions o;
+    o.epochs = 30;
+    o.batch_size = 16;
+    o.verbose = false;
+    o.early_stopping = 3;
+    o.best_checkpoint = dir.file("best.safetensors");
+    o.log = dir.file("log.jsonl");
+    const auto forward = [&](const train::Batch& b) { return model(b.input); };
+    const auto loss = [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); };
+    const auto history = train::fit(model, opt, forward, loss, train_set, val_set, o);
+    CHECK(history.epochs.front()[1].second > 100 * history.best_val_loss);  // first epoch vs best
+    CHECK(history.best_val_loss < 1e-3);             // learned y = 2x + 1
+    CHECK(model.weight.item<double>() == doctest::Approx(2).epsilon(0.01));
+    CHECK(history.stopped_early);                    // the noise floor stops improvement before 30 epochs
+    CHECK(history.epochs.size() == std::size_t(history.best_epoch + 3));
+    CHECK(train::read_metrics(o.log).size() == history.epochs.size());
+    // The model ends as the best epoch left it, and that is what the checkpoint holds.
+    const auto best = load(o.best_checkpoint);
+    CHECK(best.at("weight").item<double>() == model.weight.item<double>());
+    const auto v = train::evaluate(model, forward, loss, val_set, 64, false);
+    CHECK(v[0].second == doctest::Approx(history.best_val_loss));
+    check_error([&] {
+        train::FitOptions bad = o;
+        (void)train::fit(model, opt, forward, loss, train_set, {}, bad);
+    }, {"fit", "need validation data"});
+}
