@@ -92,7 +92,8 @@ int main(int argc, char** argv)
     std::string text_path = std::string(LOOM_EXAMPLE_DATA) + "/moby_dick.txt", cell = "lstm", out_dir = "char_lm_out";
     std::int64_t layers = 2, hidden = 128, embed = 32, seq_len = 64, batch = 32, steps = 600, epochs = 3, seed = 1;
     double lr = 3e-3, clip = 1.0, temperature = 0.8;
-    int threads = 2;
+    int threads = 1;  // its GEMMs are small: a second OpenBLAS thread gains ~8% on an idle machine but
+                      // spin-waits badly when the cores are busy with anything else
     bool resume = false;
     app.add_option("--text", text_path, "UTF-8 text to learn; its last 5% (Moby-Dick: chapters 131-135) is held out");
     app.add_option("--cell", cell, "lstm or gru")->check(CLI::IsMember({"lstm", "gru"}));

@@ -261,9 +261,10 @@ RecurrentLayer::RecurrentLayer(CellKind kind_, RecurrentOptions options_) : kind
         for (std::int64_t d = 0; d < D; ++d) {
             const std::string suffix = fmt::format("_l{}{}", l, d ? "_reverse" : "");
             const std::int64_t in = l == 0 ? options.input_size() : D * H;
-            std::vector<Tensor> w = {
-                register_parameter("weight_ih" + suffix, recurrent_init({G * H, in}, H, options.dtype())),
-                register_parameter("weight_hh" + suffix, recurrent_init({G * H, H}, H, options.dtype()))};
+            std::vector<Tensor> w;
+            w.reserve(4);
+            w.push_back(register_parameter("weight_ih" + suffix, recurrent_init({G * H, in}, H, options.dtype())));
+            w.push_back(register_parameter("weight_hh" + suffix, recurrent_init({G * H, H}, H, options.dtype())));
             if (options.bias()) {
                 w.push_back(register_parameter("bias_ih" + suffix, recurrent_init({G * H}, H, options.dtype())));
                 w.push_back(register_parameter("bias_hh" + suffix, recurrent_init({G * H}, H, options.dtype())));

@@ -9,7 +9,7 @@ namespace loom::optim {
 
 struct CheckpointInfo {
     std::int64_t epoch = 0, step = 0;
-    Metadata metadata;  // yours: strings by name
+    Metadata metadata = {};  // yours: strings by name
 };
 
 // `scheduler` may be null. The default generator's state is saved too.
