@@ -186,7 +186,7 @@ void save(const std::string& path, const NamedTensorMap& tensors, const Metadata
 
     const std::filesystem::path target(path);
     const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
-    std::string temp = (dir / ("." + target.filename().string() + ".tmp-XXXXXX")).string();
+    std::string temp = (dir / fmt::format(".{}.tmp-XXXXXX", target.filename().string())).string();
     const int fd = ::mkstemp(temp.data());
     LOOM_CHECK(fd >= 0, "save", "cannot create a temporary file next to {}: {}", path, std::strerror(errno));
     try {
