@@ -119,8 +119,8 @@ template <class F> Tensor map_numeric(std::string_view op, const Tensor& x, F&& 
 
 void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b);
 
-// out = f(a, b) with broadcasting, for T = the operands' C++ type (they share a dtype).
-template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, F&& f)
+// out = f(a, b) broadcast to `shape` (their broadcast shape), for T = the operands' C++ type.
+template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, const Shape& shape, F&& f)
 {
     using R = decltype(f(T{}, T{}));
     const T* pa = a.data_ptr<T>();
@@ -140,7 +140,6 @@ template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, F
         for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], s);
         return out;
     }
-    const Shape shape = broadcast_shapes("broadcast", a.sizes(), b.sizes());
     Tensor out = empty(shape, dtype_of<R>());
     R* o = out.data_ptr<R>();
     const Shape sa = broadcast_strides(a, shape), sb = broadcast_strides(b, shape);
@@ -154,20 +153,20 @@ template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, F
 template <class F> Tensor zip_floating(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
-    broadcast_shapes(op, a.sizes(), b.sizes());
-    return dispatch_floating(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, f); });
+    const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
+    return dispatch_floating(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
 }
 template <class F> Tensor zip_numeric(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
-    broadcast_shapes(op, a.sizes(), b.sizes());
-    return dispatch_numeric(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, f); });
+    const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
+    return dispatch_numeric(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
 }
 template <class F> Tensor zip_any(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
-    broadcast_shapes(op, a.sizes(), b.sizes());
-    return dispatch(a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, f); });
+    const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
+    return dispatch(a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
 }
 
 }  // namespace loom::kernels

@@ -182,9 +182,8 @@ TEST_CASE("schedules follow PyTorch's learning rates")
         if (kind == "linear") sched = std::make_unique<optim::LinearLR>(opt, 0.25, 1.0, 4);
         optim::ReduceLROnPlateau* plateau = nullptr;
         if (kind == "plateau") {
-            auto r = std::make_unique<optim::ReduceLROnPlateau>(opt, optim::ReduceLROnPlateau::Mode::Min, 0.5, 2, 0.01);
-            r = std::make_unique<optim::ReduceLROnPlateau>(opt, optim::ReduceLROnPlateau::Mode::Min, 0.5, 2, 0.01,
-                                                           optim::ReduceLROnPlateau::ThresholdMode::Rel, 1);
+            auto r = std::make_unique<optim::ReduceLROnPlateau>(opt, optim::ReduceLROnPlateau::Mode::Min, 0.5, 2, 0.01,
+                                                                optim::ReduceLROnPlateau::ThresholdMode::Rel, 1);
             plateau = r.get();
             sched = std::move(r);
         }
