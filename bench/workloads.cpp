@@ -66,7 +66,7 @@ Workload build(const std::string& name, bool fused)
         return m;
     };
     if (name.rfind("W1", 0) == 0) {
-        const auto kind = name == "W1-rnn" ? nn::CellKind::RNN : name == "W1-gru" ? nn::CellKind::GRU : nn::CellKind::LSTM;
+        const auto kind = nn::cell_kind_from_name(name.substr(3));
         const double gates = name == "W1-rnn" ? 1 : name == "W1-gru" ? 3 : 4;
         const std::int64_t T = 100, B = 1, I = 8, H = 32;
         auto rnn = layer(kind, nn::RecurrentOptions(I, H));

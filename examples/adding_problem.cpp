@@ -48,7 +48,7 @@ std::unique_ptr<Model> make_model(const std::string& kind, std::int64_t H)
         m->run = [rnn](const Tensor& x) { return rnn->forward(x).h_n().select(0, 0); };
         m->register_child("rnn", rnn);
     } else {
-        const auto cell = kind == "rnn" ? nn::CellKind::RNN : kind == "lstm" ? nn::CellKind::LSTM : nn::CellKind::GRU;
+        const auto cell = nn::cell_kind_from_name(kind);
         auto rnn = std::make_shared<nn::RecurrentLayer>(cell, nn::RecurrentOptions(2, H));
         if (kind == "lstm") nn::lstm_forget_bias_(*rnn);
         m->run = [rnn](const Tensor& x) { return rnn->forward(x).h_n().select(0, 0); };

@@ -144,7 +144,7 @@ int main(int argc, char** argv)
     std::printf("text %s: %zu characters, %lld distinct; training on %zu, validating on %zu\n", text_path.c_str(),
                 chars.size(), (long long)V, train_ids.size(), val_ids.size());
 
-    const nn::CellKind kind = cell == "gru" ? nn::CellKind::GRU : nn::CellKind::LSTM;
+    const nn::CellKind kind = nn::cell_kind_from_name(cell);
     CharModel model(V, embed, hidden, layers, kind);
     std::printf("%s", model.summary().c_str());
     optim::Adam opt(model.parameters(), optim::AdamOptions(lr));

@@ -23,10 +23,8 @@ int main()
     manual_seed(0);
 
     // 1. Its gradients, against finite differences in float64.
-    nn::Recurrent<MinimalGatedUnit> checked(nn::RecurrentOptions(2, 3).num_layers(2).bidirectional(true),
-                                            [](std::int64_t i, std::int64_t h) {
-                                                return std::make_shared<MinimalGatedUnit>(i, h, kFloat64);
-                                            });
+    nn::Recurrent<MinimalGatedUnit> checked(
+        nn::RecurrentOptions(2, 3).num_layers(2).bidirectional(true).dtype(kFloat64));
     const Tensor x_check = randn({5, 2, 2}, kFloat64);
     const Tensor lengths = from_vector<std::int64_t>({5, 3}, {2});
     const GradcheckResult check =

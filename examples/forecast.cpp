@@ -122,7 +122,7 @@ int main(int argc, char** argv)
             head = register_module("head", std::make_shared<nn::Dense>(H, 1));
         }
         Tensor forward(const Tensor& x) { return head->forward(rnn->forward(x).output.select(0, -1)); }
-    } net(cell == "lstm" ? nn::CellKind::LSTM : cell == "gru" ? nn::CellKind::GRU : nn::CellKind::RNN, hidden);
+    } net(nn::cell_kind_from_name(cell), hidden);
     optim::Adam opt(net.parameters(), optim::AdamOptions(lr));
     optim::CosineAnnealingLR schedule(opt, epochs, lr / 10);
     train::FitOptions options;

@@ -3,6 +3,7 @@
 // after the hidden matmul), parameter names (weight_ih_l0, ..._reverse), time-major [T, B, F].
 #pragma once
 #include <functional>
+#include <string_view>
 
 #include "../core/options.hpp"
 #include "layers.hpp"
@@ -94,26 +95,40 @@ using StepFn = std::function<State(std::int64_t layer, std::int64_t direction, c
 // bidirectionality, dropout between layers, batch_first and per-sequence lengths (int64 [B],
 // any order, each in [1, T]): outputs past a sequence's length are zero and its final state is
 // the one at its own last step, as PyTorch's pack_padded_sequence gives. `op` names errors.
-RecurrentOutput run_recurrent(const char* op, const RecurrentOptions& options, std::size_t state_size,
+// Every state tensor the step returns must be [B, H] in the input's dtype.
+RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
                               bool training, Generator* dropout_gen = nullptr);
 
+// Throws loom::Error naming `op` for sizes, layers, dropout or a dtype that cannot run.
+void check_recurrent_options(const std::string& op, const RecurrentOptions& options);
+
 // Any cell over time: Recurrent<MyCell>(RecurrentOptions(I, H).num_layers(2).bidirectional(true)).
-// Cells are built as CellT(input_size, hidden_size), or by `make`, and named cell_l0, cell_l0_reverse, ...
+// Cells are built as CellT(input_size, hidden_size) and moved to options.dtype(), or by `make`,
+// which must build them in options.dtype(); they are named cell_l0, cell_l0_reverse, ...
 template <class CellT> class Recurrent : public Module {
 public:
     using Factory = std::function<std::shared_ptr<CellT>(std::int64_t input_size, std::int64_t hidden_size)>;
     explicit Recurrent(RecurrentOptions options, Factory make = nullptr) : options(std::move(options))
     {
-        if (!make) make = [](std::int64_t i, std::int64_t h) { return std::make_shared<CellT>(i, h); };
-        const std::int64_t D = this->options.bidirectional() ? 2 : 1;
-        for (std::int64_t l = 0; l < this->options.num_layers(); ++l)
+        const RecurrentOptions& o = this->options;
+        check_recurrent_options("Recurrent", o);
+        const bool own_factory = !make;
+        if (own_factory) make = [](std::int64_t i, std::int64_t h) { return std::make_shared<CellT>(i, h); };
+        const std::int64_t D = o.bidirectional() ? 2 : 1;
+        for (std::int64_t l = 0; l < o.num_layers(); ++l)
             for (std::int64_t d = 0; d < D; ++d) {
-                const std::int64_t in = l == 0 ? this->options.input_size() : D * this->options.hidden_size();
-                auto cell = make(in, this->options.hidden_size());
-                LOOM_CHECK(cell && cell->input_size == in && cell->hidden_size == this->options.hidden_size(),
-                           "Recurrent", "the cell factory must build a cell of input size {} and hidden size {}",
-                           in, this->options.hidden_size());
+                const std::int64_t in = l == 0 ? o.input_size() : D * o.hidden_size();
+                auto cell = make(in, o.hidden_size());
+                LOOM_CHECK(cell && cell->input_size == in && cell->hidden_size == o.hidden_size(), "Recurrent",
+                           "the cell factory must build a cell of input size {} and hidden size {}", in,
+                           o.hidden_size());
+                if (own_factory) cell->to(o.dtype());
+                for (const Tensor& p : cell->parameters())
+                    LOOM_CHECK(p.dtype() == o.dtype(), "Recurrent",
+                               "the cell factory built a {} parameter, but the options say dtype {}; set "
+                               "RecurrentOptions::dtype to match",
+                               p.dtype(), o.dtype());
                 cells_.push_back(register_module(fmt::format("cell_l{}{}", l, d ? "_reverse" : ""), cell));
             }
     }
@@ -121,7 +136,7 @@ public:
     {
         const std::int64_t D = options.bidirectional() ? 2 : 1;
         return run_recurrent(
-            "Recurrent", options, cells_.at(0)->state_size,
+            fmt::format("Recurrent<{}>", cells_.at(0)->type_name()), options, cells_.at(0)->state_size,
             [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s) { return (*cells_[l * D + d])(x, s); },
             input, initial, lengths, is_training());
     }
@@ -141,7 +156,17 @@ private:
 
 // ---- built-in layers ----
 
+// The built-in kinds; cell_kind_name gives "RNN", "LSTM", "GRU", and cell_kind_from_name reads
+// them back in any case ("lstm" for a command-line flag).
 enum class CellKind { RNN, LSTM, GRU };
+const char* cell_kind_name(CellKind kind);
+CellKind cell_kind_from_name(std::string_view name);
+
+// The parameters of one layer and direction, in PyTorch's order; the biases are undefined
+// without bias.
+struct LayerWeights {
+    Tensor w_ih, w_hh, b_ih, b_hh;
+};
 
 // RNN, LSTM and GRU layers with PyTorch's parameters: weight_ih_l{k}[_reverse] [G*H, I or D*H],
 // weight_hh_l{k}[_reverse] [G*H, H], bias_ih_l{k}[_reverse] and bias_hh_l{k}[_reverse] [G*H].
@@ -160,13 +185,12 @@ public:
     // the gradient that flows into each hidden state (the picture of vanishing and exploding
     // gradients), at no cost to the fused path.
     std::function<void(std::int64_t layer, std::int64_t direction, const Tensor& grad_h)> hidden_gradient_hook;
-    // The four parameters of one layer and direction, in PyTorch's order.
-    std::vector<Tensor> weights(std::int64_t layer, std::int64_t direction) const;
+    const LayerWeights& weights(std::int64_t layer, std::int64_t direction) const;
     CellKind kind;
     RecurrentOptions options;
 
 private:
-    std::vector<std::vector<Tensor>> weights_;  // [layer * D + direction] -> w_ih, w_hh, (b_ih, b_hh)
+    std::vector<LayerWeights> weights_;  // [layer * D + direction]
 };
 
 class RNN : public RecurrentLayer {

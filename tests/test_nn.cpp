@@ -62,7 +62,7 @@ TEST_CASE("train/eval, zero_grad and to(dtype) reach every child")
     Tensor held = m.head->weight;  // a handle taken before the conversion
     m.to(kFloat64);
     CHECK(held.dtype() == kFloat64);
-    CHECK(m.rnn->weights(1, 0)[0].dtype() == kFloat64);
+    CHECK(m.rnn->weights(1, 0).w_ih.dtype() == kFloat64);
     CHECK(held.requires_grad());
     CHECK(m.head->forward(ones({2, 3}, kFloat64)).dtype() == kFloat64);
     CHECK(m.rnn->forward(ones({2, 1, 4}, kFloat64)).output.dtype() == kFloat64);
@@ -177,8 +177,8 @@ TEST_CASE("initialisers follow PyTorch's formulas")
     nn::LSTM lstm(nn::LSTMOptions(2, 3));
     nn::lstm_forget_bias_(lstm);
     const auto ws = lstm.weights(0, 0);
-    CHECK(close(ws[2].narrow(0, 3, 3), {1, 1, 1}));
-    CHECK(close(ws[3].narrow(0, 3, 3), {0, 0, 0}));
+    CHECK(close(ws.b_ih.narrow(0, 3, 3), {1, 1, 1}));
+    CHECK(close(ws.b_hh.narrow(0, 3, 3), {0, 0, 0}));
 }
 
 TEST_CASE("losses: values by hand")

@@ -1,6 +1,8 @@
 // Recurrent cells, the RNN/LSTM/GRU layers, Recurrent<Cell> for any cell, lengths, TBPTT.
 #include "helpers.hpp"
 
+#include "../examples/minimal_gated_unit.hpp"  // the cell users see in the examples
+
 using namespace loom;
 using testing::check_error;
 using testing::close;
@@ -10,30 +12,12 @@ using testing::values;
 namespace {
 
 const nn::CellKind kinds[] = {nn::CellKind::RNN, nn::CellKind::LSTM, nn::CellKind::GRU};
-const char* kind_name(nn::CellKind k) { return k == nn::CellKind::LSTM ? "LSTM" : k == nn::CellKind::GRU ? "GRU" : "RNN"; }
 
 void check_ok(const GradcheckResult& r, const std::string& what)
 {
     const std::string message = what + ": " + r.report();
     CHECK_MESSAGE(r.ok, message);
 }
-
-// A minimal gated unit (Zhou et al. 2016), defined the way a user would.
-class MinimalGatedCell : public nn::Cell {
-public:
-    MinimalGatedCell(std::int64_t I, std::int64_t H) : nn::Cell(I, H)
-    {
-        gate = register_module("gate", std::make_shared<nn::Dense>(I + H, H, true, kFloat64));
-        candidate = register_module("candidate", std::make_shared<nn::Dense>(I + H, H, true, kFloat64));
-    }
-    nn::State forward(const Tensor& x, const nn::State& s) override
-    {
-        const Tensor f = sigmoid((*gate)(concat({x, s[0]}, 1)));
-        const Tensor h_tilde = tanh((*candidate)(concat({x, f * s[0]}, 1)));
-        return {(1.0 - f) * s[0] + f * h_tilde};
-    }
-    std::shared_ptr<nn::Dense> gate, candidate;
-};
 
 // The same layer run cell by cell, with the layer's weights copied into the cells.
 template <class CellT>
@@ -49,12 +33,12 @@ nn::RecurrentOutput run_cells(const nn::RecurrentLayer& layer, const Tensor& x, 
         for (std::int64_t d = 0; d < (layer.options.bidirectional() ? 2 : 1); ++d) {
             NoGradGuard no_grad;
             auto& cell = runner.cell(l, d);
-            const auto w = layer.weights(l, d);
-            cell.weight_ih.copy_(w[0]);
-            cell.weight_hh.copy_(w[1]);
-            if (w.size() == 4) {
-                cell.bias_ih.copy_(w[2]);
-                cell.bias_hh.copy_(w[3]);
+            const nn::LayerWeights& w = layer.weights(l, d);
+            cell.weight_ih.copy_(w.w_ih);
+            cell.weight_hh.copy_(w.w_hh);
+            if (w.b_ih.defined()) {
+                cell.bias_ih.copy_(w.b_ih);
+                cell.bias_hh.copy_(w.b_hh);
             }
         }
     return runner(x, h0, lengths);
@@ -125,7 +109,7 @@ TEST_CASE("layers agree with the same cells run step by step, to float64 roundin
                 if (kind == nn::CellKind::LSTM) h0.push_back(randn({2 * D, B, H}, kFloat64, &gen));
                 const Tensor lens = with_lengths ? lengths : Tensor();
                 const auto a = layer(x, h0, lens), b = run_cells_of(layer, x, h0, lens);
-                const std::string what = fmt::format("{} bidirectional={} lengths={}", kind_name(kind), bidirectional, with_lengths);
+                const std::string what = fmt::format("{} bidirectional={} lengths={}", nn::cell_kind_name(kind), bidirectional, with_lengths);
                 CHECK_MESSAGE((a.output.sizes() == Shape{T, B, D * H}), what);
                 CHECK_MESSAGE(close_tensors(a.output, b.output, 1e-12), what);
                 for (std::size_t k = 0; k < a.state.size(); ++k) {
@@ -151,7 +135,7 @@ TEST_CASE("fused layers agree with the composed path: values and every gradient"
                 nn::State h0 = {randn({2 * D, B, H}, kFloat64, &gen)};
                 if (kind == nn::CellKind::LSTM) h0.push_back(randn({2 * D, B, H}, kFloat64, &gen));
                 const Tensor g = randn({T, B, D * H}, kFloat64, &gen), gh = randn({2 * D, B, H}, kFloat64, &gen);
-                const std::string what = fmt::format("{} bidirectional={} lengths={}", kind_name(kind), bidirectional, with_lengths);
+                const std::string what = fmt::format("{} bidirectional={} lengths={}", nn::cell_kind_name(kind), bidirectional, with_lengths);
                 std::vector<std::vector<Tensor>> grads;
                 std::vector<nn::RecurrentOutput> outs;
                 for (nn::RecurrentLayer* layer : {&fused, &composed}) {
@@ -211,8 +195,8 @@ TEST_CASE("the hidden-gradient hook hands over dL/dh_t of every step")
 
     // The same gradients by hand: the cell unrolled step by step, each h_t retaining its gradient.
     nn::LSTMCell cell(I, H, true, kFloat64);
-    cell.load_state_dict({{"weight_ih", lstm.weights(0, 0)[0]}, {"weight_hh", lstm.weights(0, 0)[1]},
-                          {"bias_ih", lstm.weights(0, 0)[2]}, {"bias_hh", lstm.weights(0, 0)[3]}});
+    cell.load_state_dict({{"weight_ih", lstm.weights(0, 0).w_ih}, {"weight_hh", lstm.weights(0, 0).w_hh},
+                          {"bias_ih", lstm.weights(0, 0).b_ih}, {"bias_hh", lstm.weights(0, 0).b_hh}});
     nn::State s = cell.initial_state(B, kFloat64);
     std::vector<Tensor> hs;
     for (std::int64_t t = 0; t < T; ++t) {
@@ -243,7 +227,7 @@ TEST_CASE("layers gradcheck, stacked, bidirectional and with lengths")
                 for (auto& s : out.state) parts.push_back(s.reshape({-1}));
                 return concat(parts, 0);
             };
-            const std::string what = std::string(kind_name(kind)) + (fused ? " fused" : " composed");
+            const std::string what = std::string(nn::cell_kind_name(kind)) + (fused ? " fused" : " composed");
             check_ok(gradcheck_parameters(fn, layer.parameters()), what);
             check_ok(gradcheck([&](const std::vector<Tensor>& v) { return layer(v[0], {}, lengths).output; },
                                {x.clone().requires_grad_()}),
@@ -307,7 +291,7 @@ TEST_CASE("dropout between layers acts in training only")
 TEST_CASE("a custom cell gets stacking, bidirectionality and lengths from Recurrent")
 {
     Generator gen(6);
-    nn::Recurrent<MinimalGatedCell> rnn(nn::RecurrentOptions(2, 3).num_layers(2).bidirectional(true));
+    nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(2, 3).num_layers(2).bidirectional(true).dtype(kFloat64));
     CHECK(rnn.named_parameters()[0].first == "cell_l0.gate.weight");
     CHECK(rnn.named_parameters().back().first == "cell_l1_reverse.candidate.bias");
     const Tensor x = randn({4, 2, 2}, kFloat64, &gen);
@@ -333,7 +317,7 @@ TEST_CASE("truncated BPTT: the carried state is detached between batches")
         nn::LSTM copy(nn::LSTMOptions(2, 3).dtype(kFloat64));
         copy.load_state_dict(lstm.state_dict());
         copy(x, state).output.sum().backward();
-        CHECK(close_tensors(lstm.weights(0, 0)[1].grad(), copy.weights(0, 0)[1].grad(), 1e-12));
+        CHECK(close_tensors(lstm.weights(0, 0).w_hh.grad(), copy.weights(0, 0).w_hh.grad(), 1e-12));
         state = {out.state[0].detach(), out.state[1].detach()};
         CHECK(!state[0].requires_grad());
     }

@@ -131,11 +131,11 @@ TEST_CASE("state dicts round-trip through a file and mismatches are reported tog
         CHECK_MESSAGE(values(p) == values(b.state_dict().at(name)), name);
 
     nn::LSTM other(nn::LSTMOptions(3, 5).num_layers(1));
-    const std::vector<double> before = values(other.weights(0, 0)[0]);
+    const std::vector<double> before = values(other.weights(0, 0).w_ih);
     check_error([&] { other.load_state_dict(a.state_dict()); },
                 {"load_state_dict", "unexpected keys: bias_hh_l0_reverse", "weight_ih_l1",
                  "shape or dtype mismatches: weight_ih_l0 (file [16, 3], module [20, 3])", "bias_hh_l0 (file [16], module [20])"});
-    CHECK(values(other.weights(0, 0)[0]) == before);  // nothing was copied
+    CHECK(values(other.weights(0, 0).w_ih) == before);  // nothing was copied
 
     nn::StateDict partial = a.state_dict();
     partial.erase("weight_hh_l1");
