@@ -6,6 +6,7 @@
 
 #include "../core/tensor.hpp"
 
+// In namespace loom beside the ops it checks (libtorch has torch::autograd::gradcheck in Python only).
 namespace loom {
 
 struct GradcheckOptions {

@@ -5,6 +5,8 @@
 
 #include "../core/tensor.hpp"
 
+// In namespace loom, not loom::autograd: these are the ops users write (loom::tanh, as
+// torch::tanh); the tape's own types are in loom::autograd (tape.hpp).
 namespace loom {
 
 // ---- elementwise, with NumPy broadcasting ----

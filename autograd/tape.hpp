@@ -10,6 +10,8 @@
 
 #include "../core/tensor.hpp"
 
+// Grad mode, NoGradGuard and grad() are in namespace loom, as libtorch has torch::NoGradGuard
+// and torch::autograd::grad; the tape's types are in loom::autograd.
 namespace loom {
 
 // ---- grad mode ----

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,9 +14,14 @@
 #include "dtype.hpp"
 #include "error.hpp"
 
+// core/ is namespace loom itself: the tensor is the library's base type.
 namespace loom {
 
 using Shape = std::vector<std::int64_t>;
+
+class Tensor;
+// Tensors by name: state dicts, optimizer state, safetensors files.
+using NamedTensorMap = std::map<std::string, Tensor>;
 
 class Tensor;
 class Generator;

@@ -72,7 +72,7 @@ int main(int argc, char** argv)
     const auto history = train::fit(net, opt, forward, loss, train_set, val_set, options);
     const auto test = train::evaluate(net, forward, loss, test_set, 64, true);
     std::printf("test accuracy %.3f (chance 0.333) over %lld unseen sequences, with the model of epoch %lld\n",
-                test[1].second, (long long)test_set.size, (long long)history.best_epoch);
-    std::printf("test_accuracy %.4f\n", test[1].second);
+                test.at("accuracy"), (long long)test_set.size, (long long)history.best_epoch);
+    std::printf("test_accuracy %.4f\n", test.at("accuracy"));
     return 0;
 }

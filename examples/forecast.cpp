@@ -169,8 +169,8 @@ int main(int argc, char** argv)
                     {{"truth", days, truth}, {cell, days, predicted}, {"seasonal naive", days, naive}});
     std::printf("chart: %s, metrics: %s, best epoch %lld\n", chart.c_str(), options.log.c_str(),
                 (long long)history.best_epoch);
-    std::printf("train_loss_first %.5f\ntrain_loss_last %.5f\n", history.epochs.front()[1].second,
-                history.epochs.back()[1].second);
+    std::printf("train_loss_first %.5f\ntrain_loss_last %.5f\n", history.epochs.front().at("train_loss"),
+                history.epochs.back().at("train_loss"));
     std::printf("test_rmse %.2f\nbaseline_rmse %.2f\n", rmse, rmse_naive);
     return 0;
 }

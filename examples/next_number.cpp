@@ -48,8 +48,8 @@ int main(int argc, char** argv)
     const auto forward = [&](const train::Batch& b) { return net.forward(b.input); };
     const auto loss = [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); };
     const auto history = train::fit(net, opt, forward, loss, data, {}, options);
-    std::printf("train loss: %.6f after %lld epochs (first epoch %.4f)\n", history.epochs.back()[1].second,
-                (long long)epochs, history.epochs.front()[1].second);
+    std::printf("train loss: %.6f after %lld epochs (first epoch %.4f)\n", history.epochs.back().at("train_loss"),
+                (long long)epochs, history.epochs.front().at("train_loss"));
 
     NoGradGuard no_grad;
     const Tensor seen = net.forward(x_train), unseen = net.forward(x_test);

@@ -114,15 +114,15 @@ void Module::to(DType dtype)
         if (is_floating(b.dtype())) replace_data(b, b.to(dtype).contiguous().clone());
 }
 
-StateDict Module::state_dict() const
+NamedTensorMap Module::state_dict() const
 {
-    StateDict dict;
+    NamedTensorMap dict;
     for (auto& [name, p] : named_parameters()) dict.emplace(name, p.detach());
     for (auto& [name, b] : named_buffers()) dict.emplace(name, b);
     return dict;
 }
 
-void Module::load_state_dict(const StateDict& dict, bool strict)
+void Module::load_state_dict(const NamedTensorMap& dict, bool strict)
 {
     NamedTensors own = named_parameters();
     for (auto& b : named_buffers()) own.push_back(b);

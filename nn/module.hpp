@@ -12,7 +12,6 @@
 namespace loom::nn {
 
 using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
-using StateDict = std::map<std::string, Tensor>;
 
 class Module {
 public:
@@ -36,11 +35,11 @@ public:
     void to(DType dtype);
 
     // Parameters and buffers by dotted name, sharing storage with the module.
-    StateDict state_dict() const;
+    NamedTensorMap state_dict() const;
     // Copies values in. Every missing key, unexpected key and shape mismatch is reported in one
     // error, and nothing is copied unless everything matches. strict=false ignores missing and
     // unexpected keys (shapes must still match).
-    void load_state_dict(const StateDict& dict, bool strict = true);
+    void load_state_dict(const NamedTensorMap& dict, bool strict = true);
 
     // Adds a child from outside, for modules assembled by code rather than by a constructor.
     void register_child(std::string name, std::shared_ptr<Module> child) { register_module(std::move(name), std::move(child)); }

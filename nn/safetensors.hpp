@@ -8,9 +8,10 @@
 
 #include "../core/tensor.hpp"
 
+// In namespace loom, not loom::nn: save and load serve any tensors (checkpoints, data), as
+// torch::save does; the file sits in nn/ because modules are its main users.
 namespace loom {
 
-using NamedTensorMap = std::map<std::string, Tensor>;
 using Metadata = std::map<std::string, std::string>;
 
 struct SafetensorsContents {

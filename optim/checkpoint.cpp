@@ -34,7 +34,7 @@ std::string value_of(const Metadata& m, const std::string& key)
 }  // namespace
 
 void save_checkpoint(const std::string& path, const nn::Module& model, const Optimizer& optimizer,
-                     const Scheduler* scheduler, const CheckpointInfo& info)
+                     const Schedule* scheduler, const CheckpointInfo& info)
 {
     NamedTensorMap all = with_prefix(kModel, model.state_dict());
     all.merge(with_prefix(kOptimizer, optimizer.state_dict()));
@@ -53,7 +53,7 @@ void save_checkpoint(const std::string& path, const nn::Module& model, const Opt
     save(path, all, meta);
 }
 
-CheckpointInfo load_checkpoint(const std::string& path, nn::Module& model, Optimizer& optimizer, Scheduler* scheduler)
+CheckpointInfo load_checkpoint(const std::string& path, nn::Module& model, Optimizer& optimizer, Schedule* scheduler)
 {
     const SafetensorsContents file = load_with_metadata(path);
     const auto rng = file.tensors.find("rng.default");
@@ -71,12 +71,12 @@ CheckpointInfo load_checkpoint(const std::string& path, nn::Module& model, Optim
     // Each part checks its state before taking it; should a later part refuse, the earlier ones
     // are put back, so a mismatch changes nothing.
     const NamedTensorMap model_state = strip_prefix(kModel, file.tensors);
-    nn::StateDict model_backup;
+    NamedTensorMap model_backup;
     for (const auto& [k, v] : model.state_dict()) model_backup[k] = v.clone();
     const NamedTensorMap optimizer_backup = optimizer.state_dict();
     try {
         try {
-            model.load_state_dict(nn::StateDict(model_state.begin(), model_state.end()));
+            model.load_state_dict(model_state);
         } catch (const Error& e) {
             fail("load_checkpoint", "{} was saved from a different model: {}", path, e.what());
         }

@@ -14,10 +14,10 @@ struct CheckpointInfo {
 
 // `scheduler` may be null. The default generator's state is saved too.
 void save_checkpoint(const std::string& path, const nn::Module& model, const Optimizer& optimizer,
-                     const Scheduler* scheduler, const CheckpointInfo& info = {});
+                     const Schedule* scheduler, const CheckpointInfo& info = {});
 // Checks everything against the objects given (model keys and shapes, optimizer kind, parameter
 // count and state shapes, schedule kind) before changing any of them; then restores all of it.
 CheckpointInfo load_checkpoint(const std::string& path, nn::Module& model, Optimizer& optimizer,
-                               Scheduler* scheduler);
+                               Schedule* scheduler);
 
 }  // namespace loom::optim

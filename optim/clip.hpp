@@ -4,6 +4,8 @@
 
 #include "../core/tensor.hpp"
 
+// In loom::nn::utils, not loom::optim, to keep PyTorch's name (torch.nn.utils); the file sits
+// in optim/ because clipping happens between backward and the optimizer step.
 namespace loom::nn::utils {
 
 // Scales every gradient by max_norm / (total_norm + 1e-6) when that is below 1, where total_norm

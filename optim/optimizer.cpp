@@ -2,6 +2,7 @@
 // first-step and bias-correction details included; the conformance test holds them to 1e-12.
 #include "optimizer.hpp"
 
+#include <charconv>
 #include <cmath>
 #include <set>
 
@@ -82,7 +83,6 @@ void Optimizer::add_group(const std::vector<Tensor>& params, double lr)
                        "a parameter of shape {} appears twice (as parameters {} and {})", p.sizes(), i, params_.size());
         params_.push_back(p);
         group_of_.push_back(lrs_.size());
-        state_.emplace_back();
         steps_.push_back(0);
     }
     lrs_.push_back(lr);
@@ -93,10 +93,19 @@ void Optimizer::zero_grad()
     for (auto& p : params_) p.zero_grad();
 }
 
+double Optimizer::lr(std::size_t group) const
+{
+    LOOM_CHECK(group < lrs_.size(), name(), "has {} parameter group(s), asked for the rate of group {}", lrs_.size(),
+               group);
+    return lrs_[group];
+}
+
 void Optimizer::set_lr(double lr, std::size_t group)
 {
     check_finite(name(), "learning rate", lr, 0);
-    lrs_.at(group) = lr;
+    LOOM_CHECK(group < lrs_.size(), name(), "has {} parameter group(s), asked to set the rate of group {}",
+               lrs_.size(), group);
+    lrs_[group] = lr;
 }
 
 void Optimizer::set_lr(double lr)
@@ -104,15 +113,26 @@ void Optimizer::set_lr(double lr)
     for (std::size_t g = 0; g < lrs_.size(); ++g) set_lr(lr, g);
 }
 
-Tensor& Optimizer::state(std::size_t param, const std::string& key, double init)
+void Optimizer::step()
 {
-    auto& slot = state_[param];
-    auto it = slot.find(key);
-    if (it == slot.end()) it = slot.emplace(key, full_like(params_[param].detach(), init)).first;
-    return it->second;
+    NoGradGuard no_grad;
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+        const Tensor& p = params_[i];
+        const Tensor g = p.grad();
+        if (!g.defined()) continue;
+        LOOM_CHECK(g.sizes() == p.sizes() && g.dtype() == p.dtype(), name(),
+                   "parameter {} is {} {}, its gradient {} {}", i, p.dtype(), p.sizes(), g.dtype(), g.sizes());
+        for (const auto& [kind, t] : state_tensors(i))
+            LOOM_CHECK(!t.defined() || (t.sizes() == p.sizes() && t.dtype() == p.dtype()), name(),
+                       "the {} state of parameter {} is {} {}, the parameter {} {} (was the model moved with to() "
+                       "after the optimizer was built? build the optimizer after moving it)",
+                       kind, i, t.dtype(), t.sizes(), p.dtype(), p.sizes());
+    }
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+        const Tensor g = params_[i].grad();
+        if (g.defined()) update_parameter(i, params_[i], g, ++steps_[i]);
+    }
 }
-
-bool Optimizer::has_state(std::size_t param, const std::string& key) const { return state_[param].count(key) > 0; }
 
 NamedTensorMap Optimizer::state_dict() const
 {
@@ -121,153 +141,158 @@ NamedTensorMap Optimizer::state_dict() const
     for (std::size_t g = 0; g < lrs_.size(); ++g) out[fmt::format("lr.{}", g)] = scalar_tensor(lrs_[g], kFloat64);
     for (std::size_t i = 0; i < params_.size(); ++i) {
         out[fmt::format("step.{}", i)] = scalar_tensor(double(steps_[i]), kInt64);
-        for (const auto& [key, t] : state_[i]) out[fmt::format("state.{}.{}", i, key)] = t;
+        for (const auto& [kind, t] : state_tensors(i))
+            if (t.defined()) out[fmt::format("state.{}.{}", i, kind)] = t;
     }
     return out;
 }
 
+namespace {
+
+// The parameter index of "state.<i>.<kind>", or an error naming the key.
+std::size_t parameter_index(const std::string& op, const std::string& key, std::string_view digits, std::size_t count)
+{
+    std::size_t i = 0;
+    const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), i);
+    LOOM_CHECK(!digits.empty() && ec == std::errc() && end == digits.data() + digits.size(), op,
+               "malformed optimizer state key \"{}\" (expected state.<parameter index>.<kind>)", key);
+    LOOM_CHECK(i < count, op, "state \"{}\" names parameter {}, but the optimizer has {}", key, i, count);
+    return i;
+}
+
+}  // namespace
+
 void Optimizer::load_state_dict(const NamedTensorMap& state)
 {
-    const auto get = [&](const std::string& key) -> const Tensor& {
+    const std::string op = name();
+    const auto scalar = [&](const std::string& key) -> const Tensor& {
         const auto it = state.find(key);
-        LOOM_CHECK(it != state.end(), name(), "the optimizer state has no \"{}\"", key);
+        LOOM_CHECK(it != state.end(), op, "the optimizer state has no \"{}\"", key);
+        LOOM_CHECK(it->second.numel() == 1, op, "the optimizer state \"{}\" has shape {}, expected one value", key,
+                   it->second.sizes());
         return it->second;
     };
-    const auto count = get("num_params").item<std::int64_t>();
-    LOOM_CHECK(count == static_cast<std::int64_t>(params_.size()), name(),
+    const auto count = scalar("num_params").item<std::int64_t>();
+    LOOM_CHECK(count == static_cast<std::int64_t>(params_.size()), op,
                "the optimizer state is for {} parameters, this optimizer has {}", count, params_.size());
     const std::vector<std::string> keys = state_keys();
-    std::vector<std::map<std::string, Tensor>> new_state(params_.size());
+    std::vector<NamedTensorMap> new_state(params_.size());
     for (const auto& [key, t] : state) {
         if (key.rfind("state.", 0) != 0) continue;
         const auto dot = key.find('.', 6);
-        LOOM_CHECK(dot != std::string::npos, name(), "malformed optimizer state key \"{}\"", key);
-        const std::size_t i = std::stoul(key.substr(6, dot - 6));
+        LOOM_CHECK(dot != std::string::npos, op, "malformed optimizer state key \"{}\"", key);
+        const std::size_t i = parameter_index(op, key, std::string_view(key).substr(6, dot - 6), params_.size());
         const std::string kind = key.substr(dot + 1);
-        LOOM_CHECK(i < params_.size(), name(), "state \"{}\" names parameter {} of {}", key, i, params_.size());
-        LOOM_CHECK(std::find(keys.begin(), keys.end(), kind) != keys.end(), name(),
-                   "{} keeps no \"{}\" state (was this state saved by another optimizer?)", name(), kind);
-        LOOM_CHECK(t.sizes() == params_[i].sizes(), name(), "state \"{}\" has shape {}, parameter {} has shape {}", key,
+        LOOM_CHECK(std::find(keys.begin(), keys.end(), kind) != keys.end(), op,
+                   "{} keeps no \"{}\" state (was this state saved by another optimizer?)", op, kind);
+        LOOM_CHECK(t.sizes() == params_[i].sizes(), op, "state \"{}\" has shape {}, parameter {} has shape {}", key,
                    t.sizes(), i, params_[i].sizes());
+        LOOM_CHECK(is_floating(t.dtype()), op, "state \"{}\" has dtype {}, expected float32 or float64", key, t.dtype());
         new_state[i][kind] = t.to(params_[i].dtype()).clone();
     }
     std::vector<double> lrs;
-    for (std::size_t g = 0; g < lrs_.size(); ++g) lrs.push_back(get(fmt::format("lr.{}", g)).item<double>());
+    for (std::size_t g = 0; g < lrs_.size(); ++g) {
+        const double lr = scalar(fmt::format("lr.{}", g)).item<double>();
+        check_finite(op, "learning rate in the state", lr, 0);
+        lrs.push_back(lr);
+    }
     std::vector<std::int64_t> steps;
-    for (std::size_t i = 0; i < params_.size(); ++i) steps.push_back(get(fmt::format("step.{}", i)).item<std::int64_t>());
-    state_ = std::move(new_state);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+        const auto step = scalar(fmt::format("step.{}", i)).item<std::int64_t>();
+        LOOM_CHECK(step >= 0, op, "the optimizer state has step {} for parameter {}, expected >= 0", step, i);
+        steps.push_back(step);
+    }
+    set_state(new_state);
     lrs_ = std::move(lrs);
     steps_ = std::move(steps);
 }
 
 // ---- the rules ----
 
-SGD::SGD(std::vector<ParamGroup<SGDOptions>> groups) : OptimizerWith(std::move(groups)) {}
-
-void SGD::step()
+void SGD::update(const Tensor& p, const Tensor& grad, SGDState& s, const SGDOptions& o, double lr, std::int64_t)
 {
-    NoGradGuard no_grad;
-    for (std::size_t i = 0; i < parameters().size(); ++i) {
-        Tensor p = parameters()[i];
-        if (!p.grad().defined()) continue;
-        const SGDOptions& o = options_[group_of(i)];
-        Tensor d_p = with_decay(p.grad(), p, o.weight_decay());
-        if (o.momentum() != 0) {
-            const bool first = !has_state(i, "momentum_buffer");
-            Tensor& buf = state(i, "momentum_buffer");
-            if (first) buf.copy_(d_p);
-            else buf.mul_(o.momentum()).add_(d_p, 1 - o.dampening());
-            d_p = o.nesterov() ? d_p + buf * o.momentum() : buf;
-        }
-        p.add_(d_p, -lr(group_of(i)));
+    Tensor d_p = with_decay(grad, p, o.weight_decay());
+    if (o.momentum() != 0) {
+        if (!s.momentum_buffer.defined()) s.momentum_buffer = d_p.clone();
+        else s.momentum_buffer.mul_(o.momentum()).add_(d_p, 1 - o.dampening());
+        d_p = o.nesterov() ? d_p + s.momentum_buffer * o.momentum() : s.momentum_buffer;
+    }
+    Tensor(p).add_(d_p, -lr);
+}
+
+namespace {
+
+// The moments and the step of Adam and AdamW, once the gradient is decided.
+void adam_step(const Tensor& p, const Tensor& g, AdamState& s, const AdamOptions& o, double lr, std::int64_t step)
+{
+    Tensor& m = state_tensor(s.exp_avg, p);
+    Tensor& v = state_tensor(s.exp_avg_sq, p);
+    m.mul_(o.beta1()).add_(g, 1 - o.beta1());
+    v.mul_(o.beta2()).add_(g * g, 1 - o.beta2());
+    const double bias_correction1 = 1 - std::pow(o.beta1(), double(step));
+    const double bias_correction2_sqrt = std::sqrt(1 - std::pow(o.beta2(), double(step)));
+    Tensor second = v;
+    if (o.amsgrad()) {
+        Tensor& v_max = state_tensor(s.max_exp_avg_sq, p);
+        v_max.copy_(maximum(v_max, v));
+        second = v_max;
+    }
+    const Tensor denom = sqrt(second) / bias_correction2_sqrt + o.eps();
+    Tensor(p).add_(m / denom, -lr / bias_correction1);
+}
+
+}  // namespace
+
+void Adam::update(const Tensor& p, const Tensor& grad, AdamState& s, const AdamOptions& o, double lr,
+                  std::int64_t step)
+{
+    adam_step(p, with_decay(grad, p, o.weight_decay()), s, o, lr, step);
+}
+
+void AdamW::update(const Tensor& p, const Tensor& grad, AdamState& s, const AdamOptions& o, double lr,
+                   std::int64_t step)
+{
+    Tensor(p).mul_(1 - lr * o.weight_decay());
+    adam_step(p, grad, s, o, lr, step);
+}
+
+void RMSprop::update(const Tensor& p, const Tensor& grad, RMSpropState& s, const RMSpropOptions& o, double lr,
+                     std::int64_t)
+{
+    const Tensor g = with_decay(grad, p, o.weight_decay());
+    Tensor& square_avg = state_tensor(s.square_avg, p);
+    square_avg.mul_(o.alpha()).add_(g * g, 1 - o.alpha());
+    Tensor avg;
+    if (o.centered()) {
+        Tensor& grad_avg = state_tensor(s.grad_avg, p);
+        grad_avg.mul_(o.alpha()).add_(g, 1 - o.alpha());
+        avg = sqrt(square_avg - grad_avg * grad_avg) + o.eps();
+    } else {
+        avg = sqrt(square_avg) + o.eps();
+    }
+    if (o.momentum() > 0) {
+        Tensor& buf = state_tensor(s.momentum_buffer, p);
+        buf.mul_(o.momentum()).add_(g / avg);
+        Tensor(p).add_(buf, -lr);
+    } else {
+        Tensor(p).add_(g / avg, -lr);
     }
 }
 
-Adam::Adam(std::vector<ParamGroup<AdamOptions>> groups, bool decoupled)
-    : OptimizerWith(std::move(groups)), decoupled_(decoupled)
-{
-}
-
-void Adam::step()
-{
-    NoGradGuard no_grad;
-    for (std::size_t i = 0; i < parameters().size(); ++i) {
-        Tensor p = parameters()[i];
-        if (!p.grad().defined()) continue;
-        const AdamOptions& o = options_[group_of(i)];
-        const double lr_now = lr(group_of(i));
-        Tensor g = p.grad();
-        if (decoupled_) p.mul_(1 - lr_now * o.weight_decay());
-        else g = with_decay(g, p, o.weight_decay());
-        Tensor& m = state(i, "exp_avg");
-        Tensor& v = state(i, "exp_avg_sq");
-        const auto step = double(++step_count(i));
-        m.mul_(o.beta1()).add_(g, 1 - o.beta1());
-        v.mul_(o.beta2()).add_(g * g, 1 - o.beta2());
-        const double bias_correction1 = 1 - std::pow(o.beta1(), step);
-        const double bias_correction2_sqrt = std::sqrt(1 - std::pow(o.beta2(), step));
-        Tensor second = v;
-        if (o.amsgrad()) {
-            Tensor& v_max = state(i, "max_exp_avg_sq");
-            v_max.copy_(maximum(v_max, v));
-            second = v_max;
-        }
-        const Tensor denom = sqrt(second) / bias_correction2_sqrt + o.eps();
-        p.add_(m / denom, -lr_now / bias_correction1);
-    }
-}
-
-RMSprop::RMSprop(std::vector<ParamGroup<RMSpropOptions>> groups) : OptimizerWith(std::move(groups)) {}
-
-void RMSprop::step()
-{
-    NoGradGuard no_grad;
-    for (std::size_t i = 0; i < parameters().size(); ++i) {
-        Tensor p = parameters()[i];
-        if (!p.grad().defined()) continue;
-        const RMSpropOptions& o = options_[group_of(i)];
-        const Tensor g = with_decay(p.grad(), p, o.weight_decay());
-        ++step_count(i);
-        Tensor& square_avg = state(i, "square_avg");
-        square_avg.mul_(o.alpha()).add_(g * g, 1 - o.alpha());
-        Tensor avg;
-        if (o.centered()) {
-            Tensor& grad_avg = state(i, "grad_avg");
-            grad_avg.mul_(o.alpha()).add_(g, 1 - o.alpha());
-            avg = sqrt(square_avg - grad_avg * grad_avg) + o.eps();
-        } else {
-            avg = sqrt(square_avg) + o.eps();
-        }
-        if (o.momentum() > 0) {
-            Tensor& buf = state(i, "momentum_buffer");
-            buf.mul_(o.momentum()).add_(g / avg);
-            p.add_(buf, -lr(group_of(i)));
-        } else {
-            p.add_(g / avg, -lr(group_of(i)));
-        }
-    }
-}
-
-Adagrad::Adagrad(std::vector<ParamGroup<AdagradOptions>> groups) : OptimizerWith(std::move(groups))
+Adagrad::Adagrad(const std::vector<ParamGroup<AdagradOptions>>& groups) : OptimizerWith(groups)
 {
     for (std::size_t i = 0; i < parameters().size(); ++i)
-        state(i, "sum", options_[group_of(i)].initial_accumulator_value());
+        state_tensor(mutable_state(i).sum, parameters()[i], options(group_of(i)).initial_accumulator_value());
 }
 
-void Adagrad::step()
+void Adagrad::update(const Tensor& p, const Tensor& grad, AdagradState& s, const AdagradOptions& o, double lr,
+                     std::int64_t step)
 {
-    NoGradGuard no_grad;
-    for (std::size_t i = 0; i < parameters().size(); ++i) {
-        Tensor p = parameters()[i];
-        if (!p.grad().defined()) continue;
-        const AdagradOptions& o = options_[group_of(i)];
-        const auto step = double(++step_count(i));
-        const Tensor g = with_decay(p.grad(), p, o.weight_decay());
-        const double clr = lr(group_of(i)) / (1 + (step - 1) * o.lr_decay());
-        Tensor& sum = state(i, "sum");
-        sum.add_(g * g);
-        p.add_(g / (sqrt(sum) + o.eps()), -clr);
-    }
+    const Tensor g = with_decay(grad, p, o.weight_decay());
+    const double clr = lr / (1 + double(step - 1) * o.lr_decay());
+    Tensor& sum = state_tensor(s.sum, p);
+    sum.add_(g * g);
+    Tensor(p).add_(g / (sqrt(sum) + o.eps()), -clr);
 }
 
 }  // namespace loom::optim

@@ -1,5 +1,6 @@
 // Optimizers with PyTorch's update rules, parameter groups, and state for checkpoints.
 #pragma once
+#include <array>
 #include <map>
 #include <string>
 #include <vector>
@@ -67,112 +68,212 @@ template <class Options> struct ParamGroup {
     Options options;
 };
 
+// The base owns the loop: step() checks every gradient and every state tensor first, then
+// calls update_parameter() for each parameter that has a gradient (others are skipped, as in
+// PyTorch). A step that throws has changed nothing.
 class Optimizer {
 public:
     virtual ~Optimizer() = default;
     Optimizer(const Optimizer&) = delete;
     Optimizer& operator=(const Optimizer&) = delete;
 
-    // One update of every parameter that has a gradient (others are skipped, as in PyTorch).
-    virtual void step() = 0;
+    void step();
     void zero_grad();
     virtual std::string name() const = 0;
     // The kinds of per-parameter state this optimizer keeps ("exp_avg", ...).
     virtual std::vector<std::string> state_keys() const = 0;
 
     std::size_t num_groups() const { return lrs_.size(); }
-    double lr(std::size_t group = 0) const { return lrs_.at(group); }
+    double lr(std::size_t group = 0) const;
     void set_lr(double lr, std::size_t group);
     void set_lr(double lr);  // every group
     const std::vector<Tensor>& parameters() const { return params_; }
+    // How many updates parameter `param` has had.
+    std::int64_t step_count(std::size_t param) const { return steps_.at(param); }
 
     // Moments, step counts and learning rates, as tensors: "state.<i>.<name>", "step.<i>", "lr.<g>".
     NamedTensorMap state_dict() const;
-    // Checks the state against these parameters (count, shapes, kinds of state) before taking any.
+    // Checks the whole state against these parameters (count, shapes, kinds of state) before
+    // taking any of it: a state that does not fit changes nothing.
     void load_state_dict(const NamedTensorMap& state);
 
 protected:
     Optimizer() = default;
     // Registers groups: every parameter once, a leaf that requires grad, in float32 or float64.
     void add_group(const std::vector<Tensor>& params, double lr);
-    // The per-parameter state tensor `key`, created as zeros (or `init`) the first time.
-    Tensor& state(std::size_t param, const std::string& key, double init = 0);
-    bool has_state(std::size_t param, const std::string& key) const;
-    std::int64_t& step_count(std::size_t param) { return steps_[param]; }
     std::size_t group_of(std::size_t param) const { return group_of_[param]; }
+
+    // One parameter's update; `step` counts its updates, this one included. Called only after
+    // every check has passed.
+    virtual void update_parameter(std::size_t param, const Tensor& p, const Tensor& grad, std::int64_t step) = 0;
+    // The state tensors of one parameter by kind; undefined where not created yet.
+    virtual std::vector<std::pair<std::string, Tensor>> state_tensors(std::size_t param) const = 0;
+    // Replaces every parameter's state with checked tensors, keyed by kind.
+    virtual void set_state(const std::vector<NamedTensorMap>& state) = 0;
 
 private:
     std::vector<Tensor> params_;
     std::vector<std::size_t> group_of_;
     std::vector<double> lrs_;
-    std::vector<std::map<std::string, Tensor>> state_;
     std::vector<std::int64_t> steps_;
 };
 
-// Each optimizer keeps its options per group; the learning rate lives in the base, where
-// schedules change it.
-template <class Options> class OptimizerWith : public Optimizer {
+// One named state tensor of an optimizer's per-parameter state struct.
+template <class State> struct StateField {
+    const char* name;
+    Tensor State::*member;
+};
+
+// The state tensor `slot`, created as `init` in p's shape and dtype the first time.
+inline Tensor& state_tensor(Tensor& slot, const Tensor& p, double init = 0)
+{
+    if (!slot.defined()) slot = full_like(p, init);
+    return slot;
+}
+
+// An optimizer with options per group and a typed state per parameter. State lists its tensors
+// once, in State::fields(); the update rule, the checks and the checkpoint all go through it.
+template <class Options, class State> class OptimizerWith : public Optimizer {
 public:
-    explicit OptimizerWith(std::vector<ParamGroup<Options>> groups)
+    const Options& options(std::size_t group = 0) const { return options_.at(group); }
+    const State& state(std::size_t param) const { return state_.at(param); }
+    std::vector<std::string> state_keys() const override
     {
-        for (auto& g : groups) {
+        std::vector<std::string> keys;
+        for (const auto& f : State::fields()) keys.emplace_back(f.name);
+        return keys;
+    }
+
+protected:
+    explicit OptimizerWith(const std::vector<ParamGroup<Options>>& groups)
+    {
+        LOOM_CHECK(!groups.empty(), "optimizer", "expects at least one parameter group, got none");
+        for (const auto& g : groups) {
             validate_options(g.options);
             add_group(g.params, g.options.lr());
             options_.push_back(g.options);
         }
+        state_.resize(parameters().size());
     }
-    const Options& options(std::size_t group = 0) const { return options_.at(group); }
+    // The rule: one parameter with its state, its group's options and learning rate.
+    virtual void update(const Tensor& p, const Tensor& grad, State& state, const Options& o, double lr,
+                        std::int64_t step) = 0;
+    State& mutable_state(std::size_t param) { return state_[param]; }
 
-protected:
+private:
+    void update_parameter(std::size_t i, const Tensor& p, const Tensor& grad, std::int64_t step) final
+    {
+        update(p, grad, state_[i], options_[group_of(i)], lr(group_of(i)), step);
+    }
+    std::vector<std::pair<std::string, Tensor>> state_tensors(std::size_t i) const final
+    {
+        std::vector<std::pair<std::string, Tensor>> out;
+        for (const auto& f : State::fields()) out.emplace_back(f.name, state_[i].*f.member);
+        return out;
+    }
+    void set_state(const std::vector<NamedTensorMap>& state) final
+    {
+        std::vector<State> next(state.size());
+        for (std::size_t i = 0; i < state.size(); ++i)
+            for (const auto& f : State::fields()) {
+                const auto it = state[i].find(f.name);
+                if (it != state[i].end()) next[i].*f.member = it->second;
+            }
+        state_ = std::move(next);
+    }
     std::vector<Options> options_;
+    std::vector<State> state_;
 };
 
-class SGD : public OptimizerWith<SGDOptions> {
+struct SGDState {
+    Tensor momentum_buffer;
+    static auto fields() { return std::array{StateField<SGDState>{"momentum_buffer", &SGDState::momentum_buffer}}; }
+};
+
+class SGD : public OptimizerWith<SGDOptions, SGDState> {
 public:
     SGD(std::vector<Tensor> params, SGDOptions options) : SGD(std::vector<ParamGroup<SGDOptions>>{{params, options}}) {}
-    explicit SGD(std::vector<ParamGroup<SGDOptions>> groups);
-    void step() override;
+    explicit SGD(const std::vector<ParamGroup<SGDOptions>>& groups) : OptimizerWith(groups) {}
     std::string name() const override { return "SGD"; }
-    std::vector<std::string> state_keys() const override { return {"momentum_buffer"}; }
+
+private:
+    void update(const Tensor& p, const Tensor& grad, SGDState& s, const SGDOptions& o, double lr,
+                std::int64_t step) override;
 };
 
-// Adam (Kingma & Ba); AdamW (Loshchilov & Hutter) decouples weight decay from the gradient.
-class Adam : public OptimizerWith<AdamOptions> {
+struct AdamState {
+    Tensor exp_avg, exp_avg_sq, max_exp_avg_sq;  // the last only with amsgrad
+    static auto fields()
+    {
+        return std::array{StateField<AdamState>{"exp_avg", &AdamState::exp_avg},
+                          StateField<AdamState>{"exp_avg_sq", &AdamState::exp_avg_sq},
+                          StateField<AdamState>{"max_exp_avg_sq", &AdamState::max_exp_avg_sq}};
+    }
+};
+
+// Adam (Kingma & Ba): weight decay is added to the gradient (an L2 penalty).
+class Adam : public OptimizerWith<AdamOptions, AdamState> {
 public:
     Adam(std::vector<Tensor> params, AdamOptions options = {})
         : Adam(std::vector<ParamGroup<AdamOptions>>{{params, options}}) {}
-    explicit Adam(std::vector<ParamGroup<AdamOptions>> groups, bool decoupled = false);
-    void step() override;
-    std::string name() const override { return decoupled_ ? "AdamW" : "Adam"; }
-    std::vector<std::string> state_keys() const override { return {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}; }
-    bool decoupled_;
+    explicit Adam(const std::vector<ParamGroup<AdamOptions>>& groups) : OptimizerWith(groups) {}
+    std::string name() const override { return "Adam"; }
+
+private:
+    void update(const Tensor& p, const Tensor& grad, AdamState& s, const AdamOptions& o, double lr,
+                std::int64_t step) override;
 };
 
-class AdamW : public Adam {
+// AdamW (Loshchilov & Hutter): weight decay is decoupled from the gradient, p *= 1 - lr * wd.
+class AdamW : public OptimizerWith<AdamOptions, AdamState> {
 public:
     AdamW(std::vector<Tensor> params, AdamOptions options = AdamOptions().weight_decay(1e-2))
-        : Adam(std::vector<ParamGroup<AdamOptions>>{{params, options}}, true) {}
-    explicit AdamW(std::vector<ParamGroup<AdamOptions>> groups) : Adam(std::move(groups), true) {}
+        : AdamW(std::vector<ParamGroup<AdamOptions>>{{params, options}}) {}
+    explicit AdamW(const std::vector<ParamGroup<AdamOptions>>& groups) : OptimizerWith(groups) {}
+    std::string name() const override { return "AdamW"; }
+
+private:
+    void update(const Tensor& p, const Tensor& grad, AdamState& s, const AdamOptions& o, double lr,
+                std::int64_t step) override;
 };
 
-class RMSprop : public OptimizerWith<RMSpropOptions> {
+struct RMSpropState {
+    Tensor square_avg, momentum_buffer, grad_avg;  // momentum_buffer with momentum, grad_avg when centered
+    static auto fields()
+    {
+        return std::array{StateField<RMSpropState>{"square_avg", &RMSpropState::square_avg},
+                          StateField<RMSpropState>{"momentum_buffer", &RMSpropState::momentum_buffer},
+                          StateField<RMSpropState>{"grad_avg", &RMSpropState::grad_avg}};
+    }
+};
+
+class RMSprop : public OptimizerWith<RMSpropOptions, RMSpropState> {
 public:
     RMSprop(std::vector<Tensor> params, RMSpropOptions options = {})
         : RMSprop(std::vector<ParamGroup<RMSpropOptions>>{{params, options}}) {}
-    explicit RMSprop(std::vector<ParamGroup<RMSpropOptions>> groups);
-    void step() override;
+    explicit RMSprop(const std::vector<ParamGroup<RMSpropOptions>>& groups) : OptimizerWith(groups) {}
     std::string name() const override { return "RMSprop"; }
-    std::vector<std::string> state_keys() const override { return {"square_avg", "momentum_buffer", "grad_avg"}; }
+
+private:
+    void update(const Tensor& p, const Tensor& grad, RMSpropState& s, const RMSpropOptions& o, double lr,
+                std::int64_t step) override;
 };
 
-class Adagrad : public OptimizerWith<AdagradOptions> {
+struct AdagradState {
+    Tensor sum;
+    static auto fields() { return std::array{StateField<AdagradState>{"sum", &AdagradState::sum}}; }
+};
+
+class Adagrad : public OptimizerWith<AdagradOptions, AdagradState> {
 public:
     Adagrad(std::vector<Tensor> params, AdagradOptions options = {})
         : Adagrad(std::vector<ParamGroup<AdagradOptions>>{{params, options}}) {}
-    explicit Adagrad(std::vector<ParamGroup<AdagradOptions>> groups);
-    void step() override;
+    explicit Adagrad(const std::vector<ParamGroup<AdagradOptions>>& groups);
     std::string name() const override { return "Adagrad"; }
-    std::vector<std::string> state_keys() const override { return {"sum"}; }
+
+private:
+    void update(const Tensor& p, const Tensor& grad, AdagradState& s, const AdagradOptions& o, double lr,
+                std::int64_t step) override;
 };
 
 }  // namespace loom::optim

@@ -10,11 +10,13 @@ const Tensor& entry(const NamedTensorMap& state, const std::string& key, const s
 {
     const auto it = state.find(key);
     LOOM_CHECK(it != state.end(), who, "the schedule state has no \"{}\"", key);
+    LOOM_CHECK(it->second.numel() == 1, who, "the schedule state \"{}\" has shape {}, expected one value", key,
+               it->second.sizes());
     return it->second;
 }
 }  // namespace
 
-Scheduler::Scheduler(Optimizer& optimizer) : optimizer_(optimizer)
+Schedule::Schedule(Optimizer& optimizer) : optimizer_(optimizer)
 {
     for (std::size_t g = 0; g < optimizer.num_groups(); ++g) base_lrs_.push_back(optimizer.lr(g));
 }
@@ -30,14 +32,14 @@ void Scheduler::step()
     apply();
 }
 
-std::vector<double> Scheduler::last_lr() const
+std::vector<double> Schedule::last_lr() const
 {
     std::vector<double> out;
     for (std::size_t g = 0; g < base_lrs_.size(); ++g) out.push_back(optimizer_.lr(g));
     return out;
 }
 
-NamedTensorMap Scheduler::state_dict() const
+NamedTensorMap Schedule::state_dict() const
 {
     NamedTensorMap out;
     out["last_epoch"] = scalar_tensor(double(last_epoch_), kInt64);
@@ -45,13 +47,21 @@ NamedTensorMap Scheduler::state_dict() const
     return out;
 }
 
-void Scheduler::load_state_dict(const NamedTensorMap& state)
+void Schedule::load_state_dict(const NamedTensorMap& state)
 {
     std::vector<double> bases;
     for (std::size_t g = 0; g < base_lrs_.size(); ++g)
         bases.push_back(entry(state, fmt::format("base_lr.{}", g), name()).item<double>());
-    last_epoch_ = entry(state, "last_epoch", name()).item<std::int64_t>();
+    const auto last_epoch = entry(state, "last_epoch", name()).item<std::int64_t>();
+    LOOM_CHECK(last_epoch >= 0, name(), "the schedule state has last_epoch {}, expected >= 0", last_epoch);
+    last_epoch_ = last_epoch;
     base_lrs_ = std::move(bases);
+}
+
+void MetricScheduler::epoch_end(std::optional<double> validation_loss)
+{
+    LOOM_CHECK(validation_loss.has_value(), name(), "is stepped with the validation loss: give fit validation data");
+    step(*validation_loss);
 }
 
 StepLR::StepLR(Optimizer& optimizer, std::int64_t step_size, double gamma)
@@ -115,7 +125,7 @@ double LinearLR::next_lr(std::size_t, double current) const
 ReduceLROnPlateau::ReduceLROnPlateau(Optimizer& optimizer, Mode mode, double factor, std::int64_t patience,
                                      double threshold, ThresholdMode threshold_mode, std::int64_t cooldown,
                                      double min_lr, double eps)
-    : Scheduler(optimizer), mode_(mode), factor_(factor), patience_(patience), threshold_(threshold),
+    : MetricScheduler(optimizer), mode_(mode), factor_(factor), patience_(patience), threshold_(threshold),
       threshold_mode_(threshold_mode), cooldown_(cooldown), min_lr_(min_lr), eps_(eps),
       best_(mode == Mode::Min ? INFINITY : -INFINITY)
 {
@@ -130,8 +140,6 @@ bool ReduceLROnPlateau::better(double a) const
     if (mode_ == Mode::Min) return a < (rel ? best_ * (1 - threshold_) : best_ - threshold_);
     return a > (rel ? best_ * (1 + threshold_) : best_ + threshold_);
 }
-
-void ReduceLROnPlateau::step() { fail("ReduceLROnPlateau", "step() needs the metric: call step(metric)"); }
 
 void ReduceLROnPlateau::step(double metric)
 {
@@ -158,7 +166,7 @@ void ReduceLROnPlateau::step(double metric)
 
 NamedTensorMap ReduceLROnPlateau::state_dict() const
 {
-    NamedTensorMap out = Scheduler::state_dict();
+    NamedTensorMap out = Schedule::state_dict();
     out["best"] = scalar_tensor(best_, kFloat64);
     out["bad_epochs"] = scalar_tensor(double(bad_epochs_), kInt64);
     out["cooldown_counter"] = scalar_tensor(double(cooldown_counter_), kInt64);
@@ -170,7 +178,7 @@ void ReduceLROnPlateau::load_state_dict(const NamedTensorMap& state)
     const double best = entry(state, "best", name()).item<double>();
     const auto bad = entry(state, "bad_epochs", name()).item<std::int64_t>();
     const auto cooldown = entry(state, "cooldown_counter", name()).item<std::int64_t>();
-    Scheduler::load_state_dict(state);
+    Schedule::load_state_dict(state);
     best_ = best;
     bad_epochs_ = bad;
     cooldown_counter_ = cooldown;

@@ -145,7 +145,9 @@ def optimizer_cases():
             opt = getattr(torch.optim, cls)([{"params": [params[0]], **options[0]}, {"params": [params[1]], **options[1]}])
         else:
             opt = getattr(torch.optim, cls)(params, **options)
-        meta = {"optimizer": cls, "groups": len(opt.param_groups)}
+        meta = {"optimizer": cls, "groups": len(opt.param_groups), "steps": 5}
+        if name == "adam_lr_change":
+            meta.update({"lr_change_step": 3, "lr_change_to": 0.05})
         for g, group in enumerate(opt.param_groups):
             for key in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "eps", "amsgrad", "alpha",
                         "centered", "lr_decay", "initial_accumulator_value"):
@@ -153,9 +155,9 @@ def optimizer_cases():
                     meta[f"group{g}.{key}"] = float(group[key]) if not isinstance(group[key], bool) else int(group[key])
             if "betas" in group:
                 meta[f"group{g}.beta1"], meta[f"group{g}.beta2"] = group["betas"]
-        for t in range(5):
-            if name == "adam_lr_change" and t == 3:
-                opt.param_groups[0]["lr"] = 0.05
+        for t in range(meta["steps"]):
+            if t == meta.get("lr_change_step"):
+                opt.param_groups[0]["lr"] = meta["lr_change_to"]
             for k, p in enumerate(params):
                 p.grad = torch.randn_like(p)
                 tensors[f"grad.{t}.{k}"] = p.grad.clone()
@@ -166,10 +168,11 @@ def optimizer_cases():
 
 
 def clip_cases():
-    for name, fn in [("norm2", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
-                     ("norm_inf", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0, norm_type=float("inf"))),
-                     ("norm_large", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1000.0)),
-                     ("value", lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.5))]:
+    """Clipping of fixed gradients; the arguments travel in the metadata (clip, max_norm, norm_type, clip_value)."""
+    for name, args in [("norm2", {"clip": "norm", "max_norm": 1.0, "norm_type": 2.0}),
+                       ("norm_inf", {"clip": "norm", "max_norm": 1.0, "norm_type": float("inf")}),
+                       ("norm_large", {"clip": "norm", "max_norm": 1000.0, "norm_type": 2.0}),
+                       ("value", {"clip": "value", "clip_value": 0.5})]:
         torch.manual_seed(4)
         params = [torch.zeros(3, 2, dtype=torch.float64, requires_grad=True),
                   torch.zeros(4, dtype=torch.float64, requires_grad=True)]
@@ -177,33 +180,37 @@ def clip_cases():
         for k, p in enumerate(params):
             p.grad = torch.randn_like(p) * 3
             tensors[f"grad.{k}"] = p.grad.clone()
-        total = fn(params)
+        if args["clip"] == "norm":
+            total = torch.nn.utils.clip_grad_norm_(params, args["max_norm"], norm_type=args["norm_type"])
+        else:
+            total = torch.nn.utils.clip_grad_value_(params, args["clip_value"])
         for k, p in enumerate(params):
             tensors[f"clipped.{k}"] = p.grad.clone()
         if total is not None:
             tensors["total_norm"] = total.detach().reshape(())
-        save("clip_" + name, tensors, {"clip": name})
+        save("clip_" + name, tensors, args)
 
 
 def schedule_cases():
     metrics = [1.0, 0.9, 0.95, 0.95, 0.96, 0.97, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
-    cases = [("step", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
-             ("exponential", lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)),
-             ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5, eta_min=0.001)),
-             ("linear", lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, end_factor=1.0, total_iters=4)),
-             ("plateau", lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=2, cooldown=1,
-                                                                                threshold=0.01))]
-    for name, make in cases:
+    """Twelve steps of each schedule; its class and arguments travel in the metadata."""
+    cases = [("step", "StepLR", {"step_size": 3, "gamma": 0.5}),
+             ("exponential", "ExponentialLR", {"gamma": 0.9}),
+             ("cosine", "CosineAnnealingLR", {"T_max": 5, "eta_min": 0.001}),
+             ("linear", "LinearLR", {"start_factor": 0.25, "end_factor": 1.0, "total_iters": 4}),
+             ("plateau", "ReduceLROnPlateau", {"factor": 0.5, "patience": 2, "cooldown": 1, "threshold": 0.01})]
+    for name, cls, args in cases:
         p = torch.zeros(1, requires_grad=True)
         opt = torch.optim.SGD([p], lr=0.1)
-        sched = make(opt)
+        sched = getattr(torch.optim.lr_scheduler, cls)(opt, **args)
         lrs = [opt.param_groups[0]["lr"]]
-        for t in range(12):
+        for t in range(len(metrics)):
             opt.step()
             sched.step(metrics[t]) if name == "plateau" else sched.step()
             lrs.append(opt.param_groups[0]["lr"])
         save("schedule_" + name, {"lrs": torch.tensor(lrs, dtype=torch.float64),
-                                  "metrics": torch.tensor(metrics, dtype=torch.float64)}, {"schedule": name})
+                                  "metrics": torch.tensor(metrics, dtype=torch.float64)},
+             {"schedule": name, "class": cls, "lr": 0.1, **args})
 
 
 def main():
@@ -218,7 +225,13 @@ def main():
     optimizer_cases()
     clip_cases()
     schedule_cases()
-    print(f"wrote {len(list(OUT.glob('*.safetensors')))} files to {OUT}")
+    # How many cases of each family there are, so the tests notice a file gone missing.
+    counts = {}
+    for f in OUT.glob("*.safetensors"):
+        family = f.stem.split("_")[0]
+        counts[family] = counts.get(family, 0) + 1
+    (OUT / "manifest.json").write_text(json.dumps(dict(sorted(counts.items())), indent=1) + "\n")
+    print(f"wrote {sum(counts.values())} files to {OUT}: {counts}")
 
 
 if __name__ == "__main__":

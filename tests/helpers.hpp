@@ -4,7 +4,10 @@
 
 #include <loom/loom.hpp>
 
+#include <nlohmann/json.hpp>
 #include <stdlib.h>
+
+#include <algorithm>
 
 #include <cmath>
 #include <filesystem>
@@ -61,6 +64,29 @@ struct TempDir {
     ~TempDir() { std::filesystem::remove_all(path); }
     std::string file(const std::string& name) const { return (path / name).string(); }
 };
+
+// The committed PyTorch reference files (scripts/make_reference.py) whose names start with
+// `prefix`, sorted.
+inline std::vector<std::string> reference_files(const std::string& prefix)
+{
+    std::vector<std::string> out;
+    for (const auto& entry : std::filesystem::directory_iterator(LOOM_TEST_DATA))
+        if (entry.path().filename().string().rfind(prefix, 0) == 0 && entry.path().extension() == ".safetensors")
+            out.push_back(entry.path().string());
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+// How many cases of `family` ("lstm", "optim", ...) the reference script wrote, from the
+// manifest it writes beside them: a file gone missing fails the count.
+inline std::size_t reference_count(const std::string& family)
+{
+    std::ifstream in(std::string(LOOM_TEST_DATA) + "/manifest.json");
+    REQUIRE(in.good());
+    const nlohmann::json manifest = nlohmann::json::parse(in);
+    REQUIRE(manifest.contains(family));
+    return manifest.at(family).get<std::size_t>();
+}
 
 inline std::string bytes_of(const std::filesystem::path& path)
 {

@@ -11,21 +11,10 @@ namespace {
 
 const std::string data_dir = LOOM_TEST_DATA;
 
-std::vector<std::string> files_starting(const std::string& prefix)
-{
-    std::vector<std::string> out;
-    for (const auto& entry : std::filesystem::directory_iterator(data_dir)) {
-        const std::string name = entry.path().filename().string();
-        if (name.rfind(prefix, 0) == 0) out.push_back(entry.path().string());
-    }
-    std::sort(out.begin(), out.end());
-    return out;
-}
-
 // Parameters stored as "param.<name>", with their gradients as "grad.param.<name>".
-nn::StateDict parameters_in(const NamedTensorMap& file)
+NamedTensorMap parameters_in(const NamedTensorMap& file)
 {
-    nn::StateDict dict;
+    NamedTensorMap dict;
     for (const auto& [key, t] : file)
         if (key.rfind("param.", 0) == 0) dict[key.substr(6)] = t;
     return dict;
@@ -61,7 +50,7 @@ TEST_CASE("RNN, LSTM and GRU match PyTorch: 1 and 2 layers, bidirectional, with 
 {
     std::size_t cases = 0;
     for (const std::string prefix : {"rnn_", "lstm_", "gru_"})
-        for (const auto& path : files_starting(prefix)) {
+        for (const auto& path : testing::reference_files(prefix)) {
             const auto contents = load_with_metadata(path);
             const auto& file = contents.tensors;
             const auto& meta = contents.metadata;
@@ -96,13 +85,13 @@ TEST_CASE("RNN, LSTM and GRU match PyTorch: 1 and 2 layers, bidirectional, with 
                 check_close(p.grad(), file.at("grad.param." + pname), name + " " + pname + " gradient");
             ++cases;
         }
-    CHECK(cases == 32);
+    CHECK(cases == testing::reference_count("rnn") + testing::reference_count("lstm") + testing::reference_count("gru"));
 }
 
 TEST_CASE("losses match PyTorch")
 {
     std::size_t cases = 0;
-    for (const auto& path : files_starting("loss_")) {
+    for (const auto& path : testing::reference_files("loss_")) {
         const auto contents = load_with_metadata(path);
         const auto& file = contents.tensors;
         const auto& meta = contents.metadata;
@@ -130,5 +119,5 @@ TEST_CASE("losses match PyTorch")
         check_close(x.grad(), file.at("grad.input"), name + " gradient");
         ++cases;
     }
-    CHECK(cases == 21);
+    CHECK(cases == testing::reference_count("loss"));
 }

@@ -137,7 +137,7 @@ TEST_CASE("state dicts round-trip through a file and mismatches are reported tog
                  "shape or dtype mismatches: weight_ih_l0 (file [16, 3], module [20, 3])", "bias_hh_l0 (file [16], module [20])"});
     CHECK(values(other.weights(0, 0).w_ih) == before);  // nothing was copied
 
-    nn::StateDict partial = a.state_dict();
+    NamedTensorMap partial = a.state_dict();
     partial.erase("weight_hh_l1");
     partial["extra"] = ones({1});
     check_error([&] { b.load_state_dict(partial); }, {"missing keys: weight_hh_l1", "unexpected keys: extra"});

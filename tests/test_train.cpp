@@ -121,7 +121,7 @@ TEST_CASE("fit trains, keeps and restores the best model, stops early and logs e
     const auto forward = [&](const train::Batch& b) { return model(b.input); };
     const auto loss = [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); };
     const auto history = train::fit(model, opt, forward, loss, train_set, val_set, o);
-    CHECK(history.epochs.front()[1].second > 100 * history.best_val_loss);  // first epoch vs best
+    CHECK(history.epochs.front().at("train_loss") > 100 * history.best_val_loss);  // first epoch vs best
     CHECK(history.best_val_loss < 1e-3);             // learned y = 2x + 1
     CHECK(model.weight.item<double>() == doctest::Approx(2).epsilon(0.01));
     CHECK(history.stopped_early);                    // the noise floor stops improvement before 30 epochs
@@ -131,9 +131,67 @@ TEST_CASE("fit trains, keeps and restores the best model, stops early and logs e
     const auto best = load(o.best_checkpoint);
     CHECK(best.at("weight").item<double>() == model.weight.item<double>());
     const auto v = train::evaluate(model, forward, loss, val_set, 64, false);
-    CHECK(v[0].second == doctest::Approx(history.best_val_loss));
+    CHECK(v.at("loss") == doctest::Approx(history.best_val_loss));
     check_error([&] {
         train::FitOptions bad = o;
         (void)train::fit(model, opt, forward, loss, train_set, {}, bad);
     }, {"fit", "need validation data"});
+}
+
+TEST_CASE("fit steps every kind of schedule once per epoch, a metric-driven one with the validation loss")
+{
+    Generator gen(5);
+    const Tensor x = randn({40, 1}, kFloat64, &gen), y = x * 3.0;
+    const train::Dataset data{40, [&](const std::vector<std::int64_t>& idx) {
+                                  const Tensor i = from_vector<std::int64_t>(idx, {std::int64_t(idx.size())});
+                                  return train::Batch{x.index_select(0, i), y.index_select(0, i), {}};
+                              }};
+    auto [train_set, val_set] = train::split(data, 0.25, gen);
+    using Make = std::function<std::unique_ptr<optim::Schedule>(optim::Optimizer&)>;
+    const std::vector<std::pair<std::string, Make>> schedules = {
+        {"StepLR", [](optim::Optimizer& o) { return std::make_unique<optim::StepLR>(o, 2, 0.5); }},
+        {"ExponentialLR", [](optim::Optimizer& o) { return std::make_unique<optim::ExponentialLR>(o, 0.8); }},
+        {"CosineAnnealingLR", [](optim::Optimizer& o) { return std::make_unique<optim::CosineAnnealingLR>(o, 4); }},
+        {"LinearLR", [](optim::Optimizer& o) { return std::make_unique<optim::LinearLR>(o, 0.5, 1.0, 3); }},
+        {"ReduceLROnPlateau", [](optim::Optimizer& o) {
+             return std::make_unique<optim::ReduceLROnPlateau>(o, optim::ReduceLROnPlateau::Mode::Min, 0.5, 0);
+         }}};
+    for (const auto& [name, make] : schedules) {
+        CAPTURE(name);
+        nn::Dense model(1, 1, false, kFloat64);
+        optim::SGD opt(model.parameters(), optim::SGDOptions(0.05));
+        const auto schedule = make(opt);
+        train::FitOptions o;
+        o.epochs = 5;
+        o.batch_size = 8;
+        o.verbose = false;
+        o.restore_best = false;
+        const auto forward = [&](const train::Batch& b) { return model(b.input); };
+        const auto loss = [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); };
+        const auto history = train::fit(model, opt, forward, loss, train_set, val_set, o, schedule.get());
+        REQUIRE(history.epochs.size() == 5);
+        // The same schedule stepped by hand with the losses fit logged gives every rate fit logged.
+        nn::Dense twin_model(1, 1, false, kFloat64);
+        optim::SGD twin(twin_model.parameters(), optim::SGDOptions(0.05));
+        const auto by_hand = make(twin);
+        for (const auto& row : history.epochs) {
+            CHECK(row.at("lr") == doctest::Approx(twin.lr()).epsilon(1e-15));
+            by_hand->epoch_end(row.at("val_loss"));
+        }
+        CHECK(opt.lr() == doctest::Approx(twin.lr()).epsilon(1e-15));
+        CHECK(schedule->last_epoch() == 5);
+        if (name != "ReduceLROnPlateau") CHECK(opt.lr() != 0.05);  // it did change the rate
+    }
+    // A metric-driven schedule without validation data is refused before training starts.
+    nn::Dense model(1, 1, false, kFloat64);
+    optim::SGD opt(model.parameters(), optim::SGDOptions(0.05));
+    optim::ReduceLROnPlateau plateau(opt);
+    const auto forward = [&](const train::Batch& b) { return model(b.input); };
+    const auto loss = [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); };
+    train::FitOptions o;
+    o.verbose = false;
+    const Tensor before = model.weight.clone();
+    check_error([&] { (void)train::fit(model, opt, forward, loss, train_set, {}, o, &plateau); },
+                {"fit", "ReduceLROnPlateau", "validation loss", "no validation data"});
+    CHECK(model.weight.item<double>() == before.item<double>());
 }

@@ -41,6 +41,20 @@ std::string Progress::line(std::int64_t done, const Metrics& metrics) const
     return text;
 }
 
+double Metrics::at(std::string_view name) const
+{
+    for (const auto& [n, v] : entries_)
+        if (n == name) return v;
+    std::string known;
+    for (const auto& [n, v] : entries_) known += (known.empty() ? "" : ", ") + n;
+    fail("Metrics", "no metric \"{}\" (there are: {})", name, known);
+}
+
+bool Metrics::contains(std::string_view name) const
+{
+    return std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.first == name; });
+}
+
 void Progress::update(std::int64_t done, const Metrics& metrics)
 {
     const auto now = std::chrono::steady_clock::now();
@@ -73,11 +87,16 @@ void MetricsLog::write(const Metrics& row)
 {
     if (csv_) {
         if (!wrote_header_) {
-            for (std::size_t i = 0; i < row.size(); ++i) out_ << (i ? "," : "") << row[i].first;
-            out_ << '\n';
+            std::string header;
+            for (const auto& [name, value] : row) header += (header.empty() ? "" : ",") + name;
+            out_ << header << '\n';
             wrote_header_ = true;
         }
-        for (std::size_t i = 0; i < row.size(); ++i) out_ << (i ? "," : "") << fmt::format("{}", row[i].second);
+        bool first = true;
+        for (const auto& [name, value] : row) {
+            out_ << (first ? "" : ",") << fmt::format("{}", value);
+            first = false;
+        }
         out_ << '\n';
     } else {
         nlohmann::ordered_json j;
@@ -298,7 +317,7 @@ Metrics evaluate(nn::Module& model, const ForwardFn& forward, const LossFn& loss
 }
 
 History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
-            const Dataset& train_data, const Dataset& validation, const FitOptions& o, optim::Scheduler* scheduler)
+            const Dataset& train_data, const Dataset& validation, const FitOptions& o, optim::Schedule* schedule)
 {
     LOOM_CHECK(train_data.size > 0 && train_data.get, "fit", "the training set is empty");
     LOOM_CHECK(o.epochs > 0 && o.batch_size > 0, "fit", "expects epochs > 0 and batch_size > 0, got {} and {}",
@@ -306,10 +325,13 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
     const bool validating = validation.size > 0;
     LOOM_CHECK(validating || (o.early_stopping == 0 && o.best_checkpoint.empty()), "fit",
                "early stopping and a best-model checkpoint need validation data");
+    LOOM_CHECK(validating || !schedule || !schedule->needs_metric(), "fit",
+               "the schedule {} is stepped with the validation loss, but there is no validation data",
+               schedule ? schedule->name() : "");
     Generator gen(o.seed);
     std::unique_ptr<MetricsLog> log = o.log.empty() ? nullptr : std::make_unique<MetricsLog>(o.log);
     History history;
-    nn::StateDict best_state;
+    NamedTensorMap best_state;
     std::int64_t since_best = 0;
     const double ln2 = std::log(2.0);
     for (std::int64_t epoch = 1; epoch <= o.epochs; ++epoch) {
@@ -339,11 +361,12 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
         if (o.bits_per_character) row.emplace_back("train_bpc", loss_sum / double(seen) / ln2);
         if (validating) {
             const Metrics v = evaluate(model, forward, loss, validation, o.batch_size, o.accuracy);
-            row.emplace_back("val_loss", v[0].second);
-            if (o.accuracy) row.emplace_back("val_accuracy", v[1].second);
-            if (o.bits_per_character) row.emplace_back("val_bpc", v[0].second / ln2);
-            if (v[0].second < history.best_val_loss) {
-                history.best_val_loss = v[0].second;
+            const double val_loss = v.at("loss");
+            row.emplace_back("val_loss", val_loss);
+            if (o.accuracy) row.emplace_back("val_accuracy", v.at("accuracy"));
+            if (o.bits_per_character) row.emplace_back("val_bpc", val_loss / ln2);
+            if (val_loss < history.best_val_loss) {
+                history.best_val_loss = val_loss;
                 history.best_epoch = epoch;
                 since_best = 0;
                 best_state.clear();
@@ -358,7 +381,7 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
         if (o.verbose) progress.finish(Metrics(row.begin() + 1, row.end() - 1));
         if (log) log->write(row);
         history.epochs.push_back(row);
-        if (scheduler) scheduler->step();
+        if (schedule) schedule->epoch_end(validating ? std::optional<double>(row.at("val_loss")) : std::nullopt);
         if (o.early_stopping > 0 && since_best >= o.early_stopping) {
             history.stopped_early = true;
             if (o.verbose) std::printf("early stop: no better validation loss for %lld epochs\n", (long long)since_best);

@@ -18,7 +18,24 @@
 
 namespace loom::train {
 
-using Metrics = std::vector<std::pair<std::string, double>>;  // in the order they print
+// Named values in the order they print; read one by name with at("val_loss").
+class Metrics {
+public:
+    using Entry = std::pair<std::string, double>;
+    Metrics() = default;
+    Metrics(std::initializer_list<Entry> entries) : entries_(entries) {}
+    template <class It> Metrics(It first, It last) : entries_(first, last) {}
+    void emplace_back(std::string name, double value) { entries_.emplace_back(std::move(name), value); }
+    // The value named `name`; an error naming the metrics there are when it is missing.
+    double at(std::string_view name) const;
+    bool contains(std::string_view name) const;
+    std::size_t size() const { return entries_.size(); }
+    auto begin() const { return entries_.begin(); }
+    auto end() const { return entries_.end(); }
+
+private:
+    std::vector<Entry> entries_;
+};
 
 // On a terminal, a line rewritten in place: "epoch 2/5 [=====>    ] 120/200 loss 1.23 | 12.3 it/s | ETA 0:07".
 // Elsewhere (CI logs, pipes) nothing until finish(), which always prints one line.
@@ -111,10 +128,11 @@ using ForwardFn = std::function<Tensor(const Batch&)>;
 using LossFn = std::function<Tensor(const Tensor& output, const Batch&)>;
 
 // Trains for options.epochs over shuffled mini-batches of `train_data`, evaluating on
-// `validation` (may have size 0) after each epoch; steps `scheduler` once per epoch if given.
+// `validation` (may have size 0) after each epoch; steps `schedule` once per epoch if given
+// (a MetricScheduler such as ReduceLROnPlateau with the validation loss, so it needs validation data).
 History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
             const Dataset& train_data, const Dataset& validation, const FitOptions& options = {},
-            optim::Scheduler* scheduler = nullptr);
+            optim::Schedule* schedule = nullptr);
 
 // Mean loss (and accuracy) of `model` over `data`, in eval mode and without recording.
 Metrics evaluate(nn::Module& model, const ForwardFn& forward, const LossFn& loss, const Dataset& data,
