@@ -59,7 +59,7 @@ Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 
 Tensor mean(const Tensor& x, const Shape& dims, bool keepdim)
 {
-    dispatch_floating("mean", x.dtype(), [] <class T>() {});
+    check_floating("mean", x.dtype());
     return sum(x, dims, keepdim) / static_cast<double>(reduced_count(x, dims));
 }
 
@@ -71,7 +71,7 @@ Tensor argmin(const Tensor& x, std::optional<std::int64_t> dim, bool keepdim) { 
 
 Tensor var(const Tensor& x, const Shape& dims, bool unbiased, bool keepdim)
 {
-    dispatch_floating("var", x.dtype(), [] <class T>() {});
+    check_floating("var", x.dtype());
     const std::int64_t n = reduced_count(x, dims);
     LOOM_CHECK(n > (unbiased ? 1 : 0), "var", "needs at least {} elements to reduce, got {} (shape {})",
                unbiased ? 2 : 1, n, x.sizes());
@@ -81,7 +81,7 @@ Tensor var(const Tensor& x, const Shape& dims, bool unbiased, bool keepdim)
 
 Tensor norm(const Tensor& x, double p, const Shape& dims, bool keepdim)
 {
-    dispatch_floating("norm", x.dtype(), [] <class T>() {});
+    check_floating("norm", x.dtype());
     LOOM_CHECK(p > 0, "norm", "expects p > 0 (or infinity), got {}", p);
     if (std::isinf(p)) return amax(abs(x), dims, keepdim);
     if (p == 2) return sqrt(sum(x * x, dims, keepdim));

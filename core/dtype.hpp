@@ -70,6 +70,12 @@ template <class F> decltype(auto) dispatch_floating(std::string_view op, DType d
     }
 }
 
+// Throws naming `op` unless d is float32 or float64.
+inline void check_floating(std::string_view op, DType d)
+{
+    if (!is_floating(d)) fail(op, "expects a float32 or float64 tensor, got {}", dtype_name(d));
+}
+
 // Like dispatch, for arithmetic (every dtype but bool).
 template <class F> decltype(auto) dispatch_numeric(std::string_view op, DType d, F&& f)
 {
@@ -79,6 +85,12 @@ template <class F> decltype(auto) dispatch_numeric(std::string_view op, DType d,
     case DType::Int64: return f.template operator()<std::int64_t>();
     default: fail(op, "expects a float32, float64 or int64 tensor, got {}", dtype_name(d));
     }
+}
+
+// Throws naming `op` unless d is float32, float64 or int64.
+inline void check_numeric(std::string_view op, DType d)
+{
+    if (!is_floating(d) && d != DType::Int64) fail(op, "expects a float32, float64 or int64 tensor, got {}", dtype_name(d));
 }
 
 }  // namespace loom

@@ -259,7 +259,7 @@ template <class T> bool greater(T a, T b)
 
 template <bool Max> Tensor extreme(std::string_view op, const Tensor& t, const Shape& dims, bool keepdim)
 {
-    dispatch_numeric(op, t.dtype(), [] <class T>() {});
+    check_numeric(op, t.dtype());
     return reduce(op, t, dims, keepdim, t.dtype(), [](const auto* p, std::int64_t n) {
         auto best = p[0];
         for (std::int64_t j = 1; j < n; ++j)
@@ -270,7 +270,7 @@ template <bool Max> Tensor extreme(std::string_view op, const Tensor& t, const S
 
 template <bool Max> Tensor arg_extreme(std::string_view op, const Tensor& t, std::optional<std::int64_t> dim, bool keepdim)
 {
-    dispatch_numeric(op, t.dtype(), [] <class T>() {});
+    check_numeric(op, t.dtype());
     Tensor src = dim ? t : reshape(t, {-1});
     Shape dims = {dim ? *dim : 0};
     if (src.dim() == 0) src = reshape(src, {1});
@@ -500,7 +500,7 @@ Tensor blas_ready(const Tensor& t, BlasOperand& layout)
 Tensor bmm(const Tensor& a_in, const Tensor& b_in)
 {
     check_same_dtype("matmul", a_in, b_in);
-    dispatch_floating("matmul", a_in.dtype(), [] <class T>() {});
+    check_floating("matmul", a_in.dtype());
     const auto nd = a_in.dim();
     LOOM_CHECK(nd >= 2 && b_in.dim() == nd, "matmul", "internal: bmm expects equal ranks >= 2, got {} and {}",
                a_in.sizes(), b_in.sizes());

@@ -28,6 +28,9 @@ check readme_training "loss $last, well below ln 8 = 2.08" "$(ratio_ok "$last" 2
 "$examples/custom_cell" > custom_cell.out  # exits non-zero unless its gradcheck passes and it learns
 check custom_cell "$(tail -n 1 custom_cell.out)" 1
 
+"$examples/extending" > extending.out  # exits non-zero unless its op gradchecks and its optimizer learns
+check extending "$(sed -n 2p extending.out)" 1
+
 "$examples/next_number" --epochs 300 > next_number.out
 first=$(sed -n 's/.*(first epoch \([0-9.]*\)).*/\1/p' next_number.out); last=$(sed -n 's/^train loss: \([0-9.]*\).*/\1/p' next_number.out)
 check next_number "train loss $first -> $last" "$(ratio_ok "$last" "$first" 0.05)"
