@@ -16,6 +16,13 @@ namespace {
 
 Tensor scalar_like(double value, const Tensor& t) { return scalar_tensor(value, t.dtype()); }
 
+// `value` as a 0-d tensor of t's dtype for `op`; an error, never a truncation, when it does not fit.
+Tensor scalar_operand(const char* op, double value, const Tensor& t)
+{
+    check_scalar_fits(op, value, t.dtype());
+    return scalar_tensor(value, t.dtype());
+}
+
 // g summed to input k's shape (undoing a broadcast), or undefined when k needs no gradient.
 Tensor reduce_to(const BackwardContext& c, std::size_t k, const Tensor& g)
 {
@@ -97,9 +104,9 @@ template <bool Max> Tensor extremum(const char* op, const Tensor& a, const Tenso
         if (std::isnan(x) || std::isnan(y)) return x + y;
         return Max ? std::max(x, y) : std::min(x, y);
     });
-    return record(op, {a, b}, out, {a, b}, [](const BackwardContext& c) {
+    return record(op, {a, b}, out, {a, b}, [op](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
-        const Tensor share = kernels::zip_floating("maximum", x, y, [](auto u, auto v) {
+        const Tensor share = kernels::zip_floating(op, x, y, [](auto u, auto v) {
             using T = decltype(u);
             return u == v ? T(0.5) : ((Max ? u > v : u < v) ? T(1) : T(0));
         });
@@ -181,6 +188,8 @@ Tensor clamp(const Tensor& x, std::optional<double> min, std::optional<double> m
 {
     LOOM_CHECK(min || max, "clamp", "expects at least one of min and max");
     LOOM_CHECK(!min || !max || *min <= *max, "clamp", "expects min <= max, got min={} max={}", *min, *max);
+    if (min) check_scalar_fits("clamp", *min, x.dtype());
+    if (max) check_scalar_fits("clamp", *max, x.dtype());
     const double lo = min.value_or(-INFINITY), hi = max.value_or(INFINITY);
     Tensor out = kernels::map_numeric("clamp", x, [lo, hi](auto v) {
         using T = decltype(v);
@@ -221,7 +230,7 @@ Tensor masked_fill(const Tensor& x, const Tensor& mask, double value)
 {
     LOOM_CHECK(broadcast_shapes("masked_fill", x.sizes(), mask.sizes()) == x.sizes(), "masked_fill",
                "mask of shape {} does not broadcast to the input's shape {}", mask.sizes(), x.sizes());
-    return where(mask, scalar_like(value, x), x);
+    return where(mask, scalar_operand("masked_fill", value, x), x);
 }
 
 // ---- comparisons and logic ----
@@ -273,13 +282,13 @@ Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
 Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
 Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
 Tensor operator-(const Tensor& x) { return neg(x); }
-Tensor operator+(const Tensor& a, double b) { return add(a, scalar_like(b, a)); }
-Tensor operator-(const Tensor& a, double b) { return sub(a, scalar_like(b, a)); }
-Tensor operator*(const Tensor& a, double b) { return mul(a, scalar_like(b, a)); }
-Tensor operator/(const Tensor& a, double b) { return div(a, scalar_like(b, a)); }
-Tensor operator+(double a, const Tensor& b) { return add(scalar_like(a, b), b); }
-Tensor operator-(double a, const Tensor& b) { return sub(scalar_like(a, b), b); }
-Tensor operator*(double a, const Tensor& b) { return mul(scalar_like(a, b), b); }
-Tensor operator/(double a, const Tensor& b) { return div(scalar_like(a, b), b); }
+Tensor operator+(const Tensor& a, double b) { return add(a, scalar_operand("add", b, a)); }
+Tensor operator-(const Tensor& a, double b) { return sub(a, scalar_operand("sub", b, a)); }
+Tensor operator*(const Tensor& a, double b) { return mul(a, scalar_operand("mul", b, a)); }
+Tensor operator/(const Tensor& a, double b) { return div(a, scalar_operand("div", b, a)); }
+Tensor operator+(double a, const Tensor& b) { return add(scalar_operand("add", a, b), b); }
+Tensor operator-(double a, const Tensor& b) { return sub(scalar_operand("sub", a, b), b); }
+Tensor operator*(double a, const Tensor& b) { return mul(scalar_operand("mul", a, b), b); }
+Tensor operator/(double a, const Tensor& b) { return div(scalar_operand("div", a, b), b); }
 
 }  // namespace loom

@@ -1,4 +1,5 @@
 // Tensor's methods: thin forwards to the differentiable ops, and the in-place writers.
+#include <algorithm>
 #include <cmath>
 
 #include "../core/kernels.hpp"
@@ -82,13 +83,36 @@ Tensor Tensor::ge(const Tensor& o) const { return loom::ge(*this, o); }
 
 namespace {
 
-// In-place writes are not recorded, so they are refused where they would corrupt a gradient.
+// Whether no two elements of t share memory, by a sufficient test: ordered by stride, each dim
+// must step past everything the smaller dims can reach. Views made by slicing, transposing and
+// selecting pass; an expanded dim (stride 0, size > 1) does not.
+bool is_non_overlapping(const Tensor& t)
+{
+    std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, size) of dims with size > 1
+    for (std::int64_t d = 0; d < t.dim(); ++d)
+        if (t.sizes()[d] > 1) dims.emplace_back(t.strides()[d], t.sizes()[d]);
+    std::sort(dims.begin(), dims.end());
+    std::int64_t reach = 0;  // the largest offset the dims so far can add
+    for (const auto& [stride, size] : dims) {
+        if (stride <= reach) return false;
+        reach += stride * (size - 1);
+    }
+    return true;
+}
+
+// In-place writes are not recorded, so they are refused where they would corrupt a gradient,
+// and where several elements share memory (an expanded view): the result would depend on
+// which write came last.
 void begin_write(std::string_view op, const Tensor& t)
 {
     LOOM_CHECK(!(t.requires_grad() && grad_enabled()), op,
                "cannot modify a tensor that requires grad (shape {}) in place while grad mode is on; wrap the "
                "update in NoGradGuard, or use the out-of-place op",
                t.sizes());
+    LOOM_CHECK(is_non_overlapping(t), op,
+               "cannot write in place to a view whose elements share memory (shape {}, strides {}, e.g. from "
+               "expand); clone() it first",
+               t.sizes(), t.strides());
 }
 
 Tensor& end_write(Tensor& t)
@@ -104,6 +128,7 @@ Tensor& Tensor::zero_() { return fill_(0); }
 Tensor& Tensor::fill_(double value)
 {
     begin_write("fill_", *this);
+    check_scalar_fits("fill_", value, dtype());
     kernels::copy_into(*this, scalar_tensor(value, dtype()));
     return end_write(*this);
 }
@@ -124,7 +149,11 @@ Tensor& Tensor::add_(const Tensor& other, double alpha)
     return end_write(*this);
 }
 
-Tensor& Tensor::mul_(double factor) { return mul_(scalar_tensor(factor, dtype())); }
+Tensor& Tensor::mul_(double factor)
+{
+    check_scalar_fits("mul_", factor, dtype());
+    return mul_(scalar_tensor(factor, dtype()));
+}
 
 Tensor& Tensor::mul_(const Tensor& other)
 {
@@ -145,6 +174,7 @@ Tensor& Tensor::masked_fill_(const Tensor& mask, double value)
 Tensor& Tensor::uniform_(double low, double high, Generator* gen)
 {
     begin_write("uniform_", *this);
+    check_floating("uniform_", dtype());
     LOOM_CHECK(low <= high && std::isfinite(low) && std::isfinite(high), "uniform_",
                "expects finite low <= high, got [{}, {})", low, high);
     Generator& g = gen ? *gen : default_generator();
@@ -158,6 +188,7 @@ Tensor& Tensor::uniform_(double low, double high, Generator* gen)
 Tensor& Tensor::normal_(double mean, double std, Generator* gen)
 {
     begin_write("normal_", *this);
+    check_floating("normal_", dtype());
     LOOM_CHECK(std >= 0 && std::isfinite(mean) && std::isfinite(std), "normal_",
                "expects a finite mean and std >= 0, got mean={} std={}", mean, std);
     Generator& g = gen ? *gen : default_generator();

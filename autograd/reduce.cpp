@@ -26,11 +26,18 @@ Tensor unreduce(const Tensor& g, const Shape& input, const Shape& dims, bool kee
     return kernels::expand(r, input);
 }
 
-std::int64_t reduced_count(const Tensor& x, const Shape& dims)
+// How many elements each result of reducing `dims` covers; checks the dims, naming `op`.
+std::int64_t reduced_count(std::string_view op, const Tensor& x, const Shape& dims)
 {
     if (dims.empty()) return x.numel();
     std::int64_t n = 1;
-    for (auto d : dims) n *= x.sizes()[wrap_dim("reduce", d, x.dim())];
+    std::vector<bool> seen(static_cast<std::size_t>(std::max<std::int64_t>(x.dim(), 1)), false);
+    for (auto d : dims) {
+        const auto w = wrap_dim(op, d, x.dim());
+        LOOM_CHECK(!seen[w], op, "dim {} repeats in {}", w, dims);
+        seen[w] = true;
+        n *= x.dim() == 0 ? 1 : x.sizes()[w];
+    }
     return n;
 }
 
@@ -38,10 +45,14 @@ std::int64_t reduced_count(const Tensor& x, const Shape& dims)
 Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim, bool is_max)
 {
     Tensor out = is_max ? kernels::amax(x, dims, keepdim) : kernels::amin(x, dims, keepdim);
-    return record(op, {x}, out, {x, out}, [dims, keepdim](const BackwardContext& c) {
+    return record(op, {x}, out, {x, out}, [op, dims, keepdim](const BackwardContext& c) {
         const Tensor& in = c.saved[0];
         const Shape& shape = in.sizes();
-        const Tensor hit = kernels::to(eq(in, unreduce(c.saved[1], shape, dims, keepdim)), in.dtype());
+        // Shared among the elements equal to the result, NaN counting as equal to a NaN result.
+        const Tensor hit = kernels::zip_floating(op, in, unreduce(c.saved[1], shape, dims, keepdim), [](auto x, auto m) {
+            using T = decltype(x);
+            return x == m || (std::isnan(x) && std::isnan(m)) ? T(1) : T(0);
+        });
         const Tensor count = kernels::sum(hit, dims, true);
         return Grads{hit * unreduce(c.grad(), shape, dims, keepdim) / kernels::expand(count, shape)};
     });
@@ -60,7 +71,8 @@ Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 Tensor mean(const Tensor& x, const Shape& dims, bool keepdim)
 {
     check_floating("mean", x.dtype());
-    return sum(x, dims, keepdim) / static_cast<double>(reduced_count(x, dims));
+    const std::int64_t n = reduced_count("mean", x, dims);
+    return sum(x, dims, keepdim) / static_cast<double>(n);
 }
 
 Tensor amax(const Tensor& x, const Shape& dims, bool keepdim) { return extreme("amax", x, dims, keepdim, true); }
@@ -72,7 +84,7 @@ Tensor argmin(const Tensor& x, std::optional<std::int64_t> dim, bool keepdim) { 
 Tensor var(const Tensor& x, const Shape& dims, bool unbiased, bool keepdim)
 {
     check_floating("var", x.dtype());
-    const std::int64_t n = reduced_count(x, dims);
+    const std::int64_t n = reduced_count("var", x, dims);
     LOOM_CHECK(n > (unbiased ? 1 : 0), "var", "needs at least {} elements to reduce, got {} (shape {})",
                unbiased ? 2 : 1, n, x.sizes());
     const Tensor centered = x - mean(x, dims, true);
@@ -83,6 +95,7 @@ Tensor norm(const Tensor& x, double p, const Shape& dims, bool keepdim)
 {
     check_floating("norm", x.dtype());
     LOOM_CHECK(p > 0, "norm", "expects p > 0 (or infinity), got {}", p);
+    reduced_count("norm", x, dims);
     if (std::isinf(p)) return amax(abs(x), dims, keepdim);
     if (p == 2) return sqrt(sum(x * x, dims, keepdim));
     if (p == 1) return sum(abs(x), dims, keepdim);

@@ -11,14 +11,6 @@ using Grads = std::vector<Tensor>;
 
 namespace {
 
-// Gradient of an op that reads the region `region(zeros)` of its input: scatter g into zeros.
-template <class Region> Tensor scatter_back(const Tensor& g, const Shape& input, Region&& region)
-{
-    Tensor z = zeros(input, g.dtype());
-    kernels::copy_into(region(z), g);
-    return z;
-}
-
 Tensor reshape_back(const char* op, const Tensor& x, Tensor out)
 {
     return record(op, {x}, out, {}, [](const BackwardContext& c) {
@@ -64,8 +56,8 @@ Tensor broadcast_to(const Tensor& x, const Shape& shape) { return expand(x, shap
 Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step)
 {
     Tensor out = kernels::slice(x, dim, start, end, step);
-    return record("slice", {x}, out, {}, [dim, start, end, step](const BackwardContext& c) {
-        return Grads{scatter_back(c.grad(), c.input_shape(0), [&](const Tensor& z) { return kernels::slice(z, dim, start, end, step); })};
+    return autograd::record_region("slice", x, out, [dim, start, end, step](const Tensor& whole) {
+        return kernels::slice(whole, dim, start, end, step);
     });
 }
 
@@ -73,18 +65,18 @@ Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_
 {
     const std::int64_t d = wrap_dim("narrow", dim, x.dim());
     const std::int64_t n = x.sizes()[d];
-    if (start < 0) start += n;
-    LOOM_CHECK(start >= 0 && length >= 0 && start + length <= n, "narrow",
-               "range [{}, {}) is outside dim {} of size {} (shape {})", start, start + length, d, n, x.sizes());
+    if (start < 0 && start >= -n) start += n;
+    // length <= n - start, not start + length <= n: the sum may overflow.
+    LOOM_CHECK(start >= 0 && start <= n && length >= 0 && length <= n - start, "narrow",
+               "start {} and length {} are outside dim {} of size {} (shape {})", start, length, d, n, x.sizes());
     return slice(x, d, start, start + length, 1);
 }
 
 Tensor select(const Tensor& x, std::int64_t dim, std::int64_t index)
 {
     Tensor out = kernels::select(x, dim, index);
-    return record("select", {x}, out, {}, [dim, index](const BackwardContext& c) {
-        return Grads{scatter_back(c.grad(), c.input_shape(0), [&](const Tensor& z) { return kernels::select(z, dim, index); })};
-    });
+    return autograd::record_region("select", x, out,
+                                   [dim, index](const Tensor& whole) { return kernels::select(whole, dim, index); });
 }
 
 Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)

@@ -1,6 +1,9 @@
 #include "tape.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <unordered_map>
 
 #include "../core/kernels.hpp"
 
@@ -10,12 +13,18 @@ namespace {
 
 thread_local bool grad_mode = true;
 
+std::atomic<std::uint64_t> next_tape_id{1};
+
 struct Tape {
     std::vector<autograd::Entry> entries;  // in recording order: seq increases
     std::uint64_t next_seq = 1;
     std::size_t compact_at = 1024;
+    std::uint64_t id = next_tape_id++;
 };
 thread_local Tape tape;
+
+// Guards every leaf's .grad(): threads may backpropagate into shared parameters at once.
+std::mutex leaf_grad_mutex;
 
 Tensor add_values(const Tensor& a, const Tensor& b)
 {
@@ -68,27 +77,64 @@ Tensor apply_hooks(const autograd::Node& node, Tensor g)
     return g;
 }
 
-// One reverse sweep. Gradients gather in each node's `pending`; the destructor clears them,
-// so an error part-way leaves no stale state behind.
+// One reverse sweep. Gradients gather in PendingGrads: a non-leaf's own (its thread is this
+// one), a leaf's in this sweep (a leaf may be shared by threads sweeping at once). The
+// destructor clears them, so an error part-way leaves no stale state behind; entries are
+// released only once the whole sweep has succeeded, so a failed backward can be retried.
 struct Sweep {
     std::vector<std::shared_ptr<autograd::Node>> touched;
+    std::unordered_map<const autograd::Node*, autograd::PendingGrad> leaves;
 
     ~Sweep()
     {
-        for (auto& n : touched) {
-            n->pending = Tensor();
-            n->captured = false;
+        for (auto& n : touched)
+            if (n->seq != 0) n->pending = autograd::PendingGrad();  // a leaf's lives in `leaves`
+    }
+
+    autograd::PendingGrad& pending(const std::shared_ptr<autograd::Node>& node)
+    {
+        if (node->seq == 0) {
+            auto [it, fresh] = leaves.try_emplace(node.get());
+            if (fresh) touched.push_back(node);
+            return it->second;
+        }
+        if (!node->pending.sum.defined() && !node->pending.captured) touched.push_back(node);
+        return node->pending;
+    }
+
+    // Makes p.sum a buffer of its own, so it can be added into in place.
+    static void own(autograd::PendingGrad& p)
+    {
+        if (!p.owned) {
+            p.sum = kernels::clone(p.sum);
+            p.owned = true;
         }
     }
 
     void add(const std::shared_ptr<autograd::Node>& node, const Tensor& g)
     {
-        if (!node->pending.defined()) {
-            touched.push_back(node);
-            node->pending = g;
-        } else {
-            node->pending = add_values(node->pending, g);
+        autograd::PendingGrad& p = pending(node);
+        if (!p.sum.defined()) {
+            p.sum = g;  // adopted as is: it may be shared, so not owned
+            p.owned = false;
+            return;
         }
+        own(p);
+        kernels::add_into(p.sum, g);
+    }
+
+    // Adds g into region(node's gradient), creating that gradient as zeros if need be.
+    void add_region(const std::shared_ptr<autograd::Node>& node, const autograd::RegionFn& region, const Tensor& g)
+    {
+        autograd::PendingGrad& p = pending(node);
+        if (!p.sum.defined()) {
+            p.sum = zeros(node->shape, node->dtype);
+            p.owned = true;
+            kernels::copy_into(region(p.sum), g);
+            return;
+        }
+        own(p);
+        kernels::add_into(region(p.sum), g);
     }
 
     void run(std::uint64_t start_seq, bool retain_graph, bool accumulate)
@@ -100,6 +146,7 @@ struct Sweep {
         LOOM_CHECK(start_seq == 0 || (it != entries.end() && it->seq == start_seq), "backward",
                    "the tensor's history is not on this thread's tape (was it computed on another thread?)");
         const std::size_t start = start_seq == 0 ? 0 : static_cast<std::size_t>(it - entries.begin()) + 1;
+        std::vector<std::size_t> swept;
         for (std::size_t i = start; i-- > 0;) {
             autograd::Entry& e = entries[i];
             autograd::BackwardContext ctx;
@@ -107,13 +154,13 @@ struct Sweep {
             bool reached = false;
             for (std::size_t k = 0; k < e.outputs.size(); ++k) {
                 auto node = e.outputs[k].lock();
-                if (!node || !node->pending.defined()) continue;
-                node->pending = apply_hooks(*node, node->pending);
+                if (!node || !node->pending.sum.defined()) continue;
+                autograd::PendingGrad& p = node->pending;
+                p.sum = apply_hooks(*node, p.sum);
                 if (accumulate && node->retains_grad)
-                    node->grad = node->grad.defined() ? add_values(node->grad, node->pending)
-                                                      : kernels::clone(node->pending);
-                ctx.grads[k] = node->pending;
-                if (!node->captured) node->pending = Tensor();
+                    node->grad = node->grad.defined() ? add_values(node->grad, p.sum) : kernels::clone(p.sum);
+                ctx.grads[k] = p.sum;
+                if (!p.captured) p = autograd::PendingGrad();
                 reached = true;
             }
             if (!reached) continue;
@@ -139,18 +186,36 @@ struct Sweep {
                        "internal: backward returned {} gradients for {} inputs", input_grads.size(), e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) {
                 if (!e.inputs[k] || !input_grads[k].defined()) continue;
+                if (e.region) {
+                    add_region(e.inputs[k], e.region, input_grads[k]);
+                    continue;
+                }
                 check_gradient(e.name, *e.inputs[k], input_grads[k], "internal: the gradient backward returned");
                 add(e.inputs[k], input_grads[k]);
             }
-            if (!retain_graph) release(e);
+            swept.push_back(i);
         }
+        if (!retain_graph)
+            for (std::size_t i : swept) release(entries[i]);
     }
 
     // Applies hooks to the leaves reached, once their gradient is complete.
     void finish_leaves()
     {
-        for (auto& n : touched)
-            if (n->seq == 0 && n->pending.defined()) n->pending = apply_hooks(*n, n->pending);
+        for (auto& [node, p] : leaves)
+            if (p.sum.defined()) p.sum = apply_hooks(*node, p.sum);
+    }
+
+    // Adds each leaf's gradient into its .grad(), under the lock that makes shared leaves safe.
+    void accumulate_leaves()
+    {
+        std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+        for (auto& n : touched) {
+            if (n->seq != 0) continue;
+            const autograd::PendingGrad& p = leaves.at(n.get());
+            if (!p.sum.defined()) continue;
+            n->grad = n->grad.defined() ? add_values(n->grad, p.sum) : kernels::clone(p.sum);
+        }
     }
 };
 
@@ -161,6 +226,14 @@ const std::shared_ptr<autograd::Node>& node_of(std::string_view op, const Tensor
                "it was computed under NoGradGuard",
                what);
     return t.impl().node;
+}
+
+// Backward runs on the tape that recorded the history: a non-leaf from another thread is refused.
+void check_this_thread(std::string_view op, const autograd::Node& node)
+{
+    LOOM_CHECK(node.seq == 0 || node.tape == tape.id, op,
+               "the tensor's history was recorded on another thread; each thread has its own tape, so run "
+               "backward on the thread that ran forward");
 }
 
 Tensor seed_for(std::string_view op, const Tensor& output, const Tensor& gradient)
@@ -204,7 +277,13 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
     e.seq = tape.next_seq++;
     e.name = name;
     e.inputs.reserve(inputs.size());
-    for (const Tensor& t : inputs) e.inputs.push_back(t.defined() ? t.impl().node : nullptr);
+    for (const Tensor& t : inputs) {
+        const auto& node = t.defined() ? t.impl().node : nullptr;
+        LOOM_CHECK(!node || node->seq == 0 || node->tape == tape.id, name,
+                   "an input was computed on another thread, whose tape this thread cannot sweep; detach() it, or "
+                   "compute it on this thread");
+        e.inputs.push_back(node);
+    }
     e.outputs.reserve(outputs.size());
     for (const Tensor& out : outputs) {
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
@@ -213,6 +292,7 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
         node->shape = out.sizes();
         node->dtype = out.dtype();
         node->seq = e.seq;
+        node->tape = tape.id;
         out.impl().node = node;
         e.outputs.push_back(node);
     }
@@ -221,6 +301,16 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
         e.saved.push_back(s.defined() ? Saved{kernels::alias(s), s.version()} : Saved{Tensor(), 0});
     e.backward = std::move(backward);
     tape.entries.push_back(std::move(e));
+}
+
+Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region)
+{
+    const Tensor inputs[] = {input};
+    if (!should_record(inputs)) return output;
+    push_entry(name, inputs, std::span<const Tensor>(&output, 1), {},
+               [](const BackwardContext& c) { return std::vector<Tensor>{c.grad()}; });
+    tape.entries.back().region = std::move(region);
+    return output;
 }
 
 }  // namespace autograd
@@ -248,18 +338,26 @@ Tensor& Tensor::requires_grad_(bool on)
 
 bool Tensor::is_leaf() const { return !requires_grad() || impl().node->seq == 0; }
 
-Tensor Tensor::grad() const { return requires_grad() ? impl().node->grad : Tensor(); }
+Tensor Tensor::grad() const
+{
+    if (!requires_grad()) return Tensor();
+    std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+    return impl().node->grad;
+}
 
 void Tensor::set_grad(const Tensor& g) const
 {
     const auto& node = node_of("set_grad", *this, "the tensor");
     if (g.defined()) check_gradient("set_grad", *node, g, "the gradient");
+    std::lock_guard<std::mutex> lock(leaf_grad_mutex);
     node->grad = g;
 }
 
 void Tensor::zero_grad() const
 {
-    if (requires_grad()) impl().node->grad = Tensor();
+    if (!requires_grad()) return;
+    std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+    impl().node->grad = Tensor();
 }
 
 void Tensor::retain_grad() const { node_of("retain_grad", *this, "the tensor")->retains_grad = true; }
@@ -274,14 +372,13 @@ Tensor Tensor::detach() const { return kernels::alias(*this); }
 void Tensor::backward(const Tensor& gradient, bool retain_graph) const
 {
     const auto& node = node_of("backward", *this, "the tensor");
+    check_this_thread("backward", *node);
     Tensor seed = seed_for("backward", *this, gradient);
     Sweep sweep;
     sweep.add(node, seed);
     sweep.run(node->seq, retain_graph, /*accumulate=*/true);
     sweep.finish_leaves();
-    for (auto& n : sweep.touched)
-        if (n->seq == 0 && n->pending.defined())
-            n->grad = n->grad.defined() ? add_values(n->grad, n->pending) : kernels::clone(n->pending);
+    sweep.accumulate_leaves();
 }
 
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
@@ -294,15 +391,20 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
     std::uint64_t start = 0;
     for (std::size_t i = 0; i < outputs.size(); ++i) {
         const auto& node = node_of("grad", outputs[i], fmt::format("output {}", i));
+        check_this_thread("grad", *node);
         sweep.add(node, seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
         start = std::max(start, node->seq);
     }
-    for (std::size_t i = 0; i < inputs.size(); ++i) node_of("grad", inputs[i], fmt::format("input {}", i))->captured = true;
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+        const auto& node = node_of("grad", inputs[i], fmt::format("input {}", i));
+        check_this_thread("grad", *node);
+        sweep.pending(node).captured = true;
+    }
     sweep.run(start, retain_graph, /*accumulate=*/false);
     sweep.finish_leaves();
     std::vector<Tensor> result;
     for (std::size_t i = 0; i < inputs.size(); ++i) {
-        const Tensor& g = inputs[i].impl().node->pending;
+        const Tensor g = sweep.pending(inputs[i].impl().node).sum;
         LOOM_CHECK(g.defined() || allow_unused, "grad",
                    "input {} (shape {}) was not used to compute the outputs; pass allow_unused=true to get an "
                    "undefined gradient for it",

@@ -41,15 +41,23 @@ namespace autograd {
 
 using Hook = std::function<Tensor(const Tensor&)>;
 
-// Gradient bookkeeping of one tensor that requires grad.
+// A gradient being summed during one sweep.
+struct PendingGrad {
+    Tensor sum;
+    bool owned = false;     // `sum` was allocated by the sweep for this node alone: safe to add into in place
+    bool captured = false;  // grad() wants this node's gradient
+};
+
+// Gradient bookkeeping of one tensor that requires grad. A leaf (a parameter) may be shared by
+// threads; any other node belongs to the thread whose tape recorded it.
 struct Node {
     Shape shape;
     DType dtype;
     std::uint64_t seq = 0;   // sequence number of the entry that produced it; 0 for a leaf
+    std::uint64_t tape = 0;  // the id of the thread tape that produced it; 0 for a leaf
     Tensor grad;             // accumulated .grad() (leaves, or retain_grad())
-    Tensor pending;          // gradient being summed during a sweep
+    PendingGrad pending;     // non-leaves only: leaves keep theirs in the sweep, which may run on any thread
     bool retains_grad = false;
-    bool captured = false;   // grad() wants this node's gradient
     std::vector<Hook> hooks;
 };
 
@@ -74,6 +82,10 @@ struct BackwardContext {
 // Returns one gradient per input (undefined where not needed), each of that input's shape.
 using BackwardFn = std::function<std::vector<Tensor>(const BackwardContext&)>;
 
+// For an op whose output is a part of its one input (select, slice, narrow): maps a tensor of
+// the input's shape to that part.
+using RegionFn = std::function<Tensor(const Tensor&)>;
+
 struct Entry {
     std::uint64_t seq;
     const char* name;
@@ -81,6 +93,10 @@ struct Entry {
     std::vector<std::weak_ptr<Node>> outputs;   // weak: the tape alone never keeps a result alive
     std::vector<Saved> saved;
     BackwardFn backward;
+    // Set for a part-of-input op: backward then returns the gradient of the part, which the
+    // sweep adds into region(input's gradient) in place, so taking every step of a sequence
+    // costs time linear in its length instead of a full-size gradient per step.
+    RegionFn region;
     bool released = false;
 };
 
@@ -108,6 +124,9 @@ Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor out
     return record(name, std::span<const Tensor>(inputs.begin(), inputs.size()), std::move(output),
                   std::span<const Tensor>(saved.begin(), saved.size()), std::forward<F>(backward));
 }
+
+// Records `output = region(input)` for an op that reads a part of its input (a view).
+Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region);
 
 // Number of entries on this thread's tape (live or released but not yet reclaimed).
 std::size_t tape_size();

@@ -34,15 +34,17 @@ Shape infer_shape(std::string_view op, const Shape& shape, std::int64_t numel)
             infer_at = static_cast<std::int64_t>(i);
         } else {
             LOOM_CHECK(out[i] >= 0, op, "invalid dimension {} in shape {}", out[i], shape);
-            known *= out[i];
+            LOOM_CHECK(!__builtin_mul_overflow(known, out[i], &known), op, "shape {} has more than 2^63 - 1 elements",
+                       shape);
         }
     }
     if (infer_at >= 0) {
         LOOM_CHECK(known != 0 && numel % known == 0, op, "cannot infer -1 in shape {} for {} elements", shape, numel);
         out[infer_at] = numel / known;
     }
-    LOOM_CHECK(numel_of(out) == numel, op, "cannot reshape a tensor of {} elements to shape {} ({} elements)",
-               numel, shape, numel_of(out));
+    const std::int64_t count = checked_numel(op, out);
+    LOOM_CHECK(count == numel, op, "cannot reshape a tensor of {} elements to shape {} ({} elements)", numel, shape,
+               count);
     return out;
 }
 
@@ -94,10 +96,14 @@ Tensor expand(const Tensor& t, const Shape& shape)
     const std::size_t lead = shape.size() - t.sizes().size();
     for (std::size_t i = 0; i < target.size(); ++i) {
         if (i >= lead && target[i] == -1) target[i] = t.sizes()[i - lead];
+        LOOM_CHECK(target[i] >= 0, "expand", "cannot expand shape {} to {}: size {} at dim {} is negative{}",
+                   t.sizes(), shape, target[i], i, i < lead && target[i] == -1 ? " (-1 keeps a size only in dims the "
+                                                                                 "tensor has)" : "");
         const std::int64_t have = i < lead ? 1 : t.sizes()[i - lead];
         LOOM_CHECK(have == target[i] || have == 1, "expand", "cannot expand shape {} to {} (dim {}: {} vs {})",
                    t.sizes(), shape, i, have, target[i]);
     }
+    checked_numel("expand", target);
     return as_strided(t, target, broadcast_strides(t, target), t.storage_offset());
 }
 
@@ -106,13 +112,13 @@ Tensor slice(const Tensor& t, std::int64_t dim, std::int64_t start, std::int64_t
     dim = wrap_dim("slice", dim, t.dim());
     LOOM_CHECK(step > 0, "slice", "expects a positive step, got {}", step);
     const std::int64_t n = t.sizes()[dim];
-    if (start < 0) start += n;
+    if (start < 0) start += n;  // no overflow: start < 0 <= n
     if (end < 0) end += n;
     start = std::clamp<std::int64_t>(start, 0, n);
     end = std::clamp<std::int64_t>(end, start, n);
     Shape shape = t.sizes(), strides = t.strides();
-    shape[dim] = (end - start + step - 1) / step;
-    strides[dim] *= step;
+    shape[dim] = end == start ? 0 : (end - start - 1) / step + 1;  // ceil without overflow for any step
+    if (shape[dim] > 1) strides[dim] *= step;  // then step < n: no overflow; a single element needs no stride
     return as_strided(t, shape, strides, t.storage_offset() + start * t.strides()[dim]);
 }
 
@@ -173,6 +179,24 @@ void copy_into(const Tensor& dst, const Tensor& src)
             for_each_offset<2>(dst.sizes(), {dst.strides().data(), ss.data()}, {0, 0},
                                [&](const auto& o) { d[o[0]] = static_cast<D>(s[o[1]]); });
         });
+    });
+}
+
+void add_into(const Tensor& dst, const Tensor& src)
+{
+    check_same_dtype("accumulate gradient", dst, src);
+    LOOM_CHECK(src.sizes() == dst.sizes(), "accumulate gradient", "internal: shapes {} and {} differ", src.sizes(),
+               dst.sizes());
+    dispatch_floating("accumulate gradient", dst.dtype(), [&]<class T>() {
+        T* d = dst.data_ptr<T>();
+        const T* s = src.data_ptr<T>();
+        if (dst.is_contiguous() && src.is_contiguous()) {
+            const std::int64_t n = dst.numel();
+            for (std::int64_t i = 0; i < n; ++i) d[i] += s[i];
+            return;
+        }
+        for_each_offset<2>(dst.sizes(), {dst.strides().data(), src.strides().data()}, {0, 0},
+                           [&](const auto& o) { d[o[0]] += s[o[1]]; });
     });
 }
 
@@ -251,10 +275,13 @@ Tensor reduce(std::string_view op, const Tensor& t, const Shape& dims, bool keep
     return out;
 }
 
-template <class T> bool greater(T a, T b)
+// Whether a beats b as the maximum (Max) or the minimum: NaN beats every number, both ways,
+// so max, min, argmax and argmin all propagate NaN (and find the first one), as PyTorch does.
+template <bool Max, class T> bool beats(T a, T b)
 {
-    if constexpr (std::is_floating_point_v<T>) return a > b || (std::isnan(a) && !std::isnan(b));
-    else return a > b;
+    if constexpr (std::is_floating_point_v<T>)
+        if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && !std::isnan(b);
+    return Max ? a > b : a < b;
 }
 
 template <bool Max> Tensor extreme(std::string_view op, const Tensor& t, const Shape& dims, bool keepdim)
@@ -263,7 +290,7 @@ template <bool Max> Tensor extreme(std::string_view op, const Tensor& t, const S
     return reduce(op, t, dims, keepdim, t.dtype(), [](const auto* p, std::int64_t n) {
         auto best = p[0];
         for (std::int64_t j = 1; j < n; ++j)
-            if (Max ? greater(p[j], best) : greater(best, p[j])) best = p[j];
+            if (beats<Max>(p[j], best)) best = p[j];
         return best;
     }, true);
 }
@@ -277,7 +304,7 @@ template <bool Max> Tensor arg_extreme(std::string_view op, const Tensor& t, std
     Tensor out = reduce(op, src, dims, keepdim && dim.has_value(), kInt64, [](const auto* p, std::int64_t n) {
         std::int64_t best = 0;
         for (std::int64_t j = 1; j < n; ++j)
-            if (Max ? greater(p[j], p[best]) : greater(p[best], p[j])) best = j;
+            if (beats<Max>(p[j], p[best])) best = j;
         return best;
     }, true);
     return out;
@@ -427,7 +454,8 @@ Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim)
         for (std::int64_t d = 0; same && d < t.dim(); ++d) same = d == dim || t.sizes()[d] == first.sizes()[d];
         LOOM_CHECK(same, "concat", "tensor {} has shape {}, expected {} except at dim {}", i, t.sizes(),
                    first.sizes(), dim);
-        shape[dim] += t.sizes()[dim];
+        LOOM_CHECK(!__builtin_add_overflow(shape[dim], t.sizes()[dim], &shape[dim]), "concat",
+                   "the joined size of dim {} exceeds 2^63 - 1", dim);
     }
     Tensor out = empty(shape, first.dtype());
     std::int64_t at = 0;

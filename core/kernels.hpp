@@ -24,6 +24,7 @@ Shape infer_shape(std::string_view op, const Shape& shape, std::int64_t numel);
 
 // ---- copies ----
 void copy_into(const Tensor& dst, const Tensor& src);  // src broadcasts to dst; converts dtype
+void add_into(const Tensor& dst, const Tensor& src);   // dst += src, same shape and floating dtype
 Tensor contiguous(const Tensor& t);  // t itself when already contiguous
 Tensor clone(const Tensor& t);
 Tensor to(const Tensor& t, DType dtype);  // t itself when the dtype already matches

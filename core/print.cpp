@@ -12,10 +12,15 @@ constexpr std::int64_t kSummarizeAbove = 1000;  // elements
 constexpr std::int64_t kEdgeItems = 3;
 
 struct Printer {
-    Tensor t;  // float64 or int64 or bool, contiguous
+    Tensor t;  // read through its own strides: printing copies nothing, even from a huge expanded view
     bool summarize;
     bool scientific = false;
     std::size_t width = 0;
+
+    double value(std::int64_t flat) const
+    {
+        return t.dtype() == kFloat32 ? double(t.data_ptr<float>()[flat]) : t.data_ptr<double>()[flat];
+    }
 
     std::string element(std::int64_t flat) const
     {
@@ -23,7 +28,7 @@ struct Printer {
         case kBool: return t.data_ptr<bool>()[flat] ? "True" : "False";
         case kInt64: return fmt::format("{}", t.data_ptr<std::int64_t>()[flat]);
         default: {
-            const double v = t.data_ptr<double>()[flat];
+            const double v = value(flat);
             if (!std::isfinite(v)) return fmt::format("{}", v);
             return scientific ? fmt::format("{:.4e}", v) : fmt::format("{:.4f}", v);
         }
@@ -83,12 +88,11 @@ struct Printer {
 std::string Tensor::to_string() const
 {
     if (!defined()) return "tensor(undefined)";
-    Printer p{kernels::contiguous(is_floating(dtype()) ? kernels::to(*this, kFloat64) : *this),
-              numel() > kSummarizeAbove};
+    Printer p{*this, numel() > kSummarizeAbove};
     if (is_floating(dtype())) {
         double largest = 0, smallest = INFINITY;
         p.measure(0, 0, [&](std::int64_t i) {
-            const double v = std::abs(p.t.data_ptr<double>()[i]);
+            const double v = std::abs(p.value(i));
             if (!std::isfinite(v)) return;
             largest = std::max(largest, v);
             if (v > 0) smallest = std::min(smallest, v);

@@ -48,18 +48,20 @@ double Generator::normal()
 std::int64_t Generator::randint(std::int64_t low, std::int64_t high)
 {
     LOOM_CHECK(low < high, "randint", "expects low < high, got [{}, {})", low, high);
-    const auto range = static_cast<std::uint64_t>(high - low);
+    // In unsigned arithmetic, where wrapping is defined: high - low may exceed INT64_MAX.
+    const std::uint64_t range = static_cast<std::uint64_t>(high) - static_cast<std::uint64_t>(low);
     // Rejection sampling keeps the distribution exactly uniform.
     const std::uint64_t limit = UINT64_MAX - UINT64_MAX % range;
     std::uint64_t x;
     do x = next_u64();
     while (x >= limit);
-    return low + static_cast<std::int64_t>(x % range);
+    return static_cast<std::int64_t>(static_cast<std::uint64_t>(low) + x % range);
 }
 
+// One generator per thread: no locking, and no thread's numbers depend on another's timing.
 Generator& default_generator()
 {
-    static Generator gen(0);
+    thread_local Generator gen(0);
     return gen;
 }
 

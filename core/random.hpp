@@ -22,7 +22,10 @@ private:
     std::array<std::uint64_t, 4> s_{};
 };
 
-// The generator used when an op is given none.
+// The generator used when an op is given none. Each thread has its own, seeded with 0 when the
+// thread first uses it, so threads never race on it; manual_seed seeds the calling thread's.
+// For reproducible streams on worker threads, call manual_seed(base + worker index) at the
+// start of each (or hand each a Generator of its own).
 Generator& default_generator();
 void manual_seed(std::uint64_t seed);
 

@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -24,12 +25,17 @@ TensorImpl& Tensor::impl() const
     return *impl_;
 }
 
-std::int64_t numel_of(const Shape& shape)
+std::int64_t checked_numel(std::string_view op, const Shape& shape)
 {
     std::int64_t n = 1;
-    for (auto s : shape) n *= s;
+    for (auto s : shape) {
+        LOOM_CHECK(s >= 0, op, "negative dimension {} in shape {}", s, shape);
+        LOOM_CHECK(!__builtin_mul_overflow(n, s, &n), op, "shape {} has more than 2^63 - 1 elements", shape);
+    }
     return n;
 }
+
+std::int64_t numel_of(const Shape& shape) { return checked_numel("shape", shape); }
 
 Shape contiguous_strides(const Shape& shape)
 {
@@ -97,32 +103,57 @@ template bool Tensor::item<bool>() const;
 
 // ---- creation ----
 
-Tensor empty(const Shape& shape, DType dtype)
+namespace {
+// A contiguous tensor of `shape`, its size checked: `op` names the call in errors.
+Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
 {
-    for (auto s : shape) LOOM_CHECK(s >= 0, "empty", "negative dimension in shape {}", shape);
+    const std::int64_t n = checked_numel(op, shape);
+    std::int64_t nbytes = 0;
+    LOOM_CHECK(!__builtin_mul_overflow(n, std::int64_t(dtype_size(dtype)), &nbytes), op,
+               "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
     auto impl = std::make_shared<TensorImpl>();
-    impl->storage = std::make_shared<Storage>(static_cast<std::size_t>(numel_of(shape)) * dtype_size(dtype));
+    impl->storage = std::make_shared<Storage>(static_cast<std::size_t>(nbytes));
     impl->shape = shape;
     impl->strides = contiguous_strides(shape);
     impl->dtype = dtype;
     return Tensor(std::move(impl));
 }
+}  // namespace
+
+Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, dtype); }
+
+void check_scalar_fits(std::string_view op, double value, DType dtype)
+{
+    if (dtype == kInt64)
+        LOOM_CHECK(std::isfinite(value) && value == std::trunc(value) && value >= -0x1p63 && value < 0x1p63, op,
+                   "the scalar {} is not a whole number an int64 tensor can hold; loom does not promote: convert the "
+                   "tensor with .to(kFloat32) first",
+                   value);
+    else if (dtype == kBool)
+        LOOM_CHECK(value == 0 || value == 1, op, "the scalar {} is not 0 or 1, which a bool tensor holds", value);
+}
 
 Tensor full(const Shape& shape, double value, DType dtype)
 {
-    Tensor t = empty(shape, dtype);
+    check_scalar_fits("full", value, dtype);
+    Tensor t = allocate("full", shape, dtype);
     dispatch(dtype, [&]<class T>() { std::fill_n(t.data_ptr<T>(), t.numel(), static_cast<T>(value)); });
     return t;
 }
 
 Tensor zeros(const Shape& shape, DType dtype)
 {
-    Tensor t = empty(shape, dtype);
+    Tensor t = allocate("zeros", shape, dtype);
     std::memset(t.impl().storage->data, 0, t.impl().storage->nbytes);
     return t;
 }
 
-Tensor ones(const Shape& shape, DType dtype) { return full(shape, 1.0, dtype); }
+Tensor ones(const Shape& shape, DType dtype)
+{
+    Tensor t = allocate("ones", shape, dtype);
+    dispatch(dtype, [&]<class T>() { std::fill_n(t.data_ptr<T>(), t.numel(), T(1)); });
+    return t;
+}
 Tensor zeros_like(const Tensor& t) { return zeros(t.sizes(), t.dtype()); }
 Tensor ones_like(const Tensor& t) { return ones(t.sizes(), t.dtype()); }
 Tensor full_like(const Tensor& t, double value) { return full(t.sizes(), value, t.dtype()); }
@@ -163,7 +194,10 @@ Tensor arange(double start, double end, double step, DType dtype)
 {
     LOOM_CHECK(step != 0 && std::isfinite(start) && std::isfinite(end) && std::isfinite(step), "arange",
                "expects finite bounds and a non-zero step, got start={} end={} step={}", start, end, step);
-    const auto n = static_cast<std::int64_t>(std::max(0.0, std::ceil((end - start) / step)));
+    const double count = std::max(0.0, std::ceil((end - start) / step));
+    LOOM_CHECK(count < 0x1p62, "arange", "[{}, {}) with step {} has {} elements, more than a tensor can hold", start,
+               end, step, count);
+    const auto n = static_cast<std::int64_t>(count);
     Tensor t = empty({n}, dtype);
     dispatch(dtype, [&]<class T>() {
         T* p = t.data_ptr<T>();

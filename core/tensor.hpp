@@ -208,7 +208,12 @@ Tensor normal(const Shape& shape, double mean, double std, DType dtype = kFloat3
 Tensor randint(std::int64_t low, std::int64_t high, const Shape& shape, Generator* gen = nullptr);
 
 // ---- shape helpers ----
+// The number of elements; throws naming `op` for a negative size or a count beyond int64.
+std::int64_t checked_numel(std::string_view op, const Shape& shape);
 std::int64_t numel_of(const Shape& shape);
+// Throws naming `op` when `value` cannot be held exactly by `dtype` (a fraction in an int64
+// tensor, 2 in a bool): loom never truncates a scalar silently.
+void check_scalar_fits(std::string_view op, double value, DType dtype);
 Shape contiguous_strides(const Shape& shape);
 // NumPy broadcasting; throws naming `op` when the shapes do not broadcast.
 Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b);

@@ -1,6 +1,8 @@
 #include "safetensors.hpp"
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -132,15 +134,33 @@ SafetensorsContents parse_safetensors(std::span<const std::byte> bytes, const st
 
 SafetensorsContents load_with_metadata(const std::string& path)
 {
-    std::ifstream in(path, std::ios::binary);
-    LOOM_CHECK(in, "load", "cannot open {}: {}", path, std::strerror(errno));
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    LOOM_CHECK(fd >= 0, "load", "cannot open {}: {}", path, std::strerror(errno));
     std::vector<std::byte> bytes;
-    in.seekg(0, std::ios::end);
-    const auto size = static_cast<std::size_t>(in.tellg());
-    in.seekg(0);
-    bytes.resize(size);
-    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
-    LOOM_CHECK(in.good() || size == 0, "load", "cannot read {}", path);
+    try {
+        struct stat st {};
+        LOOM_CHECK(::fstat(fd, &st) == 0, "load", "cannot read {}: {}", path, std::strerror(errno));
+        LOOM_CHECK(S_ISREG(st.st_mode), "load", "{} is not a regular file (a safetensors file is expected)", path);
+        // Read to the end rather than trust st_size, which some files (in /proc) report as 0.
+        std::size_t used = 0;
+        bytes.resize(std::max<std::size_t>(static_cast<std::size_t>(st.st_size) + 1, 4096));
+        while (true) {
+            if (used == bytes.size()) bytes.resize(bytes.size() * 2);
+            const ssize_t n = ::read(fd, bytes.data() + used, bytes.size() - used);
+            if (n < 0 && errno == EINTR) continue;
+            LOOM_CHECK(n >= 0, "load", "cannot read {}: {}", path, std::strerror(errno));
+            if (n == 0) break;
+            used += static_cast<std::size_t>(n);
+        }
+        bytes.resize(used);
+    } catch (const std::bad_alloc&) {
+        ::close(fd);
+        fail("load", "{} is too large to read into memory", path);
+    } catch (...) {
+        ::close(fd);
+        throw;
+    }
+    ::close(fd);
     return parse_safetensors(bytes, path);
 }
 
@@ -149,6 +169,35 @@ NamedTensorMap load(const std::string& path) { return load_with_metadata(path).t
 // ---- writing ----
 
 namespace {
+
+// The process's umask, read without changing it (umask() would race with other threads).
+mode_t current_umask()
+{
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line))
+        if (line.rfind("Umask:", 0) == 0) return static_cast<mode_t>(std::stoul(line.substr(6), nullptr, 8));
+    return 022;
+}
+
+// Temporary files are named .<target>.tmp-<pid>-XXXXXX: one left by a process that no longer
+// runs (killed mid-save) is removed by the next save of the same target.
+std::string temp_prefix(const std::filesystem::path& target) { return fmt::format(".{}.tmp-", target.filename().string()); }
+
+void remove_stale_temps(const std::filesystem::path& dir, const std::filesystem::path& target)
+{
+    const std::string prefix = temp_prefix(target);
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (name.rfind(prefix, 0) != 0) continue;
+        const std::string rest = name.substr(prefix.size());
+        const auto dash = rest.find('-');
+        if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789") != dash) continue;
+        const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+        if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) std::filesystem::remove(entry.path(), ec);
+    }
+}
 
 // Writes all of `data` to `fd`, or throws.
 void write_all(int fd, const void* data, std::size_t size, const std::string& path)
@@ -186,10 +235,14 @@ void save(const std::string& path, const NamedTensorMap& tensors, const Metadata
 
     const std::filesystem::path target(path);
     const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
-    std::string temp = (dir / fmt::format(".{}.tmp-XXXXXX", target.filename().string())).string();
+    remove_stale_temps(dir, target);
+    std::string temp = (dir / fmt::format("{}{}-XXXXXX", temp_prefix(target), ::getpid())).string();
     const int fd = ::mkstemp(temp.data());
     LOOM_CHECK(fd >= 0, "save", "cannot create a temporary file next to {}: {}", path, std::strerror(errno));
     try {
+        // mkstemp makes the file 0600; give it the mode any new file gets (0666 less the umask).
+        LOOM_CHECK(::fchmod(fd, 0666 & ~current_umask()) == 0, "save", "cannot set the mode of {}: {}", temp,
+                   std::strerror(errno));
         write_all(fd, &header_size, 8, temp);
         write_all(fd, text.data(), text.size(), temp);
         for (const Tensor& t : ordered)
@@ -211,6 +264,13 @@ void save(const std::string& path, const NamedTensorMap& tensors, const Metadata
         ::unlink(temp.c_str());
         fail("save", "cannot move {} to {}: {}", temp, path, std::strerror(err));
     }
+    // The rename is durable only once the folder's entry is on disk.
+    const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    LOOM_CHECK(dir_fd >= 0, "save", "wrote {} but cannot open its folder to flush it: {}", path, std::strerror(errno));
+    const int synced = ::fsync(dir_fd);
+    const int err = errno;
+    ::close(dir_fd);
+    LOOM_CHECK(synced == 0, "save", "wrote {} but flushing its folder failed: {}", path, std::strerror(err));
 }
 
 }  // namespace loom
