@@ -212,6 +212,10 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
 {
     constexpr std::size_t S = K::states;
     const DType dt = a.x.dtype();
+    // Every step's rows go to BLAS as one int-sized matrix: refuse before allocating anything.
+    LOOM_CHECK(a.x.size(0) * a.x.size(1) <= INT_MAX, K::name,
+               "T x B = {} x {} rows exceed what one BLAS call takes (2^31 - 1); split the batch or the sequence",
+               a.x.size(0), a.x.size(1));
     const Tensor x = kernels::contiguous(a.x);
     const Tensor w_ih = kernels::contiguous(a.weights.w_ih), w_hh = kernels::contiguous(a.weights.w_hh);
     const Tensor b_ih = a.weights.b_ih.defined() ? kernels::contiguous(a.weights.b_ih) : Tensor();

@@ -133,6 +133,8 @@ void Module::load_state_dict(const NamedTensorMap& dict, bool strict)
         const auto it = dict.find(name);
         if (it == dict.end()) {
             missing.push_back(name);
+        } else if (!it->second.defined()) {
+            mismatched.push_back(fmt::format("{} (an undefined tensor)", name));
         } else if (it->second.sizes() != t.sizes()) {
             mismatched.push_back(fmt::format("{} (file {}, module {})", name, it->second.sizes(), t.sizes()));
         } else if (!is_floating(it->second.dtype()) && is_floating(t.dtype())) {

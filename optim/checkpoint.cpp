@@ -60,6 +60,20 @@ CheckpointInfo load_checkpoint(const std::string& path, nn::Module& model, Optim
     LOOM_CHECK(rng != file.tensors.end() && rng->second.sizes() == Shape{4} && rng->second.dtype() == kInt64 &&
                    file.tensors.count("counter.epoch") && file.tensors.count("counter.step"),
                "load_checkpoint", "{} is not a loom training checkpoint (no random state or counters)", path);
+    // Everything read and checked before anything changes.
+    const auto counter = [&](const std::string& key) {
+        const Tensor& t = file.tensors.at(key);
+        LOOM_CHECK(t.numel() == 1 && t.dtype() == kInt64, "load_checkpoint",
+                   "{}: \"{}\" is {} {}, expected one int64 value", path, key, t.dtype(), t.sizes());
+        const auto v = t.item<std::int64_t>();
+        LOOM_CHECK(v >= 0, "load_checkpoint", "{}: \"{}\" is {}, expected a count >= 0", path, key, v);
+        return v;
+    };
+    CheckpointInfo info;
+    info.epoch = counter("counter.epoch");
+    info.step = counter("counter.step");
+    for (const auto& [k, v] : file.metadata)
+        if (k.rfind(kUser, 0) == 0) info.metadata[k.substr(kUser.size())] = v;
 
     const std::string saved_optimizer = value_of(file.metadata, "loom.optimizer");
     const std::string saved_scheduler = value_of(file.metadata, "loom.scheduler");
@@ -82,6 +96,12 @@ CheckpointInfo load_checkpoint(const std::string& path, nn::Module& model, Optim
         }
         optimizer.load_state_dict(strip_prefix(kOptimizer, file.tensors));
         if (scheduler) scheduler->load_state_dict(strip_prefix(kScheduler, file.tensors));
+    } catch (const Error& e) {
+        model.load_state_dict(model_backup);
+        optimizer.load_state_dict(optimizer_backup);
+        const std::string what = e.what();
+        if (what.find(path) != std::string::npos) throw;
+        fail("load_checkpoint", "{}: {}", path, what);
     } catch (...) {
         model.load_state_dict(model_backup);
         optimizer.load_state_dict(optimizer_backup);
@@ -90,12 +110,6 @@ CheckpointInfo load_checkpoint(const std::string& path, nn::Module& model, Optim
     std::array<std::uint64_t, 4> state{};
     std::memcpy(state.data(), rng->second.data_ptr<std::int64_t>(), sizeof(state));
     default_generator().set_state(state);
-
-    CheckpointInfo info;
-    info.epoch = file.tensors.at("counter.epoch").item<std::int64_t>();
-    info.step = file.tensors.at("counter.step").item<std::int64_t>();
-    for (const auto& [k, v] : file.metadata)
-        if (k.rfind(kUser, 0) == 0) info.metadata[k.substr(kUser.size())] = v;
     return info;
 }
 

@@ -1,0 +1,120 @@
+// Defect class 5: what is safe across threads, and what is refused. Each thread has its own
+// tape and its own default generator; leaves (parameters) may be shared, and several threads
+// may backpropagate into one at once. Built and run under ThreadSanitizer by .ci/run.
+#include "helpers.hpp"
+
+#include <thread>
+
+using namespace loom;
+using testing::check_error;
+using testing::close_tensors;
+using testing::values;
+
+TEST_CASE("backward on another thread's history is refused, whatever that thread's tape holds")
+{
+    Tensor w = randn({3}, kFloat64).requires_grad_();
+    Tensor loss = (w * w).sum();  // recorded on this thread
+    for (bool busy : {false, true}) {
+        std::string message;
+        std::thread other([&] {
+            Tensor mine = (w * 2.0).sum();  // the other thread has entries of its own
+            (void)mine;
+            if (!busy) mine = Tensor();
+            try {
+                loss.backward();
+            } catch (const Error& e) {
+                message = e.what();
+            }
+        });
+        other.join();
+        CHECK(message.find("another thread") != std::string::npos);
+    }
+    loss.backward();  // on the thread that recorded it, it works and nothing was lost
+    CHECK(close_tensors(w.grad(), w * 2.0, 1e-15));
+}
+
+TEST_CASE("an op on another thread's non-leaf is refused; a detached copy is fine")
+{
+    Tensor w = randn({3}, kFloat64).requires_grad_();
+    const Tensor h = tanh(w);  // a non-leaf of this thread
+    std::string message;
+    std::thread other([&] {
+        try {
+            (void)(h * 2.0);
+        } catch (const Error& e) {
+            message = e.what();
+        }
+        Tensor ok = (h.detach() * w).sum();  // w is a leaf: shared leaves are fine
+        ok.backward();
+    });
+    other.join();
+    CHECK(message.find("another thread") != std::string::npos);
+    CHECK(message.find("mul") == 0);
+    CHECK(w.grad().defined());
+}
+
+TEST_CASE("threads backpropagating into one shared leaf sum their gradients exactly")
+{
+    Generator gen(1);
+    Tensor w = randn({8, 8}, kFloat64, &gen).requires_grad_();
+    const int threads = 4, rounds = 25;
+    std::vector<Tensor> inputs;
+    for (int t = 0; t < threads; ++t) inputs.push_back(randn({5, 8}, kFloat64, &gen));
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+            for (int r = 0; r < rounds; ++r) tanh(matmul(inputs[t], w)).sum().backward();
+        });
+    for (auto& th : pool) th.join();
+    // The same sum, one thread at a time.
+    Tensor expected = zeros({8, 8}, kFloat64);
+    for (int t = 0; t < threads; ++t) {
+        Tensor v = w.detach().clone().requires_grad_();
+        tanh(matmul(inputs[t], v)).sum().backward();
+        expected = expected + v.grad() * double(rounds);
+    }
+    CHECK(close_tensors(w.grad(), expected, 1e-12));
+}
+
+TEST_CASE("each thread has its own default generator, reproducible from manual_seed")
+{
+    manual_seed(7);
+    const auto main_values = values(randn({16}));
+    std::vector<std::vector<double>> got(4);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < 4; ++t)
+        pool.emplace_back([&, t] {
+            manual_seed(7);
+            for (int k = 0; k < 50; ++k) (void)randn({8});  // race on a shared generator, if there were one
+            manual_seed(7);
+            got[t] = values(randn({16}));
+        });
+    for (auto& th : pool) th.join();
+    for (const auto& g : got) CHECK(g == main_values);
+    // Building layers on several threads at once is safe too.
+    std::vector<std::thread> builders;
+    for (int t = 0; t < 2; ++t) builders.emplace_back([] { nn::LSTM lstm(nn::LSTMOptions(4, 8).num_layers(2)); });
+    for (auto& th : builders) th.join();
+}
+
+TEST_CASE("threads training their own models at once do not interfere")
+{
+    std::vector<double> losses(2);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < 2; ++t)
+        pool.emplace_back([&, t] {
+            manual_seed(3);
+            nn::GRU gru(nn::GRUOptions(2, 4));
+            optim::Adam opt(gru.parameters(), optim::AdamOptions(0.01));
+            const Tensor x = randn({6, 3, 2});
+            for (int step = 0; step < 5; ++step) {
+                opt.zero_grad();
+                Tensor loss = gru(x).output.pow(2).mean();
+                loss.backward();
+                opt.step();
+                losses[t] = loss.item<double>();
+            }
+        });
+    for (auto& th : pool) th.join();
+    CHECK(losses[0] == losses[1]);  // the same seed on each thread: the same run
+}
