@@ -35,7 +35,7 @@ Tensor reduce_to(const BackwardContext& c, std::size_t k, const Tensor& g)
 
 Tensor add(const Tensor& a, const Tensor& b)
 {
-    Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return x + y; });
+    Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return wrapping_add(x, y); });
     return record("add", {a, b}, out, {}, [](const BackwardContext& c) {
         return Grads{reduce_to(c, 0, c.grad()), reduce_to(c, 1, c.grad())};
     });
@@ -43,7 +43,7 @@ Tensor add(const Tensor& a, const Tensor& b)
 
 Tensor sub(const Tensor& a, const Tensor& b)
 {
-    Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return x - y; });
+    Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return wrapping_sub(x, y); });
     return record("sub", {a, b}, out, {}, [](const BackwardContext& c) {
         return Grads{reduce_to(c, 0, c.grad()), c.needs[1] ? reduce_to(c, 1, -c.grad()) : Tensor()};
     });
@@ -51,7 +51,7 @@ Tensor sub(const Tensor& a, const Tensor& b)
 
 Tensor mul(const Tensor& a, const Tensor& b)
 {
-    Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return x * y; });
+    Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return wrapping_mul(x, y); });
     return record("mul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
         return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() * y) : Tensor(),
@@ -124,7 +124,7 @@ Tensor minimum(const Tensor& a, const Tensor& b) { return extremum<false>("minim
 
 Tensor neg(const Tensor& x)
 {
-    Tensor out = kernels::map_numeric("neg", x, [](auto v) { return static_cast<decltype(v)>(-v); });
+    Tensor out = kernels::map_numeric("neg", x, [](auto v) { return wrapping_sub(decltype(v)(0), v); });
     return record("neg", {x}, out, {}, [](const BackwardContext& c) { return Grads{-c.grad()}; });
 }
 
@@ -150,7 +150,7 @@ Tensor sqrt(const Tensor& x)
 
 Tensor abs(const Tensor& x)
 {
-    Tensor out = kernels::map_numeric("abs", x, [](auto v) { return static_cast<decltype(v)>(v < 0 ? -v : v); });
+    Tensor out = kernels::map_numeric("abs", x, [](auto v) { return v < 0 ? wrapping_sub(decltype(v)(0), v) : v; });
     return record("abs", {x}, out, {x}, [](const BackwardContext& c) {
         return Grads{kernels::zip_floating("abs", c.grad(), c.saved[0], [](auto g, auto v) {
             return v > 0 ? g : (v < 0 ? -g : decltype(g)(0));

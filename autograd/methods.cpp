@@ -88,14 +88,17 @@ namespace {
 // selecting pass; an expanded dim (stride 0, size > 1) does not.
 bool is_non_overlapping(const Tensor& t)
 {
+    if (t.numel() == 0) return true;  // nothing is written
     std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, size) of dims with size > 1
     for (std::int64_t d = 0; d < t.dim(); ++d)
         if (t.sizes()[d] > 1) dims.emplace_back(t.strides()[d], t.sizes()[d]);
     std::sort(dims.begin(), dims.end());
     std::int64_t reach = 0;  // the largest offset the dims so far can add
     for (const auto& [stride, size] : dims) {
-        if (stride <= reach) return false;
-        reach += stride * (size - 1);
+        std::int64_t span = 0;
+        if (stride <= reach || __builtin_mul_overflow(stride, size - 1, &span) ||
+            __builtin_add_overflow(reach, span, &reach))
+            return false;
     }
     return true;
 }

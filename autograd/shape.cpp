@@ -37,9 +37,11 @@ Tensor permute(const Tensor& x, const Shape& dims)
 
 Tensor transpose(const Tensor& x, std::int64_t dim0, std::int64_t dim1)
 {
+    const std::int64_t d0 = wrap_dim("transpose", dim0, x.dim()), d1 = wrap_dim("transpose", dim1, x.dim());
+    if (x.dim() == 0) return x;  // a 0-d tensor transposes to itself, as in PyTorch
     Shape dims(x.dim());
     for (std::int64_t i = 0; i < x.dim(); ++i) dims[i] = i;
-    std::swap(dims[wrap_dim("transpose", dim0, x.dim())], dims[wrap_dim("transpose", dim1, x.dim())]);
+    std::swap(dims[d0], dims[d1]);
     return permute(x, dims);
 }
 
@@ -63,7 +65,7 @@ Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t
 
 Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t length)
 {
-    const std::int64_t d = wrap_dim("narrow", dim, x.dim());
+    const std::int64_t d = wrap_indexed_dim("narrow", dim, x.dim());
     const std::int64_t n = x.sizes()[d];
     if (start < 0 && start >= -n) start += n;
     // length <= n - start, not start + length <= n: the sum may overflow.
@@ -82,7 +84,7 @@ Tensor select(const Tensor& x, std::int64_t dim, std::int64_t index)
 Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
 {
     Tensor out = kernels::index_select(x, dim, index);
-    const std::int64_t d = wrap_dim("index_select", dim, x.dim());
+    const std::int64_t d = wrap_indexed_dim("index_select", dim, x.dim());
     return record("index_select", {x}, out, {index}, [d](const BackwardContext& c) {
         Tensor z = zeros(c.input_shape(0), c.grad().dtype());
         kernels::index_add_into(z, d, c.saved[0], c.grad());
@@ -93,7 +95,7 @@ Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
 Tensor gather(const Tensor& x, std::int64_t dim, const Tensor& index)
 {
     Tensor out = kernels::gather(x, dim, index);
-    const std::int64_t d = wrap_dim("gather", dim, x.dim());
+    const std::int64_t d = wrap_indexed_dim("gather", dim, x.dim());
     return record("gather", {x}, out, {index}, [d](const BackwardContext& c) {
         Tensor z = zeros(c.input_shape(0), c.grad().dtype());
         kernels::scatter_add_into(z, d, c.saved[0], kernels::contiguous(c.grad()));
@@ -155,18 +157,25 @@ Tensor stack(const std::vector<Tensor>& tensors, std::int64_t dim)
 std::vector<Tensor> split(const Tensor& x, std::int64_t split_size, std::int64_t dim)
 {
     LOOM_CHECK(split_size > 0, "split", "expects a positive split size, got {}", split_size);
-    const std::int64_t d = wrap_dim("split", dim, x.dim());
+    const std::int64_t d = wrap_indexed_dim("split", dim, x.dim());
     std::vector<Tensor> parts;
-    for (std::int64_t at = 0; at < x.sizes()[d]; at += split_size)
-        parts.push_back(narrow(x, d, at, std::min(split_size, x.sizes()[d] - at)));
+    const std::int64_t n = x.sizes()[d];
+    const std::int64_t count = n == 0 ? 0 : (n - 1) / split_size + 1;
+    try {
+        parts.reserve(static_cast<std::size_t>(count));
+    } catch (const std::exception&) {  // bad_alloc or length_error: say it as loom does
+        fail("split", "cannot hold {} parts of size {} of dim {} (size {})", count, split_size, d, n);
+    }
+    for (std::int64_t at = 0; at < n; at += std::min(split_size, n - at))  // never steps past n: no overflow
+        parts.push_back(narrow(x, d, at, std::min(split_size, n - at)));
     return parts;
 }
 
 std::vector<Tensor> chunk(const Tensor& x, std::int64_t chunks, std::int64_t dim)
 {
     LOOM_CHECK(chunks > 0, "chunk", "expects a positive number of chunks, got {}", chunks);
-    const std::int64_t n = x.sizes()[wrap_dim("chunk", dim, x.dim())];
-    return split(x, std::max<std::int64_t>(1, (n + chunks - 1) / chunks), dim);
+    const std::int64_t n = x.sizes()[wrap_indexed_dim("chunk", dim, x.dim())];
+    return split(x, n == 0 ? 1 : (n - 1) / chunks + 1, dim);  // ceil(n / chunks) without overflow
 }
 
 Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype)

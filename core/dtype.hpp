@@ -1,5 +1,8 @@
 // Element types and the one place that turns a runtime dtype into a C++ type.
 #pragma once
+#include <cmath>
+#include <limits>
+#include <type_traits>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -68,6 +71,23 @@ template <class F> decltype(auto) dispatch_floating(std::string_view op, DType d
     case DType::Float64: return f.template operator()<double>();
     default: fail(op, "expects a float32 or float64 tensor, got {}", dtype_name(d));
     }
+}
+
+// v converted from S to D, defined for every value: a float that is not finite or beyond
+// D's integer range is refused naming `op` (C++ leaves that conversion undefined; loom does not
+// guess), and a double beyond float's range becomes an infinity, as IEEE rounding gives.
+template <class D, class S> D convert_value(std::string_view op, S v)
+{
+    if constexpr (std::is_floating_point_v<S> && std::is_integral_v<D> && !std::is_same_v<D, bool>) {
+        constexpr S low = S(std::numeric_limits<D>::min()), high = -low;  // -2^(bits-1) and 2^(bits-1)
+        if (!(std::isfinite(v) && v >= low && v < high))
+            fail(op, "the {} value {} has no {}-bit integer equivalent", dtype_name(dtype_of<S>()), v,
+                 8 * sizeof(D));
+    } else if constexpr (std::is_same_v<S, double> && std::is_same_v<D, float>) {
+        if (std::isfinite(v) && std::abs(v) > double(std::numeric_limits<float>::max()))
+            return v > 0 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+    }
+    return static_cast<D>(v);
 }
 
 // Throws naming `op` unless d is float32 or float64.

@@ -1,10 +1,13 @@
 #include "kernels.hpp"
 
+#include "math.hpp"
+
 #include <cblas.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 namespace loom::kernels {
@@ -109,7 +112,7 @@ Tensor expand(const Tensor& t, const Shape& shape)
 
 Tensor slice(const Tensor& t, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step)
 {
-    dim = wrap_dim("slice", dim, t.dim());
+    dim = wrap_indexed_dim("slice", dim, t.dim());
     LOOM_CHECK(step > 0, "slice", "expects a positive step, got {}", step);
     const std::int64_t n = t.sizes()[dim];
     if (start < 0) start += n;  // no overflow: start < 0 <= n
@@ -119,13 +122,15 @@ Tensor slice(const Tensor& t, std::int64_t dim, std::int64_t start, std::int64_t
     Shape shape = t.sizes(), strides = t.strides();
     shape[dim] = end == start ? 0 : (end - start - 1) / step + 1;  // ceil without overflow for any step
     if (shape[dim] > 1) strides[dim] *= step;  // then step < n: no overflow; a single element needs no stride
-    return as_strided(t, shape, strides, t.storage_offset() + start * t.strides()[dim]);
+    // An empty result reaches no element: its offset stays put (start * stride might not fit).
+    const bool empty_result = std::find(shape.begin(), shape.end(), 0) != shape.end();
+    return as_strided(t, shape, strides, t.storage_offset() + (empty_result ? 0 : start * t.strides()[dim]));
 }
 
 Tensor select(const Tensor& t, std::int64_t dim, std::int64_t index)
 {
     LOOM_CHECK(t.dim() > 0, "select", "cannot select from a 0-d tensor");
-    dim = wrap_dim("select", dim, t.dim());
+    dim = wrap_indexed_dim("select", dim, t.dim());
     const std::int64_t n = t.sizes()[dim];
     LOOM_CHECK(index >= -n && index < n, "select", "index {} is out of range for dim {} of size {} (shape {})", index,
                dim, n, t.sizes());
@@ -133,14 +138,17 @@ Tensor select(const Tensor& t, std::int64_t dim, std::int64_t index)
     Shape shape = t.sizes(), strides = t.strides();
     shape.erase(shape.begin() + dim);
     strides.erase(strides.begin() + dim);
-    return as_strided(t, shape, strides, t.storage_offset() + index * t.strides()[dim]);
+    const bool empty_result = std::find(shape.begin(), shape.end(), 0) != shape.end();
+    return as_strided(t, shape, strides, t.storage_offset() + (empty_result ? 0 : index * t.strides()[dim]));
 }
 
 Tensor unsqueeze(const Tensor& t, std::int64_t dim)
 {
     dim = wrap_dim("unsqueeze", dim, t.dim() + 1);
     Shape shape = t.sizes(), strides = t.strides();
-    const std::int64_t stride = dim < t.dim() ? t.strides()[dim] * t.sizes()[dim] : 1;
+    // The new dim has size 1, so its stride is never used to step; any value that fits will do.
+    std::int64_t stride = 1;
+    if (dim < t.dim() && __builtin_mul_overflow(t.strides()[dim], t.sizes()[dim], &stride)) stride = 1;
     shape.insert(shape.begin() + dim, 1);
     strides.insert(strides.begin() + dim, stride);
     return as_strided(t, shape, strides, t.storage_offset());
@@ -173,11 +181,11 @@ void copy_into(const Tensor& dst, const Tensor& src)
             const S* s = src.data_ptr<S>();
             if (dst.is_contiguous() && src.is_contiguous() && src.sizes() == dst.sizes()) {
                 const std::int64_t n = dst.numel();
-                for (std::int64_t i = 0; i < n; ++i) d[i] = static_cast<D>(s[i]);
+                for (std::int64_t i = 0; i < n; ++i) d[i] = convert_value<D>("convert", s[i]);
                 return;
             }
             for_each_offset<2>(dst.sizes(), {dst.strides().data(), ss.data()}, {0, 0},
-                               [&](const auto& o) { d[o[0]] = static_cast<D>(s[o[1]]); });
+                               [&](const auto& o) { d[o[0]] = convert_value<D>("convert", s[o[1]]); });
         });
     });
 }
@@ -243,14 +251,16 @@ Reduction prepare(std::string_view op, const Tensor& t, const Shape& dims_in, bo
         if (!reduced[i]) {
             order.push_back(i);
             out_shape.push_back(t.sizes()[i]);
-            r.outer *= t.sizes()[i];
+            LOOM_CHECK(!__builtin_mul_overflow(r.outer, t.sizes()[i], &r.outer), op,
+                       "the result of reducing shape {} would have more than 2^63 - 1 elements", t.sizes());
         } else if (keepdim) {
             out_shape.push_back(1);
         }
     for (std::int64_t i = 0; i < nd; ++i)
         if (reduced[i]) {
             order.push_back(i);
-            r.inner *= t.sizes()[i];
+            // Saturates: it can only overflow when another dim is 0, and then nothing is read.
+            if (__builtin_mul_overflow(r.inner, t.sizes()[i], &r.inner)) r.inner = INT64_MAX;
         }
     r.input = contiguous(permute(t, order));
     r.out_shape = out_shape;
@@ -319,7 +329,7 @@ Tensor sum(const Tensor& t, const Shape& dims, bool keepdim)
         using T = std::remove_cvref_t<decltype(*p)>;
         using Acc = std::conditional_t<std::is_floating_point_v<T>, double, std::int64_t>;
         Acc acc = 0;
-        for (std::int64_t j = 0; j < n; ++j) acc += static_cast<Acc>(p[j]);
+        for (std::int64_t j = 0; j < n; ++j) acc = wrapping_add(acc, static_cast<Acc>(p[j]));
         return acc;
     }, false);
 }
@@ -367,7 +377,7 @@ Tensor index_select(const Tensor& t, std::int64_t dim, const Tensor& index)
 {
     check_index_tensor("index_select", index);
     LOOM_CHECK(index.dim() <= 1, "index_select", "expects a 1-D index, got shape {}", index.sizes());
-    dim = wrap_dim("index_select", dim, t.dim());
+    dim = wrap_indexed_dim("index_select", dim, t.dim());
     const Tensor idx = contiguous(index);
     Shape shape = t.sizes();
     shape[dim] = idx.numel();
@@ -419,7 +429,7 @@ template <class F> void for_each_gather(std::string_view op, const Tensor& t, st
 
 Tensor gather(const Tensor& t, std::int64_t dim, const Tensor& index)
 {
-    dim = wrap_dim("gather", dim, t.dim());
+    dim = wrap_indexed_dim("gather", dim, t.dim());
     Tensor out = empty(index.sizes(), t.dtype());
     dispatch(t.dtype(), [&]<class T>() {
         const T* pt = t.data_ptr<T>();

@@ -2,6 +2,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace loom {
 
@@ -24,6 +25,24 @@ inline float tanh_float(float x)
     q = q * x2 + 2.26843463243900e-03f;
     q = q * x2 + 4.89352518554385e-03f;
     return c * p / q;
+}
+
+// Integer arithmetic wraps around in two's complement, as PyTorch's does, instead of being
+// undefined on overflow; floating point is unchanged.
+template <class T> T wrapping_add(T a, T b)
+{
+    if constexpr (std::is_integral_v<T>) return static_cast<T>(static_cast<std::make_unsigned_t<T>>(a) + static_cast<std::make_unsigned_t<T>>(b));
+    else return a + b;
+}
+template <class T> T wrapping_sub(T a, T b)
+{
+    if constexpr (std::is_integral_v<T>) return static_cast<T>(static_cast<std::make_unsigned_t<T>>(a) - static_cast<std::make_unsigned_t<T>>(b));
+    else return a - b;
+}
+template <class T> T wrapping_mul(T a, T b)
+{
+    if constexpr (std::is_integral_v<T>) return static_cast<T>(static_cast<std::make_unsigned_t<T>>(a) * static_cast<std::make_unsigned_t<T>>(b));
+    else return a * b;
 }
 
 template <class T> T tanh_of(T x)

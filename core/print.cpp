@@ -39,7 +39,7 @@ struct Printer {
     std::vector<std::int64_t> shown(std::int64_t n) const
     {
         std::vector<std::int64_t> idx;
-        if (!summarize || n <= 2 * kEdgeItems) {
+        if (n <= 2 * kEdgeItems || (!summarize && n <= kSummarizeAbove)) {  // a huge dim of an empty tensor too
             for (std::int64_t i = 0; i < n; ++i) idx.push_back(i);
         } else {
             for (std::int64_t i = 0; i < kEdgeItems; ++i) idx.push_back(i);
@@ -88,6 +88,7 @@ struct Printer {
 std::string Tensor::to_string() const
 {
     if (!defined()) return "tensor(undefined)";
+    if (numel() == 0) return fmt::format("tensor([], shape={}, dtype={})", sizes(), dtype());
     Printer p{*this, numel() > kSummarizeAbove};
     if (is_floating(dtype())) {
         double largest = 0, smallest = INFINITY;

@@ -43,7 +43,9 @@ Shape contiguous_strides(const Shape& shape)
     std::int64_t s = 1;
     for (auto i = static_cast<std::int64_t>(shape.size()) - 1; i >= 0; --i) {
         strides[i] = s;
-        s *= std::max<std::int64_t>(shape[i], 1);
+        // Saturates: only a shape with no elements (a 0 elsewhere) can get here without fitting,
+        // and its strides are never used to reach an element.
+        if (__builtin_mul_overflow(s, std::max<std::int64_t>(shape[i], 1), &s)) s = INT64_MAX;
     }
     return strides;
 }
@@ -54,6 +56,12 @@ std::int64_t wrap_dim(std::string_view op, std::int64_t dim, std::int64_t ndim)
     LOOM_CHECK(dim >= lo && dim <= hi, op, "dim {} is out of range for a tensor of {} dims (expected {} to {})",
                dim, ndim, lo, hi);
     return dim < 0 ? dim + std::max<std::int64_t>(ndim, 1) : dim;
+}
+
+std::int64_t wrap_indexed_dim(std::string_view op, std::int64_t dim, std::int64_t ndim)
+{
+    LOOM_CHECK(ndim > 0, op, "cannot be applied to a 0-d tensor (it has no dim {} to index)", dim);
+    return wrap_dim(op, dim, ndim);
 }
 
 Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b)
@@ -70,12 +78,13 @@ Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b)
     return out;
 }
 
-std::int64_t Tensor::size(std::int64_t d) const { return sizes()[wrap_dim("size", d, dim())]; }
-std::int64_t Tensor::stride(std::int64_t d) const { return strides()[wrap_dim("stride", d, dim())]; }
+std::int64_t Tensor::size(std::int64_t d) const { return sizes()[wrap_indexed_dim("size", d, dim())]; }
+std::int64_t Tensor::stride(std::int64_t d) const { return strides()[wrap_indexed_dim("stride", d, dim())]; }
 std::int64_t Tensor::numel() const { return numel_of(sizes()); }
 
 bool Tensor::is_contiguous() const
 {
+    if (numel() == 0) return true;  // no element to place; and the products below then fit
     std::int64_t expected = 1;
     for (auto i = dim() - 1; i >= 0; --i) {
         if (sizes()[i] == 1) continue;
@@ -93,7 +102,7 @@ bool Tensor::shares_storage(const Tensor& other) const
 template <class T> T Tensor::item() const
 {
     LOOM_CHECK(numel() == 1, "item", "expects a tensor with one element, got shape {}", sizes());
-    return dispatch(dtype(), [&]<class S>() { return static_cast<T>(*data_ptr<S>()); });
+    return dispatch(dtype(), [&]<class S>() { return convert_value<T>("item", *data_ptr<S>()); });
 }
 template float Tensor::item<float>() const;
 template double Tensor::item<double>() const;
@@ -137,7 +146,7 @@ Tensor full(const Shape& shape, double value, DType dtype)
 {
     check_scalar_fits("full", value, dtype);
     Tensor t = allocate("full", shape, dtype);
-    dispatch(dtype, [&]<class T>() { std::fill_n(t.data_ptr<T>(), t.numel(), static_cast<T>(value)); });
+    dispatch(dtype, [&]<class T>() { std::fill_n(t.data_ptr<T>(), t.numel(), convert_value<T>("full", value)); });
     return t;
 }
 
@@ -166,7 +175,7 @@ Tensor tensor(const std::vector<double>& values, const Shape& shape, DType dtype
     Tensor t = empty(shape, dtype);
     dispatch(dtype, [&]<class T>() {
         T* p = t.data_ptr<T>();
-        for (std::size_t i = 0; i < values.size(); ++i) p[i] = static_cast<T>(values[i]);
+        for (std::size_t i = 0; i < values.size(); ++i) p[i] = convert_value<T>("tensor", values[i]);
     });
     return t;
 }
@@ -201,7 +210,7 @@ Tensor arange(double start, double end, double step, DType dtype)
     Tensor t = empty({n}, dtype);
     dispatch(dtype, [&]<class T>() {
         T* p = t.data_ptr<T>();
-        for (std::int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(start + static_cast<double>(i) * step);
+        for (std::int64_t i = 0; i < n; ++i) p[i] = convert_value<T>("arange", start + static_cast<double>(i) * step);
     });
     return t;
 }

@@ -219,6 +219,8 @@ Shape contiguous_strides(const Shape& shape);
 Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b);
 // Wraps a possibly negative dim into [0, ndim), naming `op` when out of range.
 std::int64_t wrap_dim(std::string_view op, std::int64_t dim, std::int64_t ndim);
+// The same for an op that indexes along the dim, which a 0-d tensor does not have.
+std::int64_t wrap_indexed_dim(std::string_view op, std::int64_t dim, std::int64_t ndim);
 
 // Sets the number of threads OpenBLAS uses for matmul.
 void set_num_threads(int threads);
