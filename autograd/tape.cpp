@@ -31,6 +31,12 @@ Tensor add_values(const Tensor& a, const Tensor& b)
     return kernels::zip_floating("accumulate gradient", a, b, [](auto x, auto y) { return x + y; });
 }
 
+// node.grad += g, as a new tensor: .grad() may be held by the user, so it is never written in place.
+void accumulate_grad(autograd::Node& node, const Tensor& g)
+{
+    node.grad = node.grad.defined() ? add_values(node.grad, g) : kernels::clone(g);
+}
+
 void release(autograd::Entry& e)
 {
     e.released = true;
@@ -158,7 +164,7 @@ struct Sweep {
                 autograd::PendingGrad& p = node->pending;
                 p.sum = apply_hooks(*node, p.sum);
                 if (accumulate && node->retains_grad)
-                    node->grad = node->grad.defined() ? add_values(node->grad, p.sum) : kernels::clone(p.sum);
+                    accumulate_grad(*node, p.sum);
                 ctx.grads[k] = p.sum;
                 if (!p.captured) p = autograd::PendingGrad();
                 reached = true;
@@ -214,7 +220,7 @@ struct Sweep {
             if (n->seq != 0) continue;
             const autograd::PendingGrad& p = leaves.at(n.get());
             if (!p.sum.defined()) continue;
-            n->grad = n->grad.defined() ? add_values(n->grad, p.sum) : kernels::clone(p.sum);
+            accumulate_grad(*n, p.sum);
         }
     }
 };

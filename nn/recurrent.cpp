@@ -215,7 +215,9 @@ RecurrentOutput run_steps(const std::string& op, std::int64_t layer, std::int64_
     return RecurrentOutput{stack(outputs, 0), s};
 }
 
-void check_options(const std::string& op, const RecurrentOptions& o)
+}  // namespace
+
+void check_recurrent_options(const std::string& op, const RecurrentOptions& o)
 {
     LOOM_CHECK(o.input_size() > 0 && o.hidden_size() > 0, op, "expects positive sizes, got input {} and hidden {}",
                o.input_size(), o.hidden_size());
@@ -224,15 +226,11 @@ void check_options(const std::string& op, const RecurrentOptions& o)
     LOOM_CHECK(is_floating(o.dtype()), op, "expects a float32 or float64 dtype, got {}", o.dtype());
 }
 
-}  // namespace
-
-void check_recurrent_options(const std::string& op, const RecurrentOptions& options) { check_options(op, options); }
-
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
                               bool training, Generator* dropout_gen)
 {
-    check_options(op, options);
+    check_recurrent_options(op, options);
     const Prepared p = prepare(op, options, state_size, input, initial, lengths);
     return run_stack(options, state_size, p.x, initial, training, dropout_gen,
                      [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
@@ -246,7 +244,7 @@ RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& opt
 RecurrentLayer::RecurrentLayer(CellKind kind_, RecurrentOptions options_) : kind(kind_), options(std::move(options_))
 {
     const std::string name = type_name();
-    check_options(name, options);
+    check_recurrent_options(name, options);
     LOOM_CHECK(kind == CellKind::RNN || options.nonlinearity() == Nonlinearity::Tanh, name,
                "nonlinearity is an option of RNN only");
     const std::int64_t G = detail::cell_kind_row(kind).gates, H = options.hidden_size();
