@@ -6,12 +6,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 shift || true
-workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6}
+workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W7}
 reference=../shared/bench/torch_reference.py
 [ -f bench/torch_reference.py ] && reference=bench/torch_reference.py
 ms() { sed -n 's/.* ms=\([0-9.]*\).*/\1/p'; }
 printf '%-8s %-6s %12s %12s %8s\n' workload mode "loom ms" "torch ms" ratio
+# W7, ADBench's LSTM objective: loom's primal and gradient, the plain C++ primal and PyTorch's
+# gradient, each ratio named on its line.
+adbench() {
+    local out primal gradient plain torch
+    out=$("$build/bench/adbench_lstm")
+    primal=$(grep loom-primal <<<"$out" | ms)
+    gradient=$(grep loom-gradient <<<"$out" | ms)
+    plain=$(grep plain-primal <<<"$out" | ms)
+    torch=$(/usr/bin/python3 "$reference" W7 | ms)
+    printf '%-8s %-6s %12s %12s %8.3f   loom gradient / torch gradient\n' W7 grad "$gradient" "$torch" \
+        "$(echo "$gradient / $torch" | bc -l)"
+    printf '%-8s %-6s %12s %12s %8.2f   loom gradient / loom primal (%s ms)\n' W7 grad "$gradient" "" \
+        "$(echo "$gradient / $primal" | bc -l)" "$primal"
+    printf '%-8s %-6s %12s %12s %8.2f   loom primal / plain C++ primal (%s ms)\n' W7 primal "$primal" "" \
+        "$(echo "$primal / $plain" | bc -l)" "$plain"
+}
 for w in $workloads; do
+    if [ "$w" = W7 ]; then adbench; continue; fi
     for mode in train infer; do
         flag=$([ $mode = infer ] && echo --infer || true)
         l=$("$build/bench/workloads" "$w" $flag | ms)

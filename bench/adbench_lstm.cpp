@@ -1,0 +1,63 @@
+// W7, loom's side: the ADBench LSTM objective (l = 2, c = 1024, b = 14, float64) timed three
+// ways in one run: loom's primal (tensor ops under NoGradGuard), loom's gradient (the same ops
+// recorded, then backward), and the plain C++ primal (no tensors, no AD). Median of --repeats.
+// Usage: adbench_lstm [--repeats N] [--chars C]
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <cstdlib>
+#include <algorithm>
+
+#include "adbench_lstm.hpp"
+
+using namespace loom;
+
+namespace {
+
+template <class F> double median_ms(int repeats, F&& f)
+{
+    f();  // warm-up
+    std::vector<double> times;
+    for (int i = 0; i < repeats; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv)
+{
+    int repeats = 20, chars = 1024;
+    for (int i = 1; i < argc; ++i) {
+        if (!std::strcmp(argv[i], "--repeats") && i + 1 < argc) repeats = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--chars") && i + 1 < argc) chars = std::atoi(argv[++i]);
+    }
+    set_num_threads(1);
+    const adbench::LstmInput input = adbench::make_lstm_input(2, chars, 14);
+    adbench::LstmTensors x = adbench::to_tensors(input);
+    x.main.requires_grad_();
+    x.extra.requires_grad_();
+
+    double loss = 0;
+    const double primal = median_ms(repeats, [&] {
+        NoGradGuard no_grad;
+        loss = adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).item<double>();
+    });
+    double gradient_norm = 0;
+    const double gradient = median_ms(repeats, [&] {
+        x.main.zero_grad();
+        x.extra.zero_grad();
+        adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).backward();
+        gradient_norm = std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
+    });
+    double plain_loss = 0;
+    const double plain = median_ms(repeats, [&] { plain_loss = adbench::lstm_objective_plain(input); });
+    std::printf("W7 loom-primal ms=%.3f loss=%.15g\n", primal, loss);
+    std::printf("W7 loom-gradient ms=%.3f grad_norm=%.15g\n", gradient, gradient_norm);
+    std::printf("W7 plain-primal ms=%.3f loss=%.15g\n", plain, plain_loss);
+    return 0;
+}
