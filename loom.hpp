@@ -1,6 +1,7 @@
 // loom: tensors with tape-based automatic differentiation, built for recurrent networks.
 // One header for everything a user needs.
 #pragma once
+#include "core/allocator.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "core/random.hpp"

@@ -5,13 +5,16 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "../core/allocator.hpp"
 #include "../core/kernels.hpp"
 
 namespace loom {
 
 namespace {
 
-thread_local bool grad_mode = true;
+// initial-exec: libloom is linked, not dlopen()ed, and the general model costs a call (__tls_get_addr)
+// on every op.
+[[gnu::tls_model("initial-exec")]] thread_local bool grad_mode = true;
 
 std::atomic<std::uint64_t> next_tape_id{1};
 
@@ -21,7 +24,7 @@ struct Tape {
     std::size_t compact_at = 1024;
     std::uint64_t id = next_tape_id++;
 };
-thread_local Tape tape;
+[[gnu::tls_model("initial-exec")]] thread_local Tape tape;
 
 // Guards every leaf's .grad(): threads may backpropagate into shared parameters at once.
 std::mutex leaf_grad_mutex;
@@ -40,8 +43,8 @@ void accumulate_grad(autograd::Node& node, const Tensor& g)
 void release(autograd::Entry& e)
 {
     e.released = true;
-    std::vector<std::shared_ptr<autograd::Node>>().swap(e.inputs);
-    std::vector<autograd::Saved>().swap(e.saved);
+    e.inputs = autograd::InputNodes();
+    e.saved = {};
     e.backward = nullptr;
 }
 
@@ -294,7 +297,7 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
     for (const Tensor& out : outputs) {
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
-        auto node = std::make_shared<Node>();
+        auto node = std::allocate_shared<Node>(PoolAllocator<Node>());
         node->shape = out.sizes();
         node->dtype = out.dtype();
         node->seq = e.seq;
@@ -330,7 +333,7 @@ Tensor& Tensor::requires_grad_(bool on)
         LOOM_CHECK(is_floating(dtype()), "requires_grad_", "only float32 and float64 tensors can require grad, got {}",
                    dtype());
         if (!node) {
-            node = std::make_shared<autograd::Node>();
+            node = std::allocate_shared<autograd::Node>(PoolAllocator<autograd::Node>());
             node->shape = sizes();
             node->dtype = dtype();
         }

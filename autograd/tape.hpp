@@ -67,12 +67,16 @@ struct Saved {
     std::uint64_t version;
 };
 
+// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
+// not cost a heap allocation for each list.
+using InputNodes = SmallVector<std::shared_ptr<Node>, 3>;
+
 // What an entry's backward function receives.
 struct BackwardContext {
-    std::vector<Tensor> grads;   // one per output; undefined where no gradient arrived
-    std::vector<Tensor> saved;   // in the order given to record()
-    std::vector<bool> needs;     // per input: does it want a gradient?
-    const std::vector<std::shared_ptr<Node>>* inputs = nullptr;
+    SmallVector<Tensor, 2> grads;  // one per output; undefined where no gradient arrived
+    SmallVector<Tensor, 3> saved;  // in the order given to record()
+    SmallVector<bool, 3> needs;    // per input: does it want a gradient?
+    const InputNodes* inputs = nullptr;
     const Tensor& grad() const { return grads[0]; }
     // Shape of input k; known for every input that needs a gradient, so ops need not save it.
     const Shape& input_shape(std::size_t k) const { return (*inputs)[k]->shape; }
@@ -89,9 +93,9 @@ using RegionFn = std::function<Tensor(const Tensor&)>;
 struct Entry {
     std::uint64_t seq;
     const char* name;
-    std::vector<std::shared_ptr<Node>> inputs;  // null where an input does not require grad
-    std::vector<std::weak_ptr<Node>> outputs;   // weak: the tape alone never keeps a result alive
-    std::vector<Saved> saved;
+    InputNodes inputs;                           // null where an input does not require grad
+    SmallVector<std::weak_ptr<Node>, 2> outputs;  // weak: the tape alone never keeps a result alive
+    SmallVector<Saved, 3> saved;
     BackwardFn backward;
     // Set for a part-of-input op: backward then returns the gradient of the part, which the
     // sweep adds into region(input's gradient) in place, so taking every step of a sequence

@@ -1,5 +1,6 @@
 #include "kernels.hpp"
 
+#include "allocator.hpp"
 #include "math.hpp"
 
 #include <cblas.h>
@@ -16,7 +17,7 @@ namespace loom::kernels {
 
 Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offset)
 {
-    auto impl = std::make_shared<TensorImpl>();
+    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
     impl->storage = t.impl().storage;
     impl->shape = std::move(shape);
     impl->strides = std::move(strides);

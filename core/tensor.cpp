@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "allocator.hpp"
 #include "kernels.hpp"
 #include "random.hpp"
 
@@ -13,16 +14,14 @@ namespace loom {
 
 Storage::Storage(std::size_t n) : nbytes(n)
 {
-    data = static_cast<std::byte*>(std::malloc(n == 0 ? 1 : n));  // 16-byte aligned: enough for every dtype
-    if (!data) throw Error(fmt::format("empty: out of memory allocating {} bytes", n));
+    data = static_cast<std::byte*>(allocate_storage_bytes(n, capacity));
 }
 
-Storage::~Storage() { std::free(data); }
+Storage::~Storage() { free_storage_bytes(data, capacity); }
 
-TensorImpl& Tensor::impl() const
+void Tensor::throw_undefined()
 {
-    if (!impl_) throw Error("tensor: used an undefined tensor (default-constructed, or a gradient never computed)");
-    return *impl_;
+    throw Error("tensor: used an undefined tensor (default-constructed, or a gradient never computed)");
 }
 
 std::int64_t checked_numel(std::string_view op, const Shape& shape)
@@ -80,7 +79,12 @@ Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b)
 
 std::int64_t Tensor::size(std::int64_t d) const { return sizes()[wrap_indexed_dim("size", d, dim())]; }
 std::int64_t Tensor::stride(std::int64_t d) const { return strides()[wrap_indexed_dim("stride", d, dim())]; }
-std::int64_t Tensor::numel() const { return numel_of(sizes()); }
+std::int64_t Tensor::numel() const
+{
+    std::int64_t n = 1;  // an existing tensor's element count was checked to fit when it was made
+    for (auto s : sizes()) n *= s;
+    return n;
+}
 
 bool Tensor::is_contiguous() const
 {
@@ -120,8 +124,8 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
     std::int64_t nbytes = 0;
     LOOM_CHECK(!__builtin_mul_overflow(n, std::int64_t(dtype_size(dtype)), &nbytes), op,
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
-    auto impl = std::make_shared<TensorImpl>();
-    impl->storage = std::make_shared<Storage>(static_cast<std::size_t>(nbytes));
+    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
+    impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), static_cast<std::size_t>(nbytes));
     impl->shape = shape;
     impl->strides = contiguous_strides(shape);
     impl->dtype = dtype;

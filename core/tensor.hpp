@@ -12,12 +12,14 @@
 #include <vector>
 
 #include "dtype.hpp"
+#include "small_vector.hpp"
 #include "error.hpp"
 
 // core/ is namespace loom itself: the tensor is the library's base type.
 namespace loom {
 
-using Shape = std::vector<std::int64_t>;
+// Sizes or strides of a tensor; up to 6 dims without a heap allocation.
+using Shape = SmallVector<std::int64_t, 6>;
 
 class Tensor;
 // Tensors by name: state dicts, optimizer state, safetensors files.
@@ -39,6 +41,7 @@ struct Storage {
 
     std::byte* data = nullptr;
     std::size_t nbytes = 0;
+    std::size_t capacity = 0;  // of the block behind `data` (core/allocator.hpp)
     std::uint64_t version = 0;
 };
 
@@ -71,7 +74,12 @@ public:
     bool is_same(const Tensor& other) const { return impl_ == other.impl_; }
     bool shares_storage(const Tensor& other) const;
     std::uint64_t version() const { return impl().storage->version; }
-    TensorImpl& impl() const;
+    TensorImpl& impl() const
+    {
+        if (!impl_) [[unlikely]]
+            throw_undefined();
+        return *impl_;
+    }
     const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
 
     // Pointer to the first element; T must match the dtype.
@@ -180,6 +188,7 @@ public:
     std::string to_string() const;
 
 private:
+    [[noreturn]] static void throw_undefined();
     std::shared_ptr<TensorImpl> impl_;
 };
 

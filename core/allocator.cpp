@@ -1,0 +1,150 @@
+#include "allocator.hpp"
+
+#include <bit>
+#include <cstdlib>
+#include <vector>
+
+#include "error.hpp"
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define LOOM_STORAGE_CACHE 0
+#else
+#define LOOM_STORAGE_CACHE 1
+#endif
+
+namespace loom {
+
+namespace {
+
+constexpr std::size_t kSmallestBlock = 64;
+constexpr int kClasses = std::countr_zero(kLargestCachedBlock) - std::countr_zero(kSmallestBlock) + 1;
+
+constexpr int kObjectClasses = kLargestSmallObject / 16;
+constexpr std::size_t kObjectsPerClass = std::size_t(1) << 16;
+
+struct Cache {
+    std::vector<void*> free[kClasses];
+    std::size_t bytes = 0;
+    std::vector<void*> objects[kObjectClasses];  // by size class: 16, 32, ... bytes
+
+    void clear() noexcept
+    {
+        for (auto& list : free) {
+            for (void* p : list) std::free(p);
+            list.clear();
+        }
+        bytes = 0;
+        for (auto& list : objects) {
+            for (void* p : list) std::free(p);
+            list.clear();
+        }
+    }
+};
+
+// The cache lives behind a plain pointer that outlives it: a tensor freed while this thread
+// is being torn down (after the cache is gone) goes straight back to malloc.
+// initial-exec: libloom is linked, not dlopen()ed, and the general model costs a call per access.
+[[gnu::tls_model("initial-exec")]] thread_local Cache* cache = nullptr;
+struct CacheOwner {
+    Cache storage;
+    CacheOwner() { cache = &storage; }
+    ~CacheOwner()
+    {
+        cache = nullptr;
+        storage.clear();
+    }
+};
+
+Cache* this_thread_cache()
+{
+    thread_local CacheOwner owner;
+    return cache;
+}
+
+int size_class(std::size_t capacity) { return std::countr_zero(capacity) - std::countr_zero(kSmallestBlock); }
+
+void* checked_malloc(std::size_t n)
+{
+    void* p = std::malloc(n == 0 ? 1 : n);  // 16-byte aligned: enough for every dtype
+    if (!p) throw Error(fmt::format("empty: out of memory allocating {} bytes", n));
+    return p;
+}
+
+}  // namespace
+
+void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity)
+{
+    if (!LOOM_STORAGE_CACHE || nbytes > kLargestCachedBlock) {
+        capacity = nbytes;
+        return checked_malloc(nbytes);
+    }
+    capacity = std::max(kSmallestBlock, std::bit_ceil(nbytes));
+    if (Cache* c = this_thread_cache()) {
+        auto& list = c->free[size_class(capacity)];
+        if (!list.empty()) {
+            void* p = list.back();
+            list.pop_back();
+            c->bytes -= capacity;
+            return p;
+        }
+    }
+    return checked_malloc(capacity);
+}
+
+void free_storage_bytes(void* data, std::size_t capacity) noexcept
+{
+    if (LOOM_STORAGE_CACHE && capacity <= kLargestCachedBlock && capacity >= kSmallestBlock &&
+        std::has_single_bit(capacity) && cache && cache->bytes + capacity <= kCacheLimit) {
+        try {
+            cache->free[size_class(capacity)].push_back(data);
+            cache->bytes += capacity;
+            return;
+        } catch (...) {  // the free list could not grow: give the block back instead
+        }
+    }
+    std::free(data);
+}
+
+void* allocate_small_object(std::size_t size)
+{
+    const std::size_t rounded = (size + 15) / 16 * 16;
+    if (LOOM_STORAGE_CACHE)
+        if (Cache* c = this_thread_cache()) {
+            auto& list = c->objects[rounded / 16 - 1];
+            if (!list.empty()) {
+                void* p = list.back();
+                list.pop_back();
+                return p;
+            }
+        }
+    void* p = std::malloc(rounded);
+    if (!p) throw std::bad_alloc();
+    return p;
+}
+
+void free_small_object(void* p, std::size_t size) noexcept
+{
+    const std::size_t rounded = (size + 15) / 16 * 16;
+    if (LOOM_STORAGE_CACHE && cache) {
+        auto& list = cache->objects[rounded / 16 - 1];
+        if (list.size() < kObjectsPerClass) {
+            try {
+                list.push_back(p);
+                return;
+            } catch (...) {  // the free list could not grow: give the block back instead
+            }
+        }
+    }
+    std::free(p);
+}
+
+std::size_t cached_storage_bytes() { return cache ? cache->bytes : 0; }
+
+void empty_storage_cache()
+{
+    if (cache) cache->clear();
+}
+
+bool storage_cache_enabled() { return LOOM_STORAGE_CACHE; }
+
+}  // namespace loom

@@ -1,0 +1,54 @@
+// Storage bytes come from a per-thread cache of freed blocks in power-of-two size classes: a
+// recurrent step makes and drops the same few small tensors thousands of times, and malloc's
+// bookkeeping (and its consolidation when a whole tape is released at once) then costs more
+// than the arithmetic. Blocks up to kLargestCachedBlock are cached, at most kCacheLimit bytes
+// per thread; larger ones go straight to malloc. Under AddressSanitizer the cache is off, so
+// every use after free is still caught.
+#pragma once
+#include <cstddef>
+#include <new>
+
+namespace loom {
+
+inline constexpr std::size_t kLargestCachedBlock = std::size_t(1) << 20;
+inline constexpr std::size_t kCacheLimit = std::size_t(64) << 20;
+
+// The small objects made for every op (a tensor's handle and storage record, a tape node) come
+// from per-thread free lists by 16-byte size class, for the same reason: a tape of thousands of
+// entries is freed at once, and malloc then spends its time consolidating.
+inline constexpr std::size_t kLargestSmallObject = 512;
+void* allocate_small_object(std::size_t size);
+void free_small_object(void* p, std::size_t size) noexcept;
+
+// For std::allocate_shared: the object and its control block in one pooled block.
+template <class T> struct PoolAllocator {
+    using value_type = T;
+    PoolAllocator() = default;
+    template <class U> PoolAllocator(const PoolAllocator<U>&) noexcept {}
+    T* allocate(std::size_t n)
+    {
+        static_assert(alignof(T) <= 16, "pooled blocks are 16-byte aligned");
+        if (n == 1 && sizeof(T) <= kLargestSmallObject) return static_cast<T*>(allocate_small_object(sizeof(T)));
+        return static_cast<T*>(::operator new(n * sizeof(T)));
+    }
+    void deallocate(T* p, std::size_t n) noexcept
+    {
+        if (n == 1 && sizeof(T) <= kLargestSmallObject) return free_small_object(p, sizeof(T));
+        ::operator delete(p);
+    }
+    template <class U> bool operator==(const PoolAllocator<U>&) const noexcept { return true; }
+};
+
+// A block of at least `nbytes` (16-byte aligned); `capacity` receives its real size, which
+// free_storage_bytes must be given back. Throws loom::Error when memory runs out.
+void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity);
+void free_storage_bytes(void* data, std::size_t capacity) noexcept;
+
+// Bytes this thread holds in freed blocks, ready for reuse.
+std::size_t cached_storage_bytes();
+// Returns this thread's cached blocks to the system (as torch.cuda.empty_cache does for a GPU).
+void empty_storage_cache();
+// False in sanitized builds.
+bool storage_cache_enabled();
+
+}  // namespace loom

@@ -1,0 +1,221 @@
+// A vector that keeps its first N elements inside itself: sizes, strides and a tape entry's few
+// inputs are made and dropped for every op, and a heap allocation for each would cost more than
+// the op on a small tensor. Past N it grows on the heap like std::vector.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <initializer_list>
+#include <iterator>
+#include <memory>
+#include <new>
+#include <utility>
+
+namespace loom {
+
+template <class T, std::size_t N> class SmallVector {
+public:
+    using value_type = T;
+    using size_type = std::size_t;
+    using difference_type = std::ptrdiff_t;
+    using reference = T&;
+    using const_reference = const T&;
+    using pointer = T*;
+    using const_pointer = const T*;
+    using iterator = T*;
+    using const_iterator = const T*;
+    using reverse_iterator = std::reverse_iterator<iterator>;
+    using const_reverse_iterator = std::reverse_iterator<const_iterator>;
+
+    SmallVector() noexcept = default;
+    explicit SmallVector(size_type n) { resize(n); }
+    SmallVector(size_type n, const T& value) { assign(n, value); }
+    SmallVector(std::initializer_list<T> values) { append(values.begin(), values.end()); }
+    template <std::input_iterator It> SmallVector(It first, It last) { append(first, last); }
+    SmallVector(const SmallVector& other) { append(other.begin(), other.end()); }
+    SmallVector(SmallVector&& other) noexcept { take(other); }
+    ~SmallVector()
+    {
+        clear();
+        release_heap();
+    }
+
+    SmallVector& operator=(const SmallVector& other)
+    {
+        if (this != &other) {
+            clear();
+            append(other.begin(), other.end());
+        }
+        return *this;
+    }
+    SmallVector& operator=(SmallVector&& other) noexcept
+    {
+        if (this != &other) {
+            clear();
+            release_heap();
+            take(other);
+        }
+        return *this;
+    }
+    SmallVector& operator=(std::initializer_list<T> values)
+    {
+        clear();
+        append(values.begin(), values.end());
+        return *this;
+    }
+
+    T* data() noexcept { return data_; }
+    const T* data() const noexcept { return data_; }
+    size_type size() const noexcept { return size_; }
+    bool empty() const noexcept { return size_ == 0; }
+    size_type capacity() const noexcept { return capacity_; }
+
+    iterator begin() noexcept { return data_; }
+    iterator end() noexcept { return data_ + size_; }
+    const_iterator begin() const noexcept { return data_; }
+    const_iterator end() const noexcept { return data_ + size_; }
+    const_iterator cbegin() const noexcept { return data_; }
+    const_iterator cend() const noexcept { return data_ + size_; }
+    reverse_iterator rbegin() noexcept { return reverse_iterator(end()); }
+    reverse_iterator rend() noexcept { return reverse_iterator(begin()); }
+    const_reverse_iterator rbegin() const noexcept { return const_reverse_iterator(end()); }
+    const_reverse_iterator rend() const noexcept { return const_reverse_iterator(begin()); }
+
+    T& operator[](size_type i) noexcept { return data_[i]; }
+    const T& operator[](size_type i) const noexcept { return data_[i]; }
+    T& front() noexcept { return data_[0]; }
+    const T& front() const noexcept { return data_[0]; }
+    T& back() noexcept { return data_[size_ - 1]; }
+    const T& back() const noexcept { return data_[size_ - 1]; }
+
+    void reserve(size_type n)
+    {
+        if (n > capacity_) grow(n);
+    }
+    void clear() noexcept
+    {
+        std::destroy(begin(), end());
+        size_ = 0;
+    }
+    void resize(size_type n)
+    {
+        reserve(n);
+        if (n > size_) std::uninitialized_value_construct(end(), data_ + n);
+        else std::destroy(data_ + n, end());
+        size_ = n;
+    }
+    void resize(size_type n, const T& value)
+    {
+        if (n <= size_) return resize(n);
+        const T copy = value;  // `value` may live in this vector, which may move
+        reserve(n);
+        std::uninitialized_fill(end(), data_ + n, copy);
+        size_ = n;
+    }
+    void assign(size_type n, const T& value)
+    {
+        const T copy = value;
+        clear();
+        resize(n, copy);
+    }
+
+    template <class... Args> T& emplace_back(Args&&... args)
+    {
+        if (size_ == capacity_) {
+            T value(std::forward<Args>(args)...);  // args may refer into this vector, which may move
+            grow(capacity_ * 2);
+            ::new (static_cast<void*>(end())) T(std::move(value));
+        } else {
+            ::new (static_cast<void*>(end())) T(std::forward<Args>(args)...);
+        }
+        return data_[size_++];
+    }
+    void push_back(const T& value) { emplace_back(value); }
+    void push_back(T&& value) { emplace_back(std::move(value)); }
+    void pop_back() noexcept { std::destroy_at(data_ + --size_); }
+
+    iterator insert(const_iterator pos, const T& value)
+    {
+        const auto at = pos - begin();
+        emplace_back(value);
+        std::rotate(begin() + at, end() - 1, end());
+        return begin() + at;
+    }
+    template <std::input_iterator It> iterator insert(const_iterator pos, It first, It last)
+    {
+        const auto at = pos - begin();
+        const auto old = static_cast<difference_type>(size_);
+        append(first, last);
+        std::rotate(begin() + at, begin() + old, end());
+        return begin() + at;
+    }
+    iterator insert(const_iterator pos, std::initializer_list<T> values)
+    {
+        return insert(pos, values.begin(), values.end());
+    }
+    iterator erase(const_iterator pos) { return erase(pos, pos + 1); }
+    iterator erase(const_iterator first, const_iterator last)
+    {
+        const auto at = first - begin(), n = last - first;
+        std::move(begin() + at + n, end(), begin() + at);
+        std::destroy(end() - n, end());
+        size_ -= static_cast<size_type>(n);
+        return begin() + at;
+    }
+
+    friend bool operator==(const SmallVector& a, const SmallVector& b)
+    {
+        return std::equal(a.begin(), a.end(), b.begin(), b.end());
+    }
+    friend auto operator<=>(const SmallVector& a, const SmallVector& b)
+    {
+        return std::lexicographical_compare_three_way(a.begin(), a.end(), b.begin(), b.end());
+    }
+
+private:
+    T* inline_data() noexcept { return std::launder(reinterpret_cast<T*>(inline_)); }
+    bool on_heap() const noexcept { return data_ != reinterpret_cast<const T*>(inline_); }
+
+    template <class It> void append(It first, It last)
+    {
+        if constexpr (std::forward_iterator<It>) reserve(size_ + static_cast<size_type>(std::distance(first, last)));
+        for (; first != last; ++first) emplace_back(*first);
+    }
+    void grow(size_type n)
+    {
+        n = std::max(n, capacity_ * 2);
+        T* fresh = static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(alignof(T))));
+        std::uninitialized_move(begin(), end(), fresh);
+        std::destroy(begin(), end());
+        release_heap();
+        data_ = fresh;
+        capacity_ = n;
+    }
+    void release_heap() noexcept
+    {
+        if (on_heap()) ::operator delete(data_, std::align_val_t(alignof(T)));
+        data_ = inline_data();
+        capacity_ = N;
+    }
+    void take(SmallVector& other) noexcept
+    {
+        if (other.on_heap()) {
+            data_ = other.data_;
+            capacity_ = other.capacity_;
+            size_ = other.size_;
+            other.data_ = other.inline_data();
+            other.capacity_ = N;
+            other.size_ = 0;
+            return;
+        }
+        std::uninitialized_move(other.begin(), other.end(), data_);
+        size_ = other.size_;
+        other.clear();
+    }
+
+    alignas(T) std::byte inline_[N * sizeof(T)];
+    T* data_ = inline_data();
+    size_type size_ = 0;
+    size_type capacity_ = N;
+};
+
+}  // namespace loom

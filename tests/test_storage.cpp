@@ -1,0 +1,84 @@
+// The pieces that make small ops cheap: SmallVector (sizes, strides, a tape entry's lists) and
+// the per-thread cache of storage blocks.
+#include <doctest/doctest.h>
+
+#include <loom/loom.hpp>
+
+#include <string>
+#include <thread>
+
+using namespace loom;
+
+TEST_CASE("SmallVector behaves as a vector inside and past its inline capacity")
+{
+    SmallVector<std::int64_t, 2> v{1, 2};
+    CHECK(v.size() == 2);
+    v.push_back(3);  // moves to the heap
+    v.push_back(v[0]);  // an element of itself, while growing
+    CHECK(v == SmallVector<std::int64_t, 2>{1, 2, 3, 1});
+    v.insert(v.begin() + 1, 9);
+    v.insert(v.end(), {7, 8});
+    CHECK(v == SmallVector<std::int64_t, 2>{1, 9, 2, 3, 1, 7, 8});
+    v.erase(v.begin(), v.begin() + 2);
+    CHECK(v == SmallVector<std::int64_t, 2>{2, 3, 1, 7, 8});
+    SmallVector<std::int64_t, 2> moved = std::move(v);
+    CHECK(moved.size() == 5);
+    CHECK(v.empty());
+    v = moved;
+    CHECK(v == moved);
+    v.resize(1);
+    v.resize(3, 5);
+    CHECK(v == SmallVector<std::int64_t, 2>{2, 5, 5});
+    CHECK(SmallVector<std::int64_t, 2>{1, 2} < SmallVector<std::int64_t, 2>{1, 3});
+}
+
+TEST_CASE("SmallVector owns non-trivial elements: copies, moves and destroys each once")
+{
+    SmallVector<std::string, 1> a;
+    for (int i = 0; i < 5; ++i) a.emplace_back(std::string(40, char('a' + i)));  // long: heap strings
+    SmallVector<std::string, 1> b = a;
+    a.erase(a.begin() + 1);
+    CHECK(a.size() == 4);
+    CHECK(a[1] == std::string(40, 'c'));
+    CHECK(b[1] == std::string(40, 'b'));
+    SmallVector<std::string, 1> inline_one{"x"};
+    SmallVector<std::string, 1> taken = std::move(inline_one);  // moved element by element
+    CHECK(taken[0] == "x");
+    b = std::move(taken);
+    CHECK(b.size() == 1);
+}
+
+TEST_CASE("a freed storage block is reused for the next tensor of its size class, and zeros() still zeroes it")
+{
+    empty_storage_cache();
+    const void* first = nullptr;
+    {
+        Tensor t = full({14}, 7.0, kFloat64);
+        first = t.data_ptr<double>();
+    }
+    if (storage_cache_enabled()) {
+        CHECK(cached_storage_bytes() == 128);  // 112 bytes round up to the 128-byte class
+        const Tensor again = zeros({16}, kFloat64);  // 128 bytes: the same class
+        CHECK(static_cast<const void*>(again.data_ptr<double>()) == first);
+        CHECK(cached_storage_bytes() == 0);
+        CHECK(again.sum().item<double>() == 0.0);
+    }
+    {
+        Tensor big = empty({1 << 19}, kFloat32);  // 2 MiB: past the largest cached block
+    }
+    CHECK(cached_storage_bytes() <= kCacheLimit);
+    { Tensor t = ones({3}); }
+    empty_storage_cache();
+    CHECK(cached_storage_bytes() == 0);
+}
+
+TEST_CASE("a tensor made on one thread can be freed on another")
+{
+    Tensor t = ones({100});
+    std::thread([moved = std::move(t)]() mutable { moved = Tensor(); }).join();
+    std::thread([] {
+        const Tensor u = ones({100});
+        CHECK(u.sum().item<double>() == 100.0);
+    }).join();  // this thread's cache is released when it ends
+    CHECK(ones({100}).sum().item<double>() == 100.0);
+}
