@@ -1,6 +1,6 @@
 // loom's side of the benchmark race: the workloads of bench/torch_reference.py, same sizes, same
 // loss, same Adam update, same output line. Run each workload in its own process.
-// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed]
+// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint]
 // WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6
 #include <loom/loom.hpp>
 
@@ -56,11 +56,11 @@ struct HandLSTM : nn::Module {
     }
 };
 
-Workload build(const std::string& name, bool fused)
+Workload build(const std::string& name, bool fused, bool checkpoint)
 {
     Workload w;
     const auto layer = [&](nn::CellKind kind, nn::RecurrentOptions o) {
-        auto m = std::make_shared<nn::RecurrentLayer>(kind, o.fused(fused));
+        auto m = std::make_shared<nn::RecurrentLayer>(kind, o.fused(fused).checkpoint(checkpoint));
         w.keep.push_back(m);
         append(w.params, *m);
         return m;
@@ -146,21 +146,22 @@ struct Adam {
 int main(int argc, char** argv)
 {
     if (argc < 2) {
-        std::fprintf(stderr, "usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed]\n");
+        std::fprintf(stderr, "usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint]\n");
         return 2;
     }
     const std::string name = argv[1];
     int threads = 2, steps = 0;
-    bool infer = false, fused = true;
+    bool infer = false, fused = true, checkpoint = false;
     for (int i = 2; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--steps") && i + 1 < argc) steps = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--infer")) infer = true;
         else if (!std::strcmp(argv[i], "--composed")) fused = false;
+        else if (!std::strcmp(argv[i], "--checkpoint")) checkpoint = true;
     }
     manual_seed(0);
     set_num_threads(threads);
-    Workload w = build(name, fused);
+    Workload w = build(name, fused, checkpoint);
     Adam adam(w.params);
     const auto train_step = [&] {
         for (auto& p : w.params) p.zero_grad();
@@ -185,7 +186,8 @@ int main(int argc, char** argv)
     const double flops = infer ? w.flops : 3 * w.flops;
     rusage usage{};
     getrusage(RUSAGE_SELF, &usage);
+    const char* variant = !fused ? " composed" : checkpoint ? " checkpoint" : "";
     std::printf("%s %s threads=%d ms=%.3f gflops=%.1f peak_rss_mib=%.0f%s\n", name.c_str(), infer ? "infer" : "train",
-                threads, ms, flops / ms / 1e6, double(usage.ru_maxrss) / 1024, fused ? "" : " composed");
+                threads, ms, flops / ms / 1e6, double(usage.ru_maxrss) / 1024, variant);
     return 0;
 }

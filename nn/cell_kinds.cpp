@@ -218,6 +218,105 @@ struct GRUKind {
 
 template <class T> T* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
+// One layer and direction of the fused kind K over a sequence, cut into segments of processing
+// order: steps [s0, s1) cover the times [t0, t0 + n), n = s1 - s0, in one direction or the
+// other. Without checkpointing the whole sequence is one segment whose buffers forward keeps
+// for backward; with it, forward keeps only the state entering each segment, and backward
+// recomputes a segment's buffers from it just before sweeping back through it. Both run the
+// same code, so they compute the same numbers.
+template <class T, class K> struct FusedLayer {
+    static constexpr std::size_t S = K::states;
+    Tensor x, w_ih, w_hh, b_ih, b_hh;
+    std::int64_t steps, B, I, H, GH, SH, BH;
+    std::vector<std::int64_t> lengths;
+    bool reverse;
+    Nonlinearity nl;
+
+    bool active(std::int64_t t, std::int64_t b) const { return lengths.empty() || t < lengths[b]; }
+    std::int64_t first_time(std::int64_t s0, std::int64_t s1) const { return reverse ? steps - s1 : s0; }
+    std::int64_t time_of(std::int64_t s) const { return reverse ? steps - 1 - s : s; }
+
+    // px [n, B, GH] = x[t0 : t0 + n] W_ih^T + b_ih
+    void project(std::int64_t s0, std::int64_t s1, T* px) const
+    {
+        const std::int64_t t0 = first_time(s0, s1), rows = (s1 - s0) * B;
+        gemm<T>(false, true, rows, GH, I, x.data_ptr<T>() + t0 * B * I, w_ih.data_ptr<T>(), T(0), px);
+        add_bias<T>(px, rows, GH, ptr_or_null<T>(b_ih));
+    }
+
+    // Runs steps [s0, s1) from `state` (updated in place). Keeps what backward needs in `saved`
+    // [n, B, SH] and `entering` [S, n, B, H] when they are given (else `saved` is one step's
+    // scratch, [B, SH]), and writes outputs into y when it is given.
+    void forward(std::int64_t s0, std::int64_t s1, const T* px, T* saved, bool keep_saved, T* entering,
+                 T* const* state, T* next, T* gh, T* y) const
+    {
+        const std::int64_t t0 = first_time(s0, s1), n = s1 - s0;
+        const T *p_w_hh = w_hh.data_ptr<T>(), *p_b_hh = ptr_or_null<T>(b_hh);
+        for (std::int64_t s = s0; s < s1; ++s) {
+            const std::int64_t t = time_of(s), u = t - t0;
+            if (entering)
+                for (std::size_t k = 0; k < S; ++k) std::copy_n(state[k], BH, entering + (std::int64_t(k) * n + u) * BH);
+            gemm<T>(false, true, B, GH, H, state[0], p_w_hh, T(0), gh);  // one GEMM per step
+            add_bias<T>(gh, B, GH, p_b_hh);
+            for (std::int64_t b = 0; b < B; ++b) {
+                const StepRow<T> row{px + (u * B + b) * GH, gh + b * GH,
+                                     {state[0] + b * H, S > 1 ? state[1] + b * H : nullptr},
+                                     {next + b * H, S > 1 ? next + BH + b * H : nullptr},
+                                     saved + ((keep_saved ? u * B : 0) + b) * SH};
+                K::step(row, H, nl);
+                if (!active(t, b)) continue;  // past its length a sequence keeps its state and outputs zero
+                for (std::size_t k = 0; k < S; ++k) std::copy_n(row.next[k], H, state[k] + b * H);
+                if (y) std::copy_n(row.next[0], H, y + t * BH + b * H);
+            }
+        }
+    }
+
+    // Backpropagates through steps [s1, s0) from d_state, given the segment's saved values and
+    // entering states, and adds the segment's share of every gradient.
+    struct Grads {
+        const T* dy;
+        T* grad_h;
+        T* d_state[2];
+        T *dx, *dw_ih, *dw_hh, *db_ih, *db_hh;
+    };
+    void backward(std::int64_t s0, std::int64_t s1, const T* saved, const T* entering, T* dgx, T* dgh, T* through,
+                  const Grads& g) const
+    {
+        const std::int64_t t0 = first_time(s0, s1), n = s1 - s0;
+        std::fill_n(dgx, n * B * GH, T(0));
+        if (dgh != dgx) std::fill_n(dgh, n * B * GH, T(0));
+        const T* p_w_hh = w_hh.data_ptr<T>();
+        for (std::int64_t s = s1 - 1; s >= s0; --s) {
+            const std::int64_t t = time_of(s), u = t - t0;
+            for (std::int64_t b = 0; b < B; ++b) {
+                if (!active(t, b)) continue;  // the state passed through unchanged: its gradient carries on
+                T* dh = g.d_state[0] + b * H;
+                if (g.dy)
+                    for (std::int64_t j = 0; j < H; ++j) dh[j] += g.dy[t * BH + b * H + j];
+                if (g.grad_h) std::copy_n(dh, H, g.grad_h + t * BH + b * H);
+                const StepGradRow<T> row{saved + (u * B + b) * SH,
+                                         {entering + u * BH + b * H, S > 1 ? entering + (n + u) * BH + b * H : nullptr},
+                                         {dh, S > 1 ? g.d_state[1] + b * H : nullptr},
+                                         dgx + (u * B + b) * GH,
+                                         dgh + (u * B + b) * GH};
+                K::step_backward(row, H, nl);
+            }
+            gemm<T>(false, false, B, H, GH, dgh + u * B * GH, p_w_hh, T(0), through);  // through W_hh
+            for (std::int64_t k = 0; k < BH; ++k) g.d_state[0][k] += through[k];
+        }
+        const std::int64_t rows = n * B;  // the segment's weight gradients: one GEMM each
+        if (g.dx) gemm<T>(false, false, rows, I, GH, dgx, w_ih.data_ptr<T>(), T(0), g.dx + t0 * B * I);
+        if (g.dw_ih) gemm<T>(true, false, GH, I, rows, dgx, x.data_ptr<T>() + t0 * B * I, T(1), g.dw_ih);
+        if (g.dw_hh) gemm<T>(true, false, GH, H, rows, dgh, entering, T(1), g.dw_hh);
+        const auto add_column_sums = [&](const T* m, T* out) {
+            for (std::int64_t r = 0; r < rows; ++r)
+                for (std::int64_t j = 0; j < GH; ++j) out[j] += m[r * GH + j];
+        };
+        if (g.db_ih) add_column_sums(dgx, g.db_ih);
+        if (g.db_hh) add_column_sums(dgh, g.db_hh);
+    }
+};
+
 // The fused layer, written once over a kind K.
 template <class T, class K> RecurrentOutput run(const FusedArgs& a)
 {
@@ -227,51 +326,19 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
     LOOM_CHECK(a.x.size(0) * a.x.size(1) <= INT_MAX, K::name,
                "T x B = {} x {} rows exceed what one BLAS call takes (2^31 - 1); split the batch or the sequence",
                a.x.size(0), a.x.size(1));
-    const Tensor x = kernels::contiguous(a.x);
-    const Tensor w_ih = kernels::contiguous(a.weights.w_ih), w_hh = kernels::contiguous(a.weights.w_hh);
-    const Tensor b_ih = a.weights.b_ih.defined() ? kernels::contiguous(a.weights.b_ih) : Tensor();
-    const Tensor b_hh = a.weights.b_hh.defined() ? kernels::contiguous(a.weights.b_hh) : Tensor();
-    const std::int64_t steps = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
-    const std::int64_t GH = K::gates * H, SH = K::saved * H, BH = B * H;
-    const std::vector<std::int64_t> lengths = a.lengths;
-    const bool reverse = a.reverse;
-    const Nonlinearity nl = a.nonlinearity;
-    const auto active = [lengths](std::int64_t t, std::int64_t b) { return lengths.empty() || t < lengths[b]; };
+    FusedLayer<T, K> L;
+    L.x = kernels::contiguous(a.x);
+    L.w_ih = kernels::contiguous(a.weights.w_ih);
+    L.w_hh = kernels::contiguous(a.weights.w_hh);
+    L.b_ih = a.weights.b_ih.defined() ? kernels::contiguous(a.weights.b_ih) : Tensor();
+    L.b_hh = a.weights.b_hh.defined() ? kernels::contiguous(a.weights.b_hh) : Tensor();
+    L.steps = L.x.size(0), L.B = L.x.size(1), L.I = L.x.size(2), L.H = L.w_hh.size(1);
+    L.GH = K::gates * L.H, L.SH = K::saved * L.H, L.BH = L.B * L.H;
+    L.lengths = a.lengths;
+    L.reverse = a.reverse;
+    L.nl = a.nonlinearity;
+    const std::int64_t steps = L.steps, B = L.B, H = L.H, GH = L.GH, SH = L.SH, BH = L.BH;
 
-    // Input projection of every step: one GEMM.
-    Tensor gx = empty({steps, B, GH}, dt);
-    T* px = gx.data_ptr<T>();
-    gemm<T>(false, true, steps * B, GH, I, x.data_ptr<T>(), w_ih.data_ptr<T>(), T(0), px);
-    add_bias<T>(px, steps * B, GH, ptr_or_null<T>(b_ih));
-
-    // What backward needs: each step's entering state and the values the kind saves.
-    Tensor saved = empty({steps, B, SH}, dt), entering = empty({Shape::value_type(S), steps, B, H}, dt);
-    Tensor y = zeros({steps, B, H}, dt), next = empty({Shape::value_type(S), B, H}, dt), gh = empty({B, GH}, dt);
-    State state;
-    for (std::size_t k = 0; k < S; ++k)
-        state.push_back(k < a.initial.size() ? kernels::clone(a.initial[k]) : zeros({B, H}, dt));
-    T *p_saved = saved.data_ptr<T>(), *p_entering = entering.data_ptr<T>(), *py = y.data_ptr<T>();
-    T *p_next = next.data_ptr<T>(), *p_gh = gh.data_ptr<T>();
-    T* p_state[2] = {state[0].data_ptr<T>(), S > 1 ? state[1].data_ptr<T>() : nullptr};
-    const T *p_w_hh = w_hh.data_ptr<T>(), *p_b_hh = ptr_or_null<T>(b_hh);
-
-    for (std::int64_t s = 0; s < steps; ++s) {
-        const std::int64_t t = reverse ? steps - 1 - s : s;
-        for (std::size_t k = 0; k < S; ++k) std::copy_n(p_state[k], BH, p_entering + (std::int64_t(k) * steps + t) * BH);
-        gemm<T>(false, true, B, GH, H, p_state[0], p_w_hh, T(0), p_gh);  // one GEMM per step
-        add_bias<T>(p_gh, B, GH, p_b_hh);
-        for (std::int64_t b = 0; b < B; ++b) {
-            const StepRow<T> row{px + (t * B + b) * GH, p_gh + b * GH,
-                                 {p_state[0] + b * H, S > 1 ? p_state[1] + b * H : nullptr},
-                                 {p_next + b * H, S > 1 ? p_next + BH + b * H : nullptr}, p_saved + (t * B + b) * SH};
-            K::step(row, H, nl);
-            if (!active(t, b)) continue;  // past its length a sequence keeps its state and outputs zero
-            for (std::size_t k = 0; k < S; ++k) std::copy_n(row.next[k], H, p_state[k] + b * H);
-            std::copy_n(row.next[0], H, py + t * BH + b * H);
-        }
-    }
-
-    RecurrentOutput result{y, state};
     std::vector<Tensor> inputs = {a.x,
                                   a.weights.w_ih,
                                   a.weights.w_hh,
@@ -279,65 +346,89 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
                                   a.weights.b_hh,
                                   a.initial.empty() ? Tensor() : a.initial[0],
                                   a.initial.size() > 1 ? a.initial[1] : Tensor()};
-    if (!autograd::should_record(inputs)) return result;
+    const bool record = autograd::should_record(inputs);
+    // Segments: the whole sequence, or `checkpoint` steps each when checkpointing a recorded layer.
+    const std::int64_t segment = record && a.checkpoint > 0 ? std::min(a.checkpoint, steps) : std::max<std::int64_t>(steps, 1);
+    const std::int64_t segments = steps == 0 ? 0 : (steps + segment - 1) / segment;
+    const bool checkpointing = segments > 1;
+
+    Tensor y = zeros({steps, B, H}, dt), next = empty({Shape::value_type(S), B, H}, dt), gh = empty({B, GH}, dt);
+    State state;
+    for (std::size_t k = 0; k < S; ++k)
+        state.push_back(k < a.initial.size() ? kernels::clone(a.initial[k]) : zeros({B, H}, dt));
+    T* p_state[2] = {state[0].data_ptr<T>(), S > 1 ? state[1].data_ptr<T>() : nullptr};
+
+    // Kept for backward: every step's input projection, saved values and entering state; or,
+    // checkpointing, the state entering each segment. Under no grad, nothing.
+    const bool keep_all = record && !checkpointing;
+    Tensor gx = empty({std::min(segment, steps), B, GH}, dt);
+    Tensor saved = keep_all ? empty({steps, B, SH}, dt) : empty({B, SH}, dt);
+    Tensor entering = keep_all ? empty({Shape::value_type(S), steps, B, H}, dt) : Tensor();
+    Tensor checkpoints = checkpointing ? empty({segments, Shape::value_type(S), B, H}, dt) : Tensor();
+    for (std::int64_t i = 0; i < segments; ++i) {
+        const std::int64_t s0 = i * segment, s1 = std::min(steps, s0 + segment);
+        if (checkpointing)
+            for (std::size_t k = 0; k < S; ++k)
+                std::copy_n(p_state[k], BH, checkpoints.data_ptr<T>() + (i * std::int64_t(S) + std::int64_t(k)) * BH);
+        L.project(s0, s1, gx.data_ptr<T>());
+        L.forward(s0, s1, gx.data_ptr<T>(), saved.data_ptr<T>(), keep_all, ptr_or_null<T>(entering), p_state,
+                  next.data_ptr<T>(), gh.data_ptr<T>(), y.data_ptr<T>());
+    }
+
+    RecurrentOutput result{y, state};
+    if (!record) return result;
 
     // ---- backpropagation through time, by hand ----
     auto backward = [=, on_grad_h = a.on_grad_h](const autograd::BackwardContext& ctx) {
-        const Tensor &xs = ctx.saved[0], &w_ih_s = ctx.saved[1], &w_hh_s = ctx.saved[2];
         const Tensor dy = ctx.grads[0].defined() ? kernels::contiguous(ctx.grads[0]) : Tensor();
         State d_state;
         for (std::size_t k = 0; k < S; ++k)
             d_state.push_back(ctx.grads[1 + k].defined() ? kernels::clone(ctx.grads[1 + k]) : zeros({B, H}, dt));
-        Tensor dgx = zeros({steps, B, GH}, dt);
-        Tensor dgh = K::separate_hidden_grad ? zeros({steps, B, GH}, dt) : dgx;
+        const std::int64_t rows = std::min(segment, steps);
+        Tensor dgx = empty({rows, B, GH}, dt);
+        Tensor dgh = K::separate_hidden_grad ? empty({rows, B, GH}, dt) : dgx;
         Tensor grad_h = on_grad_h ? zeros({steps, B, H}, dt) : Tensor();
         Tensor through_w_hh = empty({B, H}, dt);
-        const T *p_dy = ptr_or_null<T>(dy), *p_saved = saved.data_ptr<T>(), *p_entering = entering.data_ptr<T>();
-        const T* p_w_hh = w_hh_s.data_ptr<T>();
-        T *p_dgx = dgx.data_ptr<T>(), *p_dgh = dgh.data_ptr<T>(), *p_grad_h = ptr_or_null<T>(grad_h);
-        T* p_through = through_w_hh.data_ptr<T>();
-        T* p_d[2] = {d_state[0].data_ptr<T>(), S > 1 ? d_state[1].data_ptr<T>() : nullptr};
-        for (std::int64_t s = steps - 1; s >= 0; --s) {
-            const std::int64_t t = reverse ? steps - 1 - s : s;
-            for (std::int64_t b = 0; b < B; ++b) {
-                if (!active(t, b)) continue;  // the state passed through unchanged: its gradient carries on
-                T* dh = p_d[0] + b * H;
-                if (p_dy)
-                    for (std::int64_t j = 0; j < H; ++j) dh[j] += p_dy[t * BH + b * H + j];
-                if (p_grad_h) std::copy_n(dh, H, p_grad_h + t * BH + b * H);
-                const StepGradRow<T> row{p_saved + (t * B + b) * SH,
-                                         {p_entering + t * BH + b * H, S > 1 ? p_entering + (steps + t) * BH + b * H : nullptr},
-                                         {dh, S > 1 ? p_d[1] + b * H : nullptr},
-                                         p_dgx + (t * B + b) * GH,
-                                         p_dgh + (t * B + b) * GH};
-                K::step_backward(row, H, nl);
+        std::vector<Tensor> grads(7);
+        if (ctx.needs[0]) grads[0] = empty({steps, B, L.I}, dt);
+        if (ctx.needs[1]) grads[1] = zeros({GH, L.I}, dt);
+        if (ctx.needs[2]) grads[2] = zeros({GH, H}, dt);
+        if (ctx.needs[3]) grads[3] = zeros({GH}, dt);
+        if (ctx.needs[4]) grads[4] = zeros({GH}, dt);
+        const typename FusedLayer<T, K>::Grads g{
+            ptr_or_null<T>(dy), ptr_or_null<T>(grad_h),
+            {d_state[0].data_ptr<T>(), S > 1 ? d_state[1].data_ptr<T>() : nullptr},
+            ptr_or_null<T>(grads[0]), ptr_or_null<T>(grads[1]), ptr_or_null<T>(grads[2]), ptr_or_null<T>(grads[3]),
+            ptr_or_null<T>(grads[4])};
+        if (!checkpointing) {
+            L.backward(0, steps, saved.data_ptr<T>(), entering.data_ptr<T>(), dgx.data_ptr<T>(), dgh.data_ptr<T>(),
+                       through_w_hh.data_ptr<T>(), g);
+        } else {  // recompute each segment from its checkpoint, last segment first
+            Tensor seg_gx = empty({rows, B, GH}, dt), seg_saved = empty({rows, B, SH}, dt);
+            Tensor seg_entering = empty({Shape::value_type(S), rows, B, H}, dt);
+            Tensor seg_state = empty({Shape::value_type(S), B, H}, dt), seg_next = empty({Shape::value_type(S), B, H}, dt);
+            Tensor seg_gh = empty({B, GH}, dt);
+            T* p_seg_state[2] = {seg_state.data_ptr<T>(), S > 1 ? seg_state.data_ptr<T>() + BH : nullptr};
+            for (std::int64_t i = segments - 1; i >= 0; --i) {
+                const std::int64_t s0 = i * segment, s1 = std::min(steps, s0 + segment);
+                std::copy_n(checkpoints.data_ptr<T>() + i * std::int64_t(S) * BH, std::int64_t(S) * BH,
+                            seg_state.data_ptr<T>());
+                // The segment's entering states are laid out [S, n, B, H] for its own n.
+                L.project(s0, s1, seg_gx.data_ptr<T>());
+                L.forward(s0, s1, seg_gx.data_ptr<T>(), seg_saved.data_ptr<T>(), true, seg_entering.data_ptr<T>(),
+                          p_seg_state, seg_next.data_ptr<T>(), seg_gh.data_ptr<T>(), nullptr);
+                L.backward(s0, s1, seg_saved.data_ptr<T>(), seg_entering.data_ptr<T>(), dgx.data_ptr<T>(),
+                           dgh.data_ptr<T>(), through_w_hh.data_ptr<T>(), g);
             }
-            gemm<T>(false, false, B, H, GH, p_dgh + t * B * GH, p_w_hh, T(0), p_through);  // through W_hh
-            for (std::int64_t k = 0; k < BH; ++k) p_d[0][k] += p_through[k];
         }
         if (on_grad_h) on_grad_h(grad_h);
-        std::vector<Tensor> grads(7);
-        if (ctx.needs[0]) {
-            grads[0] = empty({steps, B, I}, dt);
-            gemm<T>(false, false, steps * B, I, GH, p_dgx, w_ih_s.data_ptr<T>(), T(0), grads[0].data_ptr<T>());
-        }
-        if (ctx.needs[1]) {  // weight gradients: one GEMM over all steps
-            grads[1] = empty({GH, I}, dt);
-            gemm<T>(true, false, GH, I, steps * B, p_dgx, xs.data_ptr<T>(), T(0), grads[1].data_ptr<T>());
-        }
-        if (ctx.needs[2]) {
-            grads[2] = empty({GH, H}, dt);
-            gemm<T>(true, false, GH, H, steps * B, p_dgh, p_entering, T(0), grads[2].data_ptr<T>());
-        }
-        if (ctx.needs[3]) grads[3] = column_sums<T>(p_dgx, steps * B, GH, dt);
-        if (ctx.needs[4]) grads[4] = column_sums<T>(p_dgh, steps * B, GH, dt);
         for (std::size_t k = 0; k < S; ++k)
             if (ctx.needs[5 + k]) grads[5 + k] = d_state[k];
         return grads;
     };
     std::vector<Tensor> outputs = {y};
     outputs.insert(outputs.end(), state.begin(), state.end());
-    autograd::push_entry(K::name, inputs, outputs, std::vector<Tensor>{x, w_ih, w_hh}, backward);
+    autograd::push_entry(K::name, inputs, outputs, std::vector<Tensor>{L.x, L.w_ih, L.w_hh}, backward);
     return result;
 }
 

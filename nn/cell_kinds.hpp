@@ -19,6 +19,8 @@ struct FusedArgs {
     Nonlinearity nonlinearity;                 // RNN only
     // If set, receives dL/dh_t [T, B, H] of every step during backward.
     std::function<void(const Tensor&)> on_grad_h;
+    // > 0: keep only the state entering every this many steps and recompute the rest in backward.
+    std::int64_t checkpoint = 0;
 };
 
 struct CellKindRow {

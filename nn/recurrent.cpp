@@ -224,6 +224,8 @@ void check_recurrent_options(const std::string& op, const RecurrentOptions& o)
     LOOM_CHECK(o.num_layers() >= 1, op, "expects num_layers >= 1, got {}", o.num_layers());
     LOOM_CHECK(o.dropout() >= 0 && o.dropout() < 1, op, "expects dropout in [0, 1), got {}", o.dropout());
     LOOM_CHECK(is_floating(o.dtype()), op, "expects a float32 or float64 dtype, got {}", o.dtype());
+    LOOM_CHECK(o.checkpoint_every() >= 0, op, "expects checkpoint_every >= 0 (0: every ceil(sqrt(T)) steps), got {}",
+               o.checkpoint_every());
 }
 
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
@@ -231,6 +233,9 @@ RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& opt
                               bool training, Generator* dropout_gen)
 {
     check_recurrent_options(op, options);
+    LOOM_CHECK(!options.checkpoint(), op,
+               "checkpoint is an option of the fused built-in layers (RNN, LSTM, GRU) only; a cell run step by "
+               "step keeps every step's values");
     const Prepared p = prepare(op, options, state_size, input, initial, lengths);
     return run_stack(options, state_size, p.x, initial, training, dropout_gen,
                      [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
@@ -286,6 +291,7 @@ RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initia
                weight_dtype);
     LOOM_CHECK(options.fused() || !hidden_gradient_hook, name,
                "hidden_gradient_hook needs the fused layer (fused(true))");
+    LOOM_CHECK(options.fused() || !options.checkpoint(), name, "checkpoint needs the fused layer (fused(true))");
     const Prepared p = prepare(name, options, row.state_size, input, initial, lengths);
     const Nonlinearity nl = options.nonlinearity();
     return run_stack(options, row.state_size, p.x, initial, is_training(), nullptr,
@@ -295,7 +301,12 @@ RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initia
                              std::function<void(const Tensor&)> on_grad_h;
                              if (hidden_gradient_hook)
                                  on_grad_h = [hook = hidden_gradient_hook, l, d](const Tensor& g) { hook(l, d, g); };
-                             return row.fused({x, w, s0, p.lengths.values, d == 1, nl, on_grad_h});
+                             const std::int64_t T = x.size(0);
+                             const std::int64_t every =
+                                 !options.checkpoint()           ? 0
+                                 : options.checkpoint_every() > 0 ? options.checkpoint_every()
+                                                                  : std::int64_t(std::ceil(std::sqrt(double(T))));
+                             return row.fused({x, w, s0, p.lengths.values, d == 1, nl, on_grad_h, every});
                          }
                          // The input projection of every step at once, then the equations step by step.
                          const Tensor gx = detail::input_projection(x, w.w_ih, w.b_ih);

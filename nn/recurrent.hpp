@@ -31,6 +31,12 @@ public:
     // Built-in layers only: one tape entry per layer and direction with a hand-written BPTT
     // (true), or the cells' equations recorded op by op (false). Both give the same numbers.
     LOOM_OPTION(bool, fused, true)
+    // Fused built-in layers only: keep the state of every k-th step instead of every step's
+    // values, and recompute each segment of k steps in backward, so a layer's memory for
+    // backward grows like T/k + k instead of T (about one more forward of compute). k is
+    // checkpoint_every, or ceil(sqrt(T)) when that is 0.
+    LOOM_OPTION(bool, checkpoint, false)
+    LOOM_OPTION(std::int64_t, checkpoint_every, 0)
 };
 using RNNOptions = RecurrentOptions;
 using LSTMOptions = RecurrentOptions;

@@ -1,0 +1,100 @@
+// checkpoint(): a fused layer that keeps only every k-th step's state and recomputes the rest in
+// backward computes the same outputs and gradients as one that keeps every step.
+#include <doctest/doctest.h>
+
+#include <loom/loom.hpp>
+
+#include "helpers.hpp"
+
+using namespace loom;
+using namespace testing;
+using nn::State;
+
+namespace {
+
+struct Run {
+    Tensor output, input_grad;
+    State state;
+    NamedTensorMap grads;
+    std::vector<Tensor> grad_h;  // dL/dh_t per layer and direction, from hidden_gradient_hook
+};
+
+Run run(nn::CellKind kind, nn::RecurrentOptions options, const NamedTensorMap& weights, const Tensor& x,
+        const Tensor& lengths)
+{
+    nn::RecurrentLayer layer(kind, options);
+    layer.load_state_dict(weights);
+    Run r;
+    layer.hidden_gradient_hook = [&](std::int64_t, std::int64_t, const Tensor& g) { r.grad_h.push_back(g); };
+    const Tensor input = x.detach().requires_grad_();
+    const auto out = layer(input, {}, lengths);
+    // A loss that reads every output and the final states, with weights that differ per element.
+    Tensor loss = (out.output * out.output).sum() + out.state[0].sum() * 0.5;
+    if (out.state.size() > 1) loss = loss + out.state[1].pow(2).sum() * 0.25;
+    loss.backward();
+    r.output = out.output;
+    r.state = out.state;
+    r.input_grad = input.grad();
+    for (const auto& [name, p] : layer.named_parameters()) r.grads[name] = p.grad();
+    return r;
+}
+
+}  // namespace
+
+TEST_CASE("checkpointed fused layers equal the unchecked ones to 1e-12 in float64, for every kind and k")
+{
+    const std::int64_t T = 23, B = 3, I = 4, H = 5;
+    manual_seed(3);
+    const Tensor x = randn({T, B, I}, kFloat64);
+    const Tensor lengths = tensor({23, 17, 9}, kInt64);
+    for (auto kind : {nn::CellKind::RNN, nn::CellKind::LSTM, nn::CellKind::GRU}) {
+        const auto options = nn::RecurrentOptions(I, H).num_layers(2).bidirectional(true).dtype(kFloat64);
+        const NamedTensorMap weights = nn::RecurrentLayer(kind, options).state_dict();
+        const Run full = run(kind, options, weights, x, lengths);
+        for (std::int64_t every : {0, 1, 4, 5, 22, 23, 40}) {  // 0: ceil(sqrt(23)) = 5
+            CAPTURE(nn::cell_kind_name(kind));
+            CAPTURE(every);
+            const Run ck = run(kind, nn::RecurrentOptions(options).checkpoint(true).checkpoint_every(every), weights, x,
+                               lengths);
+            CHECK(close_tensors(ck.output, full.output, 1e-12));
+            for (std::size_t k = 0; k < full.state.size(); ++k) CHECK(close_tensors(ck.state[k], full.state[k], 1e-12));
+            CHECK(close_tensors(ck.input_grad, full.input_grad, 1e-12));
+            for (const auto& [name, g] : full.grads) CHECK(close_tensors(ck.grads.at(name), g, 1e-12));
+            REQUIRE(ck.grad_h.size() == full.grad_h.size());
+            for (std::size_t k = 0; k < full.grad_h.size(); ++k) CHECK(close_tensors(ck.grad_h[k], full.grad_h[k], 1e-12));
+        }
+    }
+}
+
+TEST_CASE("gradcheck passes through a checkpointed LSTM")
+{
+    manual_seed(5);
+    nn::RecurrentLayer lstm(nn::CellKind::LSTM,
+                            nn::RecurrentOptions(3, 4).dtype(kFloat64).checkpoint(true).checkpoint_every(2));
+    const Tensor x = randn({7, 2, 3}, kFloat64).requires_grad_();
+    const auto result = gradcheck([&](const std::vector<Tensor>& in) { return lstm(in[0]).output; }, {x});
+    CHECK_MESSAGE(result.ok, result.report());
+    const auto params = gradcheck_parameters([&] { return lstm(x.detach()).output.pow(2).sum(); }, lstm.parameters());
+    CHECK_MESSAGE(params.ok, params.report());
+}
+
+TEST_CASE("under NoGradGuard a checkpointed layer computes what any layer computes")
+{
+    manual_seed(6);
+    const auto options = nn::RecurrentOptions(3, 4).dtype(kFloat64);
+    nn::RecurrentLayer plain(nn::CellKind::GRU, options), ck(nn::CellKind::GRU, nn::RecurrentOptions(options).checkpoint(true));
+    ck.load_state_dict(plain.state_dict());
+    const Tensor x = randn({9, 2, 3}, kFloat64);
+    NoGradGuard no_grad;
+    CHECK(close_tensors(ck(x).output, plain(x).output, 0));
+}
+
+TEST_CASE("checkpoint where it cannot work is an error that says so")
+{
+    check_error([] { nn::RecurrentLayer(nn::CellKind::LSTM, nn::RecurrentOptions(2, 3).checkpoint_every(-1)); },
+                {"checkpoint_every >= 0", "-1"});
+    nn::RecurrentLayer composed(nn::CellKind::LSTM, nn::RecurrentOptions(2, 3).fused(false).checkpoint(true));
+    check_error([&] { composed(randn({4, 1, 2})); }, {"LSTM", "checkpoint needs the fused layer"});
+    nn::Recurrent<nn::GRUCell> cells(nn::RecurrentOptions(2, 3).checkpoint(true));
+    check_error([&] { cells(randn({4, 1, 2})); }, {"checkpoint is an option of the fused built-in layers"});
+}
