@@ -10,7 +10,9 @@ workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W7}
 reference=../shared/bench/torch_reference.py
 [ -f bench/torch_reference.py ] && reference=bench/torch_reference.py
 ms() { sed -n 's/.* ms=\([0-9.]*\).*/\1/p'; }
-printf '%-8s %-6s %12s %12s %8s\n' workload mode "loom ms" "torch ms" ratio
+field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p"; }
+printf '%-8s %-6s %12s %12s %8s %12s %12s %10s %10s\n' workload mode "loom ms" "torch ms" ratio \
+    "loom GF/s" "torch GF/s" "loom MiB" "torch MiB"
 # W7, ADBench's LSTM objective: loom's primal and gradient, the plain C++ primal and PyTorch's
 # gradient, each ratio named on its line.
 adbench() {
@@ -31,8 +33,12 @@ for w in $workloads; do
     if [ "$w" = W7 ]; then adbench; continue; fi
     for mode in train infer; do
         flag=$([ $mode = infer ] && echo --infer || true)
-        l=$("$build/bench/workloads" "$w" $flag | ms)
-        t=$(/usr/bin/python3 "$reference" "$w" $flag | ms)
-        printf '%-8s %-6s %12s %12s %8.2f\n' "$w" "$mode" "$l" "$t" "$(echo "$l / $t" | bc -l)"
+        lo=$("$build/bench/workloads" "$w" $flag)
+        to=$(/usr/bin/python3 "$reference" "$w" $flag)
+        l=$(ms <<<"$lo")
+        t=$(ms <<<"$to")
+        printf '%-8s %-6s %12s %12s %8.2f %12s %12s %10s %10s\n' "$w" "$mode" "$l" "$t" "$(echo "$l / $t" | bc -l)" \
+            "$(field gflops <<<"$lo")" "$(field gflops <<<"$to")" "$(field peak_rss_mib <<<"$lo")" \
+            "$(field peak_rss_mib <<<"$to")"
     done
 done
