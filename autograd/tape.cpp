@@ -306,8 +306,17 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
         e.outputs.push_back(node);
     }
     e.saved.reserve(saved.size());
-    for (const Tensor& s : saved)
-        e.saved.push_back(s.defined() ? Saved{kernels::alias(s), s.version()} : Saved{Tensor(), 0});
+    for (const Tensor& s : saved) {
+        if (!s.defined()) {
+            e.saved.push_back(Saved{Tensor(), 0});
+            continue;
+        }
+        // A saved output is kept as an alias without its node: the entry holding the output's
+        // node would otherwise keep the output alive, and the entry could never be reclaimed.
+        // An input's node is held by the entry anyway, so the input itself is kept as is.
+        const bool is_output = std::any_of(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
+        e.saved.push_back(Saved{is_output ? kernels::alias(s) : s, s.version()});
+    }
     e.backward = std::move(backward);
     tape.entries.push_back(std::move(e));
 }

@@ -63,7 +63,7 @@ struct Node {
 
 // A tensor saved for backward, with the storage version it had when saved.
 struct Saved {
-    Tensor value;  // detached: saving never keeps a node alive
+    Tensor value;  // a saved output is detached, so saving never keeps the entry's own output alive
     std::uint64_t version;
 };
 

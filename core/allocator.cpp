@@ -57,7 +57,7 @@ struct CacheOwner {
 
 Cache* this_thread_cache()
 {
-    thread_local CacheOwner owner;
+    [[gnu::tls_model("initial-exec")]] thread_local CacheOwner owner;
     return cache;
 }
 
