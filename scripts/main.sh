@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: install what is missing, build loom, and train the character-level language
-# model of examples/char_lm.cpp on Moby-Dick (about a minute and a half on 2 cores).
+# model of examples/char_lm.cpp on Moby-Dick (about two minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
