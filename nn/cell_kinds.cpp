@@ -45,6 +45,34 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
         cblas_dgemm(CblasRowMajor, ta, tb, int(M), int(N), int(K), 1.0, A, lda, B, ldb, beta, C, int(N));
 }
 
+// A step's hidden product [B, H] x [H, GH] (or back) too small for BLAS to pay for its call and
+// for repacking W_hh at every step (W1: B = 1, H = 32, where packing took a third of the time).
+// Plain loops then run it as rows of axpy, which the compiler vectorises.
+constexpr std::int64_t kSmallStepProduct = std::int64_t(1) << 16;
+
+// C [M, N] = A [M, K] B [K, N], all row-major and contiguous.
+// Blocks of 32 columns are summed in registers over all of K before they are stored.
+template <class T> void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C)
+{
+    constexpr std::int64_t block = 32;
+    for (std::int64_t m = 0; m < M; ++m) {
+        const T* a = A + m * K;
+        T* c = C + m * N;
+        std::int64_t n0 = 0;
+        for (; n0 + block <= N; n0 += block) {
+            T acc[block] = {};
+            for (std::int64_t k = 0; k < K; ++k)
+                for (std::int64_t i = 0; i < block; ++i) acc[i] += a[k] * B[k * N + n0 + i];
+            std::copy_n(acc, block, c + n0);
+        }
+        for (std::int64_t n = n0; n < N; ++n) {
+            T sum = 0;
+            for (std::int64_t k = 0; k < K; ++k) sum += a[k] * B[k * N + n];
+            c[n] = sum;
+        }
+    }
+}
+
 template <class T> T sigmoid_of(T v)
 {
     if constexpr (std::is_same_v<T, float>) return sigmoid_float(v);
@@ -227,6 +255,7 @@ template <class T> T* ptr_or_null(const Tensor& t) { return t.defined() ? t.data
 template <class T, class K> struct FusedLayer {
     static constexpr std::size_t S = K::states;
     Tensor x, w_ih, w_hh, b_ih, b_hh;
+    Tensor w_hh_t;  // [H, GH]: W_hh transposed, set when a step's product is small (small_gemm)
     std::int64_t steps, B, I, H, GH, SH, BH;
     std::vector<std::int64_t> lengths;
     bool reverse;
@@ -256,7 +285,8 @@ template <class T, class K> struct FusedLayer {
             const std::int64_t t = time_of(s), u = t - t0;
             if (entering)
                 for (std::size_t k = 0; k < S; ++k) std::copy_n(state[k], BH, entering + (std::int64_t(k) * n + u) * BH);
-            gemm<T>(false, true, B, GH, H, state[0], p_w_hh, T(0), gh);  // one GEMM per step
+            if (w_hh_t.defined()) small_gemm<T>(B, GH, H, state[0], w_hh_t.data_ptr<T>(), gh);
+            else gemm<T>(false, true, B, GH, H, state[0], p_w_hh, T(0), gh);  // one GEMM per step
             add_bias<T>(gh, B, GH, p_b_hh);
             for (std::int64_t b = 0; b < B; ++b) {
                 const StepRow<T> row{px + (u * B + b) * GH, gh + b * GH,
@@ -301,7 +331,8 @@ template <class T, class K> struct FusedLayer {
                                          dgh + (u * B + b) * GH};
                 K::step_backward(row, H, nl);
             }
-            gemm<T>(false, false, B, H, GH, dgh + u * B * GH, p_w_hh, T(0), through);  // through W_hh
+            if (w_hh_t.defined()) small_gemm<T>(B, H, GH, dgh + u * B * GH, p_w_hh, through);  // through W_hh
+            else gemm<T>(false, false, B, H, GH, dgh + u * B * GH, p_w_hh, T(0), through);
             for (std::int64_t k = 0; k < BH; ++k) g.d_state[0][k] += through[k];
         }
         const std::int64_t rows = n * B;  // the segment's weight gradients: one GEMM each
@@ -334,6 +365,7 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
     L.b_hh = a.weights.b_hh.defined() ? kernels::contiguous(a.weights.b_hh) : Tensor();
     L.steps = L.x.size(0), L.B = L.x.size(1), L.I = L.x.size(2), L.H = L.w_hh.size(1);
     L.GH = K::gates * L.H, L.SH = K::saved * L.H, L.BH = L.B * L.H;
+    if (L.B * L.GH * L.H <= kSmallStepProduct) L.w_hh_t = kernels::contiguous(kernels::permute(L.w_hh, {1, 0}));
     L.lengths = a.lengths;
     L.reverse = a.reverse;
     L.nl = a.nonlinearity;
