@@ -46,7 +46,8 @@ void free_storage_bytes(void* data, std::size_t capacity) noexcept;
 
 // Bytes this thread holds in freed blocks, ready for reuse.
 std::size_t cached_storage_bytes();
-// Returns this thread's cached blocks to the system (as torch.cuda.empty_cache does for a GPU).
+// Returns this thread's cached storage blocks and small objects to the system (as
+// torch.cuda.empty_cache does for a GPU).
 void empty_storage_cache();
 // False in sanitized builds.
 bool storage_cache_enabled();

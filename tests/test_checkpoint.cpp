@@ -25,7 +25,8 @@ Run run(nn::CellKind kind, nn::RecurrentOptions options, const NamedTensorMap& w
     nn::RecurrentLayer layer(kind, options);
     layer.load_state_dict(weights);
     Run r;
-    layer.hidden_gradient_hook = [&](std::int64_t, std::int64_t, const Tensor& g) { r.grad_h.push_back(g); };
+    if (options.fused())  // the hook is the fused layer's
+        layer.hidden_gradient_hook = [&](std::int64_t, std::int64_t, const Tensor& g) { r.grad_h.push_back(g); };
     const Tensor input = x.detach().requires_grad_();
     const auto out = layer(input, {}, lengths);
     // A loss that reads every output and the final states, with weights that differ per element.
@@ -97,4 +98,28 @@ TEST_CASE("checkpoint where it cannot work is an error that says so")
     check_error([&] { composed(randn({4, 1, 2})); }, {"LSTM", "checkpoint needs the fused layer"});
     nn::Recurrent<nn::GRUCell> cells(nn::RecurrentOptions(2, 3).checkpoint(true));
     check_error([&] { cells(randn({4, 1, 2})); }, {"checkpoint is an option of the fused built-in layers"});
+}
+
+TEST_CASE("a layer large enough for BLAS's per-step products agrees with the composed path, with and without checkpoints")
+{
+    // B x 4H x H = 2 x 400 x 100 = 80,000: above the size below which per-step products skip BLAS;
+    // the other tests' small layers take that path.
+    const std::int64_t T = 6, B = 2, I = 3, H = 100;
+    manual_seed(8);
+    const Tensor x = randn({T, B, I}, kFloat64);
+    const Tensor lengths = tensor({6, 4}, kInt64);
+    for (auto kind : {nn::CellKind::LSTM, nn::CellKind::GRU}) {
+        CAPTURE(nn::cell_kind_name(kind));
+        const auto options = nn::RecurrentOptions(I, H).dtype(kFloat64);
+        const NamedTensorMap weights = nn::RecurrentLayer(kind, options).state_dict();
+        const Run composed = run(kind, nn::RecurrentOptions(options).fused(false), weights, x, lengths);
+        for (bool checkpoint : {false, true}) {
+            CAPTURE(checkpoint);
+            const Run fused = run(kind, nn::RecurrentOptions(options).checkpoint(checkpoint).checkpoint_every(4),
+                                  weights, x, lengths);
+            CHECK(close_tensors(fused.output, composed.output, 1e-12));
+            CHECK(close_tensors(fused.input_grad, composed.input_grad, 1e-12));
+            for (const auto& [name, g] : composed.grads) CHECK(close_tensors(fused.grads.at(name), g, 1e-12));
+        }
+    }
 }
