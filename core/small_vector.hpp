@@ -3,6 +3,7 @@
 // the op on a small tensor. Past N it grows on the heap like std::vector.
 #pragma once
 #include <algorithm>
+#include <compare>
 #include <cstddef>
 #include <initializer_list>
 #include <iterator>
