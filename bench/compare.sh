@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 shift || true
-workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W7}
+workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W5-checkpoint W6 W7}
 reference=../shared/bench/torch_reference.py
 [ -f bench/torch_reference.py ] && reference=bench/torch_reference.py
 ms() { sed -n 's/.* ms=\([0-9.]*\).*/\1/p'; }
@@ -33,8 +33,11 @@ for w in $workloads; do
     if [ "$w" = W7 ]; then adbench; continue; fi
     for mode in train infer; do
         flag=$([ $mode = infer ] && echo --infer || true)
-        lo=$("$build/bench/workloads" "$w" $flag)
-        to=$(/usr/bin/python3 "$reference" "$w" $flag)
+        # W5-checkpoint: loom's W5 with checkpoint(true) against PyTorch's plain W5.
+        lw=${w%-checkpoint}
+        extra=$([ "$lw" != "$w" ] && echo --checkpoint || true)
+        lo=$("$build/bench/workloads" "$lw" $flag $extra)
+        to=$(/usr/bin/python3 "$reference" "$lw" $flag)
         l=$(ms <<<"$lo")
         t=$(ms <<<"$to")
         printf '%-8s %-6s %12s %12s %8.2f %12s %12s %10s %10s\n' "$w" "$mode" "$l" "$t" "$(echo "$l / $t" | bc -l)" \
