@@ -6,9 +6,15 @@
 
 #include "error.hpp"
 
+// GCC says a build is sanitized with __SANITIZE_*__, clang with __has_feature.
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define LOOM_STORAGE_CACHE 0
-#else
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define LOOM_STORAGE_CACHE 0
+#endif
+#endif
+#ifndef LOOM_STORAGE_CACHE
 #define LOOM_STORAGE_CACHE 1
 #endif
 
