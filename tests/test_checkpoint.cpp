@@ -90,6 +90,18 @@ TEST_CASE("under NoGradGuard a checkpointed layer computes what any layer comput
     CHECK(close_tensors(ck(x).output, plain(x).output, 0));
 }
 
+TEST_CASE("a bias changed in place between forward and backward is an error, not a wrong recomputation")
+{
+    nn::RecurrentLayer lstm(nn::CellKind::LSTM, nn::RecurrentOptions(2, 3).checkpoint(true).checkpoint_every(2));
+    const Tensor loss = lstm(randn({6, 1, 2})).output.sum();
+    {
+        NoGradGuard no_grad;
+        Tensor bias = lstm.weights(0, 0).b_ih;  // a handle on the same storage
+        bias.add_(ones({12}));
+    }
+    check_error([&] { loss.backward(); }, {"LSTM", "modified in place"});
+}
+
 TEST_CASE("checkpoint where it cannot work is an error that says so")
 {
     check_error([] { nn::RecurrentLayer(nn::CellKind::LSTM, nn::RecurrentOptions(2, 3).checkpoint_every(-1)); },
