@@ -35,17 +35,41 @@ struct Cache {
 
     void clear() noexcept
     {
-        for (auto& list : free) {
-            for (void* p : list) std::free(p);
-            list.clear();
-        }
+        const auto release = [](auto& lists) {
+            for (auto& list : lists) {
+                for (void* p : list) std::free(p);
+                list.clear();
+            }
+        };
+        release(free);
+        release(objects);
         bytes = 0;
-        for (auto& list : objects) {
-            for (void* p : list) std::free(p);
-            list.clear();
-        }
     }
 };
+
+// The most recently freed block of a free list, or null when it is empty.
+void* take_from(std::vector<void*>& list) noexcept
+{
+    if (list.empty()) return nullptr;
+    void* p = list.back();
+    list.pop_back();
+    return p;
+}
+
+// Keeps p in a free list; false when the list could not grow (the caller frees p instead).
+bool keep_in(std::vector<void*>& list, void* p) noexcept
+{
+    try {
+        list.push_back(p);
+        return true;
+    } catch (...) {
+        return false;
+    }
+}
+
+// Small objects are pooled by their size rounded up to 16 bytes.
+std::size_t rounded_object_size(std::size_t size) { return (size + 15) / 16 * 16; }
+std::size_t object_class(std::size_t size) { return rounded_object_size(size) / 16 - 1; }
 
 // The cache lives behind a plain pointer that outlives it: a tensor freed while this thread
 // is being torn down (after the cache is gone) goes straight back to malloc.
@@ -85,61 +109,40 @@ void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity)
         return checked_malloc(nbytes);
     }
     capacity = std::max(kSmallestBlock, std::bit_ceil(nbytes));
-    if (Cache* c = this_thread_cache()) {
-        auto& list = c->free[size_class(capacity)];
-        if (!list.empty()) {
-            void* p = list.back();
-            list.pop_back();
+    if (Cache* c = this_thread_cache())
+        if (void* p = take_from(c->free[size_class(capacity)])) {
             c->bytes -= capacity;
             return p;
         }
-    }
     return checked_malloc(capacity);
 }
 
 void free_storage_bytes(void* data, std::size_t capacity) noexcept
 {
     if (LOOM_STORAGE_CACHE && capacity <= kLargestCachedBlock && capacity >= kSmallestBlock &&
-        std::has_single_bit(capacity) && cache && cache->bytes + capacity <= kCacheLimit) {
-        try {
-            cache->free[size_class(capacity)].push_back(data);
-            cache->bytes += capacity;
-            return;
-        } catch (...) {  // the free list could not grow: give the block back instead
-        }
+        std::has_single_bit(capacity) && cache && cache->bytes + capacity <= kCacheLimit &&
+        keep_in(cache->free[size_class(capacity)], data)) {
+        cache->bytes += capacity;
+        return;
     }
     std::free(data);
 }
 
 void* allocate_small_object(std::size_t size)
 {
-    const std::size_t rounded = (size + 15) / 16 * 16;
     if (LOOM_STORAGE_CACHE)
-        if (Cache* c = this_thread_cache()) {
-            auto& list = c->objects[rounded / 16 - 1];
-            if (!list.empty()) {
-                void* p = list.back();
-                list.pop_back();
-                return p;
-            }
-        }
-    void* p = std::malloc(rounded);
+        if (Cache* c = this_thread_cache())
+            if (void* p = take_from(c->objects[object_class(size)])) return p;
+    void* p = std::malloc(rounded_object_size(size));
     if (!p) throw std::bad_alloc();
     return p;
 }
 
 void free_small_object(void* p, std::size_t size) noexcept
 {
-    const std::size_t rounded = (size + 15) / 16 * 16;
     if (LOOM_STORAGE_CACHE && cache) {
-        auto& list = cache->objects[rounded / 16 - 1];
-        if (list.size() < kObjectsPerClass) {
-            try {
-                list.push_back(p);
-                return;
-            } catch (...) {  // the free list could not grow: give the block back instead
-            }
-        }
+        auto& list = cache->objects[object_class(size)];
+        if (list.size() < kObjectsPerClass && keep_in(list, p)) return;
     }
     std::free(p);
 }

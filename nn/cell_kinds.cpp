@@ -87,14 +87,11 @@ template <class T> void add_bias(T* rows, std::int64_t n, std::int64_t width, co
         for (std::int64_t j = 0; j < width; ++j) rows[r * width + j] += bias[j];
 }
 
-// out [width] = sum of rows [n, width]
-template <class T> Tensor column_sums(const T* rows, std::int64_t n, std::int64_t width, DType dtype)
+// out [width] += sum of rows [n, width]
+template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out)
 {
-    Tensor out = zeros({width}, dtype);
-    T* o = out.data_ptr<T>();
     for (std::int64_t r = 0; r < n; ++r)
-        for (std::int64_t j = 0; j < width; ++j) o[j] += rows[r * width + j];
-    return out;
+        for (std::int64_t j = 0; j < width; ++j) out[j] += rows[r * width + j];
 }
 
 Tensor hidden_projection(const Tensor& h, const Tensor& w_hh, const Tensor& b_hh)
@@ -339,12 +336,8 @@ template <class T, class K> struct FusedLayer {
         if (g.dx) gemm<T>(false, false, rows, I, GH, dgx, w_ih.data_ptr<T>(), T(0), g.dx + t0 * B * I);
         if (g.dw_ih) gemm<T>(true, false, GH, I, rows, dgx, x.data_ptr<T>() + t0 * B * I, T(1), g.dw_ih);
         if (g.dw_hh) gemm<T>(true, false, GH, H, rows, dgh, entering, T(1), g.dw_hh);
-        const auto add_column_sums = [&](const T* m, T* out) {
-            for (std::int64_t r = 0; r < rows; ++r)
-                for (std::int64_t j = 0; j < GH; ++j) out[j] += m[r * GH + j];
-        };
-        if (g.db_ih) add_column_sums(dgx, g.db_ih);
-        if (g.db_hh) add_column_sums(dgh, g.db_hh);
+        if (g.db_ih) add_column_sums<T>(dgx, rows, GH, g.db_ih);
+        if (g.db_hh) add_column_sums<T>(dgh, rows, GH, g.db_hh);
     }
 };
 
@@ -437,7 +430,7 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
                        through_w_hh.data_ptr<T>(), g);
         } else {  // recompute each segment from its checkpoint, last segment first
             Tensor seg_gx = empty({rows, B, GH}, dt), seg_saved = empty({rows, B, SH}, dt);
-            Tensor seg_entering = empty({Shape::value_type(S), rows, B, H}, dt);
+            Tensor seg_entering = empty({Shape::value_type(S), rows, B, H}, dt);  // used as [S, n, B, H]
             Tensor seg_state = empty({Shape::value_type(S), B, H}, dt), seg_next = empty({Shape::value_type(S), B, H}, dt);
             Tensor seg_gh = empty({B, GH}, dt);
             T* p_seg_state[2] = {seg_state.data_ptr<T>(), S > 1 ? seg_state.data_ptr<T>() + BH : nullptr};
@@ -445,7 +438,6 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
                 const std::int64_t s0 = i * segment, s1 = std::min(steps, s0 + segment);
                 std::copy_n(checkpoints.data_ptr<T>() + i * std::int64_t(S) * BH, std::int64_t(S) * BH,
                             seg_state.data_ptr<T>());
-                // The segment's entering states are laid out [S, n, B, H] for its own n.
                 L.project(s0, s1, seg_gx.data_ptr<T>());
                 L.forward(s0, s1, seg_gx.data_ptr<T>(), seg_saved.data_ptr<T>(), true, seg_entering.data_ptr<T>(),
                           p_seg_state, seg_next.data_ptr<T>(), seg_gh.data_ptr<T>(), nullptr);
