@@ -26,7 +26,39 @@ Tensor scalar_operand(const char* op, double value, const Tensor& t)
 // g summed to input k's shape (undoing a broadcast), or undefined when k needs no gradient.
 Tensor reduce_to(const BackwardContext& c, std::size_t k, const Tensor& g)
 {
-    return c.needs[k] ? kernels::sum_to(g, c.input_shape(k)) : Tensor();
+    return c.needs[k] ? sum_to(g, c.input_shape(k)) : Tensor();
+}
+
+// The gradient of an op whose derivative is piecewise constant in x (abs, relu, clamp):
+// grad_fn(g, x) elementwise. It is linear in g and has zero derivative in x, so its own
+// backward is itself applied to the incoming gradient.
+template <class Fn> Tensor masked_gradient(const char* op, const Tensor& g, const Tensor& x, Fn grad_fn)
+{
+    Tensor out = kernels::zip_floating(op, g, x, grad_fn);
+    return record(op, {g}, out, {x}, [op, grad_fn](const BackwardContext& c) {
+        return Grads{masked_gradient(op, c.grad(), c.saved[0], grad_fn)};
+    });
+}
+
+// g * (1 - y^2), the gradient of tanh through its output y; differentiable in both.
+Tensor tanh_backward(const Tensor& g, const Tensor& y)
+{
+    Tensor out = kernels::zip_floating("tanh", g, y, [](auto u, auto v) { return u * (1 - v * v); });
+    return record("tanh_backward", {g, y}, out, {g, y}, [](const BackwardContext& c) {
+        const Tensor &g = c.saved[0], &y = c.saved[1];
+        return Grads{c.needs[0] ? tanh_backward(c.grad(), y) : Tensor(), c.needs[1] ? c.grad() * g * y * -2.0 : Tensor()};
+    });
+}
+
+// g * y (1 - y), the gradient of sigmoid through its output y; differentiable in both.
+Tensor sigmoid_backward(const Tensor& g, const Tensor& y)
+{
+    Tensor out = kernels::zip_floating("sigmoid", g, y, [](auto u, auto v) { return u * v * (1 - v); });
+    return record("sigmoid_backward", {g, y}, out, {g, y}, [](const BackwardContext& c) {
+        const Tensor &g = c.saved[0], &y = c.saved[1];
+        return Grads{c.needs[0] ? sigmoid_backward(c.grad(), y) : Tensor(),
+                     c.needs[1] ? c.grad() * g * (1.0 - 2.0 * y) : Tensor()};
+    });
 }
 
 }  // namespace
@@ -78,8 +110,8 @@ Tensor pow(const Tensor& base, const Tensor& exponent)
         if (c.needs[0]) g[0] = reduce_to(c, 0, c.grad() * e * pow(x, e - 1.0));
         if (c.needs[1]) {
             // d/de x^e = x^e log x; taken as 0 where x == 0, as PyTorch does.
-            Tensor log_x = kernels::map_floating("pow", x, [](auto v) { return v == 0 ? v : std::log(v); });
-            g[1] = reduce_to(c, 1, c.grad() * y * log_x);
+            const Tensor at_zero = eq(x, scalar_like(0, x));
+            g[1] = reduce_to(c, 1, c.grad() * y * log(where(at_zero, scalar_like(1, x), x)));
         }
         return g;
     });
@@ -152,7 +184,7 @@ Tensor abs(const Tensor& x)
 {
     Tensor out = kernels::map_numeric("abs", x, [](auto v) { return v < 0 ? wrapping_sub(decltype(v)(0), v) : v; });
     return record("abs", {x}, out, {x}, [](const BackwardContext& c) {
-        return Grads{kernels::zip_floating("abs", c.grad(), c.saved[0], [](auto g, auto v) {
+        return Grads{masked_gradient("abs_backward", c.grad(), c.saved[0], [](auto g, auto v) {
             return v > 0 ? g : (v < 0 ? -g : decltype(g)(0));
         })};
     });
@@ -161,16 +193,14 @@ Tensor abs(const Tensor& x)
 Tensor tanh(const Tensor& x)
 {
     Tensor out = kernels::map_floating("tanh", x, [](auto v) { return tanh_of(v); });
-    return record("tanh", {x}, out, {out}, [](const BackwardContext& c) {
-        return Grads{kernels::zip_floating("tanh", c.grad(), c.saved[0], [](auto g, auto y) { return g * (1 - y * y); })};
-    });
+    return record("tanh", {x}, out, {out}, [](const BackwardContext& c) { return Grads{tanh_backward(c.grad(), c.saved[0])}; });
 }
 
 Tensor sigmoid(const Tensor& x)
 {
     Tensor out = kernels::map_floating("sigmoid", x, [](auto v) { return 1 / (1 + std::exp(-v)); });
     return record("sigmoid", {x}, out, {out}, [](const BackwardContext& c) {
-        return Grads{kernels::zip_floating("sigmoid", c.grad(), c.saved[0], [](auto g, auto y) { return g * y * (1 - y); })};
+        return Grads{sigmoid_backward(c.grad(), c.saved[0])};
     });
 }
 
@@ -178,7 +208,7 @@ Tensor relu(const Tensor& x)
 {
     Tensor out = kernels::map_floating("relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); });
     return record("relu", {x}, out, {out}, [](const BackwardContext& c) {
-        return Grads{kernels::zip_floating("relu", c.grad(), c.saved[0], [](auto g, auto y) {
+        return Grads{masked_gradient("relu_backward", c.grad(), c.saved[0], [](auto g, auto y) {
             return y > 0 ? g : decltype(g)(0);
         })};
     });
@@ -196,7 +226,7 @@ Tensor clamp(const Tensor& x, std::optional<double> min, std::optional<double> m
         return v < lo ? static_cast<T>(lo) : (v > hi ? static_cast<T>(hi) : v);
     });
     return record("clamp", {x}, out, {x}, [lo, hi](const BackwardContext& c) {
-        return Grads{kernels::zip_floating("clamp", c.grad(), c.saved[0], [lo, hi](auto g, auto v) {
+        return Grads{masked_gradient("clamp_backward", c.grad(), c.saved[0], [lo, hi](auto g, auto v) {
             return v >= lo && v <= hi ? g : decltype(g)(0);
         })};
     });

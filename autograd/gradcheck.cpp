@@ -42,7 +42,10 @@ GradcheckResult compare(const std::function<Tensor()>& at_inputs, const std::fun
     Generator gen(options.seed);
     const Tensor projection = randn(out.sizes(), kFloat64, &gen);
     const auto objective = [&](const Tensor& y) { return sum(y * projection); };
-    const std::vector<Tensor> analytic = grad({objective(out)}, wrt, {}, false, /*allow_unused=*/true);
+    // An output off the tape does not depend on wrt at all: its gradient is zero.
+    const std::vector<Tensor> analytic = out.requires_grad()
+                                             ? grad({objective(out)}, wrt, {}, false, /*allow_unused=*/true)
+                                             : std::vector<Tensor>(wrt.size());
 
     GradcheckResult result;
     double worst_excess = -INFINITY;
@@ -100,6 +103,48 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
     LOOM_CHECK(!wrt.empty(), "gradcheck", "no input requires grad");
     for (std::size_t k = 0; k < work.size(); ++k) probe[positions[k]] = work[k];
     return compare([&] { return fn(inputs); }, [&] { return fn(probe); }, wrt, work, positions, options);
+}
+
+GradcheckResult gradgradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
+                              const std::vector<Tensor>& inputs, const GradcheckOptions& options)
+{
+    std::vector<std::size_t> positions;
+    std::vector<Tensor> wrt, work;
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+        if (inputs[i].requires_grad()) {
+            check_float64(inputs[i], i, "input");
+            wrt.push_back(inputs[i]);
+            work.push_back(kernels::clone(inputs[i]));
+            positions.push_back(i);
+        }
+    LOOM_CHECK(!wrt.empty(), "gradgradcheck", "no input requires grad");
+    // H(x) = sum_k <g_k(x), v_k> with g = d<fn(x), r>/dx: its gradient is the Hessian (or, for a
+    // non-scalar fn, the second-order VJP) applied to the v_k, which create_graph must give.
+    Generator gen(options.seed + 1);
+    Tensor r;
+    std::vector<Tensor> v;
+    for (const Tensor& t : wrt) v.push_back(randn(t.sizes(), kFloat64, &gen));
+    const auto first_order = [&](const std::vector<Tensor>& args, const std::vector<Tensor>& leaves, bool create_graph) {
+        const Tensor out = fn(args);
+        if (!r.defined()) r = randn(out.sizes(), kFloat64, &gen);
+        if (!out.requires_grad()) return zeros({}, kFloat64);
+        const std::vector<Tensor> g = grad({sum(out * r)}, leaves, {}, false, /*allow_unused=*/true, create_graph);
+        Tensor h = zeros({}, kFloat64);
+        for (std::size_t k = 0; k < g.size(); ++k)
+            if (g[k].defined()) h = h + sum(g[k] * v[k]);
+        return h;
+    };
+    const auto at_inputs = [&] { return first_order(inputs, wrt, true); };
+    const auto at_work = [&] {
+        GradModeGuard on(true);  // compare() perturbs under NoGradGuard; H needs a first-order sweep
+        std::vector<Tensor> probe = inputs, leaves;
+        for (std::size_t k = 0; k < work.size(); ++k) {
+            leaves.push_back(kernels::clone(work[k]).requires_grad_());
+            probe[positions[k]] = leaves.back();
+        }
+        return first_order(probe, leaves, false).detach();
+    };
+    return compare(at_inputs, at_work, wrt, work, positions, options);
 }
 
 GradcheckResult gradcheck_parameters(const std::function<Tensor()>& fn, const std::vector<Tensor>& parameters,

@@ -31,6 +31,12 @@ struct GradcheckResult {
 GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
                           const std::vector<Tensor>& inputs, const GradcheckOptions& options = {});
 
+// Second derivatives: the gradient of the first-order gradients, taken with create_graph, is
+// compared with central differences of first-order gradients. Each gradient g_k is projected
+// on a fixed random v_k, so one check covers the whole Hessian-vector product.
+GradcheckResult gradgradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
+                              const std::vector<Tensor>& inputs, const GradcheckOptions& options = {});
+
 // The same check for tensors that fn reads by itself, such as a module's parameters
 // (module.parameters() after module.to(kFloat64)): each is perturbed in place and restored.
 GradcheckResult gradcheck_parameters(const std::function<Tensor()>& fn, const std::vector<Tensor>& parameters,

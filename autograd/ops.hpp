@@ -63,6 +63,8 @@ Tensor squeeze(const Tensor& x, std::optional<std::int64_t> dim = std::nullopt);
 Tensor unsqueeze(const Tensor& x, std::int64_t dim);
 Tensor expand(const Tensor& x, const Shape& shape);
 Tensor broadcast_to(const Tensor& x, const Shape& shape);
+// Sums x down to `shape`, which must broadcast to x's shape (undoes a broadcast).
+Tensor sum_to(const Tensor& x, const Shape& shape);
 Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t length);
 Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step = 1);
 Tensor select(const Tensor& x, std::int64_t dim, std::int64_t index);

@@ -22,9 +22,9 @@ Tensor unreduce(const Tensor& g, const Shape& input, const Shape& dims, bool kee
         if (dims.empty()) std::fill(kept_shape.begin(), kept_shape.end(), 1);
         if (!input.empty())  // a 0-d input: dims 0 and -1 name the tensor itself, nothing to keep
             for (auto d : dims) kept_shape[wrap_dim("sum", d, static_cast<std::int64_t>(input.size()))] = 1;
-        r = kernels::reshape(g, kept_shape);
+        r = reshape(g, kept_shape);
     }
-    return kernels::expand(r, input);
+    return expand(r, input);
 }
 
 // How many elements each result of reducing `dims` covers; checks the dims, naming `op`.

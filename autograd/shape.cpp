@@ -14,7 +14,7 @@ namespace {
 Tensor reshape_back(const char* op, const Tensor& x, Tensor out)
 {
     return record(op, {x}, out, {}, [](const BackwardContext& c) {
-        return Grads{kernels::reshape(c.grad(), c.input_shape(0))};
+        return Grads{reshape(c.grad(), c.input_shape(0))};
     });
 }
 
@@ -31,7 +31,7 @@ Tensor permute(const Tensor& x, const Shape& dims)
     Shape inverse(dims.size());
     for (std::size_t i = 0; i < dims.size(); ++i) inverse[wrap_dim("permute", dims[i], x.dim())] = static_cast<std::int64_t>(i);
     return record("permute", {x}, out, {}, [inverse](const BackwardContext& c) {
-        return Grads{kernels::permute(c.grad(), inverse)};
+        return Grads{permute(c.grad(), inverse)};
     });
 }
 
@@ -49,7 +49,18 @@ Tensor expand(const Tensor& x, const Shape& shape)
 {
     Tensor out = kernels::expand(x, shape);
     return record("expand", {x}, out, {}, [](const BackwardContext& c) {
-        return Grads{kernels::sum_to(c.grad(), c.input_shape(0))};
+        return Grads{sum_to(c.grad(), c.input_shape(0))};
+    });
+}
+
+Tensor sum_to(const Tensor& x, const Shape& shape)
+{
+    LOOM_CHECK(broadcast_shapes("sum_to", shape, x.sizes()) == x.sizes(), "sum_to",
+               "shape {} does not broadcast to the input's shape {}", shape, x.sizes());
+    if (x.sizes() == shape) return x;
+    Tensor out = kernels::sum_to(x, shape);
+    return record("sum_to", {x}, out, {}, [](const BackwardContext& c) {
+        return Grads{expand(c.grad(), c.input_shape(0))};
     });
 }
 
@@ -81,14 +92,37 @@ Tensor select(const Tensor& x, std::int64_t dim, std::int64_t index)
                                    [dim, index](const Tensor& whole) { return kernels::select(whole, dim, index); });
 }
 
+namespace {
+
+// Zeros of `shape` with `source`'s slices added at `index` along dim d: index_select's gradient,
+// as a differentiable op.
+Tensor index_add(const Shape& shape, std::int64_t d, const Tensor& index, const Tensor& source)
+{
+    Tensor z = zeros(shape, source.dtype());
+    kernels::index_add_into(z, d, index, source);
+    return record("index_add", {source}, z, {index}, [d](const BackwardContext& c) {
+        return Grads{index_select(c.grad(), d, c.saved[0])};
+    });
+}
+
+// Zeros of `shape` with `source` added at `index` along dim d: gather's gradient, as a differentiable op.
+Tensor scatter_add(const Shape& shape, std::int64_t d, const Tensor& index, const Tensor& source)
+{
+    Tensor z = zeros(shape, source.dtype());
+    kernels::scatter_add_into(z, d, index, kernels::contiguous(source));
+    return record("scatter_add", {source}, z, {index}, [d](const BackwardContext& c) {
+        return Grads{gather(c.grad(), d, c.saved[0])};
+    });
+}
+
+}  // namespace
+
 Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
 {
     Tensor out = kernels::index_select(x, dim, index);
     const std::int64_t d = wrap_indexed_dim("index_select", dim, x.dim());
     return record("index_select", {x}, out, {index}, [d](const BackwardContext& c) {
-        Tensor z = zeros(c.input_shape(0), c.grad().dtype());
-        kernels::index_add_into(z, d, c.saved[0], c.grad());
-        return Grads{z};
+        return Grads{index_add(c.input_shape(0), d, c.saved[0], c.grad())};
     });
 }
 
@@ -97,9 +131,7 @@ Tensor gather(const Tensor& x, std::int64_t dim, const Tensor& index)
     Tensor out = kernels::gather(x, dim, index);
     const std::int64_t d = wrap_indexed_dim("gather", dim, x.dim());
     return record("gather", {x}, out, {index}, [d](const BackwardContext& c) {
-        Tensor z = zeros(c.input_shape(0), c.grad().dtype());
-        kernels::scatter_add_into(z, d, c.saved[0], kernels::contiguous(c.grad()));
-        return Grads{z};
+        return Grads{scatter_add(c.input_shape(0), d, c.saved[0], c.grad())};
     });
 }
 
@@ -120,7 +152,7 @@ Tensor to(const Tensor& x, DType dtype)
     Tensor out = kernels::to(x, dtype);
     if (!is_floating(dtype)) return out;  // an integer or bool result carries no gradient
     return record("to", {x}, out, {}, [](const BackwardContext& c) {
-        return Grads{kernels::to(c.grad(), c.input_dtype(0))};
+        return Grads{to(c.grad(), c.input_dtype(0))};
     });
 }
 
@@ -133,7 +165,7 @@ Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim)
         Grads g;
         std::int64_t at = 0;
         for (std::size_t i = 0; i < sizes.size(); ++i) {
-            if (c.needs[i]) g.push_back(kernels::slice(c.grad(), dim, at, at + sizes[i], 1));
+            if (c.needs[i]) g.push_back(slice(c.grad(), dim, at, at + sizes[i], 1));
             else g.emplace_back();
             at += sizes[i];
         }
@@ -193,8 +225,8 @@ Tensor bmm(const Tensor& a, const Tensor& b)
     Tensor out = kernels::bmm(a, b);
     return record("matmul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
-        return Grads{c.needs[0] ? kernels::bmm(c.grad(), transpose(y, -1, -2)) : Tensor(),
-                     c.needs[1] ? kernels::bmm(transpose(x, -1, -2), c.grad()) : Tensor()};
+        return Grads{c.needs[0] ? bmm(c.grad(), transpose(y, -1, -2)) : Tensor(),
+                     c.needs[1] ? bmm(transpose(x, -1, -2), c.grad()) : Tensor()};
     });
 }
 

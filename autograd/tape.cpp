@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 
 #include "../core/allocator.hpp"
 #include "../core/kernels.hpp"
+#include "ops.hpp"
 
 namespace loom {
 
@@ -23,8 +26,36 @@ struct Tape {
     std::uint64_t next_seq = 1;
     std::size_t compact_at = 1024;
     std::uint64_t id = next_tape_id++;
+    int recording_sweeps = 0;  // sweeps recording their backward (create_graph): compaction would move their entries
 };
 [[gnu::tls_model("initial-exec")]] thread_local Tape tape;
+
+// Anomaly mode and the scope path; both thread-local like the tape.
+[[gnu::tls_model("initial-exec")]] thread_local int anomaly_guards = 0;
+thread_local std::vector<std::string> scope_parts;
+thread_local std::shared_ptr<const std::string> scope_path;  // null outside any Scope
+
+std::string scope_phrase(const std::shared_ptr<const std::string>& scope)
+{
+    return scope ? fmt::format(", in scope '{}'", *scope) : std::string();
+}
+
+// Index and value of the first NaN or Inf in t, if any.
+std::optional<std::pair<std::int64_t, double>> first_non_finite(const Tensor& t)
+{
+    if (!t.defined() || !is_floating(t.dtype())) return std::nullopt;
+    const Tensor c = kernels::contiguous(t);
+    std::optional<std::pair<std::int64_t, double>> found;
+    dispatch_floating("anomaly", c.dtype(), [&]<class T>() {
+        const T* p = c.data_ptr<T>();
+        for (std::int64_t i = 0; i < c.numel(); ++i)
+            if (!std::isfinite(p[i])) {
+                found = std::pair{i, static_cast<double>(p[i])};
+                return;
+            }
+    });
+    return found;
+}
 
 // Guards every leaf's .grad(): threads may backpropagate into shared parameters at once.
 std::mutex leaf_grad_mutex;
@@ -34,10 +65,12 @@ Tensor add_values(const Tensor& a, const Tensor& b)
     return kernels::zip_floating("accumulate gradient", a, b, [](auto x, auto y) { return x + y; });
 }
 
-// node.grad += g, as a new tensor: .grad() may be held by the user, so it is never written in place.
-void accumulate_grad(autograd::Node& node, const Tensor& g)
+// node.grad += g, as a new tensor: .grad() may be held by the user, so it is never written in
+// place. When backward is recorded the sum is too, so .grad() can be differentiated again.
+void accumulate_grad(autograd::Node& node, const Tensor& g, bool recorded)
 {
-    node.grad = node.grad.defined() ? add_values(node.grad, g) : kernels::clone(g);
+    if (recorded) node.grad = node.grad.defined() ? loom::add(node.grad, g) : loom::clone(g);
+    else node.grad = node.grad.defined() ? add_values(node.grad, g) : kernels::clone(g);
 }
 
 void release(autograd::Entry& e)
@@ -52,6 +85,7 @@ void release(autograd::Entry& e)
 // Walking backwards lets one pass reclaim whole dead chains.
 void compact()
 {
+    if (tape.recording_sweeps > 0) return;  // a recording sweep holds indices into the tape
     std::vector<bool> dead(tape.entries.size(), false);
     for (std::size_t i = tape.entries.size(); i-- > 0;) {
         auto& e = tape.entries[i];
@@ -86,19 +120,58 @@ Tensor apply_hooks(const autograd::Node& node, Tensor g)
     return g;
 }
 
+// Throws in anomaly mode when a gradient that entry `e` produced holds a NaN or Inf.
+void check_backward_anomaly(const autograd::Entry& e, std::size_t input, const Tensor& g)
+{
+    const auto bad = first_non_finite(g);
+    if (!bad) return;
+    fail("anomaly", "backward of '{}' (tape entry #{}{}) produced {} in the gradient of its input {} (shape {}, at flat "
+         "index {})",
+         e.name, e.seq, scope_phrase(e.scope), bad->second, input, g.sizes(), bad->first);
+}
+
+// A saved tensor as backward sees it: version-checked, and, when backward is recorded, a saved
+// output is joined back to its node so that gradients flow through it again.
+Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool create_graph)
+{
+    if (!s.value.defined()) return s.value;
+    LOOM_CHECK(s.value.version() == s.version, e.name,
+               "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
+               "saved at version {}); clone() it before modifying it",
+               s.value.sizes(), s.value.version(), s.version);
+    if (!create_graph || !s.is_output) return s.value;
+    auto node = s.output.lock();
+    LOOM_CHECK(node, e.name,
+               "create_graph needs an output this op saved for backward, but that output no longer exists; keep "
+               "its outputs alive, or differentiate once");
+    Tensor joined = kernels::alias(s.value);
+    joined.impl().node = std::move(node);
+    return joined;
+}
+
 // One reverse sweep. Gradients gather in PendingGrads: a non-leaf's own (its thread is this
 // one), a leaf's in this sweep (a leaf may be shared by threads sweeping at once). The
 // destructor clears them, so an error part-way leaves no stale state behind; entries are
 // released only once the whole sweep has succeeded, so a failed backward can be retried.
+// With create_graph every sum and every backward function is recorded on the tape (grad mode
+// on), so the gradients it returns are differentiable; nothing is then added in place.
 struct Sweep {
     std::vector<std::shared_ptr<autograd::Node>> touched;
     std::unordered_map<const autograd::Node*, autograd::PendingGrad> leaves;
+    bool create_graph = false;
 
+    explicit Sweep(bool create_graph) : create_graph(create_graph)
+    {
+        if (create_graph) ++tape.recording_sweeps;
+    }
     ~Sweep()
     {
         for (auto& n : touched)
             if (n->seq != 0) n->pending = autograd::PendingGrad();  // a leaf's lives in `leaves`
+        if (create_graph) --tape.recording_sweeps;
     }
+    Sweep(const Sweep&) = delete;
+    Sweep& operator=(const Sweep&) = delete;
 
     autograd::PendingGrad& pending(const std::shared_ptr<autograd::Node>& node)
     {
@@ -128,6 +201,10 @@ struct Sweep {
             p.owned = false;
             return;
         }
+        if (create_graph) {
+            p.sum = loom::add(p.sum, g);
+            return;
+        }
         own(p);
         kernels::add_into(p.sum, g);
     }
@@ -136,6 +213,11 @@ struct Sweep {
     void add_region(const std::shared_ptr<autograd::Node>& node, const autograd::RegionFn& region, const Tensor& g)
     {
         autograd::PendingGrad& p = pending(node);
+        if (create_graph) {
+            const Tensor whole = autograd::embed_region(g, node->shape, region);
+            p.sum = p.sum.defined() ? loom::add(p.sum, whole) : whole;
+            return;
+        }
         if (!p.sum.defined()) {
             p.sum = zeros(node->shape, node->dtype);
             p.owned = true;
@@ -148,69 +230,81 @@ struct Sweep {
 
     void run(std::uint64_t start_seq, bool retain_graph, bool accumulate)
     {
-        NoGradGuard no_grad;
+        GradModeGuard mode(create_graph);
         auto& entries = tape.entries;
         auto it = std::lower_bound(entries.begin(), entries.end(), start_seq,
                                    [](const autograd::Entry& e, std::uint64_t s) { return e.seq < s; });
         LOOM_CHECK(start_seq == 0 || (it != entries.end() && it->seq == start_seq), "backward",
                    "the tensor's history is not on this thread's tape (was it computed on another thread?)");
         const std::size_t start = start_seq == 0 ? 0 : static_cast<std::size_t>(it - entries.begin()) + 1;
+        const bool anomaly = anomaly_guards > 0;
         std::vector<std::size_t> swept;
         for (std::size_t i = start; i-- > 0;) {
-            autograd::Entry& e = entries[i];
+            // A recorded backward appends to the tape, which may move its entries: entries[i]
+            // is looked up again after each call rather than held by reference.
             autograd::BackwardContext ctx;
-            ctx.grads.resize(e.outputs.size());
-            bool reached = false;
-            for (std::size_t k = 0; k < e.outputs.size(); ++k) {
-                auto node = e.outputs[k].lock();
+            ctx.create_graph = create_graph;
+            ctx.grads.resize(entries[i].outputs.size());
+            bool reached = false, grads_recorded = false;
+            for (std::size_t k = 0; k < entries[i].outputs.size(); ++k) {
+                auto node = entries[i].outputs[k].lock();
                 if (!node || !node->pending.sum.defined()) continue;
                 autograd::PendingGrad& p = node->pending;
                 p.sum = apply_hooks(*node, p.sum);
                 if (accumulate && node->retains_grad)
-                    accumulate_grad(*node, p.sum);
+                    accumulate_grad(*node, p.sum, create_graph);
                 ctx.grads[k] = p.sum;
+                grads_recorded = grads_recorded || p.sum.requires_grad();
                 if (!p.captured) p = autograd::PendingGrad();
                 reached = true;
             }
             if (!reached) continue;
+            const autograd::Entry& e = entries[i];
             LOOM_CHECK(!e.released, e.name,
                        "backward through a graph that an earlier backward() already released; pass "
                        "retain_graph=true to the earlier call to sweep the graph more than once");
-            for (const auto& s : e.saved) {
-                if (!s.value.defined()) {
-                    ctx.saved.push_back(s.value);
-                    continue;
-                }
-                LOOM_CHECK(s.value.version() == s.version, e.name,
-                           "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
-                           "saved at version {}); clone() it before modifying it",
-                           s.value.sizes(), s.value.version(), s.version);
-                ctx.saved.push_back(s.value);
-            }
-            ctx.inputs = &e.inputs;
+            for (const auto& s : e.saved) ctx.saved.push_back(saved_value(e, s, create_graph));
+            const autograd::InputNodes inputs = create_graph ? e.inputs : autograd::InputNodes();
+            ctx.inputs = create_graph ? &inputs : &e.inputs;
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = e.inputs[k] != nullptr;
-            const std::vector<Tensor> input_grads = e.backward(ctx);
-            LOOM_CHECK(input_grads.size() == e.inputs.size(), e.name,
-                       "internal: backward returned {} gradients for {} inputs", input_grads.size(), e.inputs.size());
-            for (std::size_t k = 0; k < e.inputs.size(); ++k) {
-                if (!e.inputs[k] || !input_grads[k].defined()) continue;
-                if (e.region) {
-                    add_region(e.inputs[k], e.region, input_grads[k]);
+            std::vector<Tensor> input_grads;
+            if (create_graph) {
+                autograd::BackwardFn backward = e.backward;  // a copy: the tape may move while it runs
+                input_grads = backward(ctx);
+            } else {
+                input_grads = e.backward(ctx);
+            }
+            const autograd::Entry& done = entries[i];
+            LOOM_CHECK(input_grads.size() == done.inputs.size(), done.name,
+                       "internal: backward returned {} gradients for {} inputs", input_grads.size(),
+                       done.inputs.size());
+            for (std::size_t k = 0; k < done.inputs.size(); ++k) {
+                if (!done.inputs[k] || !input_grads[k].defined()) continue;
+                // Every gradient is linear in the incoming one: if that is recorded and this is
+                // not, backward computed it off the tape and a second derivative would be lost.
+                LOOM_CHECK(!grads_recorded || input_grads[k].requires_grad(), done.name,
+                           "cannot be differentiated twice: its backward computed gradient {} off the tape, so "
+                           "create_graph would lose its second derivative",
+                           k);
+                if (anomaly) check_backward_anomaly(done, k, input_grads[k]);
+                if (done.region) {
+                    add_region(done.inputs[k], done.region, input_grads[k]);
                     continue;
                 }
-                check_gradient(e.name, *e.inputs[k], input_grads[k], "internal: the gradient backward returned");
-                add(e.inputs[k], input_grads[k]);
+                check_gradient(done.name, *done.inputs[k], input_grads[k], "internal: the gradient backward returned");
+                add(done.inputs[k], input_grads[k]);
             }
             swept.push_back(i);
         }
-        if (!retain_graph)
+        if (!retain_graph && !create_graph)
             for (std::size_t i : swept) release(entries[i]);
     }
 
     // Applies hooks to the leaves reached, once their gradient is complete.
     void finish_leaves()
     {
+        GradModeGuard mode(create_graph);
         for (auto& [node, p] : leaves)
             if (p.sum.defined()) p.sum = apply_hooks(*node, p.sum);
     }
@@ -218,12 +312,13 @@ struct Sweep {
     // Adds each leaf's gradient into its .grad(), under the lock that makes shared leaves safe.
     void accumulate_leaves()
     {
+        GradModeGuard mode(create_graph);
         std::lock_guard<std::mutex> lock(leaf_grad_mutex);
         for (auto& n : touched) {
             if (n->seq != 0) continue;
             const autograd::PendingGrad& p = leaves.at(n.get());
             if (!p.sum.defined()) continue;
-            accumulate_grad(*n, p.sum);
+            accumulate_grad(*n, p.sum, create_graph);
         }
     }
 };
@@ -268,6 +363,8 @@ void set_grad_enabled(bool enabled) { grad_mode = enabled; }
 namespace autograd {
 
 std::size_t tape_size() { return tape.entries.size(); }
+
+std::span<const Entry> tape_entries() { return tape.entries; }
 
 bool should_record(std::span<const Tensor> inputs)
 {
@@ -314,11 +411,63 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
         // A saved output is kept as an alias without its node: the entry holding the output's
         // node would otherwise keep the output alive, and the entry could never be reclaimed.
         // An input's node is held by the entry anyway, so the input itself is kept as is.
-        const bool is_output = std::any_of(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
-        e.saved.push_back(Saved{is_output ? kernels::alias(s) : s, s.version()});
+        const auto output = std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
+        if (output == outputs.end()) e.saved.push_back(Saved{s, s.version()});
+        else e.saved.push_back(Saved{kernels::alias(s), s.version(), true, output->impl().node});
     }
     e.backward = std::move(backward);
+    e.scope = scope_path;
     tape.entries.push_back(std::move(e));
+    if (anomaly_guards > 0)
+        for (const Tensor& out : outputs) check_forward_anomaly(name, out, tape.entries.back().seq);
+}
+
+void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t seq)
+{
+    const auto bad = first_non_finite(output);
+    if (!bad) return;
+    fail("anomaly", "forward of '{}' ({}{}) produced {} at flat index {} of its output of shape {}", op,
+         seq ? fmt::format("tape entry #{}", seq) : std::string("not recorded: no input requires grad"),
+         scope_phrase(scope_path), bad->second, bad->first, output.sizes());
+}
+
+bool anomaly_mode_enabled() { return anomaly_guards > 0; }
+
+DetectAnomalyGuard::DetectAnomalyGuard() { ++anomaly_guards; }
+DetectAnomalyGuard::~DetectAnomalyGuard() { --anomaly_guards; }
+
+namespace {
+void rebuild_scope_path()
+{
+    if (scope_parts.empty()) {
+        scope_path.reset();
+        return;
+    }
+    std::string path = scope_parts[0];
+    for (std::size_t i = 1; i < scope_parts.size(); ++i) path += "/" + scope_parts[i];
+    scope_path = std::make_shared<const std::string>(std::move(path));
+}
+}  // namespace
+
+Scope::Scope(std::string name)
+{
+    scope_parts.push_back(std::move(name));
+    rebuild_scope_path();
+}
+Scope::~Scope()
+{
+    scope_parts.pop_back();
+    rebuild_scope_path();
+}
+std::string current_scope() { return scope_path ? *scope_path : std::string(); }
+
+Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region)
+{
+    Tensor whole = zeros(shape, part.dtype());
+    kernels::copy_into(region(whole), part);
+    return record("embed", {part}, whole, {}, [region](const BackwardContext& c) {
+        return std::vector<Tensor>{record_region("slice", c.grad(), region(c.grad()), region)};
+    });
 }
 
 Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region)
@@ -387,12 +536,12 @@ void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const
 
 Tensor Tensor::detach() const { return kernels::alias(*this); }
 
-void Tensor::backward(const Tensor& gradient, bool retain_graph) const
+void Tensor::backward(const Tensor& gradient, bool retain_graph, bool create_graph) const
 {
     const auto& node = node_of("backward", *this, "the tensor");
     check_this_thread("backward", *node);
     Tensor seed = seed_for("backward", *this, gradient);
-    Sweep sweep;
+    Sweep sweep(create_graph);
     sweep.add(node, seed);
     sweep.run(node->seq, retain_graph, /*accumulate=*/true);
     sweep.finish_leaves();
@@ -400,12 +549,13 @@ void Tensor::backward(const Tensor& gradient, bool retain_graph) const
 }
 
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
-                         const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused)
+                         const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
+                         bool create_graph)
 {
     LOOM_CHECK(!outputs.empty(), "grad", "expects at least one output");
     LOOM_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), "grad",
                "got {} grad_outputs for {} outputs", grad_outputs.size(), outputs.size());
-    Sweep sweep;
+    Sweep sweep(create_graph);
     std::uint64_t start = 0;
     for (std::size_t i = 0; i < outputs.size(); ++i) {
         const auto& node = node_of("grad", outputs[i], fmt::format("output {}", i));

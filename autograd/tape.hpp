@@ -32,10 +32,24 @@ private:
 
 // Gradients of `outputs` (scalars, or seeded by `grad_outputs`) with respect to `inputs`,
 // returned without touching any .grad(). An input the outputs do not depend on is an error
-// unless `allow_unused`, which returns an undefined tensor for it.
+// unless `allow_unused`, which returns an undefined tensor for it. With `create_graph` the
+// backward computation is itself recorded, so the gradients can be differentiated again
+// (Hessian-vector products, gradient penalties); the graph is then kept, as with retain_graph.
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
                          const std::vector<Tensor>& grad_outputs = {}, bool retain_graph = false,
-                         bool allow_unused = false);
+                         bool allow_unused = false, bool create_graph = false);
+
+// Sets grad mode while alive, restoring the previous mode after.
+class GradModeGuard {
+public:
+    explicit GradModeGuard(bool enabled) : previous_(grad_enabled()) { set_grad_enabled(enabled); }
+    ~GradModeGuard() { set_grad_enabled(previous_); }
+    GradModeGuard(const GradModeGuard&) = delete;
+    GradModeGuard& operator=(const GradModeGuard&) = delete;
+
+private:
+    bool previous_;
+};
 
 namespace autograd {
 
@@ -65,6 +79,8 @@ struct Node {
 struct Saved {
     Tensor value;  // a saved output is detached, so saving never keeps the entry's own output alive
     std::uint64_t version;
+    bool is_output = false;
+    std::weak_ptr<Node> output;  // a saved output's node, joined back when backward is recorded (create_graph)
 };
 
 // An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
@@ -77,6 +93,9 @@ struct BackwardContext {
     SmallVector<Tensor, 3> saved;  // in the order given to record()
     SmallVector<bool, 3> needs;    // per input: does it want a gradient?
     const InputNodes* inputs = nullptr;
+    // backward is being recorded (create_graph): it must compute with differentiable ops, or
+    // throw naming itself if it cannot.
+    bool create_graph = false;
     const Tensor& grad() const { return grads[0]; }
     // Shape of input k; known for every input that needs a gradient, so ops need not save it.
     const Shape& input_shape(std::size_t k) const { return (*inputs)[k]->shape; }
@@ -102,10 +121,16 @@ struct Entry {
     // costs time linear in its length instead of a full-size gradient per step.
     RegionFn region;
     bool released = false;
+    std::shared_ptr<const std::string> scope;  // the Scope it was recorded in; kept only in anomaly mode
 };
 
 // True when an op on these inputs must be recorded.
 bool should_record(std::span<const Tensor> inputs);
+
+// ---- anomaly mode ----
+bool anomaly_mode_enabled();
+// Checks one forward result of `op` for NaN or Inf (anomaly mode only); `seq` is its tape entry, 0 if unrecorded.
+void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t seq);
 
 // Appends one entry for `outputs = name(inputs)` and marks each output as requiring grad.
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
@@ -119,6 +144,8 @@ Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, s
 {
     if (should_record(inputs))
         push_entry(name, inputs, std::span<const Tensor>(&output, 1), saved, BackwardFn(std::forward<F>(backward)));
+    else if (anomaly_mode_enabled())
+        check_forward_anomaly(name, output, 0);
     return output;
 }
 template <class F>
@@ -132,8 +159,49 @@ Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor out
 // Records `output = region(input)` for an op that reads a part of its input (a view).
 Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region);
 
+// Zeros of `shape` with `part` written at region(zeros): the gradient of a region op, as a
+// differentiable op for recorded backward passes.
+Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region);
+
 // Number of entries on this thread's tape (live or released but not yet reclaimed).
 std::size_t tape_size();
+// This thread's entries in recording order, for tools that read the graph (to_dot, to_text).
+std::span<const Entry> tape_entries();
+
+// ---- anomaly mode and scopes ----
+
+// While alive, every forward result and every gradient an entry produces on this thread is
+// checked: the first NaN or Inf throws loom::Error naming the op, forward or backward, its tape
+// entry and the Scope it was recorded in. Off by default; nests. As libtorch's
+// torch::autograd::DetectAnomalyGuard.
+class DetectAnomalyGuard {
+public:
+    DetectAnomalyGuard();
+    ~DetectAnomalyGuard();
+    DetectAnomalyGuard(const DetectAnomalyGuard&) = delete;
+    DetectAnomalyGuard& operator=(const DetectAnomalyGuard&) = delete;
+};
+
+// Names the code running while alive ("decoder/step 17"); nested scopes join with '/'. Anomaly
+// errors and graph exports name the innermost scope an op was recorded in.
+class Scope {
+public:
+    explicit Scope(std::string name);
+    ~Scope();
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+};
+// The current scope path ("" outside any Scope).
+std::string current_scope();
+
+// ---- looking at the tape ----
+
+// What produced `root`, as Graphviz DOT: one node per tape entry (op name, output shape and
+// dtype) and one per leaf, named from `names` (e.g. module.named_parameters()) where given.
+std::string to_dot(const Tensor& root, const std::vector<std::pair<std::string, Tensor>>& names = {});
+// The same graph as text, one line per entry in recording order:
+// "#12 tanh -> [2, 4] float32 <- #11, weight_hh [4, 4]".
+std::string to_text(const Tensor& root, const std::vector<std::pair<std::string, Tensor>>& names = {});
 
 }  // namespace autograd
 }  // namespace loom

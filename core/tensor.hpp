@@ -105,7 +105,7 @@ public:
     // Calls hook(grad) when this tensor's gradient is computed; a defined result replaces it.
     void register_hook(std::function<Tensor(const Tensor&)> hook) const;
     // Sweeps the tape back from this tensor. A non-scalar needs `gradient` of its shape.
-    void backward(const Tensor& gradient = {}, bool retain_graph = false) const;
+    void backward(const Tensor& gradient = {}, bool retain_graph = false, bool create_graph = false) const;
     // Same values, cut off the tape.
     Tensor detach() const;
 

@@ -405,6 +405,9 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
 
     // ---- backpropagation through time, by hand ----
     auto backward = [=, on_grad_h = a.on_grad_h](const autograd::BackwardContext& ctx) {
+        LOOM_CHECK(!ctx.create_graph, K::name,
+                   "the fused layer cannot be differentiated twice (create_graph): its backward is hand-written "
+                   "BPTT, not recorded ops; build the layer with fused(false) for second derivatives");
         const Tensor dy = ctx.grads[0].defined() ? kernels::contiguous(ctx.grads[0]) : Tensor();
         State d_state;
         for (std::size_t k = 0; k < S; ++k)

@@ -138,6 +138,17 @@ TEST_CASE("gradcheck every differentiable op")
     }
 }
 
+TEST_CASE("second derivatives of every differentiable op (create_graph) against finite differences")
+{
+    for (const Case& c : cases()) {
+        Generator gen(7);
+        std::vector<Tensor> inputs;
+        for (const Shape& s : c.shapes) inputs.push_back(uniform(s, c.low, c.high, kFloat64, &gen).requires_grad_());
+        const GradcheckResult r = gradgradcheck(c.fn, inputs);
+        CHECK_MESSAGE(r.ok, std::string(c.name) << ": " << r.report());
+    }
+}
+
 TEST_CASE("gradcheck finds a wrong backward and reports the worst element")
 {
     // An op whose recorded backward is off by a factor 2 in its second element.

@@ -1,0 +1,141 @@
+// The tape as a graph: what produced a tensor, as Graphviz DOT or as a text listing.
+#include <algorithm>
+#include <map>
+#include <unordered_map>
+
+#include "tape.hpp"
+
+namespace loom::autograd {
+
+namespace {
+
+using Names = std::vector<std::pair<std::string, Tensor>>;
+
+// The entries and leaves that `root` depends on, in recording order (leaves first).
+struct Graph {
+    std::vector<const Entry*> entries;       // ascending seq
+    std::vector<const Node*> leaves;         // in the order first met
+    std::unordered_map<const Node*, std::string> leaf_names;
+
+    std::string leaf_label(const Node* n) const
+    {
+        auto it = leaf_names.find(n);
+        return it != leaf_names.end() ? it->second : fmt::format("leaf {}", std::find(leaves.begin(), leaves.end(), n) - leaves.begin());
+    }
+    // How an input appears: "#12" for an entry's output, a leaf's name otherwise.
+    std::string source(const Node* n) const { return n->seq ? fmt::format("#{}", n->seq) : leaf_label(n); }
+};
+
+const Entry& entry_of(std::string_view op, std::uint64_t seq)
+{
+    const auto entries = tape_entries();
+    auto it = std::lower_bound(entries.begin(), entries.end(), seq, [](const Entry& e, std::uint64_t s) { return e.seq < s; });
+    LOOM_CHECK(it != entries.end() && it->seq == seq, op,
+               "the tensor's history is not on this thread's tape (computed on another thread, or reclaimed)");
+    return *it;
+}
+
+Graph collect(std::string_view op, const Tensor& root, const Names& names)
+{
+    LOOM_CHECK(root.defined() && root.requires_grad(), op,
+               "the tensor has no history to show: it does not require grad (was it computed under NoGradGuard, or "
+               "from tensors without requires_grad_()?)");
+    Graph g;
+    for (const auto& [name, t] : names)
+        if (t.defined() && t.requires_grad()) g.leaf_names.emplace(t.impl().node.get(), name);
+    std::map<std::uint64_t, const Entry*> found;
+    std::vector<const Node*> todo{root.impl().node.get()};
+    std::unordered_map<const Node*, bool> seen;
+    while (!todo.empty()) {
+        const Node* n = todo.back();
+        todo.pop_back();
+        if (!seen.emplace(n, true).second) continue;
+        if (n->seq == 0) {
+            g.leaves.push_back(n);
+            continue;
+        }
+        const Entry& e = entry_of(op, n->seq);
+        LOOM_CHECK(!e.released, op,
+                   "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
+                   "or pass retain_graph=true",
+                   e.name, e.seq);
+        if (!found.emplace(e.seq, &e).second) continue;
+        for (const auto& input : e.inputs)
+            if (input) todo.push_back(input.get());
+    }
+    for (const auto& [seq, e] : found) g.entries.push_back(e);
+    return g;
+}
+
+// "[2, 4] float32", or one such per output, comma-separated.
+std::string outputs_of(const Entry& e)
+{
+    std::string out;
+    for (const auto& w : e.outputs) {
+        if (!out.empty()) out += ", ";
+        const auto node = w.lock();
+        out += node ? fmt::format("{} {}", node->shape, node->dtype) : std::string("(freed)");
+    }
+    return out;
+}
+
+std::string quoted(std::string_view s)
+{
+    std::string out = "\"";
+    for (char c : s) {
+        if (c == '"' || c == '\\') out += '\\';
+        out += c;
+    }
+    return out + "\"";
+}
+
+}  // namespace
+
+std::string to_dot(const Tensor& root, const Names& names)
+{
+    const Graph g = collect("to_dot", root, names);
+    std::string dot = "digraph loom {\n  rankdir=BT;\n  node [fontname=\"Helvetica\", fontsize=10];\n";
+    for (std::size_t i = 0; i < g.leaves.size(); ++i) {
+        const Node* n = g.leaves[i];
+        const bool named = g.leaf_names.count(n) > 0;
+        dot += fmt::format("  l{} [shape=box, style=filled, fillcolor={}, label={}];\n", i,
+                           named ? "\"#cfe8cf\"" : "\"#e8e8e8\"",
+                           quoted(fmt::format("{}\\n{} {}", g.leaf_label(n), n->shape, n->dtype)));
+    }
+    std::unordered_map<const Node*, std::size_t> leaf_index;
+    for (std::size_t i = 0; i < g.leaves.size(); ++i) leaf_index[g.leaves[i]] = i;
+    const std::uint64_t root_seq = root.impl().node->seq;
+    for (const Entry* e : g.entries) {
+        std::string label = fmt::format("{}\\n{}", e->name, outputs_of(*e));
+        if (e->scope) label += fmt::format("\\n({})", *e->scope);
+        dot += fmt::format("  e{} [shape=ellipse{}, label={}];\n", e->seq,
+                           e->seq == root_seq ? ", style=filled, fillcolor=\"#f4d6a0\"" : "", quoted(label));
+    }
+    for (const Entry* e : g.entries)
+        for (const auto& input : e->inputs) {
+            if (!input) continue;
+            const std::string from = input->seq ? fmt::format("e{}", input->seq) : fmt::format("l{}", leaf_index.at(input.get()));
+            dot += fmt::format("  {} -> e{};\n", from, e->seq);
+        }
+    return dot + "}\n";
+}
+
+std::string to_text(const Tensor& root, const Names& names)
+{
+    const Graph g = collect("to_text", root, names);
+    std::string text;
+    for (const Node* n : g.leaves) text += fmt::format("{}: leaf {} {}\n", g.leaf_label(n), n->shape, n->dtype);
+    for (const Entry* e : g.entries) {
+        std::string inputs;
+        for (const auto& input : e->inputs) {
+            if (!input) continue;
+            if (!inputs.empty()) inputs += ", ";
+            inputs += g.source(input.get());
+        }
+        text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, e->name, outputs_of(*e), inputs,
+                            e->scope ? fmt::format("  ({})", *e->scope) : std::string());
+    }
+    return text;
+}
+
+}  // namespace loom::autograd
