@@ -17,10 +17,12 @@ struct Graph {
     std::vector<const Node*> leaves;         // in the order first met
     std::unordered_map<const Node*, std::string> leaf_names;
 
+    std::unordered_map<const Node*, std::size_t> unnamed;  // numbers the leaves without a name: "leaf 0", ...
+
     std::string leaf_label(const Node* n) const
     {
         auto it = leaf_names.find(n);
-        return it != leaf_names.end() ? it->second : fmt::format("leaf {}", std::find(leaves.begin(), leaves.end(), n) - leaves.begin());
+        return it != leaf_names.end() ? it->second : fmt::format("leaf {}", unnamed.at(n));
     }
     // How an input appears: "#12" for an entry's output, a leaf's name otherwise.
     std::string source(const Node* n) const { return n->seq ? fmt::format("#{}", n->seq) : leaf_label(n); }
@@ -64,6 +66,18 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
             if (input) todo.push_back(input.get());
     }
     for (const auto& [seq, e] : found) g.entries.push_back(e);
+    // Named leaves in the order the user listed them, then the others in the order first met.
+    std::vector<const Node*> ordered;
+    for (const auto& [name, t] : names)
+        if (t.defined() && t.requires_grad() && std::find(g.leaves.begin(), g.leaves.end(), t.impl().node.get()) != g.leaves.end() &&
+            std::find(ordered.begin(), ordered.end(), t.impl().node.get()) == ordered.end())
+            ordered.push_back(t.impl().node.get());
+    for (const Node* n : g.leaves)
+        if (!g.leaf_names.count(n)) {
+            g.unnamed.emplace(n, g.unnamed.size());
+            ordered.push_back(n);
+        }
+    g.leaves = std::move(ordered);
     return g;
 }
 
@@ -83,6 +97,10 @@ std::string quoted(std::string_view s)
 {
     std::string out = "\"";
     for (char c : s) {
+        if (c == '\n') {
+            out += "\\n";
+            continue;
+        }
         if (c == '"' || c == '\\') out += '\\';
         out += c;
     }
@@ -100,14 +118,14 @@ std::string to_dot(const Tensor& root, const Names& names)
         const bool named = g.leaf_names.count(n) > 0;
         dot += fmt::format("  l{} [shape=box, style=filled, fillcolor={}, label={}];\n", i,
                            named ? "\"#cfe8cf\"" : "\"#e8e8e8\"",
-                           quoted(fmt::format("{}\\n{} {}", g.leaf_label(n), n->shape, n->dtype)));
+                           quoted(fmt::format("{}\n{} {}", g.leaf_label(n), n->shape, n->dtype)));
     }
     std::unordered_map<const Node*, std::size_t> leaf_index;
     for (std::size_t i = 0; i < g.leaves.size(); ++i) leaf_index[g.leaves[i]] = i;
     const std::uint64_t root_seq = root.impl().node->seq;
     for (const Entry* e : g.entries) {
-        std::string label = fmt::format("{}\\n{}", e->name, outputs_of(*e));
-        if (e->scope) label += fmt::format("\\n({})", *e->scope);
+        std::string label = fmt::format("{}\n{}", e->name, outputs_of(*e));
+        if (e->scope) label += fmt::format("\n({})", *e->scope);
         dot += fmt::format("  e{} [shape=ellipse{}, label={}];\n", e->seq,
                            e->seq == root_seq ? ", style=filled, fillcolor=\"#f4d6a0\"" : "", quoted(label));
     }

@@ -32,6 +32,9 @@ struct Tape {
 
 // Anomaly mode and the scope path; both thread-local like the tape.
 [[gnu::tls_model("initial-exec")]] thread_local int anomaly_guards = 0;
+// While a backward function runs, the ops it calls are not checked as forward ops: the sweep
+// checks what the entry returns and names the entry, not a helper op inside it.
+[[gnu::tls_model("initial-exec")]] thread_local int backward_depth = 0;
 thread_local std::vector<std::string> scope_parts;
 thread_local std::shared_ptr<const std::string> scope_path;  // null outside any Scope
 
@@ -269,6 +272,10 @@ struct Sweep {
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = e.inputs[k] != nullptr;
             std::vector<Tensor> input_grads;
+            struct InBackward {
+                InBackward() { ++backward_depth; }
+                ~InBackward() { --backward_depth; }
+            } in_backward;
             if (create_graph) {
                 autograd::BackwardFn backward = e.backward;  // a copy: the tape may move while it runs
                 input_grads = backward(ctx);
@@ -418,7 +425,7 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
     e.backward = std::move(backward);
     e.scope = scope_path;
     tape.entries.push_back(std::move(e));
-    if (anomaly_guards > 0)
+    if (anomaly_mode_enabled())
         for (const Tensor& out : outputs) check_forward_anomaly(name, out, tape.entries.back().seq);
 }
 
@@ -431,7 +438,7 @@ void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t s
          scope_phrase(scope_path), bad->second, bad->first, output.sizes());
 }
 
-bool anomaly_mode_enabled() { return anomaly_guards > 0; }
+bool anomaly_mode_enabled() { return anomaly_guards > 0 && backward_depth == 0; }
 
 DetectAnomalyGuard::DetectAnomalyGuard() { ++anomaly_guards; }
 DetectAnomalyGuard::~DetectAnomalyGuard() { --anomaly_guards; }
