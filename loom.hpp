@@ -6,6 +6,7 @@
 #include "core/error.hpp"
 #include "core/random.hpp"
 #include "core/tensor.hpp"
+#include "autograd/function.hpp"
 #include "autograd/gradcheck.hpp"
 #include "autograd/ops.hpp"
 #include "autograd/tape.hpp"

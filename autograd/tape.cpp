@@ -1,5 +1,7 @@
 #include "tape.hpp"
 
+#include "function.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -32,9 +34,9 @@ struct Tape {
 
 // Anomaly mode and the scope path; both thread-local like the tape.
 [[gnu::tls_model("initial-exec")]] thread_local int anomaly_guards = 0;
-// While a backward function runs, the ops it calls are not checked as forward ops: the sweep
-// checks what the entry returns and names the entry, not a helper op inside it.
-[[gnu::tls_model("initial-exec")]] thread_local int backward_depth = 0;
+// While a backward function or a custom op's forward runs, the ops it calls are not checked on
+// their own: what the op returns is checked, naming the op rather than a helper inside it.
+[[gnu::tls_model("initial-exec")]] thread_local int inner_depth = 0;
 thread_local std::vector<std::string> scope_parts;
 thread_local std::shared_ptr<const std::string> scope_path;  // null outside any Scope
 
@@ -272,10 +274,7 @@ struct Sweep {
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = e.inputs[k] != nullptr;
             std::vector<Tensor> input_grads;
-            struct InBackward {
-                InBackward() { ++backward_depth; }
-                ~InBackward() { --backward_depth; }
-            } in_backward;
+            const autograd::detail::InnerOps in_backward;
             if (create_graph) {
                 autograd::BackwardFn backward = e.backward;  // a copy: the tape may move while it runs
                 input_grads = backward(ctx);
@@ -438,7 +437,10 @@ void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t s
          scope_phrase(scope_path), bad->second, bad->first, output.sizes());
 }
 
-bool anomaly_mode_enabled() { return anomaly_guards > 0 && backward_depth == 0; }
+bool anomaly_mode_enabled() { return anomaly_guards > 0 && inner_depth == 0; }
+
+detail::InnerOps::InnerOps() { ++inner_depth; }
+detail::InnerOps::~InnerOps() { --inner_depth; }
 
 DetectAnomalyGuard::DetectAnomalyGuard() { ++anomaly_guards; }
 DetectAnomalyGuard::~DetectAnomalyGuard() { --anomaly_guards; }
@@ -467,6 +469,37 @@ Scope::~Scope()
     rebuild_scope_path();
 }
 std::string current_scope() { return scope_path ? *scope_path : std::string(); }
+
+namespace detail {
+
+void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs)
+{
+    LOOM_CHECK(!outputs.empty(), op, "forward returned no outputs");
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+        Tensor& o = outputs[k];
+        LOOM_CHECK(o.defined(), op, "forward returned an undefined tensor as output {}", k);
+        LOOM_CHECK(is_floating(o.dtype()), op,
+                   "forward returned output {} of dtype {}; a differentiable op's outputs are float32 or float64",
+                   k, o.dtype());
+        if (o.impl().node) o = o.detach();  // an input returned as is: the output is a new tensor of the same values
+    }
+}
+
+void check_custom_grads(const char* op, const std::vector<Tensor>& grads, const BackwardContext& c)
+{
+    LOOM_CHECK(grads.size() == c.needs.size(), op,
+               "backward returned {} gradients, expected {}: one per Tensor argument of forward (undefined for none)",
+               grads.size(), c.needs.size());
+    for (std::size_t k = 0; k < grads.size(); ++k) {
+        if (!grads[k].defined() || !c.needs[k]) continue;
+        LOOM_CHECK(grads[k].sizes() == c.input_shape(k) && grads[k].dtype() == c.input_dtype(k), op,
+                   "backward returned a gradient of shape {} and dtype {} for input {}, expected shape {} and dtype {} "
+                   "like the input",
+                   grads[k].sizes(), grads[k].dtype(), k, c.input_shape(k), c.input_dtype(k));
+    }
+}
+
+}  // namespace detail
 
 Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region)
 {

@@ -129,6 +129,16 @@ bool should_record(std::span<const Tensor> inputs);
 
 // ---- anomaly mode ----
 bool anomaly_mode_enabled();
+namespace detail {
+// While alive, the ops called are parts of another op (a backward function, a custom op's
+// forward): anomaly mode checks that op's results instead of theirs.
+struct InnerOps {
+    InnerOps();
+    ~InnerOps();
+    InnerOps(const InnerOps&) = delete;
+    InnerOps& operator=(const InnerOps&) = delete;
+};
+}  // namespace detail
 // Checks one forward result of `op` for NaN or Inf (anomaly mode only); `seq` is its tape entry, 0 if unrecorded.
 void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t seq);
 

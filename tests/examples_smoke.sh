@@ -31,6 +31,9 @@ check custom_cell "$(tail -n 1 custom_cell.out)" 1
 "$examples/extending" > extending.out  # exits non-zero unless its op gradchecks and its optimizer learns
 check extending "$(sed -n 2p extending.out)" 1
 
+"$examples/custom_op" > custom_op.out  # exits non-zero unless both ops check out (first and second order) and both fits work
+check custom_op "$(tail -n 1 custom_op.out)" 1
+
 "$examples/next_number" --epochs 300 > next_number.out
 first=$(sed -n 's/.*(first epoch \([0-9.]*\)).*/\1/p' next_number.out); last=$(sed -n 's/^train loss: \([0-9.]*\).*/\1/p' next_number.out)
 check next_number "train loss $first -> $last" "$(ratio_ok "$last" "$first" 0.05)"
