@@ -102,7 +102,7 @@ void Sequential::push_back(std::shared_ptr<Layer> layer)
 Tensor Sequential::forward(const Tensor& x)
 {
     Tensor y = x;
-    for (auto& layer : layers_) y = layer->forward(y);
+    for (auto& layer : layers_) y = (*layer)(y);  // through each layer's hooks
     return y;
 }
 

@@ -24,7 +24,11 @@ public:
     Embedding(std::int64_t num_embeddings, std::int64_t dim, std::optional<std::int64_t> padding_idx = std::nullopt,
               DType dtype = kFloat32);
     Tensor forward(const Tensor& indices);  // int64 [...] -> [..., dim]
-    Tensor operator()(const Tensor& indices) { return forward(indices); }
+    Tensor operator()(const Tensor& indices)
+    {
+        if (!has_hooks()) return forward(indices);
+        return call_with_hooks({indices}, [this](const Tensors& in) { return Tensors{forward(in[0])}; })[0];
+    }
     Tensor weight;
     std::int64_t num_embeddings, dim;
     std::optional<std::int64_t> padding_idx;

@@ -2,11 +2,193 @@
 
 #include <cxxabi.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <set>
 #include <typeinfo>
 
 namespace loom::nn {
+
+namespace detail {
+
+template <class Hook> struct HookList {
+    std::vector<std::pair<std::uint64_t, Hook>> items;
+    bool empty() const { return items.empty(); }
+};
+
+struct ModuleHooks {
+    Module* owner = nullptr;  // cleared when the module is destroyed: a pending backward then skips its hooks
+    std::uint64_t next_id = 1;
+    HookList<ForwardPreHook> pre;
+    HookList<ForwardHook> forward;
+    HookList<BackwardHook> backward;
+    bool empty() const { return pre.empty() && forward.empty() && backward.empty(); }
+    void remove(std::uint64_t id)
+    {
+        const auto drop = [id](auto& list) {
+            std::erase_if(list.items, [id](const auto& item) { return item.first == id; });
+        };
+        drop(pre);
+        drop(forward);
+        drop(backward);
+    }
+};
+
+}  // namespace detail
+
+void RemovableHandle::remove()
+{
+    if (auto hooks = hooks_.lock()) hooks->remove(id_);
+    hooks_.reset();
+}
+
+Module::~Module()
+{
+    if (hooks_) hooks_->owner = nullptr;
+}
+
+namespace {
+
+template <class Hook>
+RemovableHandle add_hook(std::shared_ptr<detail::ModuleHooks>& hooks, Module* owner,
+                         detail::HookList<Hook> detail::ModuleHooks::*list, Hook hook, const char* op)
+{
+    LOOM_CHECK(hook != nullptr, op, "the hook is empty");
+    if (!hooks) {
+        hooks = std::make_shared<detail::ModuleHooks>();
+        hooks->owner = owner;
+    }
+    const std::uint64_t id = hooks->next_id++;
+    ((*hooks).*list).items.emplace_back(id, std::move(hook));
+    return RemovableHandle(hooks, id);
+}
+
+// What the two identity entries around a hooked call share.
+struct BackwardHookCall {
+    std::shared_ptr<detail::ModuleHooks> hooks;
+    std::string module;                  // for errors
+    Tensors grad_outputs;
+    std::vector<std::size_t> positions;  // which inputs pass through the input entry
+    std::size_t input_count = 0;
+    std::vector<std::pair<Shape, DType>> input_types;
+
+    // Runs the backward hooks on grad_inputs (one per input of the call), checking what they leave.
+    void fire(Tensors& grad_inputs) const
+    {
+        Module* owner = hooks->owner;
+        if (!owner) return;
+        const auto list = hooks->backward.items;  // a copy: a hook may remove itself
+        for (const auto& [id, hook] : list) {
+            hook(*owner, grad_inputs, grad_outputs);
+            LOOM_CHECK(grad_inputs.size() == input_count, module,
+                       "a backward hook left {} input gradients, expected {} (one per input of the call)",
+                       grad_inputs.size(), input_count);
+            for (std::size_t k = 0; k < input_count; ++k) {
+                const auto at = std::find(positions.begin(), positions.end(), k);
+                if (at == positions.end()) {
+                    LOOM_CHECK(!grad_inputs[k].defined(), module,
+                               "a backward hook set a gradient for input {}, which does not require grad", k);
+                    continue;
+                }
+                const auto& [shape, dtype] = input_types[k];
+                LOOM_CHECK(!grad_inputs[k].defined() || (grad_inputs[k].sizes() == shape && grad_inputs[k].dtype() == dtype),
+                           module,
+                           "a backward hook returned a gradient of shape {} and dtype {} for input {}, expected shape "
+                           "{} and dtype {} like the input",
+                           grad_inputs[k].sizes(), grad_inputs[k].dtype(), k, shape, dtype);
+            }
+        }
+    }
+};
+
+// Puts `tensors` (those at `positions`) through one identity entry whose backward calls `on_grads`
+// with their gradients and returns what it leaves.
+void identity_entry(const char* name, Tensors& tensors, const std::vector<std::size_t>& positions,
+                    std::function<void(Tensors&)> on_grads)
+{
+    Tensors inputs, outputs;
+    for (std::size_t k : positions) {
+        inputs.push_back(tensors[k]);
+        outputs.push_back(tensors[k].detach());
+    }
+    autograd::push_entry(name, inputs, outputs, {}, [on_grads](const autograd::BackwardContext& c) {
+        Tensors grads(c.grads.begin(), c.grads.end());
+        on_grads(grads);
+        return grads;
+    });
+    for (std::size_t i = 0; i < positions.size(); ++i) tensors[positions[i]] = outputs[i];
+}
+
+}  // namespace
+
+RemovableHandle Module::register_forward_pre_hook(ForwardPreHook hook)
+{
+    return add_hook(hooks_, this, &detail::ModuleHooks::pre, std::move(hook), "register_forward_pre_hook");
+}
+RemovableHandle Module::register_forward_hook(ForwardHook hook)
+{
+    return add_hook(hooks_, this, &detail::ModuleHooks::forward, std::move(hook), "register_forward_hook");
+}
+RemovableHandle Module::register_full_backward_hook(BackwardHook hook)
+{
+    return add_hook(hooks_, this, &detail::ModuleHooks::backward, std::move(hook), "register_full_backward_hook");
+}
+
+bool Module::has_hooks() const { return hooks_ && !hooks_->empty(); }
+
+Tensors Module::call_with_hooks(Tensors inputs, const std::function<Tensors(const Tensors&)>& forward)
+{
+    if (!has_hooks()) return forward(inputs);
+    const std::shared_ptr<detail::ModuleHooks> hooks = hooks_;  // a hook may remove hooks while we run
+    const std::string name = type_name();
+    for (const auto& [id, hook] : std::vector(hooks->pre.items)) {
+        const std::size_t count = inputs.size();
+        hook(*this, inputs);
+        LOOM_CHECK(inputs.size() == count, name, "a forward pre-hook changed the number of inputs from {} to {}", count,
+                   inputs.size());
+    }
+    std::shared_ptr<BackwardHookCall> call;
+    if (!hooks->backward.empty() && grad_enabled()) {
+        call = std::make_shared<BackwardHookCall>();
+        call->hooks = hooks;
+        call->module = name;
+        call->input_count = inputs.size();
+        for (std::size_t k = 0; k < inputs.size(); ++k) {
+            call->input_types.emplace_back(inputs[k].defined() ? inputs[k].sizes() : Shape{},
+                                           inputs[k].defined() ? inputs[k].dtype() : kFloat32);
+            if (inputs[k].defined() && inputs[k].requires_grad()) call->positions.push_back(k);
+        }
+        if (!call->positions.empty())
+            identity_entry("backward hook (inputs)", inputs, call->positions, [call](Tensors& grads) {
+                Tensors grad_inputs(call->input_count);
+                for (std::size_t i = 0; i < call->positions.size(); ++i) grad_inputs[call->positions[i]] = grads[i];
+                call->fire(grad_inputs);
+                for (std::size_t i = 0; i < call->positions.size(); ++i) grads[i] = grad_inputs[call->positions[i]];
+            });
+    }
+    Tensors outputs = forward(inputs);
+    for (const auto& [id, hook] : std::vector(hooks->forward.items)) {
+        const std::size_t count = outputs.size();
+        hook(*this, inputs, outputs);
+        LOOM_CHECK(outputs.size() == count, name, "a forward hook changed the number of outputs from {} to {}", count,
+                   outputs.size());
+    }
+    if (call) {
+        std::vector<std::size_t> recorded;
+        for (std::size_t k = 0; k < outputs.size(); ++k)
+            if (outputs[k].defined() && outputs[k].requires_grad()) recorded.push_back(k);
+        if (!recorded.empty())
+            identity_entry("backward hook (outputs)", outputs, recorded, [call, recorded, n = outputs.size()](Tensors& grads) {
+                call->grad_outputs.assign(n, Tensor());
+                for (std::size_t i = 0; i < recorded.size(); ++i) call->grad_outputs[recorded[i]] = grads[i];
+                if (call->positions.empty()) {  // no input entry will fire them
+                    Tensors none(call->input_count);
+                    call->fire(none);
+                }
+            });
+    }
+    return outputs;
+}
 
 void Module::check_name(const std::string& name) const
 {

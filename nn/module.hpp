@@ -1,5 +1,6 @@
 // nn::Module: named parameters, buffers and child modules, as in PyTorch.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -12,10 +13,41 @@
 namespace loom::nn {
 
 using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+using Tensors = std::vector<Tensor>;
+
+class Module;
+
+// Hooks see a module's call as flat lists of tensors: a Layer's (x) -> (y), a Cell's
+// (x, state...) -> (state...), a recurrent layer's (input, lengths, initial...) ->
+// (output, final state...); an argument not given is an undefined tensor.
+// A pre-hook may replace inputs, a forward hook outputs (same count, any shape); a backward
+// hook gets the gradients w.r.t. the outputs (undefined where none arrived) and may replace
+// those w.r.t. the inputs that require grad (undefined where an input does not), each with
+// the input's shape and dtype.
+using ForwardPreHook = std::function<void(Module& module, Tensors& inputs)>;
+using ForwardHook = std::function<void(Module& module, const Tensors& inputs, Tensors& outputs)>;
+using BackwardHook = std::function<void(Module& module, Tensors& grad_inputs, const Tensors& grad_outputs)>;
+
+namespace detail {
+struct ModuleHooks;
+}
+
+// Returned by register_*_hook; remove() takes the hook off (again is a no-op; safe after the
+// module is gone).
+class RemovableHandle {
+public:
+    RemovableHandle() = default;
+    RemovableHandle(std::weak_ptr<detail::ModuleHooks> hooks, std::uint64_t id) : hooks_(std::move(hooks)), id_(id) {}
+    void remove();
+
+private:
+    std::weak_ptr<detail::ModuleHooks> hooks_;
+    std::uint64_t id_ = 0;
+};
 
 class Module {
 public:
-    virtual ~Module() = default;
+    virtual ~Module();
     Module() = default;
     Module(const Module&) = delete;
     Module& operator=(const Module&) = delete;
@@ -49,7 +81,18 @@ public:
     // The type shown by summary(): the class name without its namespace.
     virtual std::string type_name() const;
 
+    // Hooks run by the module's call operator (not by calling forward() directly), in
+    // registration order; as PyTorch's register_forward_pre_hook, register_forward_hook and
+    // register_full_backward_hook.
+    RemovableHandle register_forward_pre_hook(ForwardPreHook hook);
+    RemovableHandle register_forward_hook(ForwardHook hook);
+    RemovableHandle register_full_backward_hook(BackwardHook hook);
+
 protected:
+    // Runs `forward` on `inputs` through this module's hooks; straight through when it has none.
+    Tensors call_with_hooks(Tensors inputs, const std::function<Tensors(const Tensors&)>& forward);
+    bool has_hooks() const;
+
     Tensor register_parameter(std::string name, Tensor value, bool requires_grad = true);
     Tensor register_buffer(std::string name, Tensor value);
     template <class M> std::shared_ptr<M> register_module(std::string name, std::shared_ptr<M> module)
@@ -66,13 +109,18 @@ private:
     NamedTensors parameters_, buffers_;
     std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
     bool training_ = true;
+    std::shared_ptr<detail::ModuleHooks> hooks_;  // null until a hook is registered
 };
 
 // A module that maps one tensor to one tensor; what Sequential chains.
 class Layer : public Module {
 public:
     virtual Tensor forward(const Tensor& x) = 0;
-    Tensor operator()(const Tensor& x) { return forward(x); }
+    Tensor operator()(const Tensor& x)
+    {
+        if (!has_hooks()) return forward(x);
+        return call_with_hooks({x}, [this](const Tensors& in) { return Tensors{forward(in[0])}; })[0];
+    }
 };
 
 }  // namespace loom::nn

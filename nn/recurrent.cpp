@@ -282,6 +282,30 @@ const LayerWeights& RecurrentLayer::weights(std::int64_t layer, std::int64_t dir
     return weights_[static_cast<std::size_t>(layer * D + direction)];
 }
 
+Tensors detail::recurrent_call_inputs(const Tensor& input, const State& initial, const Tensor& lengths)
+{
+    Tensors inputs{input, lengths};
+    inputs.insert(inputs.end(), initial.begin(), initial.end());
+    return inputs;
+}
+
+RecurrentOutput detail::recurrent_call_output(Tensors outputs)
+{
+    return RecurrentOutput{outputs.at(0), State(outputs.begin() + 1, outputs.end())};
+}
+
+RecurrentOutput RecurrentLayer::operator()(const Tensor& input, const State& initial, const Tensor& lengths)
+{
+    if (!has_hooks()) return forward(input, initial, lengths);
+    return detail::recurrent_call_output(
+        call_with_hooks(detail::recurrent_call_inputs(input, initial, lengths), [this](const Tensors& in) {
+            RecurrentOutput r = forward(in[0], State(in.begin() + 2, in.end()), in[1]);
+            Tensors out{r.output};
+            out.insert(out.end(), r.state.begin(), r.state.end());
+            return out;
+        }));
+}
+
 RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initial, const Tensor& lengths)
 {
     const std::string name = type_name();

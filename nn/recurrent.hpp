@@ -51,6 +51,12 @@ struct RecurrentOutput {
     const Tensor& c_n() const { return state.at(1); }
 };
 
+namespace detail {
+// A recurrent module's call as hooks see it: (input, lengths, initial...) -> (output, state...).
+Tensors recurrent_call_inputs(const Tensor& input, const State& initial, const Tensor& lengths);
+RecurrentOutput recurrent_call_output(Tensors outputs);
+}  // namespace detail
+
 // ---- cells ----
 
 // Maps (x [B, I], state) to the next state. Subclass it to define a new architecture.
@@ -58,7 +64,16 @@ class Cell : public Module {
 public:
     Cell(std::int64_t input_size, std::int64_t hidden_size, std::size_t state_size = 1);
     virtual State forward(const Tensor& x, const State& state) = 0;
-    State operator()(const Tensor& x, const State& state) { return forward(x, state); }
+    // Hooks see (x, state...) -> (state...).
+    State operator()(const Tensor& x, const State& state)
+    {
+        if (!has_hooks()) return forward(x, state);
+        Tensors inputs{x};
+        inputs.insert(inputs.end(), state.begin(), state.end());
+        return call_with_hooks(std::move(inputs), [this](const Tensors& in) {
+            return forward(in[0], State(in.begin() + 1, in.end()));
+        });
+    }
     // The zero state for a batch of B.
     State initial_state(std::int64_t batch, DType dtype) const;
     std::int64_t input_size, hidden_size;
@@ -148,7 +163,14 @@ public:
     }
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
     {
-        return forward(input, initial, lengths);
+        if (!has_hooks()) return forward(input, initial, lengths);
+        return detail::recurrent_call_output(call_with_hooks(
+            detail::recurrent_call_inputs(input, initial, lengths), [this](const Tensors& in) {
+                RecurrentOutput r = forward(in[0], State(in.begin() + 2, in.end()), in[1]);
+                Tensors out{r.output};
+                out.insert(out.end(), r.state.begin(), r.state.end());
+                return out;
+            }));
     }
     CellT& cell(std::int64_t layer, std::int64_t direction = 0)
     {
@@ -182,10 +204,7 @@ public:
     // input [T, B, I] ([B, T, I] with batch_first); initial: h0 (and c0) [L*D, B, H], or none for
     // zeros; lengths: int64 [B] or none.
     RecurrentOutput forward(const Tensor& input, const State& initial = {}, const Tensor& lengths = {});
-    RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
-    {
-        return forward(input, initial, lengths);
-    }
+    RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {});
     std::string type_name() const override;
     // Called during backward with dL/dh_t [T, B, H] of every step of each layer and direction:
     // the gradient that flows into each hidden state (the picture of vanishing and exploding
