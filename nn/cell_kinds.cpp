@@ -117,6 +117,7 @@ template <class T> struct StepGradRow {
     T* d_state[2];      // in: dL/d(state leaving the step); out: dL/d(state entering it), but for the W_hh path
     T* dx;              // out: dL/d(input projection), [G*H]
     T* dh;              // out: dL/d(hidden projection), [G*H]; the same as dx unless separate_hidden_grad
+    T* grad_c;          // out, LSTM only, when asked: dL/dc of the state leaving the step (through h and the next step)
 };
 
 // h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)  (or relu)
@@ -174,6 +175,12 @@ struct LSTMKind {
     }
     template <class T> static void step_backward(const StepGradRow<T>& r, std::int64_t H, Nonlinearity)
     {
+        // Two instances rather than a test in the loop, which would stop it vectorising.
+        if (r.grad_c) step_backward_rows<true>(r, H);
+        else step_backward_rows<false>(r, H);
+    }
+    template <bool KeepGradC, class T> static void step_backward_rows(const StepGradRow<T>& r, std::int64_t H)
+    {
         const T* g = r.saved;
 #pragma GCC ivdep
         for (std::int64_t j = 0; j < H; ++j) {
@@ -184,6 +191,7 @@ struct LSTMKind {
             r.dx[H + j] = dc * r.state[1][j] * f * (1 - f);
             r.dx[2 * H + j] = dc * i * (1 - gg * gg);
             r.dx[3 * H + j] = dh * tc * o * (1 - o);
+            if constexpr (KeepGradC) r.grad_c[j] = dc;
             r.d_state[1][j] = dc * f;
             r.d_state[0][j] = 0;
         }
@@ -257,6 +265,7 @@ template <class T, class K> struct FusedLayer {
     std::vector<std::int64_t> lengths;
     bool reverse;
     Nonlinearity nl;
+    T* step_states[2] = {nullptr, nullptr};  // when set, forward writes every step's state here, [T, B, H] each
 
     bool active(std::int64_t t, std::int64_t b) const { return lengths.empty() || t < lengths[b]; }
     std::int64_t first_time(std::int64_t s0, std::int64_t s1) const { return reverse ? steps - s1 : s0; }
@@ -291,9 +300,12 @@ template <class T, class K> struct FusedLayer {
                                      {next + b * H, S > 1 ? next + BH + b * H : nullptr},
                                      saved + ((keep_saved ? u * B : 0) + b) * SH};
                 K::step(row, H, nl);
-                if (!active(t, b)) continue;  // past its length a sequence keeps its state and outputs zero
-                for (std::size_t k = 0; k < S; ++k) std::copy_n(row.next[k], H, state[k] + b * H);
-                if (y) std::copy_n(row.next[0], H, y + t * BH + b * H);
+                if (active(t, b)) {  // past its length a sequence keeps its state and outputs zero
+                    for (std::size_t k = 0; k < S; ++k) std::copy_n(row.next[k], H, state[k] + b * H);
+                    if (y) std::copy_n(row.next[0], H, y + t * BH + b * H);
+                }
+                if (step_states[0])
+                    for (std::size_t k = 0; k < S; ++k) std::copy_n(state[k] + b * H, H, step_states[k] + t * BH + b * H);
             }
         }
     }
@@ -302,7 +314,8 @@ template <class T, class K> struct FusedLayer {
     // entering states, and adds the segment's share of every gradient.
     struct Grads {
         const T* dy;
-        T* grad_h;
+        T* grad_h;  // when asked: dL/dh_t [T, B, H]
+        T* grad_c;  // when asked (LSTM): dL/dc_t [T, B, H]
         T* d_state[2];
         T *dx, *dw_ih, *dw_hh, *db_ih, *db_hh;
     };
@@ -325,7 +338,8 @@ template <class T, class K> struct FusedLayer {
                                          {entering + u * BH + b * H, S > 1 ? entering + (n + u) * BH + b * H : nullptr},
                                          {dh, S > 1 ? g.d_state[1] + b * H : nullptr},
                                          dgx + (u * B + b) * GH,
-                                         dgh + (u * B + b) * GH};
+                                         dgh + (u * B + b) * GH,
+                                         g.grad_c ? g.grad_c + t * BH + b * H : nullptr};
                 K::step_backward(row, H, nl);
             }
             if (w_hh_t.defined()) small_gemm<T>(B, H, GH, dgh + u * B * GH, p_w_hh, through);  // through W_hh
@@ -382,6 +396,13 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
     for (std::size_t k = 0; k < S; ++k)
         state.push_back(k < a.initial.size() ? kernels::clone(a.initial[k]) : zeros({B, H}, dt));
     T* p_state[2] = {state[0].data_ptr<T>(), S > 1 ? state[1].data_ptr<T>() : nullptr};
+    State all_states;  // every step's state, when asked
+    if (a.all_states) {
+        for (std::size_t k = 0; k < S; ++k) {
+            all_states.push_back(zeros({steps, B, H}, dt));
+            L.step_states[k] = all_states.back().data_ptr<T>();
+        }
+    }
 
     // Kept for backward: every step's input projection, saved values and entering state; or,
     // checkpointing, the state entering each segment. Under no grad, nothing.
@@ -400,11 +421,12 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
                   next.data_ptr<T>(), gh.data_ptr<T>(), y.data_ptr<T>());
     }
 
-    RecurrentOutput result{y, state};
+    L.step_states[0] = L.step_states[1] = nullptr;  // a checkpointed backward reruns forward: not into these
+    RecurrentOutput result{y, state, all_states};
     if (!record) return result;
 
     // ---- backpropagation through time, by hand ----
-    auto backward = [=, on_grad_h = a.on_grad_h](const autograd::BackwardContext& ctx) {
+    auto backward = [=, on_state_grads = a.on_state_grads](const autograd::BackwardContext& ctx) {
         LOOM_CHECK(!ctx.create_graph, K::name,
                    "the fused layer cannot be differentiated twice (create_graph): its backward is hand-written "
                    "BPTT, not recorded ops; build the layer with fused(false) for second derivatives");
@@ -415,7 +437,8 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
         const std::int64_t rows = std::min(segment, steps);
         Tensor dgx = empty({rows, B, GH}, dt);
         Tensor dgh = K::separate_hidden_grad ? empty({rows, B, GH}, dt) : dgx;
-        Tensor grad_h = on_grad_h ? zeros({steps, B, H}, dt) : Tensor();
+        Tensor grad_h = on_state_grads ? zeros({steps, B, H}, dt) : Tensor();
+        Tensor grad_c = on_state_grads && S > 1 ? zeros({steps, B, H}, dt) : Tensor();
         Tensor through_w_hh = empty({B, H}, dt);
         std::vector<Tensor> grads(7);
         if (ctx.needs[0]) grads[0] = empty({steps, B, L.I}, dt);
@@ -424,7 +447,7 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
         if (ctx.needs[3]) grads[3] = zeros({GH}, dt);
         if (ctx.needs[4]) grads[4] = zeros({GH}, dt);
         const typename FusedLayer<T, K>::Grads g{
-            ptr_or_null<T>(dy), ptr_or_null<T>(grad_h),
+            ptr_or_null<T>(dy), ptr_or_null<T>(grad_h), ptr_or_null<T>(grad_c),
             {d_state[0].data_ptr<T>(), S > 1 ? d_state[1].data_ptr<T>() : nullptr},
             ptr_or_null<T>(grads[0]), ptr_or_null<T>(grads[1]), ptr_or_null<T>(grads[2]), ptr_or_null<T>(grads[3]),
             ptr_or_null<T>(grads[4])};
@@ -448,7 +471,7 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
                            dgh.data_ptr<T>(), through_w_hh.data_ptr<T>(), g);
             }
         }
-        if (on_grad_h) on_grad_h(grad_h);
+        if (on_state_grads) on_state_grads(S > 1 ? State{grad_h, grad_c} : State{grad_h});
         for (std::size_t k = 0; k < S; ++k)
             if (ctx.needs[5 + k]) grads[5 + k] = d_state[k];
         return grads;

@@ -17,10 +17,12 @@ struct FusedArgs {
     const std::vector<std::int64_t>& lengths;  // per sequence, or empty: all T steps
     bool reverse;                              // run from the last step
     Nonlinearity nonlinearity;                 // RNN only
-    // If set, receives dL/dh_t [T, B, H] of every step during backward.
-    std::function<void(const Tensor&)> on_grad_h;
+    // If set, receives dL/dh_t [T, B, H] of every step during backward (and dL/dc_t for an LSTM).
+    std::function<void(const State&)> on_state_grads;
     // > 0: keep only the state entering every this many steps and recompute the rest in backward.
     std::int64_t checkpoint = 0;
+    // Return every step's state, [T, B, H] each, in RecurrentOutput::all_states.
+    bool all_states = false;
 };
 
 struct CellKindRow {

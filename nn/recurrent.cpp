@@ -160,7 +160,7 @@ RecurrentOutput run_stack(const RecurrentOptions& o, std::size_t state_size, con
                           bool training, Generator* dropout_gen, RunDirection&& run_direction)
 {
     const std::int64_t D = o.bidirectional() ? 2 : 1;
-    std::vector<std::vector<Tensor>> finals(state_size);
+    std::vector<std::vector<Tensor>> finals(state_size), all(state_size);
     Tensor layer_input = x;
     for (std::int64_t l = 0; l < o.num_layers(); ++l) {
         std::vector<Tensor> direction_outputs;
@@ -170,6 +170,7 @@ RecurrentOutput run_stack(const RecurrentOptions& o, std::size_t state_size, con
             RecurrentOutput r = run_direction(l, d, layer_input, s0);
             direction_outputs.push_back(r.output);
             for (std::size_t k = 0; k < state_size; ++k) finals[k].push_back(r.state[k]);
+            for (std::size_t k = 0; k < r.all_states.size(); ++k) all[k].push_back(r.all_states[k]);
         }
         layer_input = D == 1 ? direction_outputs[0] : concat(direction_outputs, 2);
         if (l + 1 < o.num_layers() && training && o.dropout() > 0)
@@ -178,6 +179,10 @@ RecurrentOutput run_stack(const RecurrentOptions& o, std::size_t state_size, con
     RecurrentOutput result;
     result.output = o.batch_first() ? layer_input.transpose(0, 1) : layer_input;
     for (auto& f : finals) result.state.push_back(stack(f, 0));
+    if (o.all_states()) {
+        NoGradGuard no_grad;
+        for (auto& a : all) result.all_states.push_back(stack(a, 0));
+    }
     return result;
 }
 
@@ -186,12 +191,14 @@ RecurrentOutput run_stack(const RecurrentOptions& o, std::size_t state_size, con
 // returns is checked, so a cell that changes the batch or the width is named at once.
 template <class Step>
 RecurrentOutput run_steps(const std::string& op, std::int64_t layer, std::int64_t direction, std::size_t state_size,
-                          std::int64_t hidden, const Tensor& x, const State& s0, const Lengths& lens, Step&& step)
+                          std::int64_t hidden, const Tensor& x, const State& s0, const Lengths& lens, bool all_states,
+                          Step&& step)
 {
     const std::int64_t T = x.size(0), B = x.size(1);
     State s = s0.empty() ? State(state_size, zeros({B, hidden}, x.dtype())) : s0;
     const Tensor no_output = zeros({1}, x.dtype());
     std::vector<Tensor> outputs(static_cast<std::size_t>(T));
+    std::vector<std::vector<Tensor>> steps(all_states ? state_size : 0, std::vector<Tensor>(static_cast<std::size_t>(T)));
     for (std::int64_t i = 0; i < T; ++i) {
         const std::int64_t t = direction == 0 ? i : T - 1 - i;
         State next = step(x.select(0, t), s);
@@ -211,8 +218,11 @@ RecurrentOutput run_steps(const std::string& op, std::int64_t layer, std::int64_
             outputs[t] = where(lens.masks[t], next[0], no_output);
             for (std::size_t k = 0; k < state_size; ++k) s[k] = where(lens.masks[t], next[k], s[k]);
         }
+        for (std::size_t k = 0; k < steps.size(); ++k) steps[k][t] = s[k].detach();
     }
-    return RecurrentOutput{stack(outputs, 0), s};
+    RecurrentOutput result{stack(outputs, 0), s};
+    for (auto& per_step : steps) result.all_states.push_back(stack(per_step, 0));
+    return result;
 }
 
 }  // namespace
@@ -240,8 +250,35 @@ RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& opt
     return run_stack(options, state_size, p.x, initial, training, dropout_gen,
                      [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
                          return run_steps(op, l, d, state_size, options.hidden_size(), x, s0, p.lengths,
+                                          options.all_states(),
                                           [&](const Tensor& x_t, const State& s) { return step(l, d, x_t, s); });
                      });
+}
+
+const Tensor& RecurrentOutput::all_h() const
+{
+    LOOM_CHECK(!all_states.empty(), "RecurrentOutput::all_h",
+               "this output has no per-step states: build the layer with RecurrentOptions::all_states(true)");
+    return all_states[0];
+}
+
+const Tensor& RecurrentOutput::all_c() const
+{
+    LOOM_CHECK(!all_states.empty(), "RecurrentOutput::all_c",
+               "this output has no per-step states: build the layer with RecurrentOptions::all_states(true)");
+    LOOM_CHECK(all_states.size() > 1, "RecurrentOutput::all_c",
+               "this layer's state is h alone (an RNN or GRU); only an LSTM has a cell state c");
+    return all_states[1];
+}
+
+Tensor step_norms(const Tensor& per_step)
+{
+    LOOM_CHECK(per_step.defined() && per_step.dim() >= 1 && is_floating(per_step.dtype()), "step_norms",
+               "expects a float tensor [T, ...] of per-step values, got {}",
+               per_step.defined() ? fmt::format("shape {} and dtype {}", per_step.sizes(), per_step.dtype())
+                                  : std::string("an undefined tensor"));
+    NoGradGuard no_grad;
+    return per_step.reshape({per_step.size(0), -1}).norm(2, {1});
 }
 
 // ---- built-in layers ----
@@ -313,8 +350,9 @@ RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initia
     const DType weight_dtype = weights_.at(0).w_ih.dtype();  // follows Module::to, unlike options.dtype()
     LOOM_CHECK(input.dtype() == weight_dtype, name, "input has dtype {}, the layer's weights {}", input.dtype(),
                weight_dtype);
-    LOOM_CHECK(options.fused() || !hidden_gradient_hook, name,
-               "hidden_gradient_hook needs the fused layer (fused(true))");
+    LOOM_CHECK(options.fused() || !state_gradient_hook, name,
+               "state_gradient_hook needs the fused layer (fused(true)); with fused(false), register_hook on the "
+               "states of a cell loop instead");
     LOOM_CHECK(options.fused() || !options.checkpoint(), name, "checkpoint needs the fused layer (fused(true))");
     const Prepared p = prepare(name, options, row.state_size, input, initial, lengths);
     const Nonlinearity nl = options.nonlinearity();
@@ -322,20 +360,21 @@ RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initia
                      [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
                          const LayerWeights& w = weights(l, d);
                          if (options.fused()) {
-                             std::function<void(const Tensor&)> on_grad_h;
-                             if (hidden_gradient_hook)
-                                 on_grad_h = [hook = hidden_gradient_hook, l, d](const Tensor& g) { hook(l, d, g); };
+                             std::function<void(const State&)> on_state_grads;
+                             if (state_gradient_hook)
+                                 on_state_grads = [hook = state_gradient_hook, l, d](const State& g) { hook(l, d, g); };
                              const std::int64_t T = x.size(0);
                              const std::int64_t every =
                                  !options.checkpoint()           ? 0
                                  : options.checkpoint_every() > 0 ? options.checkpoint_every()
                                                                   : std::int64_t(std::ceil(std::sqrt(double(T))));
-                             return row.fused({x, w, s0, p.lengths.values, d == 1, nl, on_grad_h, every});
+                             return row.fused(
+                                 {x, w, s0, p.lengths.values, d == 1, nl, on_state_grads, every, options.all_states()});
                          }
                          // The input projection of every step at once, then the equations step by step.
                          const Tensor gx = detail::input_projection(x, w.w_ih, w.b_ih);
                          return run_steps(name, l, d, row.state_size, options.hidden_size(), gx, s0, p.lengths,
-                                          [&](const Tensor& gx_t, const State& s) {
+                                          options.all_states(), [&](const Tensor& gx_t, const State& s) {
                                               return row.composed_step(gx_t, s, w, nl);
                                           });
                      });

@@ -37,6 +37,9 @@ public:
     // checkpoint_every, or ceil(sqrt(T)) when that is 0.
     LOOM_OPTION(bool, checkpoint, false)
     LOOM_OPTION(std::int64_t, checkpoint_every, 0)
+    // Also return every step's state of every layer and direction (RecurrentOutput::all_h,
+    // all_c): values to look at, off the tape. Off by default; nothing is copied when off.
+    LOOM_OPTION(bool, all_states, false)
 };
 using RNNOptions = RecurrentOptions;
 using LSTMOptions = RecurrentOptions;
@@ -47,9 +50,18 @@ using GRUOptions = RecurrentOptions;
 struct RecurrentOutput {
     Tensor output;
     State state;
+    // With RecurrentOptions::all_states: h (and c) of every step, [L*D, T, B, H] each, time-major
+    // whatever batch_first says. Past a sequence's length its state stays at its last step's.
+    State all_states;
     const Tensor& h_n() const { return state.at(0); }
     const Tensor& c_n() const { return state.at(1); }
+    const Tensor& all_h() const;
+    const Tensor& all_c() const;  // LSTM only
 };
+
+// The norm of each step of a per-step tensor [T, ...] (dL/dh_t from state_gradient_hook, or
+// all_h()[k]): [T], the curve of vanishing and exploding gradients in one line.
+Tensor step_norms(const Tensor& per_step);
 
 namespace detail {
 // A recurrent module's call as hooks see it: (input, lengths, initial...) -> (output, state...).
@@ -206,10 +218,10 @@ public:
     RecurrentOutput forward(const Tensor& input, const State& initial = {}, const Tensor& lengths = {});
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {});
     std::string type_name() const override;
-    // Called during backward with dL/dh_t [T, B, H] of every step of each layer and direction:
-    // the gradient that flows into each hidden state (the picture of vanishing and exploding
-    // gradients), at no cost to the fused path.
-    std::function<void(std::int64_t layer, std::int64_t direction, const Tensor& grad_h)> hidden_gradient_hook;
+    // Called during backward, for each layer and direction, with the gradient that flows into
+    // every step's state: {dL/dh_t} ({dL/dh_t, dL/dc_t} for an LSTM), [T, B, H] each, time-major
+    // (the picture of vanishing and exploding gradients). Fused layers only; costs nothing unset.
+    std::function<void(std::int64_t layer, std::int64_t direction, const State& grads)> state_gradient_hook;
     const LayerWeights& weights(std::int64_t layer, std::int64_t direction) const;
     CellKind kind;
     RecurrentOptions options;

@@ -16,7 +16,7 @@ struct Run {
     Tensor output, input_grad;
     State state;
     NamedTensorMap grads;
-    std::vector<Tensor> grad_h;  // dL/dh_t per layer and direction, from hidden_gradient_hook
+    std::vector<Tensor> grad_h;  // dL/dh_t (and dL/dc_t) per layer and direction, from state_gradient_hook
 };
 
 Run run(nn::CellKind kind, nn::RecurrentOptions options, const NamedTensorMap& weights, const Tensor& x,
@@ -26,7 +26,9 @@ Run run(nn::CellKind kind, nn::RecurrentOptions options, const NamedTensorMap& w
     layer.load_state_dict(weights);
     Run r;
     if (options.fused())  // the hook is the fused layer's
-        layer.hidden_gradient_hook = [&](std::int64_t, std::int64_t, const Tensor& g) { r.grad_h.push_back(g); };
+        layer.state_gradient_hook = [&](std::int64_t, std::int64_t, const State& g) {
+            r.grad_h.insert(r.grad_h.end(), g.begin(), g.end());
+        };
     const Tensor input = x.detach().requires_grad_();
     const auto out = layer(input, {}, lengths);
     // A loss that reads every output and the final states, with weights that differ per element.

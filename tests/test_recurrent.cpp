@@ -177,39 +177,101 @@ TEST_CASE("a fused layer records one tape entry per layer and direction, whateve
     CHECK(autograd::tape_size() - before > 1000);
 }
 
-TEST_CASE("the hidden-gradient hook hands over dL/dh_t of every step")
+TEST_CASE("the fused LSTM hands over dL/dh_t and dL/dc_t of every step and layer, as the cell-by-cell path has them")
 {
     Generator gen(9);
     const std::int64_t T = 5, B = 2, I = 3, H = 4;
-    nn::LSTM lstm(nn::LSTMOptions(I, H).dtype(kFloat64));
-    std::vector<Tensor> seen;
-    lstm.hidden_gradient_hook = [&](std::int64_t layer, std::int64_t direction, const Tensor& g) {
-        CHECK(layer == 0);
+    nn::LSTM lstm(nn::LSTMOptions(I, H).num_layers(2).dtype(kFloat64));
+    std::vector<nn::State> seen(2);
+    lstm.state_gradient_hook = [&](std::int64_t layer, std::int64_t direction, const nn::State& g) {
         CHECK(direction == 0);
-        seen.push_back(g);
+        seen.at(layer) = g;
     };
     const Tensor x = randn({T, B, I}, kFloat64, &gen), g = randn({T, B, H}, kFloat64, &gen);
-    (lstm(x).output * g).sum().backward();
-    REQUIRE(seen.size() == 1);
-    CHECK(seen[0].sizes() == Shape{T, B, H});
-
-    // The same gradients by hand: the cell unrolled step by step, each h_t retaining its gradient.
-    nn::LSTMCell cell(I, H, true, kFloat64);
-    cell.load_state_dict({{"weight_ih", lstm.weights(0, 0).w_ih}, {"weight_hh", lstm.weights(0, 0).w_hh},
-                          {"bias_ih", lstm.weights(0, 0).b_ih}, {"bias_hh", lstm.weights(0, 0).b_hh}});
-    nn::State s = cell.initial_state(B, kFloat64);
-    std::vector<Tensor> hs;
-    for (std::int64_t t = 0; t < T; ++t) {
-        s = cell(x.select(0, t), s);
-        s[0].retain_grad();
-        hs.push_back(s[0]);
+    const auto out = lstm(x);
+    (out.output * g).sum().backward();
+    for (const auto& grads : seen) {
+        REQUIRE(grads.size() == 2);
+        CHECK(grads[0].sizes() == Shape{T, B, H});
+        CHECK(grads[1].sizes() == Shape{T, B, H});
     }
-    (stack(hs, 0) * g).sum().backward();
-    for (std::int64_t t = 0; t < T; ++t) CHECK(close_tensors(seen[0].select(0, t), hs[t].grad(), 1e-12));
+
+    // The same gradients by hand: two cells unrolled step by step, each h_t and c_t retaining its gradient.
+    std::vector<std::shared_ptr<nn::LSTMCell>> cells;
+    for (std::int64_t l = 0; l < 2; ++l) {
+        const auto& w = lstm.weights(l, 0);
+        cells.push_back(std::make_shared<nn::LSTMCell>(l == 0 ? I : H, H, true, kFloat64));
+        cells[l]->load_state_dict({{"weight_ih", w.w_ih}, {"weight_hh", w.w_hh}, {"bias_ih", w.b_ih}, {"bias_hh", w.b_hh}});
+    }
+    std::vector<std::vector<Tensor>> hs(2), cs(2);
+    std::vector<nn::State> s = {cells[0]->initial_state(B, kFloat64), cells[1]->initial_state(B, kFloat64)};
+    for (std::int64_t t = 0; t < T; ++t) {
+        Tensor input = x.select(0, t);
+        for (std::size_t l = 0; l < 2; ++l) {
+            s[l] = (*cells[l])(input, s[l]);
+            s[l][0].retain_grad();
+            s[l][1].retain_grad();
+            hs[l].push_back(s[l][0]);
+            cs[l].push_back(s[l][1]);
+            input = s[l][0];
+        }
+    }
+    (stack(hs[1], 0) * g).sum().backward();
+    for (std::size_t l = 0; l < 2; ++l)
+        for (std::int64_t t = 0; t < T; ++t) {
+            CHECK(close_tensors(seen[l][0].select(0, t), hs[l][t].grad(), 1e-12));
+            CHECK(close_tensors(seen[l][1].select(0, t), cs[l][t].grad(), 1e-12));
+        }
+    // One line for the curve: the norm of dL/dh_t at every step.
+    const Tensor curve = nn::step_norms(seen[0][0]);
+    CHECK(curve.sizes() == Shape{T});
+    for (std::int64_t t = 0; t < T; ++t) CHECK(std::abs(curve.select(0, t).item<double>() - hs[0][t].grad().norm().item<double>()) < 1e-12);
+
+    nn::GRU gru(nn::GRUOptions(I, H).dtype(kFloat64));
+    std::size_t gru_grads = 0;
+    gru.state_gradient_hook = [&](std::int64_t, std::int64_t, const nn::State& grads) { gru_grads = grads.size(); };
+    gru(x).output.sum().backward();
+    CHECK(gru_grads == 1);  // h alone
 
     nn::LSTM composed(nn::LSTMOptions(I, H).fused(false));
-    composed.hidden_gradient_hook = [](std::int64_t, std::int64_t, const Tensor&) {};
-    check_error([&] { (void)composed(randn({T, B, I})); }, {"LSTM", "hidden_gradient_hook", "fused"});
+    composed.state_gradient_hook = [](std::int64_t, std::int64_t, const nn::State&) {};
+    check_error([&] { (void)composed(randn({T, B, I})); }, {"LSTM", "state_gradient_hook", "fused"});
+    CHECK(nn::step_norms(randn({T, B, H})).sizes() == Shape{T});
+    check_error([&] { (void)nn::step_norms(Tensor()); }, {"step_norms", "undefined"});
+}
+
+TEST_CASE("all_states: every step's h and c of every layer and direction, fused as cell by cell")
+{
+    Generator gen(10);
+    const std::int64_t T = 6, B = 3, I = 2, H = 4;
+    const Tensor x = randn({T, B, I}, kFloat64, &gen);
+    const Tensor lengths = from_vector<std::int64_t>({6, 3, 5}, {3});
+    for (const auto kind : {nn::CellKind::LSTM, nn::CellKind::GRU, nn::CellKind::RNN}) {
+        const auto options = nn::RecurrentOptions(I, H).num_layers(2).bidirectional(true).dtype(kFloat64).all_states(true);
+        nn::RecurrentLayer fused(kind, options);
+        nn::RecurrentLayer composed(kind, nn::RecurrentOptions(options).fused(false));
+        composed.load_state_dict(fused.state_dict());
+        const auto a = fused(x, {}, lengths), b = composed(x, {}, lengths);
+        CAPTURE(nn::cell_kind_name(kind));
+        REQUIRE(a.all_states.size() == b.all_states.size());
+        CHECK(a.all_h().sizes() == Shape{4, T, B, H});
+        for (std::size_t k = 0; k < a.all_states.size(); ++k) CHECK(close_tensors(a.all_states[k], b.all_states[k], 1e-12));
+        CHECK_FALSE(a.all_h().requires_grad());
+        // The last step of each sequence is its final state (forward direction, last layer: index 2).
+        for (std::int64_t bi = 0; bi < B; ++bi) {
+            const std::int64_t last = lengths.data_ptr<std::int64_t>()[bi] - 1;
+            CHECK(close_tensors(a.all_h().select(0, 2).select(0, last).select(0, bi), a.h_n().select(0, 2).select(0, bi), 1e-12));
+        }
+        if (kind == nn::CellKind::LSTM) {
+            CHECK(a.all_c().sizes() == Shape{4, T, B, H});
+        } else {
+            check_error([&] { (void)a.all_c(); }, {"all_c", "only an LSTM has a cell state"});
+        }
+    }
+    nn::LSTM plain(nn::LSTMOptions(I, H).dtype(kFloat64));
+    const auto r = plain(x);
+    CHECK(r.all_states.empty());
+    check_error([&] { (void)r.all_h(); }, {"all_h", "all_states(true)"});
 }
 
 TEST_CASE("layers gradcheck, stacked, bidirectional and with lengths")
