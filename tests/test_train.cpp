@@ -195,3 +195,59 @@ TEST_CASE("fit steps every kind of schedule once per epoch, a metric-driven one 
                 {"fit", "ReduceLROnPlateau", "validation loss", "no validation data"});
     CHECK(model.weight.item<double>() == before.item<double>());
 }
+
+TEST_CASE("the gradient report: gradient and weight norms, update ratios, a table, metrics rows, and from fit")
+{
+    TempDir dir;
+    nn::Dense model(3, 2, true, kFloat64);
+    optim::SGD opt(model.parameters(), optim::SGDOptions(0.1));
+    const Tensor x = randn({8, 3}, kFloat64), y = randn({8, 2}, kFloat64);
+    nn::mse_loss(model(x), y).backward();
+    const auto names = model.named_parameters();
+    const auto before = train::snapshot(names);
+    const Tensor w0 = model.weight.detach().clone(), g = model.weight.grad();
+    const train::GradientReport r0 = train::gradient_report(names);
+    REQUIRE(r0.rows.size() == 2);
+    CHECK(r0.rows[0].name == "weight");
+    CHECK(r0.rows[0].grad_norm == doctest::Approx(g.norm().item<double>()).epsilon(1e-12));
+    CHECK(r0.rows[0].weight_norm == doctest::Approx(w0.norm().item<double>()).epsilon(1e-12));
+    CHECK(std::isnan(r0.rows[0].update_ratio));
+    opt.step();
+    const train::GradientReport r1 = train::gradient_report(names, before);
+    // SGD moves w by lr * g: the ratio is 0.1 |g| / |w0|.
+    CHECK(r1.rows[0].update_ratio == doctest::Approx(0.1 * g.norm().item<double>() / w0.norm().item<double>()).epsilon(1e-9));
+    const std::string table = r1.table();
+    CHECK(table.find("update/weight") != std::string::npos);
+    CHECK(table.find("bias") != std::string::npos);
+    const train::Metrics m = r1.metrics();
+    CHECK(m.at("grad_norm/weight") == r1.rows[0].grad_norm);
+    CHECK(m.at("update_ratio/bias") == r1.rows[1].update_ratio);
+    CHECK_FALSE(r0.metrics().contains("update_ratio/weight"));
+    check_error([&] { (void)train::gradient_report(names, {{"weight", before.at("weight")}}); },
+                {"gradient_report", "no weights named \"bias\""});
+
+    // fit writes a report every 3 steps: 10 batches per epoch, 2 epochs -> steps 3, 6, ..., 18.
+    const Tensor xs = randn({80, 3}, kFloat64), ys = randn({80, 2}, kFloat64);
+    const train::Dataset data{80, [&](const std::vector<std::int64_t>& idx) {
+                                  const Tensor i = from_vector<std::int64_t>(idx, {std::int64_t(idx.size())});
+                                  return train::Batch{xs.index_select(0, i), ys.index_select(0, i), {}};
+                              }};
+    train::FitOptions o;
+    o.epochs = 2;
+    o.batch_size = 8;
+    o.verbose = false;
+    o.gradient_report_every = 3;
+    o.gradient_log = dir.file("gradients.jsonl");
+    const auto forward = [&](const train::Batch& b) { return model(b.input); };
+    const auto loss = [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); };
+    train::fit(model, opt, forward, loss, data, {}, o);
+    const auto rows = train::read_metrics(o.gradient_log);
+    REQUIRE(rows.size() == 6);
+    CHECK(rows[0].at("step") == 3);
+    CHECK(rows[5].at("step") == 18);
+    CHECK(rows[5].at("epoch") == 2);
+    CHECK(rows[2].at("update_ratio/weight") > 0);
+    CHECK(rows[2].at("grad_norm/bias") > 0);
+    o.gradient_log.clear();
+    check_error([&] { train::fit(model, opt, forward, loss, data, {}, o); }, {"fit", "gradient_log is empty"});
+}

@@ -316,6 +316,63 @@ Metrics evaluate(nn::Module& model, const ForwardFn& forward, const LossFn& loss
     return m;
 }
 
+NamedTensorMap snapshot(const nn::NamedTensors& parameters)
+{
+    NoGradGuard no_grad;
+    NamedTensorMap copies;
+    for (const auto& [name, p] : parameters) copies[name] = p.detach().clone();
+    return copies;
+}
+
+GradientReport gradient_report(const nn::NamedTensors& parameters, const NamedTensorMap& before_step)
+{
+    NoGradGuard no_grad;
+    const auto norm_of = [](const Tensor& t) { return t.to(kFloat64).norm().item<double>(); };
+    GradientReport report;
+    for (const auto& [name, p] : parameters) {
+        ParameterReport row;
+        row.name = name;
+        row.weight_norm = norm_of(p);
+        const Tensor g = p.grad();
+        if (g.defined()) row.grad_norm = norm_of(g);
+        if (!before_step.empty()) {
+            const auto it = before_step.find(name);
+            LOOM_CHECK(it != before_step.end(), "gradient_report",
+                       "before_step has no weights named \"{}\"; take it with snapshot() of the same parameters", name);
+            LOOM_CHECK(it->second.sizes() == p.sizes(), "gradient_report",
+                       "before_step holds \"{}\" of shape {}, but the parameter has shape {}", name, it->second.sizes(),
+                       p.sizes());
+            const Tensor before = it->second.to(kFloat64);
+            row.update_ratio = norm_of(p.to(kFloat64) - before) / norm_of(before);
+        }
+        report.rows.push_back(std::move(row));
+    }
+    return report;
+}
+
+std::string GradientReport::table() const
+{
+    std::size_t width = 9;
+    for (const auto& r : rows) width = std::max(width, r.name.size());
+    std::string out = fmt::format("{:<{}}  {:>10}  {:>10}  {:>12}\n", "parameter", width, "|grad|", "|weight|",
+                                  "update/weight");
+    for (const auto& r : rows)
+        out += fmt::format("{:<{}}  {:>10.4g}  {:>10.4g}  {:>12}\n", r.name, width, r.grad_norm, r.weight_norm,
+                           std::isnan(r.update_ratio) ? std::string("-") : fmt::format("{:.3g}", r.update_ratio));
+    return out;
+}
+
+Metrics GradientReport::metrics() const
+{
+    Metrics m;
+    for (const auto& r : rows) {
+        m.emplace_back("grad_norm/" + r.name, r.grad_norm);
+        m.emplace_back("weight_norm/" + r.name, r.weight_norm);
+        if (!std::isnan(r.update_ratio)) m.emplace_back("update_ratio/" + r.name, r.update_ratio);
+    }
+    return m;
+}
+
 History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
             const Dataset& train_data, const Dataset& validation, const FitOptions& o, optim::Schedule* schedule)
 {
@@ -328,8 +385,15 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
     LOOM_CHECK(validating || !schedule || !schedule->needs_metric(), "fit",
                "the schedule {} is stepped with the validation loss, but there is no validation data",
                schedule ? schedule->name() : "");
+    LOOM_CHECK(o.gradient_report_every >= 0, "fit", "expects gradient_report_every >= 0, got {}", o.gradient_report_every);
+    LOOM_CHECK(o.gradient_report_every == 0 || !o.gradient_log.empty(), "fit",
+               "gradient_report_every is {} but gradient_log is empty; name a .jsonl or .csv file for the reports",
+               o.gradient_report_every);
     Generator gen(o.seed);
     std::unique_ptr<MetricsLog> log = o.log.empty() ? nullptr : std::make_unique<MetricsLog>(o.log);
+    std::unique_ptr<MetricsLog> gradient_log =
+        o.gradient_report_every > 0 ? std::make_unique<MetricsLog>(o.gradient_log) : nullptr;
+    std::int64_t steps = 0;
     History history;
     NamedTensorMap best_state;
     std::int64_t since_best = 0;
@@ -347,7 +411,16 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
             optimizer.zero_grad();
             l.backward();
             if (o.clip_grad_norm > 0) nn::utils::clip_grad_norm(optimizer.parameters(), o.clip_grad_norm);
+            ++steps;
+            const bool report = gradient_log && steps % o.gradient_report_every == 0;
+            const NamedTensorMap before = report ? snapshot(model.named_parameters()) : NamedTensorMap();
             optimizer.step();
+            if (report) {
+                Metrics row = {{"step", double(steps)}, {"epoch", double(epoch)}};
+                for (const auto& entry : gradient_report(model.named_parameters(), before).metrics())
+                    row.emplace_back(entry.first, entry.second);
+                gradient_log->write(row);
+            }
             loss_sum += l.item<double>() * double(batches[k].size());
             if (o.accuracy) {
                 NoGradGuard no_grad;

@@ -86,6 +86,32 @@ std::pair<Tensor, Tensor> pad_sequences(const std::vector<Tensor>& sequences);
 // Indices 0..n-1 in mini-batches of `batch` (the last may be smaller), shuffled when `gen` is given.
 std::vector<std::vector<std::int64_t>> minibatches(std::int64_t n, std::int64_t batch, Generator* gen = nullptr);
 
+// ---- gradient report ----
+
+// One parameter's numbers: |dL/dw|, |w| and, when the weights before the optimizer's step are
+// given, the size of the update relative to the weight, |w - w_before| / |w_before| (NaN
+// without them; the rule of thumb is about 1e-3 per step). Norms are L2 over all elements.
+struct ParameterReport {
+    std::string name;
+    double grad_norm = NAN, weight_norm = NAN, update_ratio = NAN;  // grad_norm NaN: no gradient yet
+};
+
+struct GradientReport {
+    std::vector<ParameterReport> rows;
+    // An aligned table, one line per parameter.
+    std::string table() const;
+    // For a MetricsLog: grad_norm/<name>, weight_norm/<name>, update_ratio/<name> of each
+    // parameter (the update ratio only when known).
+    Metrics metrics() const;
+};
+
+// Copies of the weights, to give gradient_report() before optimizer.step().
+NamedTensorMap snapshot(const nn::NamedTensors& parameters);
+
+// After backward() (and, with `before_step` from snapshot(), after step()): the report of
+// every named parameter, in order. before_step must hold every parameter, with its shape.
+GradientReport gradient_report(const nn::NamedTensors& parameters, const NamedTensorMap& before_step = {});
+
 // ---- fit ----
 
 // A mini-batch: input (and lengths for variable-length sequences) and target.
@@ -115,6 +141,10 @@ struct FitOptions {
     bool accuracy = false;               // also report accuracy: argmax of the output's last dim vs the target
     bool bits_per_character = false;     // also report loss / ln 2
     bool verbose = true;                 // progress line and one line per epoch
+    // Every this many optimizer steps, write the model's gradient report (with update ratios)
+    // as one row to gradient_log (.jsonl or .csv) beside "step" and "epoch". 0: never.
+    std::int64_t gradient_report_every = 0;
+    std::string gradient_log;
 };
 
 struct History {
