@@ -11,29 +11,12 @@
 #include <cstdio>
 #include <sstream>
 
+#include "adding_data.hpp"
 #include "minimal_gated_unit.hpp"
 
 using namespace loom;
 
 namespace {
-
-// A batch of B sequences of length T: input [T, B, 2], target [B, 1].
-std::pair<Tensor, Tensor> adding_batch(std::int64_t T, std::int64_t B, Generator& gen)
-{
-    std::vector<float> x(static_cast<std::size_t>(T * B * 2), 0.0f), y(static_cast<std::size_t>(B), 0.0f);
-    for (std::int64_t b = 0; b < B; ++b) {
-        const std::int64_t first = gen.randint(0, T / 2), second = gen.randint(T / 2, T);
-        for (std::int64_t t = 0; t < T; ++t) {
-            const auto v = static_cast<float>(gen.uniform01());
-            x[std::size_t((t * B + b) * 2)] = v;
-            if (t == first || t == second) {
-                x[std::size_t((t * B + b) * 2 + 1)] = 1;
-                y[std::size_t(b)] += v;
-            }
-        }
-    }
-    return {from_vector<float>(x, {T, B, 2}), from_vector<float>(y, {B, 1})};
-}
 
 struct Model : nn::Module {
     std::function<Tensor(const Tensor&)> run;  // [T, B, 2] -> last hidden state [B, H]

@@ -34,6 +34,23 @@ check extending "$(sed -n 2p extending.out)" 1
 "$examples/custom_op" > custom_op.out  # exits non-zero unless both ops check out (first and second order) and both fits work
 check custom_op "$(tail -n 1 custom_op.out)" 1
 
+"$examples/inspect" --dot inspect.dot > inspect.out
+dot -Tsvg inspect.dot -o inspect.svg  # graphviz renders the tape's DOT
+check inspect "anomaly names 'log' at decoder/step 3; the report and the graph are there" \
+    "$(grep -q "forward of 'log' (tape entry #[0-9]*, in scope 'decoder/step 3')" inspect.out &&
+       grep -q 'update/weight' inspect.out && grep -q '<svg' inspect.svg && echo 1 || echo 0)"
+
+"$examples/gradient_flow" --length 40 --steps 60 --out . > gradient_flow.out
+# At initialisation the gradient reaching step 1 is far larger through an LSTM than a tanh RNN,
+# and clipping keeps the exploding ReLU RNN's loss small while the unclipped one blows up.
+ratios=$(grep '^|dL/dh_1| / |dL/dh_T|:' gradient_flow.out)
+rnn=$(sed -n 's/.*RNN init \([-0-9.e+]*\).*/\1/p' <<<"$ratios"); lstm=$(sed -n 's/.*LSTM init \([-0-9.e+]*\).*/\1/p' <<<"$ratios")
+unclipped=$(grep '^not clipped' gradient_flow.out | sed 's/.*60: [^|]*| \([-0-9.e+]*\).*/\1/')
+clipped=$(grep '^clipped at 1' gradient_flow.out | sed 's/.*60: [^|]*| \([-0-9.e+]*\).*/\1/')
+check gradient_flow "dh_1/dh_T at init: RNN $rnn, LSTM $lstm; loss at step 60: clipped $clipped, not $unclipped" \
+    "$(awk -v r="$rnn" -v l="$lstm" -v c="$clipped" -v u="$unclipped" 'BEGIN { print (l > 1000 * r && c < 1 && u > 1000 * c) ? 1 : 0 }')"
+test -s gradient_flow.svg && test -s exploding_loss.svg && test -s deep_stack.svg
+
 "$examples/next_number" --epochs 300 > next_number.out
 first=$(sed -n 's/.*(first epoch \([0-9.]*\)).*/\1/p' next_number.out); last=$(sed -n 's/^train loss: \([0-9.]*\).*/\1/p' next_number.out)
 check next_number "train loss $first -> $last" "$(ratio_ok "$last" "$first" 0.05)"
