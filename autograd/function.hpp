@@ -16,7 +16,8 @@
 // forward runs without recording (its ops are not on the tape) and returns a Tensor or a
 // std::vector<Tensor> of float32/float64 results. backward gets one gradient per output
 // (zeros where none arrived) and returns one per Tensor argument of forward, in order, each of
-// that argument's shape and dtype, or an undefined Tensor for none. Tensors saved with
+// that argument's shape and dtype, or an undefined Tensor for none (or for a gradient that is
+// zero). Tensors saved with
 // save_for_backward are checked for in-place changes like a built-in op's. A backward written
 // with loom's ops supports create_graph; one that is not is named in an error if asked.
 #pragma once

@@ -291,7 +291,8 @@ struct Sweep {
                 // not, backward computed it off the tape and a second derivative would be lost.
                 LOOM_CHECK(!grads_recorded || input_grads[k].requires_grad(), done.name,
                            "cannot be differentiated twice: its backward computed gradient {} off the tape, so "
-                           "create_graph would lose its second derivative",
+                           "create_graph would lose its second derivative (write backward with loom's ops, and "
+                           "return an undefined tensor for a gradient that is zero)",
                            k);
                 if (anomaly) check_backward_anomaly(done, k, input_grads[k]);
                 if (done.region) {
