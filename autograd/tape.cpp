@@ -412,14 +412,14 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
     e.saved.reserve(saved.size());
     for (const Tensor& s : saved) {
         if (!s.defined()) {
-            e.saved.push_back(Saved{Tensor(), 0});
+            e.saved.push_back(Saved{Tensor(), 0, false, {}});
             continue;
         }
         // A saved output is kept as an alias without its node: the entry holding the output's
         // node would otherwise keep the output alive, and the entry could never be reclaimed.
         // An input's node is held by the entry anyway, so the input itself is kept as is.
         const auto output = std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
-        if (output == outputs.end()) e.saved.push_back(Saved{s, s.version()});
+        if (output == outputs.end()) e.saved.push_back(Saved{s, s.version(), false, {}});
         else e.saved.push_back(Saved{kernels::alias(s), s.version(), true, output->impl().node});
     }
     e.backward = std::move(backward);

@@ -220,7 +220,7 @@ RecurrentOutput run_steps(const std::string& op, std::int64_t layer, std::int64_
         }
         for (std::size_t k = 0; k < steps.size(); ++k) steps[k][t] = s[k].detach();
     }
-    RecurrentOutput result{stack(outputs, 0), s};
+    RecurrentOutput result{stack(outputs, 0), s, {}};
     for (auto& per_step : steps) result.all_states.push_back(stack(per_step, 0));
     return result;
 }
@@ -328,7 +328,7 @@ Tensors detail::recurrent_call_inputs(const Tensor& input, const State& initial,
 
 RecurrentOutput detail::recurrent_call_output(Tensors outputs)
 {
-    return RecurrentOutput{outputs.at(0), State(outputs.begin() + 1, outputs.end())};
+    return RecurrentOutput{outputs.at(0), State(outputs.begin() + 1, outputs.end()), {}};
 }
 
 RecurrentOutput RecurrentLayer::operator()(const Tensor& input, const State& initial, const Tensor& lengths)
