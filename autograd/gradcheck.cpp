@@ -85,39 +85,45 @@ void check_float64(const Tensor& t, std::size_t i, const char* what)
                t.dtype());
 }
 
+// The inputs that require grad (wrt), private copies of them to perturb (work), so the
+// caller's tensors are never written, and where each sits among the inputs.
+struct Checked {
+    std::vector<Tensor> wrt, work;
+    std::vector<std::size_t> positions;
+};
+
+Checked inputs_to_check(const char* op, const std::vector<Tensor>& inputs)
+{
+    Checked c;
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+        if (inputs[i].requires_grad()) {
+            check_float64(inputs[i], i, "input");
+            c.wrt.push_back(inputs[i]);
+            c.work.push_back(kernels::clone(inputs[i]));
+            c.positions.push_back(i);
+        }
+    LOOM_CHECK(!c.wrt.empty(), op, "no input requires grad");
+    return c;
+}
+
 }  // namespace
 
 GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
                           const std::vector<Tensor>& inputs, const GradcheckOptions& options)
 {
-    // Perturb private copies so the caller's tensors are never written.
-    std::vector<Tensor> probe = inputs, wrt, work;
-    std::vector<std::size_t> positions;
-    for (std::size_t i = 0; i < inputs.size(); ++i)
-        if (inputs[i].requires_grad()) {
-            check_float64(inputs[i], i, "input");
-            wrt.push_back(inputs[i]);
-            work.push_back(kernels::clone(inputs[i]));
-            positions.push_back(i);
-        }
-    LOOM_CHECK(!wrt.empty(), "gradcheck", "no input requires grad");
-    for (std::size_t k = 0; k < work.size(); ++k) probe[positions[k]] = work[k];
-    return compare([&] { return fn(inputs); }, [&] { return fn(probe); }, wrt, work, positions, options);
+    const Checked c = inputs_to_check("gradcheck", inputs);
+    std::vector<Tensor> probe = inputs;
+    for (std::size_t k = 0; k < c.work.size(); ++k) probe[c.positions[k]] = c.work[k];
+    return compare([&] { return fn(inputs); }, [&] { return fn(probe); }, c.wrt, c.work, c.positions, options);
 }
 
 GradcheckResult gradgradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
                               const std::vector<Tensor>& inputs, const GradcheckOptions& options)
 {
-    std::vector<std::size_t> positions;
-    std::vector<Tensor> wrt, work;
-    for (std::size_t i = 0; i < inputs.size(); ++i)
-        if (inputs[i].requires_grad()) {
-            check_float64(inputs[i], i, "input");
-            wrt.push_back(inputs[i]);
-            work.push_back(kernels::clone(inputs[i]));
-            positions.push_back(i);
-        }
-    LOOM_CHECK(!wrt.empty(), "gradgradcheck", "no input requires grad");
+    const Checked c = inputs_to_check("gradgradcheck", inputs);
+    const std::vector<Tensor>& wrt = c.wrt;
+    const std::vector<Tensor>& work = c.work;
+    const std::vector<std::size_t>& positions = c.positions;
     // H(x) = sum_k <g_k(x), v_k> with g = d<fn(x), r>/dx: its gradient is the Hessian (or, for a
     // non-scalar fn, the second-order VJP) applied to the v_k, which create_graph must give.
     Generator gen(options.seed + 1);

@@ -326,6 +326,13 @@ Tensors detail::recurrent_call_inputs(const Tensor& input, const State& initial,
     return inputs;
 }
 
+Tensors detail::recurrent_call_outputs(const RecurrentOutput& result)
+{
+    Tensors outputs{result.output};
+    outputs.insert(outputs.end(), result.state.begin(), result.state.end());
+    return outputs;
+}
+
 RecurrentOutput detail::recurrent_call_output(Tensors outputs)
 {
     return RecurrentOutput{outputs.at(0), State(outputs.begin() + 1, outputs.end()), {}};
@@ -336,10 +343,7 @@ RecurrentOutput RecurrentLayer::operator()(const Tensor& input, const State& ini
     if (!has_hooks()) return forward(input, initial, lengths);
     return detail::recurrent_call_output(
         call_with_hooks(detail::recurrent_call_inputs(input, initial, lengths), [this](const Tensors& in) {
-            RecurrentOutput r = forward(in[0], State(in.begin() + 2, in.end()), in[1]);
-            Tensors out{r.output};
-            out.insert(out.end(), r.state.begin(), r.state.end());
-            return out;
+            return detail::recurrent_call_outputs(forward(in[0], State(in.begin() + 2, in.end()), in[1]));
         }));
 }
 

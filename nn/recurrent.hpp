@@ -66,6 +66,7 @@ Tensor step_norms(const Tensor& per_step);
 namespace detail {
 // A recurrent module's call as hooks see it: (input, lengths, initial...) -> (output, state...).
 Tensors recurrent_call_inputs(const Tensor& input, const State& initial, const Tensor& lengths);
+Tensors recurrent_call_outputs(const RecurrentOutput& result);
 RecurrentOutput recurrent_call_output(Tensors outputs);
 }  // namespace detail
 
@@ -178,10 +179,7 @@ public:
         if (!has_hooks()) return forward(input, initial, lengths);
         return detail::recurrent_call_output(call_with_hooks(
             detail::recurrent_call_inputs(input, initial, lengths), [this](const Tensors& in) {
-                RecurrentOutput r = forward(in[0], State(in.begin() + 2, in.end()), in[1]);
-                Tensors out{r.output};
-                out.insert(out.end(), r.state.begin(), r.state.end());
-                return out;
+                return detail::recurrent_call_outputs(forward(in[0], State(in.begin() + 2, in.end()), in[1]));
             }));
     }
     CellT& cell(std::int64_t layer, std::int64_t direction = 0)
