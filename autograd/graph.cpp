@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <map>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "tape.hpp"
 
@@ -68,10 +69,12 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
     for (const auto& [seq, e] : found) g.entries.push_back(e);
     // Named leaves in the order the user listed them, then the others in the order first met.
     std::vector<const Node*> ordered;
-    for (const auto& [name, t] : names)
-        if (t.defined() && t.requires_grad() && std::find(g.leaves.begin(), g.leaves.end(), t.impl().node.get()) != g.leaves.end() &&
-            std::find(ordered.begin(), ordered.end(), t.impl().node.get()) == ordered.end())
-            ordered.push_back(t.impl().node.get());
+    std::unordered_set<const Node*> placed;
+    for (const auto& [name, t] : names) {
+        if (!t.defined() || !t.requires_grad()) continue;
+        const Node* n = t.impl().node.get();
+        if (n->seq == 0 && seen.count(n) && placed.insert(n).second) ordered.push_back(n);  // reached, listed once
+    }
     for (const Node* n : g.leaves)
         if (!g.leaf_names.count(n)) {
             g.unnamed.emplace(n, g.unnamed.size());

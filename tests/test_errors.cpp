@@ -20,6 +20,8 @@ TEST_CASE("shapes that do not broadcast")
     check_error([] { (void)(ones({2}) * ones({3})); }, {"mul", "[2]", "[3]"});
     check_error([] { (void)where(ones({2}).to(kBool), ones({3}), ones({3})); }, {"where", "[2]", "[3]"});
     check_error([] { (void)ones({3}).expand({2, 4}); }, {"expand", "[3]", "[2, 4]"});
+    check_error([] { (void)sum_to(ones({2, 3}), {4}); }, {"sum_to", "[4]", "[2, 3]", "do not broadcast"});
+    check_error([] { (void)sum_to(ones({3}), {2, 3}); }, {"sum_to", "shape [2, 3] does not broadcast to the input's shape [3]"});
     check_error([] { (void)ones({3}).masked_fill(ones({2, 3}).to(kBool), 0); }, {"masked_fill", "[2, 3]", "[3]"});
     check_error([] { ones({2}).copy_(ones({3})); }, {"copy_", "[3]", "[2]"});
 }

@@ -83,6 +83,7 @@ std::vector<Case> cases()
         {"squeeze unsqueeze", {{3, 1, 2}}, [](V x) { return x[0].squeeze(1).unsqueeze(0).unsqueeze(-1); }},
         {"expand", {{3, 1}}, [](V x) { return x[0].expand({2, 3, 4}); }},
         {"broadcast_to", {{4}}, [](V x) { return broadcast_to(x[0], {3, 4}); }},
+        {"sum_to", {{2, 3, 4}}, [](V x) { return sum_to(x[0] * x[0], {3, 1}); }},
         {"narrow", {{4, 5}}, [](V x) { return x[0].narrow(1, 1, 3); }},
         {"slice with step", {{6, 3}}, [](V x) { return x[0].slice(0, 1, 6, 2); }},
         {"select", {{3, 4}}, [](V x) { return x[0].select(1, 2); }},
