@@ -53,6 +53,10 @@ Tensor var(const Tensor& x, const Shape& dims = {}, bool unbiased = true, bool k
 Tensor norm(const Tensor& x, double p = 2, const Shape& dims = {}, bool keepdim = false);
 Tensor softmax(const Tensor& x, std::int64_t dim);      // stable: shifts by the max
 Tensor log_softmax(const Tensor& x, std::int64_t dim);  // stable: log-sum-exp
+// softmax over `dim` of the entries where the bool `mask` (broadcast to x) is false: entries
+// where it is true get weight exactly 0 and no gradient, e.g. padding in attention. A slice with
+// every entry masked is all zeros, not NaN.
+Tensor masked_softmax(const Tensor& x, const Tensor& mask, std::int64_t dim);
 
 // ---- shape and indexing ----
 Tensor reshape(const Tensor& x, const Shape& shape);

@@ -1,5 +1,7 @@
 // Reductions. sum and amax/amin are primitives; mean, var, norm and softmax are composed from ops.
 #include <cmath>
+#include <limits>
+#include <type_traits>
 
 #include "../core/kernels.hpp"
 #include "ops.hpp"
@@ -114,6 +116,49 @@ Tensor log_softmax(const Tensor& x, std::int64_t dim)
 {
     const Tensor shifted = x - kernels::amax(x, {dim}, true);
     return shifted - log(sum(exp(shifted), {dim}, true));
+}
+
+Tensor masked_softmax(const Tensor& x, const Tensor& mask, std::int64_t dim)
+{
+    check_floating("masked_softmax", x.dtype());
+    LOOM_CHECK(mask.dtype() == kBool, "masked_softmax", "expects a bool mask (true = leave out), got {}", mask.dtype());
+    const std::int64_t d = wrap_indexed_dim("masked_softmax", dim, x.dim());
+    LOOM_CHECK(broadcast_shapes("masked_softmax", x.sizes(), mask.sizes()) == x.sizes(), "masked_softmax",
+               "mask of shape {} does not broadcast to the input's shape {}", mask.sizes(), x.sizes());
+    const Tensor in = kernels::contiguous(x), left_out = kernels::contiguous(kernels::expand(mask, x.sizes()));
+    Tensor out = empty(x.sizes(), x.dtype());
+    std::int64_t outer = 1, inner = 1;
+    for (std::int64_t k = 0; k < d; ++k) outer *= x.sizes()[k];
+    for (std::int64_t k = d + 1; k < x.dim(); ++k) inner *= x.sizes()[k];
+    const std::int64_t n = x.sizes()[d];
+    dispatch(x.dtype(), [&]<class T>() {
+        if constexpr (std::is_floating_point_v<T>) {
+            const T* px = in.data_ptr<T>();
+            const bool* pm = left_out.data_ptr<bool>();
+            T* po = out.data_ptr<T>();
+            for (std::int64_t o = 0; o < outer; ++o)
+                for (std::int64_t i = 0; i < inner; ++i) {
+                    const std::int64_t base = o * n * inner + i;
+                    T top = -std::numeric_limits<T>::infinity();
+                    for (std::int64_t k = 0; k < n; ++k)
+                        if (!pm[base + k * inner]) top = std::max(top, px[base + k * inner]);
+                    T total = 0;
+                    for (std::int64_t k = 0; k < n; ++k) {
+                        const std::int64_t at = base + k * inner;
+                        po[at] = pm[at] ? T(0) : std::exp(px[at] - top);
+                        total += po[at];
+                    }
+                    // A row with every entry left out stays all zeros (no 0/0).
+                    if (total > 0)
+                        for (std::int64_t k = 0; k < n; ++k) po[base + k * inner] /= total;
+                }
+        }
+    });
+    return record("masked_softmax", {x}, out, {out}, [d](const BackwardContext& c) {
+        // Softmax's Jacobian-vector product; left-out entries have y = 0 and so get no gradient.
+        const Tensor& y = c.saved[0];
+        return Grads{y * (c.grad() - sum(c.grad() * y, {d}, true))};
+    });
 }
 
 }  // namespace loom

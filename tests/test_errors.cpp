@@ -26,6 +26,16 @@ TEST_CASE("shapes that do not broadcast")
     check_error([] { ones({2}).copy_(ones({3})); }, {"copy_", "[3]", "[2]"});
 }
 
+TEST_CASE("masked_softmax with a bad mask or dim")
+{
+    const Tensor x = ones({2, 3});
+    check_error([&] { (void)masked_softmax(x, ones({2, 3}), 1); }, {"masked_softmax", "bool mask", "float32"});
+    check_error([&] { (void)masked_softmax(x, gt(ones({3, 3}), zeros({1})), 1); },
+                {"masked_softmax", "[3, 3]", "[2, 3]"});
+    check_error([&] { (void)masked_softmax(x, gt(ones({3}), zeros({1})), 2); }, {"masked_softmax", "dim"});
+    check_error([&] { (void)masked_softmax(ones({2}, kInt64), gt(ones({2}), zeros({1})), 0); }, {"masked_softmax"});
+}
+
 TEST_CASE("matmul inner sizes that differ")
 {
     check_error([] { (void)matmul(ones({2, 3}), ones({4, 5})); }, {"matmul", "[2, 3]", "[4, 5]", "3 vs 4"});

@@ -72,6 +72,11 @@ std::vector<Case> cases()
         {"softmax axis 0", {{3, 4}}, [](V x) { return x[0].softmax(0); }},
         {"softmax axis 1", {{3, 4}}, [](V x) { return x[0].softmax(1); }},
         {"softmax axis -1 of 3-D", {{2, 3, 4}}, [](V x) { return x[0].softmax(-1); }},
+        // masked_softmax: padding left out, a row with everything left out, a broadcast mask
+        {"masked_softmax last dim", {{3, 4}},
+         [](V x) { return masked_softmax(x[0], gt(idx({0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1}, {3, 4}), idx({0}, {1})), 1); }},
+        {"masked_softmax dim 0, broadcast mask", {{3, 2, 4}},
+         [](V x) { return masked_softmax(x[0], gt(idx({0, 1, 0}, {3, 1, 1}), idx({0}, {1})), 0) * x[0]; }},
         {"log_softmax axis 0", {{3, 4}}, [](V x) { return x[0].log_softmax(0); }},
         {"log_softmax axis 1", {{3, 4}}, [](V x) { return x[0].log_softmax(1); }},
         // views and copies

@@ -122,6 +122,24 @@ TEST_CASE("softmax and log_softmax are stable for large inputs")
     CHECK(close(tensor({-1e30, 0}).log_softmax(0), {-1e30, 0}));
 }
 
+TEST_CASE("masked_softmax leaves masked entries out, even NaN ones, and a fully masked row is zeros")
+{
+    Tensor x = tensor({1000, 1001, NAN, 3, 2, 1}, {2, 3}, kFloat64);
+    x.requires_grad_();
+    const Tensor mask = tensor({0, 0, 1, 1, 1, 1}, {2, 3}, kFloat64).gt(zeros({1}, kFloat64));
+    const Tensor s = masked_softmax(x, mask, 1);
+    const double z = 1 + std::exp(1.0);
+    CHECK(close(s, {1 / z, std::exp(1.0) / z, 0, 0, 0, 0}, 1e-12));
+    (s * tensor({1, 2, 3, 4, 5, 6}, {2, 3}, kFloat64)).sum().backward();
+    const std::vector<double> g = values(x.grad());
+    CHECK(g[2] == 0);  // no gradient to a left-out entry, NaN or not
+    CHECK(g[3] == 0);
+    CHECK(std::abs(g[0] + g[1]) < 1e-12);  // softmax's gradient sums to zero over the row
+    // Nothing left out: the same as softmax.
+    const Tensor y = tensor({0.5, -1, 2, 0, 1, 3}, {3, 2}, kFloat64);
+    CHECK(testing::close_tensors(masked_softmax(y, zeros({1}, kFloat64).gt(ones({1}, kFloat64)), 0), y.softmax(0), 1e-15));
+}
+
 TEST_CASE("concat, stack, split, chunk")
 {
     const Tensor a = arange(4, kFloat64).reshape({2, 2}), b = arange(4, 6, 1, kFloat64).reshape({1, 2});
