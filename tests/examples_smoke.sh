@@ -75,5 +75,45 @@ check char_lm "val_bpc $bpc, uniform guessing 6.36" "$(ratio_ok "$bpc" 6.36 0.85
 "$examples/char_lm" --steps 60 --epochs 2 --batch 8 --seq-len 32 --hidden 32 --embed 16 --out lm --resume > char_lm_resume.out
 check "char_lm --resume" "$(grep -m1 resumed char_lm_resume.out)" "$(grep -q 'resumed from .* at step 40' char_lm_resume.out && echo 1 || echo 0)"
 
+"$examples/pronounce" --steps 300 --minutes 0 --hidden 64 --embed 32 --eval-words 300 --beam 2 --svg attention.svg > pronounce.out
+per=$(value test_per pronounce.out)
+check pronounce "PER $per and WER $(value test_wer pronounce.out) on 300 unseen words after 300 steps; predicting nothing scores 1" \
+    "$(ratio_ok "$per" 1 0.5)"
+check "pronounce attention picture" "$(grep -c '<rect' attention.svg) cells" "$(grep -q 'fill-opacity' attention.svg && echo 1 || echo 0)"
+"$examples/pronounce" --steps 30 --minutes 0 --hidden 16 --embed 8 --eval-words 20 --attention additive > pronounce_additive.out
+check "pronounce --attention additive" "PER $(value test_per pronounce_additive.out)" "$(grep -q '^test_per [0-9]' pronounce_additive.out && echo 1 || echo 0)"
+
+"$examples/spam" --epochs 3 > spam.out 2> spam.err
+acc=$(value test_accuracy spam.out); bag=$(value baseline_accuracy spam.out); most=$(value majority_accuracy spam.out)
+check spam "GRU $acc, bag of words $bag, majority class $most" \
+    "$(awk -v a="$acc" -v b="$bag" -v m="$most" 'BEGIN { print (a > m + 0.1 && b > m + 0.1) ? 1 : 0 }')"
+check "spam: subjects left out" "$(cat spam.err)" "$(grep -q '19 messages have an empty subject' spam.err && echo 1 || echo 0)"
+
+# Bad data files: an error naming the file, the line and what was expected; never a crash.
+bad_input() {  # bad_input NAME EXAMPLE FILE-CONTENT EXPECTED-TEXT...
+    local name=$1 example=$2 content=$3
+    shift 3
+    printf '%b' "$content" > "bad_$name"
+    local rc=0
+    "$examples/$example" --data "bad_$name" > /dev/null 2> "bad_$name.err" || rc=$?
+    local ok=1
+    [ "$rc" = 1 ] || ok=0
+    for part in "$@"; do grep -qF -- "$part" "bad_$name.err" || ok=0; done
+    check "$example, $name" "exit $rc: $(head -c 200 "bad_$name.err")" "$ok"
+}
+bad_input "no phonemes" pronounce 'ABANDON  AH0 B AE1 N D AH0 N\nABBEY\n' "bad_no phonemes line 2" "two spaces"
+bad_input "phonemes missing" pronounce 'ABANDON  AH0 B AE1 N D AH0 N\nABBEY  \n' "line 2" "no phonemes"
+bad_input "unknown phoneme" pronounce 'ABANDON  AH0 B AE1 N D XX0 N\n' "line 1" '"XX" is not an ARPAbet phoneme'
+bad_input "not UTF-8" pronounce 'ABANDON  AH0 B AE1 N D AH0 N\nAB\xff  EY1\n' "line 2" "byte 3 (0xff) is not valid UTF-8"
+bad_input "no words" pronounce '' "no words"
+bad_input "no header" spam 'easy-ham-1,ham,Hello\n' "line 1" "header group,label,subject"
+bad_input "wrong columns" spam 'group,label,subject\neasy-ham-1,ham\n' "line 2" "expected 3 fields"
+bad_input "bad label" spam 'group,label,subject\neasy-ham-1,eggs,Hello\n' "line 2" "ham or spam" "eggs"
+bad_input "open quote" spam 'group,label,subject\neasy-ham-1,ham,"Hello\n' "line 2" "not closed"
+bad_input "not UTF-8 subject" spam 'group,label,subject\nspam-1,spam,Win \xc3\x28 now\n' "line 2" "not valid UTF-8"
+bad_input "only empty subjects" spam 'group,label,subject\nspam-1,spam,\n' "no messages" "empty subject"
+rc=0; "$examples/spam" --data does_not_exist.csv > /dev/null 2> missing.err || rc=$?
+check "spam, missing file" "exit $rc: $(cat missing.err)" "$([ "$rc" = 1 ] && grep -q 'cannot open does_not_exist.csv' missing.err && echo 1 || echo 0)"
+
 echo "$failures example(s) failed"
 [ "$failures" -eq 0 ]
