@@ -321,13 +321,13 @@ int main(int argc, char** argv)
                 (long long)gru.confusion[0][0], (long long)gru.confusion[0][1], "spam", (long long)gru.confusion[1][0],
                 (long long)gru.confusion[1][1]);
     std::printf("\nsome subjects the GRU got wrong:\n");
-    int shown = 0;
-    for (std::size_t k = 0; k < truth.size() && shown < 8; ++k)
-        if (net_predicted[k] != truth[k]) {
+    int shown[2] = {0, 0};  // up to four of each kind of mistake
+    for (std::size_t k = 0; k < truth.size(); ++k)
+        if (net_predicted[k] != truth[k] && shown[truth[k]] < 4) {
             const Message& m = messages[split.test[k]];
             std::printf("  %-4s (%s) taken for %-4s  %s\n", truth[k] ? "spam" : "ham", m.group.c_str(),
                         net_predicted[k] ? "spam" : "ham", text_data::to_utf8(text_data::code_points(m.subject).substr(0, 70)).c_str());
-            ++shown;
+            ++shown[truth[k]];
         }
     if (gru.accuracy <= words_only.accuracy)
         std::printf("\nThe GRU does not beat the bag of words here. Subject lines are short (%.1f words and marks\n"
