@@ -181,7 +181,7 @@ int main(int argc, char** argv)
     app.add_option("--data", data, "CSV with columns group,label,subject");
     app.add_option("--epochs", epochs, "most epochs of each model")->check(CLI::Range(1, 10000));
     app.add_option("--hidden", hidden, "GRU hidden size per direction")->check(CLI::Range(1, 4096));
-    app.add_option("--embed", dim, "character embedding size")->check(CLI::Range(1, 4096));
+    app.add_option("--embed", dim, "token embedding size")->check(CLI::Range(1, 4096));
     app.add_option("--max-chars", max_chars, "read at most this many characters of a subject")->check(CLI::Range(1, 100000));
     app.add_option("--patience", patience, "early stopping: epochs without a better validation loss")->check(CLI::Range(1, 1000));
     app.add_option("--batch", batch, "subjects per step")->check(CLI::Range(1, 65536));

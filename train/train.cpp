@@ -389,10 +389,15 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
     LOOM_CHECK(o.gradient_report_every == 0 || !o.gradient_log.empty(), "fit",
                "gradient_report_every is {} but gradient_log is empty; name a .jsonl or .csv file for the reports",
                o.gradient_report_every);
+    const Parallel& par = o.parallel;
+    const bool parallel = par.world_size > 1, main_process = par.rank == 0, verbose = o.verbose && main_process;
+    LOOM_CHECK(!parallel || (par.shard && par.average_gradients && par.sum), "fit",
+               "FitOptions::parallel says {} processes but lacks its functions; fill it with dist::data_parallel()",
+               par.world_size);
     Generator gen(o.seed);
-    std::unique_ptr<MetricsLog> log = o.log.empty() ? nullptr : std::make_unique<MetricsLog>(o.log);
+    std::unique_ptr<MetricsLog> log = o.log.empty() || !main_process ? nullptr : std::make_unique<MetricsLog>(o.log);
     std::unique_ptr<MetricsLog> gradient_log =
-        o.gradient_report_every > 0 ? std::make_unique<MetricsLog>(o.gradient_log) : nullptr;
+        o.gradient_report_every > 0 && main_process ? std::make_unique<MetricsLog>(o.gradient_log) : nullptr;
     std::int64_t steps = 0;
     History history;
     NamedTensorMap best_state;
@@ -400,7 +405,16 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
     const double ln2 = std::log(2.0);
     for (std::int64_t epoch = 1; epoch <= o.epochs; ++epoch) {
         model.train();
-        const auto batches = minibatches(train_data.size, o.batch_size, o.shuffle ? &gen : nullptr);
+        std::vector<std::vector<std::int64_t>> batches;
+        if (parallel) {  // this process's shard of the epoch's order, in batches of batch_size
+            const auto mine = o.shuffle ? par.shard(train_data.size, o.seed, epoch)
+                                        : par.shard(train_data.size, o.seed, 0);
+            for (std::size_t at = 0; at < mine.size(); at += static_cast<std::size_t>(o.batch_size))
+                batches.emplace_back(mine.begin() + std::ptrdiff_t(at),
+                                     mine.begin() + std::ptrdiff_t(std::min(mine.size(), at + std::size_t(o.batch_size))));
+        } else {
+            batches = minibatches(train_data.size, o.batch_size, o.shuffle ? &gen : nullptr);
+        }
         Progress progress(fmt::format("epoch {}/{}", epoch, o.epochs), static_cast<std::int64_t>(batches.size()));
         double loss_sum = 0, correct = 0;
         std::int64_t seen = 0;
@@ -410,6 +424,7 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
             const Tensor l = loss(out, b);
             optimizer.zero_grad();
             l.backward();
+            if (parallel) par.average_gradients(double(batches[k].size()));
             if (o.clip_grad_norm > 0) nn::utils::clip_grad_norm(optimizer.parameters(), o.clip_grad_norm);
             ++steps;
             const bool report = gradient_log && steps % o.gradient_report_every == 0;
@@ -427,7 +442,12 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
                 correct += correct_predictions(out, b.target);
             }
             seen += static_cast<std::int64_t>(batches[k].size());
-            if (o.verbose) progress.update(static_cast<std::int64_t>(k + 1), {{"loss", loss_sum / double(seen)}});
+            if (verbose) progress.update(static_cast<std::int64_t>(k + 1), {{"loss", loss_sum / double(seen)}});
+        }
+        if (parallel) {
+            loss_sum = par.sum(loss_sum);
+            correct = par.sum(correct);
+            seen = static_cast<std::int64_t>(par.sum(double(seen)));
         }
         Metrics row = {{"epoch", double(epoch)}, {"train_loss", loss_sum / double(seen)}};
         if (o.accuracy) row.emplace_back("train_accuracy", correct / double(seen));
@@ -444,20 +464,20 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
                 since_best = 0;
                 best_state.clear();
                 for (const auto& [name, t] : model.state_dict()) best_state[name] = t.clone();
-                if (!o.best_checkpoint.empty()) save(o.best_checkpoint, best_state, {{"epoch", std::to_string(epoch)}});
+                if (!o.best_checkpoint.empty() && main_process) save(o.best_checkpoint, best_state, {{"epoch", std::to_string(epoch)}});
             } else {
                 ++since_best;
             }
         }
         row.emplace_back("lr", optimizer.lr());
         row.emplace_back("seconds", progress.seconds());
-        if (o.verbose) progress.finish(Metrics(row.begin() + 1, row.end() - 1));
+        if (verbose) progress.finish(Metrics(row.begin() + 1, row.end() - 1));
         if (log) log->write(row);
         history.epochs.push_back(row);
         if (schedule) schedule->epoch_end(validating ? std::optional<double>(row.at("val_loss")) : std::nullopt);
         if (o.early_stopping > 0 && since_best >= o.early_stopping) {
             history.stopped_early = true;
-            if (o.verbose) std::printf("early stop: no better validation loss for %lld epochs\n", (long long)since_best);
+            if (verbose) std::printf("early stop: no better validation loss for %lld epochs\n", (long long)since_best);
             break;
         }
     }

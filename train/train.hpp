@@ -128,6 +128,17 @@ struct Dataset {
 // Splits off the last `fraction` of a shuffled order as validation set.
 std::pair<Dataset, Dataset> split(const Dataset& data, double fraction, Generator& gen);
 
+// Training across processes; dist::data_parallel() (dist/dist.hpp) fills it, and train knows
+// nothing of MPI. With world_size > 1, fit draws each process's batches from its shard of each
+// epoch's order, averages the gradients after backward (before clipping), sums the training
+// metrics across processes, and only rank 0 prints and writes files.
+struct Parallel {
+    int rank = 0, world_size = 1;
+    std::function<std::vector<std::int64_t>(std::int64_t n, std::uint64_t seed, std::int64_t epoch)> shard;
+    std::function<void(double weight)> average_gradients;  // weight: this process's examples in the batch
+    std::function<double(double)> sum;
+};
+
 struct FitOptions {
     std::int64_t epochs = 10;
     std::int64_t batch_size = 32;
@@ -145,6 +156,7 @@ struct FitOptions {
     // as one row to gradient_log (.jsonl or .csv) beside "step" and "epoch". 0: never.
     std::int64_t gradient_report_every = 0;
     std::string gradient_log;
+    Parallel parallel;  // one process unless dist::data_parallel() says otherwise
 };
 
 struct History {

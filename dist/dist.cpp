@@ -1,0 +1,248 @@
+#include "dist.hpp"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "../core/random.hpp"
+
+namespace loom::dist {
+
+namespace {
+
+void check_mpi(int code, const char* what)
+{
+    if (code == MPI_SUCCESS) return;
+    char text[MPI_MAX_ERROR_STRING];
+    int length = 0;
+    MPI_Error_string(code, text, &length);
+    fail("dist", "{} failed: {}", what, std::string(text, static_cast<std::size_t>(length)));
+}
+
+MPI_Datatype mpi_type(DType dtype)
+{
+    if (dtype == kFloat32) return MPI_FLOAT;
+    if (dtype == kFloat64) return MPI_DOUBLE;
+    if (dtype == kInt64) return MPI_INT64_T;
+    if (dtype == kBool) return MPI_C_BOOL;
+    fail("dist", "no MPI type for dtype {}", dtype);
+}
+
+void* raw_data(const Tensor& t)
+{
+    return dispatch(t.dtype(), [&]<class T>() { return static_cast<void*>(t.data_ptr<T>()); });
+}
+
+// One line per parameter and buffer: "parameter name float32 [3, 4]".
+std::vector<std::string> model_signature(const nn::Module& model)
+{
+    std::vector<std::string> lines;
+    for (const auto& [name, t] : model.named_parameters())
+        lines.push_back(fmt::format("parameter {} {} {}", name, t.dtype(), t.sizes()));
+    for (const auto& [name, t] : model.named_buffers())
+        lines.push_back(fmt::format("buffer {} {} {}", name, t.dtype(), t.sizes()));
+    return lines;
+}
+
+std::string joined(const std::vector<std::string>& lines)
+{
+    std::string s;
+    for (const auto& line : lines) s += line + '\n';
+    return s;
+}
+
+std::vector<std::string> split_lines(const std::string& s)
+{
+    std::vector<std::string> lines;
+    for (std::size_t at = 0; at < s.size();) {
+        const std::size_t end = s.find('\n', at);
+        lines.push_back(s.substr(at, end - at));
+        at = end + 1;
+    }
+    return lines;
+}
+
+}  // namespace
+
+Environment::Environment(int* argc, char*** argv)
+{
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) check_mpi(MPI_Init(argc, argv), "MPI_Init");
+    // Errors come back as codes that check_mpi turns into loom::Error, instead of ending the job
+    // from inside MPI with a message that does not say which call failed.
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+}
+
+Environment::~Environment()
+{
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Finalize();
+}
+
+int rank()
+{
+    int r = 0;
+    check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &r), "MPI_Comm_rank");
+    return r;
+}
+
+int world_size()
+{
+    int n = 1;
+    check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &n), "MPI_Comm_size");
+    return n;
+}
+
+bool is_main() { return rank() == 0; }
+
+void barrier() { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+
+void abort(const std::exception& error)
+{
+    int r = -1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    std::fprintf(stderr, "rank %d: %s\n", r, error.what());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    std::_Exit(1);  // MPI_Abort does not return; this is for the compiler
+}
+
+double sum(double value)
+{
+    double total = 0;
+    check_mpi(MPI_Allreduce(&value, &total, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+    return total;
+}
+
+void check_same_model(const nn::Module& model)
+{
+    // Process 0's signature goes to all; each compares it with its own, and all learn whether any differed.
+    const std::vector<std::string> mine = model_signature(model);
+    std::string theirs = joined(mine);
+    long long length = static_cast<long long>(theirs.size());
+    check_mpi(MPI_Bcast(&length, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD), "MPI_Bcast");
+    theirs.resize(static_cast<std::size_t>(length));
+    check_mpi(MPI_Bcast(theirs.data(), static_cast<int>(length), MPI_CHAR, 0, MPI_COMM_WORLD), "MPI_Bcast");
+    const std::vector<std::string> reference = split_lines(theirs);
+    std::string difference;
+    for (std::size_t k = 0; k < std::max(mine.size(), reference.size()) && difference.empty(); ++k) {
+        const std::string a = k < mine.size() ? mine[k] : "nothing", b = k < reference.size() ? reference[k] : "nothing";
+        if (a != b) difference = fmt::format("entry {} of the model is \"{}\" here but \"{}\" on rank 0", k + 1, a, b);
+    }
+    int differs = !difference.empty(), any = 0;
+    check_mpi(MPI_Allreduce(&differs, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
+    if (differs) fail("dist", "the model differs across processes: {}", difference);
+    if (any) fail("dist", "the model differs across processes (the process that differs names the difference)");
+}
+
+void broadcast_parameters(nn::Module& model, int root)
+{
+    const auto send = [&](const Tensor& t) {
+        LOOM_CHECK(t.is_contiguous(), "broadcast_parameters", "expects contiguous parameters and buffers");
+        check_mpi(MPI_Bcast(raw_data(t), static_cast<int>(t.numel()), mpi_type(t.dtype()), root, MPI_COMM_WORLD),
+                  "MPI_Bcast");
+    };
+    for (const auto& [name, t] : model.named_parameters()) send(t);
+    for (const auto& [name, t] : model.named_buffers()) send(t);
+}
+
+GradientAverager::GradientAverager(std::vector<Tensor> parameters, std::size_t bucket_bytes)
+    : parameters_(std::move(parameters))
+{
+    LOOM_CHECK(bucket_bytes > 0, "GradientAverager", "expects a positive bucket size");
+    std::size_t bytes = 0;
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+        const Tensor& p = parameters_[i];
+        LOOM_CHECK(p.dtype() == kFloat32 || p.dtype() == kFloat64, "GradientAverager",
+                   "parameter {} is {}; expected float32 or float64", i, p.dtype());
+        const std::size_t size = static_cast<std::size_t>(p.numel()) * dtype_size(p.dtype());
+        if (buckets_.empty() || bytes + size > bucket_bytes || parameters_[buckets_.back()[0]].dtype() != p.dtype()) {
+            buckets_.emplace_back();
+            bytes = 0;
+        }
+        buckets_.back().push_back(i);
+        bytes += size;
+    }
+}
+
+void GradientAverager::average(double weight)
+{
+    NoGradGuard no_grad;
+    // Which parameters have a gradient anywhere, and the total weight, in one small reduction.
+    std::vector<double> flags(parameters_.size() + 1);
+    for (std::size_t i = 0; i < parameters_.size(); ++i) flags[i] = parameters_[i].grad().defined();
+    flags.back() = weight;
+    std::vector<double> totals(flags.size());
+    check_mpi(MPI_Allreduce(flags.data(), totals.data(), static_cast<int>(flags.size()), MPI_DOUBLE, MPI_SUM,
+                            MPI_COMM_WORLD),
+              "MPI_Allreduce");
+    const double total_weight = totals.back();
+    LOOM_CHECK(total_weight > 0, "GradientAverager", "the weights of all processes sum to {}; expected > 0",
+               total_weight);
+
+    std::vector<Tensor> packed(buckets_.size());
+    std::vector<MPI_Request> requests(buckets_.size(), MPI_REQUEST_NULL);
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+        std::vector<Tensor> parts;
+        for (std::size_t i : buckets_[b]) {
+            const Tensor& p = parameters_[i];
+            const Tensor g = p.grad();
+            parts.push_back(g.defined() ? (g * weight).reshape({-1}) : zeros({p.numel()}, p.dtype()));
+        }
+        packed[b] = contiguous(concat(parts, 0));
+        check_mpi(MPI_Iallreduce(MPI_IN_PLACE, raw_data(packed[b]), static_cast<int>(packed[b].numel()),
+                                 mpi_type(packed[b].dtype()), MPI_SUM, MPI_COMM_WORLD, &requests[b]),
+                  "MPI_Iallreduce");
+    }
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+        check_mpi(MPI_Wait(&requests[b], MPI_STATUS_IGNORE), "MPI_Wait");
+        std::int64_t at = 0;
+        for (std::size_t i : buckets_[b]) {
+            const Tensor& p = parameters_[i];
+            if (totals[i] > 0) p.set_grad((packed[b].narrow(0, at, p.numel()) / total_weight).reshape(p.sizes()));
+            at += p.numel();
+        }
+    }
+}
+
+ShardSampler::ShardSampler(std::int64_t n, std::uint64_t seed, int rank, int world_size)
+    : n_(n), seed_(seed), rank_(rank), world_(world_size)
+{
+    LOOM_CHECK(n > 0, "ShardSampler", "expects at least one example, got {}", n);
+    LOOM_CHECK(world_size > 0 && rank >= 0 && rank < world_size, "ShardSampler",
+               "rank {} is not in a world of {} processes", rank, world_size);
+}
+
+std::vector<std::int64_t> ShardSampler::indices(std::int64_t epoch) const
+{
+    Generator gen(seed_ + static_cast<std::uint64_t>(epoch));
+    std::vector<std::int64_t> order(static_cast<std::size_t>(n_));
+    for (std::int64_t i = 0; i < n_; ++i) order[static_cast<std::size_t>(i)] = i;
+    for (std::int64_t i = n_ - 1; i > 0; --i) std::swap(order[std::size_t(i)], order[std::size_t(gen.randint(0, i + 1))]);
+    const std::int64_t each = (n_ + world_ - 1) / world_;
+    std::vector<std::int64_t> mine;
+    for (std::int64_t k = 0; k < each; ++k) mine.push_back(order[std::size_t((rank_ + k * world_) % n_)]);
+    return mine;
+}
+
+train::Parallel data_parallel(nn::Module& model, std::size_t bucket_bytes)
+{
+    check_same_model(model);
+    broadcast_parameters(model);
+    auto averager = std::make_shared<GradientAverager>(model.parameters(), bucket_bytes);
+    train::Parallel p;
+    p.rank = rank();
+    p.world_size = world_size();
+    p.shard = [rank = p.rank, world = p.world_size](std::int64_t n, std::uint64_t seed, std::int64_t epoch) {
+        return ShardSampler(n, seed, rank, world).indices(epoch);
+    };
+    p.average_gradients = [averager](double weight) { averager->average(weight); };
+    p.sum = [](double value) { return sum(value); };
+    return p;
+}
+
+}  // namespace loom::dist

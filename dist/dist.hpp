@@ -1,0 +1,92 @@
+// loom::dist: data-parallel training over MPI (OpenMPI), as Horovod and PyTorch's mpi backend do.
+// Optional: built as libloom_dist when meson finds MPI. Every process holds the whole model and
+// a shard of each batch; gradients are averaged across processes before the optimizer's step, so
+// every process takes the same step. Depends on nn, optim and train; nothing below knows of it.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+#include "../nn/module.hpp"
+#include "../train/train.hpp"
+
+namespace loom::dist {
+
+// MPI_Init on construction, MPI_Finalize on destruction; one per process, first thing in main.
+// Without mpirun it is a world of one process.
+class Environment {
+public:
+    Environment(int* argc, char*** argv);
+    ~Environment();
+    Environment(const Environment&) = delete;
+    Environment& operator=(const Environment&) = delete;
+};
+
+int rank();
+int world_size();
+bool is_main();  // rank 0: the one process that writes files and prints
+void barrier();
+
+// Ends the whole job: prints "rank r: <message>" to stderr and calls MPI_Abort, so that no
+// process waits forever on one that stopped. For an exception escaping the training loop.
+[[noreturn]] void abort(const std::exception& error);
+
+// Runs f(); an exception from it ends the job through abort(). Returns f's result.
+template <class F> auto run_or_abort(F&& f) -> decltype(f())
+{
+    try {
+        return f();
+    } catch (const std::exception& e) {
+        abort(e);
+    }
+}
+
+// The names, shapes and dtypes of the module's parameters and buffers must be the same on every
+// process: if not, every process throws a loom::Error naming the first difference.
+void check_same_model(const nn::Module& model);
+
+// Copies the parameters and buffers of process `root` to every process.
+void broadcast_parameters(nn::Module& model, int root = 0);
+
+// Averages the gradients of `parameters` across processes after backward(). Gradients travel in
+// buckets of about bucket_bytes each; each bucket's all-reduce starts as soon as it is packed,
+// so packing the next bucket overlaps the reduction of the last. The average is weighted by each
+// process's `weight` (its examples in the batch), so shards of unequal size give exactly the
+// gradient of the whole batch's mean loss. A parameter without a gradient counts as zero; one
+// without a gradient on every process keeps none.
+class GradientAverager {
+public:
+    explicit GradientAverager(std::vector<Tensor> parameters, std::size_t bucket_bytes = 1 << 20);
+    void average(double weight = 1);
+    std::size_t buckets() const { return buckets_.size(); }
+
+private:
+    std::vector<Tensor> parameters_;
+    std::vector<std::vector<std::size_t>> buckets_;  // parameter indices, one dtype per bucket
+};
+
+// Each process's share of a shuffled order of n examples. Epoch e's order is the same on every
+// process (shuffled from seed + e); process r takes positions r, r + W, r + 2W, ... and shares
+// are padded by wrapping around, so every process gets ceil(n / W) examples and the same number
+// of batches.
+class ShardSampler {
+public:
+    ShardSampler(std::int64_t n, std::uint64_t seed, int rank = dist::rank(), int world_size = dist::world_size());
+    std::vector<std::int64_t> indices(std::int64_t epoch) const;
+
+private:
+    std::int64_t n_;
+    std::uint64_t seed_;
+    int rank_, world_;
+};
+
+// What train::fit needs to train across processes: checks that every process built the same
+// model, copies process 0's weights to all, and averages gradients in buckets of bucket_bytes.
+// Set it as FitOptions::parallel; batch_size is then the batch of each process.
+train::Parallel data_parallel(nn::Module& model, std::size_t bucket_bytes = 1 << 20);
+
+// A sum across processes, e.g. of examples seen or of losses.
+double sum(double value);
+
+}  // namespace loom::dist
