@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -64,13 +65,27 @@ std::vector<std::string> split_lines(const std::string& s)
     return lines;
 }
 
+bool mpi_running()
+{
+    int initialized = 0, finalized = 0;
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    return initialized && !finalized;
+}
+
+// mpirun (Open MPI's, or a PMI/PMIx launcher) tells its processes so in their environment.
+bool launched_by_mpirun()
+{
+    return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
+}
+
 }  // namespace
 
 Environment::Environment(int* argc, char*** argv)
 {
-    int initialized = 0;
-    MPI_Initialized(&initialized);
-    if (!initialized) check_mpi(MPI_Init(argc, argv), "MPI_Init");
+    // Started without mpirun: a world of one process, and MPI is not started at all.
+    if (!launched_by_mpirun() || mpi_running()) return;
+    check_mpi(MPI_Init(argc, argv), "MPI_Init");
     // Errors come back as codes that check_mpi turns into loom::Error, instead of ending the job
     // from inside MPI with a message that does not say which call failed.
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
@@ -78,13 +93,12 @@ Environment::Environment(int* argc, char*** argv)
 
 Environment::~Environment()
 {
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (!finalized) MPI_Finalize();
+    if (mpi_running()) MPI_Finalize();
 }
 
 int rank()
 {
+    if (!mpi_running()) return 0;
     int r = 0;
     check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &r), "MPI_Comm_rank");
     return r;
@@ -92,6 +106,7 @@ int rank()
 
 int world_size()
 {
+    if (!mpi_running()) return 1;
     int n = 1;
     check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &n), "MPI_Comm_size");
     return n;
@@ -99,20 +114,22 @@ int world_size()
 
 bool is_main() { return rank() == 0; }
 
-void barrier() { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+void barrier()
+{
+    if (mpi_running()) check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
+}
 
 void abort(const std::exception& error)
 {
-    int r = -1;
-    MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    std::fprintf(stderr, "rank %d: %s\n", r, error.what());
+    std::fprintf(stderr, "rank %d: %s\n", rank(), error.what());
     std::fflush(stderr);
-    MPI_Abort(MPI_COMM_WORLD, 1);
+    if (mpi_running()) MPI_Abort(MPI_COMM_WORLD, 1);
     std::_Exit(1);  // MPI_Abort does not return; this is for the compiler
 }
 
 double sum(double value)
 {
+    if (world_size() == 1) return value;
     double total = 0;
     check_mpi(MPI_Allreduce(&value, &total, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
     return total;
@@ -120,6 +137,7 @@ double sum(double value)
 
 void check_same_model(const nn::Module& model)
 {
+    if (world_size() == 1) return;
     // Process 0's signature goes to all; each compares it with its own, and all learn whether any differed.
     const std::vector<std::string> mine = model_signature(model);
     std::string theirs = joined(mine);
@@ -141,6 +159,7 @@ void check_same_model(const nn::Module& model)
 
 void broadcast_parameters(nn::Module& model, int root)
 {
+    if (world_size() == 1) return;
     const auto send = [&](const Tensor& t) {
         LOOM_CHECK(t.is_contiguous(), "broadcast_parameters", "expects contiguous parameters and buffers");
         check_mpi(MPI_Bcast(raw_data(t), static_cast<int>(t.numel()), mpi_type(t.dtype()), root, MPI_COMM_WORLD),
@@ -171,6 +190,7 @@ GradientAverager::GradientAverager(std::vector<Tensor> parameters, std::size_t b
 
 void GradientAverager::average(double weight)
 {
+    if (world_size() == 1) return;  // one process: its gradient is the average
     NoGradGuard no_grad;
     // Which parameters have a gradient anywhere, and the total weight, in one small reduction.
     std::vector<double> flags(parameters_.size() + 1);

@@ -14,7 +14,8 @@
 namespace loom::dist {
 
 // MPI_Init on construction, MPI_Finalize on destruction; one per process, first thing in main.
-// Without mpirun it is a world of one process.
+// Started without mpirun, the program is a world of one process and MPI is not started; every
+// call below then works on that one process (an average of one, a broadcast to itself).
 class Environment {
 public:
     Environment(int* argc, char*** argv);

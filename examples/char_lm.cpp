@@ -11,11 +11,15 @@
 
 #include <CLI/CLI.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
+
+#include "processes.hpp"
 
 using namespace loom;
 
@@ -85,9 +89,7 @@ Tensor streams(const std::vector<std::int64_t>& ids, std::int64_t B)
     return from_vector<std::int64_t>(std::vector<std::int64_t>(ids.begin(), ids.begin() + L * B), {B, L}).t().contiguous();
 }
 
-}  // namespace
-
-int main(int argc, char** argv)
+int train_and_sample(int argc, char** argv, Processes& processes)
 {
     CLI::App app{"char_lm: a character-level LSTM/GRU language model"};
     std::string text_path = std::string(LOOM_EXAMPLE_DATA) + "/moby_dick.txt", cell = "lstm", out_dir = "char_lm_out";
@@ -110,12 +112,16 @@ int main(int argc, char** argv)
     app.add_option("--clip", clip, "gradient norm clip")->check(CLI::PositiveNumber);
     app.add_option("--temperature", temperature, "sampling temperature")->check(CLI::PositiveNumber);
     app.add_option("--seed", seed, "random seed");
-    app.add_option("--threads", threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
+    auto* threads_option = app.add_option("--threads", threads, "OpenBLAS threads (under mpirun: 1 per process unless given)")
+                               ->check(CLI::Range(1, 256));
     app.add_option("--out", out_dir, "folder for the checkpoint, metrics log and loss chart");
     app.add_flag("--resume", resume, "continue from the checkpoint in --out");
     CLI11_PARSE(app, argc, argv);
 
+    // Under mpirun the processes share the cores: one BLAS thread each unless told otherwise.
+    if (processes.world_size > 1 && threads_option->count() == 0) threads = 1;
     set_num_threads(threads);
+    const bool main_process = processes.is_main();
     manual_seed(static_cast<std::uint64_t>(seed));
     std::ifstream in(text_path, std::ios::binary);
     if (!in) {
@@ -143,25 +149,35 @@ int main(int argc, char** argv)
                      (long long)seq_len);
         return 1;
     }
-    std::printf("text %s: %zu characters, %lld distinct; training on %zu, validating on %zu\n", text_path.c_str(),
-                chars.size(), (long long)V, train_ids.size(), val_ids.size());
+    if (main_process)
+        std::printf("text %s: %zu characters, %lld distinct; training on %zu, validating on %zu\n", text_path.c_str(),
+                    chars.size(), (long long)V, train_ids.size(), val_ids.size());
 
     const nn::CellKind kind = nn::cell_kind_from_name(cell);
     CharModel model(V, embed, hidden, layers, kind);
-    std::printf("%s", model.summary().c_str());
+    if (main_process) std::printf("%s", model.summary().c_str());
     optim::Adam opt(model.parameters(), optim::AdamOptions(lr));
     optim::CosineAnnealingLR schedule(opt, steps, lr / 20);
-    std::filesystem::create_directories(out_dir);
+    if (main_process) std::filesystem::create_directories(out_dir);
     const std::string checkpoint = out_dir + "/checkpoint.safetensors", log_path = out_dir + "/metrics.jsonl";
     std::int64_t start = 0;
     if (resume) {
         const auto info = optim::load_checkpoint(checkpoint, model, opt, &schedule);
         start = info.step;
-        std::printf("resumed from %s at step %lld\n", checkpoint.c_str(), (long long)start);
+        if (main_process) std::printf("resumed from %s at step %lld\n", checkpoint.c_str(), (long long)start);
     }
-    train::MetricsLog log(log_path, resume);
+    processes.share_weights(model);  // under mpirun: rank 0's weights to all, and averaged gradients from here
+    std::optional<train::MetricsLog> log;  // rank 0 alone writes files
+    if (main_process) log.emplace(log_path, resume);
+    if (processes.world_size > 1 && main_process)
+        std::printf("%d processes, each with %lld streams of its own and %d BLAS thread%s\n", processes.world_size,
+                    (long long)batch, threads, threads > 1 ? "s" : "");
 
-    const Tensor train_streams = streams(train_ids, batch), val_streams = streams(val_ids, batch);
+    // Each process reads its own `batch` of the world_size * batch streams over the text.
+    const Tensor train_streams = streams(train_ids, batch * processes.world_size)
+                                     .narrow(1, processes.rank * batch, batch)
+                                     .contiguous(),
+                 val_streams = streams(val_ids, batch);
     const std::int64_t per_stream = train_streams.size(0);
     const std::int64_t steps_per_epoch = (steps + epochs - 1) / epochs;
     const auto evaluate = [&] {  // mean bits per character over the held-out streams
@@ -185,6 +201,8 @@ int main(int argc, char** argv)
 
     nn::State state;
     double val_bpc = NAN;
+    const auto training_start = std::chrono::steady_clock::now();
+    std::int64_t sequences = 0;  // trained on by this process
     for (std::int64_t epoch_start = start - start % steps_per_epoch; epoch_start < steps; epoch_start += steps_per_epoch) {
         const std::int64_t epoch = epoch_start / steps_per_epoch + 1, epoch_end = std::min(steps, epoch_start + steps_per_epoch);
         train::Progress progress(fmt::format("epoch {}/{}", epoch, epochs), epoch_end - epoch_start);
@@ -199,20 +217,30 @@ int main(int argc, char** argv)
             const Tensor loss = nn::cross_entropy(logits.reshape({-1, V}), y.reshape({-1}));
             opt.zero_grad();
             loss.backward();
+            processes.average_gradients();
             nn::utils::clip_grad_norm(model.parameters(), clip);
             opt.step();
             schedule.step();
             loss_sum += loss.item<double>();
             ++loss_count;
-            progress.update(step + 1 - epoch_start, {{"loss", loss.item<double>()}});
+            sequences += batch;
+            if (main_process) progress.update(step + 1 - epoch_start, {{"loss", loss.item<double>()}});
         }
-        val_bpc = evaluate();
-        const double train_loss = loss_sum / double(std::max<std::int64_t>(loss_count, 1));
+        val_bpc = evaluate();  // every process: the same weights, the same number
+        const double train_loss = processes.sum(loss_sum) / processes.sum(double(std::max<std::int64_t>(loss_count, 1)));
+        if (!main_process) continue;
         progress.finish({{"loss", train_loss}, {"val_bpc", val_bpc}, {"lr", opt.lr()}});
-        log.write({{"epoch", double(epoch)}, {"step", double(epoch_end)}, {"train_loss", train_loss},
-                   {"train_bpc", train_loss / std::log(2.0)}, {"val_bpc", val_bpc}, {"lr", opt.lr()}});
+        log->write({{"epoch", double(epoch)}, {"step", double(epoch_end)}, {"train_loss", train_loss},
+                    {"train_bpc", train_loss / std::log(2.0)}, {"val_bpc", val_bpc}, {"lr", opt.lr()}});
         optim::save_checkpoint(checkpoint, model, opt, &schedule, {.epoch = epoch, .step = epoch_end});
     }
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - training_start).count();
+    const double all_per_second = processes.sum(double(sequences) / seconds);
+    if (!main_process) return 0;
+    std::printf("%.1f sequences of %lld characters per second per process, %.1f in all (%d process%s)\n",
+                all_per_second / processes.world_size, (long long)seq_len, all_per_second, processes.world_size,
+                processes.world_size > 1 ? "es" : "");
 
     // Loss chart from the log, and a sample from the model.
     std::vector<double> e, train_bpc, val;
@@ -247,4 +275,12 @@ int main(int argc, char** argv)
     std::printf("metrics: %s, chart: %s/loss.svg, checkpoint: %s\n", log_path.c_str(), out_dir.c_str(), checkpoint.c_str());
     std::printf("val_bpc %.4f\n", val_bpc);
     return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv)
+{
+    Processes processes(&argc, &argv);
+    return processes.run([&] { return train_and_sample(argc, argv, processes); });
 }

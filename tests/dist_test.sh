@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # loom::dist under mpirun -np 2: equivalence with one process, and faults that must end the job
-# within a time limit instead of hanging. $1: the dist_check program.
+# within a time limit instead of hanging; char_lm and classify_sequences under mpirun.
+# $1: the dist_check program, $2: the folder of the built examples.
 set -uo pipefail
-check_program=$1
+check_program=$1 examples=$2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -36,6 +37,22 @@ kill -9 "$(cat pid.1)" 2> /dev/null
 wait "$job" || rc=$?
 check "SIGKILL of one rank" "exit $rc in $((SECONDS - start)) s: $(grep -m1 -i 'signal' killed.out)" \
     "$([ -s pid.1 ] && [ "$rc" != 0 ] && [ "$rc" != 124 ] && echo 1 || echo 0)"
+
+# The examples under mpirun: char_lm with its own streams per process, resumed by one process
+# from the checkpoint the two wrote; classify_sequences through train::fit.
+rc=0; timeout 120 "${mpirun[@]}" "$examples/char_lm" --steps 40 --epochs 1 --batch 8 --seq-len 32 --hidden 32 --embed 16 \
+    --out lm > char_lm.out 2>&1 || rc=$?
+bpc=$(sed -n 's/^val_bpc \([0-9.]*\)/\1/p' char_lm.out)
+check "char_lm, 2 processes" "exit $rc, val_bpc $bpc; $(grep -m1 'in all' char_lm.out)" \
+    "$([ "$rc" = 0 ] && grep -q 'per process, .* in all (2 processes)' char_lm.out && awk -v b="$bpc" 'BEGIN { exit !(b != "" && b < 6.36 * 0.85) }' && echo 1 || echo 0)"
+rc=0; timeout 120 "$examples/char_lm" --steps 60 --epochs 2 --batch 8 --seq-len 32 --hidden 32 --embed 16 --out lm --resume \
+    > char_lm_resume.out 2>&1 || rc=$?
+check "char_lm, resumed by 1 process" "exit $rc: $(grep -m1 resumed char_lm_resume.out)" \
+    "$([ "$rc" = 0 ] && grep -q 'resumed from .* at step 40' char_lm_resume.out && grep -q '^val_bpc' char_lm_resume.out && echo 1 || echo 0)"
+rc=0; timeout 120 "${mpirun[@]}" "$examples/classify_sequences" --epochs 4 > classify.out 2>&1 || rc=$?
+acc=$(sed -n 's/^test_accuracy \([0-9.]*\)/\1/p' classify.out)
+check "classify_sequences, 2 processes" "exit $rc, test accuracy $acc, chance 0.33" \
+    "$([ "$rc" = 0 ] && grep -q '^2 processes' classify.out && awk -v a="$acc" 'BEGIN { exit !(a != "" && a > 0.6) }' && echo 1 || echo 0)"
 
 echo "$failures dist check(s) failed"
 [ "$failures" -eq 0 ]

@@ -1,0 +1,92 @@
+// The examples that train across processes (char_lm, classify_sequences) do it through this one
+// header: under mpirun with loom::dist built (LOOM_WITH_DIST), each process is one rank of the
+// job; otherwise, or when loom was built without MPI, the program is one process as always.
+#pragma once
+#include <loom/loom.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+
+#ifdef LOOM_WITH_DIST
+#include <loom/dist/dist.hpp>
+#endif
+
+class Processes {
+public:
+    Processes(int* argc, char*** argv)
+    {
+#ifdef LOOM_WITH_DIST
+        environment_.emplace(argc, argv);
+        rank = loom::dist::rank();
+        world_size = loom::dist::world_size();
+#else
+        (void)argc, (void)argv;
+        const char* launched = std::getenv("OMPI_COMM_WORLD_SIZE");
+        unsupported_ = launched && std::atoi(launched) > 1;
+#endif
+    }
+    int rank = 0, world_size = 1;
+    bool is_main() const { return rank == 0; }
+
+    // For train::fit: one process unless launched with several.
+    loom::train::Parallel fit_options(loom::nn::Module& model) const
+    {
+#ifdef LOOM_WITH_DIST
+        if (world_size > 1) return loom::dist::data_parallel(model);
+#endif
+        (void)model;
+        return {};
+    }
+    // For a loop of one's own: the same weights everywhere to start with, and averaged gradients.
+    void share_weights(loom::nn::Module& model)
+    {
+#ifdef LOOM_WITH_DIST
+        if (world_size > 1) {
+            loom::dist::check_same_model(model);
+            loom::dist::broadcast_parameters(model);
+            averager_ = std::make_unique<loom::dist::GradientAverager>(model.parameters());
+        }
+#endif
+        (void)model;
+    }
+    void average_gradients()
+    {
+#ifdef LOOM_WITH_DIST
+        if (averager_) averager_->average();
+#endif
+    }
+    double sum(double value) const
+    {
+#ifdef LOOM_WITH_DIST
+        if (world_size > 1) return loom::dist::sum(value);
+#endif
+        return value;
+    }
+    // Runs the program's body; under mpirun an exception ends every process (MPI_Abort).
+    template <class F> int run(F&& body)
+    {
+#ifdef LOOM_WITH_DIST
+        if (world_size > 1) return loom::dist::run_or_abort(body);
+#endif
+        if (unsupported_) {
+            std::fprintf(stderr, "this example was built without loom::dist (MPI was not found at build time), so it "
+                                 "cannot train across processes; install libopenmpi-dev and rebuild\n");
+            return 1;
+        }
+        try {
+            return body();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "%s\n", e.what());
+            return 1;
+        }
+    }
+
+private:
+    bool unsupported_ = false;  // launched by mpirun, but built without loom::dist
+#ifdef LOOM_WITH_DIST
+    std::optional<loom::dist::Environment> environment_;
+    std::unique_ptr<loom::dist::GradientAverager> averager_;
+#endif
+};
