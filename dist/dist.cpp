@@ -229,8 +229,8 @@ void GradientAverager::average(double weight)
     }
 }
 
-ShardSampler::ShardSampler(std::int64_t n, std::uint64_t seed, int rank, int world_size)
-    : n_(n), seed_(seed), rank_(rank), world_(world_size)
+ShardSampler::ShardSampler(std::int64_t n, std::uint64_t seed, int rank, int world_size, bool shuffle)
+    : n_(n), seed_(seed), rank_(rank), world_(world_size), shuffle_(shuffle)
 {
     LOOM_CHECK(n > 0, "ShardSampler", "expects at least one example, got {}", n);
     LOOM_CHECK(world_size > 0 && rank >= 0 && rank < world_size, "ShardSampler",
@@ -242,7 +242,7 @@ std::vector<std::int64_t> ShardSampler::indices(std::int64_t epoch) const
     Generator gen(seed_ + static_cast<std::uint64_t>(epoch));
     std::vector<std::int64_t> order(static_cast<std::size_t>(n_));
     for (std::int64_t i = 0; i < n_; ++i) order[static_cast<std::size_t>(i)] = i;
-    for (std::int64_t i = n_ - 1; i > 0; --i) std::swap(order[std::size_t(i)], order[std::size_t(gen.randint(0, i + 1))]);
+    for (std::int64_t i = n_ - 1; shuffle_ && i > 0; --i) std::swap(order[std::size_t(i)], order[std::size_t(gen.randint(0, i + 1))]);
     const std::int64_t each = (n_ + world_ - 1) / world_;
     std::vector<std::int64_t> mine;
     for (std::int64_t k = 0; k < each; ++k) mine.push_back(order[std::size_t((rank_ + k * world_) % n_)]);
@@ -257,8 +257,8 @@ train::Parallel data_parallel(nn::Module& model, std::size_t bucket_bytes)
     train::Parallel p;
     p.rank = rank();
     p.world_size = world_size();
-    p.shard = [rank = p.rank, world = p.world_size](std::int64_t n, std::uint64_t seed, std::int64_t epoch) {
-        return ShardSampler(n, seed, rank, world).indices(epoch);
+    p.shard = [rank = p.rank, world = p.world_size](std::int64_t n, bool shuffle, std::uint64_t seed, std::int64_t epoch) {
+        return ShardSampler(n, seed, rank, world, shuffle).indices(epoch);
     };
     p.average_gradients = [averager](double weight) { averager->average(weight); };
     p.sum = [](double value) { return sum(value); };

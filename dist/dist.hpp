@@ -73,13 +73,15 @@ private:
 // of batches.
 class ShardSampler {
 public:
-    ShardSampler(std::int64_t n, std::uint64_t seed, int rank = dist::rank(), int world_size = dist::world_size());
+    ShardSampler(std::int64_t n, std::uint64_t seed, int rank = dist::rank(), int world_size = dist::world_size(),
+                 bool shuffle = true);  // shuffle = false: the examples in order, every epoch
     std::vector<std::int64_t> indices(std::int64_t epoch) const;
 
 private:
     std::int64_t n_;
     std::uint64_t seed_;
     int rank_, world_;
+    bool shuffle_;
 };
 
 // What train::fit needs to train across processes: checks that every process built the same

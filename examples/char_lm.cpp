@@ -237,10 +237,14 @@ int train_and_sample(int argc, char** argv, Processes& processes)
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - training_start).count();
     const double all_per_second = processes.sum(double(sequences) / seconds);
+    const double averaging_share = processes.sum(processes.averaging_seconds / seconds) / processes.world_size;
     if (!main_process) return 0;
     std::printf("%.1f sequences of %lld characters per second per process, %.1f in all (%d process%s)\n",
                 all_per_second / processes.world_size, (long long)seq_len, all_per_second, processes.world_size,
                 processes.world_size > 1 ? "es" : "");
+    if (processes.world_size > 1)
+        std::printf("averaging gradients took %.1f%% of the training time, after backward (not overlapped with it)\n",
+                    100 * averaging_share);
 
     // Loss chart from the log, and a sample from the model.
     std::vector<double> e, train_bpc, val;

@@ -4,6 +4,7 @@
 #pragma once
 #include <loom/loom.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -54,9 +55,13 @@ public:
     void average_gradients()
     {
 #ifdef LOOM_WITH_DIST
-        if (averager_) averager_->average();
+        if (!averager_) return;
+        const auto start = std::chrono::steady_clock::now();
+        averager_->average();
+        averaging_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 #endif
     }
+    double averaging_seconds = 0;  // spent in average_gradients(), waiting on the other processes included
     double sum(double value) const
     {
 #ifdef LOOM_WITH_DIST

@@ -407,8 +407,7 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
         model.train();
         std::vector<std::vector<std::int64_t>> batches;
         if (parallel) {  // this process's shard of the epoch's order, in batches of batch_size
-            const auto mine = o.shuffle ? par.shard(train_data.size, o.seed, epoch)
-                                        : par.shard(train_data.size, o.seed, 0);
+            const auto mine = par.shard(train_data.size, o.shuffle, o.seed, epoch);
             for (std::size_t at = 0; at < mine.size(); at += static_cast<std::size_t>(o.batch_size))
                 batches.emplace_back(mine.begin() + std::ptrdiff_t(at),
                                      mine.begin() + std::ptrdiff_t(std::min(mine.size(), at + std::size_t(o.batch_size))));

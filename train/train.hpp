@@ -134,7 +134,8 @@ std::pair<Dataset, Dataset> split(const Dataset& data, double fraction, Generato
 // metrics across processes, and only rank 0 prints and writes files.
 struct Parallel {
     int rank = 0, world_size = 1;
-    std::function<std::vector<std::int64_t>(std::int64_t n, std::uint64_t seed, std::int64_t epoch)> shard;
+    // This process's share of the n examples in epoch `epoch`'s order (shuffled or in order).
+    std::function<std::vector<std::int64_t>(std::int64_t n, bool shuffle, std::uint64_t seed, std::int64_t epoch)> shard;
     std::function<void(double weight)> average_gradients;  // weight: this process's examples in the batch
     std::function<double(double)> sum;
 };
