@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "../core/random.hpp"
@@ -162,6 +163,9 @@ void broadcast_parameters(nn::Module& model, int root)
     if (world_size() == 1) return;
     const auto send = [&](const Tensor& t) {
         LOOM_CHECK(t.is_contiguous(), "broadcast_parameters", "expects contiguous parameters and buffers");
+        LOOM_CHECK(t.numel() <= std::numeric_limits<int>::max(), "broadcast_parameters",
+                   "a tensor of {} elements is more than one MPI call can send ({})", t.numel(),
+                   std::numeric_limits<int>::max());
         check_mpi(MPI_Bcast(raw_data(t), static_cast<int>(t.numel()), mpi_type(t.dtype()), root, MPI_COMM_WORLD),
                   "MPI_Bcast");
     };
@@ -178,8 +182,13 @@ GradientAverager::GradientAverager(std::vector<Tensor> parameters, std::size_t b
         const Tensor& p = parameters_[i];
         LOOM_CHECK(p.dtype() == kFloat32 || p.dtype() == kFloat64, "GradientAverager",
                    "parameter {} is {}; expected float32 or float64", i, p.dtype());
+        LOOM_CHECK(p.numel() <= std::numeric_limits<int>::max(), "GradientAverager",
+                   "parameter {} has {} elements, more than one MPI call can reduce ({})", i, p.numel(),
+                   std::numeric_limits<int>::max());
         const std::size_t size = static_cast<std::size_t>(p.numel()) * dtype_size(p.dtype());
-        if (buckets_.empty() || bytes + size > bucket_bytes || parameters_[buckets_.back()[0]].dtype() != p.dtype()) {
+        const bool too_many = !buckets_.empty() && bytes / dtype_size(p.dtype()) + static_cast<std::size_t>(p.numel()) >
+                                                          static_cast<std::size_t>(std::numeric_limits<int>::max());
+        if (buckets_.empty() || too_many || bytes + size > bucket_bytes || parameters_[buckets_.back()[0]].dtype() != p.dtype()) {
             buckets_.emplace_back();
             bytes = 0;
         }
