@@ -3,7 +3,7 @@
 # within a time limit instead of hanging; char_lm and classify_sequences under mpirun.
 # $1: the dist_check program, $2: the folder of the built examples.
 set -uo pipefail
-check_program=$1 examples=$2
+check_program=$(realpath "$1") examples=$(realpath "$2")  # meson passes paths relative to the build folder
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
