@@ -249,9 +249,7 @@ ShardSampler::ShardSampler(std::int64_t n, std::uint64_t seed, int rank, int wor
 std::vector<std::int64_t> ShardSampler::indices(std::int64_t epoch) const
 {
     Generator gen(seed_ + static_cast<std::uint64_t>(epoch));
-    std::vector<std::int64_t> order(static_cast<std::size_t>(n_));
-    for (std::int64_t i = 0; i < n_; ++i) order[static_cast<std::size_t>(i)] = i;
-    for (std::int64_t i = n_ - 1; shuffle_ && i > 0; --i) std::swap(order[std::size_t(i)], order[std::size_t(gen.randint(0, i + 1))]);
+    const std::vector<std::int64_t> order = train::minibatches(n_, n_, shuffle_ ? &gen : nullptr).front();
     const std::int64_t each = (n_ + world_ - 1) / world_;
     std::vector<std::int64_t> mine;
     for (std::int64_t k = 0; k < each; ++k) mine.push_back(order[std::size_t((rank_ + k * world_) % n_)]);

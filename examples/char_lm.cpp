@@ -202,7 +202,6 @@ int train_and_sample(int argc, char** argv, Processes& processes)
     nn::State state;
     double val_bpc = NAN;
     const auto training_start = std::chrono::steady_clock::now();
-    std::int64_t sequences = 0;  // trained on by this process
     for (std::int64_t epoch_start = start - start % steps_per_epoch; epoch_start < steps; epoch_start += steps_per_epoch) {
         const std::int64_t epoch = epoch_start / steps_per_epoch + 1, epoch_end = std::min(steps, epoch_start + steps_per_epoch);
         train::Progress progress(fmt::format("epoch {}/{}", epoch, epochs), epoch_end - epoch_start);
@@ -223,7 +222,6 @@ int train_and_sample(int argc, char** argv, Processes& processes)
             schedule.step();
             loss_sum += loss.item<double>();
             ++loss_count;
-            sequences += batch;
             if (main_process) progress.update(step + 1 - epoch_start, {{"loss", loss.item<double>()}});
         }
         val_bpc = evaluate();  // every process: the same weights, the same number
@@ -236,7 +234,8 @@ int train_and_sample(int argc, char** argv, Processes& processes)
     }
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - training_start).count();
-    const double all_per_second = processes.sum(double(sequences) / seconds);
+    const double sequences = double(std::max<std::int64_t>(steps - start, 0) * batch);  // trained on by this process
+    const double all_per_second = processes.sum(sequences / seconds);
     const double averaging_share = processes.sum(processes.averaging_seconds / seconds) / processes.world_size;
     if (!main_process) return 0;
     std::printf("%.1f sequences of %lld characters per second per process, %.1f in all (%d process%s)\n",

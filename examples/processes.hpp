@@ -7,7 +7,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <memory>
 #include <optional>
 
 #ifdef LOOM_WITH_DIST
@@ -41,25 +40,13 @@ public:
         return {};
     }
     // For a loop of one's own: the same weights everywhere to start with, and averaged gradients.
-    void share_weights(loom::nn::Module& model)
-    {
-#ifdef LOOM_WITH_DIST
-        if (world_size > 1) {
-            loom::dist::check_same_model(model);
-            loom::dist::broadcast_parameters(model);
-            averager_ = std::make_unique<loom::dist::GradientAverager>(model.parameters());
-        }
-#endif
-        (void)model;
-    }
+    void share_weights(loom::nn::Module& model) { shared_ = fit_options(model); }
     void average_gradients()
     {
-#ifdef LOOM_WITH_DIST
-        if (!averager_) return;
+        if (!shared_.average_gradients) return;  // one process: its gradient is the average
         const auto start = std::chrono::steady_clock::now();
-        averager_->average();
+        shared_.average_gradients(1);
         averaging_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-#endif
     }
     double averaging_seconds = 0;  // spent in average_gradients(), waiting on the other processes included
     double sum(double value) const
@@ -90,8 +77,8 @@ public:
 
 private:
     bool unsupported_ = false;  // launched by mpirun, but built without loom::dist
+    loom::train::Parallel shared_;  // what share_weights() set up
 #ifdef LOOM_WITH_DIST
     std::optional<loom::dist::Environment> environment_;
-    std::unique_ptr<loom::dist::GradientAverager> averager_;
 #endif
 };

@@ -256,10 +256,7 @@ Batch make_batch(const std::vector<Word>& words, const std::vector<Example>& exa
 std::vector<std::vector<Example>> length_batches(const std::vector<Word>& words, std::vector<Example> examples,
                                                  std::int64_t batch, Generator& gen)
 {
-    const auto shuffle = [&](auto& v) {
-        for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[gen.randint(0, std::int64_t(i))]);
-    };
-    shuffle(examples);
+    text_data::shuffle(examples, gen);
     const std::size_t chunk = static_cast<std::size_t>(batch) * 32;
     for (std::size_t at = 0; at < examples.size(); at += chunk)
         std::stable_sort(examples.begin() + at, examples.begin() + std::min(examples.size(), at + chunk),
@@ -270,7 +267,7 @@ std::vector<std::vector<Example>> length_batches(const std::vector<Word>& words,
     for (std::size_t at = 0; at < examples.size(); at += static_cast<std::size_t>(batch))
         batches.emplace_back(examples.begin() + at,
                              examples.begin() + std::min(examples.size(), at + static_cast<std::size_t>(batch)));
-    shuffle(batches);
+    text_data::shuffle(batches, gen);
     return batches;
 }
 
@@ -544,8 +541,7 @@ int main(int argc, char** argv)
         if (shown.count(w.spelling)) continue;
         (gen.uniform01() < test_fraction ? test_words : train_words).push_back(w);
     }
-    for (std::size_t i = test_words.size(); i > 1; --i)  // alphabetical no more: --eval-words and the table sample all letters
-        std::swap(test_words[i - 1], test_words[std::size_t(gen.randint(0, std::int64_t(i)))]);
+    text_data::shuffle(test_words, gen);  // alphabetical no more: --eval-words and the table sample all letters
     std::vector<Example> examples;
     for (std::size_t i = 0; i < train_words.size(); ++i)
         for (std::size_t p = 0; p < train_words[i].pronunciations.size(); ++p) examples.push_back({i, p});

@@ -77,7 +77,7 @@ Split stratified_split(const std::vector<Message>& messages, double test, double
     for (std::size_t i = 0; i < messages.size(); ++i) groups[messages[i].group].push_back(std::int64_t(i));
     Split s;
     for (auto& [name, members] : groups) {
-        for (std::size_t i = members.size(); i > 1; --i) std::swap(members[i - 1], members[std::size_t(gen.randint(0, std::int64_t(i)))]);
+        text_data::shuffle(members, gen);
         const auto n = static_cast<double>(members.size());
         const auto n_test = static_cast<std::size_t>(n * test + 0.5), n_val = static_cast<std::size_t>(n * validation + 0.5);
         s.test.insert(s.test.end(), members.begin(), members.begin() + n_test);

@@ -63,6 +63,19 @@ inline std::vector<std::string> csv_fields(const std::string& line, const std::s
     return fields;
 }
 
+// v in a seeded random order: train::minibatches' shuffle, so the examples' splits and batches
+// draw from the generator as loom's own shuffles do.
+template <class T> void shuffle(std::vector<T>& v, loom::Generator& gen)
+{
+    if (v.empty()) return;
+    const auto n = static_cast<std::int64_t>(v.size());
+    const std::vector<std::int64_t> order = loom::train::minibatches(n, n, &gen).front();
+    std::vector<T> shuffled;
+    shuffled.reserve(v.size());
+    for (std::int64_t i : order) shuffled.push_back(std::move(v[std::size_t(i)]));
+    v = std::move(shuffled);
+}
+
 inline std::u32string code_points(const std::string& utf8_text) { return utf8::utf8to32(utf8_text); }
 
 inline std::string to_utf8(const std::u32string& text) { return utf8::utf32to8(text); }
