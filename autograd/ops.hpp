@@ -86,6 +86,10 @@ Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype = kI
 // ---- linear algebra ----
 // 1-D, 2-D and batched operands like numpy.matmul; batch dims broadcast.
 Tensor matmul(const Tensor& a, const Tensor& b);
+// x [..., in] @ weight [out, in]^T + bias [out] (bias may be undefined), as torch's F.linear: a
+// dense layer in one op. Its backward adds the weight's and the bias's gradients where the sweep
+// sums them (a GEMM with beta = 1), so a weight used at every step costs no extra additions.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
 
 // ---- operators ----
 Tensor operator+(const Tensor& a, const Tensor& b);

@@ -256,4 +256,53 @@ Tensor matmul(const Tensor& a, const Tensor& b)
     return bmm(a.sizes() == sa ? a : expand(a, sa), b.sizes() == sb ? b : expand(b, sb));
 }
 
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
+{
+    LOOM_CHECK(weight.dim() == 2, "linear", "expects weight [out_features, in_features], got shape {}",
+               weight.sizes());
+    const std::int64_t out_features = weight.sizes()[0], in_features = weight.sizes()[1];
+    LOOM_CHECK(x.dim() >= 1 && x.sizes().back() == in_features, "linear",
+               "expects input [..., {}] for weight of shape {}, got shape {}", in_features, weight.sizes(), x.sizes());
+    kernels::check_same_dtype("linear", x, weight);
+    check_floating("linear", x.dtype());
+    if (bias.defined()) {
+        LOOM_CHECK(bias.dim() == 1 && bias.sizes()[0] == out_features, "linear",
+                   "expects bias [{}] for weight of shape {}, got shape {}", out_features, weight.sizes(),
+                   bias.sizes());
+        kernels::check_same_dtype("linear", x, bias);
+    }
+    Shape out_shape = x.sizes();
+    out_shape.back() = out_features;
+    std::int64_t rows = 1;
+    for (std::int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.sizes()[d];  // out_shape's count is already checked
+    Tensor out = empty({rows, out_features}, x.dtype());
+    if (bias.defined()) kernels::copy_into(out, bias);
+    kernels::matmul_into(out, kernels::reshape(x, {rows, in_features}), kernels::permute(weight, {1, 0}),
+                         bias.defined() ? 1.0 : 0.0);
+    out = kernels::view(out, out_shape);
+    const bool has_bias = bias.defined();
+    const auto backward = [has_bias, rows, in_features, out_features](const BackwardContext& c) {
+        const Tensor &x = c.saved[0], &w = c.saved[1];
+        const Tensor g = reshape(c.grad(), {rows, out_features});
+        Grads grads(c.needs.size());
+        if (c.needs[0]) grads[0] = reshape(matmul(g, w), c.input_shape(0));
+        if (c.needs[1]) {
+            const Tensor x2 = reshape(x, {rows, in_features});
+            if (const Tensor sum_so_far = c.accumulator(1); sum_so_far.defined())
+                kernels::matmul_into(sum_so_far, kernels::permute(g, {1, 0}), x2, 1.0);
+            else
+                grads[1] = matmul(transpose(g, 0, 1), x2);
+        }
+        if (has_bias && c.needs[2]) {
+            if (const Tensor sum_so_far = c.accumulator(2); sum_so_far.defined())
+                kernels::add_column_sums(sum_so_far, kernels::contiguous(g));
+            else
+                grads[2] = sum(g, {0});
+        }
+        return grads;
+    };
+    if (has_bias) return record("linear", {x, weight, bias}, out, {x, weight}, backward);
+    return record("linear", {x, weight}, out, {x, weight}, backward);
+}
+
 }  // namespace loom

@@ -160,7 +160,7 @@ Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool crea
 // released only once the whole sweep has succeeded, so a failed backward can be retried.
 // With create_graph every sum and every backward function is recorded on the tape (grad mode
 // on), so the gradients it returns are differentiable; nothing is then added in place.
-struct Sweep {
+struct Sweep final : autograd::GradientSums {
     std::vector<std::shared_ptr<autograd::Node>> touched;
     std::unordered_map<const autograd::Node*, autograd::PendingGrad> leaves;
     bool create_graph = false;
@@ -214,6 +214,17 @@ struct Sweep {
         kernels::add_into(p.sum, g);
     }
 
+    Tensor accumulator(const std::shared_ptr<autograd::Node>& node) override
+    {
+        autograd::PendingGrad& p = pending(node);
+        if (!p.sum.defined()) {
+            p.sum = zeros(node->shape, node->dtype);
+            p.owned = true;
+        }
+        own(p);
+        return p.sum;
+    }
+
     // Adds g into region(node's gradient), creating that gradient as zeros if need be.
     void add_region(const std::shared_ptr<autograd::Node>& node, const autograd::RegionFn& region, const Tensor& g)
     {
@@ -249,6 +260,8 @@ struct Sweep {
             // is looked up again after each call rather than held by reference.
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;
+            // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
+            if (!create_graph && !anomaly) ctx.sums = this;
             ctx.grads.resize(entries[i].outputs.size());
             bool reached = false, grads_recorded = false;
             for (std::size_t k = 0; k < entries[i].outputs.size(); ++k) {
@@ -372,6 +385,12 @@ namespace autograd {
 std::size_t tape_size() { return tape.entries.size(); }
 
 std::span<const Entry> tape_entries() { return tape.entries; }
+
+Tensor BackwardContext::accumulator(std::size_t k) const
+{
+    if (!sums || k >= needs.size() || !needs[k]) return Tensor();
+    return sums->accumulator((*inputs)[k]);
+}
 
 bool should_record(std::span<const Tensor> inputs)
 {

@@ -87,6 +87,14 @@ struct Saved {
 // not cost a heap allocation for each list.
 using InputNodes = SmallVector<std::shared_ptr<Node>, 3>;
 
+// Where a sweep sums the gradients arriving at each node.
+struct GradientSums {
+    virtual Tensor accumulator(const std::shared_ptr<Node>& node) = 0;
+
+protected:
+    ~GradientSums() = default;
+};
+
 // What an entry's backward function receives.
 struct BackwardContext {
     SmallVector<Tensor, 2> grads;  // one per output; undefined where no gradient arrived
@@ -96,7 +104,14 @@ struct BackwardContext {
     // backward is being recorded (create_graph): it must compute with differentiable ops, or
     // throw naming itself if it cannot.
     bool create_graph = false;
+    GradientSums* sums = nullptr;
     const Tensor& grad() const { return grads[0]; }
+    // Input k's gradient summed so far in this sweep (zeros if nothing arrived yet), as a
+    // contiguous buffer that backward may add its gradient into in place (a GEMM with beta = 1:
+    // a weight used at every step then costs no extra addition) and then return an undefined
+    // tensor for k. Undefined when the sweep offers none (create_graph, anomaly mode, or input k
+    // needs no gradient); backward then returns the gradient as usual.
+    Tensor accumulator(std::size_t k) const;
     // Shape of input k; known for every input that needs a gradient, so ops need not save it.
     const Shape& input_shape(std::size_t k) const { return (*inputs)[k]->shape; }
     DType input_dtype(std::size_t k) const { return (*inputs)[k]->dtype; }

@@ -578,6 +578,54 @@ Tensor bmm(const Tensor& a_in, const Tensor& b_in)
     return out;
 }
 
+void matmul_into(const Tensor& out, const Tensor& a_in, const Tensor& b_in, double beta)
+{
+    check_same_dtype("matmul", a_in, b_in);
+    check_same_dtype("matmul", out, a_in);
+    check_floating("matmul", a_in.dtype());
+    LOOM_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && out.dim() == 2 && out.is_contiguous(), "matmul",
+               "internal: matmul_into expects 2-D operands and a contiguous 2-D out, got {} @ {} into {}",
+               a_in.sizes(), b_in.sizes(), out.sizes());
+    const std::int64_t n = a_in.sizes()[0], k = a_in.sizes()[1], m = b_in.sizes()[1];
+    LOOM_CHECK(b_in.sizes()[0] == k && out.sizes()[0] == n && out.sizes()[1] == m, "matmul",
+               "internal: matmul_into of {} @ {} into {}", a_in.sizes(), b_in.sizes(), out.sizes());
+    LOOM_CHECK(n <= INT_MAX && k <= INT_MAX && m <= INT_MAX, "matmul", "matrix too large for BLAS: {} @ {}",
+               a_in.sizes(), b_in.sizes());
+    if (n == 0 || m == 0) return;
+    if (k == 0) {  // BLAS may not scale C when k is 0
+        dispatch_floating("matmul", out.dtype(), [&]<class T>() {
+            T* o = out.data_ptr<T>();
+            for (std::int64_t i = 0; i < n * m; ++i) o[i] = beta == 0 ? T(0) : T(beta) * o[i];
+        });
+        return;
+    }
+    BlasOperand la{}, lb{};
+    const Tensor a = blas_ready(a_in, la), b = blas_ready(b_in, lb);
+    dispatch_floating("matmul", a.dtype(), [&]<class T>() {
+        if constexpr (std::is_same_v<T, float>)
+            cblas_sgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0f, a.data_ptr<float>(), la.ld,
+                        b.data_ptr<float>(), lb.ld, float(beta), out.data_ptr<float>(), int(m));
+        else
+            cblas_dgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0, a.data_ptr<double>(), la.ld,
+                        b.data_ptr<double>(), lb.ld, beta, out.data_ptr<double>(), int(m));
+    });
+}
+
+void add_column_sums(const Tensor& out, const Tensor& rows)
+{
+    check_same_dtype("accumulate gradient", out, rows);
+    LOOM_CHECK(out.dim() == 1 && rows.dim() == 2 && rows.sizes()[1] == out.sizes()[0] && out.is_contiguous() &&
+                   rows.is_contiguous(),
+               "accumulate gradient", "internal: add_column_sums of {} into {}", rows.sizes(), out.sizes());
+    dispatch_floating("accumulate gradient", out.dtype(), [&]<class T>() {
+        T* o = out.data_ptr<T>();
+        const T* r = rows.data_ptr<T>();
+        const std::int64_t n = rows.sizes()[0], m = rows.sizes()[1];
+        for (std::int64_t i = 0; i < n; ++i)
+            for (std::int64_t j = 0; j < m; ++j) o[j] += r[i * m + j];
+    });
+}
+
 void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b)
 {
     LOOM_CHECK(a.dtype() == b.dtype(), op, "dtypes differ: {} (shape {}) and {} (shape {}); convert one with .to()",

@@ -49,6 +49,11 @@ Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype);
 // ---- linear algebra ----
 // a [..., n, k] @ b [..., k, m] -> [..., n, m], batch dims equal. Strided operands go to BLAS as they are.
 Tensor bmm(const Tensor& a, const Tensor& b);
+// out [n, m] = a [n, k] @ b [k, m] + beta * out, for 2-D operands (strided or transposed views
+// are read as they are) and a contiguous out: with beta = 1 a product is added where it lands.
+void matmul_into(const Tensor& out, const Tensor& a, const Tensor& b, double beta);
+// out [m] += the sum of the rows of rows [n, m]; both contiguous, same floating dtype.
+void add_column_sums(const Tensor& out, const Tensor& rows);
 
 // ---- elementwise machinery ----
 

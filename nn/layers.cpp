@@ -18,8 +18,7 @@ Tensor Dense::forward(const Tensor& x)
 {
     LOOM_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "Dense",
                "expects input [..., {}], got shape {} (last dim is the feature size)", in_features, x.sizes());
-    Tensor y = matmul(x, weight.t());
-    return bias.defined() ? y + bias : y;
+    return linear(x, weight, bias);
 }
 
 Embedding::Embedding(std::int64_t n, std::int64_t d, std::optional<std::int64_t> padding, DType dtype)

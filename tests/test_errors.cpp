@@ -26,6 +26,16 @@ TEST_CASE("shapes that do not broadcast")
     check_error([] { ones({2}).copy_(ones({3})); }, {"copy_", "[3]", "[2]"});
 }
 
+TEST_CASE("linear with mismatched shapes or dtypes")
+{
+    const Tensor x = ones({2, 3}), w = ones({4, 3});
+    check_error([&] { (void)linear(x, ones({3})); }, {"linear", "weight [out_features, in_features]", "[3]"});
+    check_error([&] { (void)linear(ones({2, 5}), w); }, {"linear", "input [..., 3]", "[2, 5]"});
+    check_error([&] { (void)linear(x, w, ones({3})); }, {"linear", "bias [4]", "[3]"});
+    check_error([&] { (void)linear(x, w, ones({4}, kFloat64)); }, {"linear", "float32", "float64"});
+    check_error([&] { (void)linear(ones({2, 3}, kInt64), ones({4, 3}, kInt64)); }, {"linear", "int64"});
+}
+
 TEST_CASE("masked_softmax with a bad mask or dim")
 {
     const Tensor x = ones({2, 3});

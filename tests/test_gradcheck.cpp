@@ -115,6 +115,17 @@ std::vector<Case> cases()
         {"matmul batched", {{2, 3, 4}, {2, 4, 2}}, [](V x) { return matmul(x[0], x[1]); }},
         {"matmul batch broadcast", {{2, 1, 2, 3}, {3, 3, 2}}, [](V x) { return matmul(x[0], x[1]); }},
         {"matmul 3-D by 2-D", {{4, 2, 3}, {3, 5}}, [](V x) { return matmul(x[0], x[1]); }},
+        // linear: bias or none, inputs of 1 to 3 dims, a transposed weight view, a weight used at every step
+        {"linear", {{3, 4}, {2, 4}, {2}}, [](V x) { return linear(x[0], x[1], x[2]); }},
+        {"linear without bias, 3-D input", {{2, 3, 4}, {5, 4}}, [](V x) { return linear(x[0], x[1]); }},
+        {"linear 1-D input", {{4}, {3, 4}, {3}}, [](V x) { return linear(x[0], x[1], x[2]); }},
+        {"linear transposed weight", {{3, 4}, {4, 2}, {2}}, [](V x) { return linear(x[0], x[1].t(), x[2]) * x[2]; }},
+        {"linear weight shared over 4 steps", {{4, 2, 3}, {5, 3}, {5}, {5, 5}},
+         [](V x) {
+             Tensor h = zeros({2, 5}, kFloat64);
+             for (int t = 0; t < 4; ++t) h = tanh(linear(x[0].select(0, t), x[1], x[2]) + linear(h, x[3]));
+             return h * x[2].sum() + x[3].sum();
+         }},
         // compositions
         {"tanh RNN unrolled over 5 steps", {{5, 2, 3}, {4, 3}, {4, 4}, {4}, {2, 4}},
          [](V x) {

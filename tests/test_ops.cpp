@@ -219,3 +219,35 @@ TEST_CASE("matmul: 1-D, 2-D, batched, broadcast, and strided views")
     CHECK(matmul(zeros({2, 0}), zeros({0, 3})).sizes() == Shape{2, 3});
     CHECK(close(matmul(zeros({2, 0}), zeros({0, 3})), std::vector<double>(6, 0)));
 }
+
+TEST_CASE("linear equals x W^T + b, and its in-place gradient sums equal the composed ones")
+{
+    Generator gen(7);
+    const Tensor x = randn({6, 2, 3}, kFloat64, &gen), w = randn({4, 3}, kFloat64, &gen),
+                 u = randn({4, 4}, kFloat64, &gen), b = randn({4}, kFloat64, &gen);
+    CHECK(testing::close_tensors(linear(x, w, b), matmul(x, w.t()) + b, 1e-14));
+    CHECK(testing::close_tensors(linear(x, w), matmul(x, w.t()), 1e-14));
+    // The weights get gradients from other ops too, before and after linear's in the sweep, and
+    // a hook on u doubles its gradient: the sums must equal those of the composed formula.
+    const auto gradients = [&](bool use_linear) {
+        Tensor W = w.clone().requires_grad_(), U = u.clone().requires_grad_(), B = b.clone().requires_grad_();
+        U.register_hook([](const Tensor& g) { return g * 2.0; });
+        const auto dense = [&](const Tensor& in, const Tensor& weight, const Tensor& bias) {
+            if (use_linear) return linear(in, weight, bias);
+            const Tensor y = matmul(in, weight.t());
+            return bias.defined() ? y + bias : y;
+        };
+        Tensor h = zeros({2, 4}, kFloat64), loss = (W * W).sum();
+        for (std::int64_t t = 0; t < 6; ++t) h = tanh(dense(x.select(0, t), W, B) + dense(h, U, {}));
+        loss = loss + h.pow(2).sum() + W.sum() + B.sum() * 3.0 + U.sum();
+        loss.backward();
+        return std::vector<Tensor>{W.grad(), U.grad(), B.grad()};
+    };
+    const auto fast = gradients(true), composed = gradients(false);
+    for (std::size_t i = 0; i < fast.size(); ++i) CHECK(testing::close_tensors(fast[i], composed[i], 1e-12));
+    {  // anomaly mode checks every returned gradient, so nothing is summed in place: same numbers
+        autograd::DetectAnomalyGuard anomaly;
+        const auto checked = gradients(true);
+        for (std::size_t i = 0; i < fast.size(); ++i) CHECK(testing::close_tensors(checked[i], composed[i], 1e-12));
+    }
+}
