@@ -225,8 +225,19 @@ Tensor bmm(const Tensor& a, const Tensor& b)
     Tensor out = kernels::bmm(a, b);
     return record("matmul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
-        return Grads{c.needs[0] ? bmm(c.grad(), transpose(y, -1, -2)) : Tensor(),
-                     c.needs[1] ? bmm(transpose(x, -1, -2), c.grad()) : Tensor()};
+        // A 2-D operand's gradient is added where the sweep sums it when it offers that: a weight
+        // multiplied at every step (h @ W) then costs one GEMM at beta = 1 a step, no addition.
+        const auto gradient = [&](std::size_t k, const Tensor& left, const Tensor& right) {
+            if (!c.needs[k]) return Tensor();
+            if (left.dim() == 2) {
+                if (const Tensor sum_so_far = c.accumulator(k); sum_so_far.defined()) {
+                    kernels::matmul_into(sum_so_far, left, right, 1.0);
+                    return Tensor();
+                }
+            }
+            return bmm(left, right);
+        };
+        return Grads{gradient(0, c.grad(), transpose(y, -1, -2)), gradient(1, transpose(x, -1, -2), c.grad())};
     });
 }
 

@@ -193,7 +193,7 @@ struct Sweep final : autograd::GradientSums {
     static void own(autograd::PendingGrad& p)
     {
         if (!p.owned) {
-            p.sum = kernels::clone(p.sum);
+            p.sum = kernels::clone_keeping_layout(p.sum);
             p.owned = true;
         }
     }
@@ -222,6 +222,7 @@ struct Sweep final : autograd::GradientSums {
             p.owned = true;
         }
         own(p);
+        if (!p.sum.is_contiguous()) p.sum = kernels::clone(p.sum);
         return p.sum;
     }
 

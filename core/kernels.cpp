@@ -191,6 +191,30 @@ void copy_into(const Tensor& dst, const Tensor& src)
     });
 }
 
+bool is_dense(const Tensor& t)
+{
+    SmallVector<std::pair<std::int64_t, std::int64_t>, 6> dims;  // (stride, size) of each dim that steps
+    for (std::int64_t i = 0; i < t.dim(); ++i) {
+        if (t.sizes()[i] == 0) return true;
+        if (t.sizes()[i] > 1) dims.push_back({t.strides()[i], t.sizes()[i]});
+    }
+    std::sort(dims.begin(), dims.end());
+    std::int64_t expected = 1;
+    for (const auto& [stride, size] : dims) {
+        if (stride != expected) return false;
+        expected *= size;
+    }
+    return true;
+}
+
+Tensor clone_keeping_layout(const Tensor& t)
+{
+    if (t.is_contiguous() || !is_dense(t)) return clone(t);
+    Tensor block = empty({t.numel()}, t.dtype());
+    dispatch(t.dtype(), [&]<class T>() { std::copy_n(t.data_ptr<T>(), t.numel(), block.data_ptr<T>()); });
+    return as_strided(block, t.sizes(), t.strides(), 0);
+}
+
 void add_into(const Tensor& dst, const Tensor& src)
 {
     check_same_dtype("accumulate gradient", dst, src);
@@ -199,7 +223,9 @@ void add_into(const Tensor& dst, const Tensor& src)
     dispatch_floating("accumulate gradient", dst.dtype(), [&]<class T>() {
         T* d = dst.data_ptr<T>();
         const T* s = src.data_ptr<T>();
-        if (dst.is_contiguous() && src.is_contiguous()) {
+        // Both laid out alike in one block each (contiguous, or both transposed): element i of
+        // one block matches element i of the other.
+        if ((dst.is_contiguous() && src.is_contiguous()) || (dst.strides() == src.strides() && is_dense(dst))) {
             const std::int64_t n = dst.numel();
             for (std::int64_t i = 0; i < n; ++i) d[i] += s[i];
             return;
@@ -346,6 +372,29 @@ Tensor argmin(const Tensor& t, std::optional<std::int64_t> dim, bool keepdim)
     return arg_extreme<false>("argmin", t, dim, keepdim);
 }
 
+namespace {
+
+// Sums the leading `lead` dims of a contiguous float tensor row by row, in the order and double
+// precision of sum() but without its transposing copy: a bias's gradient over a batch.
+Tensor sum_leading(const Tensor& t, std::size_t lead, const Shape& shape)
+{
+    std::int64_t rows = 1;
+    for (std::size_t i = 0; i < lead; ++i) rows *= t.sizes()[i];
+    const std::int64_t width = rows == 0 ? 0 : t.numel() / rows;
+    Tensor out = empty(shape, t.dtype());
+    dispatch_floating("sum", t.dtype(), [&]<class T>() {
+        std::vector<double> acc(static_cast<std::size_t>(std::max<std::int64_t>(width, 0)), 0.0);
+        const T* p = t.data_ptr<T>();
+        for (std::int64_t r = 0; r < rows; ++r)
+            for (std::int64_t j = 0; j < width; ++j) acc[j] += p[r * width + j];
+        T* o = out.data_ptr<T>();
+        for (std::int64_t j = 0; j < width; ++j) o[j] = static_cast<T>(acc[j]);
+    });
+    return out;
+}
+
+}  // namespace
+
 Tensor sum_to(const Tensor& t, const Shape& shape)
 {
     if (t.sizes() == shape) return t;
@@ -353,6 +402,7 @@ Tensor sum_to(const Tensor& t, const Shape& shape)
     Shape dims;
     for (std::size_t i = 0; i < t.sizes().size(); ++i)
         if (i < lead || (shape[i - lead] == 1 && t.sizes()[i] != 1)) dims.push_back(static_cast<std::int64_t>(i));
+    if (dims.size() == lead && lead > 0 && t.is_contiguous() && is_floating(t.dtype())) return sum_leading(t, lead, shape);
     Tensor s = dims.empty() ? t : sum(t, dims, true);
     return reshape(s, shape);
 }

@@ -26,6 +26,12 @@ Shape infer_shape(std::string_view op, const Shape& shape, std::int64_t numel);
 void copy_into(const Tensor& dst, const Tensor& src);  // src broadcasts to dst; converts dtype
 void add_into(const Tensor& dst, const Tensor& src);   // dst += src, same shape and floating dtype
 Tensor contiguous(const Tensor& t);  // t itself when already contiguous
+// Whether t's elements fill one block of storage without gaps or overlaps, its dims in some
+// order: a contiguous tensor, or a permutation of one such as a transposed matrix.
+bool is_dense(const Tensor& t);
+// A copy laid out like t when t is dense (a transposed gradient stays transposed, so adding more
+// of the same layout into it is a linear pass), a contiguous copy otherwise.
+Tensor clone_keeping_layout(const Tensor& t);
 Tensor clone(const Tensor& t);
 Tensor to(const Tensor& t, DType dtype);  // t itself when the dtype already matches
 

@@ -244,10 +244,25 @@ TEST_CASE("linear equals x W^T + b, and its in-place gradient sums equal the com
         return std::vector<Tensor>{W.grad(), U.grad(), B.grad()};
     };
     const auto fast = gradients(true), composed = gradients(false);
+    // The sweep may sum a transposed weight's gradients in their transposed layout; .grad() is contiguous.
+    for (const Tensor& g : composed) CHECK(g.is_contiguous());
     for (std::size_t i = 0; i < fast.size(); ++i) CHECK(testing::close_tensors(fast[i], composed[i], 1e-12));
     {  // anomaly mode checks every returned gradient, so nothing is summed in place: same numbers
         autograd::DetectAnomalyGuard anomaly;
         const auto checked = gradients(true);
         for (std::size_t i = 0; i < fast.size(); ++i) CHECK(testing::close_tensors(checked[i], composed[i], 1e-12));
     }
+}
+
+TEST_CASE("a square is x * x exactly, and a bias's gradient over a batch is the batch sum")
+{
+    Generator gen(3);
+    for (DType dtype : {kFloat32, kFloat64}) {
+        const Tensor x = randn({5, 7}, dtype, &gen) * 100.0;
+        CHECK(testing::values(x.pow(2.0)) == testing::values(x * x));
+    }
+    const Tensor g = randn({4, 3, 6}, kFloat32, &gen);
+    Tensor b = zeros({6}).requires_grad_();
+    (zeros({4, 3, 6}) + b).backward(g);  // summed over the two leading dims in the sweep
+    CHECK(testing::values(b.grad()) == testing::values(g.sum({0, 1})));
 }
