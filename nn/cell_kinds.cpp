@@ -52,7 +52,7 @@ constexpr std::int64_t kSmallStepProduct = std::int64_t(1) << 16;
 
 // C [M, N] = A [M, K] B [K, N], all row-major and contiguous.
 // Blocks of 32 columns are summed in registers over all of K before they are stored.
-template <class T> void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C)
+template <class T> LOOM_VECTOR_CLONES void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C)
 {
     constexpr std::int64_t block = 32;
     for (std::int64_t m = 0; m < M; ++m) {
@@ -87,6 +87,13 @@ template <class T> void add_bias(T* rows, std::int64_t n, std::int64_t width, co
         for (std::int64_t j = 0; j < width; ++j) rows[r * width + j] += bias[j];
 }
 
+// rows [n, width] = bias [width] in every row; nothing when bias is null.
+template <class T> void copy_bias(T* rows, std::int64_t n, std::int64_t width, const T* bias)
+{
+    if (!bias) return;
+    for (std::int64_t r = 0; r < n; ++r) std::copy_n(bias, width, rows + r * width);
+}
+
 // out [width] += sum of rows [n, width]
 template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out)
 {
@@ -96,8 +103,7 @@ template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int6
 
 Tensor hidden_projection(const Tensor& h, const Tensor& w_hh, const Tensor& b_hh)
 {
-    Tensor gh = matmul(h, w_hh.t());
-    return b_hh.defined() ? gh + b_hh : gh;
+    return linear(h, w_hh, b_hh);
 }
 
 // One sequence's row of one step, forward. The rows a step reads and writes never overlap, which
@@ -127,7 +133,7 @@ struct RNNKind {
     static constexpr std::size_t states = 1;
     static constexpr bool separate_hidden_grad = false;
 
-    template <class T> static void step(const StepRow<T>& r, std::int64_t H, Nonlinearity nl)
+    template <class T> LOOM_VECTOR_CLONES static void step(const StepRow<T>& r, std::int64_t H, Nonlinearity nl)
     {
 #pragma GCC ivdep
         for (std::int64_t j = 0; j < H; ++j) {
@@ -137,7 +143,7 @@ struct RNNKind {
             r.next[0][j] = h;
         }
     }
-    template <class T> static void step_backward(const StepGradRow<T>& r, std::int64_t H, Nonlinearity nl)
+    template <class T> LOOM_VECTOR_CLONES static void step_backward(const StepGradRow<T>& r, std::int64_t H, Nonlinearity nl)
     {
 #pragma GCC ivdep
         for (std::int64_t j = 0; j < H; ++j) {
@@ -160,7 +166,7 @@ struct LSTMKind {
     static constexpr std::size_t states = 2;
     static constexpr bool separate_hidden_grad = false;
 
-    template <class T> static void step(const StepRow<T>& r, std::int64_t H, Nonlinearity)
+    template <class T> LOOM_VECTOR_CLONES static void step(const StepRow<T>& r, std::int64_t H, Nonlinearity)
     {
         T* g = r.saved;
 #pragma GCC ivdep
@@ -179,7 +185,7 @@ struct LSTMKind {
         if (r.grad_c) step_backward_rows<true>(r, H);
         else step_backward_rows<false>(r, H);
     }
-    template <bool KeepGradC, class T> static void step_backward_rows(const StepGradRow<T>& r, std::int64_t H)
+    template <bool KeepGradC, class T> LOOM_VECTOR_CLONES static void step_backward_rows(const StepGradRow<T>& r, std::int64_t H)
     {
         const T* g = r.saved;
 #pragma GCC ivdep
@@ -212,7 +218,7 @@ struct GRUKind {
     static constexpr std::size_t states = 1;
     static constexpr bool separate_hidden_grad = true;  // r scales h_n but not x_n
 
-    template <class T> static void step(const StepRow<T>& r, std::int64_t H, Nonlinearity)
+    template <class T> LOOM_VECTOR_CLONES static void step(const StepRow<T>& r, std::int64_t H, Nonlinearity)
     {
         T* g = r.saved;
 #pragma GCC ivdep
@@ -223,7 +229,7 @@ struct GRUKind {
             r.next[0][j] = (1 - z) * n + z * r.state[0][j];
         }
     }
-    template <class T> static void step_backward(const StepGradRow<T>& r, std::int64_t H, Nonlinearity)
+    template <class T> LOOM_VECTOR_CLONES static void step_backward(const StepGradRow<T>& r, std::int64_t H, Nonlinearity)
     {
         const T* g = r.saved;
 #pragma GCC ivdep
@@ -275,8 +281,11 @@ template <class T, class K> struct FusedLayer {
     void project(std::int64_t s0, std::int64_t s1, T* px) const
     {
         const std::int64_t t0 = first_time(s0, s1), rows = (s1 - s0) * B;
-        gemm<T>(false, true, rows, GH, I, x.data_ptr<T>() + t0 * B * I, w_ih.data_ptr<T>(), T(0), px);
-        add_bias<T>(px, rows, GH, ptr_or_null<T>(b_ih));
+        // The bias goes in first and the product is added onto it (beta = 1): BLAS then skips
+        // the pass that zeroes C for beta = 0, and no second pass adds the bias.
+        const T* bias = ptr_or_null<T>(b_ih);
+        copy_bias<T>(px, rows, GH, bias);
+        gemm<T>(false, true, rows, GH, I, x.data_ptr<T>() + t0 * B * I, w_ih.data_ptr<T>(), T(bias ? 1 : 0), px);
     }
 
     // Runs steps [s0, s1) from `state` (updated in place). Keeps what backward needs in `saved`
@@ -291,9 +300,13 @@ template <class T, class K> struct FusedLayer {
             const std::int64_t t = time_of(s), u = t - t0;
             if (entering)
                 for (std::size_t k = 0; k < S; ++k) std::copy_n(state[k], BH, entering + (std::int64_t(k) * n + u) * BH);
-            if (w_hh_t.defined()) small_gemm<T>(B, GH, H, state[0], w_hh_t.data_ptr<T>(), gh);
-            else gemm<T>(false, true, B, GH, H, state[0], p_w_hh, T(0), gh);  // one GEMM per step
-            add_bias<T>(gh, B, GH, p_b_hh);
+            if (w_hh_t.defined()) {
+                small_gemm<T>(B, GH, H, state[0], w_hh_t.data_ptr<T>(), gh);
+                add_bias<T>(gh, B, GH, p_b_hh);
+            } else {  // one GEMM per step, onto the bias as in project()
+                copy_bias<T>(gh, B, GH, p_b_hh);
+                gemm<T>(false, true, B, GH, H, state[0], p_w_hh, T(p_b_hh ? 1 : 0), gh);
+            }
             for (std::int64_t b = 0; b < B; ++b) {
                 const StepRow<T> row{px + (u * B + b) * GH, gh + b * GH,
                                      {state[0] + b * H, S > 1 ? state[1] + b * H : nullptr},
@@ -508,8 +521,7 @@ const CellKindRow& cell_kind_row(CellKind kind)
 
 Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
 {
-    Tensor gx = matmul(x, w_ih.t());
-    return b_ih.defined() ? gx + b_ih : gx;
+    return linear(x, w_ih, b_ih);
 }
 
 }  // namespace detail
