@@ -1,8 +1,11 @@
 // loom's side of the benchmark race: the workloads of bench/torch_reference.py, same sizes, same
 // loss, same Adam update, same output line. Run each workload in its own process.
 // Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint]
-// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6
+// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6, or W3-sgemm: the GEMMs alone of
+// W3's fused LSTM layer, with the same shapes, called straight on OpenBLAS (the limit for W3).
 #include <loom/loom.hpp>
+
+#include <cblas.h>
 
 #include <sys/resource.h>
 
@@ -141,6 +144,50 @@ struct Adam {
     }
 };
 
+double median(std::vector<double> v)
+{
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+// The GEMMs a fused LSTM layer over [T, B, I] with hidden size H runs, straight on OpenBLAS:
+// forward, the input projection over all steps and one hidden product per step; backward, one
+// product through W_hh per step, then dx, dW_ih and dW_hh over all steps. Prints the median ms
+// of each phase: what W3 would take if everything but its GEMMs were free.
+void sgemm_limit(int threads, int steps)
+{
+    const int T = 50, B = 64, I = 512, H = 1024, G = 4 * H;
+    openblas_set_num_threads(threads);
+    std::vector<float> x(std::size_t(T) * B * I, 0.01f), w_ih(std::size_t(G) * I, 0.01f),
+        w_hh(std::size_t(G) * H, 0.01f), gates(std::size_t(T) * B * G, 0.01f), h(std::size_t(T) * B * H, 0.01f),
+        dx(x.size()), dw_ih(w_ih.size()), dw_hh(w_hh.size()), dh(std::size_t(B) * H);
+    const auto RM = CblasRowMajor;
+    const auto N = CblasNoTrans, Tr = CblasTrans;
+    const auto forward = [&] {
+        cblas_sgemm(RM, N, Tr, T * B, G, I, 1, x.data(), I, w_ih.data(), I, 1, gates.data(), G);
+        for (int t = 0; t < T; ++t)
+            cblas_sgemm(RM, N, Tr, B, G, H, 1, h.data() + std::size_t(t) * B * H, H, w_hh.data(), H, 1,
+                        gates.data() + std::size_t(t) * B * G, G);
+    };
+    const auto backward = [&] {
+        for (int t = T - 1; t >= 0; --t)
+            cblas_sgemm(RM, N, N, B, H, G, 1, gates.data() + std::size_t(t) * B * G, G, w_hh.data(), H, 0, dh.data(), H);
+        cblas_sgemm(RM, N, N, T * B, I, G, 1, gates.data(), G, w_ih.data(), I, 0, dx.data(), I);
+        cblas_sgemm(RM, Tr, N, G, I, T * B, 1, gates.data(), G, x.data(), I, 1, dw_ih.data(), I);
+        cblas_sgemm(RM, Tr, N, G, H, T * B, 1, gates.data(), G, h.data(), H, 1, dw_hh.data(), H);
+    };
+    const auto time = [](const auto& f) {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    };
+    forward(), backward();
+    std::vector<double> f, b;
+    for (int i = 0; i < steps; ++i) f.push_back(time(forward)), b.push_back(time(backward));
+    std::printf("W3-sgemm threads=%d forward_ms=%.3f backward_ms=%.3f ms=%.3f\n", threads, median(f), median(b),
+                median(f) + median(b));
+}
+
 }  // namespace
 
 int main(int argc, char** argv)
@@ -159,13 +206,26 @@ int main(int argc, char** argv)
         else if (!std::strcmp(argv[i], "--composed")) fused = false;
         else if (!std::strcmp(argv[i], "--checkpoint")) checkpoint = true;
     }
+    if (name == "W3-sgemm") {
+        sgemm_limit(threads, steps ? steps : 5);
+        return 0;
+    }
     manual_seed(0);
     set_num_threads(threads);
     Workload w = build(name, fused, checkpoint);
     Adam adam(w.params);
+    std::vector<double> forward_times, backward_times;  // of the timed training steps, for the phases
+    const auto since = [](auto t0) {
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    };
     const auto train_step = [&] {
         for (auto& p : w.params) p.zero_grad();
-        w.loss().backward();
+        const auto t0 = std::chrono::steady_clock::now();
+        const Tensor loss = w.loss();
+        forward_times.push_back(since(t0));
+        const auto t1 = std::chrono::steady_clock::now();
+        loss.backward();
+        backward_times.push_back(since(t1));
         adam.update();
     };
     const auto infer_step = [&] {
@@ -176,18 +236,21 @@ int main(int argc, char** argv)
     if (!steps) steps = heavy ? 5 : 20;
     for (int i = 0; i < (heavy ? 1 : 3); ++i) infer ? infer_step() : train_step();
     std::vector<double> times;
+    forward_times.clear(), backward_times.clear();
     for (int i = 0; i < steps; ++i) {
         const auto t0 = std::chrono::steady_clock::now();
         infer ? infer_step() : train_step();
-        times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        times.push_back(since(t0));
     }
-    std::sort(times.begin(), times.end());
-    const double ms = times[times.size() / 2];
+    const double ms = median(times);
     const double flops = infer ? w.flops : 3 * w.flops;
     rusage usage{};
     getrusage(RUSAGE_SELF, &usage);
     const char* variant = !fused ? " composed" : checkpoint ? " checkpoint" : "";
-    std::printf("%s %s threads=%d ms=%.3f gflops=%.1f peak_rss_mib=%.0f%s\n", name.c_str(), infer ? "infer" : "train",
-                threads, ms, flops / ms / 1e6, double(usage.ru_maxrss) / 1024, variant);
+    const std::string phases = infer ? std::string()
+                                     : fmt::format(" forward_ms={:.3f} backward_ms={:.3f}", median(forward_times),
+                                                   median(backward_times));
+    std::printf("%s %s threads=%d ms=%.3f gflops=%.1f peak_rss_mib=%.0f%s%s\n", name.c_str(), infer ? "infer" : "train",
+                threads, ms, flops / ms / 1e6, double(usage.ru_maxrss) / 1024, phases.c_str(), variant);
     return 0;
 }
