@@ -28,7 +28,7 @@ struct Tape {
     std::uint64_t next_seq = 1;
     std::size_t compact_at = 1024;
     std::uint64_t id = next_tape_id++;
-    int recording_sweeps = 0;  // sweeps recording their backward (create_graph): compaction would move their entries
+    int running_sweeps = 0;  // sweeps hold indices into the tape, which compaction would move
 };
 [[gnu::tls_model("initial-exec")]] thread_local Tape tape;
 
@@ -90,7 +90,7 @@ void release(autograd::Entry& e)
 // Walking backwards lets one pass reclaim whole dead chains.
 void compact()
 {
-    if (tape.recording_sweeps > 0) return;  // a recording sweep holds indices into the tape
+    if (tape.running_sweeps > 0) return;  // a sweep holds indices into the tape
     std::vector<bool> dead(tape.entries.size(), false);
     for (std::size_t i = tape.entries.size(); i-- > 0;) {
         auto& e = tape.entries[i];
@@ -154,6 +154,28 @@ Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool crea
     return joined;
 }
 
+// An entry's backward function and inputs, moved out while the function runs and back after,
+// also when it throws: a backward that records (create_graph, or a checkpointed layer computing
+// a segment again) appends to the tape, which may move its entries.
+struct Borrowed {
+    std::vector<autograd::Entry>& entries;
+    std::size_t index;
+    autograd::BackwardFn backward;
+    autograd::InputNodes inputs;
+    Borrowed(std::vector<autograd::Entry>& entries_, std::size_t index_)
+        : entries(entries_), index(index_), backward(std::move(entries_[index_].backward)),
+          inputs(std::move(entries_[index_].inputs))
+    {
+    }
+    ~Borrowed()
+    {
+        entries[index].backward = std::move(backward);
+        entries[index].inputs = std::move(inputs);
+    }
+    Borrowed(const Borrowed&) = delete;
+    Borrowed& operator=(const Borrowed&) = delete;
+};
+
 // One reverse sweep. Gradients gather in PendingGrads: a non-leaf's own (its thread is this
 // one), a leaf's in this sweep (a leaf may be shared by threads sweeping at once). The
 // destructor clears them, so an error part-way leaves no stale state behind; entries are
@@ -167,13 +189,13 @@ struct Sweep final : autograd::GradientSums {
 
     explicit Sweep(bool create_graph) : create_graph(create_graph)
     {
-        if (create_graph) ++tape.recording_sweeps;
+        ++tape.running_sweeps;
     }
     ~Sweep()
     {
         for (auto& n : touched)
             if (n->seq != 0) n->pending = autograd::PendingGrad();  // a leaf's lives in `leaves`
-        if (create_graph) --tape.recording_sweeps;
+        --tape.running_sweeps;
     }
     Sweep(const Sweep&) = delete;
     Sweep& operator=(const Sweep&) = delete;
@@ -245,7 +267,8 @@ struct Sweep final : autograd::GradientSums {
         kernels::add_into(region(p.sum), g);
     }
 
-    void run(std::uint64_t start_seq, bool retain_graph, bool accumulate)
+    // Sweeps back from entry start_seq through the entries numbered `floor` and above.
+    void run(std::uint64_t start_seq, bool retain_graph, bool accumulate, std::uint64_t floor = 0)
     {
         GradModeGuard mode(create_graph);
         auto& entries = tape.entries;
@@ -256,7 +279,7 @@ struct Sweep final : autograd::GradientSums {
         const std::size_t start = start_seq == 0 ? 0 : static_cast<std::size_t>(it - entries.begin()) + 1;
         const bool anomaly = anomaly_guards > 0;
         std::vector<std::size_t> swept;
-        for (std::size_t i = start; i-- > 0;) {
+        for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;) {
             // A recorded backward appends to the tape, which may move its entries: entries[i]
             // is looked up again after each call rather than held by reference.
             autograd::BackwardContext ctx;
@@ -283,17 +306,14 @@ struct Sweep final : autograd::GradientSums {
                        "backward through a graph that an earlier backward() already released; pass "
                        "retain_graph=true to the earlier call to sweep the graph more than once");
             for (const auto& s : e.saved) ctx.saved.push_back(saved_value(e, s, create_graph));
-            const autograd::InputNodes inputs = create_graph ? e.inputs : autograd::InputNodes();
-            ctx.inputs = create_graph ? &inputs : &e.inputs;
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = e.inputs[k] != nullptr;
             std::vector<Tensor> input_grads;
-            const autograd::detail::InnerOps in_backward;
-            if (create_graph) {
-                autograd::BackwardFn backward = e.backward;  // a copy: the tape may move while it runs
-                input_grads = backward(ctx);
-            } else {
-                input_grads = e.backward(ctx);
+            {
+                const autograd::detail::InnerOps in_backward;
+                Borrowed running(entries, i);
+                ctx.inputs = &running.inputs;
+                input_grads = running.backward(ctx);
             }
             const autograd::Entry& done = entries[i];
             LOOM_CHECK(input_grads.size() == done.inputs.size(), done.name,
@@ -609,9 +629,11 @@ void Tensor::backward(const Tensor& gradient, bool retain_graph, bool create_gra
     sweep.accumulate_leaves();
 }
 
-std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
-                         const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
-                         bool create_graph)
+namespace {
+
+std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                                 const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
+                                 bool create_graph, std::uint64_t floor, bool leaf_hooks)
 {
     LOOM_CHECK(!outputs.empty(), "grad", "expects at least one output");
     LOOM_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), "grad",
@@ -629,8 +651,8 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
         check_this_thread("grad", *node);
         sweep.pending(node).captured = true;
     }
-    sweep.run(start, retain_graph, /*accumulate=*/false);
-    sweep.finish_leaves();
+    sweep.run(start, retain_graph, /*accumulate=*/false, floor);
+    if (leaf_hooks) sweep.finish_leaves();
     std::vector<Tensor> result;
     for (std::size_t i = 0; i < inputs.size(); ++i) {
         const Tensor g = sweep.pending(inputs[i].impl().node).sum;
@@ -641,6 +663,24 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
         result.push_back(g);
     }
     return result;
+}
+
+}  // namespace
+
+std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                         const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
+                         bool create_graph)
+{
+    return grad_through(outputs, inputs, grad_outputs, retain_graph, allow_unused, create_graph, 0, true);
+}
+
+std::uint64_t autograd::detail::next_sequence() { return tape.next_seq; }
+
+std::vector<Tensor> autograd::detail::grad_since(std::uint64_t first, const std::vector<Tensor>& outputs,
+                                                 const std::vector<Tensor>& inputs,
+                                                 const std::vector<Tensor>& grad_outputs)
+{
+    return grad_through(outputs, inputs, grad_outputs, false, true, false, first, false);
 }
 
 }  // namespace loom

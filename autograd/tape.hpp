@@ -184,6 +184,17 @@ Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor out
 // Records `output = region(input)` for an op that reads a part of its input (a view).
 Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region);
 
+namespace detail {
+// The sequence number the next recorded entry gets.
+std::uint64_t next_sequence();
+// grad() through the entries numbered `first` and above alone, with allow_unused and nothing
+// kept; leaf hooks are left to the sweep that will hand the gradients on. For a backward function
+// that records part of its forward again and differentiates it while its own sweep is running
+// (a checkpointed layer): the running sweep's gradients below `first` are not touched.
+std::vector<Tensor> grad_since(std::uint64_t first, const std::vector<Tensor>& outputs,
+                               const std::vector<Tensor>& inputs, const std::vector<Tensor>& grad_outputs);
+}  // namespace detail
+
 // Zeros of `shape` with `part` written at region(zeros): the gradient of a region op, as a
 // differentiable op for recorded backward passes.
 Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region);

@@ -186,43 +186,199 @@ RecurrentOutput run_stack(const RecurrentOptions& o, std::size_t state_size, con
     return result;
 }
 
-// The composed path of one layer and direction: step(x_t, state) at every time step in
+// The composed path's loop over one layer and direction: step(x_t, state) at every time step in
 // processing order, with masked updates past each sequence's length. Every state the step
 // returns is checked, so a cell that changes the batch or the width is named at once.
-template <class Step>
-RecurrentOutput run_steps(const std::string& op, std::int64_t layer, std::int64_t direction, std::size_t state_size,
-                          std::int64_t hidden, const Tensor& x, const State& s0, const Lengths& lens, bool all_states,
-                          Step&& step)
-{
-    const std::int64_t T = x.size(0), B = x.size(1);
-    State s = s0.empty() ? State(state_size, zeros({B, hidden}, x.dtype())) : s0;
-    const Tensor no_output = zeros({1}, x.dtype());
-    std::vector<Tensor> outputs(static_cast<std::size_t>(T));
-    std::vector<std::vector<Tensor>> steps(all_states ? state_size : 0, std::vector<Tensor>(static_cast<std::size_t>(T)));
-    for (std::int64_t i = 0; i < T; ++i) {
-        const std::int64_t t = direction == 0 ? i : T - 1 - i;
-        State next = step(x.select(0, t), s);
-        LOOM_CHECK(next.size() == state_size, op,
-                   "the cell of layer {} direction {} returned {} state tensor(s) at step {}, expected {}", layer,
-                   direction, next.size(), t, state_size);
-        for (std::size_t k = 0; k < state_size; ++k)
-            LOOM_CHECK(next[k].defined() && next[k].sizes() == (Shape{B, hidden}) && next[k].dtype() == x.dtype(), op,
-                       "the cell of layer {} direction {} returned state tensor {} of shape {} and dtype {} at step "
-                       "{}, expected [B, H] = [{}, {}] and {}",
-                       layer, direction, k, next[k].defined() ? next[k].sizes() : Shape{},
-                       next[k].defined() ? dtype_name(next[k].dtype()) : "undefined", t, B, hidden, x.dtype());
-        if (lens.masks.empty()) {
-            outputs[t] = next[0];
-            s = std::move(next);
-        } else {
-            outputs[t] = where(lens.masks[t], next[0], no_output);
-            for (std::size_t k = 0; k < state_size; ++k) s[k] = where(lens.masks[t], next[k], s[k]);
+struct StepLoop {
+    std::string op;
+    std::int64_t layer, direction;
+    std::size_t state_size;
+    std::int64_t hidden;
+    Lengths lens;
+    std::int64_t T;  // steps in the whole sequence
+
+    std::int64_t time_of(std::int64_t i) const { return direction == 0 ? i : T - 1 - i; }
+
+    // Runs processing steps [i0, i1) from s, updated in place. x holds the times from x_first on
+    // (all of them, or one segment's). Writes each step's output to outputs[t] and, when `steps`
+    // has a row per state tensor, its state, detached, to steps[k][t].
+    template <class Step>
+    void run(Step& step, const Tensor& x, std::int64_t x_first, std::int64_t i0, std::int64_t i1, State& s,
+             std::vector<Tensor>& outputs, std::vector<std::vector<Tensor>>& steps) const
+    {
+        const std::int64_t B = x.size(1);
+        const Tensor no_output = lens.masks.empty() ? Tensor() : zeros({1}, x.dtype());
+        for (std::int64_t i = i0; i < i1; ++i) {
+            const std::int64_t t = time_of(i);
+            State next = step(x.select(0, t - x_first), s);
+            LOOM_CHECK(next.size() == state_size, op,
+                       "the cell of layer {} direction {} returned {} state tensor(s) at step {}, expected {}", layer,
+                       direction, next.size(), t, state_size);
+            for (std::size_t k = 0; k < state_size; ++k)
+                LOOM_CHECK(next[k].defined() && next[k].sizes() == (Shape{B, hidden}) && next[k].dtype() == x.dtype(),
+                           op,
+                           "the cell of layer {} direction {} returned state tensor {} of shape {} and dtype {} at "
+                           "step {}, expected [B, H] = [{}, {}] and {}",
+                           layer, direction, k, next[k].defined() ? next[k].sizes() : Shape{},
+                           next[k].defined() ? dtype_name(next[k].dtype()) : "undefined", t, B, hidden, x.dtype());
+            if (lens.masks.empty()) {
+                outputs[t] = next[0];
+                s = std::move(next);
+            } else {
+                outputs[t] = where(lens.masks[t], next[0], no_output);
+                for (std::size_t k = 0; k < state_size; ++k) s[k] = where(lens.masks[t], next[k], s[k]);
+            }
+            for (std::size_t k = 0; k < steps.size(); ++k) steps[k][t] = s[k].detach();
         }
-        for (std::size_t k = 0; k < steps.size(); ++k) steps[k][t] = s[k].detach();
     }
-    RecurrentOutput result{stack(outputs, 0), s, {}};
+};
+
+State initial_or_zeros(const StepLoop& loop, const Tensor& x, const State& s0)
+{
+    return s0.empty() ? State(loop.state_size, zeros({x.size(1), loop.hidden}, x.dtype())) : s0;
+}
+
+std::vector<std::vector<Tensor>> step_rows(const StepLoop& loop, bool all_states)
+{
+    return std::vector<std::vector<Tensor>>(all_states ? loop.state_size : 0,
+                                            std::vector<Tensor>(static_cast<std::size_t>(loop.T)));
+}
+
+RecurrentOutput assemble(const std::vector<Tensor>& outputs, State final_state,
+                         const std::vector<std::vector<Tensor>>& steps)
+{
+    RecurrentOutput result{stack(outputs, 0), std::move(final_state), {}};
     for (auto& per_step : steps) result.all_states.push_back(stack(per_step, 0));
     return result;
+}
+
+template <class Step>
+RecurrentOutput run_steps(const StepLoop& loop, const Tensor& x, const State& s0, bool all_states, Step&& step)
+{
+    State s = initial_or_zeros(loop, x, s0);
+    std::vector<Tensor> outputs(static_cast<std::size_t>(loop.T));
+    auto steps = step_rows(loop, all_states);
+    loop.run(step, x, 0, 0, loop.T, s, outputs, steps);
+    return assemble(outputs, std::move(s), steps);
+}
+
+// Puts the thread's default generator back as it was when this guard was made.
+struct RestoreGenerator {
+    std::array<std::uint64_t, 4> state = default_generator().state();
+    ~RestoreGenerator() { default_generator().set_state(state); }
+};
+
+// run_steps with checkpoints (RecurrentOptions::checkpoint): forward keeps only the state
+// entering every `every`-th step, and the default generator's state there, and records one tape
+// entry. Its backward runs each segment again with grad on, from those states, through the
+// same loop, and differentiates it, last segment first; so a cell that draws from the default
+// generator (dropout inside the cell) draws the same numbers again.
+template <class Step>
+RecurrentOutput run_steps_checkpointed(const StepLoop& loop, std::int64_t every, const Tensor& x, const State& s0,
+                                       bool all_states, const std::vector<Tensor>& params, Step step)
+{
+    State s = initial_or_zeros(loop, x, s0);
+    std::vector<Tensor> inputs{x};
+    inputs.insert(inputs.end(), s.begin(), s.end());
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    if (!autograd::should_record(inputs)) return run_steps(loop, x, s0, all_states, step);
+    std::vector<Tensor> outputs(static_cast<std::size_t>(loop.T));
+    auto steps = step_rows(loop, all_states);
+    std::vector<State> entering;
+    std::vector<std::array<std::uint64_t, 4>> generators;
+    std::vector<Tensor> results;  // fresh handles: a cell may return a state it was given
+    {
+        NoGradGuard no_grad;
+        for (std::int64_t i0 = 0; i0 < loop.T; i0 += every) {
+            entering.push_back(s);
+            generators.push_back(default_generator().state());
+            loop.run(step, x, 0, i0, std::min(loop.T, i0 + every), s, outputs, steps);
+        }
+        results.push_back(stack(outputs, 0));
+        for (const Tensor& state : s) results.push_back(state.detach());
+    }
+    std::vector<Tensor> saved{x};
+    saved.insert(saved.end(), params.begin(), params.end());
+    auto backward = [loop, every, entering = std::move(entering), generators = std::move(generators),
+                     step](const autograd::BackwardContext& c) mutable {
+        LOOM_CHECK(!c.create_graph, loop.op,
+                   "a checkpointed layer cannot be differentiated twice (create_graph): its backward runs segments "
+                   "again; build it without checkpoint(true)");
+        const Tensor& x = c.saved[0];
+        const std::vector<Tensor> params(c.saved.begin() + 1, c.saved.end());
+        const std::size_t S = loop.state_size;
+        const std::int64_t T = loop.T, B = x.size(1);
+        const Tensor& dy = c.grads[0];
+        State d_state(S);
+        for (std::size_t k = 0; k < S; ++k)
+            d_state[k] = c.grads[1 + k].defined() ? c.grads[1 + k] : zeros({B, loop.hidden}, x.dtype());
+        Tensor dx = c.needs[0] ? zeros(x.sizes(), x.dtype()) : Tensor();
+        std::vector<Tensor> d_params(params.size());
+        const RestoreGenerator restore;
+        for (std::size_t seg = entering.size(); seg-- > 0;) {
+            const std::int64_t i0 = std::int64_t(seg) * every, i1 = std::min(T, i0 + every), n = i1 - i0;
+            const std::int64_t t_first = loop.direction == 0 ? i0 : T - i1;  // the segment's earliest time
+            const Tensor x_seg = x.narrow(0, t_first, n).detach().requires_grad_();
+            State s(S), s_in(S);
+            for (std::size_t k = 0; k < S; ++k) s[k] = s_in[k] = entering[seg][k].detach().requires_grad_();
+            std::vector<Tensor> outputs(static_cast<std::size_t>(T));
+            std::vector<std::vector<Tensor>> no_steps;
+            const std::uint64_t first = autograd::detail::next_sequence();
+            default_generator().set_state(generators[seg]);
+            {
+                GradModeGuard grad_on(true);
+                loop.run(step, x_seg, t_first, i0, i1, s, outputs, no_steps);
+            }
+            std::vector<Tensor> roots, seeds;
+            for (std::int64_t t = t_first; dy.defined() && t < t_first + n; ++t)
+                if (outputs[t].requires_grad()) roots.push_back(outputs[t]), seeds.push_back(dy.select(0, t));
+            for (std::size_t k = 0; k < S; ++k)
+                if (s[k].requires_grad()) roots.push_back(s[k]), seeds.push_back(d_state[k]);
+            std::vector<Tensor> wrt = s_in;
+            wrt.push_back(x_seg);
+            std::vector<std::size_t> trained;  // the parameters that want a gradient
+            for (std::size_t p = 0; p < params.size(); ++p)
+                if (params[p].requires_grad()) trained.push_back(p), wrt.push_back(params[p]);
+            const std::vector<Tensor> g = roots.empty() ? std::vector<Tensor>(wrt.size())
+                                                        : autograd::detail::grad_since(first, roots, wrt, seeds);
+            for (std::size_t k = 0; k < S; ++k) d_state[k] = g[k].defined() ? g[k] : zeros_like(d_state[k]);
+            if (dx.defined() && g[S].defined()) {
+                NoGradGuard no_grad;
+                dx.narrow(0, t_first, n).copy_(g[S]);
+            }
+            for (std::size_t j = 0; j < trained.size(); ++j) {
+                const Tensor& gp = g[S + 1 + j];
+                Tensor& sum = d_params[trained[j]];
+                if (gp.defined()) sum = sum.defined() ? sum + gp : gp;
+            }
+        }
+        std::vector<Tensor> grads{dx};
+        grads.insert(grads.end(), d_state.begin(), d_state.end());
+        grads.insert(grads.end(), d_params.begin(), d_params.end());
+        return grads;
+    };
+    autograd::push_entry("checkpointed steps", inputs, results, saved, std::move(backward));
+    RecurrentOutput result{results[0], State(results.begin() + 1, results.end()), {}};
+    for (auto& per_step : steps) result.all_states.push_back(stack(per_step, 0));
+    return result;
+}
+
+std::int64_t checkpoint_interval(const RecurrentOptions& o, std::int64_t T)
+{
+    return o.checkpoint_every() > 0 ? o.checkpoint_every() : std::int64_t(std::ceil(std::sqrt(double(T))));
+}
+
+// One layer and direction of the composed path, checkpointed when the options say so; `step`
+// and `params` (the tensors step reads besides x_t and the state) are then kept for backward.
+template <class Step>
+RecurrentOutput run_direction_steps(const std::string& op, const RecurrentOptions& o, std::size_t state_size,
+                                    const Lengths& lens, std::int64_t l, std::int64_t d, const Tensor& x,
+                                    const State& s0, const std::vector<Tensor>& params, Step step)
+{
+    const StepLoop loop{op, l, d, state_size, o.hidden_size(), lens, x.size(0)};
+    if (!o.checkpoint()) return run_steps(loop, x, s0, o.all_states(), step);
+    return run_steps_checkpointed(loop, checkpoint_interval(o, x.size(0)), x, s0, o.all_states(), params,
+                                  std::move(step));
 }
 
 }  // namespace
@@ -240,18 +396,19 @@ void check_recurrent_options(const std::string& op, const RecurrentOptions& o)
 
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
-                              bool training, Generator* dropout_gen)
+                              bool training, Generator* dropout_gen, const ParametersFn& parameters)
 {
     check_recurrent_options(op, options);
-    LOOM_CHECK(!options.checkpoint(), op,
-               "checkpoint is an option of the fused built-in layers (RNN, LSTM, GRU) only; a cell run step by "
-               "step keeps every step's values");
+    LOOM_CHECK(!options.checkpoint() || parameters, op,
+               "checkpoint(true) needs the parameters each step reads, to send their gradients on from the "
+               "segments it runs again: pass them to run_recurrent");
     const Prepared p = prepare(op, options, state_size, input, initial, lengths);
     return run_stack(options, state_size, p.x, initial, training, dropout_gen,
                      [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
-                         return run_steps(op, l, d, state_size, options.hidden_size(), x, s0, p.lengths,
-                                          options.all_states(),
-                                          [&](const Tensor& x_t, const State& s) { return step(l, d, x_t, s); });
+                         return run_direction_steps(
+                             op, options, state_size, p.lengths, l, d, x, s0,
+                             options.checkpoint() ? parameters(l, d) : std::vector<Tensor>{},
+                             [step, l, d](const Tensor& x_t, const State& s) { return step(l, d, x_t, s); });
                      });
 }
 
@@ -357,7 +514,6 @@ RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initia
     LOOM_CHECK(options.fused() || !state_gradient_hook, name,
                "state_gradient_hook needs the fused layer (fused(true)); with fused(false), register_hook on the "
                "states of a cell loop instead");
-    LOOM_CHECK(options.fused() || !options.checkpoint(), name, "checkpoint needs the fused layer (fused(true))");
     const Prepared p = prepare(name, options, row.state_size, input, initial, lengths);
     const Nonlinearity nl = options.nonlinearity();
     return run_stack(options, row.state_size, p.x, initial, is_training(), nullptr,
@@ -367,20 +523,19 @@ RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initia
                              std::function<void(const State&)> on_state_grads;
                              if (state_gradient_hook)
                                  on_state_grads = [hook = state_gradient_hook, l, d](const State& g) { hook(l, d, g); };
-                             const std::int64_t T = x.size(0);
-                             const std::int64_t every =
-                                 !options.checkpoint()           ? 0
-                                 : options.checkpoint_every() > 0 ? options.checkpoint_every()
-                                                                  : std::int64_t(std::ceil(std::sqrt(double(T))));
+                             const std::int64_t every = options.checkpoint() ? checkpoint_interval(options, x.size(0)) : 0;
                              return row.fused(
                                  {x, w, s0, p.lengths.values, d == 1, nl, on_state_grads, every, options.all_states()});
                          }
                          // The input projection of every step at once, then the equations step by step.
                          const Tensor gx = detail::input_projection(x, w.w_ih, w.b_ih);
-                         return run_steps(name, l, d, row.state_size, options.hidden_size(), gx, s0, p.lengths,
-                                          options.all_states(), [&](const Tensor& gx_t, const State& s) {
-                                              return row.composed_step(gx_t, s, w, nl);
-                                          });
+                         std::vector<Tensor> hidden_weights{w.w_hh};
+                         if (w.b_hh.defined()) hidden_weights.push_back(w.b_hh);
+                         return run_direction_steps(name, options, row.state_size, p.lengths, l, d, gx, s0,
+                                                    hidden_weights,
+                                                    [w, nl, kind_row = &row](const Tensor& gx_t, const State& s) {
+                                                        return kind_row->composed_step(gx_t, s, w, nl);
+                                                    });
                      });
 }
 

@@ -31,10 +31,13 @@ public:
     // Built-in layers only: one tape entry per layer and direction with a hand-written BPTT
     // (true), or the cells' equations recorded op by op (false). Both give the same numbers.
     LOOM_OPTION(bool, fused, true)
-    // Fused built-in layers only: keep the state of every k-th step instead of every step's
-    // values, and recompute each segment of k steps in backward, so a layer's memory for
-    // backward grows like T/k + k instead of T (about one more forward of compute). k is
-    // checkpoint_every, or ceil(sqrt(T)) when that is 0.
+    // Keep the state of every k-th step instead of every step's values, and recompute each
+    // segment of k steps in backward, so a layer's memory for backward grows like T/k + k
+    // instead of T (about one more forward of compute). k is checkpoint_every, or ceil(sqrt(T))
+    // when that is 0. Fused and composed layers and Recurrent<Cell> alike; a composed or
+    // Recurrent<Cell> layer runs its cell again in backward (forward hooks fire again, and a cell
+    // drawing random numbers gets the default generator's numbers again; from a Generator of
+    // its own it would not), and cannot be differentiated twice.
     LOOM_OPTION(bool, checkpoint, false)
     LOOM_OPTION(std::int64_t, checkpoint_every, 0)
     // Also return every step's state of every layer and direction (RecurrentOutput::all_h,
@@ -124,15 +127,20 @@ public:
 
 // One step of layer `layer`, direction `direction` (0 forward, 1 reverse).
 using StepFn = std::function<State(std::int64_t layer, std::int64_t direction, const Tensor& x, const State& state)>;
+// The tensors a step of layer `layer`, direction `direction` reads besides its input and state
+// (its cell's parameters).
+using ParametersFn = std::function<std::vector<Tensor>(std::int64_t layer, std::int64_t direction)>;
 
 // Runs `step` over input [T, B, I] for every layer and direction with the options' stacking,
 // bidirectionality, dropout between layers, batch_first and per-sequence lengths (int64 [B],
 // any order, each in [1, T]): outputs past a sequence's length are zero and its final state is
 // the one at its own last step, as PyTorch's pack_padded_sequence gives. `op` names errors.
-// Every state tensor the step returns must be [B, H] in the input's dtype.
+// Every state tensor the step returns must be [B, H] in the input's dtype. With checkpoint(true)
+// `parameters` must name what each step reads; `step` is then kept for backward, which runs
+// segments of it again.
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
-                              bool training, Generator* dropout_gen = nullptr);
+                              bool training, Generator* dropout_gen = nullptr, const ParametersFn& parameters = nullptr);
 
 // Throws loom::Error naming `op` for sizes, layers, dropout or a dtype that cannot run.
 void check_recurrent_options(const std::string& op, const RecurrentOptions& options);
@@ -169,10 +177,14 @@ public:
     RecurrentOutput forward(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
     {
         const std::int64_t D = options.bidirectional() ? 2 : 1;
+        // The step holds the cells themselves: with checkpoint(true) backward calls it again.
         return run_recurrent(
             fmt::format("Recurrent<{}>", cells_.at(0)->type_name()), options, cells_.at(0)->state_size,
-            [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s) { return (*cells_[l * D + d])(x, s); },
-            input, initial, lengths, is_training());
+            [cells = cells_, D](std::int64_t l, std::int64_t d, const Tensor& x, const State& s) {
+                return (*cells[l * D + d])(x, s);
+            },
+            input, initial, lengths, is_training(), nullptr,
+            [this, D](std::int64_t l, std::int64_t d) { return cells_[l * D + d]->parameters(); });
     }
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
     {

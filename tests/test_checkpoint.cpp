@@ -108,10 +108,16 @@ TEST_CASE("checkpoint where it cannot work is an error that says so")
 {
     check_error([] { nn::RecurrentLayer(nn::CellKind::LSTM, nn::RecurrentOptions(2, 3).checkpoint_every(-1)); },
                 {"checkpoint_every >= 0", "-1"});
-    nn::RecurrentLayer composed(nn::CellKind::LSTM, nn::RecurrentOptions(2, 3).fused(false).checkpoint(true));
-    check_error([&] { composed(randn({4, 1, 2})); }, {"LSTM", "checkpoint needs the fused layer"});
-    nn::Recurrent<nn::GRUCell> cells(nn::RecurrentOptions(2, 3).checkpoint(true));
-    check_error([&] { cells(randn({4, 1, 2})); }, {"checkpoint is an option of the fused built-in layers"});
+    // A step run again in backward cannot be recorded a second time.
+    nn::Recurrent<nn::GRUCell> cells(nn::RecurrentOptions(2, 3).dtype(kFloat64).checkpoint(true));
+    const Tensor x = randn({4, 1, 2}, kFloat64).requires_grad_();
+    const Tensor y = cells(x).output.pow(2).sum();
+    check_error([&] { (void)grad({y}, {x}, {}, false, false, /*create_graph=*/true); },
+                {"Recurrent<GRUCell>", "create_graph", "without checkpoint(true)"});
+    // run_recurrent's own callers must say what the step reads.
+    const nn::StepFn step = [](std::int64_t, std::int64_t, const Tensor& x_t, const State&) { return State{x_t}; };
+    check_error([&] { nn::run_recurrent("mine", nn::RecurrentOptions(2, 2).checkpoint(true), 1, step, randn({3, 1, 2}), {}, {}, true); },
+                {"mine", "checkpoint(true) needs the parameters"});
 }
 
 TEST_CASE("a layer large enough for BLAS's per-step products agrees with the composed path, with and without checkpoints")
@@ -136,4 +142,137 @@ TEST_CASE("a layer large enough for BLAS's per-step products agrees with the com
             for (const auto& [name, g] : composed.grads) CHECK(close_tensors(fused.grads.at(name), g, 1e-12));
         }
     }
+}
+
+namespace {
+
+// A cell of one's own that draws from the default generator inside its step (dropout on the
+// candidate), uses a frozen parameter, and returns its state unchanged for a zero input row.
+class NoisyCell : public nn::Cell {
+public:
+    NoisyCell(std::int64_t input, std::int64_t hidden) : nn::Cell(input, hidden, 2)
+    {
+        gate = register_module("gate", std::make_shared<nn::Dense>(input + hidden, hidden, true, kFloat64));
+        frozen = register_parameter("frozen", randn({hidden}, kFloat64) * 0.1, /*requires_grad=*/false);
+    }
+    State forward(const Tensor& x, const State& state) override
+    {
+        const Tensor f = sigmoid((*gate)(concat({x, state[0]}, 1)) + frozen);
+        const Tensor candidate = nn::Dropout(0.3)(tanh(state[1] + f));
+        return {f * state[0] + (1.0 - f) * candidate, state[1] * 0.9 + candidate * 0.1};
+    }
+    std::shared_ptr<nn::Dense> gate;
+    Tensor frozen;
+};
+
+struct CellRun {
+    Tensor output, input_grad, h0_grad;
+    State state;
+    std::vector<Tensor> grads;
+};
+
+template <class CellT>
+CellRun run_cells(nn::RecurrentOptions options, const NamedTensorMap& weights, const Tensor& x, const Tensor& lengths,
+                  std::size_t state_size)
+{
+    nn::Recurrent<CellT> rnn(options);
+    rnn.load_state_dict(weights);
+    const std::int64_t LD = options.num_layers() * (options.bidirectional() ? 2 : 1);
+    CellRun r;
+    const Tensor input = x.detach().requires_grad_();
+    manual_seed(99);  // the same initial states, and the cell's dropout draws the same masks, in either run
+    State h0;
+    for (std::size_t k = 0; k < state_size; ++k)
+        h0.push_back((randn({LD, x.size(1), options.hidden_size()}, kFloat64) * 0.5).requires_grad_());
+    const auto out = rnn(input, h0, lengths);
+    Tensor loss = (out.output * out.output).sum() + out.state[0].sum() * 0.5;
+    if (out.state.size() > 1) loss = loss + out.state[1].pow(2).sum() * 0.25;
+    loss.backward();
+    r.output = out.output;
+    r.state = out.state;
+    r.input_grad = input.grad();
+    r.h0_grad = h0[0].grad();
+    for (const auto& p : rnn.parameters()) r.grads.push_back(p.grad());
+    return r;
+}
+
+void check_same(const CellRun& a, const CellRun& b)
+{
+    CHECK(close_tensors(a.output, b.output, 1e-12));
+    for (std::size_t k = 0; k < a.state.size(); ++k) CHECK(close_tensors(a.state[k], b.state[k], 1e-12));
+    CHECK(close_tensors(a.input_grad, b.input_grad, 1e-12));
+    CHECK(close_tensors(a.h0_grad, b.h0_grad, 1e-12));
+    REQUIRE(a.grads.size() == b.grads.size());
+    for (std::size_t i = 0; i < a.grads.size(); ++i) {
+        CHECK(a.grads[i].defined() == b.grads[i].defined());
+        if (a.grads[i].defined()) CHECK(close_tensors(a.grads[i], b.grads[i], 1e-12));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("Recurrent<Cell> with checkpoints equals it without, to 1e-12: layers, directions, lengths, every k")
+{
+    const std::int64_t T = 7, B = 3, I = 2, H = 4;
+    manual_seed(5);
+    const Tensor x = randn({T, B, I}, kFloat64);
+    const Tensor lengths = tensor({7, 3, 5}, kInt64);
+    const auto options = nn::RecurrentOptions(I, H).dtype(kFloat64).num_layers(2).bidirectional(true);
+    {
+        const NamedTensorMap weights = nn::Recurrent<nn::LSTMCell>(options).state_dict();
+        const CellRun plain = run_cells<nn::LSTMCell>(options, weights, x, lengths, 2);
+        for (std::int64_t every : {0, 1, 2, 3, 7, 20}) {
+            CAPTURE(every);
+            check_same(run_cells<nn::LSTMCell>(nn::RecurrentOptions(options).checkpoint(true).checkpoint_every(every),
+                                               weights, x, lengths, 2),
+                       plain);
+        }
+    }
+    {  // randomness inside the cell, a frozen parameter, no lengths
+        const auto train = nn::RecurrentOptions(options).num_layers(1);
+        const NamedTensorMap weights = nn::Recurrent<NoisyCell>(train).state_dict();
+        const CellRun plain = run_cells<NoisyCell>(train, weights, x, {}, 2);
+        check_same(run_cells<NoisyCell>(nn::RecurrentOptions(train).checkpoint(true).checkpoint_every(3), weights, x, {}, 2),
+                   plain);
+    }
+}
+
+TEST_CASE("a composed built-in layer with checkpoints equals the fused one")
+{
+    const std::int64_t T = 9, B = 2, I = 3, H = 5;
+    manual_seed(6);
+    const Tensor x = randn({T, B, I}, kFloat64);
+    const Tensor lengths = tensor({9, 6}, kInt64);
+    for (auto kind : {nn::CellKind::RNN, nn::CellKind::LSTM, nn::CellKind::GRU}) {
+        CAPTURE(nn::cell_kind_name(kind));
+        const auto options = nn::RecurrentOptions(I, H).dtype(kFloat64).bidirectional(true);
+        const NamedTensorMap weights = nn::RecurrentLayer(kind, options).state_dict();
+        const Run fused = run(kind, options, weights, x, lengths);
+        const Run composed = run(kind, nn::RecurrentOptions(options).fused(false).checkpoint(true), weights, x, lengths);
+        CHECK(close_tensors(composed.output, fused.output, 1e-12));
+        CHECK(close_tensors(composed.input_grad, fused.input_grad, 1e-12));
+        for (const auto& [name, g] : fused.grads) CHECK(close_tensors(composed.grads.at(name), g, 1e-12));
+    }
+}
+
+TEST_CASE("gradcheck passes through a checkpointed Recurrent<Cell>, and its forward keeps one entry per direction")
+{
+    manual_seed(7);
+    nn::Recurrent<nn::GRUCell> rnn(nn::RecurrentOptions(2, 3).dtype(kFloat64).bidirectional(true).checkpoint(true).checkpoint_every(2));
+    const Tensor x = randn({5, 2, 2}, kFloat64).requires_grad_();
+    std::vector<Tensor> inputs = rnn.parameters();
+    inputs.push_back(x);
+    const GradcheckResult r = gradcheck_parameters([&] { return rnn(x).output; }, inputs);
+    CHECK_MESSAGE(r.ok, r.report());
+    // Nothing per step is on the tape: the unchecked layer records the cell's ops at each of the
+    // 5 steps; the checkpointed one a fixed few entries however long the sequence.
+    const auto entries_of = [&](bool checkpoint, std::int64_t T) {
+        nn::Recurrent<nn::GRUCell> layer(nn::RecurrentOptions(2, 3).dtype(kFloat64).checkpoint(checkpoint));
+        const Tensor input = randn({T, 2, 2}, kFloat64).requires_grad_();
+        const std::size_t before = autograd::tape_size();
+        const Tensor y = layer(input).output;
+        return autograd::tape_size() - before;
+    };
+    CHECK(entries_of(true, 50) == entries_of(true, 5));
+    CHECK(entries_of(false, 50) > 40 * 5);
 }
