@@ -1,6 +1,7 @@
 // loom's side of the benchmark race: the workloads of bench/torch_reference.py, same sizes, same
 // loss, same Adam update, same output line. Run each workload in its own process.
-// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint]
+// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells]
+// (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own)
 // WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6, or W3-sgemm: the GEMMs alone of
 // W3's fused LSTM layer, with the same shapes, called straight on OpenBLAS (the limit for W3).
 #include <loom/loom.hpp>
@@ -59,7 +60,7 @@ struct HandLSTM : nn::Module {
     }
 };
 
-Workload build(const std::string& name, bool fused, bool checkpoint)
+Workload build(const std::string& name, bool fused, bool checkpoint, bool cells)
 {
     Workload w;
     const auto layer = [&](nn::CellKind kind, nn::RecurrentOptions o) {
@@ -103,9 +104,16 @@ Workload build(const std::string& name, bool fused, bool checkpoint)
     } else if (name == "W3" || name == "W5") {
         const bool w3 = name == "W3";
         const std::int64_t I = w3 ? 512 : 64, H = w3 ? 1024 : 256, B = w3 ? 64 : 16, T = w3 ? 50 : 2000;
-        auto rnn = layer(nn::CellKind::LSTM, nn::RecurrentOptions(I, H));
         const Tensor x = randn({T, B, I});
-        w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
+        if (cells) {  // Recurrent<LSTMCell>: the same layer run step by step, as a cell of one's own runs
+            auto rnn = std::make_shared<nn::Recurrent<nn::LSTMCell>>(nn::RecurrentOptions(I, H).checkpoint(checkpoint));
+            w.keep.push_back(rnn);
+            append(w.params, *rnn);
+            w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
+        } else {
+            auto rnn = layer(nn::CellKind::LSTM, nn::RecurrentOptions(I, H));
+            w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
+        }
         w.flops = lstm_flops(T, B, I, H, 4);
     } else if (name == "W6") {
         const std::int64_t I = 128, H = 256, B = 32, T = 64;
@@ -193,18 +201,21 @@ void sgemm_limit(int threads, int steps)
 int main(int argc, char** argv)
 {
     if (argc < 2) {
-        std::fprintf(stderr, "usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint]\n");
+        std::fprintf(stderr,
+                     "usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] "
+                     "[--cells]\n");
         return 2;
     }
     const std::string name = argv[1];
     int threads = 2, steps = 0;
-    bool infer = false, fused = true, checkpoint = false;
+    bool infer = false, fused = true, checkpoint = false, cells = false;
     for (int i = 2; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--steps") && i + 1 < argc) steps = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--infer")) infer = true;
         else if (!std::strcmp(argv[i], "--composed")) fused = false;
         else if (!std::strcmp(argv[i], "--checkpoint")) checkpoint = true;
+        else if (!std::strcmp(argv[i], "--cells")) cells = true;
     }
     if (name == "W3-sgemm") {
         sgemm_limit(threads, steps ? steps : 5);
@@ -212,7 +223,7 @@ int main(int argc, char** argv)
     }
     manual_seed(0);
     set_num_threads(threads);
-    Workload w = build(name, fused, checkpoint);
+    Workload w = build(name, fused, checkpoint, cells);
     Adam adam(w.params);
     std::vector<double> forward_times, backward_times;  // of the timed training steps, for the phases
     const auto since = [](auto t0) {
@@ -246,11 +257,12 @@ int main(int argc, char** argv)
     const double flops = infer ? w.flops : 3 * w.flops;
     rusage usage{};
     getrusage(RUSAGE_SELF, &usage);
-    const char* variant = !fused ? " composed" : checkpoint ? " checkpoint" : "";
+    const std::string variant = std::string(!fused ? " composed" : "") + (cells ? " cells" : "") +
+                                (checkpoint ? " checkpoint" : "");
     const std::string phases = infer ? std::string()
                                      : fmt::format(" forward_ms={:.3f} backward_ms={:.3f}", median(forward_times),
                                                    median(backward_times));
     std::printf("%s %s threads=%d ms=%.3f gflops=%.1f peak_rss_mib=%.0f%s%s\n", name.c_str(), infer ? "infer" : "train",
-                threads, ms, flops / ms / 1e6, double(usage.ru_maxrss) / 1024, phases.c_str(), variant);
+                threads, ms, flops / ms / 1e6, double(usage.ru_maxrss) / 1024, phases.c_str(), variant.c_str());
     return 0;
 }
