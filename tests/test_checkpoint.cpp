@@ -19,6 +19,13 @@ struct Run {
     std::vector<Tensor> grad_h;  // dL/dh_t (and dL/dc_t) per layer and direction, from state_gradient_hook
 };
 
+// A loss that reads every output and the final states, with weights that differ per element.
+Tensor loss_of(const nn::RecurrentOutput& out)
+{
+    Tensor loss = (out.output * out.output).sum() + out.state[0].sum() * 0.5;
+    return out.state.size() > 1 ? loss + out.state[1].pow(2).sum() * 0.25 : loss;
+}
+
 Run run(nn::CellKind kind, nn::RecurrentOptions options, const NamedTensorMap& weights, const Tensor& x,
         const Tensor& lengths)
 {
@@ -31,10 +38,7 @@ Run run(nn::CellKind kind, nn::RecurrentOptions options, const NamedTensorMap& w
         };
     const Tensor input = x.detach().requires_grad_();
     const auto out = layer(input, {}, lengths);
-    // A loss that reads every output and the final states, with weights that differ per element.
-    Tensor loss = (out.output * out.output).sum() + out.state[0].sum() * 0.5;
-    if (out.state.size() > 1) loss = loss + out.state[1].pow(2).sum() * 0.25;
-    loss.backward();
+    loss_of(out).backward();
     r.output = out.output;
     r.state = out.state;
     r.input_grad = input.grad();
@@ -185,9 +189,7 @@ CellRun run_cells(nn::RecurrentOptions options, const NamedTensorMap& weights, c
     for (std::size_t k = 0; k < state_size; ++k)
         h0.push_back((randn({LD, x.size(1), options.hidden_size()}, kFloat64) * 0.5).requires_grad_());
     const auto out = rnn(input, h0, lengths);
-    Tensor loss = (out.output * out.output).sum() + out.state[0].sum() * 0.5;
-    if (out.state.size() > 1) loss = loss + out.state[1].pow(2).sum() * 0.25;
-    loss.backward();
+    loss_of(out).backward();
     r.output = out.output;
     r.state = out.state;
     r.input_grad = input.grad();
