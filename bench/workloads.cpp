@@ -2,8 +2,8 @@
 // loss, same Adam update, same output line. Run each workload in its own process.
 // Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells]
 // (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own)
-// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6, or W3-sgemm: the GEMMs alone of
-// W3's fused LSTM layer, with the same shapes, called straight on OpenBLAS (the limit for W3).
+// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6, or W3-sgemm, W2-lstm-sgemm: the
+// GEMMs alone of that workload, same shapes, called straight on OpenBLAS (its limit).
 #include <loom/loom.hpp>
 
 #include <cblas.h>
@@ -160,15 +160,18 @@ double median(std::vector<double> v)
 
 // The GEMMs a fused LSTM layer over [T, B, I] with hidden size H runs, straight on OpenBLAS:
 // forward, the input projection over all steps and one hidden product per step; backward, one
-// product through W_hh per step, then dx, dW_ih and dW_hh over all steps. Prints the median ms
-// of each phase: what W3 would take if everything but its GEMMs were free.
-void sgemm_limit(int threads, int steps)
+// product through W_hh per step, then dx, dW_ih and dW_hh over all steps; and, with V > 0, a
+// Dense head H -> V over every step (forward, dx, dW). Prints the median ms of each phase: what
+// the workload would take if everything but its GEMMs were free.
+void sgemm_limit(const char* name, int T, int B, int I, int H, int V, int threads, int steps)
 {
-    const int T = 50, B = 64, I = 512, H = 1024, G = 4 * H;
+    const int G = 4 * H;
+    const std::size_t TB = std::size_t(T) * B;
     openblas_set_num_threads(threads);
-    std::vector<float> x(std::size_t(T) * B * I, 0.01f), w_ih(std::size_t(G) * I, 0.01f),
-        w_hh(std::size_t(G) * H, 0.01f), gates(std::size_t(T) * B * G, 0.01f), h(std::size_t(T) * B * H, 0.01f),
-        dx(x.size()), dw_ih(w_ih.size()), dw_hh(w_hh.size()), dh(std::size_t(B) * H);
+    std::vector<float> x(TB * I, 0.01f), w_ih(std::size_t(G) * I, 0.01f), w_hh(std::size_t(G) * H, 0.01f),
+        gates(TB * G, 0.01f), h(TB * H, 0.01f), dx(x.size()), dw_ih(w_ih.size()), dw_hh(w_hh.size()),
+        dh(std::size_t(B) * H), w_out(std::size_t(V) * H, 0.01f), logits(TB * V, 0.01f), dw_out(w_out.size()),
+        dh_all(TB * H);
     const auto RM = CblasRowMajor;
     const auto N = CblasNoTrans, Tr = CblasTrans;
     const auto forward = [&] {
@@ -176,8 +179,13 @@ void sgemm_limit(int threads, int steps)
         for (int t = 0; t < T; ++t)
             cblas_sgemm(RM, N, Tr, B, G, H, 1, h.data() + std::size_t(t) * B * H, H, w_hh.data(), H, 1,
                         gates.data() + std::size_t(t) * B * G, G);
+        if (V) cblas_sgemm(RM, N, Tr, T * B, V, H, 1, h.data(), H, w_out.data(), H, 1, logits.data(), V);
     };
     const auto backward = [&] {
+        if (V) {
+            cblas_sgemm(RM, N, N, T * B, H, V, 1, logits.data(), V, w_out.data(), H, 0, dh_all.data(), H);
+            cblas_sgemm(RM, Tr, N, V, H, T * B, 1, logits.data(), V, h.data(), H, 1, dw_out.data(), H);
+        }
         for (int t = T - 1; t >= 0; --t)
             cblas_sgemm(RM, N, N, B, H, G, 1, gates.data() + std::size_t(t) * B * G, G, w_hh.data(), H, 0, dh.data(), H);
         cblas_sgemm(RM, N, N, T * B, I, G, 1, gates.data(), G, w_ih.data(), I, 0, dx.data(), I);
@@ -192,7 +200,7 @@ void sgemm_limit(int threads, int steps)
     forward(), backward();
     std::vector<double> f, b;
     for (int i = 0; i < steps; ++i) f.push_back(time(forward)), b.push_back(time(backward));
-    std::printf("W3-sgemm threads=%d forward_ms=%.3f backward_ms=%.3f ms=%.3f\n", threads, median(f), median(b),
+    std::printf("%s threads=%d forward_ms=%.3f backward_ms=%.3f ms=%.3f\n", name, threads, median(f), median(b),
                 median(f) + median(b));
 }
 
@@ -217,8 +225,9 @@ int main(int argc, char** argv)
         else if (!std::strcmp(argv[i], "--checkpoint")) checkpoint = true;
         else if (!std::strcmp(argv[i], "--cells")) cells = true;
     }
-    if (name == "W3-sgemm") {
-        sgemm_limit(threads, steps ? steps : 5);
+    if (name == "W3-sgemm" || name == "W2-lstm-sgemm") {
+        if (name == "W3-sgemm") sgemm_limit("W3-sgemm", 50, 64, 512, 1024, 0, threads, steps ? steps : 5);
+        else sgemm_limit("W2-lstm-sgemm", 64, 32, 64, 256, 96, threads, steps ? steps : 20);
         return 0;
     }
     manual_seed(0);

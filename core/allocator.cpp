@@ -23,13 +23,19 @@ namespace loom {
 namespace {
 
 constexpr std::size_t kSmallestBlock = 64;
-constexpr int kClasses = std::countr_zero(kLargestCachedBlock) - std::countr_zero(kSmallestBlock) + 1;
+constexpr int kClasses = std::countr_zero(kLargestClassBlock) - std::countr_zero(kSmallestBlock) + 1;
 
 constexpr int kObjectClasses = kLargestSmallObject / 16;
 constexpr std::size_t kObjectsPerClass = std::size_t(1) << 16;
 
+struct LargeBlock {
+    std::size_t capacity;
+    void* data;
+};
+
 struct Cache {
     std::vector<void*> free[kClasses];
+    std::vector<LargeBlock> large;  // blocks above kLargestClassBlock, most recently freed last
     std::size_t bytes = 0;
     std::vector<void*> objects[kObjectClasses];  // by size class: 16, 32, ... bytes
 
@@ -43,6 +49,8 @@ struct Cache {
         };
         release(free);
         release(objects);
+        for (const LargeBlock& b : large) std::free(b.data);
+        large.clear();
         bytes = 0;
     }
 };
@@ -93,6 +101,27 @@ Cache* this_thread_cache()
 
 int size_class(std::size_t capacity) { return std::countr_zero(capacity) - std::countr_zero(kSmallestBlock); }
 
+// What a block of n bytes is allocated as: a power of two up to kLargestClassBlock, above it a
+// multiple of a quarter of n's power of two.
+std::size_t block_capacity(std::size_t n)
+{
+    if (n <= kLargestClassBlock) return std::max(kSmallestBlock, std::bit_ceil(n));
+    const std::size_t quarter = std::bit_floor(n) / 4;
+    return (n + quarter - 1) / quarter * quarter;
+}
+
+// A cached large block of exactly this capacity, or null.
+void* take_large(Cache& c, std::size_t capacity) noexcept
+{
+    for (std::size_t i = c.large.size(); i-- > 0;)
+        if (c.large[i].capacity == capacity) {
+            void* p = c.large[i].data;
+            c.large.erase(c.large.begin() + std::ptrdiff_t(i));
+            return p;
+        }
+    return nullptr;
+}
+
 void* checked_malloc(std::size_t n)
 {
     void* p = std::malloc(n == 0 ? 1 : n);  // 16-byte aligned: enough for every dtype
@@ -108,22 +137,36 @@ void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity)
         capacity = nbytes;
         return checked_malloc(nbytes);
     }
-    capacity = std::max(kSmallestBlock, std::bit_ceil(nbytes));
-    if (Cache* c = this_thread_cache())
-        if (void* p = take_from(c->free[size_class(capacity)])) {
+    capacity = block_capacity(nbytes);
+    if (Cache* c = this_thread_cache()) {
+        void* p = capacity <= kLargestClassBlock ? take_from(c->free[size_class(capacity)]) : take_large(*c, capacity);
+        if (p) {
             c->bytes -= capacity;
             return p;
         }
+    }
     return checked_malloc(capacity);
 }
 
 void free_storage_bytes(void* data, std::size_t capacity) noexcept
 {
-    if (LOOM_STORAGE_CACHE && capacity <= kLargestCachedBlock && capacity >= kSmallestBlock &&
-        std::has_single_bit(capacity) && cache && cache->bytes + capacity <= kCacheLimit &&
-        keep_in(cache->free[size_class(capacity)], data)) {
-        cache->bytes += capacity;
-        return;
+    const bool ours = LOOM_STORAGE_CACHE && capacity >= kSmallestBlock && capacity <= kLargestCachedBlock &&
+                      capacity == block_capacity(capacity);
+    if (ours && cache && cache->bytes + capacity <= kCacheLimit) {
+        bool kept = false;
+        if (capacity <= kLargestClassBlock) {
+            kept = keep_in(cache->free[size_class(capacity)], data);
+        } else {
+            try {
+                cache->large.push_back({capacity, data});
+                kept = true;
+            } catch (...) {
+            }
+        }
+        if (kept) {
+            cache->bytes += capacity;
+            return;
+        }
     }
     std::free(data);
 }

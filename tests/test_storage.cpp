@@ -63,8 +63,20 @@ TEST_CASE("a freed storage block is reused for the next tensor of its size class
         CHECK(cached_storage_bytes() == 0);
         CHECK(again.sum().item<double>() == 0.0);
     }
-    {
-        Tensor big = empty({1 << 19}, kFloat32);  // 2 MiB: past the largest cached block
+    if (storage_cache_enabled()) {
+        const std::size_t before = cached_storage_bytes();
+        {
+            Tensor large = empty({(3 << 20) / 4}, kFloat32);  // 3 MiB: kept by exact size
+        }
+        CHECK(cached_storage_bytes() == before + (3 << 20));
+        {
+            Tensor again = empty({((3 << 20) - 4096) / 4}, kFloat32);  // rounds up to the same 3 MiB block
+        }
+        CHECK(cached_storage_bytes() == before + (3 << 20));
+        {
+            Tensor huge = empty({std::int64_t(kLargestCachedBlock / 4 + 1)}, kFloat32);  // past the largest cached
+        }
+        CHECK(cached_storage_bytes() == before + (3 << 20));
     }
     CHECK(cached_storage_bytes() <= kCacheLimit);
     { Tensor t = ones({3}); }
