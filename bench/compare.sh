@@ -29,20 +29,20 @@ adbench() {
     printf '%-8s %-6s %12s %12s %8.2f   loom primal / plain C++ primal (%s ms)\n' W7 primal "$primal" "" \
         "$(echo "$primal / $plain" | bc -l)" "$plain"
 }
-# W3 against its GEMMs alone (workloads W3-sgemm: the same shapes straight on OpenBLAS), phase by
-# phase: the share of the sgemm rate loom reaches in forward (inference), and in a training
-# step's forward and backward.
+# W3 and W2-lstm against their GEMMs alone (workloads W3-sgemm, W2-lstm-sgemm: the same shapes
+# straight on OpenBLAS), phase by phase: the share of the sgemm rate loom reaches in inference,
+# and in a training step's forward and backward.
 sgemm_share() {
-    local limit f b
-    limit=$("$build/bench/workloads" W3-sgemm)
+    local w=$1 limit f b
+    limit=$("$build/bench/workloads" "$w-sgemm")
     f=$(field forward_ms <<<"$limit")
     b=$(field backward_ms <<<"$limit")
-    printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms\n' W3 infer "$w3_infer" "" \
-        "$(echo "100 * $f / $w3_infer" | bc -l)" "$f" "$w3_infer"
-    printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms (forward of a training step)\n' W3 fwd \
-        "$w3_forward" "" "$(echo "100 * $f / $w3_forward" | bc -l)" "$f" "$w3_forward"
-    printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms (backward)\n' W3 bwd "$w3_backward" "" \
-        "$(echo "100 * $b / $w3_backward" | bc -l)" "$b" "$w3_backward"
+    printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms\n' "$w" infer "$infer_ms" "" \
+        "$(echo "100 * $f / $infer_ms" | bc -l)" "$f" "$infer_ms"
+    printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms (forward of a training step)\n' "$w" fwd \
+        "$forward_ms" "" "$(echo "100 * $f / $forward_ms" | bc -l)" "$f" "$forward_ms"
+    printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms (backward)\n' "$w" bwd "$backward_ms" "" \
+        "$(echo "100 * $b / $backward_ms" | bc -l)" "$b" "$backward_ms"
 }
 for w in $workloads; do
     if [ "$w" = W7 ]; then adbench; continue; fi
@@ -58,11 +58,12 @@ for w in $workloads; do
         printf '%-8s %-6s %12s %12s %8.2f %12s %12s %10s %10s\n' "$w" "$mode" "$l" "$t" "$(echo "$l / $t" | bc -l)" \
             "$(field gflops <<<"$lo")" "$(field gflops <<<"$to")" "$(field peak_rss_mib <<<"$lo")" \
             "$(field peak_rss_mib <<<"$to")"
-        if [ "$w" = W3 ] && [ $mode = train ]; then
-            w3_forward=$(field forward_ms <<<"$lo")
-            w3_backward=$(field backward_ms <<<"$lo")
+        if [ $mode = train ]; then
+            forward_ms=$(field forward_ms <<<"$lo")
+            backward_ms=$(field backward_ms <<<"$lo")
+        else
+            infer_ms=$l
         fi
-        if [ "$w" = W3 ] && [ $mode = infer ]; then w3_infer=$l; fi
     done
-    if [ "$w" = W3 ]; then sgemm_share; fi
+    if [ "$w" = W3 ] || [ "$w" = W2-lstm ]; then sgemm_share "$w"; fi
 done
