@@ -154,6 +154,14 @@ Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool crea
     return joined;
 }
 
+// The op name of the entry numbered seq, or "released" once compaction has dropped it.
+const char* entry_name(std::uint64_t seq)
+{
+    const auto it = std::lower_bound(tape.entries.begin(), tape.entries.end(), seq,
+                                     [](const autograd::Entry& e, std::uint64_t s) { return e.seq < s; });
+    return it != tape.entries.end() && it->seq == seq ? it->name : "released";
+}
+
 // An entry's backward function and inputs, moved out while the function runs and back after,
 // also when it throws: a backward that records (create_graph, or a checkpointed layer computing
 // a segment again) appends to the tape, which may move its entries.
@@ -186,6 +194,7 @@ struct Sweep final : autograd::GradientSums {
     std::vector<std::shared_ptr<autograd::Node>> touched;
     std::unordered_map<const autograd::Node*, autograd::PendingGrad> leaves;
     bool create_graph = false;
+    std::uint64_t floor = 0;  // the first entry this sweep may reach (grad_since)
 
     explicit Sweep(bool create_graph) : create_graph(create_graph)
     {
@@ -207,6 +216,11 @@ struct Sweep final : autograd::GradientSums {
             if (fresh) touched.push_back(node);
             return it->second;
         }
+        LOOM_CHECK(node->seq >= floor, "backward",
+                   "a gradient reached tape entry #{} ('{}'), recorded before the steps a checkpointed layer ran "
+                   "again: its cell read a tensor that requires grad but is neither its input, its state nor one of "
+                   "its parameters; compute that tensor inside the cell, or build the layer without checkpoint(true)",
+                   node->seq, entry_name(node->seq));
         if (!node->pending.sum.defined() && !node->pending.captured) touched.push_back(node);
         return node->pending;
     }
@@ -268,7 +282,7 @@ struct Sweep final : autograd::GradientSums {
     }
 
     // Sweeps back from entry start_seq through the entries numbered `floor` and above.
-    void run(std::uint64_t start_seq, bool retain_graph, bool accumulate, std::uint64_t floor = 0)
+    void run(std::uint64_t start_seq, bool retain_graph, bool accumulate)
     {
         GradModeGuard mode(create_graph);
         auto& entries = tape.entries;
@@ -639,6 +653,7 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
     LOOM_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), "grad",
                "got {} grad_outputs for {} outputs", grad_outputs.size(), outputs.size());
     Sweep sweep(create_graph);
+    sweep.floor = floor;
     std::uint64_t start = 0;
     for (std::size_t i = 0; i < outputs.size(); ++i) {
         const auto& node = node_of("grad", outputs[i], fmt::format("output {}", i));
@@ -651,7 +666,7 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
         check_this_thread("grad", *node);
         sweep.pending(node).captured = true;
     }
-    sweep.run(start, retain_graph, /*accumulate=*/false, floor);
+    sweep.run(start, retain_graph, /*accumulate=*/false);
     if (leaf_hooks) sweep.finish_leaves();
     std::vector<Tensor> result;
     for (std::size_t i = 0; i < inputs.size(); ++i) {

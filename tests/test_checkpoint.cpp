@@ -118,6 +118,18 @@ TEST_CASE("checkpoint where it cannot work is an error that says so")
     const Tensor y = cells(x).output.pow(2).sum();
     check_error([&] { (void)grad({y}, {x}, {}, false, false, /*create_graph=*/true); },
                 {"Recurrent<GRUCell>", "create_graph", "without checkpoint(true)"});
+    // A step that reads a tensor computed outside it, which requires grad: its gradient would be
+    // lost when the steps run again, so backward says so.
+    const Tensor scale = randn({3}, kFloat64).requires_grad_();
+    const Tensor outside = tanh(scale);
+    nn::GRUCell cell(2, 3, true, kFloat64);
+    const nn::StepFn reads_outside = [&](std::int64_t, std::int64_t, const Tensor& x_t, const State& s) {
+        return State{cell(x_t, s)[0] * outside};
+    };
+    const nn::ParametersFn params = [&](std::int64_t, std::int64_t) { return cell.parameters(); };
+    const auto out = nn::run_recurrent("mine", nn::RecurrentOptions(2, 3).dtype(kFloat64).checkpoint(true), 1,
+                                       reads_outside, randn({4, 1, 2}, kFloat64), {}, {}, true, nullptr, params);
+    check_error([&] { out.output.sum().backward(); }, {"'tanh'", "checkpointed layer", "compute that tensor inside"});
     // run_recurrent's own callers must say what the step reads.
     const nn::StepFn step = [](std::int64_t, std::int64_t, const Tensor& x_t, const State&) { return State{x_t}; };
     check_error([&] { nn::run_recurrent("mine", nn::RecurrentOptions(2, 2).checkpoint(true), 1, step, randn({3, 1, 2}), {}, {}, true); },
