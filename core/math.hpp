@@ -7,8 +7,9 @@
 // Compiles a hot loop twice, for AVX2 and for the baseline x86-64 (SSE2), and picks one when the
 // program starts: 8 floats per instruction where the CPU has them, while the library still runs
 // everywhere. No FMA, so both versions compute the same bits. GCC only: clang 14 does not clone
-// templates, and builds without (the fuzz targets).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// templates, and builds without (the fuzz targets). Not under ThreadSanitizer, whose runtime is
+// not ready when the loader runs the functions that pick a version (the program dies at start).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define LOOM_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define LOOM_VECTOR_CLONES
