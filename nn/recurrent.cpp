@@ -297,16 +297,18 @@ RecurrentOutput run_steps_checkpointed(const StepLoop& loop, std::int64_t every,
         results.push_back(stack(outputs, 0));
         for (const Tensor& state : s) results.push_back(state.detach());
     }
+    // Saved, so that an in-place change to any of them before backward is an error, not a wrong recomputation.
     std::vector<Tensor> saved{x};
+    saved.insert(saved.end(), entering[0].begin(), entering[0].end());
     saved.insert(saved.end(), params.begin(), params.end());
     auto backward = [loop, every, entering = std::move(entering), generators = std::move(generators),
                      step](const autograd::BackwardContext& c) mutable {
         LOOM_CHECK(!c.create_graph, loop.op,
                    "a checkpointed layer cannot be differentiated twice (create_graph): its backward runs segments "
                    "again; build it without checkpoint(true)");
-        const Tensor& x = c.saved[0];
-        const std::vector<Tensor> params(c.saved.begin() + 1, c.saved.end());
         const std::size_t S = loop.state_size;
+        const Tensor& x = c.saved[0];
+        const std::vector<Tensor> params(c.saved.begin() + 1 + std::ptrdiff_t(S), c.saved.end());
         const std::int64_t T = loop.T, B = x.size(1);
         const Tensor& dy = c.grads[0];
         State d_state(S);

@@ -130,6 +130,12 @@ TEST_CASE("checkpoint where it cannot work is an error that says so")
     const auto out = nn::run_recurrent("mine", nn::RecurrentOptions(2, 3).dtype(kFloat64).checkpoint(true), 1,
                                        reads_outside, randn({4, 1, 2}, kFloat64), {}, {}, true, nullptr, params);
     check_error([&] { out.output.sum().backward(); }, {"'tanh'", "checkpointed layer", "compute that tensor inside"});
+    // The initial state changed in place before backward would be recomputed from wrongly.
+    nn::Recurrent<nn::GRUCell> with_h0(nn::RecurrentOptions(2, 3).dtype(kFloat64).checkpoint(true));
+    Tensor h0 = zeros({1, 1, 3}, kFloat64);
+    const Tensor y0 = with_h0(randn({4, 1, 2}, kFloat64), {h0}).output.sum();
+    h0.fill_(1.0);
+    check_error([&] { y0.backward(); }, {"checkpointed steps", "modified in place"});
     // run_recurrent's own callers must say what the step reads.
     const nn::StepFn step = [](std::int64_t, std::int64_t, const Tensor& x_t, const State&) { return State{x_t}; };
     check_error([&] { nn::run_recurrent("mine", nn::RecurrentOptions(2, 2).checkpoint(true), 1, step, randn({3, 1, 2}), {}, {}, true); },
