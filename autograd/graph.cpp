@@ -31,11 +31,9 @@ struct Graph {
 
 const Entry& entry_of(std::string_view op, std::uint64_t seq)
 {
-    const auto entries = tape_entries();
-    auto it = std::lower_bound(entries.begin(), entries.end(), seq, [](const Entry& e, std::uint64_t s) { return e.seq < s; });
-    LOOM_CHECK(it != entries.end() && it->seq == seq, op,
-               "the tensor's history is not on this thread's tape (computed on another thread, or reclaimed)");
-    return *it;
+    const Entry* e = find_entry(seq);
+    LOOM_CHECK(e, op, "the tensor's history is not on this thread's tape (computed on another thread, or reclaimed)");
+    return *e;
 }
 
 Graph collect(std::string_view op, const Tensor& root, const Names& names)

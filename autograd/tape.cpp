@@ -157,9 +157,8 @@ Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool crea
 // The op name of the entry numbered seq, or "released" once compaction has dropped it.
 const char* entry_name(std::uint64_t seq)
 {
-    const auto it = std::lower_bound(tape.entries.begin(), tape.entries.end(), seq,
-                                     [](const autograd::Entry& e, std::uint64_t s) { return e.seq < s; });
-    return it != tape.entries.end() && it->seq == seq ? it->name : "released";
+    const autograd::Entry* e = autograd::find_entry(seq);
+    return e ? e->name : "released";
 }
 
 // An entry's backward function and inputs, moved out while the function runs and back after,
@@ -286,11 +285,10 @@ struct Sweep final : autograd::GradientSums {
     {
         GradModeGuard mode(create_graph);
         auto& entries = tape.entries;
-        auto it = std::lower_bound(entries.begin(), entries.end(), start_seq,
-                                   [](const autograd::Entry& e, std::uint64_t s) { return e.seq < s; });
-        LOOM_CHECK(start_seq == 0 || (it != entries.end() && it->seq == start_seq), "backward",
+        const autograd::Entry* root = start_seq == 0 ? nullptr : autograd::find_entry(start_seq);
+        LOOM_CHECK(start_seq == 0 || root, "backward",
                    "the tensor's history is not on this thread's tape (was it computed on another thread?)");
-        const std::size_t start = start_seq == 0 ? 0 : static_cast<std::size_t>(it - entries.begin()) + 1;
+        const std::size_t start = root ? static_cast<std::size_t>(root - entries.data()) + 1 : 0;
         const bool anomaly = anomaly_guards > 0;
         std::vector<std::size_t> swept;
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;) {
@@ -420,6 +418,13 @@ namespace autograd {
 std::size_t tape_size() { return tape.entries.size(); }
 
 std::span<const Entry> tape_entries() { return tape.entries; }
+
+const Entry* find_entry(std::uint64_t seq)
+{
+    const auto it = std::lower_bound(tape.entries.begin(), tape.entries.end(), seq,
+                                     [](const Entry& e, std::uint64_t s) { return e.seq < s; });
+    return it != tape.entries.end() && it->seq == seq ? &*it : nullptr;
+}
 
 Tensor BackwardContext::accumulator(std::size_t k) const
 {

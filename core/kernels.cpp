@@ -570,6 +570,18 @@ std::optional<BlasOperand> blas_layout(std::int64_t rows, std::int64_t cols, std
     return std::nullopt;
 }
 
+// c [n, m] (row-major, contiguous) = a b + beta c, a and b read as their layouts say; the sizes
+// are checked against BLAS's int by the callers.
+template <class T>
+void blas_gemm(const BlasOperand& la, const BlasOperand& lb, std::int64_t n, std::int64_t m, std::int64_t k,
+               const T* a, const T* b, T beta, T* c)
+{
+    if constexpr (std::is_same_v<T, float>)
+        cblas_sgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0f, a, la.ld, b, lb.ld, beta, c, int(m));
+    else
+        cblas_dgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0, a, la.ld, b, lb.ld, beta, c, int(m));
+}
+
 // Makes the last two dims BLAS-readable, copying only when they are not.
 Tensor blas_ready(const Tensor& t, BlasOperand& layout)
 {
@@ -616,13 +628,7 @@ Tensor bmm(const Tensor& a_in, const Tensor& b_in)
         T* po = out.data_ptr<T>();
         for_each_offset<3>(batch, {a.strides().data(), b.strides().data(), batch_strides_out.data()}, {0, 0, 0},
                            [&](const auto& o) {
-                               T* c = po + o[2] * n * m;
-                               if constexpr (std::is_same_v<T, float>)
-                                   cblas_sgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0f,
-                                               pa + o[0], la.ld, pb + o[1], lb.ld, 0.0f, c, int(m));
-                               else
-                                   cblas_dgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0,
-                                               pa + o[0], la.ld, pb + o[1], lb.ld, 0.0, c, int(m));
+                               blas_gemm<T>(la, lb, n, m, k, pa + o[0], pb + o[1], T(0), po + o[2] * n * m);
                            });
     });
     return out;
@@ -652,12 +658,7 @@ void matmul_into(const Tensor& out, const Tensor& a_in, const Tensor& b_in, doub
     BlasOperand la{}, lb{};
     const Tensor a = blas_ready(a_in, la), b = blas_ready(b_in, lb);
     dispatch_floating("matmul", a.dtype(), [&]<class T>() {
-        if constexpr (std::is_same_v<T, float>)
-            cblas_sgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0f, a.data_ptr<float>(), la.ld,
-                        b.data_ptr<float>(), lb.ld, float(beta), out.data_ptr<float>(), int(m));
-        else
-            cblas_dgemm(CblasRowMajor, la.trans, lb.trans, int(n), int(m), int(k), 1.0, a.data_ptr<double>(), la.ld,
-                        b.data_ptr<double>(), lb.ld, beta, out.data_ptr<double>(), int(m));
+        blas_gemm<T>(la, lb, n, m, k, a.data_ptr<T>(), b.data_ptr<T>(), T(beta), out.data_ptr<T>());
     });
 }
 

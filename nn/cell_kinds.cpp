@@ -101,11 +101,6 @@ template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int6
         for (std::int64_t j = 0; j < width; ++j) out[j] += rows[r * width + j];
 }
 
-Tensor hidden_projection(const Tensor& h, const Tensor& w_hh, const Tensor& b_hh)
-{
-    return linear(h, w_hh, b_hh);
-}
-
 // One sequence's row of one step, forward. The rows a step reads and writes never overlap, which
 // the kinds' loops tell the compiler (GCC ivdep) so it vectorises them without alias checks.
 template <class T> struct StepRow {
@@ -154,7 +149,7 @@ struct RNNKind {
     }
     static State composed(const Tensor& gx, const State& s, const LayerWeights& w, Nonlinearity nl)
     {
-        const Tensor pre = gx + hidden_projection(s[0], w.w_hh, w.b_hh);
+        const Tensor pre = gx + linear(s[0], w.w_hh, w.b_hh);
         return {nl == Nonlinearity::Tanh ? tanh(pre) : relu(pre)};
     }
 };
@@ -204,7 +199,7 @@ struct LSTMKind {
     }
     static State composed(const Tensor& gx, const State& s, const LayerWeights& w, Nonlinearity)
     {
-        const auto g = (gx + hidden_projection(s[0], w.w_hh, w.b_hh)).chunk(4, 1);  // i, f, g, o
+        const auto g = (gx + linear(s[0], w.w_hh, w.b_hh)).chunk(4, 1);  // i, f, g, o
         const Tensor c = sigmoid(g[1]) * s[1] + sigmoid(g[0]) * tanh(g[2]);
         return {sigmoid(g[3]) * tanh(c), c};
     }
@@ -248,7 +243,7 @@ struct GRUKind {
     }
     static State composed(const Tensor& gx, const State& s, const LayerWeights& w, Nonlinearity)
     {
-        const auto x = gx.chunk(3, 1), h = hidden_projection(s[0], w.w_hh, w.b_hh).chunk(3, 1);  // r, z, n
+        const auto x = gx.chunk(3, 1), h = linear(s[0], w.w_hh, w.b_hh).chunk(3, 1);  // r, z, n
         const Tensor r = sigmoid(x[0] + h[0]), z = sigmoid(x[1] + h[1]);
         const Tensor n = tanh(x[2] + r * h[2]);
         return {(1.0 - z) * n + z * s[0]};
@@ -517,11 +512,6 @@ const CellKindRow& cell_kind_row(CellKind kind)
     for (const auto& r : rows)
         if (r.kind == kind) return r;
     fail("recurrent layer", "unknown cell kind {}", int(kind));
-}
-
-Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
-{
-    return linear(x, w_ih, b_ih);
 }
 
 }  // namespace detail

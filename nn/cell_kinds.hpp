@@ -38,7 +38,4 @@ struct CellKindRow {
 
 const CellKindRow& cell_kind_row(CellKind kind);
 
-// x W_ih^T + b_ih for x [..., I].
-Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih);
-
 }  // namespace loom::nn::detail

@@ -60,7 +60,7 @@ State builtin_cell_step(CellKind kind, const Cell& cell, const Tensor& x, const 
                         Nonlinearity nl)
 {
     check_cell_input(cell, x, state);
-    return detail::cell_kind_row(kind).composed_step(detail::input_projection(x, w.w_ih, w.b_ih), state, w, nl);
+    return detail::cell_kind_row(kind).composed_step(linear(x, w.w_ih, w.b_ih), state, w, nl);
 }
 }  // namespace
 
@@ -530,7 +530,7 @@ RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initia
                                  {x, w, s0, p.lengths.values, d == 1, nl, on_state_grads, every, options.all_states()});
                          }
                          // The input projection of every step at once, then the equations step by step.
-                         const Tensor gx = detail::input_projection(x, w.w_ih, w.b_ih);
+                         const Tensor gx = linear(x, w.w_ih, w.b_ih);
                          std::vector<Tensor> hidden_weights{w.w_hh};
                          if (w.b_hh.defined()) hidden_weights.push_back(w.b_hh);
                          return run_direction_steps(name, options, row.state_size, p.lengths, l, d, gx, s0,
