@@ -62,16 +62,19 @@ template <class A> void collect_tensor(std::vector<Tensor>& out, const A& arg)
 inline std::vector<Tensor> as_outputs(const Tensor& t) { return {t}; }
 inline std::vector<Tensor> as_outputs(const std::vector<Tensor>& ts) { return ts; }
 
-// Checks the gradients a custom op's backward returned, naming the op.
-void check_custom_grads(const char* op, const std::vector<Tensor>& grads, const BackwardContext& c);
-// Checks forward's results; an output that is an input (or already on the tape) becomes an alias.
-void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs);
+// Tensor arguments are what the tape tracks; tensors inside a container would be read by
+// forward but never receive a gradient, so they are refused at compile time.
+template <class A> constexpr bool is_tensor_container_v = false;
+template <class A> constexpr bool is_tensor_container_v<std::vector<A>> = std::is_same_v<std::decay_t<A>, Tensor>;
 
 }  // namespace detail
 
 template <class Op> struct Function {
     template <class... Args> static auto apply(Args&&... args)
     {
+        static_assert(!(detail::is_tensor_container_v<std::decay_t<Args>> || ...),
+                      "a custom op's forward takes its tensors as Tensor arguments, one each: tensors inside a "
+                      "std::vector argument would get no gradient");
         std::vector<Tensor> inputs;
         (detail::collect_tensor(inputs, args), ...);
         auto ctx = std::make_shared<AutogradContext>();
@@ -101,9 +104,8 @@ template <class Op> struct Function {
                 ctx->create_graph_ = c.create_graph;
                 std::vector<Tensor> grads = Op::backward(ctx.get(), grad_outputs);
                 ctx->saved_.clear();
-                detail::check_custom_grads(Op::name, grads, c);
                 return grads;
-            });
+            }, /*custom=*/true);
         } else if (anomaly_mode_enabled()) {
             for (const Tensor& o : outputs) check_forward_anomaly(Op::name, o, 0);
         }

@@ -10,7 +10,7 @@
 namespace loom {
 
 using autograd::BackwardContext;
-using autograd::record;
+using autograd::internal::record;
 using Grads = std::vector<Tensor>;
 
 namespace {

@@ -29,6 +29,10 @@ struct Tape {
     std::size_t compact_at = 1024;
     std::uint64_t id = next_tape_id++;
     int running_sweeps = 0;  // sweeps hold indices into the tape, which compaction would move
+    // The first entry a sweep started now may reach: the tape's length when the innermost running
+    // sweep began (0 when none runs). A grad() or backward() inside a backward function or a hook
+    // sees only what was recorded since, never the running sweep's gradients.
+    std::uint64_t sweep_floor = 0;
 };
 [[gnu::tls_model("initial-exec")]] thread_local Tape tape;
 
@@ -113,26 +117,40 @@ void check_gradient(std::string_view op, const autograd::Node& node, const Tenso
                node.dtype);
 }
 
+// What a gradient hook was registered on, for errors: "a leaf of shape [3]" or "the output of
+// 'tanh' (tape entry #5)".
+std::string hooked_tensor(const autograd::Node& node);
+
+// Runs node's gradient hooks on g. The ops a hook calls are its own business: anomaly mode
+// checks what the hook returns, naming the hook, not the ops inside it.
 Tensor apply_hooks(const autograd::Node& node, Tensor g)
 {
     for (const auto& hook : node.hooks) {
-        Tensor replaced = hook(g);
-        if (replaced.defined()) {
-            check_gradient("hook", node, replaced, "the gradient a hook returned");
-            g = replaced;
+        Tensor replaced;
+        {
+            const autograd::detail::InnerOps in_hook;
+            replaced = hook(g);
         }
+        if (!replaced.defined()) continue;
+        check_gradient("hook", node, replaced, "the gradient a hook returned");
+        if (anomaly_guards > 0)
+            if (const auto bad = first_non_finite(replaced))
+                fail("anomaly", "a gradient hook registered on {} returned {} at flat index {} of its gradient of shape {}",
+                     hooked_tensor(node), bad->second, bad->first, replaced.sizes());
+        g = replaced;
     }
     return g;
 }
 
-// Throws in anomaly mode when a gradient that entry `e` produced holds a NaN or Inf.
-void check_backward_anomaly(const autograd::Entry& e, std::size_t input, const Tensor& g)
+// Throws in anomaly mode when a gradient that entry `seq` produced holds a NaN or Inf.
+void check_backward_anomaly(const char* name, std::uint64_t seq, const std::shared_ptr<const std::string>& scope,
+                            std::size_t input, const Tensor& g)
 {
     const auto bad = first_non_finite(g);
     if (!bad) return;
     fail("anomaly", "backward of '{}' (tape entry #{}{}) produced {} in the gradient of its input {} (shape {}, at flat "
          "index {})",
-         e.name, e.seq, scope_phrase(e.scope), bad->second, input, g.sizes(), bad->first);
+         name, seq, scope_phrase(scope), bad->second, input, g.sizes(), bad->first);
 }
 
 // A saved tensor as backward sees it: version-checked, and, when backward is recorded, a saved
@@ -161,23 +179,32 @@ const char* entry_name(std::uint64_t seq)
     return e ? e->name : "released";
 }
 
-// An entry's backward function and inputs, moved out while the function runs and back after,
-// also when it throws: a backward that records (create_graph, or a checkpointed layer computing
-// a segment again) appends to the tape, which may move its entries.
+std::string hooked_tensor(const autograd::Node& node)
+{
+    if (node.seq == 0) return fmt::format("a leaf of shape {}", node.shape);
+    return fmt::format("the output of '{}' (tape entry #{}, shape {})", entry_name(node.seq), node.seq, node.shape);
+}
+
+// An entry's backward function, inputs and region, moved out while the entry is processed and
+// back after, also when it throws: a backward that records (create_graph, or a checkpointed
+// layer computing a segment again), and the sums recorded under create_graph, append to the
+// tape, which may move its entries; nothing may hold a reference into it meanwhile.
 struct Borrowed {
     std::vector<autograd::Entry>& entries;
     std::size_t index;
     autograd::BackwardFn backward;
     autograd::InputNodes inputs;
+    autograd::RegionFn region;
     Borrowed(std::vector<autograd::Entry>& entries_, std::size_t index_)
         : entries(entries_), index(index_), backward(std::move(entries_[index_].backward)),
-          inputs(std::move(entries_[index_].inputs))
+          inputs(std::move(entries_[index_].inputs)), region(std::move(entries_[index_].region))
     {
     }
     ~Borrowed()
     {
         entries[index].backward = std::move(backward);
         entries[index].inputs = std::move(inputs);
+        entries[index].region = std::move(region);
     }
     Borrowed(const Borrowed&) = delete;
     Borrowed& operator=(const Borrowed&) = delete;
@@ -189,39 +216,70 @@ struct Borrowed {
 // released only once the whole sweep has succeeded, so a failed backward can be retried.
 // With create_graph every sum and every backward function is recorded on the tape (grad mode
 // on), so the gradients it returns are differentiable; nothing is then added in place.
+//
+// A sweep started while another runs on this thread (grad() or backward() inside a backward
+// function or a hook) reaches only the entries recorded since that one began (`floor`): the
+// running sweep's sums sit in the nodes below it. A gradient that would flow below the floor
+// is an error, not a silent loss; grad()'s inputs below it are captured in this sweep alone.
 struct Sweep final : autograd::GradientSums {
+    enum class Kind { plain, nested, checkpoint_segment };
     std::vector<std::shared_ptr<autograd::Node>> touched;
-    std::unordered_map<const autograd::Node*, autograd::PendingGrad> leaves;
+    // Sums this sweep keeps apart from the nodes: leaves', and those of captured nodes below `floor`.
+    std::unordered_map<const autograd::Node*, autograd::PendingGrad> held;
     bool create_graph = false;
-    std::uint64_t floor = 0;  // the first entry this sweep may reach (grad_since)
+    Kind kind;
+    std::uint64_t floor;        // the first entry this sweep may reach
+    std::uint64_t outer_floor;  // tape.sweep_floor before this sweep began, restored after
 
-    explicit Sweep(bool create_graph) : create_graph(create_graph)
+    // `first`: a checkpointed layer's segment, which may reach nothing recorded before it.
+    Sweep(bool create_graph_, std::uint64_t first = 0)
+        : create_graph(create_graph_),
+          kind(first > 0 ? Kind::checkpoint_segment : tape.running_sweeps > 0 ? Kind::nested : Kind::plain),
+          floor(std::max(first, tape.sweep_floor)), outer_floor(tape.sweep_floor)
     {
         ++tape.running_sweeps;
+        tape.sweep_floor = tape.next_seq;
     }
     ~Sweep()
     {
         for (auto& n : touched)
-            if (n->seq != 0) n->pending = autograd::PendingGrad();  // a leaf's lives in `leaves`
+            if (!held_apart(*n)) n->pending = autograd::PendingGrad();
         --tape.running_sweeps;
+        tape.sweep_floor = outer_floor;
     }
     Sweep(const Sweep&) = delete;
     Sweep& operator=(const Sweep&) = delete;
 
+    bool held_apart(const autograd::Node& node) const { return node.seq == 0 || node.seq < floor; }
+
     autograd::PendingGrad& pending(const std::shared_ptr<autograd::Node>& node)
     {
-        if (node->seq == 0) {
-            auto [it, fresh] = leaves.try_emplace(node.get());
+        if (held_apart(*node)) {
+            auto [it, fresh] = held.try_emplace(node.get());
             if (fresh) touched.push_back(node);
             return it->second;
         }
-        LOOM_CHECK(node->seq >= floor, "backward",
-                   "a gradient reached tape entry #{} ('{}'), recorded before the steps a checkpointed layer ran "
-                   "again: its cell read a tensor that requires grad but is neither its input, its state nor one of "
-                   "its parameters; compute that tensor inside the cell, or build the layer without checkpoint(true)",
-                   node->seq, entry_name(node->seq));
         if (!node->pending.sum.defined() && !node->pending.captured) touched.push_back(node);
         return node->pending;
+    }
+
+    // The sum a gradient arriving at `node` goes into; an error below the floor, where the
+    // gradient could flow no further.
+    autograd::PendingGrad& receiving(const std::shared_ptr<autograd::Node>& node)
+    {
+        autograd::PendingGrad& p = pending(node);
+        if (node->seq == 0 || node->seq >= floor || p.captured) return p;
+        if (kind == Kind::checkpoint_segment)
+            fail("backward",
+                 "a gradient reached tape entry #{} ('{}'), recorded before the steps a checkpointed layer ran again: "
+                 "its cell read a tensor that requires grad but is neither its input, its state nor one of its "
+                 "parameters; compute that tensor inside the cell, or build the layer without checkpoint(true)",
+                 node->seq, entry_name(node->seq));
+        fail("backward",
+             "a grad() or backward() called while another backward pass runs (inside a backward function or a "
+             "hook) reached tape entry #{} ('{}'), recorded before that pass began, whose gradients it must not "
+             "touch; differentiate only what you computed inside it, from detach()ed tensors",
+             node->seq, entry_name(node->seq));
     }
 
     // Makes p.sum a buffer of its own, so it can be added into in place.
@@ -235,7 +293,7 @@ struct Sweep final : autograd::GradientSums {
 
     void add(const std::shared_ptr<autograd::Node>& node, const Tensor& g)
     {
-        autograd::PendingGrad& p = pending(node);
+        autograd::PendingGrad& p = receiving(node);
         if (!p.sum.defined()) {
             p.sum = g;  // adopted as is: it may be shared, so not owned
             p.owned = false;
@@ -251,7 +309,7 @@ struct Sweep final : autograd::GradientSums {
 
     Tensor accumulator(const std::shared_ptr<autograd::Node>& node) override
     {
-        autograd::PendingGrad& p = pending(node);
+        autograd::PendingGrad& p = receiving(node);
         if (!p.sum.defined()) {
             p.sum = zeros(node->shape, node->dtype);
             p.owned = true;
@@ -264,7 +322,7 @@ struct Sweep final : autograd::GradientSums {
     // Adds g into region(node's gradient), creating that gradient as zeros if need be.
     void add_region(const std::shared_ptr<autograd::Node>& node, const autograd::RegionFn& region, const Tensor& g)
     {
-        autograd::PendingGrad& p = pending(node);
+        autograd::PendingGrad& p = receiving(node);
         if (create_graph) {
             const Tensor whole = autograd::embed_region(g, node->shape, region);
             p.sum = p.sum.defined() ? loom::add(p.sum, whole) : whole;
@@ -291,9 +349,9 @@ struct Sweep final : autograd::GradientSums {
         const std::size_t start = root ? static_cast<std::size_t>(root - entries.data()) + 1 : 0;
         const bool anomaly = anomaly_guards > 0;
         std::vector<std::size_t> swept;
+        // Whatever records (hooks and sums under create_graph, a backward function) may move the
+        // tape's entries: entries[i] is indexed afresh after each, never held by reference.
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;) {
-            // A recorded backward appends to the tape, which may move its entries: entries[i]
-            // is looked up again after each call rather than held by reference.
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;
             // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
@@ -304,49 +362,67 @@ struct Sweep final : autograd::GradientSums {
                 auto node = entries[i].outputs[k].lock();
                 if (!node || !node->pending.sum.defined()) continue;
                 autograd::PendingGrad& p = node->pending;
-                p.sum = apply_hooks(*node, p.sum);
-                if (accumulate && node->retains_grad)
-                    accumulate_grad(*node, p.sum, create_graph);
-                ctx.grads[k] = p.sum;
-                grads_recorded = grads_recorded || p.sum.requires_grad();
-                if (!p.captured) p = autograd::PendingGrad();
+                Tensor g = apply_hooks(*node, p.sum);
+                if (accumulate && node->retains_grad) accumulate_grad(*node, g, create_graph);
+                ctx.grads[k] = g;
+                grads_recorded = grads_recorded || g.requires_grad();
+                if (node->pending.captured) node->pending.sum = g;
+                else node->pending = autograd::PendingGrad();
                 reached = true;
             }
             if (!reached) continue;
-            const autograd::Entry& e = entries[i];
-            LOOM_CHECK(!e.released, e.name,
+            const char* name = entries[i].name;
+            const std::uint64_t seq = entries[i].seq;
+            const bool custom = entries[i].custom;
+            const std::shared_ptr<const std::string> scope = entries[i].scope;
+            LOOM_CHECK(!entries[i].released, name,
                        "backward through a graph that an earlier backward() already released; pass "
                        "retain_graph=true to the earlier call to sweep the graph more than once");
-            for (const auto& s : e.saved) ctx.saved.push_back(saved_value(e, s, create_graph));
-            ctx.needs.resize(e.inputs.size());
-            for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = e.inputs[k] != nullptr;
+            bool saved_recorded = false;
+            for (const auto& s : entries[i].saved) {
+                ctx.saved.push_back(saved_value(entries[i], s, create_graph));
+                saved_recorded = saved_recorded || ctx.saved.back().requires_grad();
+            }
+            const Borrowed running(entries, i);
+            ctx.needs.resize(running.inputs.size());
+            for (std::size_t k = 0; k < running.inputs.size(); ++k) ctx.needs[k] = running.inputs[k] != nullptr;
+            ctx.inputs = &running.inputs;
             std::vector<Tensor> input_grads;
             {
                 const autograd::detail::InnerOps in_backward;
-                Borrowed running(entries, i);
-                ctx.inputs = &running.inputs;
                 input_grads = running.backward(ctx);
             }
-            const autograd::Entry& done = entries[i];
-            LOOM_CHECK(input_grads.size() == done.inputs.size(), done.name,
+            if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);
+            LOOM_CHECK(input_grads.size() == running.inputs.size(), name,
                        "internal: backward returned {} gradients for {} inputs", input_grads.size(),
-                       done.inputs.size());
-            for (std::size_t k = 0; k < done.inputs.size(); ++k) {
-                if (!done.inputs[k] || !input_grads[k].defined()) continue;
+                       running.inputs.size());
+            for (std::size_t k = 0; k < running.inputs.size(); ++k) {
+                if (!running.inputs[k] || !input_grads[k].defined()) continue;
                 // Every gradient is linear in the incoming one: if that is recorded and this is
                 // not, backward computed it off the tape and a second derivative would be lost.
-                LOOM_CHECK(!grads_recorded || input_grads[k].requires_grad(), done.name,
+                LOOM_CHECK(!grads_recorded || input_grads[k].requires_grad(), name,
                            "cannot be differentiated twice: its backward computed gradient {} off the tape, so "
                            "create_graph would lose its second derivative (write backward with loom's ops, and "
                            "return an undefined tensor for a gradient that is zero)",
                            k);
-                if (anomaly) check_backward_anomaly(done, k, input_grads[k]);
-                if (done.region) {
-                    add_region(done.inputs[k], done.region, input_grads[k]);
+                // The incoming gradient may be a constant (the op feeds sum() directly); then a
+                // saved tensor that requires grad is what the gradient must depend on.
+                LOOM_CHECK(!create_graph || !custom || !saved_recorded || input_grads[k].requires_grad(), name,
+                           "cannot be differentiated twice: under create_graph its backward returned gradient {} "
+                           "computed off the tape, although a tensor it saved requires grad, so the second "
+                           "derivative through that tensor would be lost; compute the gradient with loom's ops from "
+                           "the saved tensors as backward receives them, not from detach()ed copies or raw data",
+                           k);
+                if (anomaly) check_backward_anomaly(name, seq, scope, k, input_grads[k]);
+                if (running.region) {
+                    add_region(running.inputs[k], running.region, input_grads[k]);
                     continue;
                 }
-                check_gradient(done.name, *done.inputs[k], input_grads[k], "internal: the gradient backward returned");
-                add(done.inputs[k], input_grads[k]);
+                if (custom) add(running.inputs[k], input_grads[k]);
+                else {
+                    check_gradient(name, *running.inputs[k], input_grads[k], "internal: the gradient backward returned");
+                    add(running.inputs[k], input_grads[k]);
+                }
             }
             swept.push_back(i);
         }
@@ -358,8 +434,8 @@ struct Sweep final : autograd::GradientSums {
     void finish_leaves()
     {
         GradModeGuard mode(create_graph);
-        for (auto& [node, p] : leaves)
-            if (p.sum.defined()) p.sum = apply_hooks(*node, p.sum);
+        for (auto& [node, p] : held)
+            if (node->seq == 0 && p.sum.defined()) p.sum = apply_hooks(*node, p.sum);
     }
 
     // Adds each leaf's gradient into its .grad(), under the lock that makes shared leaves safe.
@@ -369,10 +445,23 @@ struct Sweep final : autograd::GradientSums {
         std::lock_guard<std::mutex> lock(leaf_grad_mutex);
         for (auto& n : touched) {
             if (n->seq != 0) continue;
-            const autograd::PendingGrad& p = leaves.at(n.get());
+            const autograd::PendingGrad& p = held.at(n.get());
             if (!p.sum.defined()) continue;
             accumulate_grad(*n, p.sum, create_graph);
         }
+    }
+
+    // A checkpointed segment: a leaf that got a gradient but is not among grad()'s inputs is a
+    // tensor the cell read without naming it; its gradient would be lost.
+    void check_no_stray_leaves() const
+    {
+        for (const auto& [node, p] : held)
+            LOOM_CHECK(node->seq != 0 || !p.sum.defined() || p.captured, "backward",
+                       "a checkpointed layer ran its cell again, and the cell read a tensor of shape {} that requires "
+                       "grad but is neither its input, its state nor one of its parameters: its gradient would be "
+                       "lost; register it in the cell (register_parameter, or register_module for a submodule), or "
+                       "build the layer without checkpoint(true)",
+                       node->shape);
     }
 };
 
@@ -439,7 +528,7 @@ bool should_record(std::span<const Tensor> inputs)
 }
 
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
-                std::span<const Tensor> saved, BackwardFn backward)
+                std::span<const Tensor> saved, BackwardFn backward, bool custom)
 {
     if (tape.entries.size() >= tape.compact_at) {
         compact();
@@ -482,6 +571,7 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
         else e.saved.push_back(Saved{kernels::alias(s), s.version(), true, output->impl().node});
     }
     e.backward = std::move(backward);
+    e.custom = custom;
     e.scope = scope_path;
     tape.entries.push_back(std::move(e));
     if (anomaly_mode_enabled())
@@ -541,7 +631,11 @@ void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs)
         LOOM_CHECK(is_floating(o.dtype()), op,
                    "forward returned output {} of dtype {}; a differentiable op's outputs are float32 or float64",
                    k, o.dtype());
-        if (o.impl().node) o = o.detach();  // an input returned as is: the output is a new tensor of the same values
+        // An input returned as is, a result computed with grad mode on, or one returned twice:
+        // the output is a new tensor of the same values, which this op's entry can own.
+        const bool repeated = std::any_of(outputs.begin(), outputs.begin() + std::ptrdiff_t(k),
+                                          [&](const Tensor& earlier) { return earlier.is_same(o); });
+        if (o.impl().node || repeated) o = o.detach();
     }
 }
 
@@ -652,13 +746,17 @@ namespace {
 
 std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
                                  const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
-                                 bool create_graph, std::uint64_t floor, bool leaf_hooks)
+                                 bool create_graph, std::uint64_t first)
 {
     LOOM_CHECK(!outputs.empty(), "grad", "expects at least one output");
     LOOM_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), "grad",
                "got {} grad_outputs for {} outputs", grad_outputs.size(), outputs.size());
-    Sweep sweep(create_graph);
-    sweep.floor = floor;
+    Sweep sweep(create_graph, first);
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+        const auto& node = node_of("grad", inputs[i], fmt::format("input {}", i));
+        check_this_thread("grad", *node);
+        sweep.pending(node).captured = true;
+    }
     std::uint64_t start = 0;
     for (std::size_t i = 0; i < outputs.size(); ++i) {
         const auto& node = node_of("grad", outputs[i], fmt::format("output {}", i));
@@ -666,13 +764,11 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
         sweep.add(node, seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
         start = std::max(start, node->seq);
     }
-    for (std::size_t i = 0; i < inputs.size(); ++i) {
-        const auto& node = node_of("grad", inputs[i], fmt::format("input {}", i));
-        check_this_thread("grad", *node);
-        sweep.pending(node).captured = true;
-    }
     sweep.run(start, retain_graph, /*accumulate=*/false);
-    if (leaf_hooks) sweep.finish_leaves();
+    // A checkpointed segment hands its leaves' gradients to the sweep that runs it; leaf hooks
+    // run there, once the gradient is whole.
+    if (first > 0) sweep.check_no_stray_leaves();
+    else sweep.finish_leaves();
     std::vector<Tensor> result;
     for (std::size_t i = 0; i < inputs.size(); ++i) {
         const Tensor g = sweep.pending(inputs[i].impl().node).sum;
@@ -691,7 +787,7 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
                          const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
                          bool create_graph)
 {
-    return grad_through(outputs, inputs, grad_outputs, retain_graph, allow_unused, create_graph, 0, true);
+    return grad_through(outputs, inputs, grad_outputs, retain_graph, allow_unused, create_graph, 0);
 }
 
 std::uint64_t autograd::detail::next_sequence() { return tape.next_seq; }
@@ -700,7 +796,8 @@ std::vector<Tensor> autograd::detail::grad_since(std::uint64_t first, const std:
                                                  const std::vector<Tensor>& inputs,
                                                  const std::vector<Tensor>& grad_outputs)
 {
-    return grad_through(outputs, inputs, grad_outputs, false, true, false, first, false);
+    LOOM_CHECK(first > 0, "grad_since", "expects the sequence number of an entry (from next_sequence()), got 0");
+    return grad_through(outputs, inputs, grad_outputs, false, true, false, first);
 }
 
 }  // namespace loom

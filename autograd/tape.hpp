@@ -136,6 +136,9 @@ struct Entry {
     // costs time linear in its length instead of a full-size gradient per step.
     RegionFn region;
     bool released = false;
+    // Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
+    // user's, and under create_graph a gradient it computed off the tape is an error.
+    bool custom = false;
     std::shared_ptr<const std::string> scope;  // the Scope it was recorded in; kept only in anomaly mode
 };
 
@@ -158,20 +161,46 @@ struct InnerOps {
 void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t seq);
 
 // Appends one entry for `outputs = name(inputs)` and marks each output as requiring grad.
+// `custom`: the op is the user's (autograd::record, Function), so its outputs may still need
+// preparing (detail::prepare_custom_outputs) and its mistakes are reported as the user's.
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
-                std::span<const Tensor> saved, BackwardFn backward);
+                std::span<const Tensor> saved, BackwardFn backward, bool custom = false);
 
-// The usual single-output case: records when needed and returns `output`. The backward
-// closure is only turned into a tape entry when something is recorded.
+namespace detail {
+// Checks forward's results; an output that is an input, already on the tape, or returned twice
+// becomes an alias, so that it can carry this op's history.
+void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs);
+// Checks the gradients a custom op's backward returned: one per input, each of its input's
+// shape and dtype or undefined; the errors name the op.
+void check_custom_grads(const char* op, const std::vector<Tensor>& grads, const BackwardContext& c);
+
+template <class F>
+Tensor record_entry(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
+                    F&& backward, bool custom)
+{
+    if (should_record(inputs)) {
+        if (custom) {
+            std::vector<Tensor> outputs{std::move(output)};
+            prepare_custom_outputs(name, outputs);
+            output = std::move(outputs[0]);
+        }
+        push_entry(name, inputs, std::span<const Tensor>(&output, 1), saved, BackwardFn(std::forward<F>(backward)),
+                   custom);
+    } else if (anomaly_mode_enabled()) {
+        check_forward_anomaly(name, output, 0);
+    }
+    return output;
+}
+}  // namespace detail
+
+// A new op of your own, single-output: records `output = name(inputs)` when an input requires
+// grad and returns `output` (the backward closure becomes a tape entry only then). backward
+// returns one gradient per input, of that input's shape and dtype, or undefined for none.
 template <class F>
 Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
               F&& backward)
 {
-    if (should_record(inputs))
-        push_entry(name, inputs, std::span<const Tensor>(&output, 1), saved, BackwardFn(std::forward<F>(backward)));
-    else if (anomaly_mode_enabled())
-        check_forward_anomaly(name, output, 0);
-    return output;
+    return detail::record_entry(name, inputs, std::move(output), saved, std::forward<F>(backward), true);
 }
 template <class F>
 Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor output,
@@ -180,6 +209,23 @@ Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor out
     return record(name, std::span<const Tensor>(inputs.begin(), inputs.size()), std::move(output),
                   std::span<const Tensor>(saved.begin(), saved.size()), std::forward<F>(backward));
 }
+
+// record() for loom's own ops, whose outputs are fresh and whose backward is trusted.
+namespace internal {
+template <class F>
+Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor output,
+              std::initializer_list<Tensor> saved, F&& backward)
+{
+    return detail::record_entry(name, std::span<const Tensor>(inputs.begin(), inputs.size()), std::move(output),
+                                std::span<const Tensor>(saved.begin(), saved.size()), std::forward<F>(backward), false);
+}
+template <class F>
+Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
+              F&& backward)
+{
+    return detail::record_entry(name, inputs, std::move(output), saved, std::forward<F>(backward), false);
+}
+}  // namespace internal
 
 // Records `output = region(input)` for an op that reads a part of its input (a view).
 Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region);

@@ -23,8 +23,18 @@ void Generator::manual_seed(std::uint64_t seed)
     for (auto& word : s_) word = splitmix64(seed);
 }
 
+namespace {
+// The calling thread's default generator, and how many numbers other generators have drawn on
+// this thread: a checkpointed layer replays the default generator, and must notice the others.
+[[gnu::tls_model("initial-exec")]] thread_local const Generator* thread_default = nullptr;
+[[gnu::tls_model("initial-exec")]] thread_local std::uint64_t own_generator_draws = 0;
+}  // namespace
+
+std::uint64_t detail::draws_from_own_generators() { return own_generator_draws; }
+
 std::uint64_t Generator::next_u64()
 {
+    if (this != thread_default) ++own_generator_draws;
     const std::uint64_t result = rotl(s_[1] * 5, 7) * 9;
     const std::uint64_t t = s_[1] << 17;
     s_[2] ^= s_[0];
@@ -62,6 +72,7 @@ std::int64_t Generator::randint(std::int64_t low, std::int64_t high)
 Generator& default_generator()
 {
     thread_local Generator gen(0);
+    thread_default = &gen;
     return gen;
 }
 

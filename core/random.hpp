@@ -29,4 +29,9 @@ private:
 Generator& default_generator();
 void manual_seed(std::uint64_t seed);
 
+namespace detail {
+// How many numbers generators other than this thread's default one have drawn on this thread.
+std::uint64_t draws_from_own_generators();
+}  // namespace detail
+
 }  // namespace loom

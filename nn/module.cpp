@@ -347,6 +347,27 @@ std::string Module::type_name() const
     return colon == std::string::npos ? name : name.substr(colon + 2);
 }
 
+std::vector<std::string> Module::call_state() const
+{
+    std::vector<std::string> lines;
+    const auto visit = [&](const auto& self, const Module& m, const std::string& path) -> void {
+        std::string hooks;
+        const auto ids = [&](const auto& list) {
+            for (const auto& item : list.items) hooks += fmt::format(" {}", item.first);
+        };
+        if (m.hooks_) {
+            ids(m.hooks_->pre);
+            ids(m.hooks_->forward);
+            ids(m.hooks_->backward);
+        }
+        lines.push_back(fmt::format("{} ({}): {}, hooks{}", path.empty() ? "the module" : path, m.type_name(),
+                                    m.training_ ? "training" : "eval", hooks.empty() ? " none" : hooks));
+        for (const auto& [name, child] : m.children_) self(self, *child, path.empty() ? name : path + "." + name);
+    };
+    visit(visit, *this, "");
+    return lines;
+}
+
 std::string Module::summary() const
 {
     struct Row {

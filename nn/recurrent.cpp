@@ -273,9 +273,24 @@ struct RestoreGenerator {
 // entry. Its backward runs each segment again with grad on, from those states, through the
 // same loop, and differentiates it, last segment first; so a cell that draws from the default
 // generator (dropout inside the cell) draws the same numbers again.
+// What a step depends on besides its tensors, as lines (Module::call_state of its cell); null
+// for a step that depends on nothing else.
+using CallState = std::function<std::vector<std::string>()>;
+
+// The first line where `now` differs from `then`, as "was ..., is now ...".
+std::string first_difference(const std::vector<std::string>& then, const std::vector<std::string>& now)
+{
+    for (std::size_t k = 0; k < std::max(then.size(), now.size()); ++k) {
+        const std::string a = k < then.size() ? then[k] : "nothing", b = k < now.size() ? now[k] : "nothing";
+        if (a != b) return fmt::format("\"{}\" at forward, \"{}\" now", a, b);
+    }
+    return {};
+}
+
 template <class Step>
 RecurrentOutput run_steps_checkpointed(const StepLoop& loop, std::int64_t every, const Tensor& x, const State& s0,
-                                       bool all_states, const std::vector<Tensor>& params, Step step)
+                                       bool all_states, const std::vector<Tensor>& params, Step step,
+                                       CallState call_state)
 {
     State s = initial_or_zeros(loop, x, s0);
     std::vector<Tensor> inputs{x};
@@ -287,13 +302,21 @@ RecurrentOutput run_steps_checkpointed(const StepLoop& loop, std::int64_t every,
     std::vector<State> entering;
     std::vector<std::array<std::uint64_t, 4>> generators;
     std::vector<Tensor> results;  // fresh handles: a cell may return a state it was given
+    const std::vector<std::string> state_at_forward = call_state ? call_state() : std::vector<std::string>();
     {
         NoGradGuard no_grad;
+        const std::uint64_t own_draws = loom::detail::draws_from_own_generators();
         for (std::int64_t i0 = 0; i0 < loop.T; i0 += every) {
             entering.push_back(s);
             generators.push_back(default_generator().state());
             loop.run(step, x, 0, i0, std::min(loop.T, i0 + every), s, outputs, steps);
         }
+        // Backward replays the default generator alone; numbers drawn from another would differ.
+        LOOM_CHECK(loom::detail::draws_from_own_generators() == own_draws, loop.op,
+                   "with checkpoint(true) the cell runs again in backward, and it drew random numbers from a "
+                   "Generator of its own, which the re-run cannot replay; draw from the default generator (no "
+                   "Generator argument), or build the layer without checkpoint(true)");
+
         results.push_back(stack(outputs, 0));
         for (const Tensor& state : s) results.push_back(state.detach());
     }
@@ -301,11 +324,19 @@ RecurrentOutput run_steps_checkpointed(const StepLoop& loop, std::int64_t every,
     std::vector<Tensor> saved{x};
     saved.insert(saved.end(), entering[0].begin(), entering[0].end());
     saved.insert(saved.end(), params.begin(), params.end());
-    auto backward = [loop, every, entering = std::move(entering), generators = std::move(generators),
-                     step](const autograd::BackwardContext& c) mutable {
+    auto backward = [loop, every, entering = std::move(entering), generators = std::move(generators), step,
+                     call_state, state_at_forward](const autograd::BackwardContext& c) mutable {
         LOOM_CHECK(!c.create_graph, loop.op,
                    "a checkpointed layer cannot be differentiated twice (create_graph): its backward runs segments "
                    "again; build it without checkpoint(true)");
+        if (call_state) {
+            const std::string changed = first_difference(state_at_forward, call_state());
+            LOOM_CHECK(changed.empty(), loop.op,
+                       "with checkpoint(true) backward runs the cell of layer {} direction {} again, but the cell "
+                       "changed since forward ({}: train()/eval() or a hook added or removed), so it would compute "
+                       "something else; change the cell after backward, or build the layer without checkpoint(true)",
+                       loop.layer, loop.direction, changed);
+        }
         const std::size_t S = loop.state_size;
         const Tensor& x = c.saved[0];
         const std::vector<Tensor> params(c.saved.begin() + 1 + std::ptrdiff_t(S), c.saved.end());
@@ -375,12 +406,13 @@ std::int64_t checkpoint_interval(const RecurrentOptions& o, std::int64_t T)
 template <class Step>
 RecurrentOutput run_direction_steps(const std::string& op, const RecurrentOptions& o, std::size_t state_size,
                                     const Lengths& lens, std::int64_t l, std::int64_t d, const Tensor& x,
-                                    const State& s0, const std::vector<Tensor>& params, Step step)
+                                    const State& s0, const std::vector<Tensor>& params, Step step,
+                                    CallState call_state = nullptr)
 {
     const StepLoop loop{op, l, d, state_size, o.hidden_size(), lens, x.size(0)};
     if (!o.checkpoint()) return run_steps(loop, x, s0, o.all_states(), step);
     return run_steps_checkpointed(loop, checkpoint_interval(o, x.size(0)), x, s0, o.all_states(), params,
-                                  std::move(step));
+                                  std::move(step), std::move(call_state));
 }
 
 }  // namespace
@@ -394,11 +426,16 @@ void check_recurrent_options(const std::string& op, const RecurrentOptions& o)
     LOOM_CHECK(is_floating(o.dtype()), op, "expects a float32 or float64 dtype, got {}", o.dtype());
     LOOM_CHECK(o.checkpoint_every() >= 0, op, "expects checkpoint_every >= 0 (0: every ceil(sqrt(T)) steps), got {}",
                o.checkpoint_every());
+    LOOM_CHECK(o.checkpoint_every() == 0 || o.checkpoint(), op,
+               "checkpoint_every({}) is set but checkpoint is off; set checkpoint(true) as well, or leave "
+               "checkpoint_every at 0",
+               o.checkpoint_every());
 }
 
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
-                              bool training, Generator* dropout_gen, const ParametersFn& parameters)
+                              bool training, Generator* dropout_gen, const ParametersFn& parameters,
+                              const CallStateFn& call_state)
 {
     check_recurrent_options(op, options);
     LOOM_CHECK(!options.checkpoint() || parameters, op,
@@ -410,7 +447,8 @@ RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& opt
                          return run_direction_steps(
                              op, options, state_size, p.lengths, l, d, x, s0,
                              options.checkpoint() ? parameters(l, d) : std::vector<Tensor>{},
-                             [step, l, d](const Tensor& x_t, const State& s) { return step(l, d, x_t, s); });
+                             [step, l, d](const Tensor& x_t, const State& s) { return step(l, d, x_t, s); },
+                             call_state ? CallState([call_state, l, d] { return call_state(l, d); }) : nullptr);
                      });
 }
 

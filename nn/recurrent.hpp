@@ -36,8 +36,11 @@ public:
     // instead of T (about one more forward of compute). k is checkpoint_every, or ceil(sqrt(T))
     // when that is 0. Fused and composed layers and Recurrent<Cell> alike; a composed or
     // Recurrent<Cell> layer runs its cell again in backward (forward hooks fire again, and a cell
-    // drawing random numbers gets the default generator's numbers again; from a Generator of
-    // its own it would not), and cannot be differentiated twice.
+    // drawing random numbers gets the default generator's numbers again), and cannot be
+    // differentiated twice. What would make the re-run differ is an error: a cell switched
+    // between train() and eval() or given or stripped of hooks before backward, a buffer changed
+    // in place, a tensor requiring grad that the cell reads without registering it, or numbers
+    // drawn from a Generator of the cell's own.
     LOOM_OPTION(bool, checkpoint, false)
     LOOM_OPTION(std::int64_t, checkpoint_every, 0)
     // Also return every step's state of every layer and direction (RecurrentOutput::all_h,
@@ -131,16 +134,23 @@ using StepFn = std::function<State(std::int64_t layer, std::int64_t direction, c
 // (its cell's parameters).
 using ParametersFn = std::function<std::vector<Tensor>(std::int64_t layer, std::int64_t direction)>;
 
+// What a step of layer `layer`, direction `direction` runs besides its tensors, as lines to
+// compare (Module::call_state() of its cell: training flags and hooks). With checkpoint(true) it
+// is taken in forward and again before backward runs the step again; any difference is an error.
+using CallStateFn = std::function<std::vector<std::string>(std::int64_t layer, std::int64_t direction)>;
+
 // Runs `step` over input [T, B, I] for every layer and direction with the options' stacking,
 // bidirectionality, dropout between layers, batch_first and per-sequence lengths (int64 [B],
 // any order, each in [1, T]): outputs past a sequence's length are zero and its final state is
 // the one at its own last step, as PyTorch's pack_padded_sequence gives. `op` names errors.
 // Every state tensor the step returns must be [B, H] in the input's dtype. With checkpoint(true)
-// `parameters` must name what each step reads; `step` is then kept for backward, which runs
-// segments of it again.
+// `parameters` must name every tensor each step reads (parameters and buffers: an in-place
+// change to one before backward is then an error), and `call_state`, where given, what else it
+// depends on; `step` is kept for backward, which runs segments of it again.
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
-                              bool training, Generator* dropout_gen = nullptr, const ParametersFn& parameters = nullptr);
+                              bool training, Generator* dropout_gen = nullptr, const ParametersFn& parameters = nullptr,
+                              const CallStateFn& call_state = nullptr);
 
 // Throws loom::Error naming `op` for sizes, layers, dropout or a dtype that cannot run.
 void check_recurrent_options(const std::string& op, const RecurrentOptions& options);
@@ -184,7 +194,12 @@ public:
                 return (*cells[l * D + d])(x, s);
             },
             input, initial, lengths, is_training(), nullptr,
-            [this, D](std::int64_t l, std::int64_t d) { return cells_[l * D + d]->parameters(); });
+            [this, D](std::int64_t l, std::int64_t d) {
+                std::vector<Tensor> read = cells_[l * D + d]->parameters();
+                for (const auto& [name, buffer] : cells_[l * D + d]->named_buffers()) read.push_back(buffer);
+                return read;
+            },
+            [cells = cells_, D](std::int64_t l, std::int64_t d) { return cells[l * D + d]->call_state(); });
     }
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
     {

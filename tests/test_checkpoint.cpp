@@ -157,7 +157,7 @@ TEST_CASE("a layer large enough for BLAS's per-step products agrees with the com
         const Run composed = run(kind, nn::RecurrentOptions(options).fused(false), weights, x, lengths);
         for (bool checkpoint : {false, true}) {
             CAPTURE(checkpoint);
-            const Run fused = run(kind, nn::RecurrentOptions(options).checkpoint(checkpoint).checkpoint_every(4),
+            const Run fused = run(kind, nn::RecurrentOptions(options).checkpoint(checkpoint).checkpoint_every(checkpoint ? 4 : 0),
                                   weights, x, lengths);
             CHECK(close_tensors(fused.output, composed.output, 1e-12));
             CHECK(close_tensors(fused.input_grad, composed.input_grad, 1e-12));
@@ -295,4 +295,105 @@ TEST_CASE("gradcheck passes through a checkpointed Recurrent<Cell>, and its forw
     };
     CHECK(entries_of(true, 50) == entries_of(true, 5));
     CHECK(entries_of(false, 50) > 40 * 5);
+}
+
+namespace {
+
+// A cell whose step depends on what a checkpointed re-run must find unchanged: its training
+// flag, a buffer, and (optionally) a tensor or a submodule it never registered, or a generator of
+// its own.
+class TouchyCell : public nn::Cell {
+public:
+    TouchyCell(std::int64_t input, std::int64_t hidden) : nn::Cell(input, hidden)
+    {
+        weight = register_parameter("weight", randn({hidden, input + hidden}, kFloat64) * 0.3);
+        scale = register_buffer("scale", full({hidden}, 0.5, kFloat64));
+    }
+    State forward(const Tensor& x, const State& state) override
+    {
+        Tensor h = tanh(linear(concat({x, state[0]}, 1), weight)) * scale;
+        if (!is_training()) h = h * 2.0;
+        if (outside.defined()) h = h * outside;
+        if (unregistered) h = h + (*unregistered)(h);
+        if (own_generator) h = h + randn(h.sizes(), kFloat64, own_generator.get()) * 0.01;
+        return {h};
+    }
+    Tensor weight, scale;
+    Tensor outside;                                // read, but not registered
+    std::shared_ptr<nn::Dense> unregistered;       // called, but not registered
+    std::shared_ptr<Generator> own_generator;
+};
+
+nn::RecurrentOptions touchy_options() { return nn::RecurrentOptions(2, 3).dtype(kFloat64).checkpoint(true).checkpoint_every(2); }
+
+}  // namespace
+
+TEST_CASE("a checkpointed Recurrent<Cell> never recomputes something other than its forward ran")
+{
+    manual_seed(11);
+    const Tensor x = randn({5, 2, 2}, kFloat64);
+    SUBCASE("switched to eval() between forward and backward")
+    {
+        nn::Recurrent<TouchyCell> rnn(touchy_options());
+        const Tensor loss = rnn(x).output.sum();
+        rnn.eval();
+        check_error([&] { loss.backward(); }, {"changed since forward", "training", "eval"});
+        rnn.train();
+        loss.backward();  // as at forward again: the re-run is the same, so it may proceed
+        CHECK(rnn.parameters()[0].grad().defined());
+    }
+    SUBCASE("a forward hook removed between forward and backward")
+    {
+        nn::Recurrent<TouchyCell> rnn(touchy_options());
+        nn::RemovableHandle handle = rnn.cell(0).register_forward_hook(
+            [](nn::Module&, const nn::Tensors&, nn::Tensors& out) { out[0] = out[0] * 3.0; });
+        const Tensor loss = rnn(x).output.sum();
+        handle.remove();
+        check_error([&] { loss.backward(); }, {"changed since forward", "hooks"});
+    }
+    SUBCASE("a buffer changed in place between forward and backward")
+    {
+        nn::Recurrent<TouchyCell> rnn(touchy_options());
+        const Tensor loss = rnn(x).output.sum();
+        {
+            NoGradGuard no_grad;
+            rnn.cell(0).scale.mul_(2.0);
+        }
+        check_error([&] { loss.backward(); }, {"modified in place"});
+    }
+    SUBCASE("a tensor that requires grad, read but not registered")
+    {
+        nn::Recurrent<TouchyCell> rnn(touchy_options());
+        rnn.cell(0).outside = full({3}, 1.5, kFloat64).requires_grad_();
+        const Tensor loss = rnn(x).output.sum();
+        check_error([&] { loss.backward(); }, {"neither its input, its state nor one of its parameters", "[3]"});
+        // Without checkpoints its gradient arrives.
+        nn::Recurrent<TouchyCell> plain(nn::RecurrentOptions(2, 3).dtype(kFloat64));
+        plain.cell(0).outside = rnn.cell(0).outside;
+        plain(x).output.sum().backward();
+        CHECK(rnn.cell(0).outside.grad().defined());
+    }
+    SUBCASE("a submodule called but not registered")
+    {
+        nn::Recurrent<TouchyCell> rnn(touchy_options());
+        rnn.cell(0).unregistered = std::make_shared<nn::Dense>(3, 3, true, kFloat64);
+        const Tensor loss = rnn(x).output.sum();
+        check_error([&] { loss.backward(); }, {"neither its input, its state nor one of its parameters"});
+    }
+    SUBCASE("a Generator of the cell's own")
+    {
+        nn::Recurrent<TouchyCell> rnn(touchy_options());
+        rnn.cell(0).own_generator = std::make_shared<Generator>(3);
+        check_error([&] { rnn(x); }, {"Generator of its own", "checkpoint"});
+        // Under no_grad nothing is recorded and nothing will run again: allowed.
+        NoGradGuard no_grad;
+        CHECK(rnn(x).output.sizes() == Shape{5, 2, 3});
+    }
+}
+
+TEST_CASE("checkpoint_every without checkpoint(true) is an error, not silently ignored")
+{
+    check_error([] { nn::LSTM(nn::RecurrentOptions(2, 3).checkpoint_every(4)); }, {"checkpoint_every(4)", "checkpoint(true)"});
+    check_error([] { nn::Recurrent<nn::GRUCell>(nn::RecurrentOptions(2, 3).checkpoint_every(4)); },
+                {"checkpoint_every(4)"});
 }

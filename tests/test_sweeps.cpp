@@ -1,0 +1,214 @@
+// The backward sweep under stress: create_graph sweeps that grow the tape while they run,
+// sweeps started inside a running one, and custom ops' mistakes reported as the user's.
+#include "helpers.hpp"
+
+#include "../examples/minimal_gated_unit.hpp"
+
+using namespace loom;
+using testing::check_error;
+using testing::close;
+using testing::values;
+
+namespace {
+
+Tensor random(Shape shape, std::uint64_t seed, double low = -1, double high = 1)
+{
+    Generator gen(seed);
+    return uniform(shape, low, high, kFloat64, &gen);
+}
+
+void check_ok(const GradcheckResult& r, const char* what) { CHECK_MESSAGE(r.ok, what << ": " << r.report()); }
+
+// x^3, whose backward differentiates its own forward again with grad() while the sweep runs.
+struct Cube : autograd::Function<Cube> {
+    static constexpr const char* name = "cube_by_inner_grad";
+    static Tensor forward(autograd::AutogradContext* ctx, const Tensor& x)
+    {
+        ctx->save_for_backward({x});
+        return x * x * x;
+    }
+    static std::vector<Tensor> backward(autograd::AutogradContext* ctx, const std::vector<Tensor>& g)
+    {
+        const Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_();
+        GradModeGuard on(true);
+        const Tensor d = grad({(x * x * x).sum()}, {x})[0];
+        return {g[0] * d.detach()};
+    }
+};
+
+// Returns one tensor twice.
+struct Twice : autograd::Function<Twice> {
+    static constexpr const char* name = "twice";
+    static std::vector<Tensor> forward(autograd::AutogradContext*, const Tensor& x)
+    {
+        const Tensor y = x * 2.0;
+        return {y, y};
+    }
+    static std::vector<Tensor> backward(autograd::AutogradContext*, const std::vector<Tensor>& g)
+    {
+        return {(g[0] + g[1]) * 2.0};
+    }
+};
+
+// x^3 with a backward computed from a detached copy of x: right at first order only.
+struct OffTapeCube : autograd::Function<OffTapeCube> {
+    static constexpr const char* name = "off_tape_cube";
+    static Tensor forward(autograd::AutogradContext* ctx, const Tensor& x)
+    {
+        ctx->save_for_backward({x});
+        return x * x * x;
+    }
+    static std::vector<Tensor> backward(autograd::AutogradContext* ctx, const std::vector<Tensor>& g)
+    {
+        const Tensor x = ctx->get_saved_variables()[0].detach();
+        return {g[0] * 3.0 * x * x};
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a create_graph sweep that grows the tape reads nothing freed: the HVP repeated stays exact")
+{
+    // f = sum(x^3) + sum(x^2): H = diag(6x + 2), so Hv = (6x + 2) v. Each repetition records the
+    // backward pass on the tape while sweeping it, which moves the tape's entries many times.
+    const Tensor x = from_vector<double>({0.5, -2.0, 2.0}, {3}).requires_grad_();
+    const Tensor v = ones({3}, kFloat64);
+    std::vector<Tensor> keep;  // holding results keeps their entries on the tape, so it keeps growing
+    for (int rep = 0; rep < 300; ++rep) {
+        const Tensor f = pow(x, 3.0).sum() + pow(x, 2.0).sum();
+        const Tensor g = grad({f}, {x}, {}, false, false, /*create_graph=*/true)[0];
+        const Tensor hv = grad({(g * v).sum()}, {x})[0];
+        REQUIRE_MESSAGE(close(hv, {5, -10, 14}, 1e-12), "repetition " << rep << ": " << fmt::format("{}", hv));
+        keep.push_back(g);
+    }
+}
+
+TEST_CASE("create_graph through a long graph with region ops and shared inputs stays exact")
+{
+    // A loop of linear() over select()ed steps: every step's backward records region sums.
+    const Tensor W = random({4, 4}, 1, -0.5, 0.5).requires_grad_();
+    const Tensor xs = random({40, 2, 4}, 2).requires_grad_();
+    const auto fn = [](const std::vector<Tensor>& in) {
+        Tensor h = zeros({2, 4}, kFloat64);
+        for (std::int64_t t = 0; t < in[1].size(0); ++t) h = tanh(linear(in[1].select(0, t) + h, in[0]));
+        return h.sum();
+    };
+    check_ok(gradgradcheck(fn, {W, xs}), "linear loop");
+}
+
+TEST_CASE("second derivatives of a cell of one's own through Recurrent<Cell>, and of a fused(false) LSTM")
+{
+    manual_seed(3);
+    nn::Recurrent<MinimalGatedUnit> mgu(nn::RecurrentOptions(3, 4).dtype(kFloat64));
+    const Tensor x = random({6, 2, 3}, 4).requires_grad_();
+    check_ok(gradgradcheck([&](const std::vector<Tensor>& in) { return mgu(in[0]).output.pow(2).sum(); }, {x}),
+             "Recurrent<MinimalGatedUnit>");
+    nn::LSTM lstm(nn::RecurrentOptions(3, 4).num_layers(2).fused(false).dtype(kFloat64));
+    for (int rep = 0; rep < 20; ++rep) {
+        const Tensor loss = lstm(x).output.pow(2).sum();
+        const auto params = lstm.parameters();
+        const std::vector<Tensor> g = grad({loss}, params, {}, false, false, true);
+        Tensor norm = zeros({}, kFloat64);
+        for (const Tensor& gi : g) norm = norm + gi.pow(2).sum();
+        const std::vector<Tensor> h = grad({norm}, params);
+        CHECK(h.size() == params.size());
+        for (const Tensor& hi : h) CHECK(std::isfinite(hi.abs().sum().item<double>()));
+    }
+}
+
+TEST_CASE("a grad() inside a custom op's backward touches only what it recorded itself")
+{
+    // backward differentiates its own forward again, from a detached copy: the outer sweep's
+    // pending gradients are left alone and the outer gradient comes out whole.
+    const Tensor x = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
+    const Tensor y = x * 2.0;
+    const Tensor loss = (Cube::apply(y) + y).sum() + (x * 3.0).sum();
+    loss.backward();
+    // d/dx [ (2x)^3 + 2x + 3x ] = 24 x^2 + 5
+    CHECK(close(x.grad(), {29, 101}, 1e-12));
+}
+
+TEST_CASE("a grad() inside a running sweep that reaches the outer graph is a clear error, and the outer sweep can "
+          "be retried")
+{
+    const Tensor x = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
+    const Tensor hidden = x * x;
+    Tensor y = hidden * 3.0;
+    bool nested = true;
+    y.register_hook([&](const Tensor& g) {
+        if (nested) {
+            GradModeGuard on(true);
+            grad({hidden.sum()}, {x});  // reaches `hidden`, recorded before this sweep began
+        }
+        return g;
+    });
+    const Tensor loss = y.sum();
+    check_error([&] { loss.backward(); }, {"while another backward pass runs", "'mul'"});
+    CHECK_FALSE(x.grad().defined());
+    nested = false;
+    loss.backward();
+    CHECK(close(x.grad(), {6, 12}, 1e-12));
+}
+
+TEST_CASE("a custom op's mistakes in record() are reported as the user's, not as internal")
+{
+    const Tensor x = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
+    const auto two_grads = [&] {
+        const Tensor out = autograd::record("two_grads", {x}, x.detach() * 2.0, {}, [](const autograd::BackwardContext& c) {
+            return std::vector<Tensor>{c.grad(), c.grad()};
+        });
+        out.sum().backward();
+    };
+    check_error(two_grads, {"two_grads", "backward returned 2 gradients, expected 1"});
+    const auto bad_shape = [&] {
+        const Tensor out = autograd::record("bad_shape", {x}, x.detach() * 2.0, {}, [](const autograd::BackwardContext&) {
+            return std::vector<Tensor>{ones({3}, kFloat64)};
+        });
+        out.sum().backward();
+    };
+    check_error(bad_shape, {"bad_shape", "shape [3]", "expected shape [2]"});
+    for (const auto& [what, make] : std::vector<std::pair<std::string, std::function<Tensor()>>>{
+             {"an output computed with grad mode on", [&] { return x * 2.0; }},
+             {"an output that is the input", [&] { return x; }}}) {
+        CAPTURE(what);
+        const Tensor out = autograd::record("doubled", {x}, make(), {}, [](const autograd::BackwardContext& c) {
+            return std::vector<Tensor>{c.grad() * 2.0};
+        });
+        CHECK(std::string(autograd::to_text(out)).find("doubled") != std::string::npos);
+        const Tensor g = grad({out.sum()}, {x})[0];
+        CHECK(close(g, {2, 2}, 1e-12));
+    }
+}
+
+TEST_CASE("a Function returning one tensor twice gives two outputs, each with its own gradient")
+{
+    const Tensor x = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
+    const std::vector<Tensor> out = Twice::apply(x);
+    (out[0].sum() + 3.0 * out[1].sum()).backward();
+    CHECK(close(x.grad(), {8, 8}, 1e-12));
+}
+
+TEST_CASE("a custom op whose backward is off the tape is named under create_graph even when its incoming gradient is "
+          "a constant")
+{
+    const Tensor x = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
+    // Its output feeds sum() directly: the incoming gradient is a constant of ones.
+    check_error([&] { grad({OffTapeCube::apply(x).sum()}, {x}, {}, false, false, true); },
+                {"off_tape_cube", "cannot be differentiated twice", "saved requires grad"});
+    // The same with record().
+    const auto recorded = [&] {
+        Tensor out;
+        {
+            NoGradGuard no_grad;
+            out = x * x * x;
+        }
+        out = autograd::record("recorded_cube", {x}, out, {x}, [](const autograd::BackwardContext& c) {
+            const Tensor s = c.saved[0].detach();
+            return std::vector<Tensor>{c.grad() * 3.0 * s * s};
+        });
+        grad({out.sum()}, {x}, {}, false, false, true);
+    };
+    check_error(recorded, {"recorded_cube", "cannot be differentiated twice"});
+    // First order is unaffected.
+    CHECK(close(grad({OffTapeCube::apply(x).sum()}, {x})[0], {3, 12}, 1e-12));
+}
