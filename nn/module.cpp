@@ -143,9 +143,16 @@ Tensors Module::call_with_hooks(Tensors inputs, const std::function<Tensors(cons
     const std::string name = type_name();
     for (const auto& [id, hook] : std::vector(hooks->pre.items)) {
         const std::size_t count = inputs.size();
+        std::vector<bool> defined;
+        for (const Tensor& t : inputs) defined.push_back(t.defined());
         hook(*this, inputs);
         LOOM_CHECK(inputs.size() == count, name, "a forward pre-hook changed the number of inputs from {} to {}", count,
                    inputs.size());
+        for (std::size_t k = 0; k < count; ++k)
+            LOOM_CHECK(inputs[k].defined() || !defined[k], name,
+                       "a forward pre-hook left input {} an undefined tensor; a hook may replace an input, not remove "
+                       "it",
+                       k);
     }
     std::shared_ptr<BackwardHookCall> call;
     if (!hooks->backward.empty() && grad_enabled()) {
@@ -169,9 +176,15 @@ Tensors Module::call_with_hooks(Tensors inputs, const std::function<Tensors(cons
     Tensors outputs = forward(inputs);
     for (const auto& [id, hook] : std::vector(hooks->forward.items)) {
         const std::size_t count = outputs.size();
+        std::vector<bool> defined;
+        for (const Tensor& t : outputs) defined.push_back(t.defined());
         hook(*this, inputs, outputs);
         LOOM_CHECK(outputs.size() == count, name, "a forward hook changed the number of outputs from {} to {}", count,
                    outputs.size());
+        for (std::size_t k = 0; k < count; ++k)
+            LOOM_CHECK(outputs[k].defined() || !defined[k], name,
+                       "a forward hook left output {} an undefined tensor; a hook may replace an output, not remove it",
+                       k);
     }
     if (call) {
         std::vector<std::size_t> recorded;
@@ -222,30 +235,39 @@ Tensor Module::register_buffer(std::string name, Tensor value)
     return value;
 }
 
-void Module::collect(const std::string& prefix, bool parameters, NamedTensors& out) const
+void Module::collect(const std::string& prefix, bool parameters, bool recurse, NamedTensors& out) const
 {
     for (const auto& [name, t] : parameters ? parameters_ : buffers_) out.emplace_back(prefix + name, t);
-    for (const auto& [name, child] : children_) child->collect(prefix + name + ".", parameters, out);
+    if (recurse)
+        for (const auto& [name, child] : children_) child->collect(prefix + name + ".", parameters, true, out);
 }
 
-NamedTensors Module::named_parameters() const
+NamedTensors Module::named(bool parameters, bool recurse, bool remove_duplicate) const
 {
-    NamedTensors out;
-    collect("", true, out);
-    return out;
+    NamedTensors all;
+    collect("", parameters, recurse, all);
+    if (!remove_duplicate) return all;
+    NamedTensors once;
+    std::set<const TensorImpl*> seen;
+    for (auto& entry : all)
+        if (seen.insert(&entry.second.impl()).second) once.push_back(std::move(entry));
+    return once;
 }
 
-NamedTensors Module::named_buffers() const
+NamedTensors Module::named_parameters(bool recurse, bool remove_duplicate) const
 {
-    NamedTensors out;
-    collect("", false, out);
-    return out;
+    return named(true, recurse, remove_duplicate);
 }
 
-std::vector<Tensor> Module::parameters() const
+NamedTensors Module::named_buffers(bool recurse, bool remove_duplicate) const
+{
+    return named(false, recurse, remove_duplicate);
+}
+
+std::vector<Tensor> Module::parameters(bool recurse) const
 {
     std::vector<Tensor> out;
-    for (auto& [_, p] : named_parameters()) out.push_back(p);
+    for (auto& [_, p] : named_parameters(recurse)) out.push_back(p);
     return out;
 }
 
@@ -299,15 +321,15 @@ void Module::to(DType dtype)
 NamedTensorMap Module::state_dict() const
 {
     NamedTensorMap dict;
-    for (auto& [name, p] : named_parameters()) dict.emplace(name, p.detach());
-    for (auto& [name, b] : named_buffers()) dict.emplace(name, b);
+    for (auto& [name, p] : named_parameters(true, false)) dict.emplace(name, p.detach());
+    for (auto& [name, b] : named_buffers(true, false)) dict.emplace(name, b);
     return dict;
 }
 
 void Module::load_state_dict(const NamedTensorMap& dict, bool strict)
 {
-    NamedTensors own = named_parameters();
-    for (auto& b : named_buffers()) own.push_back(b);
+    NamedTensors own = named_parameters(true, false);  // every name of a tied tensor: state_dict() has each
+    for (auto& b : named_buffers(true, false)) own.push_back(b);
     std::vector<std::string> missing, unexpected, mismatched;
     std::set<std::string> known;
     for (const auto& [name, t] : own) {
@@ -374,10 +396,17 @@ std::string Module::summary() const
         std::string module, name, shape, count;
     };
     std::vector<Row> rows;
+    std::map<const TensorImpl*, std::string> first_name;  // a tied tensor is counted where first met
+    std::size_t tensors = 0;
     const auto visit = [&](const auto& self, const Module& m, const std::string& path) -> void {
-        for (const auto& [name, p] : m.parameters_)
+        for (const auto& [name, p] : m.parameters_) {
+            const std::string full = path.empty() ? name : path + "." + name;
+            const auto [it, first] = first_name.emplace(&p.impl(), full);
+            tensors += first;
             rows.push_back({path.empty() ? m.type_name() : fmt::format("{} ({})", path, m.type_name()), name,
-                            fmt::format("{}", p.sizes()), fmt::format("{}", p.numel())});
+                            fmt::format("{}", p.sizes()),
+                            first ? fmt::format("{}", p.numel()) : fmt::format("tied to {}", it->second)});
+        }
         for (const auto& [name, child] : m.children_) self(self, *child, path.empty() ? name : path + "." + name);
     };
     visit(visit, *this, "");
@@ -393,7 +422,7 @@ std::string Module::summary() const
     for (const auto& r : rows)
         out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}\n", r.module, w[0], r.name, w[1], r.shape, w[2], r.count);
     out += std::string(w[0] + w[1] + w[2] + 16, '-') + "\n";
-    out += fmt::format("total: {} parameters in {} tensors\n", parameter_count(), rows.size());
+    out += fmt::format("total: {} parameters in {} tensors\n", parameter_count(), tensors);
     return out;
 }
 

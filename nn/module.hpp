@@ -52,10 +52,13 @@ public:
     Module(const Module&) = delete;
     Module& operator=(const Module&) = delete;
 
-    // Parameters in registration order, named through children: "encoder.rnn.weight_ih_l0".
-    NamedTensors named_parameters() const;
-    std::vector<Tensor> parameters() const;
-    NamedTensors named_buffers() const;
+    // Parameters in registration order, named through children: "encoder.rnn.weight_ih_l0";
+    // with recurse=false this module's own only. A tensor registered in two places (tied
+    // weights) is one parameter, listed once under its first name, unless remove_duplicate is
+    // false (PyTorch's named_parameters(remove_duplicate=False)).
+    NamedTensors named_parameters(bool recurse = true, bool remove_duplicate = true) const;
+    std::vector<Tensor> parameters(bool recurse = true) const;
+    NamedTensors named_buffers(bool recurse = true, bool remove_duplicate = true) const;
     std::vector<std::pair<std::string, std::shared_ptr<Module>>> named_children() const { return children_; }
     std::int64_t parameter_count() const;
 
@@ -66,7 +69,8 @@ public:
     // Converts every parameter and floating buffer in place: handles held elsewhere see the change.
     void to(DType dtype);
 
-    // Parameters and buffers by dotted name, sharing storage with the module.
+    // Parameters and buffers by dotted name, sharing storage with the module; a tied tensor
+    // appears under each of its names, as in PyTorch.
     NamedTensorMap state_dict() const;
     // Copies values in. Every missing key, unexpected key and shape mismatch is reported in one
     // error, and nothing is copied unless everything matches. strict=false ignores missing and
@@ -93,10 +97,12 @@ public:
     RemovableHandle register_forward_hook(ForwardHook hook);
     RemovableHandle register_full_backward_hook(BackwardHook hook);
 
-protected:
     // Runs `forward` on `inputs` through this module's hooks; straight through when it has none.
+    // For a module's call operator (and helpers that build one).
     Tensors call_with_hooks(Tensors inputs, const std::function<Tensors(const Tensors&)>& forward);
     bool has_hooks() const;
+
+protected:
 
     Tensor register_parameter(std::string name, Tensor value, bool requires_grad = true);
     Tensor register_buffer(std::string name, Tensor value);
@@ -109,7 +115,8 @@ protected:
 
 private:
     void check_name(const std::string& name) const;
-    void collect(const std::string& prefix, bool parameters, NamedTensors& out) const;
+    void collect(const std::string& prefix, bool parameters, bool recurse, NamedTensors& out) const;
+    NamedTensors named(bool parameters, bool recurse, bool remove_duplicate) const;
 
     NamedTensors parameters_, buffers_;
     std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;

@@ -516,32 +516,30 @@ const LayerWeights& RecurrentLayer::weights(std::int64_t layer, std::int64_t dir
     return weights_[static_cast<std::size_t>(layer * D + direction)];
 }
 
-Tensors detail::recurrent_call_inputs(const Tensor& input, const State& initial, const Tensor& lengths)
+RecurrentOutput detail::call_recurrent_with_hooks(
+    Module& module, const Tensor& input, const State& initial, const Tensor& lengths,
+    const std::function<RecurrentOutput(const Tensor& input, const State& initial, const Tensor& lengths)>& forward)
 {
     Tensors inputs{input, lengths};
     inputs.insert(inputs.end(), initial.begin(), initial.end());
-    return inputs;
-}
-
-Tensors detail::recurrent_call_outputs(const RecurrentOutput& result)
-{
-    Tensors outputs{result.output};
-    outputs.insert(outputs.end(), result.state.begin(), result.state.end());
-    return outputs;
-}
-
-RecurrentOutput detail::recurrent_call_output(Tensors outputs)
-{
-    return RecurrentOutput{outputs.at(0), State(outputs.begin() + 1, outputs.end()), {}};
+    State all_states;
+    Tensors outputs = module.call_with_hooks(std::move(inputs), [&](const Tensors& in) {
+        RecurrentOutput r = forward(in[0], State(in.begin() + 2, in.end()), in[1]);
+        all_states = std::move(r.all_states);
+        Tensors out{r.output};
+        out.insert(out.end(), r.state.begin(), r.state.end());
+        return out;
+    });
+    return RecurrentOutput{outputs.at(0), State(outputs.begin() + 1, outputs.end()), std::move(all_states)};
 }
 
 RecurrentOutput RecurrentLayer::operator()(const Tensor& input, const State& initial, const Tensor& lengths)
 {
     if (!has_hooks()) return forward(input, initial, lengths);
-    return detail::recurrent_call_output(
-        call_with_hooks(detail::recurrent_call_inputs(input, initial, lengths), [this](const Tensors& in) {
-            return detail::recurrent_call_outputs(forward(in[0], State(in.begin() + 2, in.end()), in[1]));
-        }));
+    return detail::call_recurrent_with_hooks(*this, input, initial, lengths,
+                                             [this](const Tensor& x, const State& s0, const Tensor& lens) {
+                                                 return forward(x, s0, lens);
+                                             });
 }
 
 RecurrentOutput RecurrentLayer::forward(const Tensor& input, const State& initial, const Tensor& lengths)

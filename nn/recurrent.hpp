@@ -69,11 +69,14 @@ struct RecurrentOutput {
 // all_h()[k]): [T], the curve of vanishing and exploding gradients in one line.
 Tensor step_norms(const Tensor& per_step);
 
+
+
 namespace detail {
-// A recurrent module's call as hooks see it: (input, lengths, initial...) -> (output, state...).
-Tensors recurrent_call_inputs(const Tensor& input, const State& initial, const Tensor& lengths);
-Tensors recurrent_call_outputs(const RecurrentOutput& result);
-RecurrentOutput recurrent_call_output(Tensors outputs);
+// Runs a recurrent module's forward through its hooks, which see (input, lengths, initial...) ->
+// (output, state...); the per-step states (all_states) pass by them untouched.
+RecurrentOutput call_recurrent_with_hooks(
+    Module& module, const Tensor& input, const State& initial, const Tensor& lengths,
+    const std::function<RecurrentOutput(const Tensor& input, const State& initial, const Tensor& lengths)>& forward);
 }  // namespace detail
 
 // ---- cells ----
@@ -204,10 +207,10 @@ public:
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
     {
         if (!has_hooks()) return forward(input, initial, lengths);
-        return detail::recurrent_call_output(call_with_hooks(
-            detail::recurrent_call_inputs(input, initial, lengths), [this](const Tensors& in) {
-                return detail::recurrent_call_outputs(forward(in[0], State(in.begin() + 2, in.end()), in[1]));
-            }));
+        return detail::call_recurrent_with_hooks(*this, input, initial, lengths,
+                                                 [this](const Tensor& x, const State& s0, const Tensor& lens) {
+                                                     return forward(x, s0, lens);
+                                                 });
     }
     CellT& cell(std::int64_t layer, std::int64_t direction = 0)
     {

@@ -1,6 +1,7 @@
 #include "clip.hpp"
 
 #include <cmath>
+#include <set>
 
 #include "../autograd/ops.hpp"
 #include "../autograd/tape.hpp"
@@ -13,8 +14,9 @@ double clip_grad_norm(const std::vector<Tensor>& parameters, double max_norm, do
                max_norm, norm_type);
     NoGradGuard no_grad;
     std::vector<Tensor> norms, grads;
+    std::set<const TensorImpl*> seen;  // a tensor listed twice (tied weights) is one gradient: counted and scaled once
     for (const Tensor& p : parameters)
-        if (p.grad().defined()) {
+        if (p.grad().defined() && seen.insert(&p.impl()).second) {
             grads.push_back(p.grad());
             norms.push_back(norm(p.grad().to(kFloat64), norm_type));
         }
@@ -34,7 +36,7 @@ void clip_grad_value(const std::vector<Tensor>& parameters, double clip_value)
     LOOM_CHECK(clip_value >= 0, "clip_grad_value", "expects clip_value >= 0, got {}", clip_value);
     NoGradGuard no_grad;
     for (const Tensor& p : parameters)
-        if (p.grad().defined()) Tensor(p.grad()).copy_(clamp(p.grad(), -clip_value, clip_value));
+        if (p.grad().defined()) Tensor(p.grad()).copy_(clamp(p.grad(), -clip_value, clip_value));  // idempotent
 }
 
 }  // namespace loom::nn::utils

@@ -128,9 +128,30 @@ void Optimizer::step()
                        "after the optimizer was built? build the optimizer after moving it)",
                        kind, i, t.dtype(), t.sizes(), p.dtype(), p.sizes());
     }
+    const auto update_all = [&] {
+        for (std::size_t i = 0; i < params_.size(); ++i) {
+            const Tensor g = params_[i].grad();
+            if (g.defined()) update_parameter(i, params_[i], g, ++steps_[i]);
+        }
+    };
+    if (!update_can_throw()) return update_all();
+    // A rule of one's own may throw part-way: keep what it can change, and put it back if it does.
+    std::vector<Tensor> values(params_.size());
+    std::vector<NamedTensorMap> states(params_.size());
     for (std::size_t i = 0; i < params_.size(); ++i) {
-        const Tensor g = params_[i].grad();
-        if (g.defined()) update_parameter(i, params_[i], g, ++steps_[i]);
+        if (params_[i].grad().defined()) values[i] = params_[i].clone();
+        for (const auto& [kind, t] : state_tensors(i))
+            if (t.defined()) states[i].emplace(kind, t.clone());
+    }
+    const std::vector<std::int64_t> steps = steps_;
+    try {
+        update_all();
+    } catch (...) {
+        for (std::size_t i = 0; i < params_.size(); ++i)
+            if (values[i].defined()) Tensor(params_[i]).copy_(values[i]);
+        set_state(states);
+        steps_ = steps;
+        throw;
     }
 }
 

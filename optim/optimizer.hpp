@@ -70,7 +70,9 @@ template <class Options> struct ParamGroup {
 
 // The base owns the loop: step() checks every gradient and every state tensor first, then
 // calls update_parameter() for each parameter that has a gradient (others are skipped, as in
-// PyTorch). A step that throws has changed nothing.
+// PyTorch). A step that throws has changed nothing: the built-in rules cannot fail once the
+// checks pass, and around a rule of one's own, which may, step() keeps the parameters, their
+// state and their step counts and puts them back if it throws.
 class Optimizer {
 public:
     virtual ~Optimizer() = default;
@@ -103,6 +105,9 @@ protected:
     void add_group(const std::vector<Tensor>& params, double lr);
     std::size_t group_of(std::size_t param) const { return group_of_[param]; }
 
+    // Whether update_parameter may throw after the checks (a rule of one's own): step() then
+    // keeps what it could change, to put back. The built-in rules say false.
+    virtual bool update_can_throw() const { return true; }
     // One parameter's update; `step` counts its updates, this one included. Called only after
     // every check has passed.
     virtual void update_parameter(std::size_t param, const Tensor& p, const Tensor& grad, std::int64_t step) = 0;
@@ -148,6 +153,13 @@ protected:
     explicit OptimizerWith(const std::vector<ParamGroup<Options>>& groups)
     {
         LOOM_CHECK(!groups.empty(), "optimizer", "expects at least one parameter group, got none");
+        const auto fields = State::fields();
+        for (std::size_t i = 0; i < fields.size(); ++i)
+            for (std::size_t j = 0; j < i; ++j)
+                LOOM_CHECK(std::string_view(fields[i].name) != fields[j].name, "optimizer",
+                           "the state's fields() name \"{}\" twice; each state tensor needs a name of its own, which "
+                           "keys it in state_dict()",
+                           fields[i].name);
         for (const auto& g : groups) {
             validate_options(g.options);
             add_group(g.params, g.options.lr());
@@ -198,7 +210,8 @@ public:
 
 private:
     void update(const Tensor& p, const Tensor& grad, SGDState& s, const SGDOptions& o, double lr,
-                std::int64_t step) override;
+                std::int64_t step) final;
+    bool update_can_throw() const final { return false; }
 };
 
 struct AdamState {
@@ -221,7 +234,8 @@ public:
 
 private:
     void update(const Tensor& p, const Tensor& grad, AdamState& s, const AdamOptions& o, double lr,
-                std::int64_t step) override;
+                std::int64_t step) final;
+    bool update_can_throw() const final { return false; }
 };
 
 // AdamW (Loshchilov & Hutter): weight decay is decoupled from the gradient, p *= 1 - lr * wd.
@@ -234,7 +248,8 @@ public:
 
 private:
     void update(const Tensor& p, const Tensor& grad, AdamState& s, const AdamOptions& o, double lr,
-                std::int64_t step) override;
+                std::int64_t step) final;
+    bool update_can_throw() const final { return false; }
 };
 
 struct RMSpropState {
@@ -256,7 +271,8 @@ public:
 
 private:
     void update(const Tensor& p, const Tensor& grad, RMSpropState& s, const RMSpropOptions& o, double lr,
-                std::int64_t step) override;
+                std::int64_t step) final;
+    bool update_can_throw() const final { return false; }
 };
 
 struct AdagradState {
@@ -273,7 +289,8 @@ public:
 
 private:
     void update(const Tensor& p, const Tensor& grad, AdagradState& s, const AdagradOptions& o, double lr,
-                std::int64_t step) override;
+                std::int64_t step) final;
+    bool update_can_throw() const final { return false; }
 };
 
 }  // namespace loom::optim

@@ -2,6 +2,7 @@
 #include "helpers.hpp"
 
 using namespace loom;
+using testing::check_error;
 using testing::close_tensors;
 
 TEST_CASE("forward pre-hooks and forward hooks fire in order, may replace inputs and outputs, and are removable")
@@ -145,4 +146,52 @@ TEST_CASE("hooks on recurrent layers and cells see flat lists of tensors")
     });
     cell(x.select(0, 0), cell.initial_state(2, kFloat64));
     CHECK(fired == 1);
+}
+
+TEST_CASE("any hook on a recurrent layer keeps all_states")
+{
+    manual_seed(2);
+    const Tensor x = randn({4, 2, 3}, kFloat64);
+    nn::LSTM lstm(nn::RecurrentOptions(3, 5).all_states(true).dtype(kFloat64));
+    nn::Recurrent<nn::GRUCell> gru(nn::RecurrentOptions(3, 5).all_states(true).dtype(kFloat64));
+    const auto plain_lstm = lstm(x);
+    const auto plain_gru = gru(x);
+    lstm.register_forward_hook([](nn::Module&, const nn::Tensors&, nn::Tensors&) {});
+    gru.register_forward_pre_hook([](nn::Module&, nn::Tensors&) {});
+    const auto hooked_lstm = lstm(x);
+    const auto hooked_gru = gru(x);
+    REQUIRE(hooked_lstm.all_states.size() == 2);
+    CHECK(testing::close_tensors(hooked_lstm.all_h(), plain_lstm.all_h(), 0));
+    CHECK(testing::close_tensors(hooked_lstm.all_c(), plain_lstm.all_c(), 0));
+    CHECK(testing::close_tensors(hooked_gru.all_h(), plain_gru.all_h(), 0));
+}
+
+TEST_CASE("a hook that leaves an undefined tensor is named where it runs")
+{
+    nn::Dense dense(3, 2);
+    const Tensor x = randn({1, 3});
+    {
+        nn::RemovableHandle h = dense.register_forward_pre_hook([](nn::Module&, nn::Tensors& in) { in[0] = Tensor(); });
+        check_error([&] { dense(x); }, {"Dense", "forward pre-hook left input 0 an undefined tensor"});
+        h.remove();
+    }
+    {
+        nn::RemovableHandle h =
+            dense.register_forward_hook([](nn::Module&, const nn::Tensors&, nn::Tensors& out) { out[0] = Tensor(); });
+        check_error([&] { dense(x); }, {"Dense", "forward hook left output 0 an undefined tensor"});
+        h.remove();
+    }
+    // An input that was not given (a recurrent layer's lengths) may stay undefined.
+    nn::GRU gru(nn::RecurrentOptions(3, 2));
+    gru.register_forward_pre_hook([](nn::Module&, nn::Tensors&) {});
+    CHECK(gru(randn({2, 1, 3})).output.sizes() == Shape{2, 1, 2});
+}
+
+TEST_CASE("anomaly mode names a leaf's gradient hook that makes a NaN, not an op inside it")
+{
+    const Tensor w = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
+    w.register_hook([](const Tensor& g) { return g * std::numeric_limits<double>::quiet_NaN(); });
+    const Tensor loss = (w * 3.0).sum();
+    autograd::DetectAnomalyGuard anomaly;
+    check_error([&] { loss.backward(); }, {"gradient hook registered on a leaf of shape [2]", "nan"});
 }

@@ -246,3 +246,82 @@ TEST_CASE("loss errors name the problem")
     bad.label_smoothing = 1.5;
     check_error([&] { (void)nn::cross_entropy(logits, ones({2}, kInt64), bad); }, {"label_smoothing"});
 }
+
+namespace {
+
+// Holds a tensor it is given as its own parameter: tied to wherever else it is registered.
+struct Holder : nn::Module {
+    explicit Holder(const Tensor& shared) { weight = register_parameter("weight", shared); }
+    Tensor weight;
+};
+
+// An embedding and an output layer sharing one weight (Press & Wolf 2017), plus a bias of its own.
+struct TiedModel : nn::Module {
+    TiedModel()
+    {
+        embed = register_module("embed", std::make_shared<nn::Embedding>(5, 3, std::nullopt, kFloat64));
+        out = register_module("out", std::make_shared<Holder>(embed->weight));
+        bias = register_parameter("bias", zeros({5}, kFloat64));
+    }
+    Tensor forward(const Tensor& tokens) const { return linear(embed->forward(tokens), out->weight, bias); }
+    std::shared_ptr<nn::Embedding> embed;
+    std::shared_ptr<Holder> out;
+    Tensor bias;
+};
+
+}  // namespace
+
+TEST_CASE("a tensor registered in two modules is one parameter: listed, counted, clipped and optimised once")
+{
+    manual_seed(4);
+    TiedModel model;
+    CHECK(model.named_parameters().size() == 2);
+    CHECK(model.named_parameters()[0].first == "bias");  // own parameters first, then the children's, as in PyTorch
+    CHECK(model.named_parameters()[1].first == "embed.weight");  // the first name a tied tensor was met under
+    CHECK(model.named_parameters(true, /*remove_duplicate=*/false).size() == 3);
+    CHECK(model.named_parameters(/*recurse=*/false).size() == 1);
+    CHECK(model.parameters().size() == 2);
+    CHECK(model.parameter_count() == 15 + 5);
+    const std::string summary = model.summary();
+    CHECK_MESSAGE(summary.find("tied to embed.weight") != std::string::npos, summary);
+    CHECK_MESSAGE(summary.find("total: 20 parameters in 2 tensors") != std::string::npos, summary);
+
+    // clip_grad_norm counts the shared gradient once, whether listed once or twice.
+    const Tensor tokens = tensor({0, 3, 4, 3}, kInt64);
+    const auto gradients = [&] {
+        model.zero_grad();
+        model.forward(tokens).pow(2).sum().backward();
+        return std::pair{model.embed->weight.grad().clone(), model.bias.grad().clone()};
+    };
+    const auto [gw, gb] = gradients();
+    const double norm = std::sqrt(gw.pow(2).sum().item<double>() + gb.pow(2).sum().item<double>());
+    for (bool listed_twice : {false, true}) {
+        CAPTURE(listed_twice);
+        gradients();
+        std::vector<Tensor> params = model.parameters();
+        if (listed_twice) params.push_back(model.out->weight);
+        const double total = nn::utils::clip_grad_norm(params, norm / 2);
+        CHECK(total == doctest::Approx(norm).epsilon(1e-12));
+        const double after = std::sqrt(model.embed->weight.grad().pow(2).sum().item<double>() +
+                                       model.bias.grad().pow(2).sum().item<double>());
+        CHECK(after == doctest::Approx(norm / 2).epsilon(1e-5));
+    }
+
+    // state_dict has both names; loading restores values into the one tensor, still shared.
+    const NamedTensorMap dict = model.state_dict();
+    CHECK(dict.count("embed.weight") == 1);
+    CHECK(dict.count("out.weight") == 1);
+    TiedModel other;
+    other.load_state_dict(dict);
+    CHECK(other.embed->weight.is_same(other.out->weight));
+    CHECK(testing::close_tensors(other.out->weight, model.embed->weight, 0));
+
+    // Adam takes model.parameters() and steps the shared tensor once.
+    optim::Adam adam(model.parameters(), optim::AdamOptions(0.1));
+    gradients();
+    const Tensor before = model.embed->weight.clone();
+    adam.step();
+    CHECK(adam.step_count(0) == 1);
+    CHECK(model.embed->weight.is_same(model.out->weight));
+    CHECK_FALSE(testing::close_tensors(model.embed->weight, before, 1e-6));
+}

@@ -430,6 +430,88 @@ TEST_CASE("an optimizer step that throws changes nothing")
     for (std::size_t i = 0; i < params_before.size(); ++i) CHECK(values(model.parameters()[i]) == params_before[i]);
 }
 
+namespace {
+
+struct MomentumState {
+    Tensor velocity;
+    static auto fields() { return std::array{optim::StateField<MomentumState>{"velocity", &MomentumState::velocity}}; }
+};
+
+// A rule of one's own that updates its state and the parameter in place, then throws at the
+// parameter numbered `fail_at`, part-way through a step.
+class Fragile : public optim::OptimizerWith<optim::SGDOptions, MomentumState> {
+public:
+    Fragile(std::vector<Tensor> params, std::size_t fail_at_)
+        : OptimizerWith(std::vector<optim::ParamGroup<optim::SGDOptions>>{{std::move(params), optim::SGDOptions(0.1)}}),
+          fail_at(fail_at_)
+    {
+    }
+    std::string name() const override { return "Fragile"; }
+    std::size_t fail_at;
+    std::size_t calls = 0;
+
+private:
+    void update(const Tensor& p, const Tensor& grad, MomentumState& s, const optim::SGDOptions&, double lr,
+                std::int64_t) override
+    {
+        Tensor& v = optim::state_tensor(s.velocity, p);
+        v.mul_(0.9).add_(grad);
+        Tensor(p).add_(v, -lr);
+        if (calls++ == fail_at) throw Error("Fragile: a rule that fails on purpose");
+    }
+};
+
+struct TwiceNamedState {
+    Tensor a, b;
+    static auto fields()
+    {
+        return std::array{optim::StateField<TwiceNamedState>{"moment", &TwiceNamedState::a},
+                          optim::StateField<TwiceNamedState>{"moment", &TwiceNamedState::b}};
+    }
+};
+
+class TwiceNamed : public optim::OptimizerWith<optim::SGDOptions, TwiceNamedState> {
+public:
+    explicit TwiceNamed(std::vector<Tensor> params)
+        : OptimizerWith(std::vector<optim::ParamGroup<optim::SGDOptions>>{{std::move(params), optim::SGDOptions(0.1)}})
+    {
+    }
+    std::string name() const override { return "TwiceNamed"; }
+
+private:
+    void update(const Tensor&, const Tensor&, TwiceNamedState&, const optim::SGDOptions&, double, std::int64_t) override {}
+};
+
+}  // namespace
+
+TEST_CASE("a rule of one's own that throws part-way through a step changes nothing")
+{
+    nn::Dense model(3, 2);
+    std::vector<Tensor> params = model.parameters();
+    Fragile opt(params, 100);  // a first step that succeeds, so there is state to keep
+    for (auto& p : params) p.set_grad(ones_like(p));
+    opt.step();
+    opt.fail_at = opt.calls + 1;  // the next step fails at its second parameter, after changing the first
+    for (auto& p : params) p.set_grad(full_like(p, 0.5));
+    std::map<std::string, std::vector<double>> before;  // values, not the live state tensors
+    for (const auto& [k, t] : opt.state_dict()) before[k] = values(t);
+    std::vector<std::vector<double>> params_before;
+    for (auto& p : params) params_before.push_back(values(p));
+    check_error([&] { opt.step(); }, {"a rule that fails on purpose"});
+    const NamedTensorMap after = opt.state_dict();
+    REQUIRE(after.size() == before.size());
+    for (const auto& [k, v] : before) CHECK_MESSAGE(values(after.at(k)) == v, k);
+    for (std::size_t i = 0; i < params.size(); ++i) CHECK(values(params[i]) == params_before[i]);
+    CHECK(opt.step_count(0) == 1);
+    CHECK(opt.step_count(1) == 1);
+}
+
+TEST_CASE("an optimizer state naming two fields alike is refused")
+{
+    nn::Dense model(3, 2);
+    check_error([&] { TwiceNamed opt(model.parameters()); }, {"\"moment\" twice"});
+}
+
 TEST_CASE("malformed optimizer state and groups give loom::Error")
 {
     Tensor p = zeros({2}).requires_grad_();
