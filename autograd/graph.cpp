@@ -12,6 +12,26 @@ namespace {
 
 using Names = std::vector<std::pair<std::string, Tensor>>;
 
+// A user's name (a parameter, a custom op, a Scope) as one line a reader and Graphviz take:
+// control characters (a newline, a NUL) written as \xNN, and a long name cut to `max` bytes at
+// a character boundary, saying how much was left out (Graphviz rejects labels over 16,384).
+std::string visible(std::string_view s, std::size_t max = 200)
+{
+    std::size_t cut = s.size();
+    if (cut > max) {
+        cut = max;
+        while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;  // not inside a UTF-8 character
+    }
+    std::string out;
+    for (char c : s.substr(0, cut)) {
+        const auto u = static_cast<unsigned char>(c);
+        if (u < 0x20 || u == 0x7f) out += fmt::format("\\x{:02x}", u);
+        else out += c;
+    }
+    if (cut < s.size()) out += fmt::format("... ({} more bytes)", s.size() - cut);
+    return out;
+}
+
 // The entries and leaves that `root` depends on, in recording order (leaves first).
 struct Graph {
     std::vector<const Entry*> entries;       // ascending seq
@@ -23,7 +43,7 @@ struct Graph {
     std::string leaf_label(const Node* n) const
     {
         auto it = leaf_names.find(n);
-        return it != leaf_names.end() ? it->second : fmt::format("leaf {}", unnamed.at(n));
+        return it != leaf_names.end() ? visible(it->second) : fmt::format("leaf {}", unnamed.at(n));
     }
     // How an input appears: "#12" for an entry's output, a leaf's name otherwise.
     std::string source(const Node* n) const { return n->seq ? fmt::format("#{}", n->seq) : leaf_label(n); }
@@ -125,8 +145,8 @@ std::string to_dot(const Tensor& root, const Names& names)
     for (std::size_t i = 0; i < g.leaves.size(); ++i) leaf_index[g.leaves[i]] = i;
     const std::uint64_t root_seq = root.impl().node->seq;
     for (const Entry* e : g.entries) {
-        std::string label = fmt::format("{}\n{}", e->name, outputs_of(*e));
-        if (e->scope) label += fmt::format("\n({})", *e->scope);
+        std::string label = fmt::format("{}\n{}", visible(e->name), outputs_of(*e));
+        if (e->scope) label += fmt::format("\n({})", visible(*e->scope));
         dot += fmt::format("  e{} [shape=ellipse{}, label={}];\n", e->seq,
                            e->seq == root_seq ? ", style=filled, fillcolor=\"#f4d6a0\"" : "", quoted(label));
     }
@@ -151,8 +171,8 @@ std::string to_text(const Tensor& root, const Names& names)
             if (!inputs.empty()) inputs += ", ";
             inputs += g.source(input.get());
         }
-        text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, e->name, outputs_of(*e), inputs,
-                            e->scope ? fmt::format("  ({})", *e->scope) : std::string());
+        text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, visible(e->name), outputs_of(*e), inputs,
+                            e->scope ? fmt::format("  ({})", visible(*e->scope)) : std::string());
     }
     return text;
 }

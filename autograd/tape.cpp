@@ -41,7 +41,8 @@ struct Tape {
 // While a backward function or a custom op's forward runs, the ops it calls are not checked on
 // their own: what the op returns is checked, naming the op rather than a helper inside it.
 [[gnu::tls_model("initial-exec")]] thread_local int inner_depth = 0;
-thread_local std::vector<std::string> scope_parts;
+thread_local std::vector<std::pair<std::uint64_t, std::string>> scope_parts;  // (the Scope's id, its name)
+thread_local std::uint64_t next_scope_id = 1;
 thread_local std::shared_ptr<const std::string> scope_path;  // null outside any Scope
 
 std::string scope_phrase(const std::shared_ptr<const std::string>& scope)
@@ -602,20 +603,21 @@ void rebuild_scope_path()
         scope_path.reset();
         return;
     }
-    std::string path = scope_parts[0];
-    for (std::size_t i = 1; i < scope_parts.size(); ++i) path += "/" + scope_parts[i];
+    std::string path = scope_parts[0].second;
+    for (std::size_t i = 1; i < scope_parts.size(); ++i) path += "/" + scope_parts[i].second;
     scope_path = std::make_shared<const std::string>(std::move(path));
 }
 }  // namespace
 
-Scope::Scope(std::string name)
+Scope::Scope(std::string name) : id_(next_scope_id++)
 {
-    scope_parts.push_back(std::move(name));
+    scope_parts.emplace_back(id_, std::move(name));
     rebuild_scope_path();
 }
 Scope::~Scope()
 {
-    scope_parts.pop_back();
+    // Its own part, wherever it is: a Scope may be destroyed out of order (held in a container).
+    std::erase_if(scope_parts, [this](const auto& part) { return part.first == id_; });
     rebuild_scope_path();
 }
 std::string current_scope() { return scope_path ? *scope_path : std::string(); }

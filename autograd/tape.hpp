@@ -275,6 +275,9 @@ public:
     ~Scope();
     Scope(const Scope&) = delete;
     Scope& operator=(const Scope&) = delete;
+
+private:
+    std::uint64_t id_;
 };
 // The current scope path ("" outside any Scope).
 std::string current_scope();

@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -136,11 +137,14 @@ double sum(double value)
     return total;
 }
 
-void check_same_model(const nn::Module& model)
+namespace {
+
+// Every process compares its `lines` with process 0's and all learn whether any differed: each
+// throws a loom::Error, the one that differs naming the first difference. `what` names the
+// thing compared ("the model").
+void check_same_lines(const std::vector<std::string>& mine, const std::string& what)
 {
     if (world_size() == 1) return;
-    // Process 0's signature goes to all; each compares it with its own, and all learn whether any differed.
-    const std::vector<std::string> mine = model_signature(model);
     std::string theirs = joined(mine);
     long long length = static_cast<long long>(theirs.size());
     check_mpi(MPI_Bcast(&length, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD), "MPI_Bcast");
@@ -150,13 +154,17 @@ void check_same_model(const nn::Module& model)
     std::string difference;
     for (std::size_t k = 0; k < std::max(mine.size(), reference.size()) && difference.empty(); ++k) {
         const std::string a = k < mine.size() ? mine[k] : "nothing", b = k < reference.size() ? reference[k] : "nothing";
-        if (a != b) difference = fmt::format("entry {} of the model is \"{}\" here but \"{}\" on rank 0", k + 1, a, b);
+        if (a != b) difference = fmt::format("entry {} of {} is \"{}\" here but \"{}\" on rank 0", k + 1, what, a, b);
     }
     int differs = !difference.empty(), any = 0;
     check_mpi(MPI_Allreduce(&differs, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
-    if (differs) fail("dist", "the model differs across processes: {}", difference);
-    if (any) fail("dist", "the model differs across processes (the process that differs names the difference)");
+    if (differs) fail("dist", "{} differs across processes: {}", what, difference);
+    if (any) fail("dist", "{} differs across processes (the process that differs names the difference)", what);
 }
+
+}  // namespace
+
+void check_same_model(const nn::Module& model) { check_same_lines(model_signature(model), "the model"); }
 
 void broadcast_parameters(nn::Module& model, int root)
 {
@@ -176,6 +184,14 @@ void broadcast_parameters(nn::Module& model, int root)
 GradientAverager::GradientAverager(std::vector<Tensor> parameters, std::size_t bucket_bytes)
     : parameters_(std::move(parameters))
 {
+    // Every process must pass the same list: a different count, dtype or shape would pair up
+    // unrelated numbers in the all-reduce, or leave a process waiting for ever.
+    std::vector<std::string> signature{fmt::format("{} parameters, buckets of {} bytes", parameters_.size(), bucket_bytes)};
+    for (std::size_t i = 0; i < parameters_.size(); ++i)
+        signature.push_back(parameters_[i].defined()
+                                ? fmt::format("parameter {} {} {}", i, parameters_[i].dtype(), parameters_[i].sizes())
+                                : fmt::format("parameter {} undefined", i));
+    check_same_lines(signature, "the averager's parameter list");
     LOOM_CHECK(bucket_bytes > 0, "GradientAverager", "expects a positive bucket size");
     std::size_t bytes = 0;
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
@@ -202,14 +218,22 @@ void GradientAverager::average(double weight)
     if (world_size() == 1) return;  // one process: its gradient is the average
     NoGradGuard no_grad;
     // Which parameters have a gradient anywhere, and the total weight, in one small reduction.
-    std::vector<double> flags(parameters_.size() + 1);
+    // The last two: the weight, and how many processes were given one that is not a finite
+    // number >= 0 (every process must learn of it, or the others would wait for ever).
+    const bool bad_weight = !(std::isfinite(weight) && weight >= 0);
+    std::vector<double> flags(parameters_.size() + 2);
     for (std::size_t i = 0; i < parameters_.size(); ++i) flags[i] = parameters_[i].grad().defined();
-    flags.back() = weight;
+    flags[parameters_.size()] = bad_weight ? 0 : weight;
+    flags.back() = bad_weight;
     std::vector<double> totals(flags.size());
     check_mpi(MPI_Allreduce(flags.data(), totals.data(), static_cast<int>(flags.size()), MPI_DOUBLE, MPI_SUM,
                             MPI_COMM_WORLD),
               "MPI_Allreduce");
-    const double total_weight = totals.back();
+    LOOM_CHECK(!bad_weight, "GradientAverager", "expects a weight that is a finite number >= 0 (this process's "
+               "examples in the batch), got {}", weight);
+    LOOM_CHECK(totals.back() == 0, "GradientAverager",
+               "another process was given a weight that is not a finite number >= 0 (it names it); nothing was averaged");
+    const double total_weight = totals[parameters_.size()];
     LOOM_CHECK(total_weight > 0, "GradientAverager", "the weights of all processes sum to {}; expected > 0",
                total_weight);
 
@@ -265,6 +289,10 @@ train::Parallel data_parallel(nn::Module& model, std::size_t bucket_bytes)
     p.rank = rank();
     p.world_size = world_size();
     p.shard = [rank = p.rank, world = p.world_size](std::int64_t n, bool shuffle, std::uint64_t seed, std::int64_t epoch) {
+        // Shards of sets of different sizes would give the processes different numbers of
+        // batches, and one would wait for ever in an all-reduce the others never join.
+        check_same_lines({fmt::format("{} examples, {}, seed {}", n, shuffle ? "shuffled" : "in order", seed)},
+                         "the training set");
         return ShardSampler(n, seed, rank, world, shuffle).indices(epoch);
     };
     p.average_gradients = [averager](double weight) { averager->average(weight); };

@@ -131,7 +131,12 @@ ReduceLROnPlateau::ReduceLROnPlateau(Optimizer& optimizer, Mode mode, double fac
 {
     LOOM_CHECK(factor > 0 && factor < 1, "ReduceLROnPlateau", "expects 0 < factor < 1, got {}", factor);
     LOOM_CHECK(patience >= 0 && cooldown >= 0 && min_lr >= 0 && threshold >= 0, "ReduceLROnPlateau",
-               "expects non-negative patience, cooldown, min_lr and threshold");
+               "expects non-negative patience, cooldown, min_lr and threshold, got {}, {}, {} and {}", patience,
+               cooldown, min_lr, threshold);
+    LOOM_CHECK(std::isfinite(min_lr) && std::isfinite(threshold), "ReduceLROnPlateau",
+               "expects finite min_lr and threshold, got {} and {}", min_lr, threshold);
+    LOOM_CHECK(eps >= 0 && std::isfinite(eps), "ReduceLROnPlateau",
+               "expects a finite eps >= 0 (the least change of learning rate worth making), got {}", eps);
 }
 
 bool ReduceLROnPlateau::better(double a) const

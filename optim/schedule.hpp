@@ -52,6 +52,9 @@ class MetricScheduler : public Schedule {
 public:
     virtual void step(double metric) = 0;
     bool needs_metric() const override { return true; }
+    // Whether a lower metric is better (a loss); train::fit feeds it the validation loss, so
+    // it must be.
+    virtual bool lower_is_better() const { return true; }
     void epoch_end(std::optional<double> validation_loss) override;
 
 protected:
@@ -116,6 +119,7 @@ public:
                       std::int64_t cooldown = 0, double min_lr = 0, double eps = 1e-8);
     void step(double metric) override;
     std::string name() const override { return "ReduceLROnPlateau"; }
+    bool lower_is_better() const override { return mode_ == Mode::Min; }
     NamedTensorMap state_dict() const override;
     void load_state_dict(const NamedTensorMap& state) override;
 

@@ -5,6 +5,10 @@
 //   mismatch:    process 1 builds a different model; data_parallel must end both, naming the difference.
 //   throw:       process 1 throws during training; the job must end (MPI_Abort), not hang.
 //   train:       trains until killed (the test kills process 1 with SIGKILL); writes pid.<rank>.
+//   averager_count, averager_dtype, averager_shape, negative_weight, fit_sizes: the processes
+//                pass different things (process 1 a parameter fewer, another dtype, another shape,
+//                a negative weight, a training set of another size); every process must end with
+//                a loom::Error, printed as "rank <r> caught: <message>", instead of hanging.
 #include <loom/dist/dist.hpp>
 #include <loom/loom.hpp>
 
@@ -130,6 +134,61 @@ int train_loop(bool throw_on_rank_1, bool forever)
     return 0;
 }
 
+// Runs f, which must throw a loom::Error on this process; prints it and returns 0, or 1 if none came.
+template <class F> int expect_error(F&& f)
+{
+    try {
+        f();
+    } catch (const Error& e) {
+        std::printf("rank %d caught: %s\n", dist::rank(), e.what());
+        return 0;
+    }
+    std::printf("rank %d: no error\n", dist::rank());
+    return 1;
+}
+
+int mismatched(const std::string& mode)
+{
+    const int rank = dist::rank();
+    Net net;
+    std::vector<Tensor> params = net.parameters();
+    if (mode == "averager_count") {
+        if (rank == 1) params.pop_back();
+        return expect_error([&] { dist::GradientAverager averager(params); });
+    }
+    if (mode == "averager_dtype") {
+        if (rank == 1) params.back() = params.back().to(kFloat32).requires_grad_();
+        return expect_error([&] { dist::GradientAverager averager(params); });
+    }
+    if (mode == "averager_shape") {
+        if (rank == 1) params.back() = zeros({2}, kFloat64).requires_grad_();
+        return expect_error([&] { dist::GradientAverager averager(params); });
+    }
+    if (mode == "negative_weight") {
+        dist::GradientAverager averager(params);
+        nn::mse_loss(net.forward(randn({6, 4, 3}, kFloat64)), randn({4, 1}, kFloat64)).backward();
+        return expect_error([&] { averager.average(rank == 1 ? -1.0 : 1.0); });
+    }
+    // fit_sizes
+    train::FitOptions o;
+    o.epochs = 1;
+    o.batch_size = 4;
+    o.verbose = false;
+    o.parallel = dist::data_parallel(net);
+    optim::SGD opt(net.parameters(), optim::SGDOptions(0.01));
+    const std::int64_t n = rank == 1 ? 41 : 40;
+    const Tensor fx = randn({6, n, 3}, kFloat64), fy = randn({n, 1}, kFloat64);
+    const train::Dataset data{n, [&](const std::vector<std::int64_t>& idx) {
+                                  const Tensor i = from_vector<std::int64_t>(idx, {std::int64_t(idx.size())});
+                                  return train::Batch{index_select(fx, 1, i), index_select(fy, 0, i), {}};
+                              }};
+    return expect_error([&] {
+        train::fit(
+            net, opt, [&](const train::Batch& b) { return net.forward(b.input); },
+            [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); }, data, {}, o);
+    });
+}
+
 }  // namespace
 
 int main(int argc, char** argv)
@@ -142,6 +201,9 @@ int main(int argc, char** argv)
         if (mode == "mismatch") return mismatch();
         if (mode == "throw") return train_loop(true, false);
         if (mode == "train") return train_loop(false, true);
-        throw Error("dist_check: the mode is one of equivalence, mismatch, throw, train");
+        for (const char* m : {"averager_count", "averager_dtype", "averager_shape", "negative_weight", "fit_sizes"})
+            if (mode == m) return mismatched(mode);
+        throw Error("dist_check: the mode is one of equivalence, mismatch, throw, train, averager_count, "
+                    "averager_dtype, averager_shape, negative_weight, fit_sizes");
     });
 }

@@ -24,6 +24,21 @@ start=$SECONDS; rc=0; timeout 60 "${mpirun[@]}" "$check_program" mismatch > mism
 check "model mismatch" "exit $rc in $((SECONDS - start)) s: $(grep -m1 'differs' mismatch.out)" \
     "$([ "$rc" != 0 ] && [ "$rc" != 124 ] && grep -q 'is \"parameter head.weight float64 \[2, 5\]\" here but \"parameter head.weight float64 \[1, 5\]\" on rank 0' mismatch.out && echo 1 || echo 0)"
 
+# Processes that pass different things: each ends with a loom::Error naming the difference, in seconds.
+for mode in averager_count averager_dtype averager_shape negative_weight fit_sizes; do
+    case $mode in
+        averager_count) expected="the averager's parameter list differs across processes" ;;
+        averager_dtype) expected='float32' ;;
+        averager_shape) expected='\[2\]' ;;
+        negative_weight) expected='got -1' ;;
+        fit_sizes) expected='"41 examples' ;;
+    esac
+    start=$SECONDS; rc=0; timeout 60 "${mpirun[@]}" "$check_program" $mode > $mode.out 2>&1 || rc=$?
+    check "$mode" "exit $rc in $((SECONDS - start)) s: $(grep -m1 'caught' $mode.out)" \
+        "$([ "$rc" = 0 ] && grep -q '^rank 0 caught: dist\|^rank 0 caught: GradientAverager' $mode.out \
+            && grep -q '^rank 1 caught: ' $mode.out && grep -q "$expected" $mode.out && echo 1 || { cat $mode.out; echo 0; })"
+done
+
 start=$SECONDS; rc=0; timeout 60 "${mpirun[@]}" "$check_program" throw > throw.out 2>&1 || rc=$?
 check "exception on one rank" "exit $rc in $((SECONDS - start)) s: $(grep -m1 'rank 1:' throw.out)" \
     "$([ "$rc" != 0 ] && [ "$rc" != 124 ] && grep -q 'rank 1: a bad batch on purpose at step 3' throw.out && echo 1 || echo 0)"

@@ -130,3 +130,42 @@ TEST_CASE("the tape as text and as DOT, rendered by Graphviz with the right node
     CHECK_THROWS_WITH_AS(autograd::to_dot(loss), doctest::Contains("released by an earlier backward"), Error);
     CHECK_THROWS_WITH_AS(autograd::to_text(x.detach()), doctest::Contains("does not require grad"), Error);
 }
+
+TEST_CASE("names with control characters or of any length give DOT that Graphviz takes and one text line per entry")
+{
+    const Tensor w = uniform({3}, -1, 1, kFloat64).requires_grad_();
+    const Tensor v = uniform({3}, -1, 1, kFloat64).requires_grad_();
+    Tensor y;
+    {
+        autograd::Scope scope(std::string("a\nscope with a NUL \0 here", 26));
+        y = (w * v).sum();
+    }
+    const std::vector<std::pair<std::string, Tensor>> names{{std::string("line one\nline two\0", 19), w},
+                                                            {std::string(20000, 'x'), v}};
+    const std::string text = autograd::to_text(y, names);
+    CHECK(text.find('\0') == std::string::npos);
+    CHECK(text.find("line one\\x0aline two\\x00") != std::string::npos);
+    CHECK(text.find("more bytes") != std::string::npos);
+    CHECK(std::count(text.begin(), text.end(), '\n') == 4);  // two leaves, two entries
+    const std::string dot = autograd::to_dot(y, names);
+    CHECK(dot.find('\0') == std::string::npos);
+    const testing::TempDir dir;
+    std::ofstream(dir.file("names.dot")) << dot;
+    const std::string plain = run("dot -Tplain " + dir.file("names.dot"));
+    CHECK(count_lines_starting(plain, "node ") == 4);
+}
+
+TEST_CASE("a Scope destroyed out of order takes its own name with it")
+{
+    auto outer = std::make_unique<autograd::Scope>("outer");
+    auto inner = std::make_unique<autograd::Scope>("inner");
+    CHECK(autograd::current_scope() == "outer/inner");
+    outer.reset();
+    CHECK(autograd::current_scope() == "inner");
+    const Tensor x = uniform({2}, -1, 1, kFloat64).requires_grad_();
+    const Tensor y = (x * 2.0).sum();
+    CHECK(autograd::to_text(y).find("(inner)") != std::string::npos);
+    CHECK(autograd::to_text(y).find("outer") == std::string::npos);
+    inner.reset();
+    CHECK(autograd::current_scope().empty());
+}

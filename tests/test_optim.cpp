@@ -251,6 +251,14 @@ TEST_CASE("optimizer misuse gives clear errors")
     check_error([&] { optim::StepLR(adam, 0); }, {"StepLR", "step_size"});
     optim::ReduceLROnPlateau plateau(adam);
     check_error([&] { plateau.epoch_end(std::nullopt); }, {"ReduceLROnPlateau", "validation loss"});
+    using Plateau = optim::ReduceLROnPlateau;
+    for (double eps : {std::nan(""), -1e-8, double(INFINITY)}) {
+        CAPTURE(eps);
+        check_error([&] { Plateau(adam, Plateau::Mode::Min, 0.1, 10, 1e-4, Plateau::ThresholdMode::Rel, 0, 0, eps); },
+                    {"ReduceLROnPlateau", "eps"});
+    }
+    check_error([&] { Plateau(adam, Plateau::Mode::Min, 0.1, 10, 1e-4, Plateau::ThresholdMode::Rel, 0, std::nan("")); },
+                {"ReduceLROnPlateau", "min_lr"});
 }
 
 TEST_CASE("a resumed run is bit-identical to an uninterrupted one")

@@ -194,6 +194,11 @@ TEST_CASE("fit steps every kind of schedule once per epoch, a metric-driven one 
     check_error([&] { (void)train::fit(model, opt, forward, loss, train_set, {}, o, &plateau); },
                 {"fit", "ReduceLROnPlateau", "validation loss", "no validation data"});
     CHECK(model.weight.item<double>() == before.item<double>());
+    // One that waits for its metric to rise cannot be fed a loss.
+    optim::ReduceLROnPlateau rising(opt, optim::ReduceLROnPlateau::Mode::Max);
+    check_error([&] { (void)train::fit(model, opt, forward, loss, train_set, train_set, o, &rising); },
+                {"fit", "ReduceLROnPlateau", "Mode::Max", "validation loss"});
+    CHECK(model.weight.item<double>() == before.item<double>());
 }
 
 TEST_CASE("the gradient report: gradient and weight norms, update ratios, a table, metrics rows, and from fit")

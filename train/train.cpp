@@ -385,6 +385,11 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
     LOOM_CHECK(validating || !schedule || !schedule->needs_metric(), "fit",
                "the schedule {} is stepped with the validation loss, but there is no validation data",
                schedule ? schedule->name() : "");
+    const auto* metric_schedule = dynamic_cast<const optim::MetricScheduler*>(schedule);
+    LOOM_CHECK(!metric_schedule || metric_schedule->lower_is_better(), "fit",
+               "the schedule {} waits for its metric to rise (Mode::Max), but fit steps it with the validation loss, "
+               "which should fall; build it with Mode::Min",
+               schedule ? schedule->name() : "");
     LOOM_CHECK(o.gradient_report_every >= 0, "fit", "expects gradient_report_every >= 0, got {}", o.gradient_report_every);
     LOOM_CHECK(o.gradient_report_every == 0 || !o.gradient_log.empty(), "fit",
                "gradient_report_every is {} but gradient_log is empty; name a .jsonl or .csv file for the reports",
