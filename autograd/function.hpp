@@ -66,15 +66,15 @@ inline std::vector<Tensor> as_outputs(const std::vector<Tensor>& ts) { return ts
 // forward but never receive a gradient, so they are refused at compile time.
 template <class A> constexpr bool is_tensor_container_v = false;
 template <class A> constexpr bool is_tensor_container_v<std::vector<A>> = std::is_same_v<std::decay_t<A>, Tensor>;
+template <class A> concept TensorNotInsideAVector = !is_tensor_container_v<std::decay_t<A>>;
 
 }  // namespace detail
 
 template <class Op> struct Function {
-    template <class... Args> static auto apply(Args&&... args)
+    // Tensors go to forward as Tensor arguments, one each: a std::vector<Tensor> argument does
+    // not compile, as its tensors would get no gradient.
+    template <detail::TensorNotInsideAVector... Args> static auto apply(Args&&... args)
     {
-        static_assert(!(detail::is_tensor_container_v<std::decay_t<Args>> || ...),
-                      "a custom op's forward takes its tensors as Tensor arguments, one each: tensors inside a "
-                      "std::vector argument would get no gradient");
         std::vector<Tensor> inputs;
         (detail::collect_tensor(inputs, args), ...);
         auto ctx = std::make_shared<AutogradContext>();

@@ -44,7 +44,7 @@ GradcheckResult compare(const std::function<Tensor()>& at_inputs, const std::fun
     const auto objective = [&](const Tensor& y) { return sum(y * projection); };
     // An output off the tape does not depend on wrt at all: its gradient is zero.
     const std::vector<Tensor> analytic = out.requires_grad()
-                                             ? grad({objective(out)}, wrt, {}, false, /*allow_unused=*/true)
+                                             ? grad({objective(out)}, wrt, {}, false, false, /*allow_unused=*/true)
                                              : std::vector<Tensor>(wrt.size());
 
     GradcheckResult result;
@@ -134,7 +134,7 @@ GradcheckResult gradgradcheck(const std::function<Tensor(const std::vector<Tenso
         const Tensor out = fn(args);
         if (!r.defined()) r = randn(out.sizes(), kFloat64, &gen);
         if (!out.requires_grad()) return zeros({}, kFloat64);
-        const std::vector<Tensor> g = grad({sum(out * r)}, leaves, {}, false, /*allow_unused=*/true, create_graph);
+        const std::vector<Tensor> g = grad({sum(out * r)}, leaves, {}, false, create_graph, /*allow_unused=*/true);
         Tensor h = zeros({}, kFloat64);
         for (std::size_t k = 0; k < g.size(); ++k)
             if (g[k].defined()) h = h + sum(g[k] * v[k]);

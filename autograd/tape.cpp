@@ -732,14 +732,14 @@ void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const
 
 Tensor Tensor::detach() const { return kernels::alias(*this); }
 
-void Tensor::backward(const Tensor& gradient, bool retain_graph, bool create_graph) const
+void Tensor::backward(const Tensor& gradient, std::optional<bool> retain_graph, bool create_graph) const
 {
     const auto& node = node_of("backward", *this, "the tensor");
     check_this_thread("backward", *node);
     Tensor seed = seed_for("backward", *this, gradient);
     Sweep sweep(create_graph);
     sweep.add(node, seed);
-    sweep.run(node->seq, retain_graph, /*accumulate=*/true);
+    sweep.run(node->seq, retain_graph.value_or(create_graph), /*accumulate=*/true);
     sweep.finish_leaves();
     sweep.accumulate_leaves();
 }
@@ -786,10 +786,11 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
 }  // namespace
 
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
-                         const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
-                         bool create_graph)
+                         const std::vector<Tensor>& grad_outputs, std::optional<bool> retain_graph, bool create_graph,
+                         bool allow_unused)
 {
-    return grad_through(outputs, inputs, grad_outputs, retain_graph, allow_unused, create_graph, 0);
+    return grad_through(outputs, inputs, grad_outputs, retain_graph.value_or(create_graph), allow_unused, create_graph,
+                        0);
 }
 
 std::uint64_t autograd::detail::next_sequence() { return tape.next_seq; }

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -31,13 +32,15 @@ private:
 };
 
 // Gradients of `outputs` (scalars, or seeded by `grad_outputs`) with respect to `inputs`,
-// returned without touching any .grad(). An input the outputs do not depend on is an error
-// unless `allow_unused`, which returns an undefined tensor for it. With `create_graph` the
-// backward computation is itself recorded, so the gradients can be differentiated again
-// (Hessian-vector products, gradient penalties); the graph is then kept, as with retain_graph.
+// returned without touching any .grad(); libtorch's torch::autograd::grad, with its argument
+// order and defaults. retain_graph keeps the graph for another sweep (by default it is kept
+// exactly when create_graph is set). With `create_graph` the backward computation is itself
+// recorded, so the gradients can be differentiated again (Hessian-vector products, gradient
+// penalties). An input the outputs do not depend on is an error unless `allow_unused`, which
+// returns an undefined tensor for it.
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
-                         const std::vector<Tensor>& grad_outputs = {}, bool retain_graph = false,
-                         bool allow_unused = false, bool create_graph = false);
+                         const std::vector<Tensor>& grad_outputs = {}, std::optional<bool> retain_graph = std::nullopt,
+                         bool create_graph = false, bool allow_unused = false);
 
 // Sets grad mode while alive, restoring the previous mode after.
 class GradModeGuard {

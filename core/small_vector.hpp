@@ -4,11 +4,14 @@
 #pragma once
 #include <algorithm>
 #include <compare>
+#include <concepts>
 #include <cstddef>
 #include <initializer_list>
 #include <iterator>
 #include <memory>
 #include <new>
+#include <ranges>
+#include <type_traits>
 #include <utility>
 
 namespace loom {
@@ -32,6 +35,15 @@ public:
     SmallVector(size_type n, const T& value) { assign(n, value); }
     SmallVector(std::initializer_list<T> values) { append(values.begin(), values.end()); }
     template <std::input_iterator It> SmallVector(It first, It last) { append(first, last); }
+    // A shape or a list of dims computed at run time, from a std::vector, std::array or std::span
+    // of integers, as libtorch's IntArrayRef takes them.
+    template <class R>
+        requires std::integral<T> && std::ranges::contiguous_range<const R> && std::ranges::sized_range<const R> &&
+                 std::integral<std::ranges::range_value_t<const R>> && (!std::same_as<std::remove_cvref_t<R>, SmallVector>)
+    SmallVector(const R& values)
+    {
+        append(std::ranges::begin(values), std::ranges::end(values));
+    }
     SmallVector(const SmallVector& other) { append(other.begin(), other.end()); }
     SmallVector(SmallVector&& other) noexcept { take(other); }
     ~SmallVector()

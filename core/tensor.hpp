@@ -104,8 +104,11 @@ public:
     void retain_grad() const;
     // Calls hook(grad) when this tensor's gradient is computed; a defined result replaces it.
     void register_hook(std::function<Tensor(const Tensor&)> hook) const;
-    // Sweeps the tape back from this tensor. A non-scalar needs `gradient` of its shape.
-    void backward(const Tensor& gradient = {}, bool retain_graph = false, bool create_graph = false) const;
+    // Sweeps the tape back from this tensor. A non-scalar needs `gradient` of its shape. As
+    // libtorch's: retain_graph keeps the graph for another sweep, by default exactly when
+    // create_graph records the backward pass (so .grad() can be differentiated again).
+    void backward(const Tensor& gradient = {}, std::optional<bool> retain_graph = std::nullopt,
+                  bool create_graph = false) const;
     // Same values, cut off the tape.
     Tensor detach() const;
 

@@ -60,12 +60,13 @@ struct CharModel : nn::Module {
     std::shared_ptr<nn::Embedding> embed;
     std::shared_ptr<nn::RecurrentLayer> rnn;
     std::shared_ptr<nn::Dense> head;
-    CharModel(std::int64_t V, std::int64_t E, std::int64_t H, std::int64_t layers, nn::CellKind kind)
+    // tie: the output layer shares the embedding's table (E must equal H).
+    CharModel(std::int64_t V, std::int64_t E, std::int64_t H, std::int64_t layers, nn::CellKind kind, bool tie)
     {
         embed = register_module("embed", std::make_shared<nn::Embedding>(V, E));
         rnn = register_module("rnn", std::make_shared<nn::RecurrentLayer>(
                                          kind, nn::RecurrentOptions(E, H).num_layers(layers).dropout(layers > 1 ? 0.1 : 0)));
-        head = register_module("head", std::make_shared<nn::Dense>(H, V));
+        head = register_module("head", tie ? std::make_shared<nn::Dense>(embed->weight) : std::make_shared<nn::Dense>(H, V));
     }
     // tokens [T, B] -> logits [T, B, V], and the state to carry on.
     std::pair<Tensor, nn::State> forward(const Tensor& tokens, const nn::State& state)
@@ -116,6 +117,10 @@ int train_and_sample(int argc, char** argv, Processes& processes)
                                ->check(CLI::Range(1, 256));
     app.add_option("--out", out_dir, "folder for the checkpoint, metrics log and loss chart");
     app.add_flag("--resume", resume, "continue from the checkpoint in --out");
+    bool tie_weights = false;
+    app.add_flag("--tie-weights", tie_weights,
+                 "the output layer shares the embedding's table (Press & Wolf 2017); the embedding is then as wide "
+                 "as the hidden state, whatever --embed says");
     CLI11_PARSE(app, argc, argv);
 
     // Under mpirun the processes share the cores: one BLAS thread each unless told otherwise.
@@ -154,7 +159,8 @@ int train_and_sample(int argc, char** argv, Processes& processes)
                     chars.size(), (long long)V, train_ids.size(), val_ids.size());
 
     const nn::CellKind kind = nn::cell_kind_from_name(cell);
-    CharModel model(V, embed, hidden, layers, kind);
+    if (tie_weights) embed = hidden;
+    CharModel model(V, embed, hidden, layers, kind, tie_weights);
     if (main_process) std::printf("%s", model.summary().c_str());
     optim::Adam opt(model.parameters(), optim::AdamOptions(lr));
     optim::CosineAnnealingLR schedule(opt, steps, lr / 20);

@@ -80,7 +80,7 @@ int main(int argc, char** argv)
     nn::Dense layer(3, 1);
     const Tensor input = randn({5, 3}).requires_grad_();
     const Tensor out = tanh(layer(input)).sum();
-    const Tensor dx = grad({out}, {input}, {}, false, false, /*create_graph=*/true)[0];
+    const Tensor dx = grad({out}, {input}, {}, false, /*create_graph=*/true)[0];
     const Tensor penalty = (dx * dx).sum();
     penalty.backward();
     std::printf("|d out / d input|^2 = %.5f; its gradient w.r.t. the layer's weight: %s\n", penalty.item<float>(),

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Builds a libFuzzer target with clang (libFuzzer + ASan + UBSan) and runs it; installs clang
 # and its runtime if they are missing.
-# Usage: fuzz/run.sh [safetensors|tensor] [seconds]   (defaults: safetensors, 600)
-#   safetensors: the file reader, seeded with the reference files of tests/data.
-#   tensor:      the tensor API as programs of calls, seeded with fuzz/corpus/tensor; new
-#                inputs that add coverage are kept there (the suite replays that folder).
+# Usage: fuzz/run.sh [safetensors|tensor|second_order] [seconds]   (defaults: safetensors, 600)
+#   safetensors:  the file reader, seeded with the reference files of tests/data.
+#   tensor:       the tensor API as programs of calls, seeded with fuzz/corpus/tensor; new
+#                 inputs that add coverage are kept there (the suite replays that folder).
+#   second_order: programs of smooth ops whose Hessian-vector products (grad with create_graph,
+#                 then grad again) must equal finite differences of their gradients; corpus in
+#                 fuzz/corpus/second_order, replayed by the suite too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-safetensors}
@@ -31,8 +34,8 @@ if [ "$target" = safetensors ]; then
     corpus=("$out/corpus")
     max_len=4096
 else
-    mkdir -p fuzz/corpus/tensor
-    corpus=(fuzz/corpus/tensor)
+    mkdir -p "fuzz/corpus/$target"
+    corpus=("fuzz/corpus/$target")
     max_len=256
 fi
 "$out/fuzz_$target" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=3072 -malloc_limit_mb=1024 \

@@ -245,7 +245,7 @@ private:
         case 20: {
             const Tensor &a = pick(), &b = pick();
             if (!a.requires_grad() || !b.requires_grad() || !small(a) || !small(b)) return;
-            const auto g = grad({sum(a)}, {b}, {}, false, true);
+            const auto g = grad({sum(a)}, {b}, {}, false, false, /*allow_unused=*/true);
             if (g[0].defined()) put(g[0]);
             return;
         }

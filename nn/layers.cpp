@@ -14,6 +14,22 @@ Dense::Dense(std::int64_t in, std::int64_t out, bool with_bias, DType dtype) : i
     if (with_bias) bias = register_parameter("bias", uniform({out}, -bound, bound, dtype));
 }
 
+Dense::Dense(const Tensor& shared_weight, bool with_bias)
+{
+    LOOM_CHECK(shared_weight.defined() && shared_weight.dim() == 2 && is_floating(shared_weight.dtype()) &&
+                   shared_weight.is_leaf(),
+               "Dense", "a shared weight must be a float [out, in] leaf tensor (a parameter), got {}",
+               shared_weight.defined() ? fmt::format("shape {} and dtype {}", shared_weight.sizes(), shared_weight.dtype())
+                                       : std::string("an undefined tensor"));
+    out_features = shared_weight.size(0);
+    in_features = shared_weight.size(1);
+    LOOM_CHECK(in_features > 0 && out_features > 0, "Dense", "expects positive sizes, got in={} out={}", in_features,
+               out_features);
+    weight = register_parameter("weight", shared_weight);
+    const double bound = 1 / std::sqrt(double(in_features));
+    if (with_bias) bias = register_parameter("bias", uniform({out_features}, -bound, bound, shared_weight.dtype()));
+}
+
 Tensor Dense::forward(const Tensor& x)
 {
     LOOM_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "Dense",

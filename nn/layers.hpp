@@ -12,6 +12,10 @@ namespace loom::nn {
 class Dense : public Layer {
 public:
     Dense(std::int64_t in_features, std::int64_t out_features, bool bias = true, DType dtype = kFloat32);
+    // A layer whose weight [out, in] is a tensor registered elsewhere too (weight tying: a
+    // language model's output layer sharing its embedding's table, Press & Wolf 2017); the
+    // bias, if any, is its own.
+    explicit Dense(const Tensor& shared_weight, bool bias = true);
     Tensor forward(const Tensor& x) override;  // x [..., in] -> [..., out]
     Tensor weight, bias;
     std::int64_t in_features, out_features;

@@ -18,4 +18,16 @@ double clip_grad_norm(const std::vector<Tensor>& parameters, double max_norm, do
 // Clamps every gradient element to [-clip_value, clip_value].
 void clip_grad_value(const std::vector<Tensor>& parameters, double clip_value);
 
+// libtorch's spellings, with libtorch's defaults: clip_grad_norm_ scales a non-finite total norm
+// without an error unless asked (loom's clip_grad_norm refuses it by default).
+inline double clip_grad_norm_(const std::vector<Tensor>& parameters, double max_norm, double norm_type = 2,
+                              bool error_if_nonfinite = false)
+{
+    return clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite);
+}
+inline void clip_grad_value_(const std::vector<Tensor>& parameters, double clip_value)
+{
+    clip_grad_value(parameters, clip_value);
+}
+
 }  // namespace loom::nn::utils

@@ -81,7 +81,7 @@ TEST_CASE("grad() returns gradients without touching .grad()")
     CHECK(!w.grad().defined());
     Tensor unused = tensor({1}, kFloat64).requires_grad_();
     check_error([&] { grad({y}, {unused}, {}, true); }, {"grad", "input 0", "allow_unused"});
-    const auto g2 = grad({y}, {unused, w}, {}, false, /*allow_unused=*/true);
+    const auto g2 = grad({y}, {unused, w}, {}, false, false, /*allow_unused=*/true);
     CHECK(!g2[0].defined());
     CHECK(close(g2[1], {1, 2}));
 }

@@ -116,7 +116,7 @@ TEST_CASE("checkpoint where it cannot work is an error that says so")
     nn::Recurrent<nn::GRUCell> cells(nn::RecurrentOptions(2, 3).dtype(kFloat64).checkpoint(true));
     const Tensor x = randn({4, 1, 2}, kFloat64).requires_grad_();
     const Tensor y = cells(x).output.pow(2).sum();
-    check_error([&] { (void)grad({y}, {x}, {}, false, false, /*create_graph=*/true); },
+    check_error([&] { (void)grad({y}, {x}, {}, false, /*create_graph=*/true); },
                 {"Recurrent<GRUCell>", "create_graph", "without checkpoint(true)"});
     // A step that reads a tensor computed outside it, which requires grad: its gradient would be
     // lost when the steps run again, so backward says so.

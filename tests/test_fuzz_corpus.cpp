@@ -3,6 +3,7 @@
 // only, under the sanitizers in the sanitized build.
 #include "helpers.hpp"
 
+#include "../fuzz/second_order_program.hpp"
 #include "../fuzz/tensor_program.hpp"
 
 #include <filesystem>
@@ -15,6 +16,20 @@ TEST_CASE("every input of the tensor fuzz corpus runs clean")
         const std::string bytes = testing::bytes_of(entry.path());
         CAPTURE(entry.path().filename().string());
         loom_fuzz::TensorProgram({reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()}).run();
+        ++programs;
+    }
+    CHECK(programs > 100);
+}
+
+TEST_CASE("every input of the second-order fuzz corpus gives Hessian-vector products equal to finite differences")
+{
+    std::size_t programs = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(LOOM_SECOND_ORDER_CORPUS)) {
+        const std::string bytes = testing::bytes_of(entry.path());
+        CAPTURE(entry.path().filename().string());
+        const auto mismatch =
+            loom_fuzz::SecondOrderProgram({reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()}).run();
+        CHECK_MESSAGE(!mismatch, mismatch.value_or(""));
         ++programs;
     }
     CHECK(programs > 100);

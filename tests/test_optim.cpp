@@ -301,6 +301,71 @@ TEST_CASE("a resumed run is bit-identical to an uninterrupted one")
     CHECK(opt_a.lr() == opt_b.lr());
 }
 
+namespace {
+
+// A language model whose output layer shares its embedding's table.
+struct TiedLM : nn::Module {
+    std::shared_ptr<nn::Embedding> embed;
+    std::shared_ptr<nn::LSTM> rnn;
+    std::shared_ptr<nn::Dense> head;
+    TiedLM()
+    {
+        embed = register_module("embed", std::make_shared<nn::Embedding>(7, 4));
+        rnn = register_module("rnn", std::make_shared<nn::LSTM>(nn::LSTMOptions(4, 4)));
+        head = register_module("head", std::make_shared<nn::Dense>(embed->weight));
+    }
+    Tensor loss(std::int64_t step)
+    {
+        Generator data(500 + step);
+        const Tensor tokens = randint(0, 7, {6, 3}, &data);
+        const Tensor logits = head->forward(rnn->forward(embed->forward(tokens.narrow(0, 0, 5))).output);
+        return nn::cross_entropy(logits.reshape({-1, 7}), tokens.narrow(0, 1, 5).reshape({-1}));
+    }
+};
+
+void train_tied(TiedLM& lm, optim::Adam& opt, int from, int to)
+{
+    for (int step = from; step < to; ++step) {
+        opt.zero_grad();
+        lm.loss(step).backward();
+        nn::utils::clip_grad_norm(lm.parameters(), 1.0);
+        opt.step();
+    }
+}
+
+}  // namespace
+
+TEST_CASE("a model with tied weights trains with Adam and resumes from its checkpoint bit-identically")
+{
+    TempDir dir;
+    const std::string path = (dir.path / "tied.safetensors").string();
+    manual_seed(21);
+    TiedLM straight;
+    CHECK(straight.parameter_count() == straight.embed->weight.numel() + straight.head->bias.numel() +
+                                            straight.rnn->parameter_count());
+    optim::Adam opt_a(straight.parameters(), optim::AdamOptions(0.05));
+    const double first_loss = straight.loss(0).item<double>();
+    train_tied(straight, opt_a, 0, 8);
+    CHECK(straight.loss(0).item<double>() < first_loss);
+
+    manual_seed(21);
+    {
+        TiedLM first;
+        optim::Adam opt(first.parameters(), optim::AdamOptions(0.05));
+        train_tied(first, opt, 0, 4);
+        optim::save_checkpoint(path, first, opt, nullptr, {});
+    }
+    manual_seed(77);
+    TiedLM resumed;
+    optim::Adam opt_b(resumed.parameters(), optim::AdamOptions(0.05));
+    optim::load_checkpoint(path, resumed, opt_b, nullptr);
+    CHECK(resumed.embed->weight.is_same(resumed.head->weight));  // still one tensor
+    train_tied(resumed, opt_b, 4, 8);
+    const auto a = straight.named_parameters(), b = resumed.named_parameters();
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK_MESSAGE(values(a[i].second) == values(b[i].second), a[i].first);
+}
+
 TEST_CASE("a checkpoint from another model or optimizer is refused and changes nothing")
 {
     TempDir dir;

@@ -24,7 +24,7 @@ TEST_CASE("a Hessian-vector product equals the analytic one")
     const Tensor x = from_vector<double>({0.5, -1.5, 2.0}, {3}).requires_grad_();
     const Tensor v = from_vector<double>({1.0, 2.0, -1.0}, {3});
     const Tensor f = pow(x, 3.0).sum() + x.select(0, 0) * x.select(0, 1);
-    const Tensor g = grad({f}, {x}, {}, false, false, /*create_graph=*/true)[0];
+    const Tensor g = grad({f}, {x}, {}, false, /*create_graph=*/true)[0];
     CHECK(g.requires_grad());
     CHECK(close(g, {3 * 0.25 - 1.5, 3 * 2.25 + 0.5, 12.0}, 1e-12));
     const Tensor hv = grad({(g * v).sum()}, {x})[0];
@@ -39,7 +39,7 @@ TEST_CASE("backward(create_graph) leaves a .grad() that can be differentiated: a
     const auto penalty = [&](const std::vector<Tensor>& in) {
         GradModeGuard on(true);  // gradcheck's finite differences run under NoGradGuard; this needs the tape
         const Tensor wi = in[0].requires_grad() ? in[0] : in[0].detach().requires_grad_();
-        const Tensor dw = grad({tanh(matmul(wi, x)).sum()}, {wi}, {}, false, false, true)[0];
+        const Tensor dw = grad({tanh(matmul(wi, x)).sum()}, {wi}, {}, false, true)[0];
         return (dw * dw).sum();
     };
     check_ok(gradcheck(penalty, {w}), "gradient penalty");
@@ -90,7 +90,7 @@ TEST_CASE("second derivatives through a layer of cells (fused(false)); the fused
 
     nn::GRU fused(nn::GRUOptions(3, 4).dtype(kFloat64));
     const Tensor out = fused(x).output.sum();
-    CHECK_THROWS_WITH_AS(grad({out}, {x}, {}, false, false, true), doctest::Contains("fused(false)"), Error);
+    CHECK_THROWS_WITH_AS(grad({out}, {x}, {}, false, true), doctest::Contains("fused(false)"), Error);
 }
 
 TEST_CASE("gradgradcheck finds a wrong second derivative, and an op whose backward is off the tape is named")
@@ -119,5 +119,23 @@ TEST_CASE("gradgradcheck finds a wrong second derivative, and an op whose backwa
     };
     const Tensor y = off_tape(x * x);
     const Tensor seed = ones({3}, kFloat64).requires_grad_();
-    CHECK_THROWS_WITH_AS(grad({y}, {x}, {seed}, false, false, true), doctest::Contains("copied_by_kernel"), Error);
+    CHECK_THROWS_WITH_AS(grad({y}, {x}, {seed}, false, true), doctest::Contains("copied_by_kernel"), Error);
+}
+
+TEST_CASE("grad and backward take libtorch's arguments in libtorch's order")
+{
+    // torch::autograd::grad(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused)
+    const Tensor x = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
+    const Tensor y = pow(x, 3.0).sum();
+    const Tensor g = grad({y}, {x}, {}, true, true)[0];  // create_graph: differentiable again
+    CHECK(g.requires_grad());
+    CHECK(close(grad({g.sum()}, {x})[0], {6, 12}, 1e-12));
+    const Tensor unused = zeros({1}, kFloat64).requires_grad_();
+    const auto parts = grad({y}, {x, unused}, {}, std::nullopt, false, true);  // allow_unused
+    CHECK_FALSE(parts[1].defined());
+    // backward(gradient, retain_graph = create_graph, create_graph): .grad() differentiable again
+    const Tensor z = pow(x, 3.0).sum();
+    z.backward({}, std::nullopt, true);
+    CHECK(x.grad().requires_grad());
+    CHECK(close(grad({x.grad().sum()}, {x})[0], {6, 12}, 1e-12));
 }

@@ -36,6 +36,13 @@ struct Cube : autograd::Function<Cube> {
     }
 };
 
+// Takes its tensors in a vector, which apply() refuses at compile time.
+struct SumOfAll : autograd::Function<SumOfAll> {
+    static constexpr const char* name = "sum_of_all";
+    static Tensor forward(autograd::AutogradContext*, const std::vector<Tensor>& xs) { return xs.at(0) + xs.at(1); }
+    static std::vector<Tensor> backward(autograd::AutogradContext*, const std::vector<Tensor>& g) { return {g[0]}; }
+};
+
 // Returns one tensor twice.
 struct Twice : autograd::Function<Twice> {
     static constexpr const char* name = "twice";
@@ -76,7 +83,7 @@ TEST_CASE("a create_graph sweep that grows the tape reads nothing freed: the HVP
     std::vector<Tensor> keep;  // holding results keeps their entries on the tape, so it keeps growing
     for (int rep = 0; rep < 300; ++rep) {
         const Tensor f = pow(x, 3.0).sum() + pow(x, 2.0).sum();
-        const Tensor g = grad({f}, {x}, {}, false, false, /*create_graph=*/true)[0];
+        const Tensor g = grad({f}, {x}, {}, false, /*create_graph=*/true)[0];
         const Tensor hv = grad({(g * v).sum()}, {x})[0];
         REQUIRE_MESSAGE(close(hv, {5, -10, 14}, 1e-12), "repetition " << rep << ": " << fmt::format("{}", hv));
         keep.push_back(g);
@@ -107,7 +114,7 @@ TEST_CASE("second derivatives of a cell of one's own through Recurrent<Cell>, an
     for (int rep = 0; rep < 20; ++rep) {
         const Tensor loss = lstm(x).output.pow(2).sum();
         const auto params = lstm.parameters();
-        const std::vector<Tensor> g = grad({loss}, params, {}, false, false, true);
+        const std::vector<Tensor> g = grad({loss}, params, {}, false, true);
         Tensor norm = zeros({}, kFloat64);
         for (const Tensor& gi : g) norm = norm + gi.pow(2).sum();
         const std::vector<Tensor> h = grad({norm}, params);
@@ -193,7 +200,7 @@ TEST_CASE("a custom op whose backward is off the tape is named under create_grap
 {
     const Tensor x = from_vector<double>({1.0, 2.0}, {2}).requires_grad_();
     // Its output feeds sum() directly: the incoming gradient is a constant of ones.
-    check_error([&] { grad({OffTapeCube::apply(x).sum()}, {x}, {}, false, false, true); },
+    check_error([&] { grad({OffTapeCube::apply(x).sum()}, {x}, {}, false, true); },
                 {"off_tape_cube", "cannot be differentiated twice", "saved requires grad"});
     // The same with record().
     const auto recorded = [&] {
@@ -206,9 +213,15 @@ TEST_CASE("a custom op whose backward is off the tape is named under create_grap
             const Tensor s = c.saved[0].detach();
             return std::vector<Tensor>{c.grad() * 3.0 * s * s};
         });
-        grad({out.sum()}, {x}, {}, false, false, true);
+        grad({out.sum()}, {x}, {}, false, true);
     };
     check_error(recorded, {"recorded_cube", "cannot be differentiated twice"});
     // First order is unaffected.
     CHECK(close(grad({OffTapeCube::apply(x).sum()}, {x})[0], {3, 12}, 1e-12));
 }
+
+// Tensors inside a std::vector argument of a custom op do not compile, as they would get no
+// gradient; a Tensor argument does.
+template <class Op, class Argument> concept Applicable = requires(Argument a) { Op::apply(a); };
+static_assert(!Applicable<SumOfAll, std::vector<Tensor>>);
+static_assert(Applicable<Twice, Tensor>);

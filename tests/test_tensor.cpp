@@ -1,6 +1,8 @@
 // Tensors: creation, dtypes, views sharing storage, copies, printing, random numbers.
 #include "helpers.hpp"
 
+#include <array>
+#include <span>
 #include <sstream>
 
 using namespace loom;
@@ -22,6 +24,20 @@ TEST_CASE("creation functions fill shapes and dtypes")
     CHECK(scalar_tensor(3).dim() == 0);
     CHECK(scalar_tensor(3).item<double>() == 3);
     CHECK(zeros({0, 3}).numel() == 0);
+}
+
+TEST_CASE("a shape computed at run time is taken from a std::vector, std::array or std::span, as libtorch takes it")
+{
+    const std::vector<std::int64_t> v{2, 3};
+    const std::array<std::int64_t, 2> a{3, 2};
+    const std::vector<int> narrow_ints{6};
+    CHECK(randn(v).sizes() == Shape{2, 3});
+    CHECK(zeros(a, kFloat64).sizes() == Shape{3, 2});
+    CHECK(ones(std::span<const std::int64_t>(v)).sizes() == Shape{2, 3});
+    CHECK(randn(v).reshape(narrow_ints).sizes() == Shape{6});
+    CHECK(randn(v).permute(std::vector<std::int64_t>{1, 0}).sizes() == Shape{3, 2});
+    CHECK(randn(v).sum(std::vector<std::int64_t>{1}).sizes() == Shape{2});
+    CHECK(full(Shape(v), 1.5).sizes() == Shape{2, 3});
 }
 
 TEST_CASE("seeded random numbers are reproducible and have the right moments")
