@@ -91,6 +91,14 @@ Tensor matmul(const Tensor& a, const Tensor& b);
 // sums them (a GEMM with beta = 1), so a weight used at every step costs no extra additions.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
 
+// ---- recurrences ----
+// h_t = a_t * h_{t-1} + b_t for every step t of b [T, ...], from h0 (one step's shape; undefined:
+// zeros), returning every h_t [T, ...]; with `reverse`, h_t = a_t * h_{t+1} + b_t from the last
+// step. a [T, ...] broadcasts to b along its trailing dims (a gate shared over the batch, say).
+// The linear recurrence of minGRU, minLSTM and diagonal state-space layers, in one tape entry;
+// its backward is the same recurrence run the other way.
+Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0 = {}, bool reverse = false);
+
 // ---- operators ----
 Tensor operator+(const Tensor& a, const Tensor& b);
 Tensor operator-(const Tensor& a, const Tensor& b);
