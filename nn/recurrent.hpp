@@ -69,8 +69,6 @@ struct RecurrentOutput {
 // all_h()[k]): [T], the curve of vanishing and exploding gradients in one line.
 Tensor step_norms(const Tensor& per_step);
 
-
-
 namespace detail {
 // Runs a recurrent module's forward through its hooks, which see (input, lengths, initial...) ->
 // (output, state...); the per-step states (all_states) pass by them untouched.
