@@ -662,6 +662,14 @@ void matmul_into(const Tensor& out, const Tensor& a_in, const Tensor& b_in, doub
     });
 }
 
+template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out)
+{
+    for (std::int64_t r = 0; r < n; ++r)
+        for (std::int64_t j = 0; j < width; ++j) out[j] += rows[r * width + j];
+}
+template void add_column_sums<float>(const float*, std::int64_t, std::int64_t, float*);
+template void add_column_sums<double>(const double*, std::int64_t, std::int64_t, double*);
+
 void add_column_sums(const Tensor& out, const Tensor& rows)
 {
     check_same_dtype("accumulate gradient", out, rows);
@@ -669,13 +677,26 @@ void add_column_sums(const Tensor& out, const Tensor& rows)
                    rows.is_contiguous(),
                "accumulate gradient", "internal: add_column_sums of {} into {}", rows.sizes(), out.sizes());
     dispatch_floating("accumulate gradient", out.dtype(), [&]<class T>() {
-        T* o = out.data_ptr<T>();
-        const T* r = rows.data_ptr<T>();
-        const std::int64_t n = rows.sizes()[0], m = rows.sizes()[1];
-        for (std::int64_t i = 0; i < n; ++i)
-            for (std::int64_t j = 0; j < m; ++j) o[j] += r[i * m + j];
+        add_column_sums<T>(rows.data_ptr<T>(), rows.sizes()[0], rows.sizes()[1], out.data_ptr<T>());
     });
 }
+
+template <class T>
+void gemm(std::string_view op, bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, const T* A,
+          const T* B, T beta, T* C)
+{
+    if (M == 0 || N == 0) return;
+    // BLAS takes int sizes: refuse what would wrap rather than compute on a truncated size.
+    LOOM_CHECK(M <= INT_MAX && N <= INT_MAX && K <= INT_MAX, op,
+               "a matrix product of [{}, {}] by [{}, {}] exceeds BLAS's int sizes", M, K, K, N);
+    const BlasOperand la{trans_a ? CblasTrans : CblasNoTrans, int(trans_a ? M : K)};
+    const BlasOperand lb{trans_b ? CblasTrans : CblasNoTrans, int(trans_b ? K : N)};
+    blas_gemm<T>(la, lb, M, N, K, A, B, beta, C);
+}
+template void gemm<float>(std::string_view, bool, bool, std::int64_t, std::int64_t, std::int64_t, const float*,
+                          const float*, float, float*);
+template void gemm<double>(std::string_view, bool, bool, std::int64_t, std::int64_t, std::int64_t, const double*,
+                           const double*, double, double*);
 
 void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b)
 {

@@ -61,6 +61,15 @@ void matmul_into(const Tensor& out, const Tensor& a, const Tensor& b, double bet
 // out [m] += the sum of the rows of rows [n, m]; both contiguous, same floating dtype.
 void add_column_sums(const Tensor& out, const Tensor& rows);
 
+// Raw-pointer forms for fused kernels (the recurrent layers), float or double; nothing above
+// core/ calls BLAS itself. C [M, N] = op(A) op(B) + beta * C, all row-major and contiguous, op
+// transposing where asked; `op` names the error when a size exceeds BLAS's int.
+template <class T>
+void gemm(std::string_view op, bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, const T* A,
+          const T* B, T beta, T* C);
+// out [width] += the sum of the rows of rows [n, width].
+template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out);
+
 // ---- elementwise machinery ----
 
 // Visits every index of `shape` in row-major order, handing `f` the element offset of each operand.

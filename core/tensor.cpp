@@ -7,7 +7,6 @@
 #include <cstring>
 
 #include "allocator.hpp"
-#include "kernels.hpp"
 #include "random.hpp"
 
 namespace loom {

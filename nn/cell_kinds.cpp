@@ -12,8 +12,6 @@
 // composed path computes the same values; tests hold the two to 1e-12.
 #include "cell_kinds.hpp"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cctype>
 #include <climits>
@@ -27,23 +25,6 @@ namespace loom::nn {
 namespace detail {
 
 namespace {
-
-// C [M, N] = op(A) op(B) + beta * C, all row-major and contiguous.
-template <class T>
-void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B,
-          T beta, T* C)
-{
-    if (M == 0 || N == 0) return;
-    // BLAS takes int sizes: refuse what would wrap rather than compute on a truncated size.
-    LOOM_CHECK(M <= INT_MAX && N <= INT_MAX && K <= INT_MAX, "recurrent layer",
-               "a matrix product of [{}, {}] by [{}, {}] exceeds BLAS's int sizes", M, K, K, N);
-    const int lda = int(trans_a ? M : K), ldb = int(trans_b ? K : N);
-    const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
-    if constexpr (std::is_same_v<T, float>)
-        cblas_sgemm(CblasRowMajor, ta, tb, int(M), int(N), int(K), 1.0f, A, lda, B, ldb, beta, C, int(N));
-    else
-        cblas_dgemm(CblasRowMajor, ta, tb, int(M), int(N), int(K), 1.0, A, lda, B, ldb, beta, C, int(N));
-}
 
 // A step's hidden product [B, H] x [H, GH] (or back) too small for BLAS to pay for its call and
 // for repacking W_hh at every step (W1: B = 1, H = 32, where packing took a third of the time).
@@ -92,13 +73,6 @@ template <class T> void copy_bias(T* rows, std::int64_t n, std::int64_t width, c
 {
     if (!bias) return;
     for (std::int64_t r = 0; r < n; ++r) std::copy_n(bias, width, rows + r * width);
-}
-
-// out [width] += sum of rows [n, width]
-template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out)
-{
-    for (std::int64_t r = 0; r < n; ++r)
-        for (std::int64_t j = 0; j < width; ++j) out[j] += rows[r * width + j];
 }
 
 // One sequence's row of one step, forward. The rows a step reads and writes never overlap, which
@@ -280,7 +254,7 @@ template <class T, class K> struct FusedLayer {
         // the pass that zeroes C for beta = 0, and no second pass adds the bias.
         const T* bias = ptr_or_null<T>(b_ih);
         copy_bias<T>(px, rows, GH, bias);
-        gemm<T>(false, true, rows, GH, I, x.data_ptr<T>() + t0 * B * I, w_ih.data_ptr<T>(), T(bias ? 1 : 0), px);
+        kernels::gemm<T>("recurrent layer", false, true, rows, GH, I, x.data_ptr<T>() + t0 * B * I, w_ih.data_ptr<T>(), T(bias ? 1 : 0), px);
     }
 
     // Runs steps [s0, s1) from `state` (updated in place). Keeps what backward needs in `saved`
@@ -300,7 +274,7 @@ template <class T, class K> struct FusedLayer {
                 add_bias<T>(gh, B, GH, p_b_hh);
             } else {  // one GEMM per step, onto the bias as in project()
                 copy_bias<T>(gh, B, GH, p_b_hh);
-                gemm<T>(false, true, B, GH, H, state[0], p_w_hh, T(p_b_hh ? 1 : 0), gh);
+                kernels::gemm<T>("recurrent layer", false, true, B, GH, H, state[0], p_w_hh, T(p_b_hh ? 1 : 0), gh);
             }
             for (std::int64_t b = 0; b < B; ++b) {
                 const StepRow<T> row{px + (u * B + b) * GH, gh + b * GH,
@@ -351,15 +325,15 @@ template <class T, class K> struct FusedLayer {
                 K::step_backward(row, H, nl);
             }
             if (w_hh_t.defined()) small_gemm<T>(B, H, GH, dgh + u * B * GH, p_w_hh, through);  // through W_hh
-            else gemm<T>(false, false, B, H, GH, dgh + u * B * GH, p_w_hh, T(0), through);
+            else kernels::gemm<T>("recurrent layer", false, false, B, H, GH, dgh + u * B * GH, p_w_hh, T(0), through);
             for (std::int64_t k = 0; k < BH; ++k) g.d_state[0][k] += through[k];
         }
         const std::int64_t rows = n * B;  // the segment's weight gradients: one GEMM each
-        if (g.dx) gemm<T>(false, false, rows, I, GH, dgx, w_ih.data_ptr<T>(), T(0), g.dx + t0 * B * I);
-        if (g.dw_ih) gemm<T>(true, false, GH, I, rows, dgx, x.data_ptr<T>() + t0 * B * I, T(1), g.dw_ih);
-        if (g.dw_hh) gemm<T>(true, false, GH, H, rows, dgh, entering, T(1), g.dw_hh);
-        if (g.db_ih) add_column_sums<T>(dgx, rows, GH, g.db_ih);
-        if (g.db_hh) add_column_sums<T>(dgh, rows, GH, g.db_hh);
+        if (g.dx) kernels::gemm<T>("recurrent layer", false, false, rows, I, GH, dgx, w_ih.data_ptr<T>(), T(0), g.dx + t0 * B * I);
+        if (g.dw_ih) kernels::gemm<T>("recurrent layer", true, false, GH, I, rows, dgx, x.data_ptr<T>() + t0 * B * I, T(1), g.dw_ih);
+        if (g.dw_hh) kernels::gemm<T>("recurrent layer", true, false, GH, H, rows, dgh, entering, T(1), g.dw_hh);
+        if (g.db_ih) kernels::add_column_sums<T>(dgx, rows, GH, g.db_ih);
+        if (g.db_hh) kernels::add_column_sums<T>(dgh, rows, GH, g.db_hh);
     }
 };
 

@@ -3,6 +3,7 @@
 // resumes bit for bit.
 #pragma once
 #include "../nn/module.hpp"
+#include "../nn/safetensors.hpp"
 #include "schedule.hpp"
 
 namespace loom::optim {

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "../core/options.hpp"
-#include "../nn/safetensors.hpp"
+#include "../core/tensor.hpp"
 
 namespace loom::optim {
 

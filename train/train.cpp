@@ -10,6 +10,7 @@
 
 #include "../autograd/ops.hpp"
 #include "../autograd/tape.hpp"
+#include "../nn/safetensors.hpp"
 #include "../optim/clip.hpp"
 
 namespace loom::train {
