@@ -26,6 +26,13 @@ inline std::vector<double> values(const loom::Tensor& t)
     return std::vector<double>(p, p + c.numel());
 }
 
+// Uniform float64 values in [low, high) from a generator of its own: the same tensor for the same seed.
+inline loom::Tensor random(loom::Shape shape, std::uint64_t seed, double low = -1, double high = 1)
+{
+    loom::Generator gen(seed);
+    return loom::uniform(shape, low, high, loom::kFloat64, &gen);
+}
+
 inline bool close(const loom::Tensor& a, const std::vector<double>& expected, double tol = 1e-6)
 {
     const auto v = values(a);

@@ -3,16 +3,11 @@
 #include "helpers.hpp"
 
 using namespace loom;
+using testing::random;
 using testing::check_error;
 using testing::close_tensors;
 
 namespace {
-
-Tensor random(Shape shape, std::uint64_t seed, double low = -1, double high = 1)
-{
-    Generator gen(seed);
-    return uniform(shape, low, high, kFloat64, &gen);
-}
 
 // The same recurrence as a loop of ops, one step at a time.
 Tensor loop_of_ops(const Tensor& a, const Tensor& b, const Tensor& h0, bool reverse)

@@ -3,18 +3,13 @@
 #include "helpers.hpp"
 
 using namespace loom;
+using testing::random;
 using testing::close;
 using testing::values;
 
 namespace {
 
 void check_ok(const GradcheckResult& r, const char* what) { CHECK_MESSAGE(r.ok, what << ": " << r.report()); }
-
-Tensor random(Shape shape, std::uint64_t seed, double low = -1, double high = 1)
-{
-    Generator gen(seed);
-    return uniform(shape, low, high, kFloat64, &gen);
-}
 
 }  // namespace
 

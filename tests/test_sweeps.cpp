@@ -5,17 +5,12 @@
 #include "../examples/minimal_gated_unit.hpp"
 
 using namespace loom;
+using testing::random;
 using testing::check_error;
 using testing::close;
 using testing::values;
 
 namespace {
-
-Tensor random(Shape shape, std::uint64_t seed, double low = -1, double high = 1)
-{
-    Generator gen(seed);
-    return uniform(shape, low, high, kFloat64, &gen);
-}
 
 void check_ok(const GradcheckResult& r, const char* what) { CHECK_MESSAGE(r.ok, what << ": " << r.report()); }
 
