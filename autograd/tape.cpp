@@ -367,15 +367,16 @@ struct Sweep final : autograd::GradientSums {
                 if (accumulate && node->retains_grad) accumulate_grad(*node, g, create_graph);
                 ctx.grads[k] = g;
                 grads_recorded = grads_recorded || g.requires_grad();
-                if (node->pending.captured) node->pending.sum = g;
-                else node->pending = autograd::PendingGrad();
+                if (p.captured) p.sum = g;
+                else p = autograd::PendingGrad();
                 reached = true;
             }
             if (!reached) continue;
             const char* name = entries[i].name;
             const std::uint64_t seq = entries[i].seq;
             const bool custom = entries[i].custom;
-            const std::shared_ptr<const std::string> scope = entries[i].scope;
+            // Only anomaly mode names the scope: no reference count to bump for every entry otherwise.
+            const std::shared_ptr<const std::string> scope = anomaly ? entries[i].scope : nullptr;
             LOOM_CHECK(!entries[i].released, name,
                        "backward through a graph that an earlier backward() already released; pass "
                        "retain_graph=true to the earlier call to sweep the graph more than once");
@@ -419,11 +420,10 @@ struct Sweep final : autograd::GradientSums {
                     add_region(running.inputs[k], running.region, input_grads[k]);
                     continue;
                 }
-                if (custom) add(running.inputs[k], input_grads[k]);
-                else {
+                // A custom op's gradients were checked above, with messages for its author.
+                if (!custom)
                     check_gradient(name, *running.inputs[k], input_grads[k], "internal: the gradient backward returned");
-                    add(running.inputs[k], input_grads[k]);
-                }
+                add(running.inputs[k], input_grads[k]);
             }
             swept.push_back(i);
         }
