@@ -1,5 +1,6 @@
-// loom: tensors with tape-based automatic differentiation, built for recurrent networks.
-// One header for everything a user needs.
+/// \file
+/// loom: tensors with tape-based automatic differentiation, built for recurrent networks.
+/// One header for everything a user needs.
 #pragma once
 #include "core/allocator.hpp"
 #include "core/dtype.hpp"

@@ -1,25 +1,26 @@
-// Your own differentiable op, in the spirit of libtorch's torch::autograd::Function: forward
-// and backward written side by side in one struct, recorded on the tape like a built-in op.
-//
-//   struct LogCosh : autograd::Function<LogCosh> {
-//       static constexpr const char* name = "log_cosh";
-//       static Tensor forward(autograd::AutogradContext* ctx, const Tensor& x) {
-//           ctx->save_for_backward({x});
-//           return abs(x) + log(1.0 + exp(-2.0 * abs(x))) - std::log(2.0);
-//       }
-//       static std::vector<Tensor> backward(autograd::AutogradContext* ctx, const std::vector<Tensor>& grad_outputs) {
-//           return {grad_outputs[0] * tanh(ctx->get_saved_variables()[0])};
-//       }
-//   };
-//   Tensor y = LogCosh::apply(x);
-//
-// forward runs without recording (its ops are not on the tape) and returns a Tensor or a
-// std::vector<Tensor> of float32/float64 results. backward gets one gradient per output
-// (zeros where none arrived) and returns one per Tensor argument of forward, in order, each of
-// that argument's shape and dtype, or an undefined Tensor for none (or for a gradient that is
-// zero). Tensors saved with
-// save_for_backward are checked for in-place changes like a built-in op's. A backward written
-// with loom's ops supports create_graph; one that is not is named in an error if asked.
+/// \file
+/// Your own differentiable op, in the spirit of libtorch's torch::autograd::Function: forward
+/// and backward written side by side in one struct, recorded on the tape like a built-in op.
+///
+///   struct LogCosh : autograd::Function<LogCosh> {
+///       static constexpr const char* name = "log_cosh";
+///       static Tensor forward(autograd::AutogradContext* ctx, const Tensor& x) {
+///           ctx->save_for_backward({x});
+///           return abs(x) + log(1.0 + exp(-2.0 * abs(x))) - std::log(2.0);
+///       }
+///       static std::vector<Tensor> backward(autograd::AutogradContext* ctx, const std::vector<Tensor>& grad_outputs) {
+///           return {grad_outputs[0] * tanh(ctx->get_saved_variables()[0])};
+///       }
+///   };
+///   Tensor y = LogCosh::apply(x);
+///
+/// forward runs without recording (its ops are not on the tape) and returns a Tensor or a
+/// std::vector<Tensor> of float32/float64 results. backward gets one gradient per output
+/// (zeros where none arrived) and returns one per Tensor argument of forward, in order, each of
+/// that argument's shape and dtype, or an undefined Tensor for none (or for a gradient that is
+/// zero). Tensors saved with
+/// save_for_backward are checked for in-place changes like a built-in op's. A backward written
+/// with loom's ops supports create_graph; one that is not is named in an error if asked.
 #pragma once
 #include <any>
 #include <map>
@@ -32,17 +33,18 @@
 
 namespace loom::autograd {
 
+/// What a Function's forward and backward share, as libtorch's torch::autograd::AutogradContext: tensors saved for backward and any other values.
 class AutogradContext {
 public:
-    // In forward: the tensors backward will read (inputs or outputs).
+    /// In forward: the tensors backward will read (inputs or outputs).
     void save_for_backward(std::vector<Tensor> tensors) { to_save_ = std::move(tensors); }
-    // In backward: the saved tensors, in the order given.
+    /// In backward: the saved tensors, in the order given.
     const std::vector<Tensor>& get_saved_variables() const { return saved_; }
-    // In backward: whether Tensor argument k of forward wants a gradient.
+    /// In backward: whether Tensor argument k of forward wants a gradient.
     bool needs_input_grad(std::size_t k) const { return k < needs_.size() && needs_[k]; }
-    // In backward: whether backward is being recorded (create_graph).
+    /// In backward: whether backward is being recorded (create_graph).
     bool create_graph() const { return create_graph_; }
-    // Anything else forward wants to hand to backward (sizes, flags), by name.
+    /// Anything else forward wants to hand to backward (sizes, flags), by name.
     std::map<std::string, std::any> saved_data;
 
 private:
@@ -62,17 +64,18 @@ template <class A> void collect_tensor(std::vector<Tensor>& out, const A& arg)
 inline std::vector<Tensor> as_outputs(const Tensor& t) { return {t}; }
 inline std::vector<Tensor> as_outputs(const std::vector<Tensor>& ts) { return ts; }
 
-// Tensor arguments are what the tape tracks; tensors inside a container would be read by
-// forward but never receive a gradient, so they are refused at compile time.
+/// Tensor arguments are what the tape tracks; tensors inside a container would be read by
+/// forward but never receive a gradient, so they are refused at compile time.
 template <class A> constexpr bool is_tensor_container_v = false;
 template <class A> constexpr bool is_tensor_container_v<std::vector<A>> = std::is_same_v<std::decay_t<A>, Tensor>;
 template <class A> concept TensorNotInsideAVector = !is_tensor_container_v<std::decay_t<A>>;
 
 }  // namespace detail
 
+/// A custom op defined by a class with static forward and backward, as libtorch's torch::autograd::Function; call it as Op::apply(args...).
 template <class Op> struct Function {
-    // Tensors go to forward as Tensor arguments, one each: a std::vector<Tensor> argument does
-    // not compile, as its tensors would get no gradient.
+    /// Tensors go to forward as Tensor arguments, one each: a std::vector<Tensor> argument does
+    /// not compile, as its tensors would get no gradient.
     template <detail::TensorNotInsideAVector... Args> static auto apply(Args&&... args)
     {
         std::vector<Tensor> inputs;

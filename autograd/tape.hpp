@@ -1,6 +1,7 @@
-// The tape: one per thread. A differentiable op computes its value and, when grad mode is on
-// and an input requires grad, appends one Entry: the inputs it sends gradients to, its outputs,
-// the tensors it saved, and its backward function. backward() sweeps the entries in reverse.
+/// \file
+/// The tape: one per thread. A differentiable op computes its value and, when grad mode is on
+/// and an input requires grad, appends one Entry: the inputs it sends gradients to, its outputs,
+/// the tensors it saved, and its backward function. backward() sweeps the entries in reverse.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -11,15 +12,17 @@
 
 #include "../core/tensor.hpp"
 
-// Grad mode, NoGradGuard and grad() are in namespace loom, as libtorch has torch::NoGradGuard
-// and torch::autograd::grad; the tape's types are in loom::autograd.
+/// Grad mode, NoGradGuard and grad() are in namespace loom, as libtorch has torch::NoGradGuard
+/// and torch::autograd::grad; the tape's types are in loom::autograd.
 namespace loom {
 
 // ---- grad mode ----
+/// Whether ops are recorded on this thread (on by default).
 bool grad_enabled();
+/// Turns recording on or off on this thread.
 void set_grad_enabled(bool enabled);
 
-// Stops recording while alive (evaluation, optimizer updates).
+/// Stops recording while alive (evaluation, optimizer updates).
 class NoGradGuard {
 public:
     NoGradGuard() : previous_(grad_enabled()) { set_grad_enabled(false); }
@@ -31,20 +34,21 @@ private:
     bool previous_;
 };
 
-// Gradients of `outputs` (scalars, or seeded by `grad_outputs`) with respect to `inputs`,
-// returned without touching any .grad(); libtorch's torch::autograd::grad, with its argument
-// order and defaults. retain_graph keeps the graph for another sweep (by default it is kept
-// exactly when create_graph is set). With `create_graph` the backward computation is itself
-// recorded, so the gradients can be differentiated again (Hessian-vector products, gradient
-// penalties). An input the outputs do not depend on is an error unless `allow_unused`, which
-// returns an undefined tensor for it.
+/// Gradients of `outputs` (scalars, or seeded by `grad_outputs`) with respect to `inputs`,
+/// returned without touching any .grad(); libtorch's torch::autograd::grad, with its argument
+/// order and defaults. retain_graph keeps the graph for another sweep (by default it is kept
+/// exactly when create_graph is set). With `create_graph` the backward computation is itself
+/// recorded, so the gradients can be differentiated again (Hessian-vector products, gradient
+/// penalties). An input the outputs do not depend on is an error unless `allow_unused`, which
+/// returns an undefined tensor for it.
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
                          const std::vector<Tensor>& grad_outputs = {}, std::optional<bool> retain_graph = std::nullopt,
                          bool create_graph = false, bool allow_unused = false);
 
-// Sets grad mode while alive, restoring the previous mode after.
+/// Sets grad mode while alive, restoring the previous mode after.
 class GradModeGuard {
 public:
+    /// Sets grad mode to `enabled`.
     explicit GradModeGuard(bool enabled) : previous_(grad_enabled()) { set_grad_enabled(enabled); }
     ~GradModeGuard() { set_grad_enabled(previous_); }
     GradModeGuard(const GradModeGuard&) = delete;
@@ -56,103 +60,123 @@ private:
 
 namespace autograd {
 
+/// A tensor hook: receives a gradient, returns a replacement or an undefined tensor to keep it.
 using Hook = std::function<Tensor(const Tensor&)>;
 
-// A gradient being summed during one sweep.
+/// A gradient being summed during one sweep.
 struct PendingGrad {
+    /// The sum so far.
     Tensor sum;
-    bool owned = false;     // `sum` was allocated by the sweep for this node alone: safe to add into in place
-    bool captured = false;  // grad() wants this node's gradient
+    bool owned = false;  ///< `sum` was allocated by the sweep for this node alone: safe to add into in place
+    bool captured = false;  ///< grad() wants this node's gradient
 };
 
-// Gradient bookkeeping of one tensor that requires grad. A leaf (a parameter) may be shared by
-// threads; any other node belongs to the thread whose tape recorded it.
+/// Gradient bookkeeping of one tensor that requires grad. A leaf (a parameter) may be shared by
+/// threads; any other node belongs to the thread whose tape recorded it.
 struct Node {
+    /// The tensor's shape.
     Shape shape;
+    /// The tensor's dtype.
     DType dtype;
-    std::uint64_t seq = 0;   // sequence number of the entry that produced it; 0 for a leaf
-    std::uint64_t tape = 0;  // the id of the thread tape that produced it; 0 for a leaf
-    Tensor grad;             // accumulated .grad() (leaves, or retain_grad())
-    PendingGrad pending;     // non-leaves only: leaves keep theirs in the sweep, which may run on any thread
+    std::uint64_t seq = 0;  ///< sequence number of the entry that produced it; 0 for a leaf
+    std::uint64_t tape = 0;  ///< the id of the thread tape that produced it; 0 for a leaf
+    Tensor grad;  ///< accumulated .grad() (leaves, or retain_grad())
+    PendingGrad pending;  ///< non-leaves only: leaves keep theirs in the sweep, which may run on any thread
+    /// Keep the gradient in `grad` after backward (retain_grad()).
     bool retains_grad = false;
+    /// Gradient hooks, in registration order.
     std::vector<Hook> hooks;
 };
 
-// A tensor saved for backward, with the storage version it had when saved.
+/// A tensor saved for backward, with the storage version it had when saved.
 struct Saved {
-    Tensor value;  // a saved output is detached, so saving never keeps the entry's own output alive
+    Tensor value;  ///< a saved output is detached, so saving never keeps the entry's own output alive
+    /// The storage version when saved.
     std::uint64_t version;
+    /// Whether the tensor is an output of the entry.
     bool is_output = false;
-    std::weak_ptr<Node> output;  // a saved output's node, joined back when backward is recorded (create_graph)
+    std::weak_ptr<Node> output;  ///< a saved output's node, joined back when backward is recorded (create_graph)
 };
 
-// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
-// not cost a heap allocation for each list.
+/// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
+/// not cost a heap allocation for each list.
 using InputNodes = SmallVector<std::shared_ptr<Node>, 3>;
 
-// Where a sweep sums the gradients arriving at each node.
+/// Where a sweep sums the gradients arriving at each node.
 struct GradientSums {
+    /// A buffer holding node's gradient summed so far, to add into in place.
     virtual Tensor accumulator(const std::shared_ptr<Node>& node) = 0;
 
 protected:
     ~GradientSums() = default;
 };
 
-// What an entry's backward function receives.
+/// What an entry's backward function receives.
 struct BackwardContext {
-    SmallVector<Tensor, 2> grads;  // one per output; undefined where no gradient arrived
-    SmallVector<Tensor, 3> saved;  // in the order given to record()
-    SmallVector<bool, 3> needs;    // per input: does it want a gradient?
+    SmallVector<Tensor, 2> grads;  ///< one per output; undefined where no gradient arrived
+    SmallVector<Tensor, 3> saved;  ///< in the order given to record()
+    SmallVector<bool, 3> needs;  ///< per input: does it want a gradient?
+    /// The entry's input nodes; null where an input needs no gradient.
     const InputNodes* inputs = nullptr;
-    // backward is being recorded (create_graph): it must compute with differentiable ops, or
-    // throw naming itself if it cannot.
+    /// backward is being recorded (create_graph): it must compute with differentiable ops, or
+    /// throw naming itself if it cannot.
     bool create_graph = false;
+    /// Where the sweep sums gradients; null when gradients must be returned.
     GradientSums* sums = nullptr;
+    /// The gradient of the first output.
     const Tensor& grad() const { return grads[0]; }
-    // Input k's gradient summed so far in this sweep (zeros if nothing arrived yet), as a
-    // contiguous buffer that backward may add its gradient into in place (a GEMM with beta = 1:
-    // a weight used at every step then costs no extra addition) and then return an undefined
-    // tensor for k. Undefined when the sweep offers none (create_graph, anomaly mode, or input k
-    // needs no gradient); backward then returns the gradient as usual.
+    /// Input k's gradient summed so far in this sweep (zeros if nothing arrived yet), as a
+    /// contiguous buffer that backward may add its gradient into in place (a GEMM with beta = 1:
+    /// a weight used at every step then costs no extra addition) and then return an undefined
+    /// tensor for k. Undefined when the sweep offers none (create_graph, anomaly mode, or input k
+    /// needs no gradient); backward then returns the gradient as usual.
     Tensor accumulator(std::size_t k) const;
-    // Shape of input k; known for every input that needs a gradient, so ops need not save it.
+    /// Shape of input k; known for every input that needs a gradient, so ops need not save it.
     const Shape& input_shape(std::size_t k) const { return (*inputs)[k]->shape; }
+    /// Dtype of input k.
     DType input_dtype(std::size_t k) const { return (*inputs)[k]->dtype; }
 };
 
-// Returns one gradient per input (undefined where not needed), each of that input's shape.
+/// Returns one gradient per input (undefined where not needed), each of that input's shape.
 using BackwardFn = std::function<std::vector<Tensor>(const BackwardContext&)>;
 
-// For an op whose output is a part of its one input (select, slice, narrow): maps a tensor of
-// the input's shape to that part.
+/// For an op whose output is a part of its one input (select, slice, narrow): maps a tensor of
+/// the input's shape to that part.
 using RegionFn = std::function<Tensor(const Tensor&)>;
 
+/// One recorded op on the tape.
 struct Entry {
+    /// Its sequence number on its thread's tape.
     std::uint64_t seq;
+    /// The op's name.
     const char* name;
-    InputNodes inputs;                           // null where an input does not require grad
-    SmallVector<std::weak_ptr<Node>, 2> outputs;  // weak: the tape alone never keeps a result alive
+    InputNodes inputs;  ///< null where an input does not require grad
+    SmallVector<std::weak_ptr<Node>, 2> outputs;  ///< weak: the tape alone never keeps a result alive
+    /// The tensors it saved for backward.
     SmallVector<Saved, 3> saved;
+    /// Its backward function.
     BackwardFn backward;
-    // Set for a part-of-input op: backward then returns the gradient of the part, which the
-    // sweep adds into region(input's gradient) in place, so taking every step of a sequence
-    // costs time linear in its length instead of a full-size gradient per step.
+    /// Set for a part-of-input op: backward then returns the gradient of the part, which the
+    /// sweep adds into region(input's gradient) in place, so taking every step of a sequence
+    /// costs time linear in its length instead of a full-size gradient per step.
     RegionFn region;
+    /// Whether a sweep released it (it cannot be swept again).
     bool released = false;
-    // Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
-    // user's, and under create_graph a gradient it computed off the tape is an error.
+    /// Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
+    /// user's, and under create_graph a gradient it computed off the tape is an error.
     bool custom = false;
-    std::shared_ptr<const std::string> scope;  // the Scope it was recorded in; kept only in anomaly mode
+    std::shared_ptr<const std::string> scope;  ///< the Scope it was recorded in; kept only in anomaly mode
 };
 
-// True when an op on these inputs must be recorded.
+/// True when an op on these inputs must be recorded.
 bool should_record(std::span<const Tensor> inputs);
 
 // ---- anomaly mode ----
+/// Whether anomaly mode is on for the op being recorded.
 bool anomaly_mode_enabled();
 namespace detail {
-// While alive, the ops called are parts of another op (a backward function, a custom op's
-// forward): anomaly mode checks that op's results instead of theirs.
+/// While alive, the ops called are parts of another op (a backward function, a custom op's
+/// forward): anomaly mode checks that op's results instead of theirs.
 struct InnerOps {
     InnerOps();
     ~InnerOps();
@@ -160,21 +184,21 @@ struct InnerOps {
     InnerOps& operator=(const InnerOps&) = delete;
 };
 }  // namespace detail
-// Checks one forward result of `op` for NaN or Inf (anomaly mode only); `seq` is its tape entry, 0 if unrecorded.
+/// Checks one forward result of `op` for NaN or Inf (anomaly mode only); `seq` is its tape entry, 0 if unrecorded.
 void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t seq);
 
-// Appends one entry for `outputs = name(inputs)` and marks each output as requiring grad.
-// `custom`: the op is the user's (autograd::record, Function), so its outputs may still need
-// preparing (detail::prepare_custom_outputs) and its mistakes are reported as the user's.
+/// Appends one entry for `outputs = name(inputs)` and marks each output as requiring grad.
+/// `custom`: the op is the user's (autograd::record, Function), so its outputs may still need
+/// preparing (detail::prepare_custom_outputs) and its mistakes are reported as the user's.
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
                 std::span<const Tensor> saved, BackwardFn backward, bool custom = false);
 
 namespace detail {
-// Checks forward's results; an output that is an input, already on the tape, or returned twice
-// becomes an alias, so that it can carry this op's history.
+/// Checks forward's results; an output that is an input, already on the tape, or returned twice
+/// becomes an alias, so that it can carry this op's history.
 void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs);
-// Checks the gradients a custom op's backward returned: one per input, each of its input's
-// shape and dtype or undefined; the errors name the op.
+/// Checks the gradients a custom op's backward returned: one per input, each of its input's
+/// shape and dtype or undefined; the errors name the op.
 void check_custom_grads(const char* op, const std::vector<Tensor>& grads, const BackwardContext& c);
 
 template <class F>
@@ -196,9 +220,9 @@ Tensor record_entry(const char* name, std::span<const Tensor> inputs, Tensor out
 }
 }  // namespace detail
 
-// A new op of your own, single-output: records `output = name(inputs)` when an input requires
-// grad and returns `output` (the backward closure becomes a tape entry only then). backward
-// returns one gradient per input, of that input's shape and dtype, or undefined for none.
+/// A new op of your own, single-output: records `output = name(inputs)` when an input requires
+/// grad and returns `output` (the backward closure becomes a tape entry only then). backward
+/// returns one gradient per input, of that input's shape and dtype, or undefined for none.
 template <class F>
 Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
               F&& backward)
@@ -206,6 +230,7 @@ Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, s
     return detail::record_entry(name, inputs, std::move(output), saved, std::forward<F>(backward), true);
 }
 template <class F>
+/// record() with braced lists of inputs and saved tensors.
 Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor output,
               std::initializer_list<Tensor> saved, F&& backward)
 {
@@ -213,7 +238,7 @@ Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor out
                   std::span<const Tensor>(saved.begin(), saved.size()), std::forward<F>(backward));
 }
 
-// record() for loom's own ops, whose outputs are fresh and whose backward is trusted.
+/// record() for loom's own ops, whose outputs are fresh and whose backward is trusted.
 namespace internal {
 template <class F>
 Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor output,
@@ -230,38 +255,38 @@ Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, s
 }
 }  // namespace internal
 
-// Records `output = region(input)` for an op that reads a part of its input (a view).
+/// Records `output = region(input)` for an op that reads a part of its input (a view).
 Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region);
 
 namespace detail {
-// The sequence number the next recorded entry gets.
+/// The sequence number the next recorded entry gets.
 std::uint64_t next_sequence();
-// grad() through the entries numbered `first` and above alone, with allow_unused and nothing
-// kept; leaf hooks are left to the sweep that will hand the gradients on. For a backward function
-// that records part of its forward again and differentiates it while its own sweep is running
-// (a checkpointed layer): the running sweep's gradients below `first` are not touched.
+/// grad() through the entries numbered `first` and above alone, with allow_unused and nothing
+/// kept; leaf hooks are left to the sweep that will hand the gradients on. For a backward function
+/// that records part of its forward again and differentiates it while its own sweep is running
+/// (a checkpointed layer): the running sweep's gradients below `first` are not touched.
 std::vector<Tensor> grad_since(std::uint64_t first, const std::vector<Tensor>& outputs,
                                const std::vector<Tensor>& inputs, const std::vector<Tensor>& grad_outputs);
 }  // namespace detail
 
-// Zeros of `shape` with `part` written at region(zeros): the gradient of a region op, as a
-// differentiable op for recorded backward passes.
+/// Zeros of `shape` with `part` written at region(zeros): the gradient of a region op, as a
+/// differentiable op for recorded backward passes.
 Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region);
 
-// Number of entries on this thread's tape (live or released but not yet reclaimed).
+/// Number of entries on this thread's tape (live or released but not yet reclaimed).
 std::size_t tape_size();
-// This thread's entries in recording order, for tools that read the graph (to_dot, to_text).
+/// This thread's entries in recording order, for tools that read the graph (to_dot, to_text).
 std::span<const Entry> tape_entries();
-// This thread's entry numbered seq, or null when it is not on the tape (another thread's, or
-// reclaimed). Valid until the tape next grows.
+/// This thread's entry numbered seq, or null when it is not on the tape (another thread's, or
+/// reclaimed). Valid until the tape next grows.
 const Entry* find_entry(std::uint64_t seq);
 
 // ---- anomaly mode and scopes ----
 
-// While alive, every forward result and every gradient an entry produces on this thread is
-// checked: the first NaN or Inf throws loom::Error naming the op, forward or backward, its tape
-// entry and the Scope it was recorded in. Off by default; nests. As libtorch's
-// torch::autograd::DetectAnomalyGuard.
+/// While alive, every forward result and every gradient an entry produces on this thread is
+/// checked: the first NaN or Inf throws loom::Error naming the op, forward or backward, its tape
+/// entry and the Scope it was recorded in. Off by default; nests. As libtorch's
+/// torch::autograd::DetectAnomalyGuard.
 class DetectAnomalyGuard {
 public:
     DetectAnomalyGuard();
@@ -270,10 +295,11 @@ public:
     DetectAnomalyGuard& operator=(const DetectAnomalyGuard&) = delete;
 };
 
-// Names the code running while alive ("decoder/step 17"); nested scopes join with '/'. Anomaly
-// errors and graph exports name the innermost scope an op was recorded in.
+/// Names the code running while alive ("decoder/step 17"); nested scopes join with '/'. Anomaly
+/// errors and graph exports name the innermost scope an op was recorded in.
 class Scope {
 public:
+    /// Enters scope `name` until destroyed.
     explicit Scope(std::string name);
     ~Scope();
     Scope(const Scope&) = delete;
@@ -282,16 +308,16 @@ public:
 private:
     std::uint64_t id_;
 };
-// The current scope path ("" outside any Scope).
+/// The current scope path ("" outside any Scope).
 std::string current_scope();
 
 // ---- looking at the tape ----
 
-// What produced `root`, as Graphviz DOT: one node per tape entry (op name, output shape and
-// dtype) and one per leaf, named from `names` (e.g. module.named_parameters()) where given.
+/// What produced `root`, as Graphviz DOT: one node per tape entry (op name, output shape and
+/// dtype) and one per leaf, named from `names` (e.g. module.named_parameters()) where given.
 std::string to_dot(const Tensor& root, const std::vector<std::pair<std::string, Tensor>>& names = {});
-// The same graph as text, one line per entry in recording order:
-// "#12 tanh -> [2, 4] float32 <- #11, weight_hh [4, 4]".
+/// The same graph as text, one line per entry in recording order:
+/// "#12 tanh -> [2, 4] float32 <- #11, weight_hh [4, 4]".
 std::string to_text(const Tensor& root, const std::vector<std::pair<std::string, Tensor>>& names = {});
 
 }  // namespace autograd

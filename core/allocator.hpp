@@ -1,59 +1,71 @@
-// Storage bytes come from a per-thread cache of freed blocks: a recurrent step makes and drops
-// the same few small tensors thousands of times, and malloc's bookkeeping (and its consolidation
-// when a whole tape is released at once) then costs more than the arithmetic; a training step
-// makes and drops the same few large buffers, and malloc hands those back to the system and
-// faults their pages in again the next step (16% of W2's training time). Blocks up to 1 MiB
-// come in power-of-two size classes; larger ones, up to kLargestCachedBlock, round up to a
-// quarter of their power of two (at most 25% unused) and are kept by exact size. At most
-// kCacheLimit bytes are kept per thread; empty_storage_cache() hands them back. Under
-// AddressSanitizer the cache is off, so every use after free is still caught.
+/// \file
+/// Storage bytes come from a per-thread cache of freed blocks: a recurrent step makes and drops
+/// the same few small tensors thousands of times, and malloc's bookkeeping (and its consolidation
+/// when a whole tape is released at once) then costs more than the arithmetic; a training step
+/// makes and drops the same few large buffers, and malloc hands those back to the system and
+/// faults their pages in again the next step (16% of W2's training time). Blocks up to 1 MiB
+/// come in power-of-two size classes; larger ones, up to kLargestCachedBlock, round up to a
+/// quarter of their power of two (at most 25% unused) and are kept by exact size. At most
+/// kCacheLimit bytes are kept per thread; empty_storage_cache() hands them back. Under
+/// AddressSanitizer the cache is off, so every use after free is still caught.
 #pragma once
 #include <cstddef>
 #include <new>
 
 namespace loom {
 
+/// Requests up to this size are served from size classes.
 inline constexpr std::size_t kLargestClassBlock = std::size_t(1) << 20;
+/// Blocks up to this size are cached for reuse.
 inline constexpr std::size_t kLargestCachedBlock = std::size_t(64) << 20;
+/// Bytes the cache may hold before it frees blocks.
 inline constexpr std::size_t kCacheLimit = std::size_t(128) << 20;
 
-// The small objects made for every op (a tensor's handle and storage record, a tape node) come
-// from per-thread free lists by 16-byte size class, for the same reason: a tape of thousands of
-// entries is freed at once, and malloc then spends its time consolidating.
+/// The small objects made for every op (a tensor's handle and storage record, a tape node) come
+/// from per-thread free lists by 16-byte size class, for the same reason: a tape of thousands of
+/// entries is freed at once, and malloc then spends its time consolidating.
 inline constexpr std::size_t kLargestSmallObject = 512;
+/// A block of `size` bytes from a per-thread pool for small objects.
 void* allocate_small_object(std::size_t size);
+/// Returns a block from allocate_small_object.
 void free_small_object(void* p, std::size_t size) noexcept;
 
-// For std::allocate_shared: the object and its control block in one pooled block.
+/// For std::allocate_shared: the object and its control block in one pooled block.
 template <class T> struct PoolAllocator {
+    /// The allocated type.
     using value_type = T;
     PoolAllocator() = default;
+    /// Converts from an allocator of another type.
     template <class U> PoolAllocator(const PoolAllocator<U>&) noexcept {}
+    /// Memory for n objects of T.
     T* allocate(std::size_t n)
     {
         static_assert(alignof(T) <= 16, "pooled blocks are 16-byte aligned");
         if (n == 1 && sizeof(T) <= kLargestSmallObject) return static_cast<T*>(allocate_small_object(sizeof(T)));
         return static_cast<T*>(::operator new(n * sizeof(T)));
     }
+    /// Returns memory from allocate.
     void deallocate(T* p, std::size_t n) noexcept
     {
         if (n == 1 && sizeof(T) <= kLargestSmallObject) return free_small_object(p, sizeof(T));
         ::operator delete(p);
     }
+    /// All PoolAllocators are interchangeable.
     template <class U> bool operator==(const PoolAllocator<U>&) const noexcept { return true; }
 };
 
-// A block of at least `nbytes` (16-byte aligned); `capacity` receives its real size, which
-// free_storage_bytes must be given back. Throws loom::Error when memory runs out.
+/// A block of at least `nbytes` (16-byte aligned); `capacity` receives its real size, which
+/// free_storage_bytes must be given back. Throws loom::Error when memory runs out.
 void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity);
+/// Returns a block from allocate_storage_bytes.
 void free_storage_bytes(void* data, std::size_t capacity) noexcept;
 
-// Bytes this thread holds in freed blocks, ready for reuse.
+/// Bytes this thread holds in freed blocks, ready for reuse.
 std::size_t cached_storage_bytes();
-// Returns this thread's cached storage blocks and small objects to the system (as
-// torch.cuda.empty_cache does for a GPU).
+/// Returns this thread's cached storage blocks and small objects to the system (as
+/// torch.cuda.empty_cache does for a GPU).
 void empty_storage_cache();
-// False in sanitized builds.
+/// False in sanitized builds.
 bool storage_cache_enabled();
 
 }  // namespace loom

@@ -1,4 +1,5 @@
-// Element types and the one place that turns a runtime dtype into a C++ type.
+/// \file
+/// Element types and the one place that turns a runtime dtype into a C++ type.
 #pragma once
 #include <cmath>
 #include <limits>
@@ -11,16 +12,25 @@
 
 namespace loom {
 
+/// A tensor's element type.
 enum class DType : std::uint8_t { Float32, Float64, Int64, Bool };
 
+/// float, as torch::kFloat32.
 inline constexpr DType kFloat32 = DType::Float32;
+/// float, as torch::kFloat.
 inline constexpr DType kFloat = DType::Float32;
+/// double, as torch::kFloat64.
 inline constexpr DType kFloat64 = DType::Float64;
+/// double, as torch::kDouble.
 inline constexpr DType kDouble = DType::Float64;
+/// std::int64_t, as torch::kInt64.
 inline constexpr DType kInt64 = DType::Int64;
+/// std::int64_t, as torch::kLong.
 inline constexpr DType kLong = DType::Int64;
+/// bool, as torch::kBool.
 inline constexpr DType kBool = DType::Bool;
 
+/// "float32", "float64", "int64" or "bool".
 constexpr std::string_view dtype_name(DType d)
 {
     switch (d) {
@@ -32,6 +42,7 @@ constexpr std::string_view dtype_name(DType d)
     return "?";
 }
 
+/// Bytes per element.
 constexpr std::size_t dtype_size(DType d)
 {
     switch (d) {
@@ -43,15 +54,21 @@ constexpr std::size_t dtype_size(DType d)
     return 0;
 }
 
+/// Whether d is float32 or float64.
 constexpr bool is_floating(DType d) { return d == DType::Float32 || d == DType::Float64; }
 
+/// The dtype of the C++ type T.
 template <class T> constexpr DType dtype_of();
+/// float32.
 template <> constexpr DType dtype_of<float>() { return DType::Float32; }
+/// float64.
 template <> constexpr DType dtype_of<double>() { return DType::Float64; }
+/// int64.
 template <> constexpr DType dtype_of<std::int64_t>() { return DType::Int64; }
+/// bool.
 template <> constexpr DType dtype_of<bool>() { return DType::Bool; }
 
-// dispatch(d, [&]<class T>() { ... }) calls the lambda with T = the C++ type of d.
+/// `dispatch(d, [&]<class T>() { ... })` calls the lambda with T = the C++ type of d.
 template <class F> decltype(auto) dispatch(DType d, F&& f)
 {
     switch (d) {
@@ -63,7 +80,7 @@ template <class F> decltype(auto) dispatch(DType d, F&& f)
     throw Error("dispatch: unknown dtype");
 }
 
-// Like dispatch, for ops defined on float32 and float64 only.
+/// Like dispatch, for ops defined on float32 and float64 only.
 template <class F> decltype(auto) dispatch_floating(std::string_view op, DType d, F&& f)
 {
     switch (d) {
@@ -73,9 +90,9 @@ template <class F> decltype(auto) dispatch_floating(std::string_view op, DType d
     }
 }
 
-// v converted from S to D, defined for every value: a float that is not finite or beyond
-// D's integer range is refused naming `op` (C++ leaves that conversion undefined; loom does not
-// guess), and a double beyond float's range becomes an infinity, as IEEE rounding gives.
+/// v converted from S to D, defined for every value: a float that is not finite or beyond
+/// D's integer range is refused naming `op` (C++ leaves that conversion undefined; loom does not
+/// guess), and a double beyond float's range becomes an infinity, as IEEE rounding gives.
 template <class D, class S> D convert_value(std::string_view op, S v)
 {
     if constexpr (std::is_floating_point_v<S> && std::is_integral_v<D> && !std::is_same_v<D, bool>) {
@@ -90,13 +107,13 @@ template <class D, class S> D convert_value(std::string_view op, S v)
     return static_cast<D>(v);
 }
 
-// Throws naming `op` unless d is float32 or float64.
+/// Throws naming `op` unless d is float32 or float64.
 inline void check_floating(std::string_view op, DType d)
 {
     if (!is_floating(d)) fail(op, "expects a float32 or float64 tensor, got {}", dtype_name(d));
 }
 
-// Like dispatch, for arithmetic (every dtype but bool).
+/// Like dispatch, for arithmetic (every dtype but bool).
 template <class F> decltype(auto) dispatch_numeric(std::string_view op, DType d, F&& f)
 {
     switch (d) {
@@ -107,7 +124,7 @@ template <class F> decltype(auto) dispatch_numeric(std::string_view op, DType d,
     }
 }
 
-// Throws naming `op` unless d is float32, float64 or int64.
+/// Throws naming `op` unless d is float32, float64 or int64.
 inline void check_numeric(std::string_view op, DType d)
 {
     if (!is_floating(d) && d != DType::Int64) fail(op, "expects a float32, float64 or int64 tensor, got {}", dtype_name(d));
@@ -115,9 +132,11 @@ inline void check_numeric(std::string_view op, DType d)
 
 }  // namespace loom
 
+/// \cond fmt_formatters
 template <> struct fmt::formatter<loom::DType> : fmt::formatter<std::string_view> {
     auto format(loom::DType d, fmt::format_context& ctx) const
     {
         return fmt::formatter<std::string_view>::format(loom::dtype_name(d), ctx);
     }
 };
+/// \endcond

@@ -1,4 +1,5 @@
-// loom::Error and the one helper every op uses to report misuse.
+/// \file
+/// loom::Error and the one helper every op uses to report misuse.
 #pragma once
 #include <cstdint>
 #include <stdexcept>
@@ -10,13 +11,14 @@
 
 namespace loom {
 
-// Every misuse of the library throws this. The message starts with the op's name.
+/// Every misuse of the library throws this. The message starts with the op's name.
 class Error : public std::runtime_error {
 public:
     using std::runtime_error::runtime_error;
 };
 
 template <class... Args>
+/// Throws loom::Error for `op` with a fmt-formatted message.
 [[noreturn]] void fail(std::string_view op, fmt::format_string<Args...> format, Args&&... args)
 {
     throw Error(fmt::format("{}: {}", op, fmt::format(format, std::forward<Args>(args)...)));

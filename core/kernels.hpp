@@ -1,4 +1,5 @@
-// Value-level kernels: they compute, never record. autograd/ wraps them in differentiable ops.
+/// \file
+/// Value-level kernels: they compute, never record. autograd/ wraps them in differentiable ops.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -10,69 +11,89 @@
 namespace loom::kernels {
 
 // ---- views: new handles on the same storage ----
+/// A view with the given sizes, strides and offset (in elements).
 Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offset);
-Tensor view(const Tensor& t, const Shape& shape);     // contiguous input only; one -1 allowed
-Tensor reshape(const Tensor& t, const Shape& shape);  // a view when contiguous, else a copy
+Tensor view(const Tensor& t, const Shape& shape);  ///< contiguous input only; one -1 allowed
+Tensor reshape(const Tensor& t, const Shape& shape);  ///< a view when contiguous, else a copy
+/// Reordered dims (a view).
 Tensor permute(const Tensor& t, const Shape& dims);
+/// Size-1 dims broadcast to `shape` (a view).
 Tensor expand(const Tensor& t, const Shape& shape);
+/// Entries start, start+step, ... < end of `dim` (a view).
 Tensor slice(const Tensor& t, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step);
+/// Entry `index` of `dim`, the dim dropped (a view).
 Tensor select(const Tensor& t, std::int64_t dim, std::int64_t index);
+/// A size-1 dim inserted at `dim` (a view).
 Tensor unsqueeze(const Tensor& t, std::int64_t dim);
+/// `dim` (or every size-1 dim) dropped (a view).
 Tensor squeeze(const Tensor& t, std::optional<std::int64_t> dim);
-Tensor alias(const Tensor& t);  // same view, no autograd node
+Tensor alias(const Tensor& t);  ///< same view, no autograd node
+/// `shape` with its one -1 resolved for `numel` elements; errors name `op`.
 Shape infer_shape(std::string_view op, const Shape& shape, std::int64_t numel);
 
 // ---- copies ----
-void copy_into(const Tensor& dst, const Tensor& src);  // src broadcasts to dst; converts dtype
-void add_into(const Tensor& dst, const Tensor& src);   // dst += src, same shape and floating dtype
-Tensor contiguous(const Tensor& t);  // t itself when already contiguous
-// Whether t's elements fill one block of storage without gaps or overlaps, its dims in some
-// order: a contiguous tensor, or a permutation of one such as a transposed matrix.
+void copy_into(const Tensor& dst, const Tensor& src);  ///< src broadcasts to dst; converts dtype
+void add_into(const Tensor& dst, const Tensor& src);  ///< dst += src, same shape and floating dtype
+Tensor contiguous(const Tensor& t);  ///< t itself when already contiguous
+/// Whether t's elements fill one block of storage without gaps or overlaps, its dims in some
+/// order: a contiguous tensor, or a permutation of one such as a transposed matrix.
 bool is_dense(const Tensor& t);
-// A copy laid out like t when t is dense (a transposed gradient stays transposed, so adding more
-// of the same layout into it is a linear pass), a contiguous copy otherwise.
+/// A copy laid out like t when t is dense (a transposed gradient stays transposed, so adding more
+/// of the same layout into it is a linear pass), a contiguous copy otherwise.
 Tensor clone_keeping_layout(const Tensor& t);
+/// A contiguous copy.
 Tensor clone(const Tensor& t);
-Tensor to(const Tensor& t, DType dtype);  // t itself when the dtype already matches
+Tensor to(const Tensor& t, DType dtype);  ///< t itself when the dtype already matches
 
 // ---- reductions; dims empty = all ----
+/// Sum over `dims`.
 Tensor sum(const Tensor& t, const Shape& dims, bool keepdim);
+/// Maximum over `dims`.
 Tensor amax(const Tensor& t, const Shape& dims, bool keepdim);
+/// Minimum over `dims`.
 Tensor amin(const Tensor& t, const Shape& dims, bool keepdim);
+/// Index of the maximum along `dim` (flat when absent).
 Tensor argmax(const Tensor& t, std::optional<std::int64_t> dim, bool keepdim);
+/// Index of the minimum along `dim` (flat when absent).
 Tensor argmin(const Tensor& t, std::optional<std::int64_t> dim, bool keepdim);
-// Sums `t` down to `shape`, undoing a broadcast.
+/// Sums `t` down to `shape`, undoing a broadcast.
 Tensor sum_to(const Tensor& t, const Shape& shape);
 
 // ---- indexing ----
+/// Rows of `dim` at int64 `index`.
 Tensor index_select(const Tensor& t, std::int64_t dim, const Tensor& index);
+/// dst's rows of `dim` at `index` += src.
 void index_add_into(const Tensor& dst, std::int64_t dim, const Tensor& index, const Tensor& src);
+/// Gathers along `dim` at `index`.
 Tensor gather(const Tensor& t, std::int64_t dim, const Tensor& index);
+/// dst at `index` along `dim` += src.
 void scatter_add_into(const Tensor& dst, std::int64_t dim, const Tensor& index, const Tensor& src);
+/// Joins along `dim`.
 Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim);
+/// One-hot rows of int64 indices.
 Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype);
 
 // ---- linear algebra ----
-// a [..., n, k] @ b [..., k, m] -> [..., n, m], batch dims equal. Strided operands go to BLAS as they are.
+/// a [..., n, k] @ b [..., k, m] -> [..., n, m], batch dims equal. Strided operands go to BLAS as they are.
 Tensor bmm(const Tensor& a, const Tensor& b);
-// out [n, m] = a [n, k] @ b [k, m] + beta * out, for 2-D operands (strided or transposed views
-// are read as they are) and a contiguous out: with beta = 1 a product is added where it lands.
+/// out [n, m] = a [n, k] @ b [k, m] + beta * out, for 2-D operands (strided or transposed views
+/// are read as they are) and a contiguous out: with beta = 1 a product is added where it lands.
 void matmul_into(const Tensor& out, const Tensor& a, const Tensor& b, double beta);
-// out [m] += the sum of the rows of rows [n, m]; both contiguous, same floating dtype.
+/// out [m] += the sum of the rows of rows [n, m]; both contiguous, same floating dtype.
 void add_column_sums(const Tensor& out, const Tensor& rows);
 
-// Raw-pointer forms for fused kernels (the recurrent layers), float or double; nothing above
-// core/ calls BLAS itself. C [M, N] = op(A) op(B) + beta * C, all row-major and contiguous, op
-// transposing where asked; `op` names the error when a size exceeds BLAS's int.
+/// Raw-pointer forms for fused kernels (the recurrent layers), float or double; nothing above
+/// core/ calls BLAS itself. C [M, N] = op(A) op(B) + beta * C, all row-major and contiguous, op
+/// transposing where asked; `op` names the error when a size exceeds BLAS's int.
 template <class T>
 void gemm(std::string_view op, bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, const T* A,
           const T* B, T beta, T* C);
-// out [width] += the sum of the rows of rows [n, width].
+/// out [width] += the sum of the rows of rows [n, width].
 template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out);
 
 // ---- elementwise machinery ----
 
-// Visits every index of `shape` in row-major order, handing `f` the element offset of each operand.
+/// Visits every index of `shape` in row-major order, handing `f` the element offset of each operand.
 template <std::size_t N, class F>
 void for_each_offset(const Shape& shape, const std::array<const std::int64_t*, N>& strides,
                      std::array<std::int64_t, N> offsets, F&& f)
@@ -105,10 +126,10 @@ void for_each_offset(const Shape& shape, const std::array<const std::int64_t*, N
     }
 }
 
-// Strides of `t` seen through a broadcast to `shape` (0 where t is broadcast).
+/// Strides of `t` seen through a broadcast to `shape` (0 where t is broadcast).
 Shape broadcast_strides(const Tensor& t, const Shape& shape);
 
-// out[i] = f(x[i]) for T = x's C++ type; the result dtype follows f's return type.
+/// out[i] = f(x[i]) for T = x's C++ type; the result dtype follows f's return type.
 template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
 {
     using R = decltype(f(T{}));
@@ -126,21 +147,22 @@ template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
     return out;
 }
 
-// out = f(x) elementwise over float32/float64 tensors.
+/// out = f(x) elementwise over float32/float64 tensors.
 template <class F> Tensor map_floating(std::string_view op, const Tensor& x, F&& f)
 {
     return dispatch_floating(op, x.dtype(), [&]<class T>() { return map_typed<T>(x, f); });
 }
 
-// out = f(x) elementwise over float32/float64/int64 tensors.
+/// out = f(x) elementwise over float32/float64/int64 tensors.
 template <class F> Tensor map_numeric(std::string_view op, const Tensor& x, F&& f)
 {
     return dispatch_numeric(op, x.dtype(), [&]<class T>() { return map_typed<T>(x, f); });
 }
 
+/// Throws loom::Error naming `op` unless a and b have the same dtype.
 void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b);
 
-// out = f(a, b) broadcast to `shape` (their broadcast shape), for T = the operands' C++ type.
+/// out = f(a, b) broadcast to `shape` (their broadcast shape), for T = the operands' C++ type.
 template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, const Shape& shape, F&& f)
 {
     using R = decltype(f(T{}, T{}));
@@ -170,19 +192,21 @@ template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, c
     return out;
 }
 
-// out = f(a, b) with broadcasting; both operands must have the same dtype.
+/// out = f(a, b) with broadcasting; both operands must have the same dtype.
 template <class F> Tensor zip_floating(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
     const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
     return dispatch_floating(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
 }
+/// An elementwise op of two broadcast tensors of the same int or float dtype.
 template <class F> Tensor zip_numeric(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
     const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
     return dispatch_numeric(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
 }
+/// An elementwise op of two broadcast tensors of the same dtype, any dtype.
 template <class F> Tensor zip_any(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);

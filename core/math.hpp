@@ -1,4 +1,5 @@
-// Scalar math shared by kernels.
+/// \file
+/// Scalar math shared by kernels.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -17,10 +18,10 @@
 
 namespace loom {
 
-// tanh for float32 as a rational function (the approximation Eigen and XLA use): within a few
-// float32 ulps of std::tanh, and several times faster than glibc's tanhf, which dominated the
-// recurrent layers' time. float64 keeps std::tanh.
-// Branch-free, so loops over it vectorise.
+/// tanh for float32 as a rational function (the approximation Eigen and XLA use): within a few
+/// float32 ulps of std::tanh, and several times faster than glibc's tanhf, which dominated the
+/// recurrent layers' time. float64 keeps std::tanh.
+/// Branch-free, so loops over it vectorise.
 inline float tanh_float(float x)
 {
     constexpr float bound = 7.90531110763549805f;  // tanh is 1 to float precision past it
@@ -39,28 +40,31 @@ inline float tanh_float(float x)
     return c * p / q;  // near 0 within an ulp of x
 }
 
-// sigmoid(x) = (1 + tanh(x / 2)) / 2 for float32: vectorises with tanh_float, where a loop over
-// 1 / (1 + expf(-x)) calls libm once per element. Within a few 1e-8 of the exact value.
+/// sigmoid(x) = (1 + tanh(x / 2)) / 2 for float32: vectorises with tanh_float, where a loop over
+/// 1 / (1 + expf(-x)) calls libm once per element. Within a few 1e-8 of the exact value.
 inline float sigmoid_float(float x) { return 0.5f * tanh_float(0.5f * x) + 0.5f; }
 
-// Integer arithmetic wraps around in two's complement, as PyTorch's does, instead of being
-// undefined on overflow; floating point is unchanged.
+/// Integer arithmetic wraps around in two's complement, as PyTorch's does, instead of being
+/// undefined on overflow; floating point is unchanged.
 template <class T> T wrapping_add(T a, T b)
 {
     if constexpr (std::is_integral_v<T>) return static_cast<T>(static_cast<std::make_unsigned_t<T>>(a) + static_cast<std::make_unsigned_t<T>>(b));
     else return a + b;
 }
+/// a - b, wrapping around for integers as unsigned arithmetic does (no undefined overflow).
 template <class T> T wrapping_sub(T a, T b)
 {
     if constexpr (std::is_integral_v<T>) return static_cast<T>(static_cast<std::make_unsigned_t<T>>(a) - static_cast<std::make_unsigned_t<T>>(b));
     else return a - b;
 }
+/// a * b, wrapping around for integers as unsigned arithmetic does (no undefined overflow).
 template <class T> T wrapping_mul(T a, T b)
 {
     if constexpr (std::is_integral_v<T>) return static_cast<T>(static_cast<std::make_unsigned_t<T>>(a) * static_cast<std::make_unsigned_t<T>>(b));
     else return a * b;
 }
 
+/// tanh: tanh_float for float (vectorises), std::tanh otherwise.
 template <class T> T tanh_of(T x)
 {
     if constexpr (std::is_same_v<T, float>) return tanh_float(x);

@@ -1,5 +1,6 @@
-// LOOM_OPTION(type, name, default) declares an option with a chained setter and a getter, as in
-// libtorch: LSTMOptions(64, 256).num_layers(2).bidirectional(true); options.num_layers().
+/// \file
+/// LOOM_OPTION(type, name, default) declares an option with a chained setter and a getter, as in
+/// libtorch: LSTMOptions(64, 256).num_layers(2).bidirectional(true); options.num_layers().
 #pragma once
 #include <utility>
 

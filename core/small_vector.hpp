@@ -1,6 +1,7 @@
-// A vector that keeps its first N elements inside itself: sizes, strides and a tape entry's few
-// inputs are made and dropped for every op, and a heap allocation for each would cost more than
-// the op on a small tensor. Past N it grows on the heap like std::vector.
+/// \file
+/// A vector that keeps its first N elements inside itself: sizes, strides and a tape entry's few
+/// inputs are made and dropped for every op, and a heap allocation for each would cost more than
+/// the op on a small tensor. Past N it grows on the heap like std::vector.
 #pragma once
 #include <algorithm>
 #include <compare>
@@ -16,8 +17,12 @@
 
 namespace loom {
 
+/// The vector behind Shape: std::vector's interface and meaning (size, push_back, insert,
+/// erase, resize, iteration, comparison), its first N elements stored inline. It also converts
+/// from any range of integers (std::vector, std::array, std::span), as libtorch's IntArrayRef.
 template <class T, std::size_t N> class SmallVector {
 public:
+    /// \cond small_vector_members
     using value_type = T;
     using size_type = std::size_t;
     using difference_type = std::ptrdiff_t;
@@ -35,8 +40,8 @@ public:
     SmallVector(size_type n, const T& value) { assign(n, value); }
     SmallVector(std::initializer_list<T> values) { append(values.begin(), values.end()); }
     template <std::input_iterator It> SmallVector(It first, It last) { append(first, last); }
-    // A shape or a list of dims computed at run time, from a std::vector, std::array or std::span
-    // of integers, as libtorch's IntArrayRef takes them.
+    /// A shape or a list of dims computed at run time, from a std::vector, std::array or std::span
+    /// of integers, as libtorch's IntArrayRef takes them.
     template <class R>
         requires std::integral<T> && std::ranges::contiguous_range<const R> && std::ranges::sized_range<const R> &&
                  std::integral<std::ranges::range_value_t<const R>> && (!std::same_as<std::remove_cvref_t<R>, SmallVector>)
@@ -184,6 +189,7 @@ public:
         return std::lexicographical_compare_three_way(a.begin(), a.end(), b.begin(), b.end());
     }
 
+    /// \endcond
 private:
     T* inline_data() noexcept { return std::launder(reinterpret_cast<T*>(inline_)); }
     bool on_heap() const noexcept { return data_ != reinterpret_cast<const T*>(inline_); }

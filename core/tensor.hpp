@@ -1,6 +1,7 @@
-// Tensor: a cheap handle on shared storage with a shape, strides, offset and dtype.
-// Views (reshape of contiguous data, permute, slicing, expand) share storage.
-// The differentiable methods (sum, tanh, ...) are defined by autograd/, which records them on the tape.
+/// \file
+/// Tensor: a cheap handle on shared storage with a shape, strides, offset and dtype.
+/// Views (reshape of contiguous data, permute, slicing, expand) share storage.
+/// The differentiable methods (sum, tanh, ...) are defined by autograd/, which records them on the tape.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -15,14 +16,14 @@
 #include "small_vector.hpp"
 #include "error.hpp"
 
-// core/ is namespace loom itself: the tensor is the library's base type.
+/// core/ is namespace loom itself: the tensor is the library's base type.
 namespace loom {
 
-// Sizes or strides of a tensor; up to 6 dims without a heap allocation.
+/// Sizes or strides of a tensor; up to 6 dims without a heap allocation.
 using Shape = SmallVector<std::int64_t, 6>;
 
 class Tensor;
-// Tensors by name: state dicts, optimizer state, safetensors files.
+/// Tensors by name: state dicts, optimizer state, safetensors files.
 using NamedTensorMap = std::map<std::string, Tensor>;
 
 class Tensor;
@@ -31,163 +32,259 @@ namespace autograd {
 struct Node;
 }
 
-// Raw bytes shared by a tensor and its views. `version` counts in-place writes,
-// so the tape can tell when a tensor saved for backward was modified.
+/// Raw bytes shared by a tensor and its views. `version` counts in-place writes,
+/// so the tape can tell when a tensor saved for backward was modified.
 struct Storage {
+    /// Allocates `nbytes` bytes from loom's allocator (uninitialised).
     explicit Storage(std::size_t nbytes);
     ~Storage();
     Storage(const Storage&) = delete;
     Storage& operator=(const Storage&) = delete;
 
+    /// The first byte of the block.
     std::byte* data = nullptr;
+    /// Bytes in use.
     std::size_t nbytes = 0;
-    std::size_t capacity = 0;  // of the block behind `data` (core/allocator.hpp)
+    std::size_t capacity = 0;  ///< of the block behind `data` (core/allocator.hpp)
+    /// Counts in-place writes to these bytes.
     std::uint64_t version = 0;
 };
 
+/// A tensor's header: its storage, the view of it (shape, strides, offset), dtype and autograd node. Tensor is a shared handle on one.
 struct TensorImpl {
+    /// The bytes; shared by every view of them.
     std::shared_ptr<Storage> storage;
+    /// Sizes of each dim.
     Shape shape;
-    Shape strides;  // in elements
-    std::int64_t offset = 0;  // in elements
+    Shape strides;  ///< in elements
+    std::int64_t offset = 0;  ///< in elements
+    /// Element type.
     DType dtype = kFloat32;
-    std::shared_ptr<autograd::Node> node;  // set iff the tensor requires grad
+    std::shared_ptr<autograd::Node> node;  ///< set iff the tensor requires grad
 };
 
+/// A tensor: a shared handle on a TensorImpl. Copying a Tensor copies the handle, not the data; views share storage. An undefined Tensor (default-constructed) has no header.
 class Tensor {
 public:
     Tensor() = default;
+    /// A handle on an existing header.
     explicit Tensor(std::shared_ptr<TensorImpl> impl) : impl_(std::move(impl)) {}
 
     // ---- metadata ----
+    /// Whether the handle refers to a tensor (false for a default-constructed Tensor).
     bool defined() const { return impl_ != nullptr; }
+    /// Element type.
     DType dtype() const { return impl().dtype; }
+    /// Sizes of each dim (libtorch's name).
     const Shape& sizes() const { return impl().shape; }
+    /// Sizes of each dim.
     const Shape& shape() const { return impl().shape; }
+    /// Strides of each dim, in elements.
     const Shape& strides() const { return impl().strides; }
+    /// Size of `dim` (negative counts from the end).
     std::int64_t size(std::int64_t dim) const;
+    /// Stride of `dim` in elements (negative counts from the end).
     std::int64_t stride(std::int64_t dim) const;
+    /// Number of dims.
     std::int64_t dim() const { return static_cast<std::int64_t>(impl().shape.size()); }
+    /// Number of elements.
     std::int64_t numel() const;
+    /// Offset of the first element in the storage, in elements.
     std::int64_t storage_offset() const { return impl().offset; }
+    /// Whether the elements are laid out row-major without gaps.
     bool is_contiguous() const;
+    /// Whether both handles refer to the same header.
     bool is_same(const Tensor& other) const { return impl_ == other.impl_; }
+    /// Whether both tensors view the same storage.
     bool shares_storage(const Tensor& other) const;
+    /// The storage's count of in-place writes.
     std::uint64_t version() const { return impl().storage->version; }
+    /// The header; throws loom::Error for an undefined tensor.
     TensorImpl& impl() const
     {
         if (!impl_) [[unlikely]]
             throw_undefined();
         return *impl_;
     }
+    /// The shared pointer to the header.
     const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
 
-    // Pointer to the first element; T must match the dtype.
+    /// Pointer to the first element; T must match the dtype.
     template <class T> T* data_ptr() const
     {
         LOOM_CHECK(dtype_of<T>() == dtype(), "data_ptr", "tensor has dtype {}, asked for {}", dtype(),
                    dtype_of<T>());
         return reinterpret_cast<T*>(impl().storage->data) + impl().offset;
     }
-    // The single value of a one-element tensor, converted to T.
+    /// The single value of a one-element tensor, converted to T.
     template <class T> T item() const;
 
     // ---- autograd ----
+    /// Whether gradients flow to this tensor (it is a leaf that requires grad, or was computed from one with grad mode on).
     bool requires_grad() const { return defined() && impl().node != nullptr; }
+    /// Makes this tensor a leaf that requires grad (float dtypes only), or stops it requiring grad (leaves only). As PyTorch's.
     Tensor& requires_grad_(bool on = true);
+    /// Whether the tensor has no recorded history: it does not require grad, or it requires grad and was not computed by a recorded op.
     bool is_leaf() const;
+    /// The gradient accumulated by backward() (leaves, and tensors that called retain_grad()); undefined before the first backward.
     Tensor grad() const;
+    /// Replaces the accumulated gradient (same shape and dtype, or undefined to clear it).
     void set_grad(const Tensor& grad) const;
-    // Forgets the accumulated gradient (grad() is undefined until the next backward), like
-    // PyTorch's zero_grad(set_to_none=True): the next backward writes a fresh tensor.
+    /// Forgets the accumulated gradient (grad() is undefined until the next backward), like
+    /// PyTorch's zero_grad(set_to_none=True): the next backward writes a fresh tensor.
     void zero_grad() const;
+    /// Keeps this non-leaf's gradient in grad() after backward, as a leaf's.
     void retain_grad() const;
-    // Calls hook(grad) when this tensor's gradient is computed; a defined result replaces it.
+    /// Calls hook(grad) when this tensor's gradient is computed; a defined result replaces it.
     void register_hook(std::function<Tensor(const Tensor&)> hook) const;
-    // Sweeps the tape back from this tensor. A non-scalar needs `gradient` of its shape. As
-    // libtorch's: retain_graph keeps the graph for another sweep, by default exactly when
-    // create_graph records the backward pass (so .grad() can be differentiated again).
+    /// Sweeps the tape back from this tensor. A non-scalar needs `gradient` of its shape. As
+    /// libtorch's: retain_graph keeps the graph for another sweep, by default exactly when
+    /// create_graph records the backward pass (so .grad() can be differentiated again).
     void backward(const Tensor& gradient = {}, std::optional<bool> retain_graph = std::nullopt,
                   bool create_graph = false) const;
-    // Same values, cut off the tape.
+    /// Same values, cut off the tape.
     Tensor detach() const;
 
     // ---- views and copies (differentiable) ----
+    /// Same elements in a new shape (one -1 is inferred): a view when contiguous, else a copy.
     Tensor reshape(const Shape& shape) const;
-    Tensor view(const Shape& shape) const;  // contiguous tensors only
+    Tensor view(const Shape& shape) const;  ///< contiguous tensors only
+    /// All elements in one dim.
     Tensor flatten() const { return reshape({-1}); }
+    /// Reorders the dims (a view).
     Tensor permute(const Shape& dims) const;
+    /// Swaps two dims (a view).
     Tensor transpose(std::int64_t dim0, std::int64_t dim1) const;
-    Tensor t() const;  // 2-D transpose
+    Tensor t() const;  ///< 2-D transpose
+    /// Drops every dim of size 1 (a view).
     Tensor squeeze() const;
+    /// Drops `dim` if its size is 1 (a view).
     Tensor squeeze(std::int64_t dim) const;
+    /// Inserts a dim of size 1 at `dim` (a view).
     Tensor unsqueeze(std::int64_t dim) const;
+    /// Broadcasts size-1 dims to `shape` without copying (a view).
     Tensor expand(const Shape& shape) const;
+    /// `length` entries of `dim` from `start` (a view).
     Tensor narrow(std::int64_t dim, std::int64_t start, std::int64_t length) const;
+    /// Entries start, start+step, ... < end of `dim` (a view); negative indices count from the end.
     Tensor slice(std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step = 1) const;
+    /// Entry `index` of `dim`, the dim dropped (a view).
     Tensor select(std::int64_t dim, std::int64_t index) const;
+    /// The entries of `dim` at the int64 `index` (a copy).
     Tensor index_select(std::int64_t dim, const Tensor& index) const;
+    /// Gathers along `dim` at the int64 `index`, which has this tensor's number of dims.
     Tensor gather(std::int64_t dim, const Tensor& index) const;
+    /// This tensor if contiguous, else a contiguous copy.
     Tensor contiguous() const;
+    /// A contiguous copy; differentiable.
     Tensor clone() const;
+    /// Converted to `dtype` (this tensor itself when it already has it); differentiable between float dtypes.
     Tensor to(DType dtype) const;
+    /// Pieces of `split_size` along `dim` (the last may be smaller), as views.
     std::vector<Tensor> split(std::int64_t split_size, std::int64_t dim = 0) const;
+    /// `chunks` pieces of equal size (the last may be smaller) along `dim`, as views.
     std::vector<Tensor> chunk(std::int64_t chunks, std::int64_t dim = 0) const;
 
     // ---- math (differentiable) ----
+    /// e^x elementwise.
     Tensor exp() const;
+    /// Natural logarithm elementwise.
     Tensor log() const;
+    /// Square root elementwise.
     Tensor sqrt() const;
+    /// Absolute value elementwise.
     Tensor abs() const;
+    /// Hyperbolic tangent elementwise.
     Tensor tanh() const;
+    /// Logistic sigmoid 1 / (1 + e^-x) elementwise.
     Tensor sigmoid() const;
+    /// max(x, 0) elementwise.
     Tensor relu() const;
+    /// -x elementwise.
     Tensor neg() const;
+    /// x^exponent elementwise.
     Tensor pow(double exponent) const;
+    /// x^exponent elementwise, the exponent broadcast.
     Tensor pow(const Tensor& exponent) const;
+    /// Clamped to [min, max] elementwise; either bound may be absent.
     Tensor clamp(std::optional<double> min, std::optional<double> max) const;
+    /// Matrix product with broadcasting of batch dims, as torch.matmul.
     Tensor matmul(const Tensor& other) const;
+    /// `value` where the bool `mask` (broadcast) is true.
     Tensor masked_fill(const Tensor& mask, double value) const;
 
     // ---- reductions (differentiable but argmax/argmin) ----
+    /// Sum of all elements (a scalar).
     Tensor sum() const;
+    /// Sum over `dims`.
     Tensor sum(const Shape& dims, bool keepdim = false) const;
+    /// Mean of all elements (a scalar).
     Tensor mean() const;
+    /// Mean over `dims`.
     Tensor mean(const Shape& dims, bool keepdim = false) const;
+    /// Largest element (a scalar).
     Tensor max() const;
+    /// Largest entries along `dim`.
     Tensor max(std::int64_t dim, bool keepdim = false) const;
+    /// Smallest element (a scalar).
     Tensor min() const;
+    /// Smallest entries along `dim`.
     Tensor min(std::int64_t dim, bool keepdim = false) const;
+    /// Flat index of the largest element (int64 scalar).
     Tensor argmax() const;
+    /// Index of the largest entry along `dim` (int64).
     Tensor argmax(std::int64_t dim, bool keepdim = false) const;
+    /// Flat index of the smallest element (int64 scalar).
     Tensor argmin() const;
+    /// Index of the smallest entry along `dim` (int64).
     Tensor argmin(std::int64_t dim, bool keepdim = false) const;
-    Tensor var() const;  // unbiased, over all elements
+    Tensor var() const;  ///< unbiased, over all elements
+    /// Variance over `dims` (Bessel-corrected when `unbiased`).
     Tensor var(const Shape& dims, bool unbiased = true, bool keepdim = false) const;
+    /// p-norm of all elements.
     Tensor norm(double p = 2) const;
+    /// p-norm over `dims`.
     Tensor norm(double p, const Shape& dims, bool keepdim = false) const;
+    /// Softmax along `dim`.
     Tensor softmax(std::int64_t dim) const;
+    /// Log of the softmax along `dim`, computed stably.
     Tensor log_softmax(std::int64_t dim) const;
 
     // ---- comparisons (masks of dtype bool, not differentiable) ----
+    /// Elementwise ==, as a bool mask.
     Tensor eq(const Tensor& other) const;
+    /// Elementwise !=, as a bool mask.
     Tensor ne(const Tensor& other) const;
+    /// Elementwise <, as a bool mask.
     Tensor lt(const Tensor& other) const;
+    /// Elementwise <=, as a bool mask.
     Tensor le(const Tensor& other) const;
+    /// Elementwise >, as a bool mask.
     Tensor gt(const Tensor& other) const;
+    /// Elementwise >=, as a bool mask.
     Tensor ge(const Tensor& other) const;
 
     // ---- in place (not recorded: refused on a tensor that requires grad while grad mode is on) ----
+    /// Sets every element to 0 in place.
     Tensor& zero_();
+    /// Sets every element to `value` in place.
     Tensor& fill_(double value);
+    /// Copies `src` (broadcast, converted) into this tensor in place.
     Tensor& copy_(const Tensor& src);
+    /// Adds alpha * other in place.
     Tensor& add_(const Tensor& other, double alpha = 1.0);
+    /// Multiplies by `factor` in place.
     Tensor& mul_(double factor);
+    /// Multiplies by `other` (broadcast) in place.
     Tensor& mul_(const Tensor& other);
+    /// Writes `value` where the bool `mask` is true, in place.
     Tensor& masked_fill_(const Tensor& mask, double value);
+    /// Fills with uniform draws from [low, high) in place (from `gen`, else the default generator).
     Tensor& uniform_(double low, double high, Generator* gen = nullptr);
+    /// Fills with normal draws in place (from `gen`, else the default generator).
     Tensor& normal_(double mean, double std, Generator* gen = nullptr);
 
+    /// The values as text, as PyTorch prints them.
     std::string to_string() const;
 
 private:
@@ -195,53 +292,75 @@ private:
     std::shared_ptr<TensorImpl> impl_;
 };
 
+/// Prints to_string().
 std::ostream& operator<<(std::ostream& out, const Tensor& t);
 
 // ---- creation ----
+/// A new tensor of `shape`, its values uninitialised.
 Tensor empty(const Shape& shape, DType dtype = kFloat32);
+/// Zeros of `shape`.
 Tensor zeros(const Shape& shape, DType dtype = kFloat32);
+/// Ones of `shape`.
 Tensor ones(const Shape& shape, DType dtype = kFloat32);
+/// `value` everywhere in `shape`.
 Tensor full(const Shape& shape, double value, DType dtype = kFloat32);
+/// Zeros of t's shape and dtype.
 Tensor zeros_like(const Tensor& t);
+/// Ones of t's shape and dtype.
 Tensor ones_like(const Tensor& t);
+/// `value` everywhere in t's shape and dtype.
 Tensor full_like(const Tensor& t, double value);
-Tensor scalar_tensor(double value, DType dtype = kFloat32);  // 0-d
-// Values in row-major order; shape defaults to 1-D.
+Tensor scalar_tensor(double value, DType dtype = kFloat32);  ///< 0-d
+/// Values in row-major order; shape defaults to 1-D.
 Tensor tensor(const std::vector<double>& values, const Shape& shape, DType dtype = kFloat32);
+/// A 1-D tensor of `values`.
 Tensor tensor(const std::vector<double>& values, DType dtype = kFloat32);
+/// A tensor of `shape` holding `values` (whose count must match), with T's dtype.
 template <class T> Tensor from_vector(const std::vector<T>& values, const Shape& shape);
+/// 0, 1, ..., up to `end` (exclusive).
 Tensor arange(double end, DType dtype = kFloat32);
+/// start, start+step, ... up to `end` (exclusive).
 Tensor arange(double start, double end, double step = 1, DType dtype = kFloat32);
+/// The n x n identity matrix.
 Tensor eye(std::int64_t n, DType dtype = kFloat32);
+/// Uniform draws from [0, 1).
 Tensor rand(const Shape& shape, DType dtype = kFloat32, Generator* gen = nullptr);
+/// Standard normal draws.
 Tensor randn(const Shape& shape, DType dtype = kFloat32, Generator* gen = nullptr);
+/// Uniform draws from [low, high).
 Tensor uniform(const Shape& shape, double low, double high, DType dtype = kFloat32, Generator* gen = nullptr);
+/// Normal draws of the given mean and standard deviation.
 Tensor normal(const Shape& shape, double mean, double std, DType dtype = kFloat32, Generator* gen = nullptr);
+/// Uniform integers in [low, high), int64.
 Tensor randint(std::int64_t low, std::int64_t high, const Shape& shape, Generator* gen = nullptr);
 
 // ---- shape helpers ----
-// The number of elements; throws naming `op` for a negative size or a count beyond int64.
+/// The number of elements; throws naming `op` for a negative size or a count beyond int64.
 std::int64_t checked_numel(std::string_view op, const Shape& shape);
+/// The product of a shape's sizes.
 std::int64_t numel_of(const Shape& shape);
-// Throws naming `op` when `value` cannot be held exactly by `dtype` (a fraction in an int64
-// tensor, 2 in a bool): loom never truncates a scalar silently.
+/// Throws naming `op` when `value` cannot be held exactly by `dtype` (a fraction in an int64
+/// tensor, 2 in a bool): loom never truncates a scalar silently.
 void check_scalar_fits(std::string_view op, double value, DType dtype);
+/// Row-major strides for `shape`.
 Shape contiguous_strides(const Shape& shape);
-// NumPy broadcasting; throws naming `op` when the shapes do not broadcast.
+/// NumPy broadcasting; throws naming `op` when the shapes do not broadcast.
 Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b);
-// Wraps a possibly negative dim into [0, ndim), naming `op` when out of range.
+/// Wraps a possibly negative dim into [0, ndim), naming `op` when out of range.
 std::int64_t wrap_dim(std::string_view op, std::int64_t dim, std::int64_t ndim);
-// The same for an op that indexes along the dim, which a 0-d tensor does not have.
+/// The same for an op that indexes along the dim, which a 0-d tensor does not have.
 std::int64_t wrap_indexed_dim(std::string_view op, std::int64_t dim, std::int64_t ndim);
 
-// Sets the number of threads OpenBLAS uses for matmul.
+/// Sets the number of threads OpenBLAS uses for matmul.
 void set_num_threads(int threads);
 
 }  // namespace loom
 
+/// \cond fmt_formatters
 template <> struct fmt::formatter<loom::Tensor> : fmt::formatter<std::string_view> {
     auto format(const loom::Tensor& t, fmt::format_context& ctx) const
     {
         return fmt::formatter<std::string_view>::format(t.to_string(), ctx);
     }
 };
+/// \endcond

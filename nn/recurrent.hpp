@@ -1,6 +1,7 @@
-// Recurrent cells, the layers RNN/LSTM/GRU, and Recurrent<Cell>, which runs any cell over time.
-// Conventions are PyTorch's: gate orders (LSTM i,f,g,o; GRU r,z,n with the reset gate applied
-// after the hidden matmul), parameter names (weight_ih_l0, ..._reverse), time-major [T, B, F].
+/// \file
+/// Recurrent cells, the layers RNN/LSTM/GRU, and Recurrent<Cell>, which runs any cell over time.
+/// Conventions are PyTorch's: gate orders (LSTM i,f,g,o; GRU r,z,n with the reset gate applied
+/// after the hidden matmul), parameter names (weight_ih_l0, ..._reverse), time-major [T, B, F].
 #pragma once
 #include <functional>
 #include <string_view>
@@ -10,68 +11,87 @@
 
 namespace loom::nn {
 
-// A cell's state: h first (the cell's output); an LSTM adds c. Each tensor is [B, H].
+/// A cell's state: h first (the cell's output); an LSTM adds c. Each tensor is [B, H].
 using State = std::vector<Tensor>;
 
+/// The nonlinearity of an Elman RNN.
 enum class Nonlinearity { Tanh, ReLU };
 
+/// The options of the recurrent layers, as libtorch's RNNOptions, LSTMOptions and GRUOptions.
 class RecurrentOptions {
 public:
+    /// A layer reading `input_size` features into `hidden_size` units.
     RecurrentOptions(std::int64_t input_size, std::int64_t hidden_size)
         : input_size_(input_size), hidden_size_(hidden_size) {}
+    /// Features per step of the input.
     LOOM_OPTION(std::int64_t, input_size, 0)
+    /// Units of the state.
     LOOM_OPTION(std::int64_t, hidden_size, 0)
+    /// Layers stacked.
     LOOM_OPTION(std::int64_t, num_layers, 1)
+    /// Whether the layers have biases.
     LOOM_OPTION(bool, bias, true)
+    /// Input and output as [B, T, F] instead of [T, B, F].
     LOOM_OPTION(bool, batch_first, false)
-    LOOM_OPTION(double, dropout, 0.0)  // between stacked layers, in training
+    LOOM_OPTION(double, dropout, 0.0)  ///< between stacked layers, in training
+    /// Both directions, their outputs concatenated.
     LOOM_OPTION(bool, bidirectional, false)
-    LOOM_OPTION(Nonlinearity, nonlinearity, Nonlinearity::Tanh)  // RNN only
+    LOOM_OPTION(Nonlinearity, nonlinearity, Nonlinearity::Tanh)  ///< RNN only
+    /// The parameters' dtype.
     LOOM_OPTION(DType, dtype, kFloat32)
-    // Built-in layers only: one tape entry per layer and direction with a hand-written BPTT
-    // (true), or the cells' equations recorded op by op (false). Both give the same numbers.
+    /// Built-in layers only: one tape entry per layer and direction with a hand-written BPTT
+    /// (true), or the cells' equations recorded op by op (false). Both give the same numbers.
     LOOM_OPTION(bool, fused, true)
-    // Keep the state of every k-th step instead of every step's values, and recompute each
-    // segment of k steps in backward, so a layer's memory for backward grows like T/k + k
-    // instead of T (about one more forward of compute). k is checkpoint_every, or ceil(sqrt(T))
-    // when that is 0. Fused and composed layers and Recurrent<Cell> alike; a composed or
-    // Recurrent<Cell> layer runs its cell again in backward (forward hooks fire again, and a cell
-    // drawing random numbers gets the default generator's numbers again), and cannot be
-    // differentiated twice. What would make the re-run differ is an error: a cell switched
-    // between train() and eval() or given or stripped of hooks before backward, a buffer changed
-    // in place, a tensor requiring grad that the cell reads without registering it, or numbers
-    // drawn from a Generator of the cell's own.
+    /// Keep the state of every k-th step instead of every step's values, and recompute each
+    /// segment of k steps in backward, so a layer's memory for backward grows like T/k + k
+    /// instead of T (about one more forward of compute). k is checkpoint_every, or ceil(sqrt(T))
+    /// when that is 0. Fused and composed layers and Recurrent<Cell> alike; a composed or
+    /// Recurrent<Cell> layer runs its cell again in backward (forward hooks fire again, and a cell
+    /// drawing random numbers gets the default generator's numbers again), and cannot be
+    /// differentiated twice. What would make the re-run differ is an error: a cell switched
+    /// between train() and eval() or given or stripped of hooks before backward, a buffer changed
+    /// in place, a tensor requiring grad that the cell reads without registering it, or numbers
+    /// drawn from a Generator of the cell's own.
     LOOM_OPTION(bool, checkpoint, false)
+    /// Checkpoint every this many steps (0: the square root of the length).
     LOOM_OPTION(std::int64_t, checkpoint_every, 0)
-    // Also return every step's state of every layer and direction (RecurrentOutput::all_h,
-    // all_c): values to look at, off the tape. Off by default; nothing is copied when off.
+    /// Also return every step's state of every layer and direction (RecurrentOutput::all_h,
+    /// all_c): values to look at, off the tape. Off by default; nothing is copied when off.
     LOOM_OPTION(bool, all_states, false)
 };
+/// As libtorch's name.
 using RNNOptions = RecurrentOptions;
+/// As libtorch's name.
 using LSTMOptions = RecurrentOptions;
+/// As libtorch's name.
 using GRUOptions = RecurrentOptions;
 
-// What a recurrent layer returns: output [T, B, D*H] ([B, T, D*H] with batch_first) and the
-// final state, each tensor [L*D, B, H] (h_n; for an LSTM also c_n).
+/// What a recurrent layer returns: output [T, B, D*H] ([B, T, D*H] with batch_first) and the
+/// final state, each tensor [L*D, B, H] (h_n; for an LSTM also c_n).
 struct RecurrentOutput {
+    /// The top layer's output at every step: [T, B, directions x H] ([B, T, ...] with batch_first).
     Tensor output;
+    /// Final states, one tensor per state kind ([layers x directions, B, H] each).
     State state;
-    // With RecurrentOptions::all_states: h (and c) of every step, [L*D, T, B, H] each, time-major
-    // whatever batch_first says. Past a sequence's length its state stays at its last step's.
+    /// With RecurrentOptions::all_states: h (and c) of every step, [L*D, T, B, H] each, time-major
+    /// whatever batch_first says. Past a sequence's length its state stays at its last step's.
     State all_states;
+    /// Final hidden state.
     const Tensor& h_n() const { return state.at(0); }
+    /// Final cell state (LSTM).
     const Tensor& c_n() const { return state.at(1); }
+    /// Every step's hidden state of every layer and direction (all_states only).
     const Tensor& all_h() const;
-    const Tensor& all_c() const;  // LSTM only
+    const Tensor& all_c() const;  ///< LSTM only
 };
 
-// The norm of each step of a per-step tensor [T, ...] (dL/dh_t from state_gradient_hook, or
-// all_h()[k]): [T], the curve of vanishing and exploding gradients in one line.
+/// The norm of each step of a per-step tensor [T, ...] (dL/dh_t from state_gradient_hook, or
+/// all_h()[k]): [T], the curve of vanishing and exploding gradients in one line.
 Tensor step_norms(const Tensor& per_step);
 
 namespace detail {
-// Runs a recurrent module's forward through its hooks, which see (input, lengths, initial...) ->
-// (output, state...); the per-step states (all_states) pass by them untouched.
+/// Runs a recurrent module's forward through its hooks, which see (input, lengths, initial...) ->
+/// (output, state...); the per-step states (all_states) pass by them untouched.
 RecurrentOutput call_recurrent_with_hooks(
     Module& module, const Tensor& input, const State& initial, const Tensor& lengths,
     const std::function<RecurrentOutput(const Tensor& input, const State& initial, const Tensor& lengths)>& forward);
@@ -79,12 +99,14 @@ RecurrentOutput call_recurrent_with_hooks(
 
 // ---- cells ----
 
-// Maps (x [B, I], state) to the next state. Subclass it to define a new architecture.
+/// Maps (x [B, I], state) to the next state. Subclass it to define a new architecture.
 class Cell : public Module {
 public:
+    /// A cell mapping `input_size` features to `hidden_size` units with `state_size` state tensors (h; h and c for an LSTM).
     Cell(std::int64_t input_size, std::int64_t hidden_size, std::size_t state_size = 1);
+    /// One step: the next state from the input x_t [B, input_size] and the state.
     virtual State forward(const Tensor& x, const State& state) = 0;
-    // Hooks see (x, state...) -> (state...).
+    /// Hooks see (x, state...) -> (state...).
     State operator()(const Tensor& x, const State& state)
     {
         if (!has_hooks()) return forward(x, state);
@@ -94,74 +116,94 @@ public:
             return forward(in[0], State(in.begin() + 1, in.end()));
         });
     }
-    // The zero state for a batch of B.
+    /// The zero state for a batch of B.
     State initial_state(std::int64_t batch, DType dtype) const;
-    std::int64_t input_size, hidden_size;
+    std::int64_t input_size;   ///< features per step of the input
+    std::int64_t hidden_size;  ///< units of each state tensor
+    /// Number of state tensors.
     std::size_t state_size;
 };
 
-// h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)  (or relu)
+/// h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)  (or relu)
 class RNNCell : public Cell {
 public:
+    /// An Elman cell: h' = nonlinearity(x W_ih^T + b_ih + h W_hh^T + b_hh).
     RNNCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true,
             Nonlinearity nonlinearity = Nonlinearity::Tanh, DType dtype = kFloat32);
+    /// One step.
     State forward(const Tensor& x, const State& state) override;
-    Tensor weight_ih, weight_hh, bias_ih, bias_hh;
+    Tensor weight_ih;  ///< [gates x hidden_size, input_size], gates stacked in PyTorch's order
+    Tensor weight_hh;  ///< [gates x hidden_size, hidden_size]
+    Tensor bias_ih;    ///< [gates x hidden_size]; undefined without bias
+    Tensor bias_hh;    ///< [gates x hidden_size]; undefined without bias
+    /// Tanh or ReLU.
     Nonlinearity nonlinearity;
 };
 
-// i,f,g,o = split(x W_ih^T + b_ih + h W_hh^T + b_hh); c' = s(f) c + s(i) tanh(g); h' = s(o) tanh(c')
+/// i,f,g,o = split(x W_ih^T + b_ih + h W_hh^T + b_hh); c' = s(f) c + s(i) tanh(g); h' = s(o) tanh(c')
 class LSTMCell : public Cell {
 public:
+    /// An LSTM cell with PyTorch's equations and gate order (i, f, g, o).
     LSTMCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true, DType dtype = kFloat32);
+    /// One step: (h, c) to (h', c').
     State forward(const Tensor& x, const State& state) override;
-    Tensor weight_ih, weight_hh, bias_ih, bias_hh;
+    Tensor weight_ih;  ///< [gates x hidden_size, input_size], gates stacked in PyTorch's order
+    Tensor weight_hh;  ///< [gates x hidden_size, hidden_size]
+    Tensor bias_ih;    ///< [gates x hidden_size]; undefined without bias
+    Tensor bias_hh;    ///< [gates x hidden_size]; undefined without bias
 };
 
-// r = s(x W_ir + b_ir + h W_hr + b_hr); z likewise; n = tanh(x W_in + b_in + r (h W_hn + b_hn));
-// h' = (1 - z) n + z h
+/// r = s(x W_ir + b_ir + h W_hr + b_hr); z likewise; n = tanh(x W_in + b_in + r (h W_hn + b_hn));
+/// h' = (1 - z) n + z h
 class GRUCell : public Cell {
 public:
+    /// A GRU cell with PyTorch's equations and gate order (r, z, n).
     GRUCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true, DType dtype = kFloat32);
+    /// One step.
     State forward(const Tensor& x, const State& state) override;
-    Tensor weight_ih, weight_hh, bias_ih, bias_hh;
+    Tensor weight_ih;  ///< [gates x hidden_size, input_size], gates stacked in PyTorch's order
+    Tensor weight_hh;  ///< [gates x hidden_size, hidden_size]
+    Tensor bias_ih;    ///< [gates x hidden_size]; undefined without bias
+    Tensor bias_hh;    ///< [gates x hidden_size]; undefined without bias
 };
 
 // ---- running over time ----
 
-// One step of layer `layer`, direction `direction` (0 forward, 1 reverse).
+/// One step of layer `layer`, direction `direction` (0 forward, 1 reverse).
 using StepFn = std::function<State(std::int64_t layer, std::int64_t direction, const Tensor& x, const State& state)>;
-// The tensors a step of layer `layer`, direction `direction` reads besides its input and state
-// (its cell's parameters).
+/// The tensors a step of layer `layer`, direction `direction` reads besides its input and state
+/// (its cell's parameters).
 using ParametersFn = std::function<std::vector<Tensor>(std::int64_t layer, std::int64_t direction)>;
 
-// What a step of layer `layer`, direction `direction` runs besides its tensors, as lines to
-// compare (Module::call_state() of its cell: training flags and hooks). With checkpoint(true) it
-// is taken in forward and again before backward runs the step again; any difference is an error.
+/// What a step of layer `layer`, direction `direction` runs besides its tensors, as lines to
+/// compare (Module::call_state() of its cell: training flags and hooks). With checkpoint(true) it
+/// is taken in forward and again before backward runs the step again; any difference is an error.
 using CallStateFn = std::function<std::vector<std::string>(std::int64_t layer, std::int64_t direction)>;
 
-// Runs `step` over input [T, B, I] for every layer and direction with the options' stacking,
-// bidirectionality, dropout between layers, batch_first and per-sequence lengths (int64 [B],
-// any order, each in [1, T]): outputs past a sequence's length are zero and its final state is
-// the one at its own last step, as PyTorch's pack_padded_sequence gives. `op` names errors.
-// Every state tensor the step returns must be [B, H] in the input's dtype. With checkpoint(true)
-// `parameters` must name every tensor each step reads (parameters and buffers: an in-place
-// change to one before backward is then an error), and `call_state`, where given, what else it
-// depends on; `step` is kept for backward, which runs segments of it again.
+/// Runs `step` over input [T, B, I] for every layer and direction with the options' stacking,
+/// bidirectionality, dropout between layers, batch_first and per-sequence lengths (int64 [B],
+/// any order, each in [1, T]): outputs past a sequence's length are zero and its final state is
+/// the one at its own last step, as PyTorch's pack_padded_sequence gives. `op` names errors.
+/// Every state tensor the step returns must be [B, H] in the input's dtype. With checkpoint(true)
+/// `parameters` must name every tensor each step reads (parameters and buffers: an in-place
+/// change to one before backward is then an error), and `call_state`, where given, what else it
+/// depends on; `step` is kept for backward, which runs segments of it again.
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
                               bool training, Generator* dropout_gen = nullptr, const ParametersFn& parameters = nullptr,
                               const CallStateFn& call_state = nullptr);
 
-// Throws loom::Error naming `op` for sizes, layers, dropout or a dtype that cannot run.
+/// Throws loom::Error naming `op` for sizes, layers, dropout or a dtype that cannot run.
 void check_recurrent_options(const std::string& op, const RecurrentOptions& options);
 
-// Any cell over time: Recurrent<MyCell>(RecurrentOptions(I, H).num_layers(2).bidirectional(true)).
-// Cells are built as CellT(input_size, hidden_size) and moved to options.dtype(), or by `make`,
-// which must build them in options.dtype(); they are named cell_l0, cell_l0_reverse, ...
+/// Any cell over time: Recurrent<MyCell>(RecurrentOptions(I, H).num_layers(2).bidirectional(true)).
+/// Cells are built as CellT(input_size, hidden_size) and moved to options.dtype(), or by `make`,
+/// which must build them in options.dtype(); they are named cell_l0, cell_l0_reverse, ...
 template <class CellT> class Recurrent : public Module {
 public:
+    /// Makes the cell of each layer and direction; by default CellT(input_size, hidden_size).
     using Factory = std::function<std::shared_ptr<CellT>(std::int64_t input_size, std::int64_t hidden_size)>;
+    /// A layer of cells from `make` (or CellT's constructor), one per layer and direction.
     explicit Recurrent(RecurrentOptions options, Factory make = nullptr) : options(std::move(options))
     {
         const RecurrentOptions& o = this->options;
@@ -185,6 +227,7 @@ public:
                 cells_.push_back(register_module(fmt::format("cell_l{}{}", l, d ? "_reverse" : ""), cell));
             }
     }
+    /// Runs the sequence `input` from `initial` (zeros when empty); `lengths` (int64 [B]) stops each sequence at its length.
     RecurrentOutput forward(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
     {
         const std::int64_t D = options.bidirectional() ? 2 : 1;
@@ -202,6 +245,7 @@ public:
             },
             [cells = cells_, D](std::int64_t l, std::int64_t d) { return cells[l * D + d]->call_state(); });
     }
+    /// forward(), with the module's hooks.
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
     {
         if (!has_hooks()) return forward(input, initial, lengths);
@@ -210,10 +254,12 @@ public:
                                                      return forward(x, s0, lens);
                                                  });
     }
+    /// The cell of `layer` and `direction`.
     CellT& cell(std::int64_t layer, std::int64_t direction = 0)
     {
         return *cells_.at(layer * (options.bidirectional() ? 2 : 1) + direction);
     }
+    /// The options it was built with.
     RecurrentOptions options;
 
 private:
@@ -222,56 +268,74 @@ private:
 
 // ---- built-in layers ----
 
-// The built-in kinds; cell_kind_name gives "RNN", "LSTM", "GRU", and cell_kind_from_name reads
-// them back in any case ("lstm" for a command-line flag).
+/// The built-in kinds; cell_kind_name gives "RNN", "LSTM", "GRU", and cell_kind_from_name reads
+/// them back in any case ("lstm" for a command-line flag).
 enum class CellKind { RNN, LSTM, GRU };
+/// "RNN", "LSTM" or "GRU".
 const char* cell_kind_name(CellKind kind);
+/// The kind named "RNN", "LSTM" or "GRU"; throws loom::Error for any other name.
 CellKind cell_kind_from_name(std::string_view name);
 
-// The parameters of one layer and direction, in PyTorch's order; the biases are undefined
-// without bias.
+/// The parameters of one layer and direction, in PyTorch's order; the biases are undefined
+/// without bias.
 struct LayerWeights {
-    Tensor w_ih, w_hh, b_ih, b_hh;
+    /// PyTorch's parameters of one layer and direction.
+    Tensor w_ih;  ///< weight_ih_l{k}{_reverse}
+    Tensor w_hh;  ///< weight_hh_l{k}{_reverse}
+    Tensor b_ih;  ///< bias_ih_l{k}{_reverse}; undefined without bias
+    Tensor b_hh;  ///< bias_hh_l{k}{_reverse}; undefined without bias
 };
 
-// RNN, LSTM and GRU layers with PyTorch's parameters: weight_ih_l{k}[_reverse] [G*H, I or D*H],
-// weight_hh_l{k}[_reverse] [G*H, H], bias_ih_l{k}[_reverse] and bias_hh_l{k}[_reverse] [G*H].
+/// RNN, LSTM and GRU layers with PyTorch's parameters: weight_ih_l{k}[_reverse] [G*H, I or D*H],
+/// weight_hh_l{k}[_reverse] [G*H, H], bias_ih_l{k}[_reverse] and bias_hh_l{k}[_reverse] [G*H].
 class RecurrentLayer : public Module {
 public:
+    /// A layer of `kind` with `options`; parameters named as PyTorch's.
     RecurrentLayer(CellKind kind, RecurrentOptions options);
-    // input [T, B, I] ([B, T, I] with batch_first); initial: h0 (and c0) [L*D, B, H], or none for
-    // zeros; lengths: int64 [B] or none.
+    /// input [T, B, I] ([B, T, I] with batch_first); initial: h0 (and c0) [L*D, B, H], or none for
+    /// zeros; lengths: int64 [B] or none.
     RecurrentOutput forward(const Tensor& input, const State& initial = {}, const Tensor& lengths = {});
+    /// Runs the sequence, as Recurrent::forward.
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {});
     std::string type_name() const override;
-    // Called during backward, for each layer and direction, with the gradient that flows into
-    // every step's state: {dL/dh_t} ({dL/dh_t, dL/dc_t} for an LSTM), [T, B, H] each, time-major
-    // (the picture of vanishing and exploding gradients). Fused layers only; costs nothing unset.
+    /// Called during backward, for each layer and direction, with the gradient that flows into
+    /// every step's state: {dL/dh_t} ({dL/dh_t, dL/dc_t} for an LSTM), [T, B, H] each, time-major
+    /// (the picture of vanishing and exploding gradients). Fused layers only; costs nothing unset.
     std::function<void(std::int64_t layer, std::int64_t direction, const State& grads)> state_gradient_hook;
+    /// The parameters of `layer` and `direction`.
     const LayerWeights& weights(std::int64_t layer, std::int64_t direction) const;
+    /// RNN, LSTM or GRU.
     CellKind kind;
+    /// The options it was built with.
     RecurrentOptions options;
 
 private:
-    std::vector<LayerWeights> weights_;  // [layer * D + direction]
+    std::vector<LayerWeights> weights_;  ///< [layer * D + direction]
 };
 
+/// An Elman RNN, as torch::nn::RNN.
 class RNN : public RecurrentLayer {
 public:
+    /// A layer with `options`.
     explicit RNN(RecurrentOptions options) : RecurrentLayer(CellKind::RNN, std::move(options)) {}
 };
+/// An LSTM, as torch::nn::LSTM.
 class LSTM : public RecurrentLayer {
 public:
+    /// A layer with `options`.
     explicit LSTM(RecurrentOptions options) : RecurrentLayer(CellKind::LSTM, std::move(options)) {}
 };
+/// A GRU, as torch::nn::GRU.
 class GRU : public RecurrentLayer {
 public:
+    /// A layer with `options`.
     explicit GRU(RecurrentOptions options) : RecurrentLayer(CellKind::GRU, std::move(options)) {}
 };
 
-// Sets the forget-gate slice of every LSTM input bias to `value` and of every hidden bias to 0,
-// so the gate starts open (Jozefowicz et al. 2015; Keras' unit_forget_bias).
+/// Sets the forget-gate slice of every LSTM input bias to `value` and of every hidden bias to 0,
+/// so the gate starts open (Jozefowicz et al. 2015; Keras' unit_forget_bias).
 void lstm_forget_bias_(RecurrentLayer& lstm, double value = 1.0);
+/// Sets the forget gate's biases to `value` (split between bias_ih and bias_hh), a common initialisation.
 void lstm_forget_bias_(LSTMCell& cell, double value = 1.0);
 
 }  // namespace loom::nn
