@@ -1,7 +1,37 @@
 /// \file
-/// The tape: one per thread. A differentiable op computes its value and, when grad mode is on
-/// and an input requires grad, appends one Entry: the inputs it sends gradients to, its outputs,
-/// the tensors it saved, and its backward function. backward() sweeps the entries in reverse.
+/// The tape: how loom records what was computed and differentiates it.
+///
+/// **Entries.** Each thread has one tape, a vector of Entry in recording order. A differentiable
+/// op computes its value and, when grad mode is on and an input requires grad, appends one
+/// entry: its name, the nodes of the inputs it sends gradients to, its outputs, the tensors it
+/// saved for backward (with their storage versions, so an in-place change is caught) and its
+/// backward function. An op that records nothing costs no entry.
+///
+/// **Nodes.** A tensor that requires grad carries a Node: its shape and dtype, the sequence
+/// number of the entry that produced it (0 for a leaf), the id of the tape that recorded it,
+/// its hooks, and its .grad() where one is kept. An entry holds its inputs' nodes and only weak
+/// references to its outputs, so the tape never keeps a result alive; once every output of an
+/// entry is gone, no gradient can reach it, and compaction reclaims it.
+///
+/// **Sequence numbers** increase along the tape, so entry `seq` is found by binary search and a
+/// sweep from a tensor starts at the entry that produced it and walks back. A sweep started
+/// inside another (grad() in a backward function or a hook) reaches only entries recorded
+/// since that one began.
+///
+/// **Threads.** Tapes are thread-local: a non-leaf belongs to the thread that recorded it and is
+/// differentiated there. Leaves (parameters) may be shared by threads: a sweep sums a leaf's
+/// gradient on its own side and adds it into .grad() under a lock at the end.
+///
+/// **The slow path.** Most entries are swept by calling backward and adding what it returns
+/// (in place where the sum is the sweep's own). Some take a longer route, checked per entry:
+/// create_graph (backward recorded with differentiable ops; nothing summed in place), hooks and
+/// retain_grad (run when a node's gradient is complete), anomaly mode (every result checked for
+/// NaN and Inf), users' ops (autograd::record, Function: their results checked with errors for
+/// their author), region ops (select, slice: the part's gradient added into a region of the
+/// whole), and checkpointed layers (a segment recomputed and swept inside the running sweep).
+///
+/// The implementation: tape.cpp records, sweep.cpp sweeps, anomaly.cpp checks and names,
+/// custom_ops.cpp checks users' ops; tape_internal.hpp is what they share.
 #pragma once
 #include <cstdint>
 #include <functional>

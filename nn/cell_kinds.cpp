@@ -19,6 +19,8 @@
 
 #include "../core/kernels.hpp"
 #include "../core/math.hpp"
+#include "../autograd/ops.hpp"
+#include "../autograd/tape.hpp"
 
 namespace loom::nn {
 

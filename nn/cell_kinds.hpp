@@ -5,7 +5,7 @@
 #pragma once
 #include <functional>
 
-#include "recurrent.hpp"
+#include "recurrent_types.hpp"
 
 namespace loom::nn::detail {
 

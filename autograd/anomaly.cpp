@@ -1,0 +1,104 @@
+// Anomaly mode and scopes: thread-local like the tape.
+#include "tape_internal.hpp"
+
+#include <cmath>
+
+#include "../core/kernels.hpp"
+
+namespace loom::autograd {
+
+namespace {
+[[gnu::tls_model("initial-exec")]] thread_local int anomaly_guards = 0;
+// While a backward function or a custom op's forward runs, the ops it calls are not checked on
+// their own: what the op returns is checked, naming the op rather than a helper inside it.
+[[gnu::tls_model("initial-exec")]] thread_local int inner_depth = 0;
+thread_local std::vector<std::pair<std::uint64_t, std::string>> scope_parts;  // (the Scope's id, its name)
+thread_local std::uint64_t next_scope_id = 1;
+thread_local std::shared_ptr<const std::string> scope_path_now;  // null outside any Scope
+}  // namespace
+
+namespace engine {
+
+bool anomaly_guarded() { return anomaly_guards > 0; }
+
+const std::shared_ptr<const std::string>& scope_path() { return scope_path_now; }
+
+std::string scope_phrase(const std::shared_ptr<const std::string>& scope)
+{
+    return scope ? fmt::format(", in scope '{}'", *scope) : std::string();
+}
+
+// Index and value of the first NaN or Inf in t, if any.
+std::optional<std::pair<std::int64_t, double>> first_non_finite(const Tensor& t)
+{
+    if (!t.defined() || !is_floating(t.dtype())) return std::nullopt;
+    const Tensor c = kernels::contiguous(t);
+    std::optional<std::pair<std::int64_t, double>> found;
+    dispatch_floating("anomaly", c.dtype(), [&]<class T>() {
+        const T* p = c.data_ptr<T>();
+        for (std::int64_t i = 0; i < c.numel(); ++i)
+            if (!std::isfinite(p[i])) {
+                found = std::pair{i, static_cast<double>(p[i])};
+                return;
+            }
+    });
+    return found;
+}
+
+// Throws in anomaly mode when a gradient that entry `seq` produced holds a NaN or Inf.
+void check_backward_anomaly(const char* name, std::uint64_t seq, const std::shared_ptr<const std::string>& scope,
+                            std::size_t input, const Tensor& g)
+{
+    const auto bad = first_non_finite(g);
+    if (!bad) return;
+    fail("anomaly", "backward of '{}' (tape entry #{}{}) produced {} in the gradient of its input {} (shape {}, at flat "
+         "index {})",
+         name, seq, scope_phrase(scope), bad->second, input, g.sizes(), bad->first);
+}
+
+}  // namespace engine
+
+void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t seq)
+{
+    const auto bad = engine::first_non_finite(output);
+    if (!bad) return;
+    fail("anomaly", "forward of '{}' ({}{}) produced {} at flat index {} of its output of shape {}", op,
+         seq ? fmt::format("tape entry #{}", seq) : std::string("not recorded: no input requires grad"),
+         engine::scope_phrase(scope_path_now), bad->second, bad->first, output.sizes());
+}
+
+bool anomaly_mode_enabled() { return anomaly_guards > 0 && inner_depth == 0; }
+
+detail::InnerOps::InnerOps() { ++inner_depth; }
+detail::InnerOps::~InnerOps() { --inner_depth; }
+
+DetectAnomalyGuard::DetectAnomalyGuard() { ++anomaly_guards; }
+DetectAnomalyGuard::~DetectAnomalyGuard() { --anomaly_guards; }
+
+namespace {
+void rebuild_scope_path()
+{
+    if (scope_parts.empty()) {
+        scope_path_now.reset();
+        return;
+    }
+    std::string path = scope_parts[0].second;
+    for (std::size_t i = 1; i < scope_parts.size(); ++i) path += "/" + scope_parts[i].second;
+    scope_path_now = std::make_shared<const std::string>(std::move(path));
+}
+}  // namespace
+
+Scope::Scope(std::string name) : id_(next_scope_id++)
+{
+    scope_parts.emplace_back(id_, std::move(name));
+    rebuild_scope_path();
+}
+Scope::~Scope()
+{
+    // Its own part, wherever it is: a Scope may be destroyed out of order (held in a container).
+    std::erase_if(scope_parts, [this](const auto& part) { return part.first == id_; });
+    rebuild_scope_path();
+}
+std::string current_scope() { return scope_path_now ? *scope_path_now : std::string(); }
+
+}  // namespace loom::autograd

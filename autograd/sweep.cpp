@@ -1,0 +1,546 @@
+// The sweep: backward() and grad() run the tape's entries in reverse, sum the gradients that
+// reach each tensor, and leave the leaves' in .grad(); also the Tensor methods that read and
+// write those gradients.
+#include "tape_internal.hpp"
+
+#include <algorithm>
+#include <mutex>
+#include <unordered_map>
+
+#include "../core/allocator.hpp"
+#include "../core/kernels.hpp"
+#include "ops.hpp"
+
+namespace loom {
+
+namespace {
+
+using autograd::engine::tape;
+using autograd::engine::anomaly_guarded;
+
+// Guards every leaf's .grad(): threads may backpropagate into shared parameters at once.
+std::mutex leaf_grad_mutex;
+
+Tensor add_values(const Tensor& a, const Tensor& b)
+{
+    return kernels::zip_floating("accumulate gradient", a, b, [](auto x, auto y) { return x + y; });
+}
+
+// node.grad += g, as a new tensor: .grad() may be held by the user, so it is never written in
+// place. When backward is recorded the sum is too, so .grad() can be differentiated again.
+void accumulate_grad(autograd::Node& node, const Tensor& g, bool recorded)
+{
+    if (recorded) node.grad = node.grad.defined() ? loom::add(node.grad, g) : loom::clone(g);
+    else node.grad = node.grad.defined() ? add_values(node.grad, g) : kernels::clone(g);
+}
+
+
+void check_gradient(std::string_view op, const autograd::Node& node, const Tensor& g, std::string_view what)
+{
+    LOOM_CHECK(g.sizes() == node.shape && g.dtype() == node.dtype, op,
+               "{} has shape {} and dtype {}, expected shape {} and dtype {}", what, g.sizes(), g.dtype(), node.shape,
+               node.dtype);
+}
+
+// What a gradient hook was registered on, for errors: "a leaf of shape [3]" or "the output of
+// 'tanh' (tape entry #5)".
+std::string hooked_tensor(const autograd::Node& node);
+
+// Runs node's gradient hooks on g. The ops a hook calls are its own business: anomaly mode
+// checks what the hook returns, naming the hook, not the ops inside it.
+Tensor apply_hooks(const autograd::Node& node, Tensor g)
+{
+    for (const auto& hook : node.hooks) {
+        Tensor replaced;
+        {
+            const autograd::detail::InnerOps in_hook;
+            replaced = hook(g);
+        }
+        if (!replaced.defined()) continue;
+        check_gradient("hook", node, replaced, "the gradient a hook returned");
+        if (anomaly_guarded())
+            if (const auto bad = autograd::engine::first_non_finite(replaced))
+                fail("anomaly", "a gradient hook registered on {} returned {} at flat index {} of its gradient of shape {}",
+                     hooked_tensor(node), bad->second, bad->first, replaced.sizes());
+        g = replaced;
+    }
+    return g;
+}
+
+
+// A saved tensor as backward sees it: version-checked, and, when backward is recorded, a saved
+// output is joined back to its node so that gradients flow through it again.
+Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool create_graph)
+{
+    if (!s.value.defined()) return s.value;
+    LOOM_CHECK(s.value.version() == s.version, e.name,
+               "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
+               "saved at version {}); clone() it before modifying it",
+               s.value.sizes(), s.value.version(), s.version);
+    if (!create_graph || !s.is_output) return s.value;
+    auto node = s.output.lock();
+    LOOM_CHECK(node, e.name,
+               "create_graph needs an output this op saved for backward, but that output no longer exists; keep "
+               "its outputs alive, or differentiate once");
+    Tensor joined = kernels::alias(s.value);
+    joined.impl().node = std::move(node);
+    return joined;
+}
+
+// The op name of the entry numbered seq, or "released" once compaction has dropped it.
+const char* entry_name(std::uint64_t seq)
+{
+    const autograd::Entry* e = autograd::find_entry(seq);
+    return e ? e->name : "released";
+}
+
+std::string hooked_tensor(const autograd::Node& node)
+{
+    if (node.seq == 0) return fmt::format("a leaf of shape {}", node.shape);
+    return fmt::format("the output of '{}' (tape entry #{}, shape {})", entry_name(node.seq), node.seq, node.shape);
+}
+
+// An entry's backward function, inputs and region, moved out while the entry is processed and
+// back after, also when it throws: a backward that records (create_graph, or a checkpointed
+// layer computing a segment again), and the sums recorded under create_graph, append to the
+// tape, which may move its entries; nothing may hold a reference into it meanwhile.
+struct Borrowed {
+    std::vector<autograd::Entry>& entries;
+    std::size_t index;
+    autograd::BackwardFn backward;
+    autograd::InputNodes inputs;
+    autograd::RegionFn region;
+    Borrowed(std::vector<autograd::Entry>& entries_, std::size_t index_)
+        : entries(entries_), index(index_), backward(std::move(entries_[index_].backward)),
+          inputs(std::move(entries_[index_].inputs)), region(std::move(entries_[index_].region))
+    {
+    }
+    ~Borrowed()
+    {
+        entries[index].backward = std::move(backward);
+        entries[index].inputs = std::move(inputs);
+        entries[index].region = std::move(region);
+    }
+    Borrowed(const Borrowed&) = delete;
+    Borrowed& operator=(const Borrowed&) = delete;
+};
+
+// One reverse sweep. Gradients gather in PendingGrads: a non-leaf's own (its thread is this
+// one), a leaf's in this sweep (a leaf may be shared by threads sweeping at once). The
+// destructor clears them, so an error part-way leaves no stale state behind; entries are
+// released only once the whole sweep has succeeded, so a failed backward can be retried.
+// With create_graph every sum and every backward function is recorded on the tape (grad mode
+// on), so the gradients it returns are differentiable; nothing is then added in place.
+//
+// A sweep started while another runs on this thread (grad() or backward() inside a backward
+// function or a hook) reaches only the entries recorded since that one began (`floor`): the
+// running sweep's sums sit in the nodes below it. A gradient that would flow below the floor
+// is an error, not a silent loss; grad()'s inputs below it are captured in this sweep alone.
+struct Sweep final : autograd::GradientSums {
+    enum class Kind { plain, nested, checkpoint_segment };
+    std::vector<std::shared_ptr<autograd::Node>> touched;
+    // Sums this sweep keeps apart from the nodes: leaves', and those of captured nodes below `floor`.
+    std::unordered_map<const autograd::Node*, autograd::PendingGrad> held;
+    bool create_graph = false;
+    Kind kind;
+    std::uint64_t floor;        // the first entry this sweep may reach
+    std::uint64_t outer_floor;  // tape.sweep_floor before this sweep began, restored after
+
+    // `first`: a checkpointed layer's segment, which may reach nothing recorded before it.
+    Sweep(bool create_graph_, std::uint64_t first = 0)
+        : create_graph(create_graph_),
+          kind(first > 0 ? Kind::checkpoint_segment : tape.running_sweeps > 0 ? Kind::nested : Kind::plain),
+          floor(std::max(first, tape.sweep_floor)), outer_floor(tape.sweep_floor)
+    {
+        ++tape.running_sweeps;
+        tape.sweep_floor = tape.next_seq;
+    }
+    ~Sweep()
+    {
+        for (auto& n : touched)
+            if (!held_apart(*n)) n->pending = autograd::PendingGrad();
+        --tape.running_sweeps;
+        tape.sweep_floor = outer_floor;
+    }
+    Sweep(const Sweep&) = delete;
+    Sweep& operator=(const Sweep&) = delete;
+
+    bool held_apart(const autograd::Node& node) const { return node.seq == 0 || node.seq < floor; }
+
+    autograd::PendingGrad& pending(const std::shared_ptr<autograd::Node>& node)
+    {
+        if (held_apart(*node)) {
+            auto [it, fresh] = held.try_emplace(node.get());
+            if (fresh) touched.push_back(node);
+            return it->second;
+        }
+        if (!node->pending.sum.defined() && !node->pending.captured) touched.push_back(node);
+        return node->pending;
+    }
+
+    // The sum a gradient arriving at `node` goes into; an error below the floor, where the
+    // gradient could flow no further.
+    autograd::PendingGrad& receiving(const std::shared_ptr<autograd::Node>& node)
+    {
+        autograd::PendingGrad& p = pending(node);
+        if (node->seq == 0 || node->seq >= floor || p.captured) return p;
+        if (kind == Kind::checkpoint_segment)
+            fail("backward",
+                 "a gradient reached tape entry #{} ('{}'), recorded before the steps a checkpointed layer ran again: "
+                 "its cell read a tensor that requires grad but is neither its input, its state nor one of its "
+                 "parameters; compute that tensor inside the cell, or build the layer without checkpoint(true)",
+                 node->seq, entry_name(node->seq));
+        fail("backward",
+             "a grad() or backward() called while another backward pass runs (inside a backward function or a "
+             "hook) reached tape entry #{} ('{}'), recorded before that pass began, whose gradients it must not "
+             "touch; differentiate only what you computed inside it, from detach()ed tensors",
+             node->seq, entry_name(node->seq));
+    }
+
+    // Makes p.sum a buffer of its own, so it can be added into in place.
+    static void own(autograd::PendingGrad& p)
+    {
+        if (!p.owned) {
+            p.sum = kernels::clone_keeping_layout(p.sum);
+            p.owned = true;
+        }
+    }
+
+    void add(const std::shared_ptr<autograd::Node>& node, const Tensor& g)
+    {
+        autograd::PendingGrad& p = receiving(node);
+        if (!p.sum.defined()) {
+            p.sum = g;  // adopted as is: it may be shared, so not owned
+            p.owned = false;
+            return;
+        }
+        if (create_graph) {
+            p.sum = loom::add(p.sum, g);
+            return;
+        }
+        own(p);
+        kernels::add_into(p.sum, g);
+    }
+
+    Tensor accumulator(const std::shared_ptr<autograd::Node>& node) override
+    {
+        autograd::PendingGrad& p = receiving(node);
+        if (!p.sum.defined()) {
+            p.sum = zeros(node->shape, node->dtype);
+            p.owned = true;
+        }
+        own(p);
+        if (!p.sum.is_contiguous()) p.sum = kernels::clone(p.sum);
+        return p.sum;
+    }
+
+    // Adds g into region(node's gradient), creating that gradient as zeros if need be.
+    void add_region(const std::shared_ptr<autograd::Node>& node, const autograd::RegionFn& region, const Tensor& g)
+    {
+        autograd::PendingGrad& p = receiving(node);
+        if (create_graph) {
+            const Tensor whole = autograd::embed_region(g, node->shape, region);
+            p.sum = p.sum.defined() ? loom::add(p.sum, whole) : whole;
+            return;
+        }
+        if (!p.sum.defined()) {
+            p.sum = zeros(node->shape, node->dtype);
+            p.owned = true;
+            kernels::copy_into(region(p.sum), g);
+            return;
+        }
+        own(p);
+        kernels::add_into(region(p.sum), g);
+    }
+
+    // Sweeps back from entry start_seq through the entries numbered `floor` and above.
+    void run(std::uint64_t start_seq, bool retain_graph, bool accumulate)
+    {
+        GradModeGuard mode(create_graph);
+        auto& entries = tape.entries;
+        const autograd::Entry* root = start_seq == 0 ? nullptr : autograd::find_entry(start_seq);
+        LOOM_CHECK(start_seq == 0 || root, "backward",
+                   "the tensor's history is not on this thread's tape (was it computed on another thread?)");
+        const std::size_t start = root ? static_cast<std::size_t>(root - entries.data()) + 1 : 0;
+        const bool anomaly = anomaly_guarded();
+        std::vector<std::size_t> swept;
+        // Whatever records (hooks and sums under create_graph, a backward function) may move the
+        // tape's entries: entries[i] is indexed afresh after each, never held by reference.
+        for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;) {
+            autograd::BackwardContext ctx;
+            ctx.create_graph = create_graph;
+            // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
+            if (!create_graph && !anomaly) ctx.sums = this;
+            ctx.grads.resize(entries[i].outputs.size());
+            bool reached = false, grads_recorded = false;
+            for (std::size_t k = 0; k < entries[i].outputs.size(); ++k) {
+                auto node = entries[i].outputs[k].lock();
+                if (!node || !node->pending.sum.defined()) continue;
+                autograd::PendingGrad& p = node->pending;
+                Tensor g = apply_hooks(*node, p.sum);
+                if (accumulate && node->retains_grad) accumulate_grad(*node, g, create_graph);
+                ctx.grads[k] = g;
+                grads_recorded = grads_recorded || g.requires_grad();
+                if (p.captured) p.sum = g;
+                else p = autograd::PendingGrad();
+                reached = true;
+            }
+            if (!reached) continue;
+            const char* name = entries[i].name;
+            const std::uint64_t seq = entries[i].seq;
+            const bool custom = entries[i].custom;
+            // Only anomaly mode names the scope: no reference count to bump for every entry otherwise.
+            const std::shared_ptr<const std::string> scope = anomaly ? entries[i].scope : nullptr;
+            LOOM_CHECK(!entries[i].released, name,
+                       "backward through a graph that an earlier backward() already released; pass "
+                       "retain_graph=true to the earlier call to sweep the graph more than once");
+            bool saved_recorded = false;
+            for (const auto& s : entries[i].saved) {
+                ctx.saved.push_back(saved_value(entries[i], s, create_graph));
+                saved_recorded = saved_recorded || ctx.saved.back().requires_grad();
+            }
+            const Borrowed running(entries, i);
+            ctx.needs.resize(running.inputs.size());
+            for (std::size_t k = 0; k < running.inputs.size(); ++k) ctx.needs[k] = running.inputs[k] != nullptr;
+            ctx.inputs = &running.inputs;
+            std::vector<Tensor> input_grads;
+            {
+                const autograd::detail::InnerOps in_backward;
+                input_grads = running.backward(ctx);
+            }
+            if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);
+            LOOM_CHECK(input_grads.size() == running.inputs.size(), name,
+                       "internal: backward returned {} gradients for {} inputs", input_grads.size(),
+                       running.inputs.size());
+            for (std::size_t k = 0; k < running.inputs.size(); ++k) {
+                if (!running.inputs[k] || !input_grads[k].defined()) continue;
+                // Every gradient is linear in the incoming one: if that is recorded and this is
+                // not, backward computed it off the tape and a second derivative would be lost.
+                LOOM_CHECK(!grads_recorded || input_grads[k].requires_grad(), name,
+                           "cannot be differentiated twice: its backward computed gradient {} off the tape, so "
+                           "create_graph would lose its second derivative (write backward with loom's ops, and "
+                           "return an undefined tensor for a gradient that is zero)",
+                           k);
+                // The incoming gradient may be a constant (the op feeds sum() directly); then a
+                // saved tensor that requires grad is what the gradient must depend on.
+                LOOM_CHECK(!create_graph || !custom || !saved_recorded || input_grads[k].requires_grad(), name,
+                           "cannot be differentiated twice: under create_graph its backward returned gradient {} "
+                           "computed off the tape, although a tensor it saved requires grad, so the second "
+                           "derivative through that tensor would be lost; compute the gradient with loom's ops from "
+                           "the saved tensors as backward receives them, not from detach()ed copies or raw data",
+                           k);
+                if (anomaly) autograd::engine::check_backward_anomaly(name, seq, scope, k, input_grads[k]);
+                if (running.region) {
+                    add_region(running.inputs[k], running.region, input_grads[k]);
+                    continue;
+                }
+                // A custom op's gradients were checked above, with messages for its author.
+                if (!custom)
+                    check_gradient(name, *running.inputs[k], input_grads[k], "internal: the gradient backward returned");
+                add(running.inputs[k], input_grads[k]);
+            }
+            swept.push_back(i);
+        }
+        if (!retain_graph && !create_graph)
+            for (std::size_t i : swept) autograd::engine::release(entries[i]);
+    }
+
+    // Applies hooks to the leaves reached, once their gradient is complete.
+    void finish_leaves()
+    {
+        GradModeGuard mode(create_graph);
+        for (auto& [node, p] : held)
+            if (node->seq == 0 && p.sum.defined()) p.sum = apply_hooks(*node, p.sum);
+    }
+
+    // Adds each leaf's gradient into its .grad(), under the lock that makes shared leaves safe.
+    void accumulate_leaves()
+    {
+        GradModeGuard mode(create_graph);
+        std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+        for (auto& n : touched) {
+            if (n->seq != 0) continue;
+            const autograd::PendingGrad& p = held.at(n.get());
+            if (!p.sum.defined()) continue;
+            accumulate_grad(*n, p.sum, create_graph);
+        }
+    }
+
+    // A checkpointed segment: a leaf that got a gradient but is not among grad()'s inputs is a
+    // tensor the cell read without naming it; its gradient would be lost.
+    void check_no_stray_leaves() const
+    {
+        for (const auto& [node, p] : held)
+            LOOM_CHECK(node->seq != 0 || !p.sum.defined() || p.captured, "backward",
+                       "a checkpointed layer ran its cell again, and the cell read a tensor of shape {} that requires "
+                       "grad but is neither its input, its state nor one of its parameters: its gradient would be "
+                       "lost; register it in the cell (register_parameter, or register_module for a submodule), or "
+                       "build the layer without checkpoint(true)",
+                       node->shape);
+    }
+};
+
+const std::shared_ptr<autograd::Node>& node_of(std::string_view op, const Tensor& t, std::string_view what)
+{
+    LOOM_CHECK(t.requires_grad(), op,
+               "{} does not require grad: none of the tensors it was computed from had requires_grad_() set, or "
+               "it was computed under NoGradGuard",
+               what);
+    return t.impl().node;
+}
+
+// Backward runs on the tape that recorded the history: a non-leaf from another thread is refused.
+void check_this_thread(std::string_view op, const autograd::Node& node)
+{
+    LOOM_CHECK(node.seq == 0 || node.tape == tape.id, op,
+               "the tensor's history was recorded on another thread; each thread has its own tape, so run "
+               "backward on the thread that ran forward");
+}
+
+Tensor seed_for(std::string_view op, const Tensor& output, const Tensor& gradient)
+{
+    if (!gradient.defined()) {
+        LOOM_CHECK(output.numel() == 1, op,
+                   "called on a tensor of shape {} without a gradient; reduce it to a scalar first (e.g. .sum()) "
+                   "or pass a gradient of shape {}",
+                   output.sizes(), output.sizes());
+        return ones_like(output);
+    }
+    LOOM_CHECK(gradient.sizes() == output.sizes() && gradient.dtype() == output.dtype(), op,
+               "the gradient has shape {} and dtype {}, expected shape {} and dtype {} like the output",
+               gradient.sizes(), gradient.dtype(), output.sizes(), output.dtype());
+    return gradient;
+}
+
+}  // namespace
+
+Tensor autograd::BackwardContext::accumulator(std::size_t k) const
+{
+    if (!sums || k >= needs.size() || !needs[k]) return Tensor();
+    return sums->accumulator((*inputs)[k]);
+}
+
+// ---- Tensor's autograd methods ----
+
+Tensor& Tensor::requires_grad_(bool on)
+{
+    auto& node = impl().node;
+    if (on) {
+        LOOM_CHECK(is_floating(dtype()), "requires_grad_", "only float32 and float64 tensors can require grad, got {}",
+                   dtype());
+        if (!node) {
+            node = std::allocate_shared<autograd::Node>(PoolAllocator<autograd::Node>());
+            node->shape = sizes();
+            node->dtype = dtype();
+        }
+    } else if (node) {
+        LOOM_CHECK(node->seq == 0, "requires_grad_",
+                   "cannot turn off requires_grad on a non-leaf tensor; use detach() instead");
+        node.reset();
+    }
+    return *this;
+}
+
+bool Tensor::is_leaf() const { return !requires_grad() || impl().node->seq == 0; }
+
+Tensor Tensor::grad() const
+{
+    if (!requires_grad()) return Tensor();
+    std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+    return impl().node->grad;
+}
+
+void Tensor::set_grad(const Tensor& g) const
+{
+    const auto& node = node_of("set_grad", *this, "the tensor");
+    if (g.defined()) check_gradient("set_grad", *node, g, "the gradient");
+    std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+    node->grad = g;
+}
+
+void Tensor::zero_grad() const
+{
+    if (!requires_grad()) return;
+    std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+    impl().node->grad = Tensor();
+}
+
+void Tensor::retain_grad() const { node_of("retain_grad", *this, "the tensor")->retains_grad = true; }
+
+void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const
+{
+    node_of("register_hook", *this, "the tensor")->hooks.push_back(std::move(hook));
+}
+
+Tensor Tensor::detach() const { return kernels::alias(*this); }
+
+void Tensor::backward(const Tensor& gradient, std::optional<bool> retain_graph, bool create_graph) const
+{
+    const auto& node = node_of("backward", *this, "the tensor");
+    check_this_thread("backward", *node);
+    Tensor seed = seed_for("backward", *this, gradient);
+    Sweep sweep(create_graph);
+    sweep.add(node, seed);
+    sweep.run(node->seq, retain_graph.value_or(create_graph), /*accumulate=*/true);
+    sweep.finish_leaves();
+    sweep.accumulate_leaves();
+}
+
+namespace {
+
+std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                                 const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
+                                 bool create_graph, std::uint64_t first)
+{
+    LOOM_CHECK(!outputs.empty(), "grad", "expects at least one output");
+    LOOM_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), "grad",
+               "got {} grad_outputs for {} outputs", grad_outputs.size(), outputs.size());
+    Sweep sweep(create_graph, first);
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+        const auto& node = node_of("grad", inputs[i], fmt::format("input {}", i));
+        check_this_thread("grad", *node);
+        sweep.pending(node).captured = true;
+    }
+    std::uint64_t start = 0;
+    for (std::size_t i = 0; i < outputs.size(); ++i) {
+        const auto& node = node_of("grad", outputs[i], fmt::format("output {}", i));
+        check_this_thread("grad", *node);
+        sweep.add(node, seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
+        start = std::max(start, node->seq);
+    }
+    sweep.run(start, retain_graph, /*accumulate=*/false);
+    // A checkpointed segment hands its leaves' gradients to the sweep that runs it; leaf hooks
+    // run there, once the gradient is whole.
+    if (first > 0) sweep.check_no_stray_leaves();
+    else sweep.finish_leaves();
+    std::vector<Tensor> result;
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+        const Tensor g = sweep.pending(inputs[i].impl().node).sum;
+        LOOM_CHECK(g.defined() || allow_unused, "grad",
+                   "input {} (shape {}) was not used to compute the outputs; pass allow_unused=true to get an "
+                   "undefined gradient for it",
+                   i, inputs[i].sizes());
+        result.push_back(g);
+    }
+    return result;
+}
+
+}  // namespace
+
+std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                         const std::vector<Tensor>& grad_outputs, std::optional<bool> retain_graph, bool create_graph,
+                         bool allow_unused)
+{
+    return grad_through(outputs, inputs, grad_outputs, retain_graph.value_or(create_graph), allow_unused, create_graph,
+                        0);
+}
+
+std::vector<Tensor> autograd::detail::grad_since(std::uint64_t first, const std::vector<Tensor>& outputs,
+                                                 const std::vector<Tensor>& inputs,
+                                                 const std::vector<Tensor>& grad_outputs)
+{
+    LOOM_CHECK(first > 0, "grad_since", "expects the sequence number of an entry (from next_sequence()), got 0");
+    return grad_through(outputs, inputs, grad_outputs, false, true, false, first);
+}
+
+}  // namespace loom

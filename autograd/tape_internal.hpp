@@ -1,0 +1,51 @@
+// The tape's private parts, shared by the files that implement it: tape.cpp (recording and
+// reclaiming entries), sweep.cpp (backward, grad and the gradients they leave), anomaly.cpp
+// (anomaly mode and scopes) and custom_ops.cpp (the checks on users' ops). Not installed.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tape.hpp"
+
+namespace loom::autograd::engine {
+
+inline std::atomic<std::uint64_t> next_tape_id{1};
+
+// One thread's tape.
+struct Tape {
+    std::vector<Entry> entries;  // in recording order: seq increases
+    std::uint64_t next_seq = 1;
+    std::size_t compact_at = 1024;
+    std::uint64_t id = next_tape_id++;
+    int running_sweeps = 0;  // sweeps hold indices into the tape, which compaction would move
+    // The first entry a sweep started now may reach: the tape's length when the innermost running
+    // sweep began (0 when none runs). A grad() or backward() inside a backward function or a hook
+    // sees only what was recorded since, never the running sweep's gradients.
+    std::uint64_t sweep_floor = 0;
+};
+// initial-exec: libloom is linked, not dlopen()ed, and the general model costs a call
+// (__tls_get_addr) on every access.
+extern thread_local Tape tape [[gnu::tls_model("initial-exec")]];
+
+// Drops an entry's inputs, saved tensors and backward: no sweep can run it again.
+void release(Entry& e);
+
+// ---- anomaly.cpp ----
+// Whether a DetectAnomalyGuard is alive on this thread (inner ops or not).
+bool anomaly_guarded();
+// The current Scope path, null outside any Scope; kept by entries in anomaly mode.
+const std::shared_ptr<const std::string>& scope_path();
+// ", in scope 'decoder/step 3'", or "" for none.
+std::string scope_phrase(const std::shared_ptr<const std::string>& scope);
+// Index and value of the first NaN or Inf in t, if any.
+std::optional<std::pair<std::int64_t, double>> first_non_finite(const Tensor& t);
+// Throws when a gradient that entry `seq` produced holds a NaN or Inf.
+void check_backward_anomaly(const char* name, std::uint64_t seq, const std::shared_ptr<const std::string>& scope,
+                            std::size_t input, const Tensor& g);
+
+}  // namespace loom::autograd::engine
