@@ -22,3 +22,4 @@
 #include "optim/optimizer.hpp"
 #include "optim/schedule.hpp"
 #include "train/train.hpp"
+#include "train/tensorboard.hpp"

@@ -121,6 +121,10 @@ int train_and_sample(int argc, char** argv, Processes& processes)
     app.add_flag("--tie-weights", tie_weights,
                  "the output layer shares the embedding's table (Press & Wolf 2017); the embedding is then as wide "
                  "as the hidden state, whatever --embed says");
+    std::string tensorboard_dir;
+    app.add_option("--tensorboard", tensorboard_dir,
+                   "also log to TensorBoard event files in this folder: each step's loss and learning rate, each "
+                   "epoch's bits per character, and every 100 steps each parameter's weight and gradient histograms");
     CLI11_PARSE(app, argc, argv);
 
     // Under mpirun the processes share the cores: one BLAS thread each unless told otherwise.
@@ -175,6 +179,14 @@ int train_and_sample(int argc, char** argv, Processes& processes)
     processes.share_weights(model);  // under mpirun: rank 0's weights to all, and averaged gradients from here
     std::optional<train::MetricsLog> log;  // rank 0 alone writes files
     if (main_process) log.emplace(log_path, resume);
+    std::unique_ptr<train::SummaryWriter> board;  // --tensorboard, rank 0 alone
+    if (main_process && !tensorboard_dir.empty()) {
+        board = std::make_unique<train::SummaryWriter>(tensorboard_dir);
+        std::string summary = "    " + model.summary();  // indented: Markdown keeps its columns
+        for (std::size_t at = summary.find('\n'); at != std::string::npos && at + 1 < summary.size(); at = summary.find('\n', at + 1))
+            summary.insert(at + 1, "    ");
+        board->add_text("model", summary, start);
+    }
     if (processes.world_size > 1 && main_process)
         std::printf("%d processes, each with %lld streams of its own and %d BLAS thread%s\n", processes.world_size,
                     (long long)batch, threads, threads > 1 ? "s" : "");
@@ -223,9 +235,18 @@ int train_and_sample(int argc, char** argv, Processes& processes)
             opt.zero_grad();
             loss.backward();
             processes.average_gradients();
+            if (board && (step + 1) % 100 == 0)
+                for (const auto& [name, p] : model.named_parameters()) {
+                    board->add_histogram("weights/" + name, p, step + 1);
+                    board->add_histogram("gradients/" + name, p.grad(), step + 1);
+                }
             nn::utils::clip_grad_norm(model.parameters(), clip);
             opt.step();
             schedule.step();
+            if (board) {
+                board->add_scalar("batch/loss", loss.item<double>(), step + 1);
+                board->add_scalar("batch/lr", opt.lr(), step + 1);
+            }
             loss_sum += loss.item<double>();
             ++loss_count;
             if (main_process) progress.update(step + 1 - epoch_start, {{"loss", loss.item<double>()}});
@@ -237,6 +258,11 @@ int train_and_sample(int argc, char** argv, Processes& processes)
         log->write({{"epoch", double(epoch)}, {"step", double(epoch_end)}, {"train_loss", train_loss},
                     {"train_bpc", train_loss / std::log(2.0)}, {"val_bpc", val_bpc}, {"lr", opt.lr()}});
         optim::save_checkpoint(checkpoint, model, opt, &schedule, {.epoch = epoch, .step = epoch_end});
+        if (board) {
+            board->add_scalar("epoch/train_bpc", train_loss / std::log(2.0), epoch);
+            board->add_scalar("epoch/val_bpc", val_bpc, epoch);
+            board->flush();
+        }
     }
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - training_start).count();

@@ -25,6 +25,10 @@ int classify(int argc, char** argv, const Processes& processes)
     app.add_option("--hidden", hidden, "GRU hidden size")->check(CLI::Range(1, 4096));
     app.add_option("--sequences", n, "sequences in all; a fifth is held out")->check(CLI::Range(20, 1000000));
     app.add_option("--seed", seed, "random seed");
+    std::string tensorboard_dir;
+    app.add_option("--tensorboard", tensorboard_dir,
+                   "also log to TensorBoard event files in this folder (loss, accuracy, learning rate, and every 10 "
+                   "steps each parameter's weight and gradient histograms)");
     CLI11_PARSE(app, argc, argv);
     manual_seed(static_cast<std::uint64_t>(seed));
 
@@ -73,6 +77,7 @@ int classify(int argc, char** argv, const Processes& processes)
     options.accuracy = true;
     options.seed = static_cast<std::uint64_t>(seed);
     options.parallel = processes.fit_options(net);  // one process, or each its shard under mpirun
+    if (!tensorboard_dir.empty()) options.callbacks.push_back(std::make_shared<train::TensorBoardLogger>(tensorboard_dir, 10));
     if (processes.world_size > 1 && processes.is_main())
         std::printf("%d processes, each with batches of %lld\n", processes.world_size, (long long)options.batch_size);
     const auto forward = [&](const train::Batch& b) { return net.forward(b.input, b.lengths); };

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, with apt-get, whichever of loom's build and test dependencies are missing.
 set -euo pipefail
-packages=(g++ meson ninja-build pkgconf cmake libopenblas-dev libfmt-dev doctest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libutfcpp-dev graphviz libopenmpi-dev openmpi-bin)
+packages=(g++ meson ninja-build pkgconf cmake libopenblas-dev libfmt-dev doctest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libutfcpp-dev graphviz libopenmpi-dev openmpi-bin protobuf-compiler)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

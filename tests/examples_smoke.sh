@@ -3,6 +3,8 @@
 # a loss well below its start, or a score better than chance or the baseline.
 set -euo pipefail
 examples=$(cd "$1/examples" && pwd)
+decode_events=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")  # FILE PROTO_DIR: an event file, decoded
+proto_dir=$(cd "$3" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -69,9 +71,17 @@ check forecast "train loss $first -> $last, test_rmse $(value test_rmse forecast
 "$examples/forecast" --synthetic --epochs 2 > forecast_synthetic.out
 check "forecast --synthetic" "test_rmse $(value test_rmse forecast_synthetic.out)" "$(grep -q '^test_rmse [0-9]' forecast_synthetic.out && echo 1 || echo 0)"
 
-"$examples/char_lm" --steps 40 --epochs 1 --batch 8 --seq-len 32 --hidden 32 --embed 16 --out lm > char_lm.out
+"$examples/char_lm" --steps 40 --epochs 1 --batch 8 --seq-len 32 --hidden 32 --embed 16 --out lm --tensorboard board > char_lm.out
 bpc=$(value val_bpc char_lm.out)
 check char_lm "val_bpc $bpc, uniform guessing 6.36" "$(ratio_ok "$bpc" 6.36 0.85)"
+# --tensorboard: every frame's checksums hold and protoc decodes every record: 40 step losses, the
+# model's summary, and the epoch's val_bpc as printed (histograms come every 100 steps: none here).
+"$decode_events" board/events.out.tfevents.* "$proto_dir" > board.txt
+losses=$(grep -c 'tag: "batch/loss"' board.txt || true)
+logged_bpc=$(grep -A1 'tag: "epoch/val_bpc"' board.txt | sed -n 's/.*simple_value: \([-0-9.e+]*\).*/\1/p')
+check "char_lm --tensorboard" "$losses step losses (40), val_bpc $logged_bpc (printed $bpc), summary $(grep -c 'plugin_name: "text"' board.txt)" \
+    "$(awk -v n="$losses" -v a="$logged_bpc" -v b="$bpc" -v t="$(grep -c 'plugin_name: "text"' board.txt)" \
+        'BEGIN { d = a - b; if (d < 0) d = -d; print (n == 40 && a != "" && d < 1e-3 && t == 1) ? 1 : 0 }')"
 "$examples/char_lm" --steps 60 --epochs 2 --batch 8 --seq-len 32 --hidden 32 --embed 16 --out lm --resume > char_lm_resume.out
 check "char_lm --resume" "$(grep -m1 resumed char_lm_resume.out)" "$(grep -q 'resumed from .* at step 40' char_lm_resume.out && echo 1 || echo 0)"
 

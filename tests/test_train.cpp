@@ -256,3 +256,168 @@ TEST_CASE("the gradient report: gradient and weight norms, update ratios, a tabl
     o.gradient_log.clear();
     check_error([&] { train::fit(model, opt, forward, loss, data, {}, o); }, {"fit", "gradient_log is empty"});
 }
+
+namespace {
+// y = 2x + 1 in float64, 64 examples in order.
+struct Line {
+    Tensor x, y;
+    train::Dataset data;
+    Line()
+    {
+        Generator gen(11);
+        x = randn({64, 1}, kFloat64, &gen);
+        y = x * 2.0 + 1.0;
+        data = {64, [this](const std::vector<std::int64_t>& idx) {
+                    const Tensor i = from_vector<std::int64_t>(idx, {std::int64_t(idx.size())});
+                    return train::Batch{x.index_select(0, i), y.index_select(0, i), {}};
+                }};
+    }
+};
+
+// Records what fit shows it, and stops after `stop_at` optimizer steps.
+struct Recorder : train::Callback {
+    std::int64_t stop_at;
+    std::vector<std::string> events;
+    std::vector<double> grad_norms;
+    std::vector<std::int64_t> steps_seen;
+    explicit Recorder(std::int64_t stop) : stop_at(stop) {}
+    void on_train_begin(train::FitState&) override { events.push_back("train_begin"); }
+    void on_train_end(train::FitState&) override { events.push_back("train_end"); }
+    void on_epoch_begin(train::FitState& s) override { events.push_back(fmt::format("epoch_begin {}", s.epoch)); }
+    void on_epoch_end(train::FitState& s) override
+    {
+        CHECK(s.epoch_metrics.contains("train_loss"));
+        events.push_back(fmt::format("epoch_end {}", s.epoch));
+    }
+    void on_batch_begin(train::FitState& s) override
+    {
+        CHECK(s.data != nullptr);
+        CHECK(!s.loss.defined());
+    }
+    void after_backward(train::FitState& s) override
+    {
+        double sum = 0;
+        for (const Tensor& p : s.optimizer.parameters()) sum += p.grad().pow(2).sum().item<double>();
+        grad_norms.push_back(std::sqrt(sum));
+        steps_seen.push_back(s.step);
+    }
+    void on_batch_end(train::FitState& s) override
+    {
+        CHECK(s.loss.defined());
+        if (s.step == stop_at) s.stop_training = true;
+    }
+};
+}  // namespace
+
+TEST_CASE("fit's callbacks: every event in order, gradients seen after backward, and a stop from a callback")
+{
+    Line line;
+    nn::Dense model(1, 1, true, kFloat64);
+    optim::SGD opt(model.parameters(), optim::SGDOptions(0.05));
+    const auto forward = [&](const train::Batch& b) { return model(b.input); };
+    const auto loss = [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); };
+    auto recorder = std::make_shared<Recorder>(11);
+    train::FitOptions o;
+    o.epochs = 5;
+    o.batch_size = 8;  // 8 steps an epoch: the stop at step 11 falls in epoch 2
+    o.shuffle = false;
+    o.verbose = false;
+    o.callbacks = {recorder};
+    // The gradient norms after_backward sees are those of an SGD run by hand over the same batches.
+    nn::Dense twin(1, 1, true, kFloat64);
+    twin.load_state_dict(model.state_dict());
+    const auto history = train::fit(model, opt, forward, loss, line.data, {}, o);
+    CHECK(history.stopped_early);
+    CHECK(history.epochs.size() == 2);
+    CHECK(recorder->events == std::vector<std::string>{"train_begin", "epoch_begin 1", "epoch_end 1", "epoch_begin 2",
+                                                        "epoch_end 2", "train_end"});
+    REQUIRE(recorder->grad_norms.size() == 11);
+    CHECK(recorder->steps_seen.front() == 0);  // before the step is counted
+    CHECK(recorder->steps_seen.back() == 10);
+    optim::SGD twin_opt(twin.parameters(), optim::SGDOptions(0.05));
+    for (std::int64_t step = 0; step < 11; ++step) {
+        std::vector<std::int64_t> idx;
+        for (std::int64_t i = 0; i < 8; ++i) idx.push_back((step % 8) * 8 + i);
+        const auto b = line.data.get(idx);
+        twin_opt.zero_grad();
+        nn::mse_loss(twin(b.input), b.target).backward();
+        const double norm = std::sqrt((twin.weight.grad().pow(2).sum() + twin.bias.grad().pow(2).sum()).item<double>());
+        CHECK(recorder->grad_norms[std::size_t(step)] == doctest::Approx(norm).epsilon(1e-12));
+        twin_opt.step();
+    }
+    CHECK(model.weight.item<double>() == doctest::Approx(twin.weight.item<double>()).epsilon(1e-12));
+    o.callbacks = {nullptr};
+    check_error([&] { (void)train::fit(model, opt, forward, loss, line.data, {}, o); }, {"fit", "null callback"});
+}
+
+TEST_CASE("fit's gradient accumulation: k batches of n take the step one batch of k*n takes")
+{
+    Line line;
+    const auto run = [&](std::int64_t batch_size, std::int64_t accumulate) {
+        manual_seed(5);
+        nn::Dense model(1, 1, true, kFloat64);
+        optim::SGD opt(model.parameters(), optim::SGDOptions(0.1).momentum(0.9));
+        train::FitOptions o;
+        o.epochs = 3;
+        o.batch_size = batch_size;
+        o.accumulate = accumulate;
+        o.shuffle = false;
+        o.verbose = false;
+        std::int64_t steps = 0;
+        struct Count : train::Callback {
+            std::int64_t* steps;
+            explicit Count(std::int64_t* s) : steps(s) {}
+            void on_train_end(train::FitState& s) override { *steps = s.step; }
+        };
+        o.callbacks = {std::make_shared<Count>(&steps)};
+        const auto history = train::fit(model, opt, [&](const train::Batch& b) { return model(b.input); },
+                                        [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); },
+                                        line.data, {}, o);
+        return std::tuple{model.weight.item<double>(), model.bias.item<double>(), steps, history.epochs[0].at("train_loss")};
+    };
+    const auto [w1, b1, steps1, loss1] = run(16, 1);
+    const auto [w4, b4, steps4, loss4] = run(4, 4);
+    CHECK(steps1 == 12);
+    CHECK(steps4 == 12);
+    CHECK(w4 == doctest::Approx(w1).epsilon(1e-12));
+    CHECK(b4 == doctest::Approx(b1).epsilon(1e-12));
+    // 64 examples in batches of 4 with accumulate = 3: five steps of 3 batches and one of 1 per epoch.
+    const auto [w3, b3, steps3, loss3] = run(4, 3);
+    CHECK(steps3 == 18);
+    check_error([&] { (void)run(4, 0); }, {"fit", "accumulate >= 1", "got 0"});
+}
+
+TEST_CASE("lr_find sweeps the rate exponentially, stops where the loss diverges, and puts the model back")
+{
+    TempDir dir;
+    Line line;
+    nn::Dense model(1, 1, true, kFloat64);
+    optim::SGD opt(model.parameters(), optim::SGDOptions(0.01).momentum(0.9));
+    const Tensor weight_before = model.weight.clone(), bias_before = model.bias.clone();
+    train::LrFindOptions o;
+    o.start_lr = 1e-4;
+    o.end_lr = 100;
+    o.steps = 60;
+    o.batch_size = 8;
+    o.chart = dir.file("lr.svg");
+    const auto result = train::lr_find(model, opt, [&](const train::Batch& b) { return model(b.input); },
+                                       [](const Tensor& out, const train::Batch& b) { return nn::mse_loss(out, b.target); },
+                                       line.data, o);
+    // SGD on this quadratic diverges well before a rate of 100: the sweep stops early.
+    REQUIRE(result.lrs.size() >= 10);
+    CHECK(result.lrs.size() < 60);
+    CHECK(result.lrs.front() == doctest::Approx(1e-4));
+    for (std::size_t i = 1; i < result.lrs.size(); ++i)
+        CHECK(result.lrs[i] / result.lrs[i - 1] == doctest::Approx(std::pow(1e6, 1.0 / 59)));
+    CHECK(result.losses.back() > 4 * *std::min_element(result.losses.begin(), result.losses.end()));
+    CHECK(result.suggested_lr > 1e-4);
+    CHECK(result.suggested_lr < result.lrs.back());
+    CHECK(testing::bytes_of(o.chart).rfind("<svg", 0) == 0);
+    // Weights, the optimizer's rate and its momentum are as before.
+    CHECK(model.weight.item<double>() == weight_before.item<double>());
+    CHECK(model.bias.item<double>() == bias_before.item<double>());
+    CHECK(opt.lr() == 0.01);
+    CHECK(!opt.state(0).momentum_buffer.defined());
+    o.end_lr = 1e-5;
+    check_error([&] { (void)train::lr_find(model, opt, {}, {}, line.data, o); }, {"lr_find", "start_lr < end_lr"});
+}

@@ -1,11 +1,9 @@
+// fit and its built-in callbacks, evaluation, the gradient report, padding and batching.
 #include "train.hpp"
 
-#include <unistd.h>
-
 #include <algorithm>
+#include <chrono>
 #include <cmath>
-#include <filesystem>
-#include <nlohmann/json.hpp>
 #include <numeric>
 
 #include "../autograd/ops.hpp"
@@ -14,206 +12,6 @@
 #include "../optim/clip.hpp"
 
 namespace loom::train {
-
-// ---- progress ----
-
-Progress::Progress(std::string label, std::int64_t total, std::FILE* out)
-    : label_(std::move(label)), total_(total), out_(out), terminal_(::isatty(::fileno(out)) != 0),
-      start_(std::chrono::steady_clock::now()), last_draw_(start_)
-{
-}
-
-double Progress::seconds() const
-{
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-}
-
-std::string Progress::line(std::int64_t done, const Metrics& metrics) const
-{
-    const double elapsed = seconds(), rate = done > 0 ? double(done) / elapsed : 0;
-    constexpr int width = 24;
-    const int filled = total_ > 0 ? int(width * double(done) / double(total_)) : width;
-    std::string bar(std::size_t(filled), '=');
-    if (filled < width) bar += '>' + std::string(std::size_t(width - filled - 1), ' ');
-    std::string text = fmt::format("{} [{}] {}/{}", label_, bar, done, total_);
-    for (const auto& [name, value] : metrics) text += fmt::format(" {} {:.4g}", name, value);
-    const auto eta = rate > 0 ? std::int64_t(double(total_ - done) / rate) : 0;
-    text += fmt::format(" | {:.1f} it/s | ETA {}:{:02}", rate, eta / 60, eta % 60);
-    return text;
-}
-
-double Metrics::at(std::string_view name) const
-{
-    for (const auto& [n, v] : entries_)
-        if (n == name) return v;
-    std::string known;
-    for (const auto& [n, v] : entries_) known += (known.empty() ? "" : ", ") + n;
-    fail("Metrics", "no metric \"{}\" (there are: {})", name, known);
-}
-
-bool Metrics::contains(std::string_view name) const
-{
-    return std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.first == name; });
-}
-
-void Progress::update(std::int64_t done, const Metrics& metrics)
-{
-    const auto now = std::chrono::steady_clock::now();
-    if (!terminal_ || now - last_draw_ < std::chrono::milliseconds(100)) return;
-    last_draw_ = now;
-    std::fprintf(out_, "\r%s\033[K", line(done, metrics).c_str());
-    std::fflush(out_);
-}
-
-void Progress::finish(const Metrics& metrics)
-{
-    std::string text = fmt::format("{} {}/{}", label_, total_, total_);
-    for (const auto& [name, value] : metrics) text += fmt::format(" {} {:.4g}", name, value);
-    text += fmt::format(" | {:.1f}s", seconds());
-    std::fprintf(out_, "%s%s\n", terminal_ ? "\r\033[K" : "", text.c_str());
-    std::fflush(out_);
-}
-
-// ---- metrics log ----
-
-MetricsLog::MetricsLog(const std::string& path, bool append)
-    : path_(path), csv_(path.size() >= 4 && path.substr(path.size() - 4) == ".csv"),
-      wrote_header_(append && std::filesystem::exists(path) && std::filesystem::file_size(path) > 0)
-{
-    out_.open(path, append ? std::ios::app : std::ios::trunc);
-    LOOM_CHECK(out_.good(), "MetricsLog", "cannot open {} for writing", path);
-}
-
-void MetricsLog::write(const Metrics& row)
-{
-    if (csv_) {
-        if (!wrote_header_) {
-            std::string header;
-            for (const auto& [name, value] : row) header += (header.empty() ? "" : ",") + name;
-            out_ << header << '\n';
-            wrote_header_ = true;
-        }
-        bool first = true;
-        for (const auto& [name, value] : row) {
-            out_ << (first ? "" : ",") << fmt::format("{}", value);
-            first = false;
-        }
-        out_ << '\n';
-    } else {
-        nlohmann::ordered_json j;
-        for (const auto& [name, value] : row) j[name] = value;
-        out_ << j.dump() << '\n';
-    }
-    out_.flush();
-    LOOM_CHECK(out_.good(), "MetricsLog", "writing {} failed", path_);
-}
-
-std::vector<std::map<std::string, double>> read_metrics(const std::string& path)
-{
-    std::ifstream in(path);
-    LOOM_CHECK(in.good(), "read_metrics", "cannot open {}", path);
-    std::vector<std::map<std::string, double>> rows;
-    std::string text;
-    for (int n = 1; std::getline(in, text); ++n) {
-        if (text.empty()) continue;
-        std::map<std::string, double> row;
-        try {
-            const nlohmann::json parsed = nlohmann::json::parse(text);  // must outlive the loop over its items
-            LOOM_CHECK(parsed.is_object(), "read_metrics", "{} line {} is not a JSON object", path, n);
-            for (const auto& [k, v] : parsed.items())
-                if (v.is_number()) row[k] = v.get<double>();
-        } catch (const nlohmann::json::exception& e) {
-            fail("read_metrics", "{} line {} is not a JSON object ({})", path, n, e.what());
-        }
-        rows.push_back(std::move(row));
-    }
-    return rows;
-}
-
-// ---- charts ----
-
-namespace {
-
-// About five round tick values covering [lo, hi].
-std::vector<double> ticks(double lo, double hi)
-{
-    const double span = hi - lo, raw = span / 5, magnitude = std::pow(10, std::floor(std::log10(raw)));
-    const double step = raw / magnitude < 2 ? 2 * magnitude : raw / magnitude < 5 ? 5 * magnitude : 10 * magnitude;
-    std::vector<double> out;
-    for (double v = std::ceil(lo / step) * step; v <= hi + 1e-9 * span; v += step) out.push_back(v);
-    return out;
-}
-
-std::string escape(const std::string& s)
-{
-    std::string out;
-    for (char c : s) out += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : std::string(1, c);
-    return out;
-}
-
-}  // namespace
-
-void plot_svg(const std::string& path, const std::string& title, const std::string& x_label, const std::string& y_label,
-              const std::vector<Series>& series)
-{
-    double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
-    for (const auto& s : series) {
-        LOOM_CHECK(s.x.size() == s.y.size(), "plot_svg", "series \"{}\" has {} x values and {} y values", s.name,
-                   s.x.size(), s.y.size());
-        for (std::size_t i = 0; i < s.x.size(); ++i) {
-            if (!std::isfinite(s.x[i]) || !std::isfinite(s.y[i])) continue;
-            x0 = std::min(x0, s.x[i]), x1 = std::max(x1, s.x[i]), y0 = std::min(y0, s.y[i]), y1 = std::max(y1, s.y[i]);
-        }
-    }
-    LOOM_CHECK(std::isfinite(x0), "plot_svg", "nothing to plot in {}", path);
-    if (x1 == x0) x1 = x0 + 1;
-    if (y1 == y0) y1 = y0 + 1;
-    const double pad = (y1 - y0) * 0.05;
-    y0 -= pad, y1 += pad;
-    const double W = 720, H = 420, left = 70, right = 20, top = 40, bottom = 50;
-    const auto px = [&](double x) { return left + (x - x0) / (x1 - x0) * (W - left - right); };
-    const auto py = [&](double y) { return H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom); };
-    static const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"};
-    std::string svg = fmt::format(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{0}\" height=\"{1}\" font-family=\"sans-serif\" "
-        "font-size=\"12\">\n<rect width=\"{0}\" height=\"{1}\" fill=\"white\"/>\n"
-        "<text x=\"{2}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">{3}</text>\n",
-        W, H, W / 2, escape(title));
-    for (double t : ticks(x0, x1))
-        svg += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1}\" x2=\"{0:.1f}\" y2=\"{2}\" stroke=\"#ddd\"/>"
-                           "<text x=\"{0:.1f}\" y=\"{3}\" text-anchor=\"middle\">{4:g}</text>\n",
-                           px(t), top, H - bottom, H - bottom + 16, t);
-    for (double t : ticks(y0, y1))
-        svg += fmt::format("<line x1=\"{0}\" y1=\"{1:.1f}\" x2=\"{2}\" y2=\"{1:.1f}\" stroke=\"#ddd\"/>"
-                           "<text x=\"{3}\" y=\"{4:.1f}\" text-anchor=\"end\">{5:g}</text>\n",
-                           left, py(t), W - right, left - 6, py(t) + 4, t);
-    svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#444\"/>\n", left, top,
-                       W - left - right, H - top - bottom);
-    svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + W - right) / 2, H - 12,
-                       escape(x_label));
-    svg += fmt::format("<text transform=\"translate(16,{}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
-                       (top + H - bottom) / 2, escape(y_label));
-    for (std::size_t k = 0; k < series.size(); ++k) {
-        const auto& s = series[k];
-        std::string points;
-        for (std::size_t i = 0; i < s.x.size(); ++i)
-            if (std::isfinite(s.x[i]) && std::isfinite(s.y[i])) points += fmt::format("{:.1f},{:.1f} ", px(s.x[i]), py(s.y[i]));
-        const char* colour = colours[k % 6];
-        svg += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.8\" points=\"{}\"/>\n", colour, points);
-        svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"3\" fill=\"{}\"/>"
-                           "<text x=\"{}\" y=\"{}\">{}</text>\n",
-                           W - right - 150, top + 12 + 16 * double(k), colour, W - right - 130, top + 16 + 16 * double(k),
-                           escape(s.name));
-    }
-    svg += "</svg>\n";
-    const std::string temp = path + ".tmp";
-    {
-        std::ofstream out(temp, std::ios::trunc);
-        out << svg;
-        LOOM_CHECK(out.good(), "plot_svg", "cannot write {}", temp);
-    }
-    std::filesystem::rename(temp, path);
-}
 
 // ---- sequences ----
 
@@ -374,12 +172,33 @@ Metrics GradientReport::metrics() const
     return m;
 }
 
-History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
-            const Dataset& train_data, const Dataset& validation, const FitOptions& o, optim::Schedule* schedule)
+namespace {
+
+// The built-in callbacks the options ask for, then the user's.
+std::vector<std::shared_ptr<Callback>> callbacks_for(const FitOptions& o)
+{
+    std::vector<std::shared_ptr<Callback>> all;
+    if (o.verbose) all.push_back(std::make_shared<ProgressLine>());
+    if (!o.log.empty()) all.push_back(std::make_shared<MetricsLogger>(o.log));
+    if (o.gradient_report_every > 0)
+        all.push_back(std::make_shared<GradientReportLogger>(o.gradient_report_every, o.gradient_log));
+    if (!o.best_checkpoint.empty() || o.restore_best)
+        all.push_back(std::make_shared<BestModel>(o.best_checkpoint, o.restore_best));
+    if (o.early_stopping > 0) all.push_back(std::make_shared<EarlyStopping>(o.early_stopping, o.verbose));
+    for (const auto& c : o.callbacks) {
+        LOOM_CHECK(c != nullptr, "fit", "FitOptions::callbacks holds a null callback");
+        all.push_back(c);
+    }
+    return all;
+}
+
+void check_options(const Dataset& train_data, const Dataset& validation, const FitOptions& o, optim::Schedule* schedule)
 {
     LOOM_CHECK(train_data.size > 0 && train_data.get, "fit", "the training set is empty");
     LOOM_CHECK(o.epochs > 0 && o.batch_size > 0, "fit", "expects epochs > 0 and batch_size > 0, got {} and {}",
                o.epochs, o.batch_size);
+    LOOM_CHECK(o.accumulate >= 1, "fit", "expects accumulate >= 1 (mini-batches per optimizer step), got {}",
+               o.accumulate);
     const bool validating = validation.size > 0;
     LOOM_CHECK(validating || (o.early_stopping == 0 && o.best_checkpoint.empty()), "fit",
                "early stopping and a best-model checkpoint need validation data");
@@ -396,50 +215,69 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
                "gradient_report_every is {} but gradient_log is empty; name a .jsonl or .csv file for the reports",
                o.gradient_report_every);
     const Parallel& par = o.parallel;
-    const bool parallel = par.world_size > 1, main_process = par.rank == 0, verbose = o.verbose && main_process;
-    LOOM_CHECK(!parallel || (par.shard && par.average_gradients && par.sum), "fit",
+    LOOM_CHECK(par.world_size <= 1 || (par.shard && par.average_gradients && par.sum), "fit",
                "FitOptions::parallel says {} processes but lacks its functions; fill it with dist::data_parallel()",
                par.world_size);
-    Generator gen(o.seed);
-    std::unique_ptr<MetricsLog> log = o.log.empty() || !main_process ? nullptr : std::make_unique<MetricsLog>(o.log);
-    std::unique_ptr<MetricsLog> gradient_log =
-        o.gradient_report_every > 0 && main_process ? std::make_unique<MetricsLog>(o.gradient_log) : nullptr;
-    std::int64_t steps = 0;
-    History history;
-    NamedTensorMap best_state;
-    std::int64_t since_best = 0;
-    const double ln2 = std::log(2.0);
-    for (std::int64_t epoch = 1; epoch <= o.epochs; ++epoch) {
-        model.train();
-        std::vector<std::vector<std::int64_t>> batches;
-        if (parallel) {  // this process's shard of the epoch's order, in batches of batch_size
-            const auto mine = par.shard(train_data.size, o.shuffle, o.seed, epoch);
-            for (std::size_t at = 0; at < mine.size(); at += static_cast<std::size_t>(o.batch_size))
-                batches.emplace_back(mine.begin() + std::ptrdiff_t(at),
-                                     mine.begin() + std::ptrdiff_t(std::min(mine.size(), at + std::size_t(o.batch_size))));
-        } else {
-            batches = minibatches(train_data.size, o.batch_size, o.shuffle ? &gen : nullptr);
-        }
-        Progress progress(fmt::format("epoch {}/{}", epoch, o.epochs), static_cast<std::int64_t>(batches.size()));
+}
+
+// This process's mini-batches of the epoch: its shard of the epoch's order across processes.
+std::vector<std::vector<std::int64_t>> epoch_batches(const Dataset& data, const FitOptions& o, std::int64_t epoch,
+                                                     Generator& gen)
+{
+    const Parallel& par = o.parallel;
+    if (par.world_size <= 1) return minibatches(data.size, o.batch_size, o.shuffle ? &gen : nullptr);
+    std::vector<std::vector<std::int64_t>> batches;
+    const auto mine = par.shard(data.size, o.shuffle, o.seed, epoch);
+    for (std::size_t at = 0; at < mine.size(); at += static_cast<std::size_t>(o.batch_size))
+        batches.emplace_back(mine.begin() + std::ptrdiff_t(at),
+                             mine.begin() + std::ptrdiff_t(std::min(mine.size(), at + std::size_t(o.batch_size))));
+    return batches;
+}
+
+struct Loop {
+    const ForwardFn& forward;
+    const LossFn& loss;
+    const FitOptions& o;
+    std::vector<std::shared_ptr<Callback>> callbacks;
+    FitState& state;
+
+    template <class Event> void notify(Event event)
+    {
+        for (const auto& c : callbacks) ((*c).*event)(state);
+    }
+
+    // One epoch over this process's mini-batches; returns the row's training entries.
+    Metrics train_epoch(const std::vector<std::vector<std::int64_t>>& batches, const Dataset& data)
+    {
+        const Parallel& par = o.parallel;
         double loss_sum = 0, correct = 0;
-        std::int64_t seen = 0;
+        std::int64_t seen = 0, group_examples = 0;
         for (std::size_t k = 0; k < batches.size(); ++k) {
-            const Batch b = train_data.get(batches[k]);
+            const std::size_t group_start = k - k % static_cast<std::size_t>(o.accumulate);
+            const std::size_t group_size = std::min<std::size_t>(static_cast<std::size_t>(o.accumulate), batches.size() - group_start);
+            const bool group_ends = k + 1 == group_start + group_size;
+            const Batch b = data.get(batches[k]);
+            state.batch = static_cast<std::int64_t>(k);
+            state.data = &b;
+            state.output = Tensor();
+            state.loss = Tensor();
+            notify(&Callback::on_batch_begin);
+            if (k == group_start) {
+                state.optimizer.zero_grad();
+                group_examples = 0;
+            }
             const Tensor out = forward(b);
             const Tensor l = loss(out, b);
-            optimizer.zero_grad();
-            l.backward();
-            if (parallel) par.average_gradients(double(batches[k].size()));
-            if (o.clip_grad_norm > 0) nn::utils::clip_grad_norm(optimizer.parameters(), o.clip_grad_norm);
-            ++steps;
-            const bool report = gradient_log && steps % o.gradient_report_every == 0;
-            const NamedTensorMap before = report ? snapshot(model.named_parameters()) : NamedTensorMap();
-            optimizer.step();
-            if (report) {
-                Metrics row = {{"step", double(steps)}, {"epoch", double(epoch)}};
-                for (const auto& entry : gradient_report(model.named_parameters(), before).metrics())
-                    row.emplace_back(entry.first, entry.second);
-                gradient_log->write(row);
+            (group_size == 1 ? l : l / double(group_size)).backward();
+            group_examples += static_cast<std::int64_t>(batches[k].size());
+            state.output = out;
+            state.loss = l;
+            if (group_ends) {
+                if (par.world_size > 1) par.average_gradients(double(group_examples));
+                notify(&Callback::after_backward);
+                if (o.clip_grad_norm > 0) nn::utils::clip_grad_norm(state.optimizer.parameters(), o.clip_grad_norm);
+                state.optimizer.step();
+                ++state.step;
             }
             loss_sum += l.item<double>() * double(batches[k].size());
             if (o.accuracy) {
@@ -447,47 +285,165 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
                 correct += correct_predictions(out, b.target);
             }
             seen += static_cast<std::int64_t>(batches[k].size());
-            if (verbose) progress.update(static_cast<std::int64_t>(k + 1), {{"loss", loss_sum / double(seen)}});
+            state.running_loss = loss_sum / double(seen);
+            notify(&Callback::on_batch_end);
+            state.data = nullptr;
+            if (state.stop_training) break;
         }
-        if (parallel) {
+        if (par.world_size > 1) {
             loss_sum = par.sum(loss_sum);
             correct = par.sum(correct);
             seen = static_cast<std::int64_t>(par.sum(double(seen)));
         }
-        Metrics row = {{"epoch", double(epoch)}, {"train_loss", loss_sum / double(seen)}};
+        const double ln2 = std::log(2.0);
+        Metrics row = {{"train_loss", loss_sum / double(seen)}};
         if (o.accuracy) row.emplace_back("train_accuracy", correct / double(seen));
         if (o.bits_per_character) row.emplace_back("train_bpc", loss_sum / double(seen) / ln2);
-        if (validating) {
-            const Metrics v = evaluate(model, forward, loss, validation, o.batch_size, o.accuracy);
-            const double val_loss = v.at("loss");
-            row.emplace_back("val_loss", val_loss);
-            if (o.accuracy) row.emplace_back("val_accuracy", v.at("accuracy"));
-            if (o.bits_per_character) row.emplace_back("val_bpc", val_loss / ln2);
-            if (val_loss < history.best_val_loss) {
-                history.best_val_loss = val_loss;
-                history.best_epoch = epoch;
-                since_best = 0;
-                best_state.clear();
-                for (const auto& [name, t] : model.state_dict()) best_state[name] = t.clone();
-                if (!o.best_checkpoint.empty() && main_process) save(o.best_checkpoint, best_state, {{"epoch", std::to_string(epoch)}});
-            } else {
-                ++since_best;
-            }
-        }
-        row.emplace_back("lr", optimizer.lr());
-        row.emplace_back("seconds", progress.seconds());
-        if (verbose) progress.finish(Metrics(row.begin() + 1, row.end() - 1));
-        if (log) log->write(row);
-        history.epochs.push_back(row);
-        if (schedule) schedule->epoch_end(validating ? std::optional<double>(row.at("val_loss")) : std::nullopt);
-        if (o.early_stopping > 0 && since_best >= o.early_stopping) {
-            history.stopped_early = true;
-            if (verbose) std::printf("early stop: no better validation loss for %lld epochs\n", (long long)since_best);
-            break;
-        }
+        return row;
     }
-    if (validating && o.restore_best && !best_state.empty()) model.load_state_dict(best_state);
+
+    // The validation entries of the row; updates the history's best.
+    Metrics validate(const Dataset& validation)
+    {
+        const Metrics v = evaluate(state.model, forward, loss, validation, o.batch_size, o.accuracy);
+        const double val_loss = v.at("loss");
+        Metrics row = {{"val_loss", val_loss}};
+        if (o.accuracy) row.emplace_back("val_accuracy", v.at("accuracy"));
+        if (o.bits_per_character) row.emplace_back("val_bpc", val_loss / std::log(2.0));
+        if (val_loss < state.history.best_val_loss) {
+            state.history.best_val_loss = val_loss;
+            state.history.best_epoch = state.epoch;
+        }
+        return row;
+    }
+};
+
+}  // namespace
+
+History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
+            const Dataset& train_data, const Dataset& validation, const FitOptions& o, optim::Schedule* schedule)
+{
+    check_options(train_data, validation, o, schedule);
+    History history;
+    FitState state(model, optimizer, o, history);
+    state.main_process = o.parallel.rank == 0;
+    Loop loop{forward, loss, o, callbacks_for(o), state};
+    Generator gen(o.seed);
+    loop.notify(&Callback::on_train_begin);
+    for (state.epoch = 1; state.epoch <= o.epochs && !state.stop_training; ++state.epoch) {
+        const auto start = std::chrono::steady_clock::now();
+        model.train();
+        state.epoch_metrics = Metrics();
+        const auto batches = epoch_batches(train_data, o, state.epoch, gen);
+        state.batches = static_cast<std::int64_t>(batches.size());
+        loop.notify(&Callback::on_epoch_begin);
+        Metrics row = {{"epoch", double(state.epoch)}};
+        for (const auto& entry : loop.train_epoch(batches, train_data)) row.emplace_back(entry.first, entry.second);
+        if (validation.size > 0)
+            for (const auto& entry : loop.validate(validation)) row.emplace_back(entry.first, entry.second);
+        row.emplace_back("lr", optimizer.lr());
+        row.emplace_back("seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        state.epoch_metrics = row;
+        history.epochs.push_back(row);
+        if (schedule) schedule->epoch_end(validation.size > 0 ? std::optional<double>(row.at("val_loss")) : std::nullopt);
+        loop.notify(&Callback::on_epoch_end);
+    }
+    history.stopped_early = state.stop_training;
+    loop.notify(&Callback::on_train_end);
     return history;
+}
+
+// ---- the built-in callbacks ----
+
+EarlyStopping::EarlyStopping(std::int64_t patience, bool verbose) : patience_(patience), verbose_(verbose)
+{
+    LOOM_CHECK(patience > 0, "EarlyStopping", "expects patience > 0 epochs, got {}", patience);
+}
+
+void EarlyStopping::on_epoch_end(FitState& state)
+{
+    LOOM_CHECK(state.epoch_metrics.contains("val_loss"), "EarlyStopping", "needs validation data");
+    const std::int64_t since_best = state.epoch - state.history.best_epoch;
+    if (since_best < patience_) return;
+    state.stop_training = true;
+    if (verbose_ && state.main_process)
+        std::printf("early stop: no better validation loss for %lld epochs\n", static_cast<long long>(since_best));
+}
+
+BestModel::BestModel(std::string path, bool restore) : path_(std::move(path)), restore_(restore) {}
+
+void BestModel::on_epoch_end(FitState& state)
+{
+    if (state.history.best_epoch != state.epoch) return;
+    best_.clear();
+    for (const auto& [name, t] : state.model.state_dict()) best_[name] = t.clone();
+    if (!path_.empty() && state.main_process) save(path_, best_, {{"epoch", std::to_string(state.epoch)}});
+}
+
+void BestModel::on_train_end(FitState& state)
+{
+    if (restore_ && !best_.empty()) state.model.load_state_dict(best_);
+}
+
+MetricsLogger::MetricsLogger(std::string path) : path_(std::move(path)) {}
+
+void MetricsLogger::on_train_begin(FitState& state)
+{
+    if (state.main_process) log_ = std::make_unique<MetricsLog>(path_);
+}
+
+void MetricsLogger::on_epoch_end(FitState& state)
+{
+    if (log_) log_->write(state.epoch_metrics);
+}
+
+void ProgressLine::on_epoch_begin(FitState& state)
+{
+    if (!state.main_process) return;
+    progress_ = std::make_unique<Progress>(fmt::format("epoch {}/{}", state.epoch, state.options.epochs), state.batches);
+}
+
+void ProgressLine::on_batch_end(FitState& state)
+{
+    if (!progress_) return;
+    progress_->update(state.batch + 1, {{"loss", state.running_loss}});
+}
+
+void ProgressLine::on_epoch_end(FitState& state)
+{
+    if (!progress_) return;
+    const Metrics& row = state.epoch_metrics;  // without "epoch" (in the label) and "seconds" (in the line)
+    progress_->finish(Metrics(row.begin() + 1, row.end() - 1));
+    progress_.reset();
+}
+
+GradientReportLogger::GradientReportLogger(std::int64_t every, std::string path) : every_(every), path_(std::move(path))
+{
+    LOOM_CHECK(every > 0, "GradientReportLogger", "expects a report every n > 0 steps, got {}", every);
+    LOOM_CHECK(!path_.empty(), "GradientReportLogger", "expects a .jsonl or .csv path for the reports");
+}
+
+void GradientReportLogger::on_train_begin(FitState& state)
+{
+    if (state.main_process) log_ = std::make_unique<MetricsLog>(path_);
+}
+
+void GradientReportLogger::after_backward(FitState& state)
+{
+    if (!log_ || (state.step + 1) % every_ != 0) return;
+    before_ = snapshot(state.model.named_parameters());
+    pending_step_ = state.step + 1;
+}
+
+void GradientReportLogger::on_batch_end(FitState& state)
+{
+    if (!log_ || pending_step_ == 0 || state.step != pending_step_) return;
+    Metrics row = {{"step", double(state.step)}, {"epoch", double(state.epoch)}};
+    for (const auto& entry : gradient_report(state.model.named_parameters(), before_).metrics())
+        row.emplace_back(entry.first, entry.second);
+    log_->write(row);
+    before_.clear();
+    pending_step_ = 0;
 }
 
 }  // namespace loom::train

@@ -1,6 +1,7 @@
 /// \file
-/// Training helpers, a small layer and not a framework: a progress line, a metrics log,
-/// SVG charts, and padding and batching of variable-length sequences.
+/// Training helpers, a small layer and not a framework: fit() with callbacks, gradient
+/// accumulation and lr_find(); a progress line, a metrics log, SVG charts (logging.cpp); and
+/// padding and batching of variable-length sequences.
 #pragma once
 #include <chrono>
 #include <cstdio>
@@ -8,6 +9,7 @@
 #include <functional>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +17,7 @@
 #include "../core/random.hpp"
 #include "../core/tensor.hpp"
 #include "../nn/module.hpp"
+#include "../optim/optimizer.hpp"
 #include "../optim/schedule.hpp"
 
 namespace loom::train {
@@ -170,7 +173,23 @@ struct Parallel {
     std::function<double(double)> sum;
 };
 
-/// How train::fit trains: epochs, batches, clipping, early stopping, logs.
+/// What train::fit returns.
+struct History {
+    std::vector<Metrics> epochs;  ///< per epoch: epoch, train_loss, val_loss, ... as logged
+    std::int64_t best_epoch = 0;  ///< 1-based; 0 without validation
+    /// Best validation loss seen.
+    double best_val_loss = INFINITY;
+    /// Whether a callback stopped training before the last epoch (early stopping, or your own).
+    bool stopped_early = false;
+};
+
+class Callback;
+
+/// How train::fit trains: epochs, batches, clipping, gradient accumulation, and the callbacks
+/// that run inside its loop. The options verbose, log, gradient_report_every, best_checkpoint
+/// (and restore_best) and early_stopping are shorthands that add the built-in callbacks
+/// (ProgressLine, MetricsLogger, GradientReportLogger, BestModel, EarlyStopping, in that order)
+/// before your own.
 struct FitOptions {
     /// Passes over the training data.
     std::int64_t epochs = 10;
@@ -180,6 +199,10 @@ struct FitOptions {
     bool shuffle = true;
     std::uint64_t seed = 0;  ///< shuffling order
     double clip_grad_norm = 0;  ///< 0: no clipping
+    /// Sum the gradients of this many mini-batches (each loss divided by their count) before one
+    /// optimizer step: a batch k times larger in the memory of one. The last group of an epoch
+    /// may be shorter. 1: a step per mini-batch.
+    std::int64_t accumulate = 1;
     std::int64_t early_stopping = 0;  ///< stop after this many epochs without a better validation loss; 0: never
     std::string best_checkpoint;  ///< where to keep the best model's state (safetensors); empty: nowhere
     bool restore_best = true;  ///< reload the best state at the end (needs validation data)
@@ -193,16 +216,148 @@ struct FitOptions {
     /// Where the gradient reports go (.jsonl or .csv).
     std::string gradient_log;
     Parallel parallel;  ///< one process unless dist::data_parallel() says otherwise
+    /// Your callbacks, called in this order after the built-in ones.
+    std::vector<std::shared_ptr<Callback>> callbacks;
 };
 
-/// What train::fit returns.
-struct History {
-    std::vector<Metrics> epochs;  ///< per epoch: epoch, train_loss, val_loss, ... as logged
-    std::int64_t best_epoch = 0;  ///< 1-based; 0 without validation
-    /// Best validation loss seen.
-    double best_val_loss = INFINITY;
-    /// Whether early stopping ended training.
-    bool stopped_early = false;
+/// What fit's callbacks see and may change: where training is, the batch being trained on,
+/// and the way to stop. Fields not yet known at a call are empty (output and loss before
+/// backward, epoch_metrics before the epoch's end).
+struct FitState {
+    /// The state of a fit() of `model` with `optimizer`, `options` and `history` about to begin.
+    FitState(nn::Module& model_, optim::Optimizer& optimizer_, const FitOptions& options_, History& history_)
+        : model(model_), optimizer(optimizer_), options(options_), history(history_)
+    {
+    }
+    /// The model being trained.
+    nn::Module& model;
+    /// Its optimizer.
+    optim::Optimizer& optimizer;
+    /// fit's options.
+    const FitOptions& options;
+    /// What fit will return, filled as training goes.
+    History& history;
+    std::int64_t epoch = 0;    ///< 1-based
+    std::int64_t step = 0;     ///< optimizer steps taken so far
+    std::int64_t batch = 0;    ///< 0-based index of the mini-batch within the epoch
+    std::int64_t batches = 0;  ///< mini-batches in this epoch (on this process)
+    /// The mini-batch (on_batch_begin to on_batch_end).
+    const Batch* data = nullptr;
+    /// The model's output for it (after backward).
+    Tensor output;
+    /// Its loss, as computed (after backward).
+    Tensor loss;
+    /// Mean training loss of the epoch so far.
+    double running_loss = NAN;
+    /// The epoch's row (on_epoch_end): epoch, train_loss, ..., val_loss, ..., lr, seconds.
+    Metrics epoch_metrics;
+    /// Whether this process writes files and prints (rank 0).
+    bool main_process = true;
+    /// Set it to stop training: after this mini-batch when set during one (the epoch is then
+    /// validated and logged as usual), else after this epoch.
+    bool stop_training = false;
+};
+
+/// Code of your own inside train::fit's loop, as Keras's callbacks. Override what you need.
+/// after_backward runs once per optimizer step with the gradients complete (accumulated and,
+/// across processes, averaged), before clipping and the step: where gradients are inspected.
+class Callback {
+public:
+    virtual ~Callback() = default;
+    /// Before the first epoch.
+    virtual void on_train_begin(FitState&) {}
+    /// After the last epoch (also after an early stop).
+    virtual void on_train_end(FitState&) {}
+    /// Before an epoch's first mini-batch.
+    virtual void on_epoch_begin(FitState&) {}
+    /// After an epoch's validation; epoch_metrics holds its row.
+    virtual void on_epoch_end(FitState&) {}
+    /// Before a mini-batch's forward.
+    virtual void on_batch_begin(FitState&) {}
+    /// After a mini-batch (and, when it completed a group, the optimizer's step).
+    virtual void on_batch_end(FitState&) {}
+    /// With the gradients of a complete step, before clipping and optimizer.step().
+    virtual void after_backward(FitState&) {}
+};
+
+/// Stops training after `patience` epochs without a better validation loss.
+class EarlyStopping : public Callback {
+public:
+    /// Stops after `patience` epochs (> 0) without improvement; says so when `verbose`.
+    explicit EarlyStopping(std::int64_t patience, bool verbose = true);
+    /// Counts the epochs since the best.
+    void on_epoch_end(FitState& state) override;
+
+private:
+    std::int64_t patience_;
+    bool verbose_;
+};
+
+/// Keeps the model's state of the epoch with the best validation loss, writes it to `path`
+/// (safetensors; empty: nowhere) and, with `restore`, loads it back when training ends.
+class BestModel : public Callback {
+public:
+    /// Keeps the best state; see the class.
+    explicit BestModel(std::string path = {}, bool restore = true);
+    /// Copies the state when the epoch was the best so far.
+    void on_epoch_end(FitState& state) override;
+    /// Restores the best state.
+    void on_train_end(FitState& state) override;
+
+private:
+    std::string path_;
+    bool restore_;
+    NamedTensorMap best_;
+};
+
+/// Writes each epoch's row to a metrics log (.jsonl or .csv), on the main process.
+class MetricsLogger : public Callback {
+public:
+    /// Logs to `path`.
+    explicit MetricsLogger(std::string path);
+    /// Opens the log.
+    void on_train_begin(FitState& state) override;
+    /// Writes the row.
+    void on_epoch_end(FitState& state) override;
+
+private:
+    std::string path_;
+    std::unique_ptr<MetricsLog> log_;
+};
+
+/// The progress line during an epoch and one line at its end, on the main process.
+class ProgressLine : public Callback {
+public:
+    /// Starts the epoch's line.
+    void on_epoch_begin(FitState& state) override;
+    /// Redraws it with the running loss.
+    void on_batch_end(FitState& state) override;
+    /// Prints the epoch's metrics.
+    void on_epoch_end(FitState& state) override;
+
+private:
+    std::unique_ptr<Progress> progress_;
+};
+
+/// Every `every` optimizer steps, the model's gradient report (with update ratios) as one row of
+/// a metrics log at `path`, beside "step" and "epoch".
+class GradientReportLogger : public Callback {
+public:
+    /// Reports every `every` (> 0) steps to `path`.
+    GradientReportLogger(std::int64_t every, std::string path);
+    /// Opens the log.
+    void on_train_begin(FitState& state) override;
+    /// Snapshots the weights before a reported step.
+    void after_backward(FitState& state) override;
+    /// Writes the report after the step.
+    void on_batch_end(FitState& state) override;
+
+private:
+    std::int64_t every_;
+    std::string path_;
+    std::unique_ptr<MetricsLog> log_;
+    NamedTensorMap before_;
+    std::int64_t pending_step_ = 0;
 };
 
 /// Computes the model's output for a batch.
@@ -216,6 +371,34 @@ using LossFn = std::function<Tensor(const Tensor& output, const Batch&)>;
 History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
             const Dataset& train_data, const Dataset& validation, const FitOptions& options = {},
             optim::Schedule* schedule = nullptr);
+
+/// The sweep of train::lr_find.
+struct LrFindOptions {
+    double start_lr = 1e-7;  ///< the first step's learning rate
+    double end_lr = 10;      ///< the last step's, if the loss has not diverged by then
+    std::int64_t steps = 100;  ///< steps of the sweep, the rate growing by the same factor each
+    std::int64_t batch_size = 32;  ///< examples per step
+    double smoothing = 0.98;  ///< of the loss: an exponential moving average, debiased
+    double diverge = 4;  ///< stop once the smoothed loss exceeds this many times its minimum
+    std::uint64_t seed = 0;  ///< the order of the batches
+    std::string chart;  ///< an SVG of smoothed loss against log10(learning rate); empty: none
+};
+
+/// What train::lr_find measured.
+struct LrFindResult {
+    std::vector<double> lrs;     ///< the rate of each step taken
+    std::vector<double> losses;  ///< the smoothed loss after it
+    /// The rate where the smoothed loss fell fastest against log(rate): a starting point for
+    /// training (Smith 2015's range test, as fastai reads it).
+    double suggested_lr = NAN;
+};
+
+/// Smith's learning-rate range test: trains from `model`'s current weights for up to
+/// options.steps mini-batches with the rate growing exponentially from start_lr to end_lr,
+/// stopping when the loss diverges, then puts the model's and the optimizer's state back as they
+/// were. Written as a callback over fit().
+LrFindResult lr_find(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& forward, const LossFn& loss,
+                     const Dataset& data, const LrFindOptions& options = {});
 
 /// Mean loss (and accuracy) of `model` over `data`, in eval mode and without recording.
 Metrics evaluate(nn::Module& model, const ForwardFn& forward, const LossFn& loss, const Dataset& data,
