@@ -153,6 +153,13 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
 /// The linear recurrence of minGRU, minLSTM and diagonal state-space layers, in one tape entry;
 /// its backward is the same recurrence run the other way.
 Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0 = {}, bool reverse = false);
+/// linear_recurrence in log space for positive coefficients and inputs (Heinsen 2023): from
+/// log_a and log_b [T, ...] (and log_h0, one step's shape; undefined: no initial state), returns
+/// log h_t = log(exp(log_a_t + log h_{t-1}) + exp(log_b_t)) for every step, so long sequences
+/// whose products underflow (minGRU's and minLSTM's gates over thousands of steps) stay finite.
+/// Broadcasting, `reverse`, one tape entry and a differentiable backward as linear_recurrence.
+Tensor log_linear_recurrence(const Tensor& log_a, const Tensor& log_b, const Tensor& log_h0 = {},
+                             bool reverse = false);
 
 // ---- operators ----
 /// add(a, b).
