@@ -282,7 +282,7 @@ struct Recorder : train::Callback {
     std::vector<std::int64_t> steps_seen;
     explicit Recorder(std::int64_t stop) : stop_at(stop) {}
     void on_train_begin(train::FitState&) override { events.push_back("train_begin"); }
-    void on_train_end(train::FitState&) override { events.push_back("train_end"); }
+    void on_train_end(train::FitState& s) override { events.push_back(fmt::format("train_end {}", s.epoch)); }
     void on_epoch_begin(train::FitState& s) override { events.push_back(fmt::format("epoch_begin {}", s.epoch)); }
     void on_epoch_end(train::FitState& s) override
     {
@@ -330,7 +330,7 @@ TEST_CASE("fit's callbacks: every event in order, gradients seen after backward,
     CHECK(history.stopped_early);
     CHECK(history.epochs.size() == 2);
     CHECK(recorder->events == std::vector<std::string>{"train_begin", "epoch_begin 1", "epoch_end 1", "epoch_begin 2",
-                                                        "epoch_end 2", "train_end"});
+                                                        "epoch_end 2", "train_end 2"});
     REQUIRE(recorder->grad_norms.size() == 11);
     CHECK(recorder->steps_seen.front() == 0);  // before the step is counted
     CHECK(recorder->steps_seen.back() == 10);

@@ -330,7 +330,8 @@ History fit(nn::Module& model, optim::Optimizer& optimizer, const ForwardFn& for
     Loop loop{forward, loss, o, callbacks_for(o), state};
     Generator gen(o.seed);
     loop.notify(&Callback::on_train_begin);
-    for (state.epoch = 1; state.epoch <= o.epochs && !state.stop_training; ++state.epoch) {
+    for (std::int64_t epoch = 1; epoch <= o.epochs && !state.stop_training; ++epoch) {
+        state.epoch = epoch;  // on_train_end still sees the last epoch run
         const auto start = std::chrono::steady_clock::now();
         model.train();
         state.epoch_metrics = Metrics();
