@@ -26,6 +26,23 @@ Tensor loop_of_ops(const Tensor& a, const Tensor& b, const Tensor& h0, bool reve
 
 void check_ok(const GradcheckResult& r, const std::string& what) { CHECK_MESSAGE(r.ok, what << ": " << r.report()); }
 
+using Recurrence = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, bool);
+
+// gradcheck and gradgradcheck of a recurrence in both directions: in the coefficients, the
+// inputs and the initial state, and with a gate [T, 1, ...] shared over the batch and no initial state.
+void check_derivatives(Recurrence op, const Tensor& a, const Tensor& b, const Tensor& h0, const Tensor& gate)
+{
+    for (bool reverse : {false, true}) {
+        CAPTURE(reverse);
+        const auto fn = [op, reverse](const std::vector<Tensor>& in) { return op(in[0], in[1], in[2], reverse); };
+        check_ok(gradcheck(fn, {a, b, h0}), "a, b, h0");
+        check_ok(gradgradcheck(fn, {a, b, h0}), "second order");
+        const auto shared = [op, reverse](const std::vector<Tensor>& in) { return tanh(op(in[0], in[1], {}, reverse)); };
+        check_ok(gradcheck(shared, {gate, b}), "a gate shared over the batch");
+        check_ok(gradgradcheck(shared, {gate, b}), "a gate shared over the batch, second order");
+    }
+}
+
 }  // namespace
 
 TEST_CASE("linear_recurrence equals a loop of ops to 1e-12, values and gradients, both directions, with and without h0")
@@ -57,19 +74,7 @@ TEST_CASE("linear_recurrence passes gradcheck and gradgradcheck")
     const Tensor b = random({5, 2, 3}, 6).requires_grad_();
     const Tensor h0 = random({2, 3}, 7).requires_grad_();
     const Tensor gate = random({5, 1, 3}, 8, 0.3, 1.2).requires_grad_();
-    for (bool reverse : {false, true}) {
-        CAPTURE(reverse);
-        const auto fn = [reverse](const std::vector<Tensor>& in) {
-            return linear_recurrence(in[0], in[1], in[2], reverse);
-        };
-        check_ok(gradcheck(fn, {a, b, h0}), "a, b, h0");
-        check_ok(gradgradcheck(fn, {a, b, h0}), "second order");
-        const auto shared = [reverse](const std::vector<Tensor>& in) {
-            return tanh(linear_recurrence(in[0], in[1], {}, reverse));
-        };
-        check_ok(gradcheck(shared, {gate, b}), "a gate shared over the batch");
-        check_ok(gradgradcheck(shared, {gate, b}), "a gate shared over the batch, second order");
-    }
+    check_derivatives(linear_recurrence, a, b, h0, gate);
     const auto one_step = [](const std::vector<Tensor>& in) { return linear_recurrence(in[0], in[1], in[2]); };
     check_ok(gradgradcheck(one_step, {a.narrow(0, 0, 1).detach().requires_grad_(),
                                       b.narrow(0, 0, 1).detach().requires_grad_(), h0}),
@@ -135,19 +140,7 @@ TEST_CASE("log_linear_recurrence passes gradcheck and gradgradcheck")
     const Tensor lb = random({5, 2, 3}, 16, -1, 1).requires_grad_();
     const Tensor lh0 = random({2, 3}, 17, -1, 1).requires_grad_();
     const Tensor gate = random({5, 1, 3}, 18, -1.5, 0.2).requires_grad_();
-    for (bool reverse : {false, true}) {
-        CAPTURE(reverse);
-        const auto fn = [reverse](const std::vector<Tensor>& in) {
-            return log_linear_recurrence(in[0], in[1], in[2], reverse);
-        };
-        check_ok(gradcheck(fn, {la, lb, lh0}), "log_a, log_b, log_h0");
-        check_ok(gradgradcheck(fn, {la, lb, lh0}), "second order");
-        const auto shared = [reverse](const std::vector<Tensor>& in) {
-            return tanh(log_linear_recurrence(in[0], in[1], {}, reverse));
-        };
-        check_ok(gradcheck(shared, {gate, lb}), "a gate shared over the batch, no initial state");
-        check_ok(gradgradcheck(shared, {gate, lb}), "a gate shared over the batch, second order");
-    }
+    check_derivatives(log_linear_recurrence, la, lb, lh0, gate);
 }
 
 TEST_CASE("log_linear_recurrence stays finite where the linear form underflows")
