@@ -12,12 +12,12 @@ struct RangeTest final : Callback {
     const LrFindOptions& o;
     LrFindResult& result;
     double average = 0, best = INFINITY;
+    bool diverged = false;  // the last loss recorded is the one that diverged
     RangeTest(const LrFindOptions& options, LrFindResult& r) : o(options), result(r) {}
 
     double rate(std::int64_t step) const
     {
-        const double t = o.steps == 1 ? 0.0 : double(step) / double(o.steps - 1);
-        return o.start_lr * std::pow(o.end_lr / o.start_lr, t);
+        return o.start_lr * std::pow(o.end_lr / o.start_lr, double(step) / double(o.steps - 1));
     }
     void on_batch_begin(FitState& state) override { state.optimizer.set_lr(rate(state.step)); }
     void on_batch_end(FitState& state) override
@@ -29,7 +29,8 @@ struct RangeTest final : Callback {
         result.lrs.push_back(rate(state.step - 1));
         result.losses.push_back(smoothed);
         best = std::min(best, smoothed);
-        if (!std::isfinite(smoothed) || smoothed > o.diverge * best || state.step >= o.steps) state.stop_training = true;
+        diverged = !std::isfinite(smoothed) || smoothed > o.diverge * best;
+        if (diverged || state.step >= o.steps) state.stop_training = true;
     }
 };
 
@@ -55,7 +56,8 @@ LrFindResult lr_find(nn::Module& model, optim::Optimizer& optimizer, const Forwa
     fo.restore_best = false;
     const std::int64_t batches_per_epoch = (data.size + o.batch_size - 1) / o.batch_size;
     fo.epochs = (o.steps + batches_per_epoch - 1) / batches_per_epoch;
-    fo.callbacks = {std::make_shared<RangeTest>(o, result)};
+    const auto range_test = std::make_shared<RangeTest>(o, result);
+    fo.callbacks = {range_test};
     try {
         (void)fit(model, optimizer, forward, loss, data, {}, fo);
     } catch (...) {
@@ -65,10 +67,11 @@ LrFindResult lr_find(nn::Module& model, optim::Optimizer& optimizer, const Forwa
     }
     model.load_state_dict(weights);
     optimizer.load_state_dict(optimizer_state);
-    // The steepest fall of the smoothed loss against log(rate), before it diverged.
+    // The steepest fall of the smoothed loss against log(rate), before it diverged (the sweep
+    // stopped at the first loss that did, so only the last can have).
     double steepest = INFINITY;
-    for (std::size_t i = 1; i < result.losses.size(); ++i) {
-        if (!std::isfinite(result.losses[i]) || result.losses[i] > o.diverge * *std::min_element(result.losses.begin(), result.losses.begin() + std::ptrdiff_t(i) + 1)) break;
+    const std::size_t usable = result.losses.size() - (range_test->diverged ? 1 : 0);
+    for (std::size_t i = 1; i < usable; ++i) {
         const double slope = (result.losses[i] - result.losses[i - 1]) / std::log(result.lrs[i] / result.lrs[i - 1]);
         if (slope < steepest) steepest = slope, result.suggested_lr = result.lrs[i];
     }

@@ -264,14 +264,16 @@ void TensorBoardLogger::after_backward(FitState& state)
 {
     const std::int64_t step = state.step + 1;  // the step about to be taken
     if (!state.main_process || histograms_every_ == 0 || step % histograms_every_ != 0) return;
-    NoGradGuard no_grad;
-    for (const auto& [name, p] : state.model.named_parameters()) {
+    const nn::NamedTensors parameters = state.model.named_parameters();
+    const GradientReport norms = gradient_report(parameters);  // rows in the parameters' order
+    for (std::size_t k = 0; k < parameters.size(); ++k) {
+        const auto& [name, p] = parameters[k];
         writer_->add_histogram("weights/" + name, p, step);
-        writer_->add_scalar("weight_norm/" + name, p.to(kFloat64).norm().item<double>(), step);
+        writer_->add_scalar("weight_norm/" + name, norms.rows[k].weight_norm, step);
         const Tensor g = p.grad();
         if (!g.defined()) continue;
         writer_->add_histogram("gradients/" + name, g, step);
-        writer_->add_scalar("grad_norm/" + name, g.to(kFloat64).norm().item<double>(), step);
+        writer_->add_scalar("grad_norm/" + name, norms.rows[k].grad_norm, step);
     }
 }
 
