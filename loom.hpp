@@ -10,6 +10,7 @@
 #include "autograd/function.hpp"
 #include "autograd/gradcheck.hpp"
 #include "autograd/ops.hpp"
+#include "autograd/profiler.hpp"
 #include "autograd/tape.hpp"
 #include "nn/init.hpp"
 #include "nn/layers.hpp"

@@ -1,5 +1,6 @@
 // Anomaly mode and scopes: thread-local like the tape.
 #include "tape_internal.hpp"
+#include "profiler.hpp"
 
 #include <cmath>
 
@@ -92,9 +93,11 @@ Scope::Scope(std::string name) : id_(next_scope_id++)
 {
     scope_parts.emplace_back(id_, std::move(name));
     rebuild_scope_path();
+    profile_event_ = detail::begin_scope_event(scope_parts.back().second);
 }
 Scope::~Scope()
 {
+    detail::end_scope_event(profile_event_);
     // Its own part, wherever it is: a Scope may be destroyed out of order (held in a container).
     std::erase_if(scope_parts, [this](const auto& part) { return part.first == id_; });
     rebuild_scope_path();

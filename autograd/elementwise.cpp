@@ -4,6 +4,7 @@
 #include "../core/kernels.hpp"
 #include "../core/math.hpp"
 #include "ops.hpp"
+#include "profiler.hpp"
 #include "tape.hpp"
 
 namespace loom {
@@ -67,6 +68,7 @@ Tensor sigmoid_backward(const Tensor& g, const Tensor& y)
 
 Tensor add(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("add");
     Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return wrapping_add(x, y); });
     return record("add", {a, b}, out, {}, [](const BackwardContext& c) {
         return Grads{reduce_to(c, 0, c.grad()), reduce_to(c, 1, c.grad())};
@@ -75,6 +77,7 @@ Tensor add(const Tensor& a, const Tensor& b)
 
 Tensor sub(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("sub");
     Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return wrapping_sub(x, y); });
     return record("sub", {a, b}, out, {}, [](const BackwardContext& c) {
         return Grads{reduce_to(c, 0, c.grad()), c.needs[1] ? reduce_to(c, 1, -c.grad()) : Tensor()};
@@ -83,6 +86,7 @@ Tensor sub(const Tensor& a, const Tensor& b)
 
 Tensor mul(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("mul");
     Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return wrapping_mul(x, y); });
     return record("mul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
@@ -93,6 +97,7 @@ Tensor mul(const Tensor& a, const Tensor& b)
 
 Tensor div(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("div");
     Tensor out = kernels::zip_floating("div", a, b, [](auto x, auto y) { return x / y; });
     return record("div", {a, b}, out, {b, out}, [](const BackwardContext& c) {
         const Tensor &y = c.saved[0], &q = c.saved[1];
@@ -103,6 +108,7 @@ Tensor div(const Tensor& a, const Tensor& b)
 
 Tensor pow(const Tensor& base, const Tensor& exponent)
 {
+    const autograd::detail::ProfiledOp profiled("pow");
     Tensor out = kernels::zip_floating("pow", base, exponent, [](auto x, auto e) { return std::pow(x, e); });
     return record("pow", {base, exponent}, out, {base, exponent, out}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &e = c.saved[1], &y = c.saved[2];
@@ -119,6 +125,7 @@ Tensor pow(const Tensor& base, const Tensor& exponent)
 
 Tensor pow(const Tensor& base, double exponent)
 {
+    const autograd::detail::ProfiledOp profiled("pow");
     // A square is x * x, correctly rounded, at a fraction of std::pow's cost: losses and norms square a lot.
     Tensor out = exponent == 2 ? kernels::map_floating("pow", base, [](auto x) { return x * x; })
                                : kernels::map_floating("pow", base, [exponent](auto x) {
@@ -134,6 +141,7 @@ namespace {
 // Share of the gradient that goes to `a` in maximum(a, b) (Max) or minimum(a, b): 1, 0, or 1/2 on ties.
 template <bool Max> Tensor extremum(const char* op, const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled(op);
     Tensor out = kernels::zip_floating(op, a, b, [](auto x, auto y) {
         if (std::isnan(x) || std::isnan(y)) return x + y;
         return Max ? std::max(x, y) : std::min(x, y);
@@ -158,24 +166,28 @@ Tensor minimum(const Tensor& a, const Tensor& b) { return extremum<false>("minim
 
 Tensor neg(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("neg");
     Tensor out = kernels::map_numeric("neg", x, [](auto v) { return wrapping_sub(decltype(v)(0), v); });
     return record("neg", {x}, out, {}, [](const BackwardContext& c) { return Grads{-c.grad()}; });
 }
 
 Tensor exp(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("exp");
     Tensor out = kernels::map_floating("exp", x, [](auto v) { return std::exp(v); });
     return record("exp", {x}, out, {out}, [](const BackwardContext& c) { return Grads{c.grad() * c.saved[0]}; });
 }
 
 Tensor log(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("log");
     Tensor out = kernels::map_floating("log", x, [](auto v) { return std::log(v); });
     return record("log", {x}, out, {x}, [](const BackwardContext& c) { return Grads{c.grad() / c.saved[0]}; });
 }
 
 Tensor sqrt(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("sqrt");
     Tensor out = kernels::map_floating("sqrt", x, [](auto v) { return std::sqrt(v); });
     return record("sqrt", {x}, out, {out}, [](const BackwardContext& c) {
         return Grads{c.grad() / (2.0 * c.saved[0])};
@@ -184,6 +196,7 @@ Tensor sqrt(const Tensor& x)
 
 Tensor abs(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("abs");
     Tensor out = kernels::map_numeric("abs", x, [](auto v) { return v < 0 ? wrapping_sub(decltype(v)(0), v) : v; });
     return record("abs", {x}, out, {x}, [](const BackwardContext& c) {
         return Grads{masked_gradient("abs_backward", c.grad(), c.saved[0], [](auto g, auto v) {
@@ -194,12 +207,14 @@ Tensor abs(const Tensor& x)
 
 Tensor tanh(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("tanh");
     Tensor out = kernels::map_floating("tanh", x, [](auto v) { return tanh_of(v); });
     return record("tanh", {x}, out, {out}, [](const BackwardContext& c) { return Grads{tanh_backward(c.grad(), c.saved[0])}; });
 }
 
 Tensor sigmoid(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("sigmoid");
     Tensor out = kernels::map_floating("sigmoid", x, [](auto v) { return 1 / (1 + std::exp(-v)); });
     return record("sigmoid", {x}, out, {out}, [](const BackwardContext& c) {
         return Grads{sigmoid_backward(c.grad(), c.saved[0])};
@@ -208,6 +223,7 @@ Tensor sigmoid(const Tensor& x)
 
 Tensor relu(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("relu");
     Tensor out = kernels::map_floating("relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); });
     return record("relu", {x}, out, {out}, [](const BackwardContext& c) {
         return Grads{masked_gradient("relu_backward", c.grad(), c.saved[0], [](auto g, auto y) {
@@ -218,6 +234,7 @@ Tensor relu(const Tensor& x)
 
 Tensor clamp(const Tensor& x, std::optional<double> min, std::optional<double> max)
 {
+    const autograd::detail::ProfiledOp profiled("clamp");
     LOOM_CHECK(min || max, "clamp", "expects at least one of min and max");
     LOOM_CHECK(!min || !max || *min <= *max, "clamp", "expects min <= max, got min={} max={}", *min, *max);
     if (min) check_scalar_fits("clamp", *min, x.dtype());
@@ -238,6 +255,7 @@ Tensor clamp(const Tensor& x, std::optional<double> min, std::optional<double> m
 
 Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("where");
     LOOM_CHECK(cond.dtype() == kBool, "where", "expects a bool condition, got {}", cond.dtype());
     kernels::check_same_dtype("where", a, b);
     const Shape shape = broadcast_shapes("where", cond.sizes(), broadcast_shapes("where", a.sizes(), b.sizes()));
@@ -260,6 +278,7 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b)
 
 Tensor masked_fill(const Tensor& x, const Tensor& mask, double value)
 {
+    const autograd::detail::ProfiledOp profiled("masked_fill");
     LOOM_CHECK(broadcast_shapes("masked_fill", x.sizes(), mask.sizes()) == x.sizes(), "masked_fill",
                "mask of shape {} does not broadcast to the input's shape {}", mask.sizes(), x.sizes());
     return where(mask, scalar_operand("masked_fill", value, x), x);
@@ -270,6 +289,7 @@ Tensor masked_fill(const Tensor& x, const Tensor& mask, double value)
 #define LOOM_COMPARISON(name, expr)                                                             \
     Tensor name(const Tensor& a, const Tensor& b)                                             \
     {                                                                                         \
+        const autograd::detail::ProfiledOp profiled(#name);                                   \
         return kernels::zip_any(#name, a, b, [](auto x, auto y) { return static_cast<bool>(expr); }); \
     }
 LOOM_COMPARISON(eq, x == y)
@@ -289,12 +309,14 @@ void check_bool(std::string_view op, const Tensor& t)
 
 Tensor logical_not(const Tensor& mask)
 {
+    const autograd::detail::ProfiledOp profiled("logical_not");
     check_bool("logical_not", mask);
     return kernels::map_typed<bool>(mask, [](bool v) { return !v; });
 }
 
 Tensor logical_and(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("logical_and");
     check_bool("logical_and", a);
     check_bool("logical_and", b);
     return kernels::zip_any("logical_and", a, b, [](auto x, auto y) { return static_cast<bool>(x && y); });
@@ -302,6 +324,7 @@ Tensor logical_and(const Tensor& a, const Tensor& b)
 
 Tensor logical_or(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("logical_or");
     check_bool("logical_or", a);
     check_bool("logical_or", b);
     return kernels::zip_any("logical_or", a, b, [](auto x, auto y) { return static_cast<bool>(x || y); });

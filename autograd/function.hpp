@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "profiler.hpp"
 #include "tape.hpp"
 
 namespace loom::autograd {
@@ -78,6 +79,7 @@ template <class Op> struct Function {
     /// not compile, as its tensors would get no gradient.
     template <detail::TensorNotInsideAVector... Args> static auto apply(Args&&... args)
     {
+        const detail::ProfiledOp profiled(Op::name);
         std::vector<Tensor> inputs;
         (detail::collect_tensor(inputs, args), ...);
         auto ctx = std::make_shared<AutogradContext>();

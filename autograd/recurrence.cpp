@@ -9,6 +9,7 @@
 
 #include "../core/kernels.hpp"
 #include "ops.hpp"
+#include "profiler.hpp"
 #include "tape.hpp"
 
 namespace loom {
@@ -144,6 +145,7 @@ void check_recurrence_arguments(const char* op, const Tensor& a, const Tensor& b
 
 Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0, bool reverse)
 {
+    const autograd::detail::ProfiledOp profiled("linear_recurrence");
     const char* op = "linear_recurrence";
     check_recurrence_arguments(op, a, b, h0, "a", "b", "h0");
     const std::int64_t steps = b.size(0), n = b.numel() / steps;
@@ -192,6 +194,7 @@ Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0, boo
 
 Tensor log_linear_recurrence(const Tensor& log_a, const Tensor& log_b, const Tensor& log_h0, bool reverse)
 {
+    const autograd::detail::ProfiledOp profiled("log_linear_recurrence");
     const char* op = "log_linear_recurrence";
     check_recurrence_arguments(op, log_a, log_b, log_h0, "log_a", "log_b", "log_h0");
     const std::int64_t steps = log_b.size(0), n = log_b.numel() / steps;

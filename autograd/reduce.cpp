@@ -5,6 +5,7 @@
 
 #include "../core/kernels.hpp"
 #include "ops.hpp"
+#include "profiler.hpp"
 #include "tape.hpp"
 
 namespace loom {
@@ -47,6 +48,7 @@ std::int64_t reduced_count(std::string_view op, const Tensor& x, const Shape& di
 // amax/amin: the gradient is shared among the elements equal to the extreme value.
 Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim, bool is_max)
 {
+    const autograd::detail::ProfiledOp profiled(op);
     Tensor out = is_max ? kernels::amax(x, dims, keepdim) : kernels::amin(x, dims, keepdim);
     return record(op, {x}, out, {x, out}, [op, dims, keepdim](const BackwardContext& c) {
         const Tensor& in = c.saved[0];
@@ -65,6 +67,7 @@ Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim,
 
 Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 {
+    const autograd::detail::ProfiledOp profiled("sum");
     Tensor out = kernels::sum(x, dims, keepdim);
     return record("sum", {x}, out, {}, [dims, keepdim](const BackwardContext& c) {
         return Grads{unreduce(c.grad(), c.input_shape(0), dims, keepdim)};
@@ -73,6 +76,7 @@ Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 
 Tensor mean(const Tensor& x, const Shape& dims, bool keepdim)
 {
+    const autograd::detail::ProfiledOp profiled("mean");
     check_floating("mean", x.dtype());
     const std::int64_t n = reduced_count("mean", x, dims);
     return sum(x, dims, keepdim) / static_cast<double>(n);
@@ -86,6 +90,7 @@ Tensor argmin(const Tensor& x, std::optional<std::int64_t> dim, bool keepdim) { 
 
 Tensor var(const Tensor& x, const Shape& dims, bool unbiased, bool keepdim)
 {
+    const autograd::detail::ProfiledOp profiled("var");
     check_floating("var", x.dtype());
     const std::int64_t n = reduced_count("var", x, dims);
     LOOM_CHECK(n > (unbiased ? 1 : 0), "var", "needs at least {} elements to reduce, got {} (shape {})",
@@ -96,6 +101,7 @@ Tensor var(const Tensor& x, const Shape& dims, bool unbiased, bool keepdim)
 
 Tensor norm(const Tensor& x, double p, const Shape& dims, bool keepdim)
 {
+    const autograd::detail::ProfiledOp profiled("norm");
     check_floating("norm", x.dtype());
     LOOM_CHECK(p > 0, "norm", "expects p > 0 (or infinity), got {}", p);
     reduced_count("norm", x, dims);
@@ -107,6 +113,7 @@ Tensor norm(const Tensor& x, double p, const Shape& dims, bool keepdim)
 
 Tensor softmax(const Tensor& x, std::int64_t dim)
 {
+    const autograd::detail::ProfiledOp profiled("softmax");
     // Shifting by the (constant) max changes nothing mathematically and keeps exp from overflowing.
     const Tensor e = exp(x - kernels::amax(x, {dim}, true));
     return e / sum(e, {dim}, true);
@@ -114,12 +121,14 @@ Tensor softmax(const Tensor& x, std::int64_t dim)
 
 Tensor log_softmax(const Tensor& x, std::int64_t dim)
 {
+    const autograd::detail::ProfiledOp profiled("log_softmax");
     const Tensor shifted = x - kernels::amax(x, {dim}, true);
     return shifted - log(sum(exp(shifted), {dim}, true));
 }
 
 Tensor masked_softmax(const Tensor& x, const Tensor& mask, std::int64_t dim)
 {
+    const autograd::detail::ProfiledOp profiled("masked_softmax");
     check_floating("masked_softmax", x.dtype());
     LOOM_CHECK(mask.dtype() == kBool, "masked_softmax", "expects a bool mask (true = leave out), got {}", mask.dtype());
     const std::int64_t d = wrap_indexed_dim("masked_softmax", dim, x.dim());

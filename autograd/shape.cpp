@@ -1,6 +1,7 @@
 // Views, copies, joins and indexing. A view's backward lays the gradient back out in the input's shape.
 #include "../core/kernels.hpp"
 #include "ops.hpp"
+#include "profiler.hpp"
 #include "tape.hpp"
 
 namespace loom {
@@ -13,6 +14,7 @@ namespace {
 
 Tensor reshape_back(const char* op, const Tensor& x, Tensor out)
 {
+    const autograd::detail::ProfiledOp profiled(op);
     return record(op, {x}, out, {}, [](const BackwardContext& c) {
         return Grads{reshape(c.grad(), c.input_shape(0))};
     });
@@ -27,6 +29,7 @@ Tensor unsqueeze(const Tensor& x, std::int64_t dim) { return reshape_back("unsqu
 
 Tensor permute(const Tensor& x, const Shape& dims)
 {
+    const autograd::detail::ProfiledOp profiled("permute");
     Tensor out = kernels::permute(x, dims);
     Shape inverse(dims.size());
     for (std::size_t i = 0; i < dims.size(); ++i) inverse[wrap_dim("permute", dims[i], x.dim())] = static_cast<std::int64_t>(i);
@@ -37,6 +40,7 @@ Tensor permute(const Tensor& x, const Shape& dims)
 
 Tensor transpose(const Tensor& x, std::int64_t dim0, std::int64_t dim1)
 {
+    const autograd::detail::ProfiledOp profiled("transpose");
     const std::int64_t d0 = wrap_dim("transpose", dim0, x.dim()), d1 = wrap_dim("transpose", dim1, x.dim());
     if (x.dim() == 0) return x;  // a 0-d tensor transposes to itself, as in PyTorch
     Shape dims(x.dim());
@@ -47,6 +51,7 @@ Tensor transpose(const Tensor& x, std::int64_t dim0, std::int64_t dim1)
 
 Tensor expand(const Tensor& x, const Shape& shape)
 {
+    const autograd::detail::ProfiledOp profiled("expand");
     Tensor out = kernels::expand(x, shape);
     return record("expand", {x}, out, {}, [](const BackwardContext& c) {
         return Grads{sum_to(c.grad(), c.input_shape(0))};
@@ -55,6 +60,7 @@ Tensor expand(const Tensor& x, const Shape& shape)
 
 Tensor sum_to(const Tensor& x, const Shape& shape)
 {
+    const autograd::detail::ProfiledOp profiled("sum_to");
     if (x.sizes() == shape) return x;  // the common case, first: it runs in every add's backward
     LOOM_CHECK(broadcast_shapes("sum_to", shape, x.sizes()) == x.sizes(), "sum_to",
                "shape {} does not broadcast to the input's shape {}", shape, x.sizes());
@@ -68,6 +74,7 @@ Tensor broadcast_to(const Tensor& x, const Shape& shape) { return expand(x, shap
 
 Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step)
 {
+    const autograd::detail::ProfiledOp profiled("slice");
     Tensor out = kernels::slice(x, dim, start, end, step);
     return autograd::record_region("slice", x, out, [dim, start, end, step](const Tensor& whole) {
         return kernels::slice(whole, dim, start, end, step);
@@ -76,6 +83,7 @@ Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t
 
 Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t length)
 {
+    const autograd::detail::ProfiledOp profiled("narrow");
     const std::int64_t d = wrap_indexed_dim("narrow", dim, x.dim());
     const std::int64_t n = x.sizes()[d];
     if (start < 0 && start >= -n) start += n;
@@ -87,6 +95,7 @@ Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_
 
 Tensor select(const Tensor& x, std::int64_t dim, std::int64_t index)
 {
+    const autograd::detail::ProfiledOp profiled("select");
     Tensor out = kernels::select(x, dim, index);
     return autograd::record_region("select", x, out,
                                    [dim, index](const Tensor& whole) { return kernels::select(whole, dim, index); });
@@ -98,6 +107,7 @@ namespace {
 // as a differentiable op.
 Tensor index_add(const Shape& shape, std::int64_t d, const Tensor& index, const Tensor& source)
 {
+    const autograd::detail::ProfiledOp profiled("index_add");
     Tensor z = zeros(shape, source.dtype());
     kernels::index_add_into(z, d, index, source);
     return record("index_add", {source}, z, {index}, [d](const BackwardContext& c) {
@@ -108,6 +118,7 @@ Tensor index_add(const Shape& shape, std::int64_t d, const Tensor& index, const 
 // Zeros of `shape` with `source` added at `index` along dim d: gather's gradient, as a differentiable op.
 Tensor scatter_add(const Shape& shape, std::int64_t d, const Tensor& index, const Tensor& source)
 {
+    const autograd::detail::ProfiledOp profiled("scatter_add");
     Tensor z = zeros(shape, source.dtype());
     kernels::scatter_add_into(z, d, index, kernels::contiguous(source));
     return record("scatter_add", {source}, z, {index}, [d](const BackwardContext& c) {
@@ -119,6 +130,7 @@ Tensor scatter_add(const Shape& shape, std::int64_t d, const Tensor& index, cons
 
 Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
 {
+    const autograd::detail::ProfiledOp profiled("index_select");
     Tensor out = kernels::index_select(x, dim, index);
     const std::int64_t d = wrap_indexed_dim("index_select", dim, x.dim());
     return record("index_select", {x}, out, {index}, [d](const BackwardContext& c) {
@@ -128,6 +140,7 @@ Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
 
 Tensor gather(const Tensor& x, std::int64_t dim, const Tensor& index)
 {
+    const autograd::detail::ProfiledOp profiled("gather");
     Tensor out = kernels::gather(x, dim, index);
     const std::int64_t d = wrap_indexed_dim("gather", dim, x.dim());
     return record("gather", {x}, out, {index}, [d](const BackwardContext& c) {
@@ -137,17 +150,20 @@ Tensor gather(const Tensor& x, std::int64_t dim, const Tensor& index)
 
 Tensor contiguous(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("contiguous");
     if (x.is_contiguous()) return x;
     return clone(x);
 }
 
 Tensor clone(const Tensor& x)
 {
+    const autograd::detail::ProfiledOp profiled("clone");
     return record("clone", {x}, kernels::clone(x), {}, [](const BackwardContext& c) { return Grads{c.grad()}; });
 }
 
 Tensor to(const Tensor& x, DType dtype)
 {
+    const autograd::detail::ProfiledOp profiled("to");
     if (x.dtype() == dtype) return x;
     Tensor out = kernels::to(x, dtype);
     if (!is_floating(dtype)) return out;  // an integer or bool result carries no gradient
@@ -158,6 +174,7 @@ Tensor to(const Tensor& x, DType dtype)
 
 Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim)
 {
+    const autograd::detail::ProfiledOp profiled("concat");
     Tensor out = kernels::concat(tensors, dim);
     Shape sizes;
     for (const Tensor& t : tensors) sizes.push_back(t.sizes()[wrap_dim("concat", dim, t.dim())]);
@@ -175,6 +192,7 @@ Tensor concat(const std::vector<Tensor>& tensors, std::int64_t dim)
 
 Tensor stack(const std::vector<Tensor>& tensors, std::int64_t dim)
 {
+    const autograd::detail::ProfiledOp profiled("stack");
     LOOM_CHECK(!tensors.empty(), "stack", "expects at least one tensor");
     const std::int64_t d = wrap_dim("stack", dim, tensors[0].dim() + 1);
     std::vector<Tensor> parts;
@@ -188,6 +206,7 @@ Tensor stack(const std::vector<Tensor>& tensors, std::int64_t dim)
 
 std::vector<Tensor> split(const Tensor& x, std::int64_t split_size, std::int64_t dim)
 {
+    const autograd::detail::ProfiledOp profiled("split");
     LOOM_CHECK(split_size > 0, "split", "expects a positive split size, got {}", split_size);
     const std::int64_t d = wrap_indexed_dim("split", dim, x.dim());
     std::vector<Tensor> parts;
@@ -205,6 +224,7 @@ std::vector<Tensor> split(const Tensor& x, std::int64_t split_size, std::int64_t
 
 std::vector<Tensor> chunk(const Tensor& x, std::int64_t chunks, std::int64_t dim)
 {
+    const autograd::detail::ProfiledOp profiled("chunk");
     LOOM_CHECK(chunks > 0, "chunk", "expects a positive number of chunks, got {}", chunks);
     const std::int64_t n = x.sizes()[wrap_indexed_dim("chunk", dim, x.dim())];
     return split(x, n == 0 ? 1 : (n - 1) / chunks + 1, dim);  // ceil(n / chunks) without overflow
@@ -212,6 +232,7 @@ std::vector<Tensor> chunk(const Tensor& x, std::int64_t chunks, std::int64_t dim
 
 Tensor one_hot(const Tensor& indices, std::int64_t num_classes, DType dtype)
 {
+    const autograd::detail::ProfiledOp profiled("one_hot");
     return kernels::one_hot(indices, num_classes, dtype);
 }
 
@@ -222,6 +243,7 @@ namespace {
 // a [..., n, k] @ b [..., k, m] with identical batch dims: the one matmul primitive.
 Tensor bmm(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("bmm");
     Tensor out = kernels::bmm(a, b);
     return record("matmul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
@@ -245,6 +267,7 @@ Tensor bmm(const Tensor& a, const Tensor& b)
 
 Tensor matmul(const Tensor& a, const Tensor& b)
 {
+    const autograd::detail::ProfiledOp profiled("matmul");
     LOOM_CHECK(a.dim() >= 1 && b.dim() >= 1, "matmul", "expects operands of at least 1 dim, got {} and {}", a.sizes(),
                b.sizes());
     kernels::check_same_dtype("matmul", a, b);
@@ -269,6 +292,7 @@ Tensor matmul(const Tensor& a, const Tensor& b)
 
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
 {
+    const autograd::detail::ProfiledOp profiled("linear");
     LOOM_CHECK(weight.dim() == 2, "linear", "expects weight [out_features, in_features], got shape {}",
                weight.sizes());
     const std::int64_t out_features = weight.sizes()[0], in_features = weight.sizes()[1];

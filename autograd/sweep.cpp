@@ -10,6 +10,7 @@
 #include "../core/allocator.hpp"
 #include "../core/kernels.hpp"
 #include "ops.hpp"
+#include "profiler.hpp"
 
 namespace loom {
 
@@ -306,6 +307,8 @@ struct Sweep final : autograd::GradientSums {
             std::vector<Tensor> input_grads;
             {
                 const autograd::detail::InnerOps in_backward;
+                const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name,
+                                                             &entries[i].scope);
                 input_grads = running.backward(ctx);
             }
             if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);
@@ -476,6 +479,7 @@ Tensor Tensor::detach() const { return kernels::alias(*this); }
 
 void Tensor::backward(const Tensor& gradient, std::optional<bool> retain_graph, bool create_graph) const
 {
+    const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Sweep, "backward()");
     const auto& node = node_of("backward", *this, "the tensor");
     check_this_thread("backward", *node);
     Tensor seed = seed_for("backward", *this, gradient);
@@ -492,6 +496,7 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
                                  const std::vector<Tensor>& grad_outputs, bool retain_graph, bool allow_unused,
                                  bool create_graph, std::uint64_t first)
 {
+    const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Sweep, "grad()");
     LOOM_CHECK(!outputs.empty(), "grad", "expects at least one output");
     LOOM_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), "grad",
                "got {} grad_outputs for {} outputs", grad_outputs.size(), outputs.size());

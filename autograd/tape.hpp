@@ -337,6 +337,7 @@ public:
 
 private:
     std::uint64_t id_;
+    std::int64_t profile_event_ = -1;
 };
 /// The current scope path ("" outside any Scope).
 std::string current_scope();

@@ -131,8 +131,15 @@ void* checked_malloc(std::size_t n)
 
 }  // namespace
 
+namespace {
+[[gnu::tls_model("initial-exec")]] thread_local std::uint64_t bytes_requested = 0;
+}  // namespace
+
+std::uint64_t storage_bytes_requested() { return bytes_requested; }
+
 void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity)
 {
+    bytes_requested += nbytes;
     if (!LOOM_STORAGE_CACHE || nbytes > kLargestCachedBlock) {
         capacity = nbytes;
         return checked_malloc(nbytes);

@@ -10,6 +10,7 @@
 /// AddressSanitizer the cache is off, so every use after free is still caught.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <new>
 
 namespace loom {
@@ -57,6 +58,9 @@ template <class T> struct PoolAllocator {
 /// A block of at least `nbytes` (16-byte aligned); `capacity` receives its real size, which
 /// free_storage_bytes must be given back. Throws loom::Error when memory runs out.
 void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity);
+/// Bytes this thread has asked allocate_storage_bytes for since it started (what the profiler
+/// reports as allocated).
+std::uint64_t storage_bytes_requested();
 /// Returns a block from allocate_storage_bytes.
 void free_storage_bytes(void* data, std::size_t capacity) noexcept;
 

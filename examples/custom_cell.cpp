@@ -5,11 +5,14 @@
 // tape gives its gradients. The program
 //   1. gradchecks the cell (float64, 2 layers, bidirectional, variable lengths), then
 //   2. trains it to output the sum of 20 numbers drawn from U(-1, 1), scaled by 1/sqrt(20), against
-//      the baseline of always answering 0 (MSE = the target's variance, 1/3).
-// Expected output: "gradcheck passed ..." then a loss falling well below the baseline.
+//      the baseline of always answering 0 (MSE = the target's variance, 1/3);
+//   3. profiles ten more training steps: where a step's time goes, op by op and by scope
+//      (`custom_cell --trace step.json` also writes the timeline for ui.perfetto.dev).
+// Expected output: "gradcheck passed ...", a loss falling well below the baseline, the profile.
 #include <loom/loom.hpp>
 
 #include <cstdio>
+#include <string>
 
 using namespace loom;
 
@@ -18,7 +21,7 @@ using namespace loom;
 // adding_problem.cpp can race the very same cell against the built-in ones.
 #include "minimal_gated_unit.hpp"
 
-int main()
+int main(int argc, char** argv)
 {
     manual_seed(0);
 
@@ -42,22 +45,40 @@ int main()
                 params.size(), 1.0 / 3);
 
     const double lr = 0.1;
-    double first = 0, last = 0;
-    for (int step = 0; step <= 1000; ++step) {
+    const auto train_step = [&] {
         const Tensor x = uniform({T, B, 1}, -1, 1);
         const Tensor target = x.sum({0}) / std::sqrt(double(T));  // [B, 1], variance 1/3
-        const Tensor prediction = head(rnn(x).output.select(0, T - 1));
-        const Tensor loss = nn::mse_loss(prediction, target);
+        Tensor prediction;
+        {
+            autograd::Scope scope("recurrent layer");
+            prediction = rnn(x).output.select(0, T - 1);
+        }
+        autograd::Scope scope("head and loss");
+        const Tensor loss = nn::mse_loss(head(prediction), target);
         for (auto& p : params) p.zero_grad();
         loss.backward();
         {
             NoGradGuard no_grad;
             for (auto& p : params) p.add_(p.grad(), -lr);
         }
-        last = loss.item<double>();
+        return loss.item<double>();
+    };
+    double first = 0, last = 0;
+    for (int step = 0; step <= 1000; ++step) {
+        last = train_step();
         if (step == 0) first = last;
         if (step % 200 == 0) std::printf("step %4d  mse %.5f\n", step, last);
     }
     std::printf("mse fell from %.4f to %.5f: %.0fx below the baseline\n", first, last, (1.0 / 3) / last);
+
+    // 3. Where a step's time goes: ten steps under the profiler.
+    autograd::Profiler profiler;
+    for (int step = 0; step < 10; ++step) train_step();
+    profiler.stop();
+    std::printf("\nten training steps, profiled:\n%s", profiler.table(12).c_str());
+    if (argc == 3 && std::string(argv[1]) == "--trace") {
+        profiler.chrome_trace(argv[2]);
+        std::printf("timeline: %s\n", argv[2]);
+    }
     return last < (1.0 / 3) / 5 ? 0 : 1;
 }

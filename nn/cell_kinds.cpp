@@ -20,6 +20,7 @@
 #include "../core/kernels.hpp"
 #include "../core/math.hpp"
 #include "../autograd/ops.hpp"
+#include "../autograd/profiler.hpp"
 #include "../autograd/tape.hpp"
 
 namespace loom::nn {
@@ -342,6 +343,7 @@ template <class T, class K> struct FusedLayer {
 // The fused layer, written once over a kind K.
 template <class T, class K> RecurrentOutput run(const FusedArgs& a)
 {
+    const autograd::detail::ProfiledOp profiled(K::name);
     constexpr std::size_t S = K::states;
     const DType dt = a.x.dtype();
     // Every step's rows go to BLAS as one int-sized matrix: refuse before allocating anything.

@@ -1,5 +1,7 @@
 #include "loss.hpp"
 
+#include "../autograd/profiler.hpp"
+
 namespace loom::nn {
 
 namespace {
@@ -55,6 +57,7 @@ Tensor reduce_counted(const Tensor& losses, const Tensor& counted, Reduction red
 
 Tensor mse_loss(const Tensor& input, const Tensor& target, Reduction reduction)
 {
+    const autograd::detail::ProfiledOp profiled("mse_loss");
     LOOM_CHECK(input.sizes() == target.sizes(), "mse_loss", "input shape {} and target shape {} differ",
                input.sizes(), target.sizes());
     const Tensor d = input - target;
@@ -63,6 +66,7 @@ Tensor mse_loss(const Tensor& input, const Tensor& target, Reduction reduction)
 
 Tensor nll_loss(const Tensor& log_probs, const Tensor& target, std::int64_t ignore_index, Reduction reduction)
 {
+    const autograd::detail::ProfiledOp profiled("nll_loss");
     const auto [lp, t] = class_batch("nll_loss", log_probs, target, ignore_index);
     const auto [losses, counted] = picked_nll(lp, t, ignore_index);
     return reduce_counted(losses, counted, reduction, log_probs.dim() == 2);
@@ -70,6 +74,7 @@ Tensor nll_loss(const Tensor& log_probs, const Tensor& target, std::int64_t igno
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& target, const CrossEntropyOptions& o)
 {
+    const autograd::detail::ProfiledOp profiled("cross_entropy");
     LOOM_CHECK(o.label_smoothing >= 0 && o.label_smoothing <= 1, "cross_entropy",
                "label_smoothing must be in [0, 1], got {}", o.label_smoothing);
     const auto [x, t] = class_batch("cross_entropy", logits, target, o.ignore_index);
@@ -85,6 +90,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& target, const CrossEntr
 
 Tensor binary_cross_entropy_with_logits(const Tensor& logits, const Tensor& target, Reduction reduction)
 {
+    const autograd::detail::ProfiledOp profiled("binary_cross_entropy_with_logits");
     LOOM_CHECK(logits.sizes() == target.sizes(), "binary_cross_entropy_with_logits",
                "logits shape {} and target shape {} differ", logits.sizes(), target.sizes());
     return reduce(relu(logits) - logits * target + log(1.0 + exp(-abs(logits))), reduction);

@@ -7,6 +7,7 @@
 #include <set>
 
 #include "../autograd/ops.hpp"
+#include "../autograd/profiler.hpp"
 #include "../autograd/tape.hpp"
 
 namespace loom::optim {
@@ -115,6 +116,7 @@ void Optimizer::set_lr(double lr)
 
 void Optimizer::step()
 {
+    const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Step, "optimizer step");
     NoGradGuard no_grad;
     for (std::size_t i = 0; i < params_.size(); ++i) {
         const Tensor& p = params_[i];

@@ -27,8 +27,9 @@ check readme_rnn "prints the loss and dL/db" "$(grep -q '^dL/db tensor' readme_r
 last=$(tail -n 1 readme_training.out | awk '{print $4}')
 check readme_training "loss $last, well below ln 8 = 2.08" "$(ratio_ok "$last" 2.08 0.5)"
 
-"$examples/custom_cell" > custom_cell.out  # exits non-zero unless its gradcheck passes and it learns
-check custom_cell "$(tail -n 1 custom_cell.out)" 1
+"$examples/custom_cell" --trace trace.json > custom_cell.out  # exits non-zero unless its gradcheck passes and it learns
+check custom_cell "$(grep '^mse fell' custom_cell.out); a profile and a timeline" \
+    "$(grep -q '^(sweep bookkeeping)' custom_cell.out && grep -q '"traceEvents":\[{' trace.json && echo 1 || echo 0)"
 
 "$examples/extending" > extending.out  # exits non-zero unless its op gradchecks and its optimizer learns
 check extending "$(sed -n 2p extending.out)" 1
