@@ -24,3 +24,4 @@
 #include "optim/schedule.hpp"
 #include "train/train.hpp"
 #include "train/tensorboard.hpp"
+#include "train/report.hpp"

@@ -7,6 +7,8 @@
 //      clip_grad_norm: gradient norm and loss per step, as two SVGs.
 //   3. A deep stack of 4 tanh RNN layers with and without residual connections between layers:
 //      |dL/dh_t| reaching each layer, as a table and an SVG.
+// Every chart also goes into one page, gradient_flow.html, with the curves of parts 1 and 3 as
+// heatmaps (a row per model or layer, a column per time step).
 #include <loom/loom.hpp>
 
 #include <CLI/CLI.hpp>
@@ -113,11 +115,13 @@ int main(int argc, char** argv)
     app.add_option("--explode-scale", explode_scale, "part 2: W_hh = scale * I")->check(CLI::PositiveNumber);
     app.add_option("--explode-length", explode_T, "part 2: sequence length")->check(CLI::Range(2, 10000));
     app.add_option("--explode-lr", explode_lr, "part 2: SGD learning rate")->check(CLI::PositiveNumber);
-    app.add_option("--out", out, "folder for the SVG charts")->check(CLI::ExistingDirectory);
+    app.add_option("--out", out, "folder for the SVG charts and the HTML report")->check(CLI::ExistingDirectory);
     CLI11_PARSE(app, argc, argv);
     manual_seed(std::uint64_t(seed));
     Generator data_gen(std::uint64_t(seed) + 1), probe_gen(std::uint64_t(seed) + 2);
     const auto [x_probe, y_probe] = adding_batch(T, 256, probe_gen);  // one fixed batch to measure on
+    train::HtmlReport report(out + "/gradient_flow.html");
+    report.set_title("Gradient flow through time: the adding problem, T = " + std::to_string(T));
 
     // ---- 1. vanishing gradients: RNN vs LSTM vs GRU, before and after training ----
     std::printf("1. |dL/dh_t| on the adding problem, T = %lld, hidden %lld, %lld Adam steps of 64 sequences\n",
@@ -152,6 +156,11 @@ int main(int argc, char** argv)
     std::printf("\n");
     train::plot_svg(out + "/gradient_flow.svg", "|dL/dh_t| through time, adding problem T = " + std::to_string(T),
                     "time step t", "log10 |dL/dh_t|", chart);
+    report.add_chart("1. |dL/dh_t| through time, RNN, LSTM and GRU", "time step t", "log10 |dL/dh_t|", chart);
+    std::vector<std::string> names;
+    std::vector<std::vector<double>> rows;
+    for (const auto& [name, c] : curves) names.push_back(name), rows.push_back(c);
+    report.add_heatmap("1. |dL/dh_t| as a heatmap: a row per model", "time step t", "model", names, rows);
 
     // ---- 2. exploding gradients: a ReLU RNN with large recurrent weights, clipped or not ----
     std::printf("\n2. exploding gradients: ReLU RNN with W_hh = %.2f I, T = %lld, SGD lr %.3g\n", explode_scale,
@@ -196,12 +205,17 @@ int main(int argc, char** argv)
                     "training step", "log10 gradient norm (before clipping)", norm_chart);
     train::plot_svg(out + "/exploding_loss.svg", "loss per step, ReLU RNN with large W_hh", "training step",
                     "log10 training loss", loss_chart);
+    report.add_chart("2. Gradient norm per step, ReLU RNN with large W_hh", "training step",
+                     "log10 gradient norm (before clipping)", norm_chart);
+    report.add_chart("2. Loss per step, ReLU RNN with large W_hh", "training step", "log10 training loss", loss_chart);
 
     // ---- 3. a deep stack: 4 tanh RNN layers, with and without residual connections ----
     const std::int64_t depth = 4;
     std::printf("\n3. %lld stacked tanh RNN layers (hidden %lld), |dL/dh_t| reaching each layer at initialisation\n",
                 (long long)depth, (long long)hidden);
     std::vector<train::Series> deep_chart;
+    std::vector<std::string> deep_names;
+    std::vector<std::vector<double>> deep_rows;
     std::printf("%-12s %6s %12s %12s %12s\n", "stack", "layer", "|dL/dh_T|", "|dL/dh_T/2|", "|dL/dh_1|");
     for (const bool residual : {false, true}) {
         manual_seed(std::uint64_t(seed) + 20);
@@ -225,12 +239,22 @@ int main(int argc, char** argv)
             std::printf("%-12s %6lld %12.3e %12.3e %12.3e\n", name, (long long)(l + 1), c.back(), c[std::size_t(T / 2 - 1)],
                         c.front());
         }
+        for (std::int64_t l = 0; l < depth; ++l) {
+            deep_names.push_back(fmt::format("{} {}", name, l + 1));
+            deep_rows.push_back(per_layer[std::size_t(l)]);
+        }
         deep_chart.push_back(log_series(std::string(name) + ", layer 1", per_layer.front()));
         deep_chart.push_back(log_series(std::string(name) + ", layer 4", per_layer.back()));
     }
     train::plot_svg(out + "/deep_stack.svg", "|dL/dh_t| in a 4-layer tanh RNN, with and without residual connections",
                     "time step t", "log10 |dL/dh_t|", deep_chart);
-    std::printf("\ncharts: %s/gradient_flow.svg, %s/exploding_gradient_norm.svg, %s/exploding_loss.svg, %s/deep_stack.svg\n",
-                out.c_str(), out.c_str(), out.c_str(), out.c_str());
+    report.add_chart("3. |dL/dh_t| in a 4-layer tanh RNN, with and without residual connections", "time step t",
+                     "log10 |dL/dh_t|", deep_chart);
+    report.add_heatmap("3. |dL/dh_t| reaching each layer of the stack", "time step t", "stack, layer", deep_names,
+                       deep_rows);
+    report.write();
+    std::printf("\ncharts: %s/gradient_flow.svg, %s/exploding_gradient_norm.svg, %s/exploding_loss.svg, %s/deep_stack.svg\n"
+                "report: %s\n",
+                out.c_str(), out.c_str(), out.c_str(), out.c_str(), report.path().c_str());
     return 0;
 }

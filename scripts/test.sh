@@ -4,7 +4,7 @@
 # (the thread tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh --tests
 
 # allocator_may_return_null: an allocation too large to satisfy returns null, as it does
 # without ASan, so loom reports it as a loom::Error instead of ASan aborting.

@@ -52,7 +52,7 @@ unclipped=$(grep '^not clipped' gradient_flow.out | sed 's/.*60: [^|]*| \([-0-9.
 clipped=$(grep '^clipped at 1' gradient_flow.out | sed 's/.*60: [^|]*| \([-0-9.e+]*\).*/\1/')
 check gradient_flow "dh_1/dh_T at init: RNN $rnn, LSTM $lstm; loss at step 60: clipped $clipped, not $unclipped" \
     "$(awk -v r="$rnn" -v l="$lstm" -v c="$clipped" -v u="$unclipped" 'BEGIN { print (l > 1000 * r && c < 1 && u > 1000 * c) ? 1 : 0 }')"
-test -s gradient_flow.svg && test -s exploding_loss.svg && test -s deep_stack.svg
+test -s gradient_flow.svg && test -s exploding_loss.svg && test -s deep_stack.svg && grep -q "id=\"heatmap-1\"" gradient_flow.html
 
 "$examples/next_number" --epochs 300 > next_number.out
 first=$(sed -n 's/.*(first epoch \([0-9.]*\)).*/\1/p' next_number.out); last=$(sed -n 's/^train loss: \([0-9.]*\).*/\1/p' next_number.out)

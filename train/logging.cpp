@@ -1,6 +1,8 @@
 // The progress line, the metrics log and the SVG charts: what fit's callbacks print and write.
 #include "train.hpp"
 
+#include "../core/files_internal.hpp"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -148,24 +150,28 @@ std::string escape(const std::string& s)
 
 }  // namespace
 
-void plot_svg(const std::string& path, const std::string& title, const std::string& x_label, const std::string& y_label,
-              const std::vector<Series>& series)
+std::string svg_chart(const std::string& title, const std::string& x_label, const std::string& y_label,
+                      const std::vector<Series>& series)
 {
     double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
     for (const auto& s : series) {
-        LOOM_CHECK(s.x.size() == s.y.size(), "plot_svg", "series \"{}\" has {} x values and {} y values", s.name,
+        LOOM_CHECK(s.x.size() == s.y.size(), "svg_chart", "series \"{}\" has {} x values and {} y values", s.name,
                    s.x.size(), s.y.size());
         for (std::size_t i = 0; i < s.x.size(); ++i) {
             if (!std::isfinite(s.x[i]) || !std::isfinite(s.y[i])) continue;
             x0 = std::min(x0, s.x[i]), x1 = std::max(x1, s.x[i]), y0 = std::min(y0, s.y[i]), y1 = std::max(y1, s.y[i]);
         }
     }
-    LOOM_CHECK(std::isfinite(x0), "plot_svg", "nothing to plot in {}", path);
+    LOOM_CHECK(std::isfinite(x0), "svg_chart", "nothing to plot in \"{}\": no series has a finite point", title);
     if (x1 == x0) x1 = x0 + 1;
     if (y1 == y0) y1 = y0 + 1;
     const double pad = (y1 - y0) * 0.05;
     y0 -= pad, y1 += pad;
-    const double W = 720, H = 420, left = 70, right = 20, top = 40, bottom = 50;
+    // Up to six series are named inside the plot, top right; more in three columns below it.
+    const bool legend_below = series.size() > 6;
+    const double legend_rows = legend_below ? std::ceil(double(series.size()) / 3) : 0;
+    const double W = 720, plot_bottom = 420, H = plot_bottom + 16 * legend_rows, left = 70, right = 20, top = 40,
+                 bottom = 50 + H - plot_bottom;
     const auto px = [&](double x) { return left + (x - x0) / (x1 - x0) * (W - left - right); };
     const auto py = [&](double y) { return H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom); };
     static const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"};
@@ -184,7 +190,7 @@ void plot_svg(const std::string& path, const std::string& title, const std::stri
                            left, py(t), W - right, left - 6, py(t) + 4, t);
     svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#444\"/>\n", left, top,
                        W - left - right, H - top - bottom);
-    svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + W - right) / 2, H - 12,
+    svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + W - right) / 2, plot_bottom - 12,
                        escape(x_label));
     svg += fmt::format("<text transform=\"translate(16,{}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
                        (top + H - bottom) / 2, escape(y_label));
@@ -195,19 +201,20 @@ void plot_svg(const std::string& path, const std::string& title, const std::stri
             if (std::isfinite(s.x[i]) && std::isfinite(s.y[i])) points += fmt::format("{:.1f},{:.1f} ", px(s.x[i]), py(s.y[i]));
         const char* colour = colours[k % 6];
         svg += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.8\" points=\"{}\"/>\n", colour, points);
+        const double legend_x = legend_below ? left + 210 * double(k % 3) : W - right - 150,
+                     legend_y = legend_below ? plot_bottom + 16 * double(k / 3) : top + 12 + 16 * double(k);
         svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"3\" fill=\"{}\"/>"
                            "<text x=\"{}\" y=\"{}\">{}</text>\n",
-                           W - right - 150, top + 12 + 16 * double(k), colour, W - right - 130, top + 16 + 16 * double(k),
-                           escape(s.name));
+                           legend_x, legend_y, colour, legend_x + 20, legend_y + 4, escape(s.name));
     }
     svg += "</svg>\n";
-    const std::string temp = path + ".tmp";
-    {
-        std::ofstream out(temp, std::ios::trunc);
-        out << svg;
-        LOOM_CHECK(out.good(), "plot_svg", "cannot write {}", temp);
-    }
-    std::filesystem::rename(temp, path);
+    return svg;
+}
+
+void plot_svg(const std::string& path, const std::string& title, const std::string& x_label, const std::string& y_label,
+              const std::vector<Series>& series)
+{
+    detail::write_file_atomically(path, svg_chart(title, x_label, y_label, series), "plot_svg");
 }
 
 }  // namespace loom::train

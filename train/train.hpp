@@ -97,7 +97,11 @@ struct Series {
     std::vector<double> x;  ///< abscissae
     std::vector<double> y;  ///< values, one per x
 };
-/// A line chart as SVG, written atomically: axes with ticks, one coloured line per series, a legend.
+/// A line chart as SVG text: axes with ticks, one coloured line per series, a legend. NaN and
+/// infinite points are skipped; an error when no series has a finite point.
+std::string svg_chart(const std::string& title, const std::string& x_label, const std::string& y_label,
+                      const std::vector<Series>& series);
+/// svg_chart() written to `path`, atomically.
 void plot_svg(const std::string& path, const std::string& title, const std::string& x_label,
               const std::string& y_label, const std::vector<Series>& series);
 
