@@ -150,19 +150,22 @@ std::string escape(const std::string& s)
 
 }  // namespace
 
-std::string svg_chart(const std::string& title, const std::string& x_label, const std::string& y_label,
-                      const std::vector<Series>& series)
+namespace {
+
+// svg_chart's and plot_svg's chart; errors name `op`, the function called.
+std::string render_chart(const char* op, const std::string& title, const std::string& x_label,
+                         const std::string& y_label, const std::vector<Series>& series)
 {
     double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
     for (const auto& s : series) {
-        LOOM_CHECK(s.x.size() == s.y.size(), "svg_chart", "series \"{}\" has {} x values and {} y values", s.name,
+        LOOM_CHECK(s.x.size() == s.y.size(), op, "series \"{}\" has {} x values and {} y values", s.name,
                    s.x.size(), s.y.size());
         for (std::size_t i = 0; i < s.x.size(); ++i) {
             if (!std::isfinite(s.x[i]) || !std::isfinite(s.y[i])) continue;
             x0 = std::min(x0, s.x[i]), x1 = std::max(x1, s.x[i]), y0 = std::min(y0, s.y[i]), y1 = std::max(y1, s.y[i]);
         }
     }
-    LOOM_CHECK(std::isfinite(x0), "svg_chart", "nothing to plot in \"{}\": no series has a finite point", title);
+    LOOM_CHECK(std::isfinite(x0), op, "nothing to plot in \"{}\": no series has a finite point", title);
     if (x1 == x0) x1 = x0 + 1;
     if (y1 == y0) y1 = y0 + 1;
     const double pad = (y1 - y0) * 0.05;
@@ -211,10 +214,18 @@ std::string svg_chart(const std::string& title, const std::string& x_label, cons
     return svg;
 }
 
+}  // namespace
+
+std::string svg_chart(const std::string& title, const std::string& x_label, const std::string& y_label,
+                      const std::vector<Series>& series)
+{
+    return render_chart("svg_chart", title, x_label, y_label, series);
+}
+
 void plot_svg(const std::string& path, const std::string& title, const std::string& x_label, const std::string& y_label,
               const std::vector<Series>& series)
 {
-    detail::write_file_atomically(path, svg_chart(title, x_label, y_label, series), "plot_svg");
+    detail::write_file_atomically(path, render_chart("plot_svg", title, x_label, y_label, series), "plot_svg");
 }
 
 }  // namespace loom::train
