@@ -17,6 +17,7 @@
 #include "nn/loss.hpp"
 #include "nn/module.hpp"
 #include "nn/recurrent.hpp"
+#include "nn/linear_recurrent.hpp"
 #include "nn/safetensors.hpp"
 #include "optim/checkpoint.hpp"
 #include "optim/clip.hpp"

@@ -221,6 +221,14 @@ Tensor sigmoid(const Tensor& x)
     });
 }
 
+Tensor softplus(const Tensor& x)
+{
+    const autograd::detail::ProfiledOp profiled("softplus");
+    // max(v, 0) + log(1 + e^-|v|): no overflow for large |v|, and exact to the last bit where e^-|v| is tiny.
+    Tensor out = kernels::map_floating("softplus", x, [](auto v) { return std::max(v, decltype(v)(0)) + std::log1p(std::exp(-std::abs(v))); });
+    return record("softplus", {x}, out, {x}, [](const BackwardContext& c) { return Grads{c.grad() * sigmoid(c.saved[0])}; });
+}
+
 Tensor relu(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("relu");

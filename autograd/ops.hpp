@@ -40,6 +40,9 @@ Tensor abs(const Tensor& x);
 Tensor tanh(const Tensor& x);
 /// Logistic sigmoid.
 Tensor sigmoid(const Tensor& x);
+/// log(1 + e^x), computed without overflow; its derivative is sigmoid(x). As torch's
+/// F.softplus with beta 1 (and no threshold: exact everywhere).
+Tensor softplus(const Tensor& x);
 /// max(x, 0); its gradient at 0 is 0.
 Tensor relu(const Tensor& x);
 /// x clamped to [min, max]; either bound may be absent. No gradient where x is outside.

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 shift || true
-workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W5-checkpoint W6 W7}
+workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W5-checkpoint W6 W7 W8-mingru W8-gru}
 reference=../shared/bench/torch_reference.py
 [ -f bench/torch_reference.py ] && reference=bench/torch_reference.py
 ms() { sed -n 's/.* ms=\([0-9.]*\).*/\1/p'; }
@@ -44,6 +44,7 @@ sgemm_share() {
     printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms (backward)\n' "$w" bwd "$backward_ms" "" \
         "$(echo "100 * $b / $backward_ms" | bc -l)" "$b" "$backward_ms"
 }
+declare -A train_ms
 for w in $workloads; do
     if [ "$w" = W7 ]; then adbench; continue; fi
     for mode in train infer; do
@@ -59,6 +60,7 @@ for w in $workloads; do
             "$(field gflops <<<"$lo")" "$(field gflops <<<"$to")" "$(field peak_rss_mib <<<"$lo")" \
             "$(field peak_rss_mib <<<"$to")"
         if [ $mode = train ]; then
+            train_ms[$w]=$l
             forward_ms=$(field forward_ms <<<"$lo")
             backward_ms=$(field backward_ms <<<"$lo")
         else
@@ -67,3 +69,8 @@ for w in $workloads; do
     done
     if [ "$w" = W3 ] || [ "$w" = W2-lstm ]; then sgemm_share "$w"; fi
 done
+# W8: how much faster loom trains a minGRU than its own fused GRU of the same width.
+if [ -n "${train_ms[W8-mingru]:-}" ] && [ -n "${train_ms[W8-gru]:-}" ]; then
+    printf '%-8s %-6s %12s %12s %8.2f   loom GRU / loom minGRU, training step\n' W8 train "${train_ms[W8-gru]}" \
+        "${train_ms[W8-mingru]}" "$(echo "${train_ms[W8-gru]} / ${train_ms[W8-mingru]}" | bc -l)"
+fi

@@ -2,7 +2,7 @@
 // loss, same Adam update, same output line. Run each workload in its own process.
 // Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells]
 // (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own)
-// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6, or W3-sgemm, W2-lstm-sgemm: the
+// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W8-mingru W8-gru, or W3-sgemm, W2-lstm-sgemm: the
 // GEMMs alone of that workload, same shapes, called straight on OpenBLAS (its limit).
 #include <loom/loom.hpp>
 
@@ -121,6 +121,21 @@ Workload build(const std::string& name, bool fused, bool checkpoint, bool cells)
         const Tensor x = randn({T, B, I});
         w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
         w.flops = 2 * lstm_flops(T, B, I, H, 4) + 2 * lstm_flops(T, B, 2 * H, H, 4);
+    } else if (name == "W8-mingru" || name == "W8-gru") {
+        // A minGRU (log space, nn::MinGRU) against a GRU of the same width, over a long sequence.
+        const std::int64_t I = 256, H = 256, B = 16, T = 1024;
+        const Tensor x = randn({T, B, I});
+        if (name == "W8-mingru") {
+            auto rnn = std::make_shared<nn::MinGRU>(nn::MinGRUOptions(I, H));
+            w.keep.push_back(rnn);
+            append(w.params, *rnn);
+            w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
+            w.flops = 2.0 * double(T * B * I) * 2 * double(H);
+        } else {
+            auto rnn = layer(nn::CellKind::GRU, nn::RecurrentOptions(I, H));
+            w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
+            w.flops = lstm_flops(T, B, I, H, 3);
+        }
     } else {
         std::fprintf(stderr, "unknown workload %s\n", name.c_str());
         std::exit(2);
@@ -252,7 +267,7 @@ int main(int argc, char** argv)
         NoGradGuard no_grad;
         (void)w.loss();
     };
-    const bool heavy = name == "W3" || name == "W5";
+    const bool heavy = name == "W3" || name == "W5" || name.rfind("W8", 0) == 0;
     if (!steps) steps = heavy ? 5 : 20;
     for (int i = 0; i < (heavy ? 1 : 3); ++i) infer ? infer_step() : train_step();
     std::vector<double> times;

@@ -1,4 +1,4 @@
-// char_lm: a character-level language model of Moby-Dick. Embedding -> LSTM (or GRU) ->
+// char_lm: a character-level language model of Moby-Dick. Embedding -> LSTM (or GRU, minGRU, minLSTM, Mamba) ->
 // Dense, trained by truncated backpropagation through time with the state carried across
 // batches, gradient clipping, Adam and a cosine learning-rate schedule. Chapters 131-135 are
 // held out: validation bits per character are measured on them after every epoch, when a
@@ -58,21 +58,60 @@ std::string encode_utf8(char32_t c)
 
 struct CharModel : nn::Module {
     std::shared_ptr<nn::Embedding> embed;
-    std::shared_ptr<nn::RecurrentLayer> rnn;
+    std::shared_ptr<nn::RecurrentLayer> rnn;                 // --cell lstm or gru: one stacked layer
+    std::vector<std::shared_ptr<nn::MinRecurrent>> min_rnns;  // --cell mingru or minlstm: one per layer
+    std::shared_ptr<nn::Dense> ssm_in;                        // --cell ssm: embedding -> H,
+    std::vector<std::shared_ptr<nn::SelectiveSSM>> ssms;      // then residual Mamba blocks of width H
     std::shared_ptr<nn::Dense> head;
     // tie: the output layer shares the embedding's table (E must equal H).
-    CharModel(std::int64_t V, std::int64_t E, std::int64_t H, std::int64_t layers, nn::CellKind kind, bool tie)
+    CharModel(std::int64_t V, std::int64_t E, std::int64_t H, std::int64_t layers, const std::string& cell, bool tie)
     {
         embed = register_module("embed", std::make_shared<nn::Embedding>(V, E));
-        rnn = register_module("rnn", std::make_shared<nn::RecurrentLayer>(
-                                         kind, nn::RecurrentOptions(E, H).num_layers(layers).dropout(layers > 1 ? 0.1 : 0)));
+        if (cell == "ssm") {
+            ssm_in = register_module("ssm_in", std::make_shared<nn::Dense>(E, H));
+            for (std::int64_t k = 0; k < layers; ++k)
+                ssms.push_back(register_module("ssm" + std::to_string(k),
+                                               std::make_shared<nn::SelectiveSSM>(nn::SelectiveSSMOptions(H))));
+        } else if (cell == "mingru" || cell == "minlstm") {
+            for (std::int64_t k = 0; k < layers; ++k) {
+                const auto options = nn::MinRecurrentOptions(k == 0 ? E : H, H);
+                std::shared_ptr<nn::MinRecurrent> layer;
+                if (cell == "mingru") layer = std::make_shared<nn::MinGRU>(options);
+                else layer = std::make_shared<nn::MinLSTM>(options);
+                min_rnns.push_back(register_module("rnn" + std::to_string(k), layer));
+            }
+        } else {
+            rnn = register_module("rnn", std::make_shared<nn::RecurrentLayer>(
+                                             nn::cell_kind_from_name(cell),
+                                             nn::RecurrentOptions(E, H).num_layers(layers).dropout(layers > 1 ? 0.1 : 0)));
+        }
         head = register_module("head", tie ? std::make_shared<nn::Dense>(embed->weight) : std::make_shared<nn::Dense>(H, V));
     }
     // tokens [T, B] -> logits [T, B, V], and the state to carry on.
     std::pair<Tensor, nn::State> forward(const Tensor& tokens, const nn::State& state)
     {
-        auto out = rnn->forward(embed->forward(tokens), state);
-        return {head->forward(out.output), out.state};
+        if (rnn) {
+            auto out = rnn->forward(embed->forward(tokens), state);
+            return {head->forward(out.output), out.state};
+        }
+        Tensor h = embed->forward(tokens);
+        nn::State next;
+        if (ssm_in) {  // the state: each block's convolution window and ssm state, in turn
+            h = ssm_in->forward(h);
+            for (std::size_t k = 0; k < ssms.size(); ++k) {
+                auto out = (*ssms[k])(h, state.empty() ? nn::SelectiveSSMState{} : nn::SelectiveSSMState{state[2 * k], state[2 * k + 1]});
+                h = h + out.output;
+                next.push_back(out.state.conv);
+                next.push_back(out.state.ssm);
+            }
+            return {head->forward(h), next};
+        }
+        for (std::size_t k = 0; k < min_rnns.size(); ++k) {
+            auto out = (*min_rnns[k])(h, state.empty() ? Tensor() : state[k]);
+            h = out.output;
+            next.push_back(out.h_n());
+        }
+        return {head->forward(h), next};
     }
 };
 
@@ -101,7 +140,10 @@ int train_and_sample(int argc, char** argv, Processes& processes)
     int threads = 2;  // OpenBLAS threads spin-wait badly when the cores are busy: --threads 1 then
     bool resume = false;
     app.add_option("--text", text_path, "UTF-8 text to learn; its last 5% (Moby-Dick: chapters 131-135) is held out");
-    app.add_option("--cell", cell, "lstm or gru")->check(CLI::IsMember({"lstm", "gru"}));
+    app.add_option("--cell", cell,
+                   "lstm, gru, or the linear-recurrent mingru or minlstm (Feng et al. 2024) or ssm (Mamba's block, "
+                   "residual, of width --hidden)")
+        ->check(CLI::IsMember({"lstm", "gru", "mingru", "minlstm", "ssm"}));
     app.add_option("--layers", layers, "stacked recurrent layers")->check(CLI::Range(1, 8));
     app.add_option("--hidden", hidden, "hidden size")->check(CLI::Range(1, 4096));
     app.add_option("--embed", embed, "embedding size")->check(CLI::Range(1, 4096));
@@ -162,9 +204,8 @@ int train_and_sample(int argc, char** argv, Processes& processes)
         std::printf("text %s: %zu characters, %lld distinct; training on %zu, validating on %zu\n", text_path.c_str(),
                     chars.size(), (long long)V, train_ids.size(), val_ids.size());
 
-    const nn::CellKind kind = nn::cell_kind_from_name(cell);
     if (tie_weights) embed = hidden;
-    CharModel model(V, embed, hidden, layers, kind, tie_weights);
+    CharModel model(V, embed, hidden, layers, cell, tie_weights);
     if (main_process) std::printf("%s", model.summary().c_str());
     optim::Adam opt(model.parameters(), optim::AdamOptions(lr));
     optim::CosineAnnealingLR schedule(opt, steps, lr / 20);

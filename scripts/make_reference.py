@@ -213,6 +213,131 @@ def schedule_cases():
              {"schedule": name, "class": cls, "lr": 0.1, **args})
 
 
+def min_g(v):
+    """Feng et al.'s g: v + 1/2 for v >= 0, sigmoid(v) below."""
+    return torch.where(v >= 0, v + 0.5, torch.sigmoid(v))
+
+
+def min_log_g(v):
+    return torch.where(v >= 0, (F.relu(v) + 0.5).log(), -F.softplus(-v))
+
+
+def parallel_scan_log(log_a, log_b, log_h0):
+    """Feng et al.'s scan (Heinsen 2023): log h_t for h_t = a_t h_{t-1} + b_t, time on dim 0, by
+    cumulative sums rather than a loop."""
+    if log_h0 is not None:
+        log_a = torch.cat([torch.zeros_like(log_a[:1]), log_a])
+        log_b = torch.cat([log_h0[None], log_b])
+    a_star = torch.cumsum(log_a, dim=0)
+    log_h = a_star + torch.logcumsumexp(log_b - a_star, dim=0)
+    return log_h[1:] if log_h0 is not None else log_h
+
+
+def min_rnn_case(kind, log_space, with_h0, seed):
+    """minGRU and minLSTM as Feng et al. write them (2024, appendix), with nn.Linear maps named as
+    theirs; the log form by their parallel scan, the plain form by a loop over steps. loom takes
+    h0 as the state itself (their code puts it through g first)."""
+    torch.manual_seed(seed)
+    T, B, I, H = 6, 3, 4, 5
+    names = ["linear_z", "linear_h"] if kind == "mingru" else ["linear_f", "linear_i", "linear_h"]
+    maps = {n: nn.Linear(I, H).double() for n in names}
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = None
+    if with_h0:
+        h0 = (torch.rand(1, B, H, dtype=torch.float64) + 0.1) if log_space else torch.randn(1, B, H, dtype=torch.float64)
+        h0.requires_grad_()
+    pre = maps["linear_h"](x)
+    if kind == "mingru":
+        k = maps["linear_z"](x)
+        if log_space:
+            log_a, log_b = -F.softplus(k), -F.softplus(-k) + min_log_g(pre)
+        else:
+            z = torch.sigmoid(k)
+            a, b = 1 - z, z * pre
+    else:
+        kf, ki = maps["linear_f"](x), maps["linear_i"](x)
+        if log_space:
+            diff = F.softplus(-kf) - F.softplus(-ki)
+            log_a, log_b = -F.softplus(diff), -F.softplus(-diff) + min_log_g(pre)
+        else:
+            f, i = torch.sigmoid(kf), torch.sigmoid(ki)
+            a, b = f / (f + i), i / (f + i) * pre
+    if log_space:
+        out = parallel_scan_log(log_a, log_b, h0[0].log() if with_h0 else None).exp()
+    else:
+        h, steps = h0[0] if with_h0 else torch.zeros(B, H, dtype=torch.float64), []
+        for t in range(T):
+            h = a[t] * h + b[t]
+            steps.append(h)
+        out = torch.stack(steps)
+    h_n = out[-1:]
+    g_out, g_h = torch.randn_like(out), torch.randn_like(h_n)
+    ((out * g_out).sum() + (h_n * g_h).sum()).backward()
+    tensors = {"input": x, "output": out, "h_n": h_n, "grad_output": g_out, "grad_h_n": g_h, "grad.input": x.grad}
+    if with_h0:
+        tensors.update({"h0": h0, "grad.h0": h0.grad})
+    for n, m in maps.items():
+        for p_name, p in m.named_parameters():
+            tensors[f"param.{n}.{p_name}"] = p
+            tensors[f"grad.param.{n}.{p_name}"] = p.grad
+    name = f"minrnn_{kind}_{'log' if log_space else 'plain'}{'_h0' if with_h0 else ''}"
+    save(name, tensors, {"kind": kind, "log_space": int(log_space), "input_size": I, "hidden_size": H})
+
+
+def ssm_case(with_state, seed):
+    """Mamba's block (Gu & Dao 2023) as its reference module computes it without the CUDA
+    kernels: in_proj, a depthwise nn.Conv1d padded by d_conv - 1 and cut, SiLU, x_proj, dt_proj,
+    softplus, and the selective scan as a loop over steps; time-major here."""
+    torch.manual_seed(seed)
+    T, B, d_model, N, K, expand = 6, 2, 4, 3, 3, 2
+    E, R = expand * d_model, (d_model + 15) // 16
+    in_proj = nn.Linear(d_model, 2 * E, bias=False).double()
+    conv1d = nn.Conv1d(E, E, K, groups=E, padding=K - 1).double()
+    x_proj = nn.Linear(E, R + 2 * N, bias=False).double()
+    dt_proj = nn.Linear(R, E).double()
+    out_proj = nn.Linear(E, d_model, bias=False).double()
+    A_log = torch.log(torch.arange(1, N + 1, dtype=torch.float64)).repeat(E, 1) + 0.1 * torch.randn(E, N, dtype=torch.float64)
+    A_log.requires_grad_()
+    D = (torch.ones(E, dtype=torch.float64) + 0.1 * torch.randn(E, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(T, B, d_model, dtype=torch.float64, requires_grad=True)
+    conv0 = torch.randn(K - 1, B, E, dtype=torch.float64, requires_grad=True) if with_state else None
+    ssm0 = torch.randn(B, E, N, dtype=torch.float64, requires_grad=True) if with_state else None
+    xs, z = in_proj(x).chunk(2, dim=2)
+    if with_state:
+        # Earlier inputs take the padding's place: convolve them with the sequence, cut the start.
+        full = torch.cat([conv0, xs], 0).permute(1, 2, 0)  # [B, E, K - 1 + T]
+        c = conv1d(full)[:, :, K - 1:K - 1 + T]
+    else:
+        c = conv1d(xs.permute(1, 2, 0))[:, :, :T]
+    u = F.silu(c.permute(2, 0, 1))  # [T, B, E]
+    dt_in, Bm, Cm = x_proj(u).split([R, N, N], dim=2)
+    delta = F.softplus(dt_proj(dt_in))
+    A = -torch.exp(A_log)
+    h = ssm0 if with_state else torch.zeros(B, E, N, dtype=torch.float64)
+    ys = []
+    for t in range(T):
+        h = torch.exp(delta[t][:, :, None] * A) * h + (delta[t] * u[t])[:, :, None] * Bm[t][:, None, :]
+        ys.append((h * Cm[t][:, None, :]).sum(2))
+    y = (torch.stack(ys) + u * D) * F.silu(z)
+    out = out_proj(y)
+    conv_n = torch.cat([conv0 if with_state else torch.zeros(K - 1, B, E, dtype=torch.float64), xs], 0)[T:]
+    g_out, g_conv, g_ssm = torch.randn_like(out), torch.randn_like(conv_n), torch.randn_like(h)
+    ((out * g_out).sum() + (conv_n * g_conv).sum() + (h * g_ssm).sum()).backward()
+    tensors = {"input": x, "output": out, "conv_n": conv_n, "ssm_n": h, "grad_output": g_out, "grad_conv_n": g_conv,
+               "grad_ssm_n": g_ssm, "grad.input": x.grad}
+    if with_state:
+        tensors.update({"conv0": conv0, "ssm0": ssm0, "grad.conv0": conv0.grad, "grad.ssm0": ssm0.grad})
+    params = {"A_log": A_log, "D": D}
+    for prefix, m in [("in_proj", in_proj), ("conv1d", conv1d), ("x_proj", x_proj), ("dt_proj", dt_proj),
+                      ("out_proj", out_proj)]:
+        for p_name, p in m.named_parameters():
+            params[f"{prefix}.{p_name}"] = p
+    for name, p in params.items():
+        tensors["param." + name], tensors["grad.param." + name] = p, p.grad
+    save(f"ssm_{'state' if with_state else 'zeros'}", tensors,
+         {"d_model": d_model, "d_state": N, "d_conv": K, "expand": expand})
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     dense_case()
@@ -225,6 +350,12 @@ def main():
     optimizer_cases()
     clip_cases()
     schedule_cases()
+    for kind, log_space, with_h0 in itertools.product(["mingru", "minlstm"], [True, False], [False, True]):
+        min_rnn_case(kind, log_space, with_h0, seed)
+        seed += 1
+    for with_state in [False, True]:
+        ssm_case(with_state, seed)
+        seed += 1
     # How many cases of each family there are, so the tests notice a file gone missing.
     counts = {}
     for f in OUT.glob("*.safetensors"):

@@ -83,6 +83,12 @@ logged_bpc=$(grep -A1 'tag: "epoch/val_bpc"' board.txt | sed -n 's/.*simple_valu
 check "char_lm --tensorboard" "$losses step losses (40), val_bpc $logged_bpc (printed $bpc), summary $(grep -c 'plugin_name: "text"' board.txt)" \
     "$(awk -v n="$losses" -v a="$logged_bpc" -v b="$bpc" -v t="$(grep -c 'plugin_name: "text"' board.txt)" \
         'BEGIN { d = a - b; if (d < 0) d = -d; print (n == 40 && a != "" && d < 1e-3 && t == 1) ? 1 : 0 }')"
+for cell in mingru minlstm ssm; do  # the linear-recurrent layers, two stacked
+    "$examples/char_lm" --cell $cell --layers 2 --steps 40 --epochs 1 --batch 8 --seq-len 32 --hidden 32 --embed 16 \
+        --lr 0.01 --out lm_$cell > char_lm_$cell.out
+    bpc=$(value val_bpc char_lm_$cell.out)
+    check "char_lm --cell $cell" "val_bpc $bpc, uniform guessing 6.36" "$(ratio_ok "$bpc" 6.36 0.85)"
+done
 "$examples/char_lm" --steps 60 --epochs 2 --batch 8 --seq-len 32 --hidden 32 --embed 16 --out lm --resume > char_lm_resume.out
 check "char_lm --resume" "$(grep -m1 resumed char_lm_resume.out)" "$(grep -q 'resumed from .* at step 40' char_lm_resume.out && echo 1 || echo 0)"
 

@@ -88,6 +88,70 @@ TEST_CASE("RNN, LSTM and GRU match PyTorch: 1 and 2 layers, bidirectional, with 
     CHECK(cases == testing::reference_count("rnn") + testing::reference_count("lstm") + testing::reference_count("gru"));
 }
 
+TEST_CASE("MinGRU and MinLSTM match Feng et al.'s equations in PyTorch, log and plain forms")
+{
+    const auto files = testing::reference_files("minrnn_");
+    CHECK(files.size() == testing::reference_count("minrnn"));
+    for (const auto& path : files) {
+        const auto contents = load_with_metadata(path);
+        const auto& file = contents.tensors;
+        const auto& meta = contents.metadata;
+        const std::string name = std::filesystem::path(path).stem().string();
+        const auto options = nn::MinRecurrentOptions(std::stoll(meta.at("input_size")), std::stoll(meta.at("hidden_size")))
+                                 .log_space(meta.at("log_space") == "1")
+                                 .dtype(kFloat64);
+        std::unique_ptr<nn::MinRecurrent> layer;
+        if (meta.at("kind") == "mingru") layer = std::make_unique<nn::MinGRU>(options);
+        else layer = std::make_unique<nn::MinLSTM>(options);
+        layer->load_state_dict(parameters_in(file));  // strict: the names are Feng et al.'s
+        const Tensor x = file.at("input").clone().requires_grad_();
+        const Tensor h0 = file.count("h0") ? file.at("h0").clone().requires_grad_() : Tensor();
+        const auto out = (*layer)(x, h0);
+        check_close(out.output, file.at("output"), name + " output");
+        check_close(out.h_n(), file.at("h_n"), name + " h_n");
+        ((out.output * file.at("grad_output")).sum() + (out.h_n() * file.at("grad_h_n")).sum()).backward();
+        check_close(x.grad(), file.at("grad.input"), name + " input gradient");
+        if (h0.defined()) check_close(h0.grad(), file.at("grad.h0"), name + " h0 gradient");
+        for (const auto& [pname, p] : layer->named_parameters())
+            check_close(p.grad(), file.at("grad.param." + pname), name + " " + pname + " gradient");
+    }
+}
+
+TEST_CASE("SelectiveSSM matches Mamba's block in PyTorch, from zeros and from a given state")
+{
+    const auto files = testing::reference_files("ssm_");
+    CHECK(files.size() == testing::reference_count("ssm"));
+    for (const auto& path : files) {
+        const auto contents = load_with_metadata(path);
+        const auto& file = contents.tensors;
+        const auto& meta = contents.metadata;
+        const std::string name = std::filesystem::path(path).stem().string();
+        nn::SelectiveSSM ssm(nn::SelectiveSSMOptions(std::stoll(meta.at("d_model")))
+                                 .d_state(std::stoll(meta.at("d_state")))
+                                 .d_conv(std::stoll(meta.at("d_conv")))
+                                 .expand(std::stoll(meta.at("expand")))
+                                 .dtype(kFloat64));
+        ssm.load_state_dict(parameters_in(file));  // strict: the names are Mamba's
+        const Tensor x = file.at("input").clone().requires_grad_();
+        nn::SelectiveSSMState initial;
+        if (file.count("conv0")) initial = {file.at("conv0").clone().requires_grad_(), file.at("ssm0").clone().requires_grad_()};
+        const auto out = ssm(x, initial);
+        check_close(out.output, file.at("output"), name + " output");
+        check_close(out.state.conv, file.at("conv_n"), name + " conv state");
+        check_close(out.state.ssm, file.at("ssm_n"), name + " ssm state");
+        ((out.output * file.at("grad_output")).sum() + (out.state.conv * file.at("grad_conv_n")).sum() +
+         (out.state.ssm * file.at("grad_ssm_n")).sum())
+            .backward();
+        check_close(x.grad(), file.at("grad.input"), name + " input gradient");
+        if (initial.conv.defined()) {
+            check_close(initial.conv.grad(), file.at("grad.conv0"), name + " conv0 gradient");
+            check_close(initial.ssm.grad(), file.at("grad.ssm0"), name + " ssm0 gradient");
+        }
+        for (const auto& [pname, p] : ssm.named_parameters())
+            check_close(p.grad(), file.at("grad.param." + pname), name + " " + pname + " gradient");
+    }
+}
+
 TEST_CASE("losses match PyTorch")
 {
     std::size_t cases = 0;

@@ -40,6 +40,7 @@ std::vector<Case> cases()
         {"abs negative", {{5}}, [](V x) { return abs(x[0]); }, -2, -0.2},
         {"tanh", {{2, 3}}, [](V x) { return tanh(x[0]); }},
         {"sigmoid", {{2, 3}}, [](V x) { return sigmoid(x[0]); }},
+        {"softplus", {{2, 3}}, [](V x) { return softplus(x[0] * 3.0); }},
         {"relu", {{6}}, [](V x) { return relu(x[0] - 0.05); }},
         {"clamp", {{8}}, [](V x) { return clamp(x[0], -0.95, 1.05); }},
         {"clamp min only", {{8}}, [](V x) { return clamp(x[0], -0.95, std::nullopt); }},

@@ -161,3 +161,158 @@ TEST_CASE("log_linear_recurrence stays finite where the linear form underflows")
     check_error([&] { log_linear_recurrence(ones({4, 3}), ones({4, 2})); }, {"log_linear_recurrence", "log_a", "broadcasts"});
     check_error([&] { log_linear_recurrence(ones({4, 2}), ones({4, 2}), ones({3})); }, {"log_linear_recurrence", "log_h0", "[2]"});
 }
+
+// ---- minGRU and minLSTM ----
+
+namespace {
+
+nn::MinRecurrentOptions min_options(bool log_space) { return nn::MinRecurrentOptions(3, 4).log_space(log_space).dtype(kFloat64); }
+
+// An initial state the form accepts: positive in log space.
+Tensor initial_state(bool log_space, std::uint64_t seed)
+{
+    return log_space ? random({1, 2, 4}, seed, 0.1, 1.5) : random({1, 2, 4}, seed, -1, 1);
+}
+
+template <class Layer> void check_steps_match_forward(bool log_space)
+{
+    CAPTURE(log_space);
+    manual_seed(21);
+    Layer layer(min_options(log_space));
+    const Tensor x = random({7, 2, 3}, 22, -2, 2);
+    for (const Tensor& h0 : {Tensor(), initial_state(log_space, 23)}) {
+        const auto out = layer(x, h0);
+        CHECK(out.output.sizes() == Shape{7, 2, 4});
+        Tensor h = h0.defined() ? h0.select(0, 0) : zeros({2, 4}, kFloat64);
+        for (std::int64_t t = 0; t < 7; ++t) {
+            h = layer.step(x.select(0, t), h);
+            CHECK(close_tensors(h, out.output.select(0, t), 1e-12));
+        }
+        CHECK(close_tensors(out.h_n(), h.unsqueeze(0), 1e-12));
+    }
+}
+
+template <class Layer> void check_layer_derivatives(bool log_space)
+{
+    CAPTURE(log_space);
+    manual_seed(31);
+    Layer layer(min_options(log_space));
+    const Tensor x = random({5, 2, 3}, 32, -2, 2).requires_grad_();
+    const Tensor h0 = initial_state(log_space, 33).requires_grad_();
+    const auto fn = [&](const std::vector<Tensor>& in) { return layer(in[0], in[1]).output; };
+    check_ok(gradcheck(fn, {x, h0}), "input and h0");
+    check_ok(gradgradcheck(fn, {x, h0}), "input and h0, second order");
+    check_ok(gradcheck_parameters([&] { return layer(x, h0).output; }, layer.parameters()), "parameters");
+}
+
+}  // namespace
+
+TEST_CASE("MinGRU and MinLSTM: step() gives forward()'s states to 1e-12, in both forms")
+{
+    for (bool log_space : {true, false}) {
+        check_steps_match_forward<nn::MinGRU>(log_space);
+        check_steps_match_forward<nn::MinLSTM>(log_space);
+    }
+}
+
+TEST_CASE("MinGRU and MinLSTM pass gradcheck and gradgradcheck in both forms")
+{
+    for (bool log_space : {true, false}) {
+        check_layer_derivatives<nn::MinGRU>(log_space);
+        check_layer_derivatives<nn::MinLSTM>(log_space);
+    }
+}
+
+TEST_CASE("MinGRU and MinLSTM: parameter names, batch_first, the log form over long sequences, errors")
+{
+    nn::MinGRU gru(min_options(true));
+    nn::MinLSTM lstm(min_options(true));
+    std::vector<std::string> names;
+    for (const auto& [name, _] : lstm.named_parameters()) names.push_back(name);
+    CHECK(names == std::vector<std::string>{"linear_f.weight", "linear_f.bias", "linear_i.weight", "linear_i.bias",
+                                            "linear_h.weight", "linear_h.bias"});
+    CHECK(gru.named_parameters().front().first == "linear_z.weight");
+    const Tensor x = random({6, 2, 3}, 41, -1, 1);
+    nn::MinGRU batch_first(min_options(true).batch_first(true));
+    batch_first.load_state_dict(gru.state_dict());
+    CHECK(close_tensors(batch_first(x.transpose(0, 1)).output.transpose(0, 1), gru(x).output, 1e-14));
+    // 5000 steps whose gates forget almost everything: every state stays positive and finite.
+    const Tensor long_x = random({5000, 1, 3}, 42, -3, 3);
+    const Tensor h = lstm(long_x).output;
+    CHECK(amin(h).item<double>() > 0);
+    CHECK(std::isfinite(amax(h).item<double>()));
+    check_error([&] { gru(ones({6, 2, 5}, kFloat64)); }, {"MinGRU", "I = 3", "[6, 2, 5]"});
+    check_error([&] { gru(ones({6, 2, 3})); }, {"MinGRU", "dtype", "float64"});
+    check_error([&] { gru(x, ones({2, 4}, kFloat64)); }, {"MinGRU", "h0", "[1, B, H] = [1, 2, 4]"});
+    check_error([&] { gru(x, zeros({1, 2, 4}, kFloat64)); }, {"MinGRU", "positive", "log_space(false)"});
+    check_error([&] { lstm.step(ones({2, 3}, kFloat64), ones({3, 4}, kFloat64)); }, {"MinLSTM::step", "[2, 4]"});
+    check_error([] { nn::MinGRU(nn::MinRecurrentOptions(0, 4)); }, {"MinGRU", "positive sizes"});
+}
+
+// ---- the selective state-space block ----
+
+TEST_CASE("SelectiveSSM: step() gives forward()'s outputs and states to 1e-12, from zeros and from a state")
+{
+    manual_seed(51);
+    nn::SelectiveSSM ssm(nn::SelectiveSSMOptions(4).d_state(3).d_conv(3).dtype(kFloat64));
+    CHECK(ssm.inner == 8);
+    CHECK(ssm.options.dt_rank() == 1);
+    CHECK(ssm.A_log.sizes() == Shape{8, 3});
+    const Tensor x = random({7, 2, 4}, 52, -1, 1);
+    for (const bool from_state : {false, true}) {
+        CAPTURE(from_state);
+        nn::SelectiveSSMState initial;
+        if (from_state) initial = {random({2, 2, 8}, 53, -1, 1), random({2, 8, 3}, 54, -1, 1)};
+        const auto whole = ssm(x, initial);
+        CHECK(whole.output.sizes() == Shape{7, 2, 4});
+        nn::SelectiveSSMState state = initial;
+        for (std::int64_t t = 0; t < 7; ++t) {
+            const auto one = ssm.step(x.select(0, t), state);
+            CHECK(close_tensors(one.output, whole.output.select(0, t), 1e-12));
+            state = one.state;
+        }
+        CHECK(close_tensors(state.conv, whole.state.conv, 0));
+        CHECK(close_tensors(state.ssm, whole.state.ssm, 1e-12));
+        // Two halves carried by the state make the whole.
+        const auto first = ssm(x.narrow(0, 0, 3), initial), second = ssm(x.narrow(0, 3, 4), first.state);
+        CHECK(close_tensors(concat({first.output, second.output}, 0), whole.output, 1e-12));
+    }
+}
+
+TEST_CASE("SelectiveSSM passes gradcheck and gradgradcheck, in the input, the state and the parameters")
+{
+    manual_seed(61);
+    nn::SelectiveSSM ssm(nn::SelectiveSSMOptions(2).d_state(2).d_conv(2).expand(1).dtype(kFloat64));
+    const Tensor x = random({4, 2, 2}, 62, -1, 1).requires_grad_();
+    const Tensor conv = random({1, 2, 2}, 63, -1, 1).requires_grad_(), h = random({2, 2, 2}, 64, -1, 1).requires_grad_();
+    const auto fn = [&](const std::vector<Tensor>& in) {
+        const auto out = ssm(in[0], {in[1], in[2]});
+        return concat({out.output.reshape({-1}), out.state.ssm.reshape({-1})}, 0);
+    };
+    check_ok(gradcheck(fn, {x, conv, h}), "input and state");
+    check_ok(gradgradcheck(fn, {x, conv, h}), "input and state, second order");
+    check_ok(gradcheck_parameters([&] { return ssm(x, {conv, h}).output; }, ssm.parameters()), "parameters");
+}
+
+TEST_CASE("SelectiveSSM: Mamba's names and initialisation, and clear errors")
+{
+    nn::SelectiveSSM ssm(nn::SelectiveSSMOptions(32).dtype(kFloat64));
+    std::vector<std::string> names;
+    for (const auto& [name, _] : ssm.named_parameters()) names.push_back(name);
+    CHECK(names == std::vector<std::string>{"A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
+                                            "dt_proj.weight", "dt_proj.bias", "out_proj.weight"});
+    CHECK(ssm.conv1d->weight.sizes() == Shape{64, 1, 4});
+    CHECK(ssm.x_proj->weight.sizes() == Shape{2 + 32, 64});  // dt_rank = ceil(32 / 16) = 2, N = 16
+    CHECK(close_tensors(ssm.A_log.select(0, 5), log(arange(16, kFloat64) + 1.0), 1e-15));
+    // softplus(dt_proj.bias) is the initial step size, within [0.001, 0.1].
+    const Tensor step = softplus(ssm.dt_proj->bias);
+    CHECK(amin(step).item<double>() >= 0.001 - 1e-12);
+    CHECK(amax(step).item<double>() <= 0.1 + 1e-12);
+    const Tensor x = zeros({5, 2, 32}, kFloat64);
+    check_error([&] { ssm(zeros({5, 2, 16}, kFloat64)); }, {"SelectiveSSM", "d_model = 32", "[5, 2, 16]"});
+    check_error([&] { ssm(zeros({5, 2, 32})); }, {"SelectiveSSM", "dtype", "float64"});
+    check_error([&] { ssm(x, {zeros({2, 2, 64}, kFloat64), {}}); }, {"SelectiveSSM", "state.conv", "[3, 2, 64]"});
+    check_error([&] { ssm(x, {{}, zeros({2, 64, 8}, kFloat64)}); }, {"SelectiveSSM", "state.ssm", "[2, 64, 16]"});
+    check_error([&] { ssm.step(zeros({2, 16}, kFloat64), {}); }, {"SelectiveSSM::step", "[B, d_model]"});
+    check_error([] { nn::SelectiveSSM(nn::SelectiveSSMOptions(4).d_state(0)); }, {"SelectiveSSM", "positive"});
+}

@@ -1,0 +1,262 @@
+// minGRU and minLSTM: the input makes each step's coefficients, one linear_recurrence runs them.
+#include "linear_recurrent.hpp"
+
+#include <cmath>
+
+#include "../autograd/ops.hpp"
+
+namespace loom::nn {
+
+Tensor min_rnn_g(const Tensor& v)
+{
+    return where(v.ge(scalar_tensor(0, v.dtype())), relu(v) + 0.5, sigmoid(v));
+}
+
+Tensor min_rnn_log_g(const Tensor& v)
+{
+    // log sigmoid(v) = -softplus(-v); relu keeps the other branch's log finite where it is not taken.
+    return where(v.ge(scalar_tensor(0, v.dtype())), log(relu(v) + 0.5), -softplus(-v));
+}
+
+// ---- the shared layer ----
+
+Tensor MinRecurrent::candidate(const Tensor& pre) const { return options.log_space() ? min_rnn_g(pre) : pre; }
+
+RecurrentOutput MinRecurrent::forward(const Tensor& input, const Tensor& h0)
+{
+    const std::string op = type_name();
+    const MinRecurrentOptions& o = options;
+    const char* layout = o.batch_first() ? "[B, T, I]" : "[T, B, I] (time-major; set batch_first for [B, T, I])";
+    LOOM_CHECK(input.dim() == 3, op, "expects input {}, got shape {}", layout, input.sizes());
+    LOOM_CHECK(input.size(2) == o.input_size(), op, "expects input {} with I = {}, got shape {} (dim 2 is {})", layout,
+               o.input_size(), input.sizes(), input.size(2));
+    LOOM_CHECK(input.dtype() == o.dtype(), op, "expects input of the parameters' dtype {}, got {}", o.dtype(),
+               input.dtype());
+    const Tensor x = o.batch_first() ? input.transpose(0, 1) : input;
+    const std::int64_t T = x.size(0), B = x.size(1), H = o.hidden_size();
+    LOOM_CHECK(T > 0 && B > 0, op, "expects at least one step and one sequence, got input shape {}", input.sizes());
+    Tensor initial;
+    if (h0.defined()) {
+        LOOM_CHECK(h0.sizes() == (Shape{1, B, H}), op, "h0 has shape {}, expected [1, B, H] = [1, {}, {}]", h0.sizes(),
+                   B, H);
+        LOOM_CHECK(h0.dtype() == o.dtype(), op, "h0 has dtype {}, the parameters {}", h0.dtype(), o.dtype());
+        initial = h0.select(0, 0);
+        if (o.log_space()) {
+            const double least = amin(initial.detach()).item<double>();
+            LOOM_CHECK(least > 0, op,
+                       "h0 must be positive in log space (log_space(true)), but holds {}; every state of the "
+                       "log-space form is positive (pass g(v) for a state v of any sign, or use log_space(false))",
+                       least);
+            initial = log(initial);
+        }
+    }
+    const auto [a, b] = coefficients(x);
+    const Tensor h = o.log_space() ? exp(log_linear_recurrence(a, b, initial)) : linear_recurrence(a, b, initial);
+    RecurrentOutput out;
+    out.output = o.batch_first() ? h.transpose(0, 1) : h;
+    out.state = {h.select(0, T - 1).unsqueeze(0)};
+    return out;
+}
+
+Tensor MinRecurrent::step(const Tensor& x, const Tensor& h)
+{
+    const std::string op = type_name() + "::step";
+    const MinRecurrentOptions& o = options;
+    LOOM_CHECK(x.dim() == 2 && x.size(1) == o.input_size(), op, "expects x [B, I] with I = {}, got shape {}",
+               o.input_size(), x.sizes());
+    LOOM_CHECK(h.sizes() == (Shape{x.size(0), o.hidden_size()}), op, "expects h [B, H] = [{}, {}], got shape {}",
+               x.size(0), o.hidden_size(), h.sizes());
+    LOOM_CHECK(x.dtype() == o.dtype() && h.dtype() == o.dtype(), op,
+               "expects x and h of the parameters' dtype {}, got {} and {}", o.dtype(), x.dtype(), h.dtype());
+    return next_state(x, h);
+}
+
+// ---- minGRU ----
+
+MinGRU::MinGRU(MinRecurrentOptions o) : MinRecurrent(std::move(o))
+{
+    const auto& p = options;
+    LOOM_CHECK(p.input_size() > 0 && p.hidden_size() > 0, "MinGRU", "expects positive sizes, got input {} hidden {}",
+               p.input_size(), p.hidden_size());
+    linear_z = register_module("linear_z", std::make_shared<Dense>(p.input_size(), p.hidden_size(), p.bias(), p.dtype()));
+    linear_h = register_module("linear_h", std::make_shared<Dense>(p.input_size(), p.hidden_size(), p.bias(), p.dtype()));
+}
+
+std::string MinGRU::type_name() const { return "MinGRU"; }
+
+std::pair<Tensor, Tensor> MinGRU::coefficients(const Tensor& x) const
+{
+    const Tensor k = (*linear_z)(x), pre = (*linear_h)(x);
+    // log(1 - sigmoid(k)) = -softplus(k), log sigmoid(k) = -softplus(-k).
+    if (options.log_space()) return {-softplus(k), -softplus(-k) + min_rnn_log_g(pre)};
+    const Tensor z = sigmoid(k);
+    return {1.0 - z, z * pre};
+}
+
+Tensor MinGRU::next_state(const Tensor& x, const Tensor& h) const
+{
+    const Tensor z = sigmoid((*linear_z)(x));
+    return (1.0 - z) * h + z * candidate((*linear_h)(x));
+}
+
+// ---- minLSTM ----
+
+MinLSTM::MinLSTM(MinRecurrentOptions o) : MinRecurrent(std::move(o))
+{
+    const auto& p = options;
+    LOOM_CHECK(p.input_size() > 0 && p.hidden_size() > 0, "MinLSTM", "expects positive sizes, got input {} hidden {}",
+               p.input_size(), p.hidden_size());
+    linear_f = register_module("linear_f", std::make_shared<Dense>(p.input_size(), p.hidden_size(), p.bias(), p.dtype()));
+    linear_i = register_module("linear_i", std::make_shared<Dense>(p.input_size(), p.hidden_size(), p.bias(), p.dtype()));
+    linear_h = register_module("linear_h", std::make_shared<Dense>(p.input_size(), p.hidden_size(), p.bias(), p.dtype()));
+}
+
+std::string MinLSTM::type_name() const { return "MinLSTM"; }
+
+std::pair<Tensor, Tensor> MinLSTM::coefficients(const Tensor& x) const
+{
+    const Tensor kf = (*linear_f)(x), ki = (*linear_i)(x), pre = (*linear_h)(x);
+    if (options.log_space()) {
+        // log(f / (f + i)) = -softplus(log i - log f), with log sigmoid(k) = -softplus(-k).
+        const Tensor diff = softplus(-kf) - softplus(-ki);
+        return {-softplus(diff), -softplus(-diff) + min_rnn_log_g(pre)};
+    }
+    const Tensor f = sigmoid(kf), i = sigmoid(ki), sum = f + i;
+    return {f / sum, i / sum * pre};
+}
+
+Tensor MinLSTM::next_state(const Tensor& x, const Tensor& h) const
+{
+    const Tensor f = sigmoid((*linear_f)(x)), i = sigmoid((*linear_i)(x)), sum = f + i;
+    return f / sum * h + i / sum * candidate((*linear_h)(x));
+}
+
+// ---- the causal convolution ----
+
+CausalConv1d::CausalConv1d(std::int64_t channels_, std::int64_t kernel_, bool with_bias, DType dtype)
+    : channels(channels_), kernel(kernel_)
+{
+    LOOM_CHECK(channels > 0 && kernel > 0, "CausalConv1d", "expects positive sizes, got {} channels, kernel {}",
+               channels, kernel);
+    // PyTorch's Conv1d: bound 1/sqrt(fan_in), fan_in = in_channels / groups * kernel = kernel.
+    const double bound = 1 / std::sqrt(double(kernel));
+    weight = register_parameter("weight", uniform({channels, 1, kernel}, -bound, bound, dtype));
+    if (with_bias) bias = register_parameter("bias", uniform({channels}, -bound, bound, dtype));
+}
+
+std::string CausalConv1d::type_name() const { return "CausalConv1d"; }
+
+Tensor CausalConv1d::forward(const Tensor& x, const Tensor& before) const
+{
+    LOOM_CHECK(x.dim() == 3 && x.size(2) == channels, "CausalConv1d", "expects x [T, B, C] with C = {}, got shape {}",
+               channels, x.sizes());
+    const std::int64_t T = x.size(0), B = x.size(1);
+    LOOM_CHECK(!before.defined() || before.sizes() == (Shape{kernel - 1, B, channels}), "CausalConv1d",
+               "expects the earlier inputs as [kernel - 1, B, C] = [{}, {}, {}], got shape {}", kernel - 1, B, channels,
+               before.sizes());
+    const Tensor padded =
+        kernel == 1 ? x : concat({before.defined() ? before : zeros({kernel - 1, B, channels}, x.dtype()), x}, 0);
+    const Tensor w = weight.select(1, 0);  // [C, kernel]
+    Tensor out;
+    for (std::int64_t k = 0; k < kernel; ++k) {
+        const Tensor term = padded.narrow(0, k, T) * w.select(1, k);
+        out = out.defined() ? out + term : term;
+    }
+    return bias.defined() ? out + bias : out;
+}
+
+// ---- the selective state-space block ----
+
+namespace {
+
+Tensor silu(const Tensor& v) { return v * sigmoid(v); }
+
+}  // namespace
+
+SelectiveSSM::SelectiveSSM(SelectiveSSMOptions o) : options(std::move(o))
+{
+    auto& p = options;
+    LOOM_CHECK(p.d_model() > 0 && p.d_state() > 0 && p.d_conv() > 0 && p.expand() > 0 && p.dt_rank() >= 0,
+               "SelectiveSSM", "expects positive d_model, d_state, d_conv and expand and dt_rank >= 0, got {}, {}, {}, {}, {}",
+               p.d_model(), p.d_state(), p.d_conv(), p.expand(), p.dt_rank());
+    if (p.dt_rank() == 0) p.dt_rank((p.d_model() + 15) / 16);
+    inner = p.expand() * p.d_model();
+    const std::int64_t E = inner, N = p.d_state(), R = p.dt_rank();
+    const DType dt = p.dtype();
+    // Mamba's initialisation. A_log = log 1..N for every channel: the state's decay rates.
+    A_log = register_parameter("A_log", log(arange(N, kFloat64) + 1.0).unsqueeze(0).expand({E, N}).contiguous().to(dt));
+    D = register_parameter("D", ones({E}, dt));
+    in_proj = register_module("in_proj", std::make_shared<Dense>(p.d_model(), 2 * E, p.bias(), dt));
+    conv1d = register_module("conv1d", std::make_shared<CausalConv1d>(E, p.d_conv(), p.conv_bias(), dt));
+    x_proj = register_module("x_proj", std::make_shared<Dense>(E, R + 2 * N, false, dt));
+    dt_proj = register_module("dt_proj", std::make_shared<Dense>(R, E, true, dt));
+    out_proj = register_module("out_proj", std::make_shared<Dense>(E, p.d_model(), p.bias(), dt));
+    {
+        NoGradGuard no_grad;
+        const double bound = 1 / std::sqrt(double(R));
+        Tensor(dt_proj->weight).uniform_(-bound, bound);
+        // Step sizes log-uniform in [0.001, 0.1] (at least 1e-4), stored as softplus's inverse.
+        const Tensor step = clamp(exp(uniform({E}, std::log(0.001), std::log(0.1), kFloat64)), 1e-4, std::nullopt);
+        Tensor(dt_proj->bias).copy_((step + log(1.0 - exp(-step))).to(dt));
+    }
+}
+
+std::string SelectiveSSM::type_name() const { return "SelectiveSSM"; }
+
+void SelectiveSSM::check_state(const char* op, const SelectiveSSMState& state, std::int64_t B) const
+{
+    const std::int64_t E = inner, K1 = options.d_conv() - 1, N = options.d_state();
+    LOOM_CHECK(!state.conv.defined() || state.conv.sizes() == (Shape{K1, B, E}), op,
+               "state.conv has shape {}, expected [d_conv - 1, B, E] = [{}, {}, {}]", state.conv.sizes(), K1, B, E);
+    LOOM_CHECK(!state.ssm.defined() || state.ssm.sizes() == (Shape{B, E, N}), op,
+               "state.ssm has shape {}, expected [B, E, N] = [{}, {}, {}]", state.ssm.sizes(), B, E, N);
+    for (const Tensor* t : {&state.conv, &state.ssm})
+        LOOM_CHECK(!t->defined() || t->dtype() == options.dtype(), op, "a state tensor has dtype {}, the parameters {}",
+                   t->dtype(), options.dtype());
+}
+
+std::pair<Tensor, Tensor> SelectiveSSM::selective_scan(const Tensor& u, const Tensor& z, const Tensor& h0) const
+{
+    const std::int64_t T = u.size(0), R = options.dt_rank(), N = options.d_state();
+    const Tensor projected = (*x_proj)(u);  // [T, B, R + 2N]
+    const Tensor B_t = projected.narrow(2, R, N).unsqueeze(2), C_t = projected.narrow(2, R + N, N).unsqueeze(2);
+    const Tensor delta = softplus((*dt_proj)(projected.narrow(2, 0, R)));  // [T, B, E]
+    const Tensor A = -exp(A_log);                                           // [E, N]
+    const Tensor decay = exp(delta.unsqueeze(3) * A);                       // [T, B, E, N]
+    const Tensor h = linear_recurrence(decay, (delta * u).unsqueeze(3) * B_t, h0);
+    const Tensor y = (h * C_t).sum({3}) + u * D;  // [T, B, E]
+    return {y * silu(z), h.select(0, T - 1)};
+}
+
+SelectiveSSMOutput SelectiveSSM::forward(const Tensor& input, const SelectiveSSMState& initial)
+{
+    const char* op = "SelectiveSSM";
+    LOOM_CHECK(input.dim() == 3 && input.size(2) == options.d_model(), op,
+               "expects input [T, B, d_model] with d_model = {}, got shape {}", options.d_model(), input.sizes());
+    LOOM_CHECK(input.dtype() == options.dtype(), op, "expects input of the parameters' dtype {}, got {}",
+               options.dtype(), input.dtype());
+    const std::int64_t T = input.size(0), B = input.size(1), K1 = options.d_conv() - 1;
+    LOOM_CHECK(T > 0 && B > 0, op, "expects at least one step and one sequence, got input shape {}", input.sizes());
+    check_state(op, initial, B);
+    const auto xz = (*in_proj)(input).chunk(2, 2);  // the block's input and its gate, [T, B, E] each
+    const Tensor u = silu(conv1d->forward(xz[0], initial.conv));
+    auto [y, h_last] = selective_scan(u, xz[1], initial.ssm);
+    SelectiveSSMOutput out{(*out_proj)(y), {}};
+    if (K1 > 0) {
+        const Tensor before = initial.conv.defined() ? initial.conv : zeros({K1, B, inner}, input.dtype());
+        out.state.conv = concat({before, xz[0]}, 0).narrow(0, T, K1);
+    }
+    out.state.ssm = h_last;
+    return out;
+}
+
+SelectiveSSMOutput SelectiveSSM::step(const Tensor& x, const SelectiveSSMState& state)
+{
+    LOOM_CHECK(x.dim() == 2 && x.size(1) == options.d_model(), "SelectiveSSM::step",
+               "expects x [B, d_model] with d_model = {}, got shape {}", options.d_model(), x.sizes());
+    SelectiveSSMOutput out = forward(x.unsqueeze(0), state);
+    out.output = out.output.select(0, 0);
+    return out;
+}
+
+}  // namespace loom::nn
