@@ -1,7 +1,8 @@
 // loom's side of the benchmark race: the workloads of bench/torch_reference.py, same sizes, same
 // loss, same Adam update, same output line. Run each workload in its own process.
-// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells]
-// (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own)
+// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells] [--profile]
+// (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own;
+// --profile: after the timed steps, one more under autograd::Profiler, its table on stderr)
 // WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W8-mingru W8-gru, or W3-sgemm, W2-lstm-sgemm: the
 // GEMMs alone of that workload, same shapes, called straight on OpenBLAS (its limit).
 #include <loom/loom.hpp>
@@ -231,7 +232,7 @@ int main(int argc, char** argv)
     }
     const std::string name = argv[1];
     int threads = 2, steps = 0;
-    bool infer = false, fused = true, checkpoint = false, cells = false;
+    bool infer = false, fused = true, checkpoint = false, cells = false, profile = false;
     for (int i = 2; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--steps") && i + 1 < argc) steps = std::atoi(argv[++i]);
@@ -239,6 +240,7 @@ int main(int argc, char** argv)
         else if (!std::strcmp(argv[i], "--composed")) fused = false;
         else if (!std::strcmp(argv[i], "--checkpoint")) checkpoint = true;
         else if (!std::strcmp(argv[i], "--cells")) cells = true;
+        else if (!std::strcmp(argv[i], "--profile")) profile = true;
     }
     if (name == "W3-sgemm" || name == "W2-lstm-sgemm") {
         if (name == "W3-sgemm") sgemm_limit("W3-sgemm", 50, 64, 512, 1024, 0, threads, steps ? steps : 5);
@@ -288,5 +290,11 @@ int main(int argc, char** argv)
                                                    median(backward_times));
     std::printf("%s %s threads=%d ms=%.3f gflops=%.1f peak_rss_mib=%.0f%s%s\n", name.c_str(), infer ? "infer" : "train",
                 threads, ms, flops / ms / 1e6, double(usage.ru_maxrss) / 1024, phases.c_str(), variant.c_str());
+    if (profile) {
+        autograd::Profiler profiler;
+        infer ? infer_step() : train_step();
+        profiler.stop();
+        std::fprintf(stderr, "%s", profiler.table(15).c_str());
+    }
     return 0;
 }

@@ -22,7 +22,7 @@ Tensor min_rnn_log_g(const Tensor& v)
 
 Tensor MinRecurrent::candidate(const Tensor& pre) const { return options.log_space() ? min_rnn_g(pre) : pre; }
 
-RecurrentOutput MinRecurrent::forward(const Tensor& input, const Tensor& h0)
+RecurrentOutput MinRecurrent::forward(const Tensor& input, const Tensor& h0, const Tensor& lengths)
 {
     const std::string op = type_name();
     const MinRecurrentOptions& o = options;
@@ -50,10 +50,26 @@ RecurrentOutput MinRecurrent::forward(const Tensor& input, const Tensor& h0)
             initial = log(initial);
         }
     }
-    const auto [a, b] = coefficients(x);
-    const Tensor h = o.log_space() ? exp(log_linear_recurrence(a, b, initial)) : linear_recurrence(a, b, initial);
+    auto [a, b] = coefficients(x);
+    Tensor running;  // [T, B, 1]: whether step t is within sequence b
+    if (lengths.defined()) {
+        LOOM_CHECK(lengths.dtype() == kInt64 && lengths.sizes() == Shape{B}, op,
+                   "expects lengths as int64 [B] = [{}], got {} {}", B, lengths.dtype(), lengths.sizes());
+        const std::int64_t shortest = amin(lengths).item<std::int64_t>(), longest = amax(lengths).item<std::int64_t>();
+        LOOM_CHECK(shortest >= 1 && longest <= T, op, "lengths must lie in [1, T] = [1, {}], got {} to {}", T,
+                   shortest, longest);
+        running = arange(double(T), kInt64).unsqueeze(1).lt(lengths.unsqueeze(0)).unsqueeze(2);
+        // Past the end: a = 1 and b = 0 (log a = 0, log b = -inf), the state held as it was.
+        const Tensor one = scalar_tensor(o.log_space() ? 0.0 : 1.0, a.dtype());
+        const Tensor none = scalar_tensor(o.log_space() ? -INFINITY : 0.0, b.dtype());
+        a = where(running, a, one);
+        b = where(running, b, none);
+    }
+    Tensor h = o.log_space() ? exp(log_linear_recurrence(a, b, initial)) : linear_recurrence(a, b, initial);
     RecurrentOutput out;
-    out.output = o.batch_first() ? h.transpose(0, 1) : h;
+    if (running.defined()) out.output = where(running, h, scalar_tensor(0, h.dtype()));
+    else out.output = h;
+    if (o.batch_first()) out.output = out.output.transpose(0, 1);
     out.state = {h.select(0, T - 1).unsqueeze(0)};
     return out;
 }

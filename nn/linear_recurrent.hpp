@@ -46,11 +46,17 @@ class MinRecurrent : public Module {
 public:
     /// input [T, B, I] ([B, T, I] with batch_first); h0 [1, B, H], the state before the first
     /// step (positive in log space; it is the state itself, not passed through g), or undefined
-    /// for zeros. Returns every step's state as output [T, B, H] ([B, T, H] with batch_first) and
-    /// the last one as state {h_n [1, B, H]}.
-    RecurrentOutput forward(const Tensor& input, const Tensor& h0 = {});
+    /// for zeros; lengths: int64 [B] in [1, T], or undefined when every sequence is T long.
+    /// Returns every step's state as output [T, B, H] ([B, T, H] with batch_first; zeros past a
+    /// sequence's length, as the recurrent layers) and each sequence's last state as
+    /// state {h_n [1, B, H]}. Past its length a sequence's coefficients become a = 1, b = 0, so
+    /// the recurrence carries its state unchanged to the end.
+    RecurrentOutput forward(const Tensor& input, const Tensor& h0 = {}, const Tensor& lengths = {});
     /// forward().
-    RecurrentOutput operator()(const Tensor& input, const Tensor& h0 = {}) { return forward(input, h0); }
+    RecurrentOutput operator()(const Tensor& input, const Tensor& h0 = {}, const Tensor& lengths = {})
+    {
+        return forward(input, h0, lengths);
+    }
     /// One step, for generation: x [B, I] and the state h [B, H] to the next state [B, H];
     /// forward()'s numbers, step by step.
     Tensor step(const Tensor& x, const Tensor& h);

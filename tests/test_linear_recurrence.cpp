@@ -215,6 +215,45 @@ TEST_CASE("MinGRU and MinLSTM: step() gives forward()'s states to 1e-12, in both
     }
 }
 
+template <class Layer> void check_lengths(bool log_space)
+{
+    CAPTURE(log_space);
+    manual_seed(71);
+    Layer layer(min_options(log_space));
+    const Tensor x = random({6, 3, 3}, 72, -2, 2);
+    const Tensor h0 = log_space ? random({1, 3, 4}, 73, 0.1, 1.5) : random({1, 3, 4}, 73, -1, 1);
+    const Tensor lengths = from_vector<std::int64_t>({6, 2, 4}, {3});
+    const nn::RecurrentOutput out = layer(x, h0, lengths);
+    // Each sequence run alone, cut to its length.
+    for (std::int64_t b = 0; b < 3; ++b) {
+        const std::int64_t n = lengths.data_ptr<std::int64_t>()[b];
+        const nn::RecurrentOutput alone = layer(x.narrow(1, b, 1).narrow(0, 0, n), h0.narrow(1, b, 1));
+        CHECK(close_tensors(out.output.narrow(1, b, 1).narrow(0, 0, n), alone.output, 1e-12));
+        CHECK(close_tensors(out.h_n().narrow(1, b, 1), alone.h_n(), 1e-12));
+        if (n < 6) CHECK(amax(abs(out.output.narrow(1, b, 1).narrow(0, n, 6 - n))).item<double>() == 0);
+    }
+    const Tensor xg = x.clone().requires_grad_(), hg = h0.clone().requires_grad_();
+    const auto fn = [&](const std::vector<Tensor>& in) {
+        const nn::RecurrentOutput o = layer(in[0], in[1], lengths);
+        return concat({o.output.reshape({-1}), o.h_n().reshape({-1})}, 0);
+    };
+    check_ok(gradcheck(fn, {xg, hg}), "with lengths");
+    check_ok(gradgradcheck(fn, {xg, hg}), "with lengths, second order");
+}
+
+TEST_CASE("MinGRU and MinLSTM with lengths: each sequence as if run alone, zeros past its end")
+{
+    for (bool log_space : {true, false}) {
+        check_lengths<nn::MinGRU>(log_space);
+        check_lengths<nn::MinLSTM>(log_space);
+    }
+    nn::MinGRU gru(min_options(true));
+    const Tensor x = random({6, 2, 3}, 74, -1, 1);
+    check_error([&] { gru(x, {}, from_vector<std::int64_t>({6, 7}, {2})); }, {"MinGRU", "[1, T] = [1, 6]", "6 to 7"});
+    check_error([&] { gru(x, {}, from_vector<std::int64_t>({6, 0}, {2})); }, {"MinGRU", "[1, T]"});
+    check_error([&] { gru(x, {}, ones({2}, kFloat64)); }, {"MinGRU", "int64 [B] = [2]"});
+}
+
 TEST_CASE("MinGRU and MinLSTM pass gradcheck and gradgradcheck in both forms")
 {
     for (bool log_space : {true, false}) {
