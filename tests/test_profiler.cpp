@@ -88,7 +88,8 @@ TEST_CASE("an op called inside another is subtracted from the caller's self time
     for (const auto& e : events)
         if (e.parent == outer) ++children, nested_ns += e.end_ns - e.start_ns;
     CHECK(children == 2);  // add, mul
-    const ProfileRow* r = row(profiler.by_op(), "doubled");
+    const auto ops = profiler.by_op();
+    const ProfileRow* r = row(ops, "doubled");
     REQUIRE(r != nullptr);
     const auto& d = events[std::size_t(outer)];
     CHECK(r->forward_ms == doctest::Approx(double(d.end_ns - d.start_ns) * 1e-6));
@@ -101,7 +102,8 @@ TEST_CASE("bytes allocated are those of the op's own outputs and buffers")
     Profiler profiler;
     const Tensor c = a + b;
     profiler.stop();
-    const ProfileRow* r = row(profiler.by_op(), "add");
+    const auto ops = profiler.by_op();
+    const ProfileRow* r = row(ops, "add");
     REQUIRE(r != nullptr);
     CHECK(r->bytes >= 8000);
     CHECK(r->bytes < 16000);
