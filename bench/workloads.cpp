@@ -3,7 +3,7 @@
 // Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells] [--profile]
 // (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own;
 // --profile: after the timed steps, one more under autograd::Profiler, its table on stderr)
-// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W8-mingru W8-gru, or W3-sgemm, W2-lstm-sgemm: the
+// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W8-mingru W8-mingru-plain W8-gru, or W3-sgemm, W2-lstm-sgemm: the
 // GEMMs alone of that workload, same shapes, called straight on OpenBLAS (its limit).
 #include <loom/loom.hpp>
 
@@ -122,12 +122,13 @@ Workload build(const std::string& name, bool fused, bool checkpoint, bool cells)
         const Tensor x = randn({T, B, I});
         w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
         w.flops = 2 * lstm_flops(T, B, I, H, 4) + 2 * lstm_flops(T, B, 2 * H, H, 4);
-    } else if (name == "W8-mingru" || name == "W8-gru") {
-        // A minGRU (log space, nn::MinGRU) against a GRU of the same width, over a long sequence.
+    } else if (name == "W8-mingru" || name == "W8-mingru-plain" || name == "W8-gru") {
+        // A minGRU (log space, nn::MinGRU; W8-mingru-plain: its plain form) against a GRU of the
+        // same width, over a long sequence.
         const std::int64_t I = 256, H = 256, B = 16, T = 1024;
         const Tensor x = randn({T, B, I});
-        if (name == "W8-mingru") {
-            auto rnn = std::make_shared<nn::MinGRU>(nn::MinGRUOptions(I, H));
+        if (name != "W8-gru") {
+            auto rnn = std::make_shared<nn::MinGRU>(nn::MinGRUOptions(I, H).log_space(name == "W8-mingru"));
             w.keep.push_back(rnn);
             append(w.params, *rnn);
             w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };

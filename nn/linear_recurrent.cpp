@@ -14,8 +14,9 @@ Tensor min_rnn_g(const Tensor& v)
 
 Tensor min_rnn_log_g(const Tensor& v)
 {
-    // log sigmoid(v) = -softplus(-v); relu keeps the other branch's log finite where it is not taken.
-    return where(v.ge(scalar_tensor(0, v.dtype())), log(relu(v) + 0.5), -softplus(-v));
+    // log sigmoid(v) = -softplus(-v) = v - softplus(v); relu keeps the other branch's log finite
+    // where it is not taken.
+    return where(v.ge(scalar_tensor(0, v.dtype())), log(relu(v) + 0.5), v - softplus(v));
 }
 
 // ---- the shared layer ----
@@ -103,8 +104,12 @@ std::string MinGRU::type_name() const { return "MinGRU"; }
 std::pair<Tensor, Tensor> MinGRU::coefficients(const Tensor& x) const
 {
     const Tensor k = (*linear_z)(x), pre = (*linear_h)(x);
-    // log(1 - sigmoid(k)) = -softplus(k), log sigmoid(k) = -softplus(-k).
-    if (options.log_space()) return {-softplus(k), -softplus(-k) + min_rnn_log_g(pre)};
+    // log(1 - sigmoid(k)) = -softplus(k) and log sigmoid(k) = k - softplus(k): one softplus for
+    // both (the transcendental functions are most of a minGRU step's elementwise time).
+    if (options.log_space()) {
+        const Tensor s = softplus(k);
+        return {-s, k - s + min_rnn_log_g(pre)};
+    }
     const Tensor z = sigmoid(k);
     return {1.0 - z, z * pre};
 }
@@ -133,9 +138,10 @@ std::pair<Tensor, Tensor> MinLSTM::coefficients(const Tensor& x) const
 {
     const Tensor kf = (*linear_f)(x), ki = (*linear_i)(x), pre = (*linear_h)(x);
     if (options.log_space()) {
-        // log(f / (f + i)) = -softplus(log i - log f), with log sigmoid(k) = -softplus(-k).
-        const Tensor diff = softplus(-kf) - softplus(-ki);
-        return {-softplus(diff), -softplus(-diff) + min_rnn_log_g(pre)};
+        // log(f / (f + i)) = -softplus(log i - log f) and log(i / (f + i)) = d - softplus(d) for
+        // d = log i - log f, with log sigmoid(k) = k - softplus(k).
+        const Tensor diff = (softplus(kf) - kf) - (softplus(ki) - ki), s = softplus(diff);
+        return {-s, diff - s + min_rnn_log_g(pre)};
     }
     const Tensor f = sigmoid(kf), i = sigmoid(ki), sum = f + i;
     return {f / sum, i / sum * pre};
