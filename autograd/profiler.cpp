@@ -91,11 +91,17 @@ Profiler::Profiler()
     start_ns_ = now_ns();
 }
 
-Profiler::~Profiler() { stop(); }
+Profiler::~Profiler()
+{
+    // Another thread's log is not ours to stop: stopping it would unbalance that thread's count.
+    if (std::this_thread::get_id() == owner_) stop();
+}
 
 void Profiler::stop()
 {
     if (stop_ns_ >= 0) return;
+    LOOM_CHECK(std::this_thread::get_id() == owner_, "Profiler",
+               "stop() was called on another thread than the one that made the Profiler, whose ops it times");
     auto& log = thread_log;
     stop_ns_ = now_ns();
     // Its events, timed from its own start; one still running ends now.

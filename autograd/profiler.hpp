@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace loom::autograd {
@@ -51,7 +52,8 @@ public:
     ~Profiler();
     Profiler(const Profiler&) = delete;
     Profiler& operator=(const Profiler&) = delete;
-    /// Stops timing; the results stay readable. Calling it again does nothing.
+    /// Stops timing; the results stay readable. Calling it again does nothing. An error on
+    /// another thread than the one that made it.
     void stop();
     /// Per op name, sorted by total_ms(), largest first.
     std::vector<ProfileRow> by_op() const;
@@ -86,6 +88,7 @@ public:
 
 private:
     void copy_events() const;
+    std::thread::id owner_ = std::this_thread::get_id();
     std::int64_t start_ns_ = 0, stop_ns_ = -1;
     std::size_t first_ = 0;  // index of its first event in the thread's log
     mutable std::vector<Event> events_;

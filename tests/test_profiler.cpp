@@ -202,10 +202,16 @@ TEST_CASE("nested profilers: the outer one sees the inner one's events too")
     CHECK(row(ops, "exp") != nullptr);
 }
 
-TEST_CASE("results are read after stop()")
+TEST_CASE("results are read after stop(), on the thread that made the Profiler")
 {
     Profiler profiler;
     testing::check_error([&] { (void)profiler.table(); }, {"Profiler", "after stop()"});
+    std::thread([&] { testing::check_error([&] { profiler.stop(); }, {"Profiler", "another thread"}); }).join();
+    const Tensor x = randn({3}, kFloat64);
+    const Tensor y = exp(x);  // still timed: the failed stop() changed nothing
+    profiler.stop();
+    REQUIRE(profiler.by_op().size() == 1);
+    CHECK(profiler.by_op()[0].calls == 1);
 }
 
 TEST_CASE("chrome_trace writes every event as a complete Trace Event")
