@@ -134,20 +134,26 @@ double Profiler::seconds() const
     return stop_ns_ >= 0 ? double(stop_ns_) * 1e-9 : double(now_ns() - start_ns_) * 1e-9;
 }
 
-std::vector<ProfileRow> Profiler::by_op() const
+namespace {
+
+// The forward and backward events summed per key (op name or scope path). A row's forward_ms is
+// the events' whole time when `inclusive`, else their self time (a scope's rows would otherwise
+// count an op's nested ops twice).
+template <class Key>
+std::vector<ProfileRow> grouped(const std::vector<Profiler::Event>& list, Key key_of, bool inclusive)
 {
-    const auto& list = events();
     const auto self = self_costs(list);
     std::map<std::string, ProfileRow> rows;
     for (std::size_t i = 0; i < list.size(); ++i) {
         const auto& e = list[i];
         if (e.kind != Kind::Forward && e.kind != Kind::Backward) continue;
-        ProfileRow& row = rows[e.name];
-        row.name = e.name;
+        std::string key = key_of(e);
+        ProfileRow& row = rows[key];
+        row.name = std::move(key);
         row.bytes += self[i].bytes;
         if (e.kind == Kind::Forward) {
             ++row.calls;
-            row.forward_ms += ms(e.end_ns - e.start_ns);
+            row.forward_ms += ms(inclusive ? e.end_ns - e.start_ns : self[i].ns);
             row.self_ms += ms(self[i].ns);
         } else {
             ++row.backward_calls;
@@ -157,28 +163,16 @@ std::vector<ProfileRow> Profiler::by_op() const
     return sorted(std::move(rows));
 }
 
+}  // namespace
+
+std::vector<ProfileRow> Profiler::by_op() const
+{
+    return grouped(events(), [](const Event& e) { return e.name; }, true);
+}
+
 std::vector<ProfileRow> Profiler::by_scope() const
 {
-    const auto& list = events();
-    const auto self = self_costs(list);
-    std::map<std::string, ProfileRow> rows;
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const auto& e = list[i];
-        if (e.kind != Kind::Forward && e.kind != Kind::Backward) continue;
-        const std::string name = e.scope ? *e.scope : std::string();
-        ProfileRow& row = rows[name];
-        row.name = name;
-        row.bytes += self[i].bytes;
-        if (e.kind == Kind::Forward) {
-            ++row.calls;
-            row.forward_ms += ms(self[i].ns);
-            row.self_ms += ms(self[i].ns);
-        } else {
-            ++row.backward_calls;
-            row.backward_ms += ms(self[i].ns);
-        }
-    }
-    return sorted(std::move(rows));
+    return grouped(events(), [](const Event& e) { return e.scope ? *e.scope : std::string(); }, false);
 }
 
 double Profiler::untimed_ms() const
