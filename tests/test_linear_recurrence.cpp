@@ -9,8 +9,9 @@ using testing::close_tensors;
 
 namespace {
 
-// The same recurrence as a loop of ops, one step at a time.
-Tensor loop_of_ops(const Tensor& a, const Tensor& b, const Tensor& h0, bool reverse)
+// A recurrence as a loop of ops, one step at a time: state = step(a_t, state, b_t) from h0 (or
+// b_t alone at the first step without one).
+template <class Step> Tensor loop_of_ops(const Tensor& a, const Tensor& b, const Tensor& h0, bool reverse, Step step)
 {
     const std::int64_t T = b.size(0);
     const Tensor a_full = a.expand(b.sizes());
@@ -18,10 +19,16 @@ Tensor loop_of_ops(const Tensor& a, const Tensor& b, const Tensor& h0, bool reve
     Tensor h = h0;
     for (std::int64_t s = 0; s < T; ++s) {
         const std::int64_t t = reverse ? T - 1 - s : s;
-        h = h.defined() ? a_full.select(0, t) * h + b.select(0, t) : b.select(0, t);
+        h = h.defined() ? step(a_full.select(0, t), h, b.select(0, t)) : b.select(0, t);
         hs[static_cast<std::size_t>(t)] = h;
     }
     return stack(hs, 0);
+}
+
+// h_t = a_t h + b_t.
+Tensor loop_of_ops(const Tensor& a, const Tensor& b, const Tensor& h0, bool reverse)
+{
+    return loop_of_ops(a, b, h0, reverse, [](const Tensor& at, const Tensor& h, const Tensor& bt) { return at * h + bt; });
 }
 
 void check_ok(const GradcheckResult& r, const std::string& what) { CHECK_MESSAGE(r.ok, what << ": " << r.report()); }
@@ -94,19 +101,11 @@ TEST_CASE("linear_recurrence runs in float32 and refuses what does not fit, nami
 }
 
 namespace {
-// log(exp(u) + exp(v)) as ops, one step at a time: the log-space recurrence written plainly.
+// log(exp(la_t + l) + exp(lb_t)) as ops: the log-space recurrence written plainly.
 Tensor log_loop_of_ops(const Tensor& la, const Tensor& lb, const Tensor& lh0, bool reverse)
 {
-    const std::int64_t T = lb.size(0);
-    const Tensor la_full = la.expand(lb.sizes());
-    std::vector<Tensor> ls(static_cast<std::size_t>(T));
-    Tensor l = lh0;
-    for (std::int64_t s = 0; s < T; ++s) {
-        const std::int64_t t = reverse ? T - 1 - s : s;
-        l = l.defined() ? log(exp(la_full.select(0, t) + l) + exp(lb.select(0, t))) : lb.select(0, t);
-        ls[static_cast<std::size_t>(t)] = l;
-    }
-    return stack(ls, 0);
+    return loop_of_ops(la, lb, lh0, reverse,
+                       [](const Tensor& at, const Tensor& l, const Tensor& bt) { return log(exp(at + l) + exp(bt)); });
 }
 }  // namespace
 
