@@ -23,7 +23,7 @@ void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs)
     }
 }
 
-void check_custom_grads(const char* op, const std::vector<Tensor>& grads, const BackwardContext& c)
+void check_custom_grads(const char* op, const GradList& grads, const BackwardContext& c)
 {
     LOOM_CHECK(grads.size() == c.needs.size(), op,
                "backward returned {} gradients, expected {}: one per Tensor argument of forward (undefined for none)",

@@ -11,7 +11,7 @@ namespace loom {
 
 using autograd::BackwardContext;
 using autograd::internal::record;
-using Grads = std::vector<Tensor>;
+using Grads = autograd::GradList;
 
 namespace {
 

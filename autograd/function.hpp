@@ -99,7 +99,7 @@ template <class Op> struct Function {
         if (should_record(inputs)) {
             std::vector<std::pair<Shape, DType>> output_types;
             for (const Tensor& o : outputs) output_types.emplace_back(o.sizes(), o.dtype());
-            push_entry(Op::name, inputs, outputs, saved, [ctx, output_types](const BackwardContext& c) {
+            push_entry(Op::name, inputs, outputs, saved, detail::as_backward_fn([ctx, output_types](const BackwardContext& c) {
                 std::vector<Tensor> grad_outputs;
                 for (std::size_t k = 0; k < c.grads.size(); ++k)
                     grad_outputs.push_back(c.grads[k].defined() ? c.grads[k]
@@ -110,7 +110,7 @@ template <class Op> struct Function {
                 std::vector<Tensor> grads = Op::backward(ctx.get(), grad_outputs);
                 ctx->saved_.clear();
                 return grads;
-            }, /*custom=*/true);
+            }), /*custom=*/true);
         } else if (anomaly_mode_enabled()) {
             for (const Tensor& o : outputs) check_forward_anomaly(Op::name, o, 0);
         }

@@ -16,7 +16,7 @@ namespace loom {
 
 namespace {
 
-using autograd::engine::tape;
+using autograd::engine::this_tape;
 using autograd::engine::anomaly_guarded;
 
 // Guards every leaf's .grad(): threads may backpropagate into shared parameters at once.
@@ -139,9 +139,18 @@ struct Borrowed {
 // is an error, not a silent loss; grad()'s inputs below it are captured in this sweep alone.
 struct Sweep final : autograd::GradientSums {
     enum class Kind { plain, nested, checkpoint_segment };
-    std::vector<std::shared_ptr<autograd::Node>> touched;
-    // Sums this sweep keeps apart from the nodes: leaves', and those of captured nodes below `floor`.
+    autograd::engine::Tape& tape = this_tape();
+    // The sums of the non-leaves this sweep may reach, one per slot from base_slot on: the
+    // outputs of the entries numbered `floor` and above.
+    std::vector<autograd::PendingGrad> slots;
+    std::uint64_t base_slot;
+    // Slots holding a gradient that no entry has taken yet: when none is left, nothing below can
+    // be reached, and the sweep stops instead of walking the rest of the tape.
+    std::size_t outstanding = 0;
+    // Sums kept apart from the slots: leaves', and those of captured nodes below `floor`, in
+    // the order first reached (`touched`).
     std::unordered_map<const autograd::Node*, autograd::PendingGrad> held;
+    std::vector<std::shared_ptr<autograd::Node>> touched;
     bool create_graph = false;
     Kind kind;
     std::uint64_t floor;        // the first entry this sweep may reach
@@ -153,13 +162,17 @@ struct Sweep final : autograd::GradientSums {
           kind(first > 0 ? Kind::checkpoint_segment : tape.running_sweeps > 0 ? Kind::nested : Kind::plain),
           floor(std::max(first, tape.sweep_floor)), outer_floor(tape.sweep_floor)
     {
+        // Slots increase with sequence numbers: the first entry at or above the floor has the
+        // lowest slot this sweep can reach.
+        const auto lowest = std::lower_bound(tape.entries.begin(), tape.entries.end(), floor,
+                                             [](const autograd::Entry& e, std::uint64_t s) { return e.seq < s; });
+        base_slot = lowest == tape.entries.end() ? tape.next_slot : lowest->first_slot;
+        slots.resize(static_cast<std::size_t>(tape.next_slot - base_slot));
         ++tape.running_sweeps;
         tape.sweep_floor = tape.next_seq;
     }
     ~Sweep()
     {
-        for (auto& n : touched)
-            if (!held_apart(*n)) n->pending = autograd::PendingGrad();
         --tape.running_sweeps;
         tape.sweep_floor = outer_floor;
     }
@@ -168,6 +181,13 @@ struct Sweep final : autograd::GradientSums {
 
     bool held_apart(const autograd::Node& node) const { return node.seq == 0 || node.seq < floor; }
 
+    autograd::PendingGrad& slot(std::uint64_t s)
+    {
+        LOOM_CHECK(s >= base_slot && s - base_slot < slots.size(), "backward",
+                   "internal: gradient slot {} is outside this sweep's {} slots from {}", s, slots.size(), base_slot);
+        return slots[static_cast<std::size_t>(s - base_slot)];
+    }
+
     autograd::PendingGrad& pending(const std::shared_ptr<autograd::Node>& node)
     {
         if (held_apart(*node)) {
@@ -175,8 +195,7 @@ struct Sweep final : autograd::GradientSums {
             if (fresh) touched.push_back(node);
             return it->second;
         }
-        if (!node->pending.sum.defined() && !node->pending.captured) touched.push_back(node);
-        return node->pending;
+        return slot(node->slot);
     }
 
     // The sum a gradient arriving at `node` goes into; an error below the floor, where the
@@ -184,7 +203,11 @@ struct Sweep final : autograd::GradientSums {
     autograd::PendingGrad& receiving(const std::shared_ptr<autograd::Node>& node)
     {
         autograd::PendingGrad& p = pending(node);
-        if (node->seq == 0 || node->seq >= floor || p.captured) return p;
+        if (!held_apart(*node)) {
+            if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
+            return p;
+        }
+        if (node->seq == 0 || p.captured) return p;
         if (kind == Kind::checkpoint_segment)
             fail("backward",
                  "a gradient reached tape entry #{} ('{}'), recorded before the steps a checkpointed layer ran again: "
@@ -267,7 +290,7 @@ struct Sweep final : autograd::GradientSums {
         std::vector<std::size_t> swept;
         // Whatever records (hooks and sums under create_graph, a backward function) may move the
         // tape's entries: entries[i] is indexed afresh after each, never held by reference.
-        for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;) {
+        for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;
             // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
@@ -275,11 +298,16 @@ struct Sweep final : autograd::GradientSums {
             ctx.grads.resize(entries[i].outputs.size());
             bool reached = false, grads_recorded = false;
             for (std::size_t k = 0; k < entries[i].outputs.size(); ++k) {
-                auto node = entries[i].outputs[k].lock();
-                if (!node || !node->pending.sum.defined()) continue;
-                autograd::PendingGrad& p = node->pending;
-                Tensor g = apply_hooks(*node, p.sum);
-                if (accumulate && node->retains_grad) accumulate_grad(*node, g, create_graph);
+                autograd::PendingGrad& p = slot(entries[i].first_slot + k);
+                if (!p.sum.defined()) continue;
+                --outstanding;
+                Tensor g = p.sum;
+                // Only a watched entry's outputs have hooks to run or a gradient to retain.
+                if (entries[i].watched)
+                    if (const auto node = entries[i].outputs[k].lock()) {
+                        g = apply_hooks(*node, g);
+                        if (accumulate && node->retains_grad) accumulate_grad(*node, g, create_graph);
+                    }
                 ctx.grads[k] = g;
                 grads_recorded = grads_recorded || g.requires_grad();
                 if (p.captured) p.sum = g;
@@ -304,7 +332,7 @@ struct Sweep final : autograd::GradientSums {
             ctx.needs.resize(running.inputs.size());
             for (std::size_t k = 0; k < running.inputs.size(); ++k) ctx.needs[k] = running.inputs[k] != nullptr;
             ctx.inputs = &running.inputs;
-            std::vector<Tensor> input_grads;
+            autograd::GradList input_grads;
             {
                 const autograd::detail::InnerOps in_backward;
                 const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name,
@@ -395,7 +423,7 @@ const std::shared_ptr<autograd::Node>& node_of(std::string_view op, const Tensor
 // Backward runs on the tape that recorded the history: a non-leaf from another thread is refused.
 void check_this_thread(std::string_view op, const autograd::Node& node)
 {
-    LOOM_CHECK(node.seq == 0 || node.tape == tape.id, op,
+    LOOM_CHECK(node.seq == 0 || node.tape == this_tape().id, op,
                "the tensor's history was recorded on another thread; each thread has its own tape, so run "
                "backward on the thread that ran forward");
 }
@@ -468,11 +496,31 @@ void Tensor::zero_grad() const
     impl().node->grad = Tensor();
 }
 
-void Tensor::retain_grad() const { node_of("retain_grad", *this, "the tensor")->retains_grad = true; }
+namespace {
+// A non-leaf's hooks and retain_grad() are run by the sweep only for the outputs of entries
+// marked watched; this marks the entry that produced `node`.
+void watch(std::string_view op, const autograd::Node& node)
+{
+    if (node.seq == 0) return;
+    check_this_thread(op, node);
+    const autograd::Entry* e = autograd::find_entry(node.seq);
+    LOOM_CHECK(e, op, "internal: the tensor's tape entry #{} is not on this thread's tape", node.seq);
+    const_cast<autograd::Entry*>(e)->watched = true;
+}
+}  // namespace
+
+void Tensor::retain_grad() const
+{
+    const auto& node = node_of("retain_grad", *this, "the tensor");
+    watch("retain_grad", *node);
+    node->retains_grad = true;
+}
 
 void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const
 {
-    node_of("register_hook", *this, "the tensor")->hooks.push_back(std::move(hook));
+    const auto& node = node_of("register_hook", *this, "the tensor");
+    watch("register_hook", *node);
+    node->hooks.push_back(std::move(hook));
 }
 
 Tensor Tensor::detach() const { return kernels::alias(*this); }

@@ -10,7 +10,14 @@
 namespace loom {
 
 namespace autograd::engine {
-thread_local Tape tape [[gnu::tls_model("initial-exec")]];
+constinit thread_local Tape* current_tape [[gnu::tls_model("initial-exec")]] = nullptr;
+
+Tape& create_tape()
+{
+    thread_local Tape owned;  // destroyed when the thread ends
+    current_tape = &owned;
+    return owned;
+}
 
 void release(Entry& e)
 {
@@ -23,7 +30,7 @@ void release(Entry& e)
 
 namespace {
 
-using autograd::engine::tape;
+using autograd::engine::this_tape;
 
 [[gnu::tls_model("initial-exec")]] thread_local bool grad_mode = true;
 
@@ -31,6 +38,7 @@ using autograd::engine::tape;
 // Walking backwards lets one pass reclaim whole dead chains.
 void compact()
 {
+    auto& tape = this_tape();
     if (tape.running_sweeps > 0) return;  // a sweep holds indices into the tape
     std::vector<bool> dead(tape.entries.size(), false);
     for (std::size_t i = tape.entries.size(); i-- > 0;) {
@@ -54,12 +62,13 @@ void set_grad_enabled(bool enabled) { grad_mode = enabled; }
 
 namespace autograd {
 
-std::size_t tape_size() { return tape.entries.size(); }
+std::size_t tape_size() { return this_tape().entries.size(); }
 
-std::span<const Entry> tape_entries() { return tape.entries; }
+std::span<const Entry> tape_entries() { return this_tape().entries; }
 
 const Entry* find_entry(std::uint64_t seq)
 {
+    const auto& tape = this_tape();
     const auto it = std::lower_bound(tape.entries.begin(), tape.entries.end(), seq,
                                      [](const Entry& e, std::uint64_t s) { return e.seq < s; });
     return it != tape.entries.end() && it->seq == seq ? &*it : nullptr;
@@ -74,6 +83,7 @@ bool should_record(std::span<const Tensor> inputs)
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
                 std::span<const Tensor> saved, BackwardFn backward, bool custom)
 {
+    auto& tape = this_tape();
     if (tape.entries.size() >= tape.compact_at) {
         compact();
         tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
@@ -90,6 +100,8 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
         e.inputs.push_back(node);
     }
     e.outputs.reserve(outputs.size());
+    e.first_slot = tape.next_slot;
+    tape.next_slot += outputs.size();
     for (const Tensor& out : outputs) {
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
@@ -98,6 +110,7 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
         node->dtype = out.dtype();
         node->seq = e.seq;
         node->tape = tape.id;
+        node->slot = e.first_slot + e.outputs.size();
         out.impl().node = node;
         e.outputs.push_back(node);
     }
@@ -126,7 +139,7 @@ Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& regi
     Tensor whole = zeros(shape, part.dtype());
     kernels::copy_into(region(whole), part);
     return record("embed", {part}, whole, {}, [region](const BackwardContext& c) {
-        return std::vector<Tensor>{record_region("slice", c.grad(), region(c.grad()), region)};
+        return GradList{record_region("slice", c.grad(), region(c.grad()), region)};
     });
 }
 
@@ -135,11 +148,11 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
     const Tensor inputs[] = {input};
     if (!should_record(inputs)) return output;
     push_entry(name, inputs, std::span<const Tensor>(&output, 1), {},
-               [](const BackwardContext& c) { return std::vector<Tensor>{c.grad()}; });
-    tape.entries.back().region = std::move(region);
+               [](const BackwardContext& c) { return GradList{c.grad()}; });
+    this_tape().entries.back().region = std::move(region);
     return output;
 }
-std::uint64_t detail::next_sequence() { return tape.next_seq; }
+std::uint64_t detail::next_sequence() { return this_tape().next_seq; }
 
 }  // namespace autograd
 

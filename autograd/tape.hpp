@@ -13,6 +13,12 @@
 /// references to its outputs, so the tape never keeps a result alive; once every output of an
 /// entry is gone, no gradient can reach it, and compaction reclaims it.
 ///
+/// **Slots.** Each output of an entry has a slot number, increasing along the tape with the
+/// entries' sequence numbers. A sweep sums the gradients reaching non-leaves in one dense array
+/// indexed by slot (it never reaches a node, unless hooks or retain_grad() mark the entry
+/// watched), counts the slots still waiting to be taken, and stops when none is left: an entry
+/// no gradient reached is skipped, and the dead part of the tape below is never walked.
+///
 /// **Sequence numbers** increase along the tape, so entry `seq` is found by binary search and a
 /// sweep from a tensor starts at the entry that produced it and walks back. A sweep started
 /// inside another (grad() in a backward function or a hook) reaches only entries recorded
@@ -38,6 +44,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "../core/tensor.hpp"
@@ -93,7 +100,8 @@ namespace autograd {
 /// A tensor hook: receives a gradient, returns a replacement or an undefined tensor to keep it.
 using Hook = std::function<Tensor(const Tensor&)>;
 
-/// A gradient being summed during one sweep.
+/// A gradient being summed during one sweep: the sweep keeps one per slot (below), and one per
+/// leaf it reaches.
 struct PendingGrad {
     /// The sum so far.
     Tensor sum;
@@ -110,8 +118,8 @@ struct Node {
     DType dtype;
     std::uint64_t seq = 0;  ///< sequence number of the entry that produced it; 0 for a leaf
     std::uint64_t tape = 0;  ///< the id of the thread tape that produced it; 0 for a leaf
+    std::uint64_t slot = 0;  ///< non-leaves: where a sweep sums its gradient (see Entry::first_slot); 0 for a leaf
     Tensor grad;  ///< accumulated .grad() (leaves, or retain_grad())
-    PendingGrad pending;  ///< non-leaves only: leaves keep theirs in the sweep, which may run on any thread
     /// Keep the gradient in `grad` after backward (retain_grad()).
     bool retains_grad = false;
     /// Gradient hooks, in registration order.
@@ -167,8 +175,11 @@ struct BackwardContext {
     DType input_dtype(std::size_t k) const { return (*inputs)[k]->dtype; }
 };
 
+/// One gradient per input; kept inline, so sweeping a small op costs no heap allocation for it.
+using GradList = SmallVector<Tensor, 3>;
+
 /// Returns one gradient per input (undefined where not needed), each of that input's shape.
-using BackwardFn = std::function<std::vector<Tensor>(const BackwardContext&)>;
+using BackwardFn = std::function<GradList(const BackwardContext&)>;
 
 /// For an op whose output is a part of its one input (select, slice, narrow): maps a tensor of
 /// the input's shape to that part.
@@ -182,6 +193,10 @@ struct Entry {
     const char* name;
     InputNodes inputs;  ///< null where an input does not require grad
     SmallVector<std::weak_ptr<Node>, 2> outputs;  ///< weak: the tape alone never keeps a result alive
+    /// Output k's gradient is summed in slot first_slot + k. Slots are numbered along the tape as
+    /// entries are, so a sweep keeps the gradients it sums in one dense array indexed by slot,
+    /// instead of reaching each output's node.
+    std::uint64_t first_slot = 0;
     /// The tensors it saved for backward.
     SmallVector<Saved, 3> saved;
     /// Its backward function.
@@ -192,6 +207,9 @@ struct Entry {
     RegionFn region;
     /// Whether a sweep released it (it cannot be swept again).
     bool released = false;
+    /// An output has hooks or retains its gradient (register_hook, retain_grad): the sweep then
+    /// reaches its node; otherwise it never needs to.
+    bool watched = false;
     /// Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
     /// user's, and under create_graph a gradient it computed off the tape is an error.
     bool custom = false;
@@ -229,7 +247,25 @@ namespace detail {
 void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs);
 /// Checks the gradients a custom op's backward returned: one per input, each of its input's
 /// shape and dtype or undefined; the errors name the op.
-void check_custom_grads(const char* op, const std::vector<Tensor>& grads, const BackwardContext& c);
+void check_custom_grads(const char* op, const GradList& grads, const BackwardContext& c);
+
+/// A backward function as the tape keeps it: one returning a std::vector<Tensor> (a user's) has
+/// its result moved into a GradList.
+template <class F> BackwardFn as_backward_fn(F&& backward)
+{
+    using Result = std::invoke_result_t<F&, const BackwardContext&>;
+    if constexpr (std::is_same_v<Result, GradList>) {
+        return BackwardFn(std::forward<F>(backward));
+    } else {
+        return BackwardFn([f = std::forward<F>(backward)](const BackwardContext& c) mutable {
+            std::vector<Tensor> grads = f(c);
+            GradList list;
+            list.reserve(grads.size());
+            for (Tensor& g : grads) list.push_back(std::move(g));
+            return list;
+        });
+    }
+}
 
 template <class F>
 Tensor record_entry(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
@@ -241,7 +277,7 @@ Tensor record_entry(const char* name, std::span<const Tensor> inputs, Tensor out
             prepare_custom_outputs(name, outputs);
             output = std::move(outputs[0]);
         }
-        push_entry(name, inputs, std::span<const Tensor>(&output, 1), saved, BackwardFn(std::forward<F>(backward)),
+        push_entry(name, inputs, std::span<const Tensor>(&output, 1), saved, as_backward_fn(std::forward<F>(backward)),
                    custom);
     } else if (anomaly_mode_enabled()) {
         check_forward_anomaly(name, output, 0);

@@ -20,6 +20,7 @@ inline std::atomic<std::uint64_t> next_tape_id{1};
 struct Tape {
     std::vector<Entry> entries;  // in recording order: seq increases
     std::uint64_t next_seq = 1;
+    std::uint64_t next_slot = 1;  // the slot the next entry's first output gets (Entry::first_slot)
     std::size_t compact_at = 1024;
     std::uint64_t id = next_tape_id++;
     int running_sweeps = 0;  // sweeps hold indices into the tape, which compaction would move
@@ -28,9 +29,19 @@ struct Tape {
     // sees only what was recorded since, never the running sweep's gradients.
     std::uint64_t sweep_floor = 0;
 };
-// initial-exec: libloom is linked, not dlopen()ed, and the general model costs a call
-// (__tls_get_addr) on every access.
-extern thread_local Tape tape [[gnu::tls_model("initial-exec")]];
+
+// This thread's tape is reached through a plain pointer: a thread_local Tape itself, having a
+// constructor and a destructor, would cost a call to its TLS init function on every access
+// from another file. initial-exec: libloom is linked, not dlopen()ed, and the general model
+// costs a call (__tls_get_addr) too.
+extern constinit thread_local Tape* current_tape [[gnu::tls_model("initial-exec")]];
+// Makes this thread's tape on its first use.
+Tape& create_tape();
+inline Tape& this_tape()
+{
+    Tape* t = current_tape;
+    return t ? *t : create_tape();
+}
 
 // Drops an entry's inputs, saved tensors and backward: no sweep can run it again.
 void release(Entry& e);

@@ -466,7 +466,7 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
     outputs.insert(outputs.end(), state.begin(), state.end());
     // Saved so that the tape checks their versions: backward reads x and the weights, and a
     // checkpointed layer's recomputation reads the biases too.
-    autograd::push_entry(K::name, inputs, outputs, std::vector<Tensor>{L.x, L.w_ih, L.w_hh, L.b_ih, L.b_hh}, backward);
+    autograd::push_entry(K::name, inputs, outputs, std::vector<Tensor>{L.x, L.w_ih, L.w_hh, L.b_ih, L.b_hh}, autograd::detail::as_backward_fn(backward));
     return result;
 }
 

@@ -111,11 +111,11 @@ void identity_entry(const char* name, Tensors& tensors, const std::vector<std::s
         inputs.push_back(tensors[k]);
         outputs.push_back(tensors[k].detach());
     }
-    autograd::push_entry(name, inputs, outputs, {}, [on_grads](const autograd::BackwardContext& c) {
+    autograd::push_entry(name, inputs, outputs, {}, autograd::detail::as_backward_fn([on_grads](const autograd::BackwardContext& c) {
         Tensors grads(c.grads.begin(), c.grads.end());
         on_grads(grads);
         return grads;
-    });
+    }));
     for (std::size_t i = 0; i < positions.size(); ++i) tensors[positions[i]] = outputs[i];
 }
 

@@ -390,7 +390,7 @@ RecurrentOutput run_steps_checkpointed(const StepLoop& loop, std::int64_t every,
         grads.insert(grads.end(), d_params.begin(), d_params.end());
         return grads;
     };
-    autograd::push_entry("checkpointed steps", inputs, results, saved, std::move(backward));
+    autograd::push_entry("checkpointed steps", inputs, results, saved, autograd::detail::as_backward_fn(std::move(backward)));
     RecurrentOutput result{results[0], State(results.begin() + 1, results.end()), {}};
     for (auto& per_step : steps) result.all_states.push_back(stack(per_step, 0));
     return result;
