@@ -39,6 +39,7 @@
 /// The implementation: tape.cpp records, sweep.cpp sweeps, anomaly.cpp checks and names,
 /// custom_ops.cpp checks users' ops; tape_internal.hpp is what they share.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -306,12 +307,28 @@ Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor out
 
 /// record() for loom's own ops, whose outputs are fresh and whose backward is trusted.
 namespace internal {
+/// A tensor named in a braced list of inputs or saved tensors, by reference: an op that records
+/// nothing (no grad) then copies no handle, which would cost two atomic reference counts each.
+struct TensorRef {
+    const Tensor* tensor;
+    TensorRef(const Tensor& t) : tensor(&t) {}  // NOLINT: implicit, for braced lists
+};
 template <class F>
-Tensor record(const char* name, std::initializer_list<Tensor> inputs, Tensor output,
-              std::initializer_list<Tensor> saved, F&& backward)
+Tensor record(const char* name, std::initializer_list<TensorRef> inputs, Tensor output,
+              std::initializer_list<TensorRef> saved, F&& backward)
 {
-    return detail::record_entry(name, std::span<const Tensor>(inputs.begin(), inputs.size()), std::move(output),
-                                std::span<const Tensor>(saved.begin(), saved.size()), std::forward<F>(backward), false);
+    const bool recording =
+        grad_enabled() && std::any_of(inputs.begin(), inputs.end(), [](TensorRef r) { return r.tensor->requires_grad(); });
+    if (!recording) {
+        if (anomaly_mode_enabled()) check_forward_anomaly(name, output, 0);
+        return output;
+    }
+    SmallVector<Tensor, 3> in, kept;
+    for (TensorRef r : inputs) in.push_back(*r.tensor);
+    for (TensorRef r : saved) kept.push_back(*r.tensor);
+    push_entry(name, std::span<const Tensor>(in.data(), in.size()), std::span<const Tensor>(&output, 1),
+               std::span<const Tensor>(kept.data(), kept.size()), detail::as_backward_fn(std::forward<F>(backward)));
+    return output;
 }
 template <class F>
 Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
