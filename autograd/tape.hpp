@@ -113,6 +113,8 @@ struct PendingGrad {
 /// Gradient bookkeeping of one tensor that requires grad. A leaf (a parameter) may be shared by
 /// threads; any other node belongs to the thread whose tape recorded it.
 struct Node {
+    /// User-provided, so that make_shared does not first zero the whole node.
+    Node() noexcept {}
     /// The tensor's shape.
     Shape shape;
     /// The tensor's dtype.

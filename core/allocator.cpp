@@ -137,6 +137,8 @@ namespace {
 
 std::uint64_t storage_bytes_requested() { return bytes_requested; }
 
+void count_inline_storage_bytes(std::size_t nbytes) noexcept { bytes_requested += nbytes; }
+
 void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity)
 {
     bytes_requested += nbytes;

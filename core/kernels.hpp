@@ -133,10 +133,11 @@ Shape broadcast_strides(const Tensor& t, const Shape& shape);
 template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
 {
     using R = decltype(f(T{}));
-    Tensor out = empty(x.sizes(), dtype_of<R>());
+    const bool contiguous = x.is_contiguous();
+    Tensor out = contiguous ? detail::empty_like_contiguous(x, dtype_of<R>()) : empty(x.sizes(), dtype_of<R>());
     R* o = out.data_ptr<R>();
     const T* in = x.data_ptr<T>();
-    if (x.is_contiguous()) {
+    if (contiguous) {
         const std::int64_t n = x.numel();
         for (std::int64_t i = 0; i < n; ++i) o[i] = f(in[i]);
     } else {
@@ -162,27 +163,26 @@ template <class F> Tensor map_numeric(std::string_view op, const Tensor& x, F&& 
 /// Throws loom::Error naming `op` unless a and b have the same dtype.
 void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b);
 
-/// out = f(a, b) broadcast to `shape` (their broadcast shape), for T = the operands' C++ type.
-template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, const Shape& shape, F&& f)
+/// out = f(a, b) with broadcasting, for T = the operands' C++ type; `op` names the call in errors.
+template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     using R = decltype(f(T{}, T{}));
     const T* pa = a.data_ptr<T>();
     const T* pb = b.data_ptr<T>();
-    if (a.sizes() == b.sizes() && a.is_contiguous() && b.is_contiguous()) {
-        Tensor out = empty(a.sizes(), dtype_of<R>());
-        R* o = out.data_ptr<R>();
-        const std::int64_t n = a.numel();
-        for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], pb[i]);
-        return out;
+    if (a.is_contiguous() && (a.sizes() == b.sizes() || b.numel() == 1) && b.is_contiguous()) {
+        // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
+        if (a.sizes() == b.sizes() || b.dim() <= a.dim()) {
+            Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
+            R* o = out.data_ptr<R>();
+            const std::int64_t n = a.numel();
+            if (a.sizes() == b.sizes())
+                for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], pb[i]);
+            else
+                for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], *pb);
+            return out;
+        }
     }
-    if (b.numel() == 1 && b.dim() <= a.dim() && a.is_contiguous()) {  // tensor op scalar
-        Tensor out = empty(a.sizes(), dtype_of<R>());
-        R* o = out.data_ptr<R>();
-        const T s = *pb;
-        const std::int64_t n = a.numel();
-        for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], s);
-        return out;
-    }
+    const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
     Tensor out = empty(shape, dtype_of<R>());
     R* o = out.data_ptr<R>();
     const Shape sa = broadcast_strides(a, shape), sb = broadcast_strides(b, shape);
@@ -196,22 +196,19 @@ template <class T, class F> Tensor zip_typed(const Tensor& a, const Tensor& b, c
 template <class F> Tensor zip_floating(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
-    const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
-    return dispatch_floating(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
+    return dispatch_floating(op, a.dtype(), [&]<class T>() { return zip_typed<T>(op, a, b, f); });
 }
 /// An elementwise op of two broadcast tensors of the same int or float dtype.
 template <class F> Tensor zip_numeric(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
-    const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
-    return dispatch_numeric(op, a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
+    return dispatch_numeric(op, a.dtype(), [&]<class T>() { return zip_typed<T>(op, a, b, f); });
 }
 /// An elementwise op of two broadcast tensors of the same dtype, any dtype.
 template <class F> Tensor zip_any(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     check_same_dtype(op, a, b);
-    const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
-    return dispatch(a.dtype(), [&]<class T>() { return zip_typed<T>(a, b, shape, f); });
+    return dispatch(a.dtype(), [&]<class T>() { return zip_typed<T>(op, a, b, f); });
 }
 
 }  // namespace loom::kernels

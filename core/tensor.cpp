@@ -16,7 +16,15 @@ Storage::Storage(std::size_t n) : nbytes(n)
     data = static_cast<std::byte*>(allocate_storage_bytes(n, capacity));
 }
 
-Storage::~Storage() { free_storage_bytes(data, capacity); }
+Storage::Storage(std::size_t n, std::byte* bytes) noexcept : data(bytes), nbytes(n), capacity(n), inline_bytes(true)
+{
+    count_inline_storage_bytes(n);
+}
+
+Storage::~Storage()
+{
+    if (!inline_bytes) free_storage_bytes(data, capacity);
+}
 
 void Tensor::throw_undefined()
 {
@@ -116,6 +124,15 @@ template bool Tensor::item<bool>() const;
 // ---- creation ----
 
 namespace {
+// A small tensor's bytes, kept in its Storage's block: one allocation from the object pool
+// instead of two. Up to 64 float32 or 32 float64 elements.
+constexpr std::size_t kInlineStorageBytes = 256;
+struct InlineStorage final : Storage {
+    alignas(16) std::byte bytes[kInlineStorageBytes];
+    explicit InlineStorage(std::size_t n) noexcept : Storage(n, bytes) {}
+};
+static_assert(sizeof(InlineStorage) <= kLargestSmallObject, "an InlineStorage must come from the object pool");
+
 // A contiguous tensor of `shape`, its size checked: `op` names the call in errors.
 Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
 {
@@ -124,7 +141,9 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
     LOOM_CHECK(!__builtin_mul_overflow(n, std::int64_t(dtype_size(dtype)), &nbytes), op,
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
     auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
-    impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), static_cast<std::size_t>(nbytes));
+    const auto size = static_cast<std::size_t>(nbytes);
+    if (size <= kInlineStorageBytes) impl->storage = std::allocate_shared<InlineStorage>(PoolAllocator<InlineStorage>(), size);
+    else impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), size);
     impl->shape = shape;
     impl->strides = contiguous_strides(shape);
     impl->dtype = dtype;
@@ -133,6 +152,18 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
 }  // namespace
 
 Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, dtype); }
+
+Tensor detail::empty_like_contiguous(const Tensor& like, DType dtype)
+{
+    const auto size = static_cast<std::size_t>(like.numel()) * dtype_size(dtype);  // checked when `like` was made
+    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
+    if (size <= kInlineStorageBytes) impl->storage = std::allocate_shared<InlineStorage>(PoolAllocator<InlineStorage>(), size);
+    else impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), size);
+    impl->shape = like.sizes();
+    impl->strides = like.strides();
+    impl->dtype = dtype;
+    return Tensor(std::move(impl));
+}
 
 void check_scalar_fits(std::string_view op, double value, DType dtype)
 {

@@ -37,6 +37,9 @@ struct Node;
 struct Storage {
     /// Allocates `nbytes` bytes from loom's allocator (uninitialised).
     explicit Storage(std::size_t nbytes);
+    /// Uses `inline_bytes`, `nbytes` long and owned by the object deriving from Storage (a small
+    /// tensor's bytes kept in the same block as its Storage).
+    Storage(std::size_t nbytes, std::byte* inline_bytes) noexcept;
     ~Storage();
     Storage(const Storage&) = delete;
     Storage& operator=(const Storage&) = delete;
@@ -48,10 +51,15 @@ struct Storage {
     std::size_t capacity = 0;  ///< of the block behind `data` (core/allocator.hpp)
     /// Counts in-place writes to these bytes.
     std::uint64_t version = 0;
+    /// `data` lies inside this object's own block: nothing to free.
+    bool inline_bytes = false;
 };
 
 /// A tensor's header: its storage, the view of it (shape, strides, offset), dtype and autograd node. Tensor is a shared handle on one.
 struct TensorImpl {
+    /// User-provided, so that make_shared's value-initialisation does not first zero the whole
+    /// header (a `rep stos` that cost a fifth of making a small tensor).
+    TensorImpl() noexcept {}
     /// The bytes; shared by every view of them.
     std::shared_ptr<Storage> storage;
     /// Sizes of each dim.
@@ -298,6 +306,11 @@ std::ostream& operator<<(std::ostream& out, const Tensor& t);
 // ---- creation ----
 /// A new tensor of `shape`, its values uninitialised.
 Tensor empty(const Shape& shape, DType dtype = kFloat32);
+namespace detail {
+/// An uninitialised tensor of contiguous `like`'s shape, its shape and strides copied rather than
+/// computed and checked again: the fast path of elementwise ops.
+Tensor empty_like_contiguous(const Tensor& like, DType dtype);
+}  // namespace detail
 /// Zeros of `shape`.
 Tensor zeros(const Shape& shape, DType dtype = kFloat32);
 /// Ones of `shape`.
