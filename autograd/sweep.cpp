@@ -151,6 +151,11 @@ struct Sweep final : autograd::GradientSums {
     // the order first reached (`touched`).
     std::unordered_map<const autograd::Node*, autograd::PendingGrad> held;
     std::vector<std::shared_ptr<autograd::Node>> touched;
+    // Leaves with post-accumulate hooks, each with the index of the last entry (lowest on the
+    // tape) that reads it, highest index first: once the sweep is below that index, the leaf's
+    // gradient is final and is added into .grad() at once (backward() only).
+    std::vector<std::pair<std::size_t, std::shared_ptr<autograd::Node>>> last_readers;
+    std::size_t next_last_reader = 0;
     bool create_graph = false;
     Kind kind;
     std::uint64_t floor;        // the first entry this sweep may reach
@@ -287,10 +292,13 @@ struct Sweep final : autograd::GradientSums {
                    "the tensor's history is not on this thread's tape (was it computed on another thread?)");
         const std::size_t start = root ? static_cast<std::size_t>(root - entries.data()) + 1 : 0;
         const bool anomaly = anomaly_guarded();
+        if (accumulate && autograd::engine::post_accumulate_hooks_exist.load(std::memory_order_relaxed))
+            find_last_readers(start);
         std::vector<std::size_t> swept;
         // Whatever records (hooks and sums under create_graph, a backward function) may move the
         // tape's entries: entries[i] is indexed afresh after each, never held by reference.
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
+            accumulate_leaves_read_above(i);
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;
             // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
@@ -376,24 +384,76 @@ struct Sweep final : autograd::GradientSums {
             for (std::size_t i : swept) autograd::engine::release(entries[i]);
     }
 
+    // The leaves with post-accumulate hooks that entries start-1 down to the floor read, each
+    // with the lowest index of those entries.
+    void find_last_readers(std::size_t start)
+    {
+        const auto& entries = tape.entries;
+        std::unordered_map<const autograd::Node*, std::size_t> found;
+        for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;)
+            for (const auto& in : entries[i].inputs)
+                if (in && in->seq == 0 && !in->post_accumulate_hooks.empty()) {
+                    auto [it, fresh] = found.try_emplace(in.get(), i);
+                    if (fresh) last_readers.emplace_back(i, in);
+                    else it->second = i;
+                }
+        for (auto& [index, node] : last_readers) index = found.at(node.get());
+        std::sort(last_readers.begin(), last_readers.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    }
+
+    // Every entry above index i has run: the leaves no entry at or below i reads are final.
+    void accumulate_leaves_read_above(std::size_t i)
+    {
+        while (next_last_reader < last_readers.size() && last_readers[next_last_reader].first > i) {
+            const auto& node = last_readers[next_last_reader++].second;
+            const auto it = held.find(node.get());
+            if (it == held.end() || !it->second.sum.defined()) continue;
+            autograd::PendingGrad& p = it->second;
+            GradModeGuard mode(create_graph);
+            p.sum = apply_hooks(*node, p.sum);
+            {
+                std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+                accumulate_grad(*node, p.sum, create_graph);
+            }
+            p.accumulated = true;
+            run_post_accumulate_hooks(*node);
+        }
+    }
+
+    void run_post_accumulate_hooks(const autograd::Node& node)
+    {
+        GradModeGuard mode(create_graph);
+        for (const auto& hook : node.post_accumulate_hooks) hook();
+    }
+
     // Applies hooks to the leaves reached, once their gradient is complete.
     void finish_leaves()
     {
         GradModeGuard mode(create_graph);
         for (auto& [node, p] : held)
-            if (node->seq == 0 && p.sum.defined()) p.sum = apply_hooks(*node, p.sum);
+            if (node->seq == 0 && p.sum.defined() && !p.accumulated) p.sum = apply_hooks(*node, p.sum);
     }
 
-    // Adds each leaf's gradient into its .grad(), under the lock that makes shared leaves safe.
+    // Adds each leaf's gradient into its .grad(), under the lock that makes shared leaves safe,
+    // then runs their post-accumulate hooks.
     void accumulate_leaves()
     {
         GradModeGuard mode(create_graph);
-        std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+        {
+            std::lock_guard<std::mutex> lock(leaf_grad_mutex);
+            for (auto& n : touched) {
+                if (n->seq != 0) continue;
+                const autograd::PendingGrad& p = held.at(n.get());
+                if (!p.sum.defined() || p.accumulated) continue;
+                accumulate_grad(*n, p.sum, create_graph);
+            }
+        }
         for (auto& n : touched) {
-            if (n->seq != 0) continue;
-            const autograd::PendingGrad& p = held.at(n.get());
-            if (!p.sum.defined()) continue;
-            accumulate_grad(*n, p.sum, create_graph);
+            if (n->seq != 0 || n->post_accumulate_hooks.empty()) continue;
+            autograd::PendingGrad& p = held.at(n.get());
+            if (!p.sum.defined() || p.accumulated) continue;
+            p.accumulated = true;
+            run_post_accumulate_hooks(*n);
         }
     }
 
@@ -514,6 +574,20 @@ void Tensor::retain_grad() const
     const auto& node = node_of("retain_grad", *this, "the tensor");
     watch("retain_grad", *node);
     node->retains_grad = true;
+}
+
+void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&)> hook) const
+{
+    const auto& node = node_of("register_post_accumulate_grad_hook", *this, "the tensor");
+    LOOM_CHECK(node->seq == 0, "register_post_accumulate_grad_hook",
+               "expects a leaf (a tensor that requires grad and was not computed by a recorded op); a non-leaf's "
+               "gradient is not accumulated into grad(): use register_hook");
+    LOOM_CHECK(hook, "register_post_accumulate_grad_hook", "expects a callable hook, got an empty std::function");
+    // The hook is kept in the node, which the tensor owns: it holds the tensor weakly.
+    node->post_accumulate_hooks.push_back([tensor = std::weak_ptr<TensorImpl>(impl_ptr()), hook = std::move(hook)] {
+        if (auto impl = tensor.lock()) hook(Tensor(std::move(impl)));
+    });
+    autograd::engine::post_accumulate_hooks_exist.store(true, std::memory_order_relaxed);
 }
 
 void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const

@@ -108,6 +108,7 @@ struct PendingGrad {
     Tensor sum;
     bool owned = false;  ///< `sum` was allocated by the sweep for this node alone: safe to add into in place
     bool captured = false;  ///< grad() wants this node's gradient
+    bool accumulated = false;  ///< a leaf's: already added into .grad() before the sweep ended (its last reader ran)
 };
 
 /// Gradient bookkeeping of one tensor that requires grad. A leaf (a parameter) may be shared by
@@ -127,6 +128,9 @@ struct Node {
     bool retains_grad = false;
     /// Gradient hooks, in registration order.
     std::vector<Hook> hooks;
+    /// Leaves only: called once a backward() has added this leaf's gradient into .grad()
+    /// (register_post_accumulate_grad_hook), in registration order.
+    std::vector<std::function<void()>> post_accumulate_hooks;
 };
 
 /// A tensor saved for backward, with the storage version it had when saved.

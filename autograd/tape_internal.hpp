@@ -15,6 +15,9 @@
 namespace loom::autograd::engine {
 
 inline std::atomic<std::uint64_t> next_tape_id{1};
+// Whether any leaf ever had a post-accumulate hook: until then a sweep does not look for the
+// last reader of each leaf.
+inline std::atomic<bool> post_accumulate_hooks_exist{false};
 
 // One thread's tape.
 struct Tape {

@@ -145,6 +145,12 @@ public:
     void retain_grad() const;
     /// Calls hook(grad) when this tensor's gradient is computed; a defined result replaces it.
     void register_hook(std::function<Tensor(const Tensor&)> hook) const;
+    /// Leaves only: calls hook(*this) during each backward() as soon as this tensor's gradient
+    /// is final (every entry reading it has run) and has been added into grad(), as PyTorch's
+    /// register_post_accumulate_grad_hook. Data-parallel training starts reducing a gradient
+    /// there, while backward goes on. Hooks run with grad mode off (on under create_graph); a
+    /// backward that fails later keeps the gradients already added.
+    void register_post_accumulate_grad_hook(std::function<void(const Tensor&)> hook) const;
     /// Sweeps the tape back from this tensor. A non-scalar needs `gradient` of its shape. As
     /// libtorch's: retain_graph keeps the graph for another sweep, by default exactly when
     /// create_graph records the backward pass (so .grad() can be differentiated again).

@@ -181,68 +181,26 @@ void broadcast_parameters(nn::Module& model, int root)
     for (const auto& [name, t] : model.named_buffers()) send(t);
 }
 
-GradientAverager::GradientAverager(std::vector<Tensor> parameters, std::size_t bucket_bytes)
-    : parameters_(std::move(parameters))
-{
-    // Every process must pass the same list: a different count, dtype or shape would pair up
-    // unrelated numbers in the all-reduce, or leave a process waiting for ever.
-    std::vector<std::string> signature{fmt::format("{} parameters, buckets of {} bytes", parameters_.size(), bucket_bytes)};
-    for (std::size_t i = 0; i < parameters_.size(); ++i)
-        signature.push_back(parameters_[i].defined()
-                                ? fmt::format("parameter {} {} {}", i, parameters_[i].dtype(), parameters_[i].sizes())
-                                : fmt::format("parameter {} undefined", i));
-    check_same_lines(signature, "the averager's parameter list");
-    LOOM_CHECK(bucket_bytes > 0, "GradientAverager", "expects a positive bucket size");
-    std::size_t bytes = 0;
-    for (std::size_t i = 0; i < parameters_.size(); ++i) {
-        const Tensor& p = parameters_[i];
-        LOOM_CHECK(p.dtype() == kFloat32 || p.dtype() == kFloat64, "GradientAverager",
-                   "parameter {} is {}; expected float32 or float64", i, p.dtype());
-        LOOM_CHECK(p.numel() <= std::numeric_limits<int>::max(), "GradientAverager",
-                   "parameter {} has {} elements, more than one MPI call can reduce ({})", i, p.numel(),
-                   std::numeric_limits<int>::max());
-        const std::size_t size = static_cast<std::size_t>(p.numel()) * dtype_size(p.dtype());
-        const bool too_many = !buckets_.empty() && bytes / dtype_size(p.dtype()) + static_cast<std::size_t>(p.numel()) >
-                                                          static_cast<std::size_t>(std::numeric_limits<int>::max());
-        if (buckets_.empty() || too_many || bytes + size > bucket_bytes || parameters_[buckets_.back()[0]].dtype() != p.dtype()) {
-            buckets_.emplace_back();
-            bytes = 0;
-        }
-        buckets_.back().push_back(i);
-        bytes += size;
-    }
-}
+struct GradientAverager::State {
+    std::vector<Tensor> parameters;
+    std::vector<std::vector<std::size_t>> buckets;  // parameter indices, one dtype per bucket
+    std::vector<std::size_t> bucket_of;              // per parameter
+    // One averaging: each bucket packed (weighted gradients, flattened) and its all-reduce.
+    std::vector<Tensor> packed;
+    std::vector<MPI_Request> requests;
+    std::size_t started = 0;  // buckets 0 .. started-1 are on their way, in order
+    // Set by start_during_backward(): the parameters' hooks start buckets as they fill.
+    bool during_backward = false;
+    double weight = 1;
+    std::vector<bool> final_;         // per parameter: its gradient is final in this backward
+    std::vector<std::size_t> filled;  // per bucket: its parameters whose gradient is final
+    std::size_t started_during_backward = 0, last_started_during_backward = 0;
 
-void GradientAverager::average(double weight)
-{
-    if (world_size() == 1) return;  // one process: its gradient is the average
-    NoGradGuard no_grad;
-    // Which parameters have a gradient anywhere, and the total weight, in one small reduction.
-    // The last two: the weight, and how many processes were given one that is not a finite
-    // number >= 0 (every process must learn of it, or the others would wait for ever).
-    const bool bad_weight = !(std::isfinite(weight) && weight >= 0);
-    std::vector<double> flags(parameters_.size() + 2);
-    for (std::size_t i = 0; i < parameters_.size(); ++i) flags[i] = parameters_[i].grad().defined();
-    flags[parameters_.size()] = bad_weight ? 0 : weight;
-    flags.back() = bad_weight;
-    std::vector<double> totals(flags.size());
-    check_mpi(MPI_Allreduce(flags.data(), totals.data(), static_cast<int>(flags.size()), MPI_DOUBLE, MPI_SUM,
-                            MPI_COMM_WORLD),
-              "MPI_Allreduce");
-    LOOM_CHECK(!bad_weight, "GradientAverager", "expects a weight that is a finite number >= 0 (this process's "
-               "examples in the batch), got {}", weight);
-    LOOM_CHECK(totals.back() == 0, "GradientAverager",
-               "another process was given a weight that is not a finite number >= 0 (it names it); nothing was averaged");
-    const double total_weight = totals[parameters_.size()];
-    LOOM_CHECK(total_weight > 0, "GradientAverager", "the weights of all processes sum to {}; expected > 0",
-               total_weight);
-
-    std::vector<Tensor> packed(buckets_.size());
-    std::vector<MPI_Request> requests(buckets_.size(), MPI_REQUEST_NULL);
-    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    void start_bucket(std::size_t b)
+    {
         std::vector<Tensor> parts;
-        for (std::size_t i : buckets_[b]) {
-            const Tensor& p = parameters_[i];
+        for (std::size_t i : buckets[b]) {
+            const Tensor& p = parameters[i];
             const Tensor g = p.grad();
             parts.push_back(g.defined() ? (g * weight).reshape({-1}) : zeros({p.numel()}, p.dtype()));
         }
@@ -251,12 +209,151 @@ void GradientAverager::average(double weight)
                                  mpi_type(packed[b].dtype()), MPI_SUM, MPI_COMM_WORLD, &requests[b]),
                   "MPI_Iallreduce");
     }
-    for (std::size_t b = 0; b < buckets_.size(); ++b) {
-        check_mpi(MPI_Wait(&requests[b], MPI_STATUS_IGNORE), "MPI_Wait");
+
+    // A parameter's gradient is final: start every bucket now full, in order. MPI moves a
+    // non-blocking reduction on only inside its calls, so the ones already started are tested.
+    void on_final(std::size_t i)
+    {
+        if (!during_backward || final_[i]) return;
+        NoGradGuard no_grad;
+        final_[i] = true;
+        ++filled[bucket_of[i]];
+        while (started < buckets.size() && filled[started] == buckets[started].size()) {
+            start_bucket(started++);
+            ++started_during_backward;
+        }
+        for (std::size_t b = 0; b < started; ++b) {
+            int done = 0;
+            check_mpi(MPI_Test(&requests[b], &done, MPI_STATUS_IGNORE), "MPI_Test");
+        }
+    }
+
+    void begin(double w)
+    {
+        weight = w;
+        started = 0;
+        started_during_backward = 0;
+        packed.assign(buckets.size(), Tensor());
+        requests.assign(buckets.size(), MPI_REQUEST_NULL);
+        final_.assign(parameters.size(), false);
+        filled.assign(buckets.size(), 0);
+    }
+};
+
+GradientAverager::GradientAverager(std::vector<Tensor> parameters, std::size_t bucket_bytes)
+    : state_(std::make_shared<State>())
+{
+    State& s = *state_;
+    s.parameters = std::move(parameters);
+    const std::vector<Tensor>& params = s.parameters;
+    // Every process must pass the same list: a different count, dtype or shape would pair up
+    // unrelated numbers in the all-reduce, or leave a process waiting for ever.
+    std::vector<std::string> signature{fmt::format("{} parameters, buckets of {} bytes", params.size(), bucket_bytes)};
+    for (std::size_t i = 0; i < params.size(); ++i)
+        signature.push_back(params[i].defined() ? fmt::format("parameter {} {} {}", i, params[i].dtype(), params[i].sizes())
+                                                : fmt::format("parameter {} undefined", i));
+    check_same_lines(signature, "the averager's parameter list");
+    LOOM_CHECK(bucket_bytes > 0, "GradientAverager", "expects a positive bucket size");
+    for (std::size_t i = 0; i < params.size(); ++i) {
+        const Tensor& p = params[i];
+        LOOM_CHECK(p.dtype() == kFloat32 || p.dtype() == kFloat64, "GradientAverager",
+                   "parameter {} is {}; expected float32 or float64", i, p.dtype());
+        LOOM_CHECK(p.numel() <= std::numeric_limits<int>::max(), "GradientAverager",
+                   "parameter {} has {} elements, more than one MPI call can reduce ({})", i, p.numel(),
+                   std::numeric_limits<int>::max());
+    }
+    // From the last parameter back: backward finishes the last layers' gradients first, so the
+    // first buckets fill first and can start while backward goes on.
+    std::size_t bytes = 0;
+    s.bucket_of.assign(params.size(), 0);
+    for (std::size_t i = params.size(); i-- > 0;) {
+        const Tensor& p = params[i];
+        const std::size_t size = static_cast<std::size_t>(p.numel()) * dtype_size(p.dtype());
+        const bool too_many = !s.buckets.empty() && bytes / dtype_size(p.dtype()) + static_cast<std::size_t>(p.numel()) >
+                                                            static_cast<std::size_t>(std::numeric_limits<int>::max());
+        if (s.buckets.empty() || too_many || bytes + size > bucket_bytes || params[s.buckets.back()[0]].dtype() != p.dtype()) {
+            s.buckets.emplace_back();
+            bytes = 0;
+        }
+        s.buckets.back().push_back(i);
+        s.bucket_of[i] = s.buckets.size() - 1;
+        bytes += size;
+    }
+    if (world_size() == 1) return;
+    for (std::size_t i = 0; i < params.size(); ++i)
+        params[i].register_post_accumulate_grad_hook([state = std::weak_ptr<State>(state_), i](const Tensor&) {
+            if (const auto s = state.lock()) s->on_final(i);
+        });
+}
+
+std::size_t GradientAverager::buckets() const { return state_->buckets.size(); }
+
+std::size_t GradientAverager::buckets_started_during_backward() const { return state_->last_started_during_backward; }
+
+void GradientAverager::start_during_backward(double weight)
+{
+    if (world_size() == 1) return;
+    LOOM_CHECK(!state_->during_backward, "GradientAverager",
+               "start_during_backward() was called twice without average() between; call average() after each backward()");
+    state_->begin(weight);
+    state_->during_backward = true;
+}
+
+void GradientAverager::average(double weight)
+{
+    if (world_size() == 1) return;  // one process: its gradient is the average
+    State& s = *state_;
+    NoGradGuard no_grad;
+    const bool overlapped = s.during_backward;
+    s.during_backward = false;
+    if (!overlapped) s.begin(weight);
+    // Which parameters have a gradient anywhere, and the total weight, in one small reduction.
+    // The last two: the weight, and how many processes were given one that is not a finite
+    // number >= 0 (every process must learn of it, or the others would wait for ever). With the
+    // buckets started during backward, this comes after them on every process, as collectives
+    // must come in the same order everywhere; a weight different from the one given to
+    // start_during_backward() counts as a bad one.
+    const bool mismatched = overlapped && weight != s.weight;
+    const bool bad_weight = !(std::isfinite(weight) && weight >= 0) || mismatched;
+    std::vector<double> flags(s.parameters.size() + 2);
+    for (std::size_t i = 0; i < s.parameters.size(); ++i) flags[i] = s.parameters[i].grad().defined();
+    flags[s.parameters.size()] = bad_weight ? 0 : weight;
+    flags.back() = bad_weight;
+    const auto reduce_flags = [&] {
+        std::vector<double> totals(flags.size());
+        check_mpi(MPI_Allreduce(flags.data(), totals.data(), static_cast<int>(flags.size()), MPI_DOUBLE, MPI_SUM,
+                                MPI_COMM_WORLD),
+                  "MPI_Allreduce");
+        return totals;
+    };
+    const auto finish_buckets = [&] {
+        while (s.started < s.buckets.size()) s.start_bucket(s.started++);
+        for (std::size_t b = 0; b < s.buckets.size(); ++b) check_mpi(MPI_Wait(&s.requests[b], MPI_STATUS_IGNORE), "MPI_Wait");
+    };
+    std::vector<double> totals;
+    if (overlapped) {
+        finish_buckets();
+        totals = reduce_flags();
+    } else {
+        totals = reduce_flags();
+    }
+    s.last_started_during_backward = s.started_during_backward;
+    LOOM_CHECK(!mismatched, "GradientAverager", "expects the weight given to start_during_backward() ({}), got {}",
+               s.weight, weight);
+    LOOM_CHECK(!bad_weight, "GradientAverager", "expects a weight that is a finite number >= 0 (this process's "
+               "examples in the batch), got {}", weight);
+    LOOM_CHECK(totals.back() == 0, "GradientAverager",
+               "another process was given a weight that is not a finite number >= 0, or not the one it gave "
+               "start_during_backward() (it names it); nothing was averaged");
+    const double total_weight = totals[s.parameters.size()];
+    LOOM_CHECK(total_weight > 0, "GradientAverager", "the weights of all processes sum to {}; expected > 0",
+               total_weight);
+    if (!overlapped) finish_buckets();
+    for (std::size_t b = 0; b < s.buckets.size(); ++b) {
         std::int64_t at = 0;
-        for (std::size_t i : buckets_[b]) {
-            const Tensor& p = parameters_[i];
-            if (totals[i] > 0) p.set_grad((packed[b].narrow(0, at, p.numel()) / total_weight).reshape(p.sizes()));
+        for (std::size_t i : s.buckets[b]) {
+            const Tensor& p = s.parameters[i];
+            if (totals[i] > 0) p.set_grad((s.packed[b].narrow(0, at, p.numel()) / total_weight).reshape(p.sizes()));
             at += p.numel();
         }
     }
@@ -295,6 +392,7 @@ train::Parallel data_parallel(nn::Module& model, std::size_t bucket_bytes)
                          "the training set");
         return ShardSampler(n, seed, rank, world, shuffle).indices(epoch);
     };
+    p.before_backward = [averager](double weight) { averager->start_during_backward(weight); };
     p.average_gradients = [averager](double weight) { averager->average(weight); };
     p.sum = [](double value) { return sum(value); };
     return p;

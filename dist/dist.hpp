@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <memory>
 #include <vector>
 
 #include "../nn/module.hpp"
@@ -56,23 +57,33 @@ void check_same_model(const nn::Module& model);
 void broadcast_parameters(nn::Module& model, int root = 0);
 
 /// Averages the gradients of `parameters` across processes after backward(). Gradients travel in
-/// buckets of about bucket_bytes each; each bucket's all-reduce starts as soon as it is packed,
-/// so packing the next bucket overlaps the reduction of the last. The average is weighted by each
-/// process's `weight` (its examples in the batch), so shards of unequal size give exactly the
-/// gradient of the whole batch's mean loss. A parameter without a gradient counts as zero; one
-/// without a gradient on every process keeps none.
+/// buckets of about bucket_bytes each, filled from the last parameter back (the order backward
+/// finishes them in). The average is weighted by each process's `weight` (its examples in the
+/// batch), so shards of unequal size give exactly the gradient of the whole batch's mean loss. A
+/// parameter without a gradient counts as zero; one without a gradient on every process keeps none.
+///
+/// Called before backward(), start_during_backward() overlaps the reduction with backward, as
+/// PyTorch's DDP does: each bucket's all-reduce starts as soon as every gradient in it is final
+/// (register_post_accumulate_grad_hook), and average() then only waits for what is left. Without
+/// it, average() packs and starts every bucket after backward.
 class GradientAverager {
 public:
     /// Averages the gradients of `parameters` across processes, in buckets of about `bucket_bytes`; a collective.
     explicit GradientAverager(std::vector<Tensor> parameters, std::size_t bucket_bytes = 1 << 20);
+    /// Makes the next average() start each bucket's all-reduce during the backward() before it,
+    /// buckets in order (the same on every process); `weight` is the one average() will be given.
+    /// Every process must call it, or none.
+    void start_during_backward(double weight = 1);
     /// Replaces each gradient by the weighted average over processes; `weight` is this process's share (e.g. its examples in the batch).
     void average(double weight = 1);
     /// Number of buckets (one all-reduce each).
-    std::size_t buckets() const { return buckets_.size(); }
+    std::size_t buckets() const;
+    /// How many buckets the last average() found already started during backward.
+    std::size_t buckets_started_during_backward() const;
 
 private:
-    std::vector<Tensor> parameters_;
-    std::vector<std::vector<std::size_t>> buckets_;  ///< parameter indices, one dtype per bucket
+    struct State;  // shared with the hooks on the parameters, which hold it weakly
+    std::shared_ptr<State> state_;
 };
 
 /// Each process's share of a shuffled order of n examples. Epoch e's order is the same on every

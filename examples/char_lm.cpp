@@ -159,6 +159,9 @@ int train_and_sample(int argc, char** argv, Processes& processes)
                                ->check(CLI::Range(1, 256));
     app.add_option("--out", out_dir, "folder for the checkpoint, metrics log and loss chart");
     app.add_flag("--resume", resume, "continue from the checkpoint in --out");
+    bool no_overlap = false;
+    app.add_flag("--no-overlap", no_overlap,
+                 "under mpirun: average the gradients after backward, not bucket by bucket during it");
     bool tie_weights = false;
     app.add_flag("--tie-weights", tie_weights,
                  "the output layer shares the embedding's table (Press & Wolf 2017); the embedding is then as wide "
@@ -274,6 +277,7 @@ int train_and_sample(int argc, char** argv, Processes& processes)
             state = detached(next);  // truncated BPTT: carry the state, not its history
             const Tensor loss = nn::cross_entropy(logits.reshape({-1, V}), y.reshape({-1}));
             opt.zero_grad();
+            if (!no_overlap) processes.before_backward();
             loss.backward();
             processes.average_gradients();
             if (board && (step + 1) % 100 == 0)
@@ -315,8 +319,9 @@ int train_and_sample(int argc, char** argv, Processes& processes)
                 all_per_second / processes.world_size, (long long)seq_len, all_per_second, processes.world_size,
                 processes.world_size > 1 ? "es" : "");
     if (processes.world_size > 1)
-        std::printf("averaging gradients took %.1f%% of the training time, after backward (not overlapped with it)\n",
-                    100 * averaging_share);
+        std::printf("waiting for the averaged gradients after backward took %.1f%% of the training time (%s)\n",
+                    100 * averaging_share,
+                    no_overlap ? "all of the averaging: --no-overlap" : "buckets started during backward");
 
     // Loss chart from the log, and a sample from the model.
     std::vector<double> e, train_bpc, val;

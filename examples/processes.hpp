@@ -41,6 +41,11 @@ public:
     }
     // For a loop of one's own: the same weights everywhere to start with, and averaged gradients.
     void share_weights(loom::nn::Module& model) { shared_ = fit_options(model); }
+    // Before backward(): average_gradients() may then start during it, bucket by bucket.
+    void before_backward()
+    {
+        if (shared_.before_backward) shared_.before_backward(1);
+    }
     void average_gradients()
     {
         if (!shared_.average_gradients) return;  // one process: its gradient is the average
@@ -48,7 +53,7 @@ public:
         shared_.average_gradients(1);
         averaging_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
-    double averaging_seconds = 0;  // spent in average_gradients(), waiting on the other processes included
+    double averaging_seconds = 0;  // spent in average_gradients() after backward, waiting on the other processes included
     double sum(double value) const
     {
 #ifdef LOOM_WITH_DIST

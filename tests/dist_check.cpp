@@ -1,13 +1,15 @@
 // Run by dist_test.sh under mpirun -np 2. Modes:
 //   equivalence: two processes with shards of each batch (4 + 4 rows, then 3 + 5) take the same
-//                Adam steps with clipping as one process with the whole batch, to 1e-12 in float64;
+//                Adam steps with clipping as one process with the whole batch, to 1e-12 in float64,
+//                averaging after backward and then during it (start_during_backward);
 //                then train::fit across both processes keeps their weights identical.
 //   mismatch:    process 1 builds a different model; data_parallel must end both, naming the difference.
 //   throw:       process 1 throws during training; the job must end (MPI_Abort), not hang.
 //   train:       trains until killed (the test kills process 1 with SIGKILL); writes pid.<rank>.
-//   averager_count, averager_dtype, averager_shape, negative_weight, fit_sizes: the processes
-//                pass different things (process 1 a parameter fewer, another dtype, another shape,
-//                a negative weight, a training set of another size); every process must end with
+//   averager_count, averager_dtype, averager_shape, negative_weight, overlap_weight, fit_sizes: the
+//                processes pass different things (process 1 a parameter fewer, another dtype, another
+//                shape, a negative weight, a weight other than the one it gave start_during_backward,
+//                a training set of another size); every process must end with
 //                a loom::Error, printed as "rank <r> caught: <message>", instead of hanging.
 #include <loom/dist/dist.hpp>
 #include <loom/loom.hpp>
@@ -62,12 +64,17 @@ int equivalence()
     optim::Adam opt(net.parameters(), optim::AdamOptions(0.05)), whole_opt(whole.parameters(), optim::AdamOptions(0.05));
     dist::GradientAverager averager(net.parameters(), 256);
     std::printf("rank %d: %zu gradient buckets\n", rank, averager.buckets());
+    bool overlapped = true;
     for (int step = 0; step < 6; ++step) {
         const std::int64_t cut = step % 2 ? 3 : 4;  // unequal shards every other step
         const std::int64_t start = rank == 0 ? 0 : cut, rows = rank == 0 ? cut : 8 - cut;
         opt.zero_grad();
+        // The last three steps start each bucket during backward, as soon as its gradients are final.
+        if (step >= 3) averager.start_during_backward(double(rows));
         nn::mse_loss(net.forward(x.narrow(1, start, rows)), y.narrow(0, start, rows)).backward();
         averager.average(double(rows));
+        if (step >= 3) overlapped = overlapped && averager.buckets_started_during_backward() == averager.buckets();
+        else overlapped = overlapped && averager.buckets_started_during_backward() == 0;
         nn::utils::clip_grad_norm(net.parameters(), 0.5);
         opt.step();
         whole_opt.zero_grad();
@@ -105,7 +112,9 @@ int equivalence()
                  last = history.epochs.back().at("train_loss");
     std::printf("rank %d: fit across processes: train loss %.4f -> %.4f, weights differ by %.3g\n", rank, first, last,
                 fit_spread);
-    const bool ok = worst <= 1e-12 && across == 0 && fit_spread == 0 && last < first;
+    std::printf("rank %d: buckets started during backward when asked, and only then: %s\n", rank,
+                overlapped ? "yes" : "no");
+    const bool ok = worst <= 1e-12 && across == 0 && fit_spread == 0 && last < first && overlapped;
     if (rank == 0) std::printf(ok ? "equivalent\n" : "NOT equivalent\n");
     return ok ? 0 : 1;
 }
@@ -169,6 +178,12 @@ int mismatched(const std::string& mode)
         nn::mse_loss(net.forward(randn({6, 4, 3}, kFloat64)), randn({4, 1}, kFloat64)).backward();
         return expect_error([&] { averager.average(rank == 1 ? -1.0 : 1.0); });
     }
+    if (mode == "overlap_weight") {  // rank 1 averages with another weight than it announced
+        dist::GradientAverager averager(params);
+        averager.start_during_backward(1.0);
+        nn::mse_loss(net.forward(randn({6, 4, 3}, kFloat64)), randn({4, 1}, kFloat64)).backward();
+        return expect_error([&] { averager.average(rank == 1 ? 2.0 : 1.0); });
+    }
     // fit_sizes
     train::FitOptions o;
     o.epochs = 1;
@@ -201,9 +216,10 @@ int main(int argc, char** argv)
         if (mode == "mismatch") return mismatch();
         if (mode == "throw") return train_loop(true, false);
         if (mode == "train") return train_loop(false, true);
-        for (const char* m : {"averager_count", "averager_dtype", "averager_shape", "negative_weight", "fit_sizes"})
+        for (const char* m : {"averager_count", "averager_dtype", "averager_shape", "negative_weight", "overlap_weight",
+                              "fit_sizes"})
             if (mode == m) return mismatched(mode);
         throw Error("dist_check: the mode is one of equivalence, mismatch, throw, train, averager_count, "
-                    "averager_dtype, averager_shape, negative_weight, fit_sizes");
+                    "averager_dtype, averager_shape, negative_weight, overlap_weight, fit_sizes");
     });
 }

@@ -25,12 +25,13 @@ check "model mismatch" "exit $rc in $((SECONDS - start)) s: $(grep -m1 'differs'
     "$([ "$rc" != 0 ] && [ "$rc" != 124 ] && grep -q 'is \"parameter head.weight float64 \[2, 5\]\" here but \"parameter head.weight float64 \[1, 5\]\" on rank 0' mismatch.out && echo 1 || echo 0)"
 
 # Processes that pass different things: each ends with a loom::Error naming the difference, in seconds.
-for mode in averager_count averager_dtype averager_shape negative_weight fit_sizes; do
+for mode in averager_count averager_dtype averager_shape negative_weight overlap_weight fit_sizes; do
     case $mode in
         averager_count) expected="the averager's parameter list differs across processes" ;;
         averager_dtype) expected='float32' ;;
         averager_shape) expected='\[2\]' ;;
         negative_weight) expected='got -1' ;;
+        overlap_weight) expected='expects the weight given to start_during_backward() (1), got 2' ;;
         fit_sizes) expected='"41 examples' ;;
     esac
     start=$SECONDS; rc=0; timeout 60 "${mpirun[@]}" "$check_program" $mode > $mode.out 2>&1 || rc=$?

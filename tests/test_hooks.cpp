@@ -195,3 +195,47 @@ TEST_CASE("anomaly mode names a leaf's gradient hook that makes a NaN, not an op
     autograd::DetectAnomalyGuard anomaly;
     check_error([&] { loss.backward(); }, {"gradient hook registered on a leaf of shape [2]", "nan"});
 }
+
+TEST_CASE("a post-accumulate-grad hook runs once per backward, as soon as its leaf's gradient is final and added")
+{
+    const Tensor x = uniform({3}, -1, 1, kFloat64);
+    const Tensor w1 = uniform({3}, -1, 1, kFloat64).requires_grad_(), w2 = uniform({3}, -1, 1, kFloat64).requires_grad_();
+    const Tensor unused = uniform({3}, -1, 1, kFloat64).requires_grad_();
+    // w1 is read at the start and again in the middle; w2 only at the end, so its gradient is
+    // final while w1's readers have yet to run.
+    const auto loss = [&] { return (tanh(tanh(x * w1) * w1) * w2).sum(); };
+    const std::vector<Tensor> expected = grad({loss()}, {w1, w2});
+    std::vector<std::string> calls;
+    double backwards = 1;  // how many backward()s have added into .grad()
+    Tensor w1_grad_when_w2_final;
+    w2.register_post_accumulate_grad_hook([&](const Tensor& p) {
+        calls.push_back("w2");
+        CHECK(p.is_same(w2));
+        CHECK(close_tensors(p.grad(), backwards * expected[1], 1e-12));  // already added
+        w1_grad_when_w2_final = w1.grad();
+    });
+    w1.register_post_accumulate_grad_hook([&](const Tensor& p) {
+        calls.push_back("w1");
+        CHECK(!grad_enabled());
+        CHECK(close_tensors(p.grad(), backwards * 2.0 * expected[0], 1e-12));  // the leaf hook below doubled it
+    });
+    w1.register_hook([](const Tensor& g) { return g * 2.0; });
+    unused.register_post_accumulate_grad_hook([&](const Tensor&) { calls.push_back("unused"); });
+    loss().backward();
+    CHECK(calls == std::vector<std::string>{"w2", "w1"});
+    CHECK(!w1_grad_when_w2_final.defined());  // w2's hook ran before w1's gradient was whole
+    CHECK(close_tensors(w1.grad(), 2.0 * expected[0], 1e-12));
+
+    // A second backward adds to .grad() and runs each hook once more; grad() runs none.
+    backwards = 2;
+    loss().backward();
+    CHECK(calls == std::vector<std::string>{"w2", "w1", "w2", "w1"});
+    CHECK(close_tensors(w2.grad(), 2.0 * expected[1], 1e-12));
+    (void)grad({loss()}, {w1, w2});
+    CHECK(calls.size() == 4);
+
+    check_error([&] { (x * w1).register_post_accumulate_grad_hook([](const Tensor&) {}); },
+                {"register_post_accumulate_grad_hook", "expects a leaf"});
+    check_error([&] { x.register_post_accumulate_grad_hook([](const Tensor&) {}); },
+                {"register_post_accumulate_grad_hook", "does not require grad"});
+}

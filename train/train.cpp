@@ -268,8 +268,9 @@ struct Loop {
             }
             const Tensor out = forward(b);
             const Tensor l = loss(out, b);
-            (group_size == 1 ? l : l / double(group_size)).backward();
             group_examples += static_cast<std::int64_t>(batches[k].size());
+            if (group_ends && par.world_size > 1 && par.before_backward) par.before_backward(double(group_examples));
+            (group_size == 1 ? l : l / double(group_size)).backward();
             state.output = out;
             state.loss = l;
             if (group_ends) {

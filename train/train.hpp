@@ -172,6 +172,9 @@ struct Parallel {
     int world_size = 1;  ///< number of processes
     /// This process's share of the n examples in epoch `epoch`'s order (shuffled or in order).
     std::function<std::vector<std::int64_t>(std::int64_t n, bool shuffle, std::uint64_t seed, std::int64_t epoch)> shard;
+    /// Optional: called before the backward() whose gradients average_gradients will average,
+    /// with the same weight, so that it can start averaging during that backward().
+    std::function<void(double weight)> before_backward;
     std::function<void(double weight)> average_gradients;  ///< weight: this process's examples in the batch
     /// Sums a value over processes.
     std::function<double(double)> sum;
