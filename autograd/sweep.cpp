@@ -27,12 +27,22 @@ Tensor add_values(const Tensor& a, const Tensor& b)
     return kernels::zip_floating("accumulate gradient", a, b, [](auto x, auto y) { return x + y; });
 }
 
+// Whether t is the only handle on its bytes and covers them whole: .grad() may then take t as
+// it is, where otherwise it gets a copy (the user, a hook or another leaf may hold t).
+bool sole_whole_tensor(const Tensor& t)
+{
+    return t.impl_ptr().use_count() == 1 && t.impl().storage.use_count() == 1 && t.storage_offset() == 0 &&
+           t.is_contiguous() && t.impl().storage->nbytes == static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype());
+}
+
 // node.grad += g, as a new tensor: .grad() may be held by the user, so it is never written in
-// place. When backward is recorded the sum is too, so .grad() can be differentiated again.
-void accumulate_grad(autograd::Node& node, const Tensor& g, bool recorded)
+// place. When backward is recorded the sum is too, so .grad() can be differentiated again. A
+// first gradient that no one else holds becomes .grad() without a copy.
+void accumulate_grad(autograd::Node& node, Tensor g, bool recorded)
 {
     if (recorded) node.grad = node.grad.defined() ? loom::add(node.grad, g) : loom::clone(g);
-    else node.grad = node.grad.defined() ? add_values(node.grad, g) : kernels::clone(g);
+    else if (node.grad.defined()) node.grad = add_values(node.grad, g);
+    else node.grad = sole_whole_tensor(g) ? std::move(g) : kernels::clone(g);
 }
 
 
@@ -413,7 +423,7 @@ struct Sweep final : autograd::GradientSums {
             p.sum = apply_hooks(*node, p.sum);
             {
                 std::lock_guard<std::mutex> lock(leaf_grad_mutex);
-                accumulate_grad(*node, p.sum, create_graph);
+                accumulate_grad(*node, std::move(p.sum), create_graph);
             }
             p.accumulated = true;
             run_post_accumulate_hooks(*node);
@@ -439,22 +449,19 @@ struct Sweep final : autograd::GradientSums {
     void accumulate_leaves()
     {
         GradModeGuard mode(create_graph);
+        std::vector<const autograd::Node*> added;
         {
             std::lock_guard<std::mutex> lock(leaf_grad_mutex);
             for (auto& n : touched) {
                 if (n->seq != 0) continue;
-                const autograd::PendingGrad& p = held.at(n.get());
+                autograd::PendingGrad& p = held.at(n.get());
                 if (!p.sum.defined() || p.accumulated) continue;
-                accumulate_grad(*n, p.sum, create_graph);
+                accumulate_grad(*n, std::move(p.sum), create_graph);  // p.sum is this sweep's only use of it
+                p.accumulated = true;
+                if (!n->post_accumulate_hooks.empty()) added.push_back(n.get());
             }
         }
-        for (auto& n : touched) {
-            if (n->seq != 0 || n->post_accumulate_hooks.empty()) continue;
-            autograd::PendingGrad& p = held.at(n.get());
-            if (!p.sum.defined() || p.accumulated) continue;
-            p.accumulated = true;
-            run_post_accumulate_hooks(*n);
-        }
+        for (const autograd::Node* n : added) run_post_accumulate_hooks(*n);
     }
 
     // A checkpointed segment: a leaf that got a gradient but is not among grad()'s inputs is a

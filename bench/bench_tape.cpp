@@ -110,6 +110,46 @@ static void linear_recurrence_forward_backward(benchmark::State& state)
     }
 }
 
+// Forward and backward of the op alone, seeded with dL/dh = w (no loss ops), against the same
+// two passes in plain C++ over the same arrays: h forward; then g_t = w_t + a_{t+1} g_{t+1},
+// da_t = g_t h_{t-1}, db_t = g_t backward (5 arrays read or written forward and back).
+static void linear_recurrence_op_forward_backward(benchmark::State& state)
+{
+    const Tensor a = rand({4096, 16, 256}).requires_grad_(), b = randn({4096, 16, 256}).requires_grad_();
+    const Tensor w = randn({4096, 16, 256});
+    for (auto _ : state) {
+        a.zero_grad();
+        b.zero_grad();
+        linear_recurrence(a, b).backward(w);
+    }
+    state.SetBytesProcessed(state.iterations() * 8 * a.numel() * 4);
+}
+
+static void linear_recurrence_plain_forward_backward(benchmark::State& state)
+{
+    const Tensor ta = rand({4096, 16, 256}), tb = randn({4096, 16, 256}), tw = randn({4096, 16, 256});
+    const std::int64_t T = 4096, n = 16 * 256;
+    const float *pa = ta.data_ptr<float>(), *pb = tb.data_ptr<float>(), *pw = tw.data_ptr<float>();
+    for (auto _ : state) {
+        // Fresh result arrays each time, as an op's results are.
+        std::vector<float> h(static_cast<std::size_t>(T * n)), ga(h.size()), gb(h.size()), g(static_cast<std::size_t>(n));
+        for (std::int64_t i = 0; i < n; ++i) h[i] = pb[i];
+        for (std::int64_t t = 1; t < T; ++t)
+            for (std::int64_t i = 0; i < n; ++i) h[t * n + i] = pa[t * n + i] * h[(t - 1) * n + i] + pb[t * n + i];
+        for (std::int64_t i = 0; i < n; ++i) g[i] = 0;
+        for (std::int64_t t = T; t-- > 0;)
+            for (std::int64_t i = 0; i < n; ++i) {
+                const float next = t + 1 < T ? pa[(t + 1) * n + i] * g[i] : 0.0f;
+                g[i] = pw[t * n + i] + next;
+                gb[t * n + i] = g[i];
+                ga[t * n + i] = t > 0 ? g[i] * h[(t - 1) * n + i] : 0.0f;
+            }
+        benchmark::DoNotOptimize(ga.data());
+        benchmark::DoNotOptimize(gb.data());
+    }
+    state.SetBytesProcessed(state.iterations() * 8 * ta.numel() * 4);
+}
+
 // A training step (forward and backward, the loss a weighted sum of the outputs) over T = 1024,
 // B = 16, width 256, input width 256: a minGRU layer written with ops and linear_recurrence,
 // against loom's fused GRU layer of the same width on the same data.
@@ -147,6 +187,8 @@ BENCHMARK(select_backward_per_step)->Arg(500)->Arg(1000)->Arg(2000)->Arg(4000)->
 BENCHMARK(linear_recurrence_forward)->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_plain_loop)->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_forward_backward)->Unit(benchmark::kMillisecond);
+BENCHMARK(linear_recurrence_op_forward_backward)->Unit(benchmark::kMillisecond);
+BENCHMARK(linear_recurrence_plain_forward_backward)->Unit(benchmark::kMillisecond);
 BENCHMARK(mingru_training_step)->Unit(benchmark::kMillisecond);
 BENCHMARK(gru_fused_training_step)->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();

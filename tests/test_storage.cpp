@@ -53,12 +53,16 @@ TEST_CASE("a freed storage block is reused for the next tensor of its size class
     empty_storage_cache();
     const void* first = nullptr;
     {
-        Tensor t = full({14}, 7.0, kFloat64);
+        Tensor small = full({14}, 7.0, kFloat64);  // 112 bytes: kept inside its storage record
+    }
+    CHECK(cached_storage_bytes() == 0);
+    {
+        Tensor t = full({40}, 7.0, kFloat64);
         first = t.data_ptr<double>();
     }
     if (storage_cache_enabled()) {
-        CHECK(cached_storage_bytes() == 128);  // 112 bytes round up to the 128-byte class
-        const Tensor again = zeros({16}, kFloat64);  // 128 bytes: the same class
+        CHECK(cached_storage_bytes() == 512);  // 320 bytes round up to the 512-byte class
+        const Tensor again = zeros({64}, kFloat64);  // 512 bytes: the same class
         CHECK(static_cast<const void*>(again.data_ptr<double>()) == first);
         CHECK(cached_storage_bytes() == 0);
         CHECK(again.sum().item<double>() == 0.0);
