@@ -21,6 +21,20 @@ Tensor min_rnn_log_g(const Tensor& v)
 
 // ---- the shared layer ----
 
+namespace {
+// Whether step t is within sequence b, as bool [T, B, 1]; undefined when every sequence is T long.
+Tensor running_steps(const std::string& op, const Tensor& lengths, std::int64_t T, std::int64_t B)
+{
+    if (!lengths.defined()) return Tensor();
+    LOOM_CHECK(lengths.dtype() == kInt64 && lengths.sizes() == Shape{B}, op,
+               "expects lengths as int64 [B] = [{}], got {} {}", B, lengths.dtype(), lengths.sizes());
+    const std::int64_t shortest = amin(lengths).item<std::int64_t>(), longest = amax(lengths).item<std::int64_t>();
+    LOOM_CHECK(shortest >= 1 && longest <= T, op, "lengths must lie in [1, T] = [1, {}], got {} to {}", T, shortest,
+               longest);
+    return arange(double(T), kInt64).unsqueeze(1).lt(lengths.unsqueeze(0)).unsqueeze(2);
+}
+}  // namespace
+
 Tensor MinRecurrent::candidate(const Tensor& pre) const { return options.log_space() ? min_rnn_g(pre) : pre; }
 
 RecurrentOutput MinRecurrent::forward(const Tensor& input, const Tensor& h0, const Tensor& lengths)
@@ -52,14 +66,8 @@ RecurrentOutput MinRecurrent::forward(const Tensor& input, const Tensor& h0, con
         }
     }
     auto [a, b] = coefficients(x);
-    Tensor running;  // [T, B, 1]: whether step t is within sequence b
-    if (lengths.defined()) {
-        LOOM_CHECK(lengths.dtype() == kInt64 && lengths.sizes() == Shape{B}, op,
-                   "expects lengths as int64 [B] = [{}], got {} {}", B, lengths.dtype(), lengths.sizes());
-        const std::int64_t shortest = amin(lengths).item<std::int64_t>(), longest = amax(lengths).item<std::int64_t>();
-        LOOM_CHECK(shortest >= 1 && longest <= T, op, "lengths must lie in [1, T] = [1, {}], got {} to {}", T,
-                   shortest, longest);
-        running = arange(double(T), kInt64).unsqueeze(1).lt(lengths.unsqueeze(0)).unsqueeze(2);
+    const Tensor running = running_steps(op, lengths, T, B);
+    if (running.defined()) {
         // Past the end: a = 1 and b = 0 (log a = 0, log b = -inf), the state held as it was.
         const Tensor one = scalar_tensor(o.log_space() ? 0.0 : 1.0, a.dtype());
         const Tensor none = scalar_tensor(o.log_space() ? -INFINITY : 0.0, b.dtype());
@@ -237,12 +245,15 @@ void SelectiveSSM::check_state(const char* op, const SelectiveSSMState& state, s
                    t->dtype(), options.dtype());
 }
 
-std::pair<Tensor, Tensor> SelectiveSSM::selective_scan(const Tensor& u, const Tensor& z, const Tensor& h0) const
+std::pair<Tensor, Tensor> SelectiveSSM::selective_scan(const Tensor& u, const Tensor& z, const Tensor& h0,
+                                                       const Tensor& running) const
 {
     const std::int64_t T = u.size(0), R = options.dt_rank(), N = options.d_state();
     const Tensor projected = (*x_proj)(u);  // [T, B, R + 2N]
     const Tensor B_t = projected.narrow(2, R, N).unsqueeze(2), C_t = projected.narrow(2, R + N, N).unsqueeze(2);
-    const Tensor delta = softplus((*dt_proj)(projected.narrow(2, 0, R)));  // [T, B, E]
+    Tensor delta = softplus((*dt_proj)(projected.narrow(2, 0, R)));  // [T, B, E]
+    // Past a sequence's end a step of size 0: exp(0 A) = 1 and 0 B u = 0 hold the state as it was.
+    if (running.defined()) delta = where(running, delta, scalar_tensor(0, delta.dtype()));
     const Tensor A = -exp(A_log);                                           // [E, N]
     const Tensor decay = exp(delta.unsqueeze(3) * A);                       // [T, B, E, N]
     const Tensor h = linear_recurrence(decay, (delta * u).unsqueeze(3) * B_t, h0);
@@ -250,23 +261,32 @@ std::pair<Tensor, Tensor> SelectiveSSM::selective_scan(const Tensor& u, const Te
     return {y * silu(z), h.select(0, T - 1)};
 }
 
-SelectiveSSMOutput SelectiveSSM::forward(const Tensor& input, const SelectiveSSMState& initial)
+SelectiveSSMOutput SelectiveSSM::forward(const Tensor& input, const SelectiveSSMState& initial, const Tensor& lengths)
 {
-    const char* op = "SelectiveSSM";
+    const std::string op = "SelectiveSSM";
     LOOM_CHECK(input.dim() == 3 && input.size(2) == options.d_model(), op,
                "expects input [T, B, d_model] with d_model = {}, got shape {}", options.d_model(), input.sizes());
     LOOM_CHECK(input.dtype() == options.dtype(), op, "expects input of the parameters' dtype {}, got {}",
                options.dtype(), input.dtype());
     const std::int64_t T = input.size(0), B = input.size(1), K1 = options.d_conv() - 1;
     LOOM_CHECK(T > 0 && B > 0, op, "expects at least one step and one sequence, got input shape {}", input.sizes());
-    check_state(op, initial, B);
+    check_state(op.c_str(), initial, B);
+    const Tensor running = running_steps(op, lengths, T, B);
     const auto xz = (*in_proj)(input).chunk(2, 2);  // the block's input and its gate, [T, B, E] each
     const Tensor u = silu(conv1d->forward(xz[0], initial.conv));
-    auto [y, h_last] = selective_scan(u, xz[1], initial.ssm);
+    auto [y, h_last] = selective_scan(u, xz[1], initial.ssm, running);
     SelectiveSSMOutput out{(*out_proj)(y), {}};
+    if (running.defined()) out.output = where(running, out.output, scalar_tensor(0, out.output.dtype()));
     if (K1 > 0) {
         const Tensor before = initial.conv.defined() ? initial.conv : zeros({K1, B, inner}, input.dtype());
-        out.state.conv = concat({before, xz[0]}, 0).narrow(0, T, K1);
+        const Tensor inputs = concat({before, xz[0]}, 0);  // [K1 + T, B, E]: step t's input at K1 + t
+        if (!running.defined()) {
+            out.state.conv = inputs.narrow(0, T, K1);
+        } else {
+            // Sequence b's last K1 inputs before its end: rows lengths[b] .. lengths[b] + K1 - 1.
+            const Tensor rows = (arange(double(K1), kInt64).unsqueeze(1) + lengths.unsqueeze(0)).unsqueeze(2);
+            out.state.conv = inputs.gather(0, rows.expand({K1, B, inner}).contiguous());
+        }
     }
     out.state.ssm = h_last;
     return out;

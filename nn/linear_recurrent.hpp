@@ -180,12 +180,14 @@ public:
     /// A block with `options`.
     explicit SelectiveSSM(SelectiveSSMOptions options);
     /// input [T, B, d_model], from `initial` (undefined tensors: zeros). Returns every step's
-    /// output and the state after the last step.
-    SelectiveSSMOutput forward(const Tensor& input, const SelectiveSSMState& initial = {});
+    /// output and the state after the last step. lengths: int64 [B] in [1, T], or undefined
+    /// when every sequence is T long; past a sequence's end its outputs are zeros and its state
+    /// (both parts) is the one after its last step, as if it had been run alone.
+    SelectiveSSMOutput forward(const Tensor& input, const SelectiveSSMState& initial = {}, const Tensor& lengths = {});
     /// forward().
-    SelectiveSSMOutput operator()(const Tensor& input, const SelectiveSSMState& initial = {})
+    SelectiveSSMOutput operator()(const Tensor& input, const SelectiveSSMState& initial = {}, const Tensor& lengths = {})
     {
-        return forward(input, initial);
+        return forward(input, initial, lengths);
     }
     /// One step for generation: x [B, d_model] and the state (undefined tensors: zeros) to the
     /// output [B, d_model] and the next state; forward()'s numbers, step by step.
@@ -203,8 +205,10 @@ public:
 
 private:
     // From u [T, B, E] (after the convolution and SiLU) and the gate z [T, B, E]: the output and
-    // the last ssm state, from h0 [B, E, N] (undefined: zeros).
-    std::pair<Tensor, Tensor> selective_scan(const Tensor& u, const Tensor& z, const Tensor& h0) const;
+    // the last ssm state, from h0 [B, E, N] (undefined: zeros); running: bool [T, B, 1], whether
+    // step t is within sequence b (undefined: all are).
+    std::pair<Tensor, Tensor> selective_scan(const Tensor& u, const Tensor& z, const Tensor& h0,
+                                             const Tensor& running) const;
     void check_state(const char* op, const SelectiveSSMState& state, std::int64_t B) const;
 };
 

@@ -317,6 +317,44 @@ TEST_CASE("SelectiveSSM: step() gives forward()'s outputs and states to 1e-12, f
     }
 }
 
+TEST_CASE("SelectiveSSM with lengths: each sequence as if run alone, zeros past its end, its own last state")
+{
+    manual_seed(56);
+    nn::SelectiveSSM ssm(nn::SelectiveSSMOptions(4).d_state(3).d_conv(3).dtype(kFloat64));
+    const Tensor x = random({6, 3, 4}, 57, -1, 1);
+    const Tensor lengths = from_vector<std::int64_t>({6, 1, 4}, {3});
+    for (const bool from_state : {false, true}) {
+        CAPTURE(from_state);
+        nn::SelectiveSSMState initial;
+        if (from_state) initial = {random({2, 3, 8}, 58, -1, 1), random({3, 8, 3}, 59, -1, 1)};
+        const auto padded = ssm(x, initial, lengths);
+        for (std::int64_t b = 0; b < 3; ++b) {
+            CAPTURE(b);
+            const std::int64_t n = lengths.select(0, b).item<std::int64_t>();
+            nn::SelectiveSSMState own;
+            if (from_state) own = {initial.conv.narrow(1, b, 1), initial.ssm.narrow(0, b, 1)};
+            const auto alone = ssm(x.narrow(0, 0, n).narrow(1, b, 1), own);
+            CHECK(close_tensors(padded.output.narrow(0, 0, n).narrow(1, b, 1), alone.output, 1e-12));
+            if (n < 6) CHECK(amax(abs(padded.output.narrow(0, n, 6 - n).narrow(1, b, 1))).item<double>() == 0);
+            CHECK(close_tensors(padded.state.conv.narrow(1, b, 1), alone.state.conv, 0));
+            CHECK(close_tensors(padded.state.ssm.narrow(0, b, 1), alone.state.ssm, 1e-12));
+        }
+    }
+    // Full lengths give the unpadded numbers; derivatives through the masks are right.
+    CHECK(close_tensors(ssm(x, {}, from_vector<std::int64_t>({6, 6, 6}, {3})).output, ssm(x).output, 0));
+    nn::SelectiveSSM small(nn::SelectiveSSMOptions(2).d_state(2).d_conv(2).expand(1).dtype(kFloat64));
+    const Tensor xg = random({4, 2, 2}, 60, -1, 1).requires_grad_();
+    const Tensor short_lengths = from_vector<std::int64_t>({4, 2}, {2});
+    const auto fn = [&](const std::vector<Tensor>& in) {
+        const auto out = small(in[0], {}, short_lengths);
+        return concat({out.output.reshape({-1}), out.state.conv.reshape({-1}), out.state.ssm.reshape({-1})}, 0);
+    };
+    check_ok(gradcheck(fn, {xg}), "with lengths");
+    check_ok(gradgradcheck(fn, {xg}), "with lengths, second order");
+    check_error([&] { ssm(x, {}, from_vector<std::int64_t>({6, 7, 1}, {3})); }, {"SelectiveSSM", "[1, T] = [1, 6]"});
+    check_error([&] { ssm(x, {}, ones({3}, kFloat64)); }, {"SelectiveSSM", "int64 [B] = [3]"});
+}
+
 TEST_CASE("SelectiveSSM passes gradcheck and gradgradcheck, in the input, the state and the parameters")
 {
     manual_seed(61);
