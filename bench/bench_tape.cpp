@@ -112,7 +112,8 @@ static void linear_recurrence_forward_backward(benchmark::State& state)
 
 // Forward and backward of the op alone, seeded with dL/dh = w (no loss ops), against the same
 // two passes in plain C++ over the same arrays: h forward; then g_t = w_t + a_{t+1} g_{t+1},
-// da_t = g_t h_{t-1}, db_t = g_t backward (5 arrays read or written forward and back).
+// da_t = g_t h_{t-1}, db_t = g_t backward (8 arrays read or written: a, b, h forward; dh, a, h,
+// da, db backward).
 static void linear_recurrence_op_forward_backward(benchmark::State& state)
 {
     const Tensor a = rand({4096, 16, 256}).requires_grad_(), b = randn({4096, 16, 256}).requires_grad_();

@@ -169,18 +169,17 @@ template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& 
     using R = decltype(f(T{}, T{}));
     const T* pa = a.data_ptr<T>();
     const T* pb = b.data_ptr<T>();
-    if (a.is_contiguous() && (a.sizes() == b.sizes() || b.numel() == 1) && b.is_contiguous()) {
-        // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
-        if (a.sizes() == b.sizes() || b.dim() <= a.dim()) {
-            Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
-            R* o = out.data_ptr<R>();
-            const std::int64_t n = a.numel();
-            if (a.sizes() == b.sizes())
-                for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], pb[i]);
-            else
-                for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], *pb);
-            return out;
-        }
+    // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
+    const bool same_shape = a.sizes() == b.sizes();
+    if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
+        Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
+        R* o = out.data_ptr<R>();
+        const std::int64_t n = a.numel();
+        if (same_shape)
+            for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], pb[i]);
+        else
+            for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], *pb);
+        return out;
     }
     const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
     Tensor out = empty(shape, dtype_of<R>());

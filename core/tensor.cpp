@@ -133,6 +133,13 @@ struct InlineStorage final : Storage {
 };
 static_assert(sizeof(InlineStorage) <= kLargestSmallObject, "an InlineStorage must come from the object pool");
 
+// The bytes of a new tensor: inside its storage record when small, else from the storage cache.
+std::shared_ptr<Storage> make_storage(std::size_t nbytes)
+{
+    if (nbytes <= kInlineStorageBytes) return std::allocate_shared<InlineStorage>(PoolAllocator<InlineStorage>(), nbytes);
+    return std::allocate_shared<Storage>(PoolAllocator<Storage>(), nbytes);
+}
+
 // A contiguous tensor of `shape`, its size checked: `op` names the call in errors.
 Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
 {
@@ -141,9 +148,7 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
     LOOM_CHECK(!__builtin_mul_overflow(n, std::int64_t(dtype_size(dtype)), &nbytes), op,
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
     auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
-    const auto size = static_cast<std::size_t>(nbytes);
-    if (size <= kInlineStorageBytes) impl->storage = std::allocate_shared<InlineStorage>(PoolAllocator<InlineStorage>(), size);
-    else impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), size);
+    impl->storage = make_storage(static_cast<std::size_t>(nbytes));
     impl->shape = shape;
     impl->strides = contiguous_strides(shape);
     impl->dtype = dtype;
@@ -155,10 +160,8 @@ Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, 
 
 Tensor detail::empty_like_contiguous(const Tensor& like, DType dtype)
 {
-    const auto size = static_cast<std::size_t>(like.numel()) * dtype_size(dtype);  // checked when `like` was made
     auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
-    if (size <= kInlineStorageBytes) impl->storage = std::allocate_shared<InlineStorage>(PoolAllocator<InlineStorage>(), size);
-    else impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), size);
+    impl->storage = make_storage(static_cast<std::size_t>(like.numel()) * dtype_size(dtype));  // checked when `like` was made
     impl->shape = like.sizes();
     impl->strides = like.strides();
     impl->dtype = dtype;

@@ -228,6 +228,13 @@ struct GradientAverager::State {
         }
     }
 
+    // Starts the buckets not started yet, in order, and waits for every one.
+    void finish()
+    {
+        while (started < buckets.size()) start_bucket(started++);
+        for (std::size_t b = 0; b < buckets.size(); ++b) check_mpi(MPI_Wait(&requests[b], MPI_STATUS_IGNORE), "MPI_Wait");
+    }
+
     void begin(double w)
     {
         weight = w;
@@ -319,24 +326,11 @@ void GradientAverager::average(double weight)
     for (std::size_t i = 0; i < s.parameters.size(); ++i) flags[i] = s.parameters[i].grad().defined();
     flags[s.parameters.size()] = bad_weight ? 0 : weight;
     flags.back() = bad_weight;
-    const auto reduce_flags = [&] {
-        std::vector<double> totals(flags.size());
-        check_mpi(MPI_Allreduce(flags.data(), totals.data(), static_cast<int>(flags.size()), MPI_DOUBLE, MPI_SUM,
-                                MPI_COMM_WORLD),
-                  "MPI_Allreduce");
-        return totals;
-    };
-    const auto finish_buckets = [&] {
-        while (s.started < s.buckets.size()) s.start_bucket(s.started++);
-        for (std::size_t b = 0; b < s.buckets.size(); ++b) check_mpi(MPI_Wait(&s.requests[b], MPI_STATUS_IGNORE), "MPI_Wait");
-    };
-    std::vector<double> totals;
-    if (overlapped) {
-        finish_buckets();
-        totals = reduce_flags();
-    } else {
-        totals = reduce_flags();
-    }
+    if (overlapped) s.finish();
+    std::vector<double> totals(flags.size());
+    check_mpi(MPI_Allreduce(flags.data(), totals.data(), static_cast<int>(flags.size()), MPI_DOUBLE, MPI_SUM,
+                            MPI_COMM_WORLD),
+              "MPI_Allreduce");
     s.last_started_during_backward = s.started_during_backward;
     LOOM_CHECK(!mismatched, "GradientAverager", "expects the weight given to start_during_backward() ({}), got {}",
                s.weight, weight);
@@ -348,7 +342,7 @@ void GradientAverager::average(double weight)
     const double total_weight = totals[s.parameters.size()];
     LOOM_CHECK(total_weight > 0, "GradientAverager", "the weights of all processes sum to {}; expected > 0",
                total_weight);
-    if (!overlapped) finish_buckets();
+    if (!overlapped) s.finish();
     for (std::size_t b = 0; b < s.buckets.size(); ++b) {
         std::int64_t at = 0;
         for (std::size_t i : s.buckets[b]) {
