@@ -11,6 +11,7 @@
 #include "autograd/gradcheck.hpp"
 #include "autograd/ops.hpp"
 #include "autograd/profiler.hpp"
+#include "autograd/scan.hpp"
 #include "autograd/tape.hpp"
 #include "nn/init.hpp"
 #include "nn/layers.hpp"

@@ -4,6 +4,7 @@
 #include "../core/kernels.hpp"
 #include "../core/math.hpp"
 #include "ops.hpp"
+#include "pointwise.hpp"
 #include "profiler.hpp"
 #include "tape.hpp"
 
@@ -44,7 +45,7 @@ template <class Fn> Tensor masked_gradient(const char* op, const Tensor& g, cons
 // g * (1 - y^2), the gradient of tanh through its output y; differentiable in both.
 Tensor tanh_backward(const Tensor& g, const Tensor& y)
 {
-    Tensor out = kernels::zip_floating("tanh", g, y, [](auto u, auto v) { return u * (1 - v * v); });
+    Tensor out = kernels::zip_floating("tanh", g, y, [](auto u, auto v) { return pointwise::Tanh::grad(u, v, v); });
     return record("tanh_backward", {g, y}, out, {g, y}, [](const BackwardContext& c) {
         const Tensor &g = c.saved[0], &y = c.saved[1];
         return Grads{c.needs[0] ? tanh_backward(c.grad(), y) : Tensor(), c.needs[1] ? c.grad() * g * y * -2.0 : Tensor()};
@@ -54,7 +55,7 @@ Tensor tanh_backward(const Tensor& g, const Tensor& y)
 // g * y (1 - y), the gradient of sigmoid through its output y; differentiable in both.
 Tensor sigmoid_backward(const Tensor& g, const Tensor& y)
 {
-    Tensor out = kernels::zip_floating("sigmoid", g, y, [](auto u, auto v) { return u * v * (1 - v); });
+    Tensor out = kernels::zip_floating("sigmoid", g, y, [](auto u, auto v) { return pointwise::Sigmoid::grad(u, v, v); });
     return record("sigmoid_backward", {g, y}, out, {g, y}, [](const BackwardContext& c) {
         const Tensor &g = c.saved[0], &y = c.saved[1];
         return Grads{c.needs[0] ? sigmoid_backward(c.grad(), y) : Tensor(),
@@ -69,7 +70,7 @@ Tensor sigmoid_backward(const Tensor& g, const Tensor& y)
 Tensor add(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("add");
-    Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return wrapping_add(x, y); });
+    Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return pointwise::Add::value(x, y); });
     return record("add", {a, b}, out, {}, [](const BackwardContext& c) {
         return Grads{reduce_to(c, 0, c.grad()), reduce_to(c, 1, c.grad())};
     });
@@ -78,7 +79,7 @@ Tensor add(const Tensor& a, const Tensor& b)
 Tensor sub(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("sub");
-    Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return wrapping_sub(x, y); });
+    Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return pointwise::Sub::value(x, y); });
     return record("sub", {a, b}, out, {}, [](const BackwardContext& c) {
         return Grads{reduce_to(c, 0, c.grad()), c.needs[1] ? reduce_to(c, 1, -c.grad()) : Tensor()};
     });
@@ -87,7 +88,7 @@ Tensor sub(const Tensor& a, const Tensor& b)
 Tensor mul(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("mul");
-    Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return wrapping_mul(x, y); });
+    Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return pointwise::Mul::value(x, y); });
     return record("mul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
         return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() * y) : Tensor(),
@@ -98,7 +99,7 @@ Tensor mul(const Tensor& a, const Tensor& b)
 Tensor div(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("div");
-    Tensor out = kernels::zip_floating("div", a, b, [](auto x, auto y) { return x / y; });
+    Tensor out = kernels::zip_floating("div", a, b, [](auto x, auto y) { return pointwise::Div::value(x, y); });
     return record("div", {a, b}, out, {b, out}, [](const BackwardContext& c) {
         const Tensor &y = c.saved[0], &q = c.saved[1];
         return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() / y) : Tensor(),
@@ -169,21 +170,21 @@ Tensor minimum(const Tensor& a, const Tensor& b) { return extremum<false>("minim
 Tensor neg(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("neg");
-    Tensor out = kernels::map_numeric("neg", x, [](auto v) { return wrapping_sub(decltype(v)(0), v); });
+    Tensor out = kernels::map_numeric("neg", x, [](auto v) { return pointwise::Neg::value(v); });
     return record("neg", {x}, out, {}, [](const BackwardContext& c) { return Grads{-c.grad()}; });
 }
 
 Tensor exp(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("exp");
-    Tensor out = kernels::map_floating("exp", x, [](auto v) { return std::exp(v); });
+    Tensor out = kernels::map_floating("exp", x, [](auto v) { return pointwise::Exp::value(v); });
     return record("exp", {x}, out, {out}, [](const BackwardContext& c) { return Grads{c.grad() * c.saved[0]}; });
 }
 
 Tensor log(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("log");
-    Tensor out = kernels::map_floating("log", x, [](auto v) { return std::log(v); });
+    Tensor out = kernels::map_floating("log", x, [](auto v) { return pointwise::Log::value(v); });
     return record("log", {x}, out, {x}, [](const BackwardContext& c) { return Grads{c.grad() / c.saved[0]}; });
 }
 
@@ -210,14 +211,14 @@ Tensor abs(const Tensor& x)
 Tensor tanh(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("tanh");
-    Tensor out = kernels::map_floating("tanh", x, [](auto v) { return tanh_of(v); });
+    Tensor out = kernels::map_floating("tanh", x, [](auto v) { return pointwise::Tanh::value(v); });
     return record("tanh", {x}, out, {out}, [](const BackwardContext& c) { return Grads{tanh_backward(c.grad(), c.saved[0])}; });
 }
 
 Tensor sigmoid(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("sigmoid");
-    Tensor out = kernels::map_floating("sigmoid", x, [](auto v) { return 1 / (1 + std::exp(-v)); });
+    Tensor out = kernels::map_floating("sigmoid", x, [](auto v) { return pointwise::Sigmoid::value(v); });
     return record("sigmoid", {x}, out, {out}, [](const BackwardContext& c) {
         return Grads{sigmoid_backward(c.grad(), c.saved[0])};
     });
@@ -234,10 +235,10 @@ Tensor softplus(const Tensor& x)
 Tensor relu(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("relu");
-    Tensor out = kernels::map_floating("relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); });
+    Tensor out = kernels::map_floating("relu", x, [](auto v) { return pointwise::Relu::value(v); });
     return record("relu", {x}, out, {out}, [](const BackwardContext& c) {
         return Grads{masked_gradient("relu_backward", c.grad(), c.saved[0], [](auto g, auto y) {
-            return y > 0 ? g : decltype(g)(0);
+            return pointwise::Relu::grad(g, y, y);
         })};
     });
 }

@@ -11,6 +11,7 @@ namespace loom {
 
 namespace autograd::engine {
 constinit thread_local Tape* current_tape [[gnu::tls_model("initial-exec")]] = nullptr;
+constinit thread_local Tracer* current_tracer = nullptr;
 
 Tape& create_tape()
 {
@@ -83,6 +84,7 @@ bool should_record(std::span<const Tensor> inputs)
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
                 std::span<const Tensor> saved, BackwardFn backward, bool custom)
 {
+    if (autograd::engine::current_tracer) autograd::engine::current_tracer->on_entry(name, inputs, outputs);
     auto& tape = this_tape();
     if (tape.entries.size() >= tape.compact_at) {
         compact();

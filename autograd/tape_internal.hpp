@@ -49,6 +49,16 @@ inline Tape& this_tape()
 // Drops an entry's inputs, saved tensors and backward: no sweep can run it again.
 void release(Entry& e);
 
+// scan's tracer (scan.cpp): while a step is being traced, every entry recorded on this thread is
+// shown to it before it is pushed.
+struct Tracer {
+    virtual void on_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs) = 0;
+
+protected:
+    ~Tracer() = default;
+};
+extern constinit thread_local Tracer* current_tracer;
+
 // ---- anomaly.cpp ----
 // Whether a DetectAnomalyGuard is alive on this thread (inner ops or not).
 bool anomaly_guarded();

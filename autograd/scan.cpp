@@ -1,0 +1,973 @@
+// scan: a step traced into a program of ops, checked against a second trace, and replayed over
+// all steps on raw buffers as one tape entry (see scan.hpp).
+//
+// A trace watches the entries the step records (the tape shows each one to the tracer before
+// pushing it) while it runs on stand-ins for the carry and x_t that require grad, so every op
+// that depends on them records. Each entry becomes an instruction over numbered values; a
+// tensor the step reads from outside is a parameter (it requires grad) or a constant (copied
+// when traced; a second trace on other values must read the same). Values run at one of three
+// rates: once per call (parameters, constants and what is made of them alone), once per step
+// but before the loop (what depends on x_t and not on the carry: hoisted, one GEMM over all
+// steps), or per step inside the loop (what depends on the carry).
+#include "scan.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <unordered_map>
+
+#include "../core/kernels.hpp"
+#include "../core/random.hpp"
+#include "ops.hpp"
+#include "pointwise.hpp"
+#include "tape_internal.hpp"
+
+namespace loom {
+
+namespace {
+
+enum class Op { Add, Sub, Mul, Div, Neg, Exp, Log, Tanh, Sigmoid, Relu, Linear, Matmul, Move, Concat };
+
+// The ops a program can hold, by the name their entry is recorded under.
+const std::unordered_map<std::string_view, Op>& replayable_ops()
+{
+    static const std::unordered_map<std::string_view, Op> ops{
+        {"add", Op::Add},       {"sub", Op::Sub},         {"mul", Op::Mul},         {"div", Op::Div},
+        {"neg", Op::Neg},       {"exp", Op::Exp},         {"log", Op::Log},         {"tanh", Op::Tanh},
+        {"sigmoid", Op::Sigmoid}, {"relu", Op::Relu},     {"linear", Op::Linear},   {"matmul", Op::Matmul},
+        {"reshape", Op::Move},  {"view", Op::Move},       {"squeeze", Op::Move},    {"unsqueeze", Op::Move},
+        {"clone", Op::Move},    {"permute", Op::Move},    {"expand", Op::Move},     {"slice", Op::Move},
+        {"select", Op::Move},   {"concat", Op::Concat}};
+    return ops;
+}
+
+enum class Source { Carry, X, Param, Const, Computed };
+// Invariant: once per call. PerStep: per step, but not through the carry (hoisted before the
+// loop). Carried: per step, through the carry.
+enum class Rate { Invariant = 0, PerStep = 1, Carried = 2 };
+
+struct Value {
+    Source source;
+    std::size_t index;  // carry k, x k, param k, const k, or the instruction computing it
+    Shape shape;
+    std::int64_t numel;
+    Rate rate;
+    bool operator==(const Value&) const = default;
+};
+
+// How an elementwise op reads an operand for output element i: element i, element 0, or map[i].
+enum class Access { Same, Scalar, Mapped };
+
+struct Instr {
+    Op op;
+    std::vector<std::size_t> in;  // value ids
+    std::size_t out = 0;
+    std::vector<Access> access;  // elementwise: per operand
+    // Elementwise: per Mapped operand, its element for each output element. Move: the input
+    // element of each output element (none: the same order). Concat: per input, the output
+    // position of each of its elements.
+    std::vector<std::vector<std::int64_t>> maps;
+    std::int64_t n = 0, k = 0, m = 0;  // Linear: rows, in and out features; Matmul: [n, k] @ [k, m]
+    bool operator==(const Instr&) const = default;
+};
+
+struct Program {
+    DType dtype = kFloat32;
+    std::vector<Value> values;
+    std::vector<Instr> instrs;
+    std::vector<Tensor> params;  // tensors from outside that receive gradients
+    std::vector<Tensor> consts;  // tensors from outside that do not, contiguous
+    std::vector<std::size_t> carry_in, x_in, carry_out, y_out;
+    std::string failure;  // why it cannot be replayed; empty when it can
+
+    void fail(std::string why)
+    {
+        if (failure.empty()) failure = std::move(why);
+    }
+    Rate rate(std::size_t v) const { return values[v].rate; }
+};
+
+// The bytes of a contiguous tensor.
+const char* bytes_of(const Tensor& t)
+{
+    return reinterpret_cast<const char*>(t.impl().storage->data) + t.storage_offset() * std::int64_t(dtype_size(t.dtype()));
+}
+
+// x flipped along its first dim (the time dim), as a new contiguous tensor.
+Tensor flip_time(const Tensor& x)
+{
+    const Tensor in = kernels::contiguous(x);
+    Tensor out = empty(in.sizes(), in.dtype());
+    const std::int64_t T = in.size(0);
+    const std::size_t row = T == 0 ? 0 : std::size_t(in.numel() / T) * dtype_size(in.dtype());
+    char* to = const_cast<char*>(bytes_of(out));
+    for (std::int64_t t = 0; t < T; ++t) std::memcpy(to + std::size_t(T - 1 - t) * row, bytes_of(in) + std::size_t(t) * row, row);
+    return out;
+}
+
+// Calls f(offset) for every element of `shape` in row-major order, offset = sum of index * stride.
+template <class F> void for_each_index(const Shape& shape, const Shape& strides, std::int64_t start, F&& f)
+{
+    const std::size_t D = shape.size();
+    std::int64_t total = 1;
+    for (std::int64_t s : shape) total *= s;
+    if (total == 0) return;
+    std::vector<std::int64_t> index(D, 0);
+    std::int64_t offset = start;
+    for (std::int64_t i = 0; i < total; ++i) {
+        f(offset);
+        for (std::size_t d = D; d-- > 0;) {
+            if (++index[d] < shape[d]) {
+                offset += strides[d];
+                break;
+            }
+            offset -= strides[d] * (shape[d] - 1);
+            index[d] = 0;
+        }
+    }
+}
+
+// For each element of `out` (row-major), the element of `in` it reads under broadcasting.
+std::vector<std::int64_t> broadcast_map(const Shape& in, const Shape& out)
+{
+    const Shape own = contiguous_strides(in);
+    Shape strides(out.size(), 0);
+    for (std::size_t j = 0; j < in.size(); ++j) {
+        const std::size_t d = out.size() - in.size() + j;
+        strides[d] = in[j] == 1 ? 0 : own[j];
+    }
+    std::vector<std::int64_t> map;
+    for_each_index(out, strides, 0, [&](std::int64_t i) { map.push_back(i); });
+    return map;
+}
+
+// For a view `out` of `in` (both read through their strides over one storage): the element of
+// `in` (row-major) that each element of `out` is. Empty when some element is not found.
+std::vector<std::int64_t> view_map(const Tensor& in, const Tensor& out)
+{
+    std::unordered_map<std::int64_t, std::int64_t> element_at;  // storage offset -> in's element
+    std::int64_t next = 0;
+    for_each_index(in.sizes(), in.strides(), in.storage_offset(), [&](std::int64_t off) { element_at.emplace(off, next++); });
+    std::vector<std::int64_t> map;
+    bool found = true;
+    for_each_index(out.sizes(), out.strides(), out.storage_offset(), [&](std::int64_t off) {
+        const auto it = element_at.find(off);
+        found = found && it != element_at.end();
+        map.push_back(found ? it->second : 0);
+    });
+    return found ? map : std::vector<std::int64_t>();
+}
+
+// Watches one run of the step and writes down its program.
+class StepTracer final : public autograd::engine::Tracer {
+public:
+    StepTracer(Program& p, const std::vector<Tensor>& declared_params) : p_(p)
+    {
+        for (const Tensor& t : declared_params)
+            if (t.defined()) declared_.insert(&t.impl());
+    }
+
+    // A stand-in for carry k or x k: a fresh leaf that requires grad, so that every op on it records.
+    Tensor stand_in(Source source, std::size_t k, const Tensor& value)
+    {
+        Tensor t = value.detach().clone().requires_grad_();
+        const std::size_t id = add_value(source, k, t);
+        (source == Source::Carry ? p_.carry_in : p_.x_in).push_back(id);
+        return t;
+    }
+
+    // The value `t` is: one the trace computed, or one from outside, numbered now.
+    std::size_t value_of(const Tensor& t)
+    {
+        if (!t.defined()) {
+            p_.fail("the step returned an undefined tensor");
+            return 0;
+        }
+        if (const auto it = ids_.find(&t.impl()); it != ids_.end()) return it->second;
+        if (t.dtype() != p_.dtype)
+            p_.fail(fmt::format("the step reads a {} tensor of shape {}; scan replays steps computing in the "
+                                "carry's dtype, {}",
+                                t.dtype(), t.sizes(), p_.dtype));
+        if (t.requires_grad() || declared_.count(&t.impl())) {
+            p_.params.push_back(t);
+            return add_value(Source::Param, p_.params.size() - 1, t);
+        }
+        p_.consts.push_back(kernels::contiguous(t));
+        return add_value(Source::Const, p_.consts.size() - 1, t);
+    }
+
+    void on_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs) override
+    {
+        if (!p_.failure.empty()) return;
+        const auto op = replayable_ops().find(name);
+        if (op == replayable_ops().end()) return p_.fail(fmt::format("it cannot replay op '{}'", name));
+        if (outputs.size() != 1) return p_.fail(fmt::format("op '{}' has {} outputs", name, outputs.size()));
+        const Tensor& out = outputs[0];
+        if (out.dtype() != p_.dtype)
+            return p_.fail(fmt::format("op '{}' computes in {}, the carry in {}", name, out.dtype(), p_.dtype));
+        Instr ins{op->second, {}, 0, {}, {}, 0, 0, 0};
+        std::vector<const Tensor*> read;
+        for (const Tensor& t : inputs)
+            if (t.defined()) read.push_back(&t), ins.in.push_back(value_of(t));
+        if (!p_.failure.empty()) return;
+        const Shape& shape = out.sizes();
+        switch (ins.op) {
+        case Op::Linear: {
+            const Shape& w = read[1]->sizes();
+            ins.k = w[1], ins.m = w[0], ins.n = ins.k == 0 ? 0 : read[0]->numel() / ins.k;
+            break;
+        }
+        case Op::Matmul:
+            if (read[0]->dim() != 2 || read[1]->dim() != 2)
+                return p_.fail(fmt::format("it replays matmul of 2-d operands, not {} @ {}", read[0]->sizes(),
+                                           read[1]->sizes()));
+            ins.n = read[0]->size(0), ins.k = read[0]->size(1), ins.m = read[1]->size(1);
+            break;
+        case Op::Move: {
+            const std::string_view n(name);
+            // reshape, view, squeeze, unsqueeze and clone keep the row-major order of the elements.
+            if (n == "permute" || n == "expand" || n == "slice" || n == "select") {
+                if (read[0]->impl().storage != out.impl().storage)
+                    return p_.fail(fmt::format("op '{}' copied instead of making a view", name));
+                ins.maps.push_back(view_map(*read[0], out));
+                if (ins.maps[0].empty() && out.numel() > 0)
+                    return p_.fail(fmt::format("op '{}' made a view scan cannot follow", name));
+            }
+            break;
+        }
+        case Op::Concat: {
+            std::size_t dim = 0;
+            for (std::size_t d = 0; d < shape.size(); ++d)
+                if (shape[d] != read[0]->sizes()[d]) dim = d;
+            const Shape strides = contiguous_strides(shape);
+            std::int64_t at = 0;
+            for (const Tensor* t : read) {
+                std::vector<std::int64_t> positions;
+                for_each_index(t->sizes(), strides, at * strides[dim], [&](std::int64_t off) { positions.push_back(off); });
+                ins.maps.push_back(std::move(positions));
+                at += t->sizes()[dim];
+            }
+            break;
+        }
+        default:  // elementwise
+            for (const Tensor* t : read) {
+                if (t->sizes() == shape) {
+                    ins.access.push_back(Access::Same);
+                } else if (t->numel() == 1) {
+                    ins.access.push_back(Access::Scalar);
+                } else {
+                    ins.access.push_back(Access::Mapped);
+                    ins.maps.push_back(broadcast_map(t->sizes(), shape));
+                }
+            }
+        }
+        ins.out = add_value(Source::Computed, p_.instrs.size(), out);
+        p_.instrs.push_back(std::move(ins));
+    }
+
+private:
+    std::size_t add_value(Source source, std::size_t k, const Tensor& t)
+    {
+        p_.values.push_back(Value{source, k, t.sizes(), t.numel(), Rate::Invariant});
+        ids_[&t.impl()] = p_.values.size() - 1;
+        keep_.push_back(t);  // alive until the trace ends, so no other tensor takes its address
+        return p_.values.size() - 1;
+    }
+
+    Program& p_;
+    std::set<const TensorImpl*> declared_;
+    std::unordered_map<const TensorImpl*, std::size_t> ids_;
+    std::vector<Tensor> keep_;
+};
+
+// Shows entries to `tracer` while alive.
+struct Tracing {
+    explicit Tracing(autograd::engine::Tracer* tracer) : previous(autograd::engine::current_tracer)
+    {
+        autograd::engine::current_tracer = tracer;
+    }
+    ~Tracing() { autograd::engine::current_tracer = previous; }
+    autograd::engine::Tracer* previous;
+};
+
+// Values of t's shape and dtype that are neither t's nor anything a step would make: the second
+// trace runs on them, so that a value the step derives from its inputs without recording an op
+// (a comparison, a detach) differs between the traces.
+Tensor other_values(const Tensor& t, std::uint64_t& seed)
+{
+    Tensor out = empty(t.sizes(), t.dtype());
+    const auto fill = [&](auto* data) {
+        for (std::int64_t i = 0; i < out.numel(); ++i) {
+            std::uint64_t z = (seed += 0x9e3779b97f4a7c15ull);  // splitmix64: no Generator is drawn from
+            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+            z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+            z ^= z >> 31;
+            data[i] = static_cast<std::remove_pointer_t<decltype(data)>>(double(z >> 11) * 0x1.0p-53 * 3.0 - 1.5);
+        }
+    };
+    if (t.dtype() == kFloat64) fill(out.data_ptr<double>());
+    else fill(out.data_ptr<float>());
+    return out;
+}
+
+// Traces one step on stand-ins holding `carry` and `x`.
+Program trace(const ScanStep& step, const std::vector<Tensor>& carry, const std::vector<Tensor>& x,
+              const std::vector<Tensor>& params)
+{
+    Program p;
+    p.dtype = carry.empty() ? x[0].dtype() : carry[0].dtype();
+    StepTracer tracer(p, params);
+    std::vector<Tensor> c, xt;
+    for (std::size_t k = 0; k < carry.size(); ++k) c.push_back(tracer.stand_in(Source::Carry, k, carry[k]));
+    for (std::size_t k = 0; k < x.size(); ++k) xt.push_back(tracer.stand_in(Source::X, k, x[k]));
+    ScanStepResult r;
+    {
+        const GradModeGuard recording(true);
+        const Tracing tracing(&tracer);
+        r = step(c, xt);
+    }
+    if (r.carry.size() != carry.size()) {
+        p.fail(fmt::format("the step returned {} carry tensors for {}", r.carry.size(), carry.size()));
+        return p;
+    }
+    for (std::size_t k = 0; k < r.carry.size(); ++k) {
+        if (r.carry[k].defined() && r.carry[k].sizes() != carry[k].sizes())
+            p.fail(fmt::format("the step returned carry {} of shape {} for {}", k, r.carry[k].sizes(), carry[k].sizes()));
+        p.carry_out.push_back(tracer.value_of(r.carry[k]));
+    }
+    for (const Tensor& y : r.y) p.y_out.push_back(tracer.value_of(y));
+    return p;
+}
+
+// The first difference between two traces of the step, or "" when they are the same program.
+std::string difference(const Program& a, const Program& b)
+{
+    if (!(a.values == b.values) || !(a.instrs == b.instrs))
+        return "two traces of the step ran different ops or shapes (its ops depend on the data)";
+    if (a.carry_out != b.carry_out || a.y_out != b.y_out) return "two traces of the step returned different values";
+    for (std::size_t k = 0; k < a.params.size(); ++k)
+        if (&a.params[k].impl() != &b.params[k].impl()) return "two traces of the step read different parameters";
+    for (std::size_t k = 0; k < a.consts.size(); ++k) {
+        const Tensor &u = a.consts[k], &v = b.consts[k];
+        const std::size_t bytes = std::size_t(u.numel()) * dtype_size(u.dtype());
+        if (u.sizes() != v.sizes() || std::memcmp(bytes_of(u), bytes_of(v), bytes) != 0)
+            return fmt::format("a tensor the step makes without recording an op (of shape {}) differed between two "
+                               "traces (random numbers, or a value derived from the data without gradient)",
+                               u.sizes());
+    }
+    return {};
+}
+
+// Sets each value's rate, drops instructions no result reads, and checks what the replay needs.
+void compile(Program& p)
+{
+    std::vector<bool> live(p.values.size(), false);
+    for (std::size_t v : p.carry_out) live[v] = true;
+    for (std::size_t v : p.y_out) live[v] = true;
+    std::vector<bool> keep(p.instrs.size(), false);
+    for (std::size_t i = p.instrs.size(); i-- > 0;)
+        if (live[p.instrs[i].out]) {
+            keep[i] = true;
+            for (std::size_t v : p.instrs[i].in) live[v] = true;
+        }
+    std::vector<Instr> kept;
+    for (std::size_t i = 0; i < p.instrs.size(); ++i)
+        if (keep[i]) {
+            p.values[p.instrs[i].out].index = kept.size();
+            kept.push_back(std::move(p.instrs[i]));
+        }
+    p.instrs = std::move(kept);
+    for (std::size_t v : p.carry_in) p.values[v].rate = Rate::Carried;
+    for (std::size_t v : p.x_in) p.values[v].rate = Rate::PerStep;
+    for (const Instr& ins : p.instrs) {
+        Rate r = Rate::Invariant;
+        for (std::size_t v : ins.in) r = std::max(r, p.rate(v));
+        p.values[ins.out].rate = r;
+        if (ins.op == Op::Linear)
+            for (std::size_t j = 1; j < ins.in.size(); ++j)
+                if (p.rate(ins.in[j]) != Rate::Invariant) p.fail("a linear's weight or bias changes from step to step");
+    }
+}
+
+// Copies `n` elements, or adds them into `to`.
+template <class T> void add_into(T* to, const T* from, std::int64_t n)
+{
+    for (std::int64_t i = 0; i < n; ++i) to[i] += from[i];
+}
+
+// One call's replay of a program in float or double: the forward over all steps, and its adjoint.
+template <class T> struct Replay {
+    std::shared_ptr<const Program> p;
+    std::int64_t steps = 0;
+    std::vector<std::int64_t> lengths;  // empty: every row runs every step
+    bool reverse = false;
+    std::int64_t rows = 1;  // B, when lengths are given
+    std::vector<Tensor> held;  // the contiguous parameters, constants, xs and init read through `base`
+    std::vector<T*> base;
+    std::vector<std::vector<T>> own;
+    std::vector<std::vector<T>> adj;
+
+    std::int64_t stride(std::size_t v) const { return p->rate(v) == Rate::Invariant ? 0 : p->values[v].numel; }
+    T* at(std::size_t v, std::int64_t t) const { return base[v] + t * stride(v); }
+    T* adj_at(std::size_t v, std::int64_t t) { return adj[v].empty() ? nullptr : adj[v].data() + t * stride(v); }
+    std::int64_t time_of(std::int64_t i) const { return reverse ? steps - 1 - i : i; }
+    bool active(std::int64_t i, std::int64_t b) const { return lengths.empty() || time_of(i) < lengths[b]; }
+
+    T* bind(std::size_t v, const Tensor& t)
+    {
+        held.push_back(kernels::contiguous(t));
+        return base[v] = held.back().template data_ptr<T>();
+    }
+
+    // Forward over all steps; xs are in processing order already.
+    void forward(const std::vector<Tensor>& init, const std::vector<Tensor>& xs, std::vector<Tensor>& carry_out,
+                 std::vector<Tensor>& ys)
+    {
+        const Program& prog = *p;
+        base.assign(prog.values.size(), nullptr);
+        own.resize(prog.values.size());
+        for (std::size_t v = 0; v < prog.values.size(); ++v) {
+            const Value& val = prog.values[v];
+            switch (val.source) {
+            case Source::Param: bind(v, prog.params[val.index]); break;
+            case Source::Const: bind(v, prog.consts[val.index]); break;
+            case Source::X: bind(v, xs[val.index]); break;
+            case Source::Carry:
+                own[v].resize(std::size_t((steps + 1) * val.numel));
+                base[v] = own[v].data();
+                std::memcpy(base[v], kernels::contiguous(init[val.index]).template data_ptr<T>(), sizeof(T) * val.numel);
+                break;
+            case Source::Computed:
+                own[v].resize(std::size_t((val.rate == Rate::Invariant ? 1 : steps) * val.numel));
+                base[v] = own[v].data();
+            }
+        }
+        for (const Instr& ins : prog.instrs)
+            if (prog.rate(ins.out) == Rate::Invariant) run(ins, 0, 1);
+        for (const Instr& ins : prog.instrs)
+            if (prog.rate(ins.out) == Rate::PerStep) run(ins, 0, steps);
+        for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
+            Shape shape = prog.values[prog.y_out[k]].shape;
+            shape.insert(shape.begin(), steps);
+            ys.push_back(empty(shape, prog.dtype));
+        }
+        for (std::int64_t i = 0; i < steps; ++i) {
+            for (const Instr& ins : prog.instrs)
+                if (prog.rate(ins.out) == Rate::Carried) run(ins, i, i + 1);
+            for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
+                const std::size_t c = prog.carry_in[k];
+                pass_rows(at(c, i + 1), at(prog.carry_out[k], i), at(c, i), prog.values[c].numel, i);
+            }
+            for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
+                const std::int64_t n = prog.values[prog.y_out[k]].numel;
+                pass_rows(ys[k].template data_ptr<T>() + time_of(i) * n, at(prog.y_out[k], i), nullptr, n, i);
+            }
+        }
+        for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
+            const std::size_t c = prog.carry_in[k];
+            carry_out.push_back(empty(prog.values[c].shape, prog.dtype));
+            std::memcpy(carry_out.back().template data_ptr<T>(), at(c, steps), sizeof(T) * prog.values[c].numel);
+        }
+    }
+
+    // to = from in the rows active at step i, `held` (or zeros) in the others.
+    void pass_rows(T* to, const T* from, const T* held_rows, std::int64_t n, std::int64_t i) const
+    {
+        if (lengths.empty()) {
+            std::memcpy(to, from, sizeof(T) * n);
+            return;
+        }
+        const std::int64_t row = n / rows;
+        for (std::int64_t b = 0; b < rows; ++b) {
+            if (active(i, b)) std::memcpy(to + b * row, from + b * row, sizeof(T) * row);
+            else if (held_rows) std::memcpy(to + b * row, held_rows + b * row, sizeof(T) * row);
+            else std::fill(to + b * row, to + (b + 1) * row, T(0));
+        }
+    }
+
+    // The adjoint: gradients of init, xs (processing order) and params from those of the
+    // final carry and the ys (undefined where none arrived).
+    void backward(const std::vector<Tensor>& d_carry, const std::vector<Tensor>& d_ys)
+    {
+        const Program& prog = *p;
+        adj.assign(prog.values.size(), {});
+        for (std::size_t v = 0; v < prog.values.size(); ++v)
+            if (prog.values[v].source != Source::Const)
+                adj[v].assign(v < own.size() && !own[v].empty() ? own[v].size()
+                                                                : std::size_t(prog.values[v].numel * (stride(v) ? steps : 1)),
+                              T(0));
+        for (std::size_t k = 0; k < prog.carry_in.size(); ++k)
+            if (d_carry[k].defined()) {
+                const std::size_t c = prog.carry_in[k];
+                std::memcpy(adj_at(c, steps), kernels::contiguous(d_carry[k]).template data_ptr<T>(),
+                            sizeof(T) * prog.values[c].numel);
+            }
+        for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
+            const std::size_t y = prog.y_out[k];
+            if (!d_ys[k].defined() || adj[y].empty()) continue;
+            const Tensor g = kernels::contiguous(d_ys[k]);
+            const std::int64_t n = prog.values[y].numel, row = n / rows;
+            for (std::int64_t i = 0; i < steps; ++i) {
+                const T* from = g.template data_ptr<T>() + time_of(i) * n;
+                T* to = adj_at(y, i);
+                for (std::int64_t b = 0; b < (lengths.empty() ? 1 : rows); ++b)
+                    if (lengths.empty()) add_into(to, from, n);
+                    else if (active(i, b)) add_into(to + b * row, from + b * row, row);
+            }
+        }
+        for (std::int64_t i = steps; i-- > 0;) {
+            for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
+                const std::size_t c = prog.carry_in[k], src = prog.carry_out[k];
+                const std::int64_t n = prog.values[c].numel, row = n / rows;
+                const T* g = adj_at(c, i + 1);
+                for (std::int64_t b = 0; b < (lengths.empty() ? 1 : rows); ++b) {
+                    const std::int64_t at_row = lengths.empty() ? 0 : b * row, len = lengths.empty() ? n : row;
+                    if (active(i, b)) {
+                        if (!adj[src].empty()) add_into(adj_at(src, i) + at_row, g + at_row, len);
+                    } else {
+                        add_into(adj_at(c, i) + at_row, g + at_row, len);
+                    }
+                }
+            }
+            for (std::size_t j = prog.instrs.size(); j-- > 0;)
+                if (prog.rate(prog.instrs[j].out) == Rate::Carried) run_backward(prog.instrs[j], i, i + 1, false);
+        }
+        for (std::size_t j = prog.instrs.size(); j-- > 0;)
+            if (prog.rate(prog.instrs[j].out) == Rate::Carried) run_backward(prog.instrs[j], 0, steps, true);
+        for (std::size_t j = prog.instrs.size(); j-- > 0;)
+            if (prog.rate(prog.instrs[j].out) == Rate::PerStep) {
+                run_backward(prog.instrs[j], 0, steps, false);
+                run_backward(prog.instrs[j], 0, steps, true);
+            }
+        for (std::size_t j = prog.instrs.size(); j-- > 0;)
+            if (prog.rate(prog.instrs[j].out) == Rate::Invariant) run_backward(prog.instrs[j], 0, 1, true);
+    }
+
+    // ---- one instruction over steps [t0, t1) ----
+
+    std::int64_t index(const Instr& ins, std::size_t operand, std::size_t map, std::int64_t i) const
+    {
+        switch (ins.access[operand]) {
+        case Access::Same: return i;
+        case Access::Scalar: return 0;
+        default: return ins.maps[map][std::size_t(i)];
+        }
+    }
+
+    template <class F> void unary(const Instr& ins, std::int64_t t0, std::int64_t t1)
+    {
+        const std::int64_t n = p->values[ins.out].numel;
+        for (std::int64_t t = t0; t < t1; ++t) {
+            const T* x = at(ins.in[0], t);
+            T* y = at(ins.out, t);
+            for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(x[i]);
+        }
+    }
+
+    template <class F> void binary(const Instr& ins, std::int64_t t0, std::int64_t t1)
+    {
+        const std::int64_t n = p->values[ins.out].numel;
+        const std::size_t mb = ins.access[0] == Access::Mapped ? 1 : 0;
+        for (std::int64_t t = t0; t < t1; ++t) {
+            const T *a = at(ins.in[0], t), *b = at(ins.in[1], t);
+            T* y = at(ins.out, t);
+            if (ins.access[0] == Access::Same && ins.access[1] == Access::Same)
+                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[i], b[i]);
+            else if (ins.access[0] == Access::Same && ins.access[1] == Access::Scalar)
+                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[i], b[0]);
+            else if (ins.access[0] == Access::Scalar && ins.access[1] == Access::Same)
+                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[0], b[i]);
+            else
+                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[index(ins, 0, 0, i)], b[index(ins, 1, mb, i)]);
+        }
+    }
+
+    void run(const Instr& ins, std::int64_t t0, std::int64_t t1)
+    {
+        switch (ins.op) {
+        case Op::Add: return binary<pointwise::Add>(ins, t0, t1);
+        case Op::Sub: return binary<pointwise::Sub>(ins, t0, t1);
+        case Op::Mul: return binary<pointwise::Mul>(ins, t0, t1);
+        case Op::Div: return binary<pointwise::Div>(ins, t0, t1);
+        case Op::Neg: return unary<pointwise::Neg>(ins, t0, t1);
+        case Op::Exp: return unary<pointwise::Exp>(ins, t0, t1);
+        case Op::Log: return unary<pointwise::Log>(ins, t0, t1);
+        case Op::Tanh: return unary<pointwise::Tanh>(ins, t0, t1);
+        case Op::Sigmoid: return unary<pointwise::Sigmoid>(ins, t0, t1);
+        case Op::Relu: return unary<pointwise::Relu>(ins, t0, t1);
+        case Op::Linear: {  // rows of x varying, weight and bias once per call: one GEMM over all steps asked for
+            const std::int64_t R = ins.n * (p->rate(ins.in[0]) == Rate::Invariant ? 1 : t1 - t0);
+            T* y = at(ins.out, t0);
+            const bool bias = ins.in.size() == 3;
+            if (bias)
+                for (std::int64_t r = 0; r < R; ++r) std::memcpy(y + r * ins.m, at(ins.in[2], 0), sizeof(T) * ins.m);
+            kernels::gemm<T>("scan", false, true, R, ins.m, ins.k, at(ins.in[0], t0), at(ins.in[1], 0), T(bias ? 1 : 0), y);
+            return;
+        }
+        case Op::Matmul: {
+            const std::size_t a = ins.in[0], b = ins.in[1];
+            if (p->rate(b) == Rate::Invariant && p->rate(a) != Rate::Invariant) {
+                kernels::gemm<T>("scan", false, false, ins.n * (t1 - t0), ins.m, ins.k, at(a, t0), at(b, 0), T(0), at(ins.out, t0));
+                return;
+            }
+            for (std::int64_t t = t0; t < t1; ++t)
+                kernels::gemm<T>("scan", false, false, ins.n, ins.m, ins.k, at(a, t), at(b, t), T(0), at(ins.out, t));
+            return;
+        }
+        case Op::Move: {
+            const std::int64_t n = p->values[ins.out].numel;
+            for (std::int64_t t = t0; t < t1; ++t) {
+                const T* x = at(ins.in[0], t);
+                T* y = at(ins.out, t);
+                if (ins.maps.empty()) std::memcpy(y, x, sizeof(T) * n);
+                else
+                    for (std::int64_t i = 0; i < n; ++i) y[i] = x[ins.maps[0][std::size_t(i)]];
+            }
+            return;
+        }
+        case Op::Concat:
+            for (std::int64_t t = t0; t < t1; ++t) {
+                T* y = at(ins.out, t);
+                for (std::size_t j = 0; j < ins.in.size(); ++j) {
+                    const T* x = at(ins.in[j], t);
+                    const std::vector<std::int64_t>& pos = ins.maps[j];
+                    for (std::size_t i = 0; i < pos.size(); ++i) y[pos[i]] = x[i];
+                }
+            }
+            return;
+        }
+    }
+
+    // Whether the backward pass for `invariant` inputs (or the varying ones) sends to value v.
+    bool sends_to(std::size_t v, bool invariant) const
+    {
+        return !adj[v].empty() && (p->rate(v) == Rate::Invariant) == invariant;
+    }
+
+    template <class F> void unary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
+    {
+        if (!sends_to(ins.in[0], invariant)) return;
+        const std::int64_t n = p->values[ins.out].numel;
+        for (std::int64_t t = t0; t < t1; ++t) {
+            const T *x = at(ins.in[0], t), *y = at(ins.out, t), *g = adj_at(ins.out, t);
+            T* dx = adj_at(ins.in[0], t);
+            for (std::int64_t i = 0; i < n; ++i) dx[i] += F::grad(g[i], x[i], y[i]);
+        }
+    }
+
+    template <class F> void binary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
+    {
+        const bool to_a = sends_to(ins.in[0], invariant), to_b = sends_to(ins.in[1], invariant);
+        if (!to_a && !to_b) return;
+        const std::int64_t n = p->values[ins.out].numel;
+        const std::size_t mb = ins.access[0] == Access::Mapped ? 1 : 0;
+        for (std::int64_t t = t0; t < t1; ++t) {
+            const T *a = at(ins.in[0], t), *b = at(ins.in[1], t), *y = at(ins.out, t), *g = adj_at(ins.out, t);
+            T *da = to_a ? adj_at(ins.in[0], t) : nullptr, *db = to_b ? adj_at(ins.in[1], t) : nullptr;
+            for (std::int64_t i = 0; i < n; ++i) {
+                const std::int64_t ia = index(ins, 0, 0, i), ib = index(ins, 1, mb, i);
+                if (da) da[ia] += F::grad_a(g[i], a[ia], b[ib], y[i]);
+                if (db) db[ib] += F::grad_b(g[i], a[ia], b[ib], y[i]);
+            }
+        }
+    }
+
+    void run_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
+    {
+        if (adj[ins.out].empty()) return;
+        switch (ins.op) {
+        case Op::Add: return binary_backward<pointwise::Add>(ins, t0, t1, invariant);
+        case Op::Sub: return binary_backward<pointwise::Sub>(ins, t0, t1, invariant);
+        case Op::Mul: return binary_backward<pointwise::Mul>(ins, t0, t1, invariant);
+        case Op::Div: return binary_backward<pointwise::Div>(ins, t0, t1, invariant);
+        case Op::Neg: return unary_backward<pointwise::Neg>(ins, t0, t1, invariant);
+        case Op::Exp: return unary_backward<pointwise::Exp>(ins, t0, t1, invariant);
+        case Op::Log: return unary_backward<pointwise::Log>(ins, t0, t1, invariant);
+        case Op::Tanh: return unary_backward<pointwise::Tanh>(ins, t0, t1, invariant);
+        case Op::Sigmoid: return unary_backward<pointwise::Sigmoid>(ins, t0, t1, invariant);
+        case Op::Relu: return unary_backward<pointwise::Relu>(ins, t0, t1, invariant);
+        case Op::Linear: {
+            const std::size_t x = ins.in[0], w = ins.in[1];
+            const std::int64_t R = ins.n * (p->rate(x) == Rate::Invariant ? 1 : t1 - t0);
+            const T* g = adj_at(ins.out, t0);
+            if (sends_to(x, invariant)) kernels::gemm<T>("scan", false, false, R, ins.k, ins.m, g, at(w, 0), T(1), adj_at(x, t0));
+            if (sends_to(w, invariant)) kernels::gemm<T>("scan", true, false, ins.m, ins.k, R, g, at(x, t0), T(1), adj_at(w, 0));
+            if (ins.in.size() == 3 && sends_to(ins.in[2], invariant)) kernels::add_column_sums<T>(g, R, ins.m, adj_at(ins.in[2], 0));
+            return;
+        }
+        case Op::Matmul: {
+            const std::size_t a = ins.in[0], b = ins.in[1];
+            const bool a_varies = p->rate(a) != Rate::Invariant, b_varies = p->rate(b) != Rate::Invariant;
+            if (sends_to(a, invariant)) {
+                if (!b_varies && a_varies)
+                    kernels::gemm<T>("scan", false, true, ins.n * (t1 - t0), ins.k, ins.m, adj_at(ins.out, t0), at(b, 0), T(1), adj_at(a, t0));
+                else
+                    for (std::int64_t t = t0; t < t1; ++t)
+                        kernels::gemm<T>("scan", false, true, ins.n, ins.k, ins.m, adj_at(ins.out, t), at(b, t), T(1), adj_at(a, t));
+            }
+            if (sends_to(b, invariant)) {
+                if (!b_varies && a_varies)
+                    kernels::gemm<T>("scan", true, false, ins.k, ins.m, ins.n * (t1 - t0), at(a, t0), adj_at(ins.out, t0), T(1), adj_at(b, 0));
+                else
+                    for (std::int64_t t = t0; t < t1; ++t)
+                        kernels::gemm<T>("scan", true, false, ins.k, ins.m, ins.n, at(a, t), adj_at(ins.out, t), T(1), adj_at(b, t));
+            }
+            return;
+        }
+        case Op::Move: {
+            if (!sends_to(ins.in[0], invariant)) return;
+            const std::int64_t n = p->values[ins.out].numel;
+            for (std::int64_t t = t0; t < t1; ++t) {
+                const T* g = adj_at(ins.out, t);
+                T* dx = adj_at(ins.in[0], t);
+                if (ins.maps.empty()) add_into(dx, g, n);
+                else
+                    for (std::int64_t i = 0; i < n; ++i) dx[ins.maps[0][std::size_t(i)]] += g[i];
+            }
+            return;
+        }
+        case Op::Concat:
+            for (std::size_t j = 0; j < ins.in.size(); ++j) {
+                if (!sends_to(ins.in[j], invariant)) continue;
+                const std::vector<std::int64_t>& pos = ins.maps[j];
+                for (std::int64_t t = t0; t < t1; ++t) {
+                    const T* g = adj_at(ins.out, t);
+                    T* dx = adj_at(ins.in[j], t);
+                    for (std::size_t i = 0; i < pos.size(); ++i) dx[i] += g[pos[i]];
+                }
+            }
+            return;
+        }
+    }
+};
+
+// A tensor of `shape` holding n elements from `data`.
+template <class T> Tensor tensor_from(const T* data, const Shape& shape, DType dtype)
+{
+    Tensor t = empty(shape, dtype);
+    if (t.numel() > 0) std::memcpy(t.data_ptr<T>(), data, sizeof(T) * t.numel());
+    return t;
+}
+
+void check_arguments(const std::vector<Tensor>& init, const std::vector<Tensor>& xs, const ScanOptions& o)
+{
+    LOOM_CHECK(!xs.empty(), "scan", "expects at least one tensor in xs to scan over");
+    for (std::size_t k = 0; k < xs.size(); ++k) {
+        LOOM_CHECK(xs[k].defined() && xs[k].dim() >= 1, "scan", "xs {} must be a tensor of at least 1 dim, got {}", k,
+                   xs[k].defined() ? fmt::format("shape {}", xs[k].sizes()) : std::string("an undefined tensor"));
+        LOOM_CHECK(xs[k].size(0) == xs[0].size(0), "scan", "xs {} has {} steps (dim 0), xs 0 has {}", k,
+                   xs[k].size(0), xs[0].size(0));
+    }
+    for (std::size_t k = 0; k < init.size(); ++k) LOOM_CHECK(init[k].defined(), "scan", "init {} is an undefined tensor", k);
+    if (o.lengths.defined()) {
+        const std::int64_t T = xs[0].size(0);
+        LOOM_CHECK(o.lengths.dtype() == kInt64 && o.lengths.dim() == 1, "scan", "expects lengths as int64 [B], got {} {}",
+                   o.lengths.dtype(), o.lengths.sizes());
+        const Tensor lens = kernels::contiguous(o.lengths);
+        for (std::int64_t b = 0; b < lens.numel(); ++b) {
+            const std::int64_t n = lens.data_ptr<std::int64_t>()[b];
+            LOOM_CHECK(n >= 0 && n <= T, "scan", "length {} of row {} is outside [0, T] = [0, {}]", n, b, T);
+        }
+        for (std::size_t k = 0; k < init.size(); ++k)
+            LOOM_CHECK(init[k].dim() >= 1 && init[k].size(0) == lens.numel(), "scan",
+                       "with lengths [{}], init {} must have dim 0 of size {}, got shape {}", lens.numel(), k,
+                       lens.numel(), init[k].sizes());
+    }
+}
+
+// The step at every t, one op at a time: the eager loop, and what create_graph differentiates.
+ScanOutput run_eager(const ScanStep& step, const std::vector<Tensor>& init, const std::vector<Tensor>& xs,
+                     const ScanOptions& o)
+{
+    const std::int64_t T = xs[0].size(0);
+    std::vector<Tensor> carry = init;
+    std::vector<std::vector<Tensor>> ys;
+    ys.reserve(8);
+    std::vector<std::vector<Tensor>> per_step;
+    const Tensor lens = o.lengths.defined() ? kernels::contiguous(o.lengths) : Tensor();
+    // Row b's mask, shaped to broadcast against a tensor of `dims` dims whose dim 0 is B.
+    const auto mask = [&](std::int64_t t, std::int64_t dims) {
+        Shape shape(std::size_t(std::max<std::int64_t>(dims, 1)), 1);
+        shape[0] = lens.numel();
+        return reshape(gt(lens, scalar_tensor(double(t), kInt64)), shape);
+    };
+    for (std::int64_t i = 0; i < T; ++i) {
+        const std::int64_t t = o.reverse ? T - 1 - i : i;
+        std::vector<Tensor> x;
+        for (const Tensor& xk : xs) x.push_back(xk.select(0, t));
+        ScanStepResult r = step(carry, x);
+        LOOM_CHECK(r.carry.size() == carry.size(), "scan", "the step returned {} carry tensors at step {}, expected {}",
+                   r.carry.size(), t, carry.size());
+        for (std::size_t k = 0; k < carry.size(); ++k)
+            LOOM_CHECK(r.carry[k].defined() && r.carry[k].sizes() == carry[k].sizes() &&
+                           r.carry[k].dtype() == carry[k].dtype(),
+                       "scan", "the step returned carry {} as {} at step {}; the carry must keep its shape {} and dtype {}",
+                       k, r.carry[k].defined() ? fmt::format("{} {}", r.carry[k].dtype(), r.carry[k].sizes()) : "undefined",
+                       t, carry[k].sizes(), carry[k].dtype());
+        if (i == 0) per_step.assign(r.y.size(), std::vector<Tensor>(std::size_t(T)));
+        LOOM_CHECK(r.y.size() == per_step.size(), "scan", "the step returned {} outputs at step {}, {} at the first",
+                   r.y.size(), t, per_step.size());
+        for (std::size_t k = 0; k < r.y.size(); ++k) {
+            LOOM_CHECK(r.y[k].defined(), "scan", "the step returned an undefined output {} at step {}", k, t);
+            if (lens.defined()) {
+                const Tensor m = mask(t, r.y[k].dim());
+                LOOM_CHECK(r.y[k].dim() >= 1 && r.y[k].size(0) == lens.numel(), "scan",
+                           "with lengths [{}], output {} must have dim 0 of size {}, got shape {}", lens.numel(), k,
+                           lens.numel(), r.y[k].sizes());
+                r.y[k] = where(m, r.y[k], zeros({1}, r.y[k].dtype()));
+            }
+            per_step[k][std::size_t(t)] = r.y[k];
+        }
+        for (std::size_t k = 0; k < carry.size(); ++k)
+            carry[k] = lens.defined() ? where(mask(t, carry[k].dim()), r.carry[k], carry[k]) : r.carry[k];
+    }
+    ScanOutput out;
+    out.carry = std::move(carry);
+    for (auto& steps : per_step) out.ys.push_back(stack(steps, 0));
+    return out;
+}
+
+template <class T>
+bool replay(const ScanStep& step, const std::shared_ptr<Program>& prog, const std::vector<Tensor>& init,
+            const std::vector<Tensor>& xs, const ScanOptions& o, ScanOutput& out)
+{
+    auto r = std::make_shared<Replay<T>>();
+    r->p = prog;
+    r->steps = xs[0].size(0);
+    r->reverse = o.reverse;
+    if (o.lengths.defined()) {
+        const Tensor lens = kernels::contiguous(o.lengths);
+        r->lengths.assign(lens.data_ptr<std::int64_t>(), lens.data_ptr<std::int64_t>() + lens.numel());
+        r->rows = lens.numel();
+        for (std::size_t v : prog->y_out) {
+            const Shape& s = prog->values[v].shape;
+            if (s.empty() || s[0] != r->rows) {
+                out.eager_reason = fmt::format("with lengths, each output must have dim 0 of size {}", r->rows);
+                return false;
+            }
+        }
+    }
+    std::vector<Tensor> x_order;
+    for (const Tensor& x : xs) x_order.push_back(o.reverse ? flip_time(x) : kernels::contiguous(x));
+    std::vector<Tensor> carry, ys;
+    r->forward(init, x_order, carry, ys);
+
+    std::vector<Tensor> inputs = init;
+    inputs.insert(inputs.end(), xs.begin(), xs.end());
+    inputs.insert(inputs.end(), prog->params.begin(), prog->params.end());
+    if (autograd::should_record(inputs)) {
+        std::vector<Tensor> outputs = carry;
+        outputs.insert(outputs.end(), ys.begin(), ys.end());
+        const std::size_t S = init.size(), X = xs.size();
+        auto backward = [r, step, o, S, X](const autograd::BackwardContext& c) {
+            const std::vector<Tensor> in(c.saved.begin(), c.saved.end());  // init, xs, params
+            autograd::GradList grads(in.size());
+            if (c.create_graph) {  // the eager loop again, recorded, and its gradient recorded too
+                const GradModeGuard recording(true);
+                const ScanOutput again =
+                    run_eager(step, std::vector<Tensor>(in.begin(), in.begin() + S),
+                              std::vector<Tensor>(in.begin() + S, in.begin() + S + X), o);
+                std::vector<Tensor> roots, seeds, wrt;
+                std::vector<std::size_t> wanted;
+                for (std::size_t k = 0; k < c.grads.size(); ++k) {
+                    const Tensor& result = k < S ? again.carry[k] : again.ys[k - S];
+                    if (c.grads[k].defined() && result.requires_grad()) roots.push_back(result), seeds.push_back(c.grads[k]);
+                }
+                for (std::size_t k = 0; k < in.size(); ++k)
+                    if (c.needs[k]) wanted.push_back(k), wrt.push_back(in[k]);
+                if (roots.empty()) return grads;
+                const std::vector<Tensor> g = grad(roots, wrt, seeds, true, true, true);
+                for (std::size_t j = 0; j < wanted.size(); ++j) grads[wanted[j]] = g[j];
+                return grads;
+            }
+            const Program& p = *r->p;
+            r->backward(std::vector<Tensor>(c.grads.begin(), c.grads.begin() + S),
+                        std::vector<Tensor>(c.grads.begin() + S, c.grads.end()));
+            for (std::size_t k = 0; k < S; ++k)
+                if (c.needs[k]) grads[k] = tensor_from(r->adj_at(p.carry_in[k], 0), in[k].sizes(), p.dtype);
+            for (std::size_t k = 0; k < X; ++k)
+                if (c.needs[S + k]) {
+                    Tensor g = tensor_from(r->adj[p.x_in[k]].data(), in[S + k].sizes(), p.dtype);
+                    grads[S + k] = o.reverse ? flip_time(g) : g;
+                }
+            for (std::size_t k = 0; k < p.params.size(); ++k)
+                if (c.needs[S + X + k]) {
+                    std::size_t v = 0;
+                    while (p.values[v].source != Source::Param || p.values[v].index != k) ++v;
+                    grads[S + X + k] = tensor_from(r->adj[v].data(), in[S + X + k].sizes(), p.dtype);
+                }
+            r->adj.clear();
+            return grads;
+        };
+        autograd::push_entry("scan", inputs, outputs, inputs, autograd::detail::as_backward_fn(std::move(backward)));
+    }
+    out.carry = std::move(carry);
+    out.ys = std::move(ys);
+    return true;
+}
+
+}  // namespace
+
+namespace detail {
+
+void say_once_why_eager(const std::string& why)
+{
+    static std::mutex mutex;
+    static std::set<std::string> said;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (said.insert(why).second) std::fprintf(stderr, "loom: scan runs eagerly: %s\n", why.c_str());
+}
+
+bool try_replay_scan(const ScanStep& step, const std::vector<Tensor>& init, const std::vector<Tensor>& xs,
+                     const std::vector<Tensor>& params, const ScanOptions& o, ScanOutput& out)
+{
+    check_arguments(init, xs, o);
+    const DType dtype = init.empty() ? xs[0].dtype() : init[0].dtype();
+    if (!o.replay) return out.eager_reason = "replay is off (ScanOptions::replay)", false;
+    if (autograd::anomaly_mode_enabled()) return out.eager_reason = "anomaly mode is on, which checks every op at every step", false;
+    if (xs[0].size(0) < 2) return out.eager_reason = "there are fewer than 2 steps", false;
+    if (dtype != kFloat32 && dtype != kFloat64)
+        return out.eager_reason = fmt::format("it replays float32 and float64 steps, not {}", dtype), false;
+    for (const std::vector<Tensor>* list : {&init, &xs})
+        for (const Tensor& t : *list)
+            if (t.dtype() != dtype)
+                return out.eager_reason = fmt::format("the carry and xs mix {} and {}", dtype, t.dtype()), false;
+
+    // Two traces: on the first step's values, and on values of the same shapes that no step would
+    // see; then the default generator is put back, so a step that draws numbers draws the same
+    // ones when it runs eagerly.
+    const auto generator = default_generator().state();
+    std::vector<Tensor> x0;
+    for (const Tensor& x : xs) x0.push_back(x.select(0, o.reverse ? x.size(0) - 1 : 0));
+    auto first = std::make_shared<Program>(trace(step, init, x0, params));  // draws go on: the second trace's differ
+    if (!first->failure.empty()) return default_generator().set_state(generator), out.eager_reason = first->failure, false;
+    std::uint64_t seed = 0x5ca9;
+    std::vector<Tensor> c1, x1;
+    for (const Tensor& t : init) c1.push_back(other_values(t, seed));
+    for (const Tensor& t : x0) x1.push_back(other_values(t, seed));
+    const Program second = trace(step, c1, x1, params);
+    default_generator().set_state(generator);
+    if (!second.failure.empty()) return out.eager_reason = second.failure, false;
+    if (const std::string d = difference(*first, second); !d.empty()) return out.eager_reason = d, false;
+    compile(*first);
+    if (!first->failure.empty()) return out.eager_reason = first->failure, false;
+    return dtype == kFloat64 ? replay<double>(step, first, init, xs, o, out) : replay<float>(step, first, init, xs, o, out);
+}
+
+}  // namespace detail
+
+ScanOutput scan(const ScanStep& step, const std::vector<Tensor>& init, const std::vector<Tensor>& xs,
+                const std::vector<Tensor>& params, const ScanOptions& options)
+{
+    ScanOutput out;
+    if (detail::try_replay_scan(step, init, xs, params, options, out)) return out;
+    const std::string why = out.eager_reason;
+    if (options.replay && !autograd::anomaly_mode_enabled() && xs[0].size(0) >= 2) detail::say_once_why_eager(why);
+    out = run_eager(step, init, xs, options);
+    out.eager_reason = why;
+    return out;
+}
+
+}  // namespace loom

@@ -1,0 +1,242 @@
+// scan: a replayed step gives the eager loop's values and gradients to 1e-12 in float64, for
+// every op it replays, with lengths and in reverse; what it cannot replay runs eagerly and says why.
+#include "helpers.hpp"
+
+using namespace loom;
+using testing::check_error;
+using testing::random;
+using V = std::vector<Tensor>;
+
+namespace {
+
+Tensor leaf(Shape shape, std::uint64_t seed, double low = -1, double high = 1)
+{
+    return random(std::move(shape), seed, low, high).requires_grad_();
+}
+
+double max_difference(const Tensor& a, const Tensor& b)
+{
+    REQUIRE(a.sizes() == b.sizes());
+    const auto u = testing::values(a), v = testing::values(b);
+    double d = 0;
+    for (std::size_t i = 0; i < u.size(); ++i) d = std::max(d, std::abs(u[i] - v[i]));
+    return d;
+}
+
+// A loss that weighs every output element differently, so that each gradient element is checked.
+Tensor weighted_loss(const ScanOutput& r)
+{
+    Tensor loss = scalar_tensor(0.0, kFloat64);
+    std::uint64_t seed = 900;
+    for (const Tensor& c : r.carry) loss = loss + (c * random(c.sizes(), ++seed)).sum();
+    for (const Tensor& y : r.ys) loss = loss + (y * random(y.sizes(), ++seed)).sum();
+    return loss;
+}
+
+// Runs the step replayed and eagerly; values and the gradients of every input agree to 1e-12.
+void check_replay(const std::string& name, const ScanStep& step, const V& init, const V& xs, const V& params,
+                  ScanOptions options = {})
+{
+    CAPTURE(name);
+    options.replay = true;
+    const ScanOutput replayed = scan(step, init, xs, params, options);
+    CHECK_MESSAGE(replayed.eager_reason.empty(), replayed.eager_reason);
+    options.replay = false;
+    const ScanOutput eager = scan(step, init, xs, params, options);
+    REQUIRE(replayed.carry.size() == eager.carry.size());
+    REQUIRE(replayed.ys.size() == eager.ys.size());
+    for (std::size_t k = 0; k < eager.carry.size(); ++k) CHECK(max_difference(replayed.carry[k], eager.carry[k]) < 1e-12);
+    for (std::size_t k = 0; k < eager.ys.size(); ++k) CHECK(max_difference(replayed.ys[k], eager.ys[k]) < 1e-12);
+    V wrt;
+    for (const V* list : {&init, &xs, &params})
+        for (const Tensor& t : *list)
+            if (t.requires_grad()) wrt.push_back(t);
+    const V g_replayed = grad({weighted_loss(replayed)}, wrt, {}, std::nullopt, false, true);
+    const V g_eager = grad({weighted_loss(eager)}, wrt, {}, std::nullopt, false, true);
+    for (std::size_t k = 0; k < wrt.size(); ++k) {
+        CAPTURE(k);
+        REQUIRE(g_eager[k].defined() == g_replayed[k].defined());
+        if (g_eager[k].defined()) CHECK(max_difference(g_replayed[k], g_eager[k]) < 1e-12);
+    }
+}
+
+// Each replayed op in a step that mixes the carry h [3, 4], x_t [3, 4] and a parameter.
+struct OpRow {
+    const char* name;
+    std::function<Tensor(const Tensor& h, const Tensor& x, const Tensor& p)> f;
+};
+
+}  // namespace
+
+TEST_CASE("every replayed op gives the eager loop's values and gradients")
+{
+    const Tensor p = leaf({4}, 1);
+    const Tensor w = leaf({4, 4}, 2, -0.5, 0.5);
+    const std::vector<OpRow> rows{
+        {"add", [](auto& h, auto& x, auto& q) { return h + x + q; }},
+        {"sub", [](auto& h, auto& x, auto& q) { return h - x - q; }},
+        {"mul", [](auto& h, auto& x, auto& q) { return h * x * q; }},
+        {"div", [](auto& h, auto& x, auto& q) { return h / (x * x + 1.0) + q / (h * h + 2.0); }},
+        {"scalars", [](auto& h, auto& x, auto&) { return 1.0 - h * 0.5 + x / 3.0; }},
+        {"neg", [](auto& h, auto& x, auto&) { return -h + x; }},
+        {"exp", [](auto& h, auto& x, auto&) { return exp(h * 0.3) - x; }},
+        {"log", [](auto& h, auto& x, auto&) { return log(h * h + 1.0) + x; }},
+        {"tanh", [](auto& h, auto& x, auto& q) { return tanh(h + x * q); }},
+        {"sigmoid", [](auto& h, auto& x, auto&) { return sigmoid(h - x); }},
+        {"relu", [](auto& h, auto& x, auto&) { return relu(h + x); }},
+        {"linear", [&w](auto& h, auto& x, auto& q) { return tanh(linear(h, w, q) + x); }},
+        {"linear without bias", [&w](auto& h, auto& x, auto&) { return tanh(linear(h, w) + linear(x, w)); }},
+        {"matmul", [&w](auto& h, auto& x, auto&) { return tanh(matmul(h, w) + matmul(x, w.transpose(0, 1))); }},
+        {"matmul of two steps' values", [](auto& h, auto& x, auto&) { return matmul(tanh(matmul(h, x.transpose(0, 1))), x) * 0.5; }},
+        {"broadcast", [](auto& h, auto& x, auto& q) { return h * q.unsqueeze(0) + x.narrow(1, 0, 1); }},
+        {"chunk and concat", [](auto& h, auto& x, auto&) {
+             const V parts = concat({h, x}, 1).chunk(4, 1);
+             return concat({parts[3] * parts[0], parts[1] + parts[2]}, 1);
+         }},
+        {"select, unsqueeze, expand", [](auto& h, auto& x, auto&) {
+             return h * x.select(0, 1).unsqueeze(0).expand({3, 4}) + x.transpose(0, 1).reshape({3, 4});
+         }},
+        {"permute and view", [](auto& h, auto& x, auto&) { return (h.permute({1, 0}) * 2.0).contiguous().view({3, 4}) + x; }},
+        {"squeeze", [](auto& h, auto& x, auto&) { return h.unsqueeze(1).squeeze(1) + x.clone(); }},
+    };
+    for (const auto& row : rows) {
+        const auto step = [&](const V& c, const V& x) -> ScanStepResult {
+            const Tensor h = row.f(c[0], x[0], p);
+            return {{h}, {h * 2.0}};
+        };
+        check_replay(row.name, step, {leaf({3, 4}, 3)}, {leaf({5, 3, 4}, 4)}, {p});
+    }
+}
+
+namespace {
+
+// An LSTM cell written from public ops, as a user would: carry {h, c}, input x_t.
+struct UserLSTM {
+    Tensor w_ih, w_hh, b_ih, b_hh;
+    UserLSTM(std::int64_t I, std::int64_t H, std::uint64_t seed)
+        : w_ih(leaf({4 * H, I}, seed, -0.4, 0.4)), w_hh(leaf({4 * H, H}, seed + 1, -0.4, 0.4)),
+          b_ih(leaf({4 * H}, seed + 2, -0.4, 0.4)), b_hh(leaf({4 * H}, seed + 3, -0.4, 0.4))
+    {
+    }
+    explicit UserLSTM(const V& p) : w_ih(p[0]), w_hh(p[1]), b_ih(p[2]), b_hh(p[3]) {}
+    ScanStepResult operator()(const V& c, const V& x) const
+    {
+        const V g = (linear(x[0], w_ih, b_ih) + linear(c[0], w_hh, b_hh)).chunk(4, 1);
+        const Tensor cell = sigmoid(g[1]) * c[1] + sigmoid(g[0]) * tanh(g[2]);
+        const Tensor h = sigmoid(g[3]) * tanh(cell);
+        return {{h, cell}, {h}};
+    }
+    V params() const { return {w_ih, w_hh, b_ih, b_hh}; }
+};
+
+}  // namespace
+
+TEST_CASE("an LSTM cell of one's own, with lengths and in reverse")
+{
+    const UserLSTM cell(3, 5, 10);
+    const auto step = [&](const V& c, const V& x) { return cell(c, x); };
+    const V init{leaf({4, 5}, 20), leaf({4, 5}, 21)};
+    const V xs{leaf({7, 4, 3}, 22)};
+    check_replay("forward", step, init, xs, cell.params());
+    ScanOptions reverse;
+    reverse.reverse = true;
+    check_replay("reverse", step, init, xs, cell.params(), reverse);
+    ScanOptions lengths;
+    lengths.lengths = from_vector<std::int64_t>({7, 2, 0, 5}, {4});
+    check_replay("lengths", step, init, xs, cell.params(), lengths);
+    lengths.reverse = true;
+    check_replay("lengths in reverse", step, init, xs, cell.params(), lengths);
+
+    // The replayed scan is one tape entry; without grad it records none and gives the same values.
+    const ScanOutput with_grad = scan(step, init, xs, cell.params());
+    NoGradGuard no_grad;
+    const ScanOutput without = scan(step, init, xs, cell.params());
+    CHECK_FALSE(without.ys[0].requires_grad());
+    CHECK(max_difference(without.ys[0], with_grad.ys[0]) == 0);
+    CHECK(with_grad.ys[0].requires_grad());
+}
+
+TEST_CASE("gradcheck and gradgradcheck through a replayed scan")
+{
+    const UserLSTM cell(2, 3, 30);
+    // gradcheck hands over copies of its inputs: the cell reads its parameters from them when given.
+    const auto run = [&](const V& in) {
+        const UserLSTM used = in.size() > 3 ? UserLSTM(V(in.begin() + 3, in.end())) : cell;
+        ScanOptions o;
+        o.lengths = from_vector<std::int64_t>({4, 2}, {2});
+        const ScanOutput r = scan([used](const V& c, const V& x) { return used(c, x); }, {in[0], in[1]}, {in[2]},
+                                  used.params(), o);
+        REQUIRE(r.eager_reason.empty());
+        return (r.ys[0] * r.ys[0]).sum() + r.carry[1].sum();
+    };
+    const V in{leaf({2, 3}, 31), leaf({2, 3}, 32), leaf({4, 2, 2}, 33)};
+    const GradcheckResult first = gradcheck(run, in);
+    CHECK_MESSAGE(first.ok, first.report());
+    // create_graph: the backward runs the eager loop again and differentiates it.
+    const GradcheckResult second = gradgradcheck(run, in);
+    CHECK_MESSAGE(second.ok, second.report());
+    V all = in;
+    for (const Tensor& p : cell.params()) all.push_back(p);
+    const GradcheckResult params = gradcheck(run, all);
+    CHECK_MESSAGE(params.ok, params.report());
+}
+
+TEST_CASE("what scan cannot replay runs eagerly, says why, and gives the eager values")
+{
+    const Tensor h0 = leaf({2, 3}, 40);
+    const V xs{leaf({4, 2, 3}, 41)};
+    const auto same_as_eager = [&](const ScanStep& step, const std::string& why) {
+        manual_seed(7);
+        const ScanOutput r = scan(step, {h0}, xs);
+        CHECK_MESSAGE(r.eager_reason.find(why) != std::string::npos, r.eager_reason);
+        manual_seed(7);
+        ScanOptions eager;
+        eager.replay = false;
+        const ScanOutput e = scan(step, {h0}, xs, {}, eager);
+        CHECK(max_difference(r.carry[0], e.carry[0]) == 0);
+        CHECK(max_difference(r.ys[0], e.ys[0]) == 0);
+    };
+    same_as_eager([](const V& c, const V& x) -> ScanStepResult { return {{softplus(c[0] + x[0])}, {c[0]}}; },
+                  "op 'softplus'");
+    // Random numbers: the default generator is put back after tracing, so eager draws the same.
+    same_as_eager([](const V& c, const V& x) -> ScanStepResult {
+        return {{c[0] * 0.5 + x[0] + randn({2, 3}, kFloat64)}, {c[0]}};
+    }, "differed between two traces");
+    // A mask computed from the carry without gradient depends on the data.
+    same_as_eager([](const V& c, const V& x) -> ScanStepResult {
+        return {{c[0] * gt(c[0], scalar_tensor(0.0, kFloat64)).to(kFloat64) + x[0]}, {c[0]}};
+    }, "differed between two traces");
+    same_as_eager([](const V& c, const V& x) -> ScanStepResult { return {{tanh(c[0] + x[0].detach())}, {c[0]}}; },
+                  "");  // detach of the input: a constant per trace that differs, or replayed; either way equal
+
+    // One step only: nothing to replay.
+    const ScanOutput one = scan([](const V& c, const V& x) -> ScanStepResult { return {{c[0] + x[0]}, {}}; }, {h0},
+                                {leaf({1, 2, 3}, 42)});
+    CHECK(one.eager_reason.find("fewer than 2 steps") != std::string::npos);
+}
+
+TEST_CASE("scan's errors name what was wrong")
+{
+    const Tensor h0 = leaf({2, 3}, 50);
+    const auto add = [](const V& c, const V& x) -> ScanStepResult { return {{c[0] + x[0]}, {c[0]}}; };
+    check_error([&] { scan(add, {h0}, {}); }, {"scan", "at least one tensor in xs"});
+    check_error([&] { scan(add, {h0}, {leaf({4, 2, 3}, 51), leaf({5, 2, 3}, 52)}); }, {"scan", "xs 1 has 5 steps"});
+    ScanOptions bad;
+    bad.lengths = from_vector<std::int64_t>({9, 1}, {2});
+    check_error([&] { scan(add, {h0}, {leaf({4, 2, 3}, 53)}, {}, bad); }, {"scan", "length 9 of row 0", "[0, 4]"});
+    check_error([&] {
+        scan([](const V& c, const V& x) -> ScanStepResult { return {{concat({c[0], x[0]}, 1)}, {}}; }, {h0},
+             {leaf({4, 2, 3}, 54)});
+    }, {"scan", "carry 0", "must keep its shape [2, 3]"});
+
+    // A parameter changed in place before backward: the saved version catches it.
+    Tensor w = leaf({3, 3}, 55);
+    const ScanOutput r = scan([&](const V& c, const V& x) -> ScanStepResult { return {{tanh(matmul(c[0], w) + x[0])}, {}}; },
+                              {h0}, {leaf({4, 2, 3}, 56)}, {w});
+    REQUIRE(r.eager_reason.empty());
+    {
+        NoGradGuard no_grad;
+        w.mul_(2.0);
+    }
+    check_error([&] { r.carry[0].sum().backward(); }, {"scan", "modified"});
+}
