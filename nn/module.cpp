@@ -136,6 +136,11 @@ RemovableHandle Module::register_full_backward_hook(BackwardHook hook)
 
 bool Module::has_hooks() const { return hooks_ && !hooks_->empty(); }
 
+bool Module::tree_has_hooks() const
+{
+    return has_hooks() || std::any_of(children_.begin(), children_.end(), [](const auto& c) { return c.second->tree_has_hooks(); });
+}
+
 Tensors Module::call_with_hooks(Tensors inputs, const std::function<Tensors(const Tensors&)>& forward)
 {
     if (!has_hooks()) return forward(inputs);

@@ -120,6 +120,8 @@ public:
     Tensors call_with_hooks(Tensors inputs, const std::function<Tensors(const Tensors&)>& forward);
     /// Whether any forward or backward hook is registered.
     bool has_hooks() const;
+    /// Whether this module or any module below it has a hook.
+    bool tree_has_hooks() const;
 
 protected:
 

@@ -3,7 +3,9 @@
 #include "recurrent.hpp"
 
 #include <cmath>
+#include <optional>
 
+#include "../autograd/scan.hpp"
 #include "cell_kinds.hpp"
 
 namespace loom::nn {
@@ -105,6 +107,7 @@ namespace {
 struct Lengths {
     std::vector<std::int64_t> values;  // empty: every sequence runs all T steps
     std::vector<Tensor> masks;         // per step: bool [B, 1], true while t < length
+    Tensor tensor;                     // int64 [B]; undefined when empty
 };
 
 // The checked input, time-major, and its lengths.
@@ -146,6 +149,7 @@ Prepared prepare(const std::string& op, const RecurrentOptions& o, std::size_t s
             LOOM_CHECK(n >= 1 && n <= T, op, "length {} of sequence {} is outside [1, T] = [1, {}]", n, b, T);
             p.lengths.values.push_back(n);
         }
+        p.lengths.tensor = values;
         const Tensor col = values.unsqueeze(1);
         for (std::int64_t t = 0; t < T; ++t) p.lengths.masks.push_back(gt(col, scalar_tensor(double(t), kInt64)));
     }
@@ -401,15 +405,54 @@ std::int64_t checkpoint_interval(const RecurrentOptions& o, std::int64_t T)
     return o.checkpoint_every() > 0 ? o.checkpoint_every() : std::int64_t(std::ceil(std::sqrt(double(T))));
 }
 
+// run_steps through scan(): the step traced and replayed, or nothing when it cannot be, `why`
+// then saying why. The output and final state are run_steps' own; so are the per-step states,
+// which for a sequence past its end hold its final state (or, in reverse, its initial one).
+template <class Step>
+std::optional<RecurrentOutput> replay_steps(const StepLoop& loop, const Tensor& x, const State& s0, bool all_states,
+                                            const std::vector<Tensor>& params, const Step& step, std::string& why)
+{
+    const State s = initial_or_zeros(loop, x, s0);
+    ScanOptions options;
+    options.reverse = loop.direction == 1;
+    options.lengths = loop.lens.tensor;
+    const ScanStep scan_step = [step, all_states](const std::vector<Tensor>& carry, const std::vector<Tensor>& x_t) {
+        State next = step(x_t[0], carry);
+        std::vector<Tensor> y = all_states ? next : std::vector<Tensor>{next.at(0)};
+        return ScanStepResult{std::move(next), std::move(y)};
+    };
+    ScanOutput r;
+    if (!loom::detail::try_replay_scan(scan_step, s, {x}, params, options, r)) {
+        why = std::move(r.eager_reason);
+        return std::nullopt;
+    }
+    RecurrentOutput out{r.ys[0], r.carry, {}};
+    if (all_states) {
+        NoGradGuard no_grad;
+        const Tensor running = loop.lens.masks.empty() ? Tensor() : stack(loop.lens.masks, 0);  // [T, B, 1]
+        for (std::size_t k = 0; k < loop.state_size; ++k) {
+            const Tensor held = (loop.direction == 0 ? r.carry[k] : s[k]).unsqueeze(0);
+            out.all_states.push_back(running.defined() ? where(running, r.ys[k], held) : r.ys[k].detach());
+        }
+    }
+    return out;
+}
+
 // One layer and direction of the composed path, checkpointed when the options say so; `step`
 // and `params` (the tensors step reads besides x_t and the state) are then kept for backward.
+// With `replay`, it runs through scan() when the step can be replayed.
 template <class Step>
 RecurrentOutput run_direction_steps(const std::string& op, const RecurrentOptions& o, std::size_t state_size,
                                     const Lengths& lens, std::int64_t l, std::int64_t d, const Tensor& x,
                                     const State& s0, const std::vector<Tensor>& params, Step step,
-                                    CallState call_state = nullptr)
+                                    CallState call_state = nullptr, bool replay = false)
 {
     const StepLoop loop{op, l, d, state_size, o.hidden_size(), lens, x.size(0)};
+    if (!o.checkpoint() && replay) {
+        std::string why;
+        if (auto out = replay_steps(loop, x, s0, o.all_states(), params, step, why)) return std::move(*out);
+        loom::detail::say_once_why_eager(fmt::format("{}: {}", op, why));
+    }
     if (!o.checkpoint()) return run_steps(loop, x, s0, o.all_states(), step);
     return run_steps_checkpointed(loop, checkpoint_interval(o, x.size(0)), x, s0, o.all_states(), params,
                                   std::move(step), std::move(call_state));
@@ -435,7 +478,7 @@ void check_recurrent_options(const std::string& op, const RecurrentOptions& o)
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
                               bool training, Generator* dropout_gen, const ParametersFn& parameters,
-                              const CallStateFn& call_state)
+                              const CallStateFn& call_state, bool replay)
 {
     check_recurrent_options(op, options);
     LOOM_CHECK(!options.checkpoint() || parameters, op,
@@ -446,9 +489,9 @@ RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& opt
                      [&](std::int64_t l, std::int64_t d, const Tensor& x, const State& s0) {
                          return run_direction_steps(
                              op, options, state_size, p.lengths, l, d, x, s0,
-                             options.checkpoint() ? parameters(l, d) : std::vector<Tensor>{},
+                             (options.checkpoint() || replay) && parameters ? parameters(l, d) : std::vector<Tensor>{},
                              [step, l, d](const Tensor& x_t, const State& s) { return step(l, d, x_t, s); },
-                             call_state ? CallState([call_state, l, d] { return call_state(l, d); }) : nullptr);
+                             call_state ? CallState([call_state, l, d] { return call_state(l, d); }) : nullptr, replay);
                      });
 }
 

@@ -97,6 +97,11 @@ public:
     }
     /// The zero state for a batch of B.
     State initial_state(std::int64_t batch, DType dtype) const;
+    /// Whether Recurrent<Cell> may trace this cell's step and replay it over time (scan). A cell
+    /// whose step depends on more than its arguments and its tensors (a counter of calls, a flag
+    /// changed between steps) must return false: a replay runs what the traces saw. The
+    /// built-in cells say no too, as each of their steps is one fused op already.
+    virtual bool replayable() const { return true; }
     std::int64_t input_size;   ///< features per step of the input
     std::int64_t hidden_size;  ///< units of each state tensor
     /// Number of state tensors.
@@ -111,6 +116,7 @@ public:
             Nonlinearity nonlinearity = Nonlinearity::Tanh, DType dtype = kFloat32);
     /// One step.
     State forward(const Tensor& x, const State& state) override;
+    bool replayable() const override { return false; }
     Tensor weight_ih;  ///< [gates x hidden_size, input_size], gates stacked in PyTorch's order
     Tensor weight_hh;  ///< [gates x hidden_size, hidden_size]
     Tensor bias_ih;    ///< [gates x hidden_size]; undefined without bias
@@ -126,6 +132,7 @@ public:
     LSTMCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true, DType dtype = kFloat32);
     /// One step: (h, c) to (h', c').
     State forward(const Tensor& x, const State& state) override;
+    bool replayable() const override { return false; }
     Tensor weight_ih;  ///< [gates x hidden_size, input_size], gates stacked in PyTorch's order
     Tensor weight_hh;  ///< [gates x hidden_size, hidden_size]
     Tensor bias_ih;    ///< [gates x hidden_size]; undefined without bias
@@ -140,6 +147,7 @@ public:
     GRUCell(std::int64_t input_size, std::int64_t hidden_size, bool bias = true, DType dtype = kFloat32);
     /// One step.
     State forward(const Tensor& x, const State& state) override;
+    bool replayable() const override { return false; }
     Tensor weight_ih;  ///< [gates x hidden_size, input_size], gates stacked in PyTorch's order
     Tensor weight_hh;  ///< [gates x hidden_size, hidden_size]
     Tensor bias_ih;    ///< [gates x hidden_size]; undefined without bias
@@ -166,11 +174,14 @@ using CallStateFn = std::function<std::vector<std::string>(std::int64_t layer, s
 /// Every state tensor the step returns must be [B, H] in the input's dtype. With checkpoint(true)
 /// `parameters` must name every tensor each step reads (parameters and buffers: an in-place
 /// change to one before backward is then an error), and `call_state`, where given, what else it
-/// depends on; `step` is kept for backward, which runs segments of it again.
+/// depends on; `step` is kept for backward, which runs segments of it again. With `replay` (and
+/// without checkpoint(true)) each layer and direction runs through scan(): the step is traced
+/// and replayed when it can be, and run step by step otherwise (saying why once); `step` is then
+/// kept for backward too (create_graph runs it again).
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
                               bool training, Generator* dropout_gen = nullptr, const ParametersFn& parameters = nullptr,
-                              const CallStateFn& call_state = nullptr);
+                              const CallStateFn& call_state = nullptr, bool replay = false);
 
 /// Throws loom::Error naming `op` for sizes, layers, dropout or a dtype that cannot run.
 void check_recurrent_options(const std::string& op, const RecurrentOptions& options);
@@ -222,7 +233,8 @@ public:
                 for (const auto& [name, buffer] : cells_[l * D + d]->named_buffers()) read.push_back(buffer);
                 return read;
             },
-            [cells = cells_, D](std::int64_t l, std::int64_t d) { return cells[l * D + d]->call_state(); });
+            [cells = cells_, D](std::int64_t l, std::int64_t d) { return cells[l * D + d]->call_state(); },
+            replayable());
     }
     /// forward(), with the module's hooks.
     RecurrentOutput operator()(const Tensor& input, const State& initial = {}, const Tensor& lengths = {})
@@ -237,6 +249,12 @@ public:
     CellT& cell(std::int64_t layer, std::int64_t direction = 0)
     {
         return *cells_.at(layer * (options.bidirectional() ? 2 : 1) + direction);
+    }
+    /// Whether forward traces the cells' step once and replays it (scan): unless a cell says it
+    /// cannot be (Cell::replayable) or a module in a cell has a hook, which must run at every step.
+    bool replayable() const
+    {
+        return std::all_of(cells_.begin(), cells_.end(), [](const auto& c) { return c->replayable() && !c->tree_has_hooks(); });
     }
     /// The options it was built with.
     RecurrentOptions options;

@@ -25,6 +25,8 @@ public:
         if (mode == "two") return {h, h};
         return {h};
     }
+    // Its step changes from call to call, which a traced and replayed step cannot: it says so.
+    bool replayable() const override { return false; }
     std::shared_ptr<nn::Dense> proj;
     std::string mode;
     int from = 0, steps = 0;

@@ -240,3 +240,44 @@ TEST_CASE("scan's errors name what was wrong")
     }
     check_error([&] { r.carry[0].sum().backward(); }, {"scan", "modified"});
 }
+
+#include "../examples/minimal_gated_unit.hpp"
+
+TEST_CASE("Recurrent<Cell> replays its cell by default, and equals the step-by-step path")
+{
+    // A forward hook on a cell turns replay off: the same layer then runs step by step.
+    for (const bool bidirectional : {false, true}) {
+        CAPTURE(bidirectional);
+        manual_seed(3);
+        nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(3, 4)
+                                                .num_layers(2)
+                                                .bidirectional(bidirectional)
+                                                .dropout(0.3)
+                                                .all_states(true)
+                                                .dtype(kFloat64));
+        CHECK(rnn.replayable());
+        const Tensor x = leaf({6, 3, 3}, 60);
+        const Tensor h0 = leaf({bidirectional ? 4 : 2, 3, 4}, 61);
+        const Tensor lengths = from_vector<std::int64_t>({6, 2, 4}, {3});
+        const auto run = [&] {
+            manual_seed(11);  // the same dropout masks between layers
+            const nn::RecurrentOutput r = rnn(x, {h0}, lengths);
+            return std::vector<Tensor>{r.output, r.state[0], r.all_states[0]};
+        };
+        const std::vector<Tensor> replayed = run();
+        V wrt{x, h0};
+        for (const Tensor& p : rnn.parameters()) wrt.push_back(p);
+        const V g_replayed = grad({(replayed[0] * random(replayed[0].sizes(), 62)).sum() + replayed[1].sum()}, wrt);
+
+        auto handle = rnn.cell(0).register_forward_hook([](nn::Module&, const nn::Tensors&, nn::Tensors&) {});
+        CHECK_FALSE(rnn.replayable());
+        const std::vector<Tensor> eager = run();
+        const V g_eager = grad({(eager[0] * random(eager[0].sizes(), 62)).sum() + eager[1].sum()}, wrt);
+        for (std::size_t k = 0; k < eager.size(); ++k) CHECK(max_difference(replayed[k], eager[k]) < 1e-12);
+        for (std::size_t k = 0; k < wrt.size(); ++k) CHECK(max_difference(g_replayed[k], g_eager[k]) < 1e-12);
+        handle.remove();
+        CHECK(rnn.replayable());
+    }
+    // The built-in cells are one fused op per step already: they are not replayed.
+    CHECK_FALSE(nn::Recurrent<nn::LSTMCell>(nn::RecurrentOptions(2, 3)).replayable());
+}
