@@ -56,7 +56,7 @@ struct Tanh {
 };
 
 struct Sigmoid {
-    template <class T> static T value(T x) { return 1 / (1 + std::exp(-x)); }
+    template <class T> static T value(T x) { return sigmoid_of(x); }
     template <class T> static T grad(T g, T, T y) { return g * y * (1 - y); }
 };
 

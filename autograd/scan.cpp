@@ -19,6 +19,7 @@
 #include <unordered_map>
 
 #include "../core/kernels.hpp"
+#include "../core/math.hpp"
 #include "../core/random.hpp"
 #include "ops.hpp"
 #include "pointwise.hpp"
@@ -28,6 +29,8 @@ namespace loom {
 
 namespace {
 
+// Move: the output's elements are the input's, rearranged (views, reshapes, copies). Concat:
+// each input's elements go to a part of the output.
 enum class Op { Add, Sub, Mul, Div, Neg, Exp, Log, Tanh, Sigmoid, Relu, Linear, Matmul, Move, Concat };
 
 // The ops a program can hold, by the name their entry is recorded under.
@@ -60,15 +63,20 @@ struct Value {
 // How an elementwise op reads an operand for output element i: element i, element 0, or map[i].
 enum class Access { Same, Scalar, Mapped };
 
+// `length` consecutive elements from input element `from` to output element `to`: a chunk of a
+// [B, 4H] gate block is B runs of H, copied with memcpy rather than element by element.
+struct Run {
+    std::int64_t to, from, length;
+    bool operator==(const Run&) const = default;
+};
+
 struct Instr {
     Op op;
     std::vector<std::size_t> in;  // value ids
     std::size_t out = 0;
     std::vector<Access> access;  // elementwise: per operand
-    // Elementwise: per Mapped operand, its element for each output element. Move: the input
-    // element of each output element (none: the same order). Concat: per input, the output
-    // position of each of its elements.
-    std::vector<std::vector<std::int64_t>> maps;
+    std::vector<std::vector<std::int64_t>> maps;  // elementwise: per Mapped operand, its element for each output element
+    std::vector<std::vector<Run>> runs;  // Move and Concat: per input, where its elements go
     std::int64_t n = 0, k = 0, m = 0;  // Linear: rows, in and out features; Matmul: [n, k] @ [k, m]
     bool operator==(const Instr&) const = default;
 };
@@ -147,10 +155,19 @@ std::vector<std::int64_t> broadcast_map(const Shape& in, const Shape& out)
 // `in` (row-major) that each element of `out` is. Empty when some element is not found.
 std::vector<std::int64_t> view_map(const Tensor& in, const Tensor& out)
 {
+    std::vector<std::int64_t> map;
+    if (in.is_contiguous()) {  // the usual case, and cheap: an element's offset is its index
+        map.reserve(std::size_t(out.numel()));
+        bool inside = true;
+        for_each_index(out.sizes(), out.strides(), out.storage_offset() - in.storage_offset(), [&](std::int64_t i) {
+            inside = inside && i >= 0 && i < in.numel();
+            map.push_back(i);
+        });
+        return inside ? map : std::vector<std::int64_t>();
+    }
     std::unordered_map<std::int64_t, std::int64_t> element_at;  // storage offset -> in's element
     std::int64_t next = 0;
     for_each_index(in.sizes(), in.strides(), in.storage_offset(), [&](std::int64_t off) { element_at.emplace(off, next++); });
-    std::vector<std::int64_t> map;
     bool found = true;
     for_each_index(out.sizes(), out.strides(), out.storage_offset(), [&](std::int64_t off) {
         const auto it = element_at.find(off);
@@ -158,6 +175,21 @@ std::vector<std::int64_t> view_map(const Tensor& in, const Tensor& out)
         map.push_back(found ? it->second : 0);
     });
     return found ? map : std::vector<std::int64_t>();
+}
+
+// `index` as runs: output element i reads input element index[i] (gather), or input element i
+// goes to output element index[i] (scatter).
+std::vector<Run> runs_of(const std::vector<std::int64_t>& index, bool gather)
+{
+    std::vector<Run> runs;
+    for (std::size_t i = 0; i < index.size(); ++i) {
+        const std::int64_t to = gather ? std::int64_t(i) : index[i], from = gather ? index[i] : std::int64_t(i);
+        if (!runs.empty() && runs.back().to + runs.back().length == to && runs.back().from + runs.back().length == from)
+            ++runs.back().length;
+        else
+            runs.push_back(Run{to, from, 1});
+    }
+    return runs;
 }
 
 // Watches one run of the step and writes down its program.
@@ -207,7 +239,7 @@ public:
         const Tensor& out = outputs[0];
         if (out.dtype() != p_.dtype)
             return p_.fail(fmt::format("op '{}' computes in {}, the carry in {}", name, out.dtype(), p_.dtype));
-        Instr ins{op->second, {}, 0, {}, {}, 0, 0, 0};
+        Instr ins{op->second, {}, 0, {}, {}, {}, 0, 0, 0};
         std::vector<const Tensor*> read;
         for (const Tensor& t : inputs)
             if (t.defined()) read.push_back(&t), ins.in.push_back(value_of(t));
@@ -231,9 +263,12 @@ public:
             if (n == "permute" || n == "expand" || n == "slice" || n == "select") {
                 if (read[0]->impl().storage != out.impl().storage)
                     return p_.fail(fmt::format("op '{}' copied instead of making a view", name));
-                ins.maps.push_back(view_map(*read[0], out));
-                if (ins.maps[0].empty() && out.numel() > 0)
+                const std::vector<std::int64_t> map = view_map(*read[0], out);
+                if (map.empty() && out.numel() > 0)
                     return p_.fail(fmt::format("op '{}' made a view scan cannot follow", name));
+                ins.runs.push_back(runs_of(map, true));
+            } else {
+                ins.runs.push_back({Run{0, 0, out.numel()}});
             }
             break;
         }
@@ -246,7 +281,7 @@ public:
             for (const Tensor* t : read) {
                 std::vector<std::int64_t> positions;
                 for_each_index(t->sizes(), strides, at * strides[dim], [&](std::int64_t off) { positions.push_back(off); });
-                ins.maps.push_back(std::move(positions));
+                ins.runs.push_back(runs_of(positions, false));
                 at += t->sizes()[dim];
             }
             break;
@@ -391,6 +426,31 @@ void compile(Program& p)
     }
 }
 
+// The elementwise loops of one step, compiled for AVX2 too (they are most of a small step's
+// arithmetic). Scalar operands are read at element 0.
+template <class F, class T> LOOM_VECTOR_CLONES void unary_values(std::int64_t n, const T* x, T* y)
+{
+    for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(x[i]);
+}
+template <class F, class T> LOOM_VECTOR_CLONES void unary_grads(std::int64_t n, const T* g, const T* x, const T* y, T* dx)
+{
+    for (std::int64_t i = 0; i < n; ++i) dx[i] += F::grad(g[i], x[i], y[i]);
+}
+template <class F, bool ScalarA, bool ScalarB, class T>
+LOOM_VECTOR_CLONES void binary_values(std::int64_t n, const T* a, const T* b, T* y)
+{
+    for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[ScalarA ? 0 : i], b[ScalarB ? 0 : i]);
+}
+// d += the gradient of operand a (ToA) or b, which is read elementwise.
+template <class F, bool ToA, bool ScalarA, bool ScalarB, class T>
+LOOM_VECTOR_CLONES void binary_grads(std::int64_t n, const T* g, const T* a, const T* b, const T* y, T* d)
+{
+    for (std::int64_t i = 0; i < n; ++i) {
+        const T u = a[ScalarA ? 0 : i], v = b[ScalarB ? 0 : i];
+        d[i] += ToA ? F::grad_a(g[i], u, v, y[i]) : F::grad_b(g[i], u, v, y[i]);
+    }
+}
+
 // Copies `n` elements, or adds them into `to`.
 template <class T> void add_into(T* to, const T* from, std::int64_t n)
 {
@@ -406,12 +466,78 @@ template <class T> struct Replay {
     std::int64_t rows = 1;  // B, when lengths are given
     std::vector<Tensor> held;  // the contiguous parameters, constants, xs and init read through `base`
     std::vector<T*> base;
-    std::vector<std::vector<T>> own;
-    std::vector<std::vector<T>> adj;
+    Tensor arena;  // the buffers of the values the replay computes, in one block from loom's pool
+    std::vector<T*> adj;  // backward: each value's gradient buffer, null for constants
+    Tensor adj_arena;
 
-    std::int64_t stride(std::size_t v) const { return p->rate(v) == Rate::Invariant ? 0 : p->values[v].numel; }
-    T* at(std::size_t v, std::int64_t t) const { return base[v] + t * stride(v); }
-    T* adj_at(std::size_t v, std::int64_t t) { return adj[v].empty() ? nullptr : adj[v].data() + t * stride(v); }
+    // Without backward to come, a value computed in the loop is needed only until the step ends:
+    // one buffer, overwritten at every step, stays in cache.
+    bool for_backward = true;
+    bool one_buffer(std::size_t v) const
+    {
+        return p->rate(v) == Rate::Invariant ||
+               (!for_backward && p->rate(v) == Rate::Carried && p->values[v].source == Source::Computed);
+    }
+    // Elements from one step's value v to the next's: 0 for one buffer; its input's for an alias.
+    std::vector<std::int64_t> strides;
+    // A move that takes one contiguous block of its input (a reshape, a chunk of one row) is no
+    // copy: its value is that block of its input's buffer, gradient included (aliased[j] for
+    // instruction j, at input element alias_offset[j]).
+    std::vector<bool> aliased;
+    std::int64_t stride(std::size_t v) const { return strides[v]; }
+    T* at(std::size_t v, std::int64_t t) const { return base[v] + t * strides[v]; }
+    T* adj_at(std::size_t v, std::int64_t t) { return adj[v] ? adj[v] + t * strides[v] : nullptr; }
+
+    void lay_out()
+    {
+        const Program& prog = *p;
+        strides.resize(prog.values.size());
+        for (std::size_t v = 0; v < prog.values.size(); ++v) strides[v] = one_buffer(v) ? 0 : prog.values[v].numel;
+        aliased.assign(prog.instrs.size(), false);
+        for (std::size_t j = 0; j < prog.instrs.size(); ++j) {
+            const Instr& ins = prog.instrs[j];
+            if (ins.op != Op::Move || ins.runs[0].size() != 1 || ins.runs[0][0].to != 0) continue;
+            aliased[j] = true;
+            strides[ins.out] = strides[ins.in[0]];
+        }
+    }
+    // Points each alias into its input's buffer (`buffers`: base or adj).
+    void point_aliases(std::vector<T*>& buffers) const
+    {
+        for (std::size_t j = 0; j < p->instrs.size(); ++j) {
+            const Instr& ins = p->instrs[j];
+            if (aliased[j]) buffers[ins.out] = buffers[ins.in[0]] ? buffers[ins.in[0]] + ins.runs[0][0].from : nullptr;
+        }
+    }
+    bool is_alias(std::size_t v) const
+    {
+        const Value& val = p->values[v];
+        return val.source == Source::Computed && aliased[val.index];
+    }
+    // Elements of value v's buffer: one per step (the carry: one more, for the initial one), or one
+    // in all for a value computed once per call.
+    std::int64_t buffer_size(std::size_t v) const
+    {
+        const Value& val = p->values[v];
+        return val.numel * (val.source == Source::Carry ? steps + 1 : one_buffer(v) ? 1 : steps);
+    }
+    // Carves one buffer per value from one pooled block: a buffer each, freshly allocated, would
+    // cost page faults at every call.
+    template <class Wanted> std::vector<T*> carve(Tensor& block, bool zeroed, Wanted&& wanted)
+    {
+        constexpr std::int64_t align = 64 / sizeof(T);  // each buffer on a cache line, as BLAS likes
+        const auto padded = [&](std::size_t v) { return (buffer_size(v) + align - 1) / align * align; };
+        std::int64_t total = align;
+        for (std::size_t v = 0; v < p->values.size(); ++v)
+            if (wanted(v)) total += padded(v);
+        block = zeroed ? zeros({total}, p->dtype) : empty({total}, p->dtype);
+        std::vector<T*> at_v(p->values.size(), nullptr);
+        T* next = block.template data_ptr<T>();
+        next += (align - std::int64_t(reinterpret_cast<std::uintptr_t>(next) / sizeof(T) % align)) % align;
+        for (std::size_t v = 0; v < p->values.size(); ++v)
+            if (wanted(v)) at_v[v] = next, next += padded(v);
+        return at_v;
+    }
     std::int64_t time_of(std::int64_t i) const { return reverse ? steps - 1 - i : i; }
     bool active(std::int64_t i, std::int64_t b) const { return lengths.empty() || time_of(i) < lengths[b]; }
 
@@ -426,8 +552,10 @@ template <class T> struct Replay {
                  std::vector<Tensor>& ys)
     {
         const Program& prog = *p;
-        base.assign(prog.values.size(), nullptr);
-        own.resize(prog.values.size());
+        lay_out();
+        base = carve(arena, false, [&](std::size_t v) {
+            return prog.values[v].source == Source::Carry || (prog.values[v].source == Source::Computed && !is_alias(v));
+        });
         for (std::size_t v = 0; v < prog.values.size(); ++v) {
             const Value& val = prog.values[v];
             switch (val.source) {
@@ -435,15 +563,12 @@ template <class T> struct Replay {
             case Source::Const: bind(v, prog.consts[val.index]); break;
             case Source::X: bind(v, xs[val.index]); break;
             case Source::Carry:
-                own[v].resize(std::size_t((steps + 1) * val.numel));
-                base[v] = own[v].data();
                 std::memcpy(base[v], kernels::contiguous(init[val.index]).template data_ptr<T>(), sizeof(T) * val.numel);
                 break;
-            case Source::Computed:
-                own[v].resize(std::size_t((val.rate == Rate::Invariant ? 1 : steps) * val.numel));
-                base[v] = own[v].data();
+            case Source::Computed: break;
             }
         }
+        point_aliases(base);
         for (const Instr& ins : prog.instrs)
             if (prog.rate(ins.out) == Rate::Invariant) run(ins, 0, 1);
         for (const Instr& ins : prog.instrs)
@@ -492,12 +617,8 @@ template <class T> struct Replay {
     void backward(const std::vector<Tensor>& d_carry, const std::vector<Tensor>& d_ys)
     {
         const Program& prog = *p;
-        adj.assign(prog.values.size(), {});
-        for (std::size_t v = 0; v < prog.values.size(); ++v)
-            if (prog.values[v].source != Source::Const)
-                adj[v].assign(v < own.size() && !own[v].empty() ? own[v].size()
-                                                                : std::size_t(prog.values[v].numel * (stride(v) ? steps : 1)),
-                              T(0));
+        adj = carve(adj_arena, true, [&](std::size_t v) { return prog.values[v].source != Source::Const && !is_alias(v); });
+        point_aliases(adj);
         for (std::size_t k = 0; k < prog.carry_in.size(); ++k)
             if (d_carry[k].defined()) {
                 const std::size_t c = prog.carry_in[k];
@@ -506,7 +627,7 @@ template <class T> struct Replay {
             }
         for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
             const std::size_t y = prog.y_out[k];
-            if (!d_ys[k].defined() || adj[y].empty()) continue;
+            if (!d_ys[k].defined() || !adj[y]) continue;
             const Tensor g = kernels::contiguous(d_ys[k]);
             const std::int64_t n = prog.values[y].numel, row = n / rows;
             for (std::int64_t i = 0; i < steps; ++i) {
@@ -525,7 +646,7 @@ template <class T> struct Replay {
                 for (std::int64_t b = 0; b < (lengths.empty() ? 1 : rows); ++b) {
                     const std::int64_t at_row = lengths.empty() ? 0 : b * row, len = lengths.empty() ? n : row;
                     if (active(i, b)) {
-                        if (!adj[src].empty()) add_into(adj_at(src, i) + at_row, g + at_row, len);
+                        if (adj[src]) add_into(adj_at(src, i) + at_row, g + at_row, len);
                     } else {
                         add_into(adj_at(c, i) + at_row, g + at_row, len);
                     }
@@ -562,7 +683,7 @@ template <class T> struct Replay {
         for (std::int64_t t = t0; t < t1; ++t) {
             const T* x = at(ins.in[0], t);
             T* y = at(ins.out, t);
-            for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(x[i]);
+            unary_values<F>(n, x, y);
         }
     }
 
@@ -574,11 +695,11 @@ template <class T> struct Replay {
             const T *a = at(ins.in[0], t), *b = at(ins.in[1], t);
             T* y = at(ins.out, t);
             if (ins.access[0] == Access::Same && ins.access[1] == Access::Same)
-                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[i], b[i]);
+                binary_values<F, false, false>(n, a, b, y);
             else if (ins.access[0] == Access::Same && ins.access[1] == Access::Scalar)
-                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[i], b[0]);
+                binary_values<F, false, true>(n, a, b, y);
             else if (ins.access[0] == Access::Scalar && ins.access[1] == Access::Same)
-                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[0], b[i]);
+                binary_values<F, true, false>(n, a, b, y);
             else
                 for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[index(ins, 0, 0, i)], b[index(ins, 1, mb, i)]);
         }
@@ -586,6 +707,7 @@ template <class T> struct Replay {
 
     void run(const Instr& ins, std::int64_t t0, std::int64_t t1)
     {
+        if (aliased[std::size_t(&ins - p->instrs.data())]) return;
         switch (ins.op) {
         case Op::Add: return binary<pointwise::Add>(ins, t0, t1);
         case Op::Sub: return binary<pointwise::Sub>(ins, t0, t1);
@@ -603,47 +725,59 @@ template <class T> struct Replay {
             const bool bias = ins.in.size() == 3;
             if (bias)
                 for (std::int64_t r = 0; r < R; ++r) std::memcpy(y + r * ins.m, at(ins.in[2], 0), sizeof(T) * ins.m);
-            kernels::gemm<T>("scan", false, true, R, ins.m, ins.k, at(ins.in[0], t0), at(ins.in[1], 0), T(bias ? 1 : 0), y);
+            if (R * ins.m * ins.k <= kernels::kSmallProduct)
+                kernels::small_gemm<T>(R, ins.m, ins.k, at(ins.in[0], t0), transposed(ins), y, bias);
+            else
+                kernels::gemm<T>("scan", false, true, R, ins.m, ins.k, at(ins.in[0], t0), at(ins.in[1], 0), T(bias ? 1 : 0), y);
             return;
         }
         case Op::Matmul: {
             const std::size_t a = ins.in[0], b = ins.in[1];
             if (p->rate(b) == Rate::Invariant && p->rate(a) != Rate::Invariant) {
-                kernels::gemm<T>("scan", false, false, ins.n * (t1 - t0), ins.m, ins.k, at(a, t0), at(b, 0), T(0), at(ins.out, t0));
+                const std::int64_t R = ins.n * (t1 - t0);
+                if (R * ins.m * ins.k <= kernels::kSmallProduct)
+                    kernels::small_gemm<T>(R, ins.m, ins.k, at(a, t0), at(b, 0), at(ins.out, t0));
+                else
+                    kernels::gemm<T>("scan", false, false, R, ins.m, ins.k, at(a, t0), at(b, 0), T(0), at(ins.out, t0));
                 return;
             }
             for (std::int64_t t = t0; t < t1; ++t)
                 kernels::gemm<T>("scan", false, false, ins.n, ins.m, ins.k, at(a, t), at(b, t), T(0), at(ins.out, t));
             return;
         }
-        case Op::Move: {
-            const std::int64_t n = p->values[ins.out].numel;
-            for (std::int64_t t = t0; t < t1; ++t) {
-                const T* x = at(ins.in[0], t);
-                T* y = at(ins.out, t);
-                if (ins.maps.empty()) std::memcpy(y, x, sizeof(T) * n);
-                else
-                    for (std::int64_t i = 0; i < n; ++i) y[i] = x[ins.maps[0][std::size_t(i)]];
-            }
-            return;
-        }
+        case Op::Move:
         case Op::Concat:
             for (std::int64_t t = t0; t < t1; ++t) {
                 T* y = at(ins.out, t);
                 for (std::size_t j = 0; j < ins.in.size(); ++j) {
                     const T* x = at(ins.in[j], t);
-                    const std::vector<std::int64_t>& pos = ins.maps[j];
-                    for (std::size_t i = 0; i < pos.size(); ++i) y[pos[i]] = x[i];
+                    for (const Run& r : ins.runs[j]) std::memcpy(y + r.to, x + r.from, sizeof(T) * r.length);
                 }
             }
             return;
         }
     }
 
+    // A linear's weight [m, k] transposed to [k, m], made once per call for small_gemm.
+    std::vector<Tensor> weights_t;
+    const T* transposed(const Instr& ins)
+    {
+        const std::size_t j = std::size_t(&ins - p->instrs.data());
+        if (weights_t.empty()) weights_t.resize(p->instrs.size());
+        if (!weights_t[j].defined()) {
+            weights_t[j] = empty({ins.k, ins.m}, p->dtype);
+            T* wt = weights_t[j].template data_ptr<T>();
+            const T* w = at(ins.in[1], 0);
+            for (std::int64_t r = 0; r < ins.m; ++r)
+                for (std::int64_t c = 0; c < ins.k; ++c) wt[c * ins.m + r] = w[r * ins.k + c];
+        }
+        return weights_t[j].template data_ptr<T>();
+    }
+
     // Whether the backward pass for `invariant` inputs (or the varying ones) sends to value v.
     bool sends_to(std::size_t v, bool invariant) const
     {
-        return !adj[v].empty() && (p->rate(v) == Rate::Invariant) == invariant;
+        return adj[v] && (p->rate(v) == Rate::Invariant) == invariant;
     }
 
     template <class F> void unary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
@@ -653,7 +787,7 @@ template <class T> struct Replay {
         for (std::int64_t t = t0; t < t1; ++t) {
             const T *x = at(ins.in[0], t), *y = at(ins.out, t), *g = adj_at(ins.out, t);
             T* dx = adj_at(ins.in[0], t);
-            for (std::int64_t i = 0; i < n; ++i) dx[i] += F::grad(g[i], x[i], y[i]);
+            unary_grads<F>(n, g, x, y, dx);
         }
     }
 
@@ -663,9 +797,23 @@ template <class T> struct Replay {
         if (!to_a && !to_b) return;
         const std::int64_t n = p->values[ins.out].numel;
         const std::size_t mb = ins.access[0] == Access::Mapped ? 1 : 0;
+        const bool same = ins.access[0] == Access::Same && ins.access[1] == Access::Same;
         for (std::int64_t t = t0; t < t1; ++t) {
             const T *a = at(ins.in[0], t), *b = at(ins.in[1], t), *y = at(ins.out, t), *g = adj_at(ins.out, t);
             T *da = to_a ? adj_at(ins.in[0], t) : nullptr, *db = to_b ? adj_at(ins.in[1], t) : nullptr;
+            if (same && da != db) {  // the common cases, in loops that vectorise
+                if (da) binary_grads<F, true, false, false>(n, g, a, b, y, da);
+                if (db) binary_grads<F, false, false, false>(n, g, a, b, y, db);
+                continue;
+            }
+            if (ins.access[0] == Access::Same && ins.access[1] == Access::Scalar && !db) {
+                binary_grads<F, true, false, true>(n, g, a, b, y, da);
+                continue;
+            }
+            if (ins.access[0] == Access::Scalar && ins.access[1] == Access::Same && !da) {
+                binary_grads<F, false, true, false>(n, g, a, b, y, db);
+                continue;
+            }
             for (std::int64_t i = 0; i < n; ++i) {
                 const std::int64_t ia = index(ins, 0, 0, i), ib = index(ins, 1, mb, i);
                 if (da) da[ia] += F::grad_a(g[i], a[ia], b[ib], y[i]);
@@ -676,7 +824,7 @@ template <class T> struct Replay {
 
     void run_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
     {
-        if (adj[ins.out].empty()) return;
+        if (!adj[ins.out] || aliased[std::size_t(&ins - p->instrs.data())]) return;
         switch (ins.op) {
         case Op::Add: return binary_backward<pointwise::Add>(ins, t0, t1, invariant);
         case Op::Sub: return binary_backward<pointwise::Sub>(ins, t0, t1, invariant);
@@ -692,7 +840,12 @@ template <class T> struct Replay {
             const std::size_t x = ins.in[0], w = ins.in[1];
             const std::int64_t R = ins.n * (p->rate(x) == Rate::Invariant ? 1 : t1 - t0);
             const T* g = adj_at(ins.out, t0);
-            if (sends_to(x, invariant)) kernels::gemm<T>("scan", false, false, R, ins.k, ins.m, g, at(w, 0), T(1), adj_at(x, t0));
+            if (sends_to(x, invariant)) {
+                if (R * ins.m * ins.k <= kernels::kSmallProduct)
+                    kernels::small_gemm<T>(R, ins.k, ins.m, g, at(w, 0), adj_at(x, t0), true);
+                else
+                    kernels::gemm<T>("scan", false, false, R, ins.k, ins.m, g, at(w, 0), T(1), adj_at(x, t0));
+            }
             if (sends_to(w, invariant)) kernels::gemm<T>("scan", true, false, ins.m, ins.k, R, g, at(x, t0), T(1), adj_at(w, 0));
             if (ins.in.size() == 3 && sends_to(ins.in[2], invariant)) kernels::add_column_sums<T>(g, R, ins.m, adj_at(ins.in[2], 0));
             return;
@@ -716,26 +869,14 @@ template <class T> struct Replay {
             }
             return;
         }
-        case Op::Move: {
-            if (!sends_to(ins.in[0], invariant)) return;
-            const std::int64_t n = p->values[ins.out].numel;
-            for (std::int64_t t = t0; t < t1; ++t) {
-                const T* g = adj_at(ins.out, t);
-                T* dx = adj_at(ins.in[0], t);
-                if (ins.maps.empty()) add_into(dx, g, n);
-                else
-                    for (std::int64_t i = 0; i < n; ++i) dx[ins.maps[0][std::size_t(i)]] += g[i];
-            }
-            return;
-        }
+        case Op::Move:
         case Op::Concat:
             for (std::size_t j = 0; j < ins.in.size(); ++j) {
                 if (!sends_to(ins.in[j], invariant)) continue;
-                const std::vector<std::int64_t>& pos = ins.maps[j];
                 for (std::int64_t t = t0; t < t1; ++t) {
                     const T* g = adj_at(ins.out, t);
                     T* dx = adj_at(ins.in[j], t);
-                    for (std::size_t i = 0; i < pos.size(); ++i) dx[i] += g[pos[i]];
+                    for (const Run& r : ins.runs[j]) add_into(dx + r.from, g + r.to, r.length);
                 }
             }
             return;
@@ -851,13 +992,13 @@ bool replay(const ScanStep& step, const std::shared_ptr<Program>& prog, const st
     }
     std::vector<Tensor> x_order;
     for (const Tensor& x : xs) x_order.push_back(o.reverse ? flip_time(x) : kernels::contiguous(x));
-    std::vector<Tensor> carry, ys;
-    r->forward(init, x_order, carry, ys);
-
     std::vector<Tensor> inputs = init;
     inputs.insert(inputs.end(), xs.begin(), xs.end());
     inputs.insert(inputs.end(), prog->params.begin(), prog->params.end());
-    if (autograd::should_record(inputs)) {
+    r->for_backward = autograd::should_record(inputs);
+    std::vector<Tensor> carry, ys;
+    r->forward(init, x_order, carry, ys);
+    if (r->for_backward) {
         std::vector<Tensor> outputs = carry;
         outputs.insert(outputs.end(), ys.begin(), ys.end());
         const std::size_t S = init.size(), X = xs.size();
@@ -889,16 +1030,17 @@ bool replay(const ScanStep& step, const std::shared_ptr<Program>& prog, const st
                 if (c.needs[k]) grads[k] = tensor_from(r->adj_at(p.carry_in[k], 0), in[k].sizes(), p.dtype);
             for (std::size_t k = 0; k < X; ++k)
                 if (c.needs[S + k]) {
-                    Tensor g = tensor_from(r->adj[p.x_in[k]].data(), in[S + k].sizes(), p.dtype);
+                    Tensor g = tensor_from(r->adj[p.x_in[k]], in[S + k].sizes(), p.dtype);
                     grads[S + k] = o.reverse ? flip_time(g) : g;
                 }
             for (std::size_t k = 0; k < p.params.size(); ++k)
                 if (c.needs[S + X + k]) {
                     std::size_t v = 0;
                     while (p.values[v].source != Source::Param || p.values[v].index != k) ++v;
-                    grads[S + X + k] = tensor_from(r->adj[v].data(), in[S + X + k].sizes(), p.dtype);
+                    grads[S + X + k] = tensor_from(r->adj[v], in[S + X + k].sizes(), p.dtype);
                 }
             r->adj.clear();
+            r->adj_arena = Tensor();
             return grads;
         };
         autograd::push_entry("scan", inputs, outputs, inputs, autograd::detail::as_backward_fn(std::move(backward)));

@@ -1,9 +1,11 @@
 // loom's side of the benchmark race: the workloads of bench/torch_reference.py, same sizes, same
 // loss, same Adam update, same output line. Run each workload in its own process.
-// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells] [--profile]
+// Usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] [--cells] [--eager] [--profile]
 // (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own;
+// --eager: W1-cell and W4-cell with the cell run step by step instead of replayed;
 // --profile: after the timed steps, one more under autograd::Profiler, its table on stderr)
-// WORKLOAD: W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W6 W8-mingru W8-mingru-plain W8-gru, or W3-sgemm, W2-lstm-sgemm: the
+// WORKLOAD: W1-rnn W1-gru W1-lstm W1-cell W2-lstm W2-gru W3 W4 W4-cell W5 W6 W8-mingru W8-mingru-plain W8-gru (W1-cell,
+// W4-cell: a user's LSTM cell through Recurrent<Cell> at W1-lstm's and W4's sizes), or W3-sgemm, W2-lstm-sgemm: the
 // GEMMs alone of that workload, same shapes, called straight on OpenBLAS (its limit).
 #include <loom/loom.hpp>
 
@@ -61,7 +63,26 @@ struct HandLSTM : nn::Module {
     }
 };
 
-Workload build(const std::string& name, bool fused, bool checkpoint, bool cells)
+// The same LSTM cell as a Cell, for Recurrent<Cell>: what a researcher's own cell looks like.
+// Recurrent<Cell> traces and replays it (scan) unless `replay` is off (--eager).
+struct UserLSTMCell : nn::Cell {
+    std::shared_ptr<nn::Dense> ih, hh;
+    bool replay = true;
+    UserLSTMCell(std::int64_t I, std::int64_t H) : nn::Cell(I, H, 2)
+    {
+        ih = register_module("ih", std::make_shared<nn::Dense>(I, 4 * H));
+        hh = register_module("hh", std::make_shared<nn::Dense>(H, 4 * H));
+    }
+    nn::State forward(const Tensor& x, const nn::State& s) override
+    {
+        const auto g = ((*ih)(x) + (*hh)(s[0])).chunk(4, 1);
+        const Tensor c = sigmoid(g[1]) * s[1] + sigmoid(g[0]) * tanh(g[2]);
+        return {sigmoid(g[3]) * tanh(c), c};
+    }
+    bool replayable() const override { return replay; }
+};
+
+Workload build(const std::string& name, bool fused, bool checkpoint, bool cells, bool eager)
 {
     Workload w;
     const auto layer = [&](nn::CellKind kind, nn::RecurrentOptions o) {
@@ -70,7 +91,24 @@ Workload build(const std::string& name, bool fused, bool checkpoint, bool cells)
         append(w.params, *m);
         return m;
     };
-    if (name.rfind("W1", 0) == 0) {
+    // A user's own LSTM cell through Recurrent<Cell>, with layer() it would build the fused LSTM.
+    const auto user_cell = [&](std::int64_t I, std::int64_t H) {
+        auto m = std::make_shared<nn::Recurrent<UserLSTMCell>>(nn::RecurrentOptions(I, H));
+        m->cell(0).replay = !eager;
+        w.keep.push_back(m);
+        append(w.params, *m);
+        return m;
+    };
+    if (name == "W1-cell") {  // W1-lstm's sizes
+        const std::int64_t T = 100, B = 1, I = 8, H = 32;
+        auto rnn = user_cell(I, H);
+        auto head = std::make_shared<nn::Dense>(H, 1);
+        append(w.params, *head);
+        w.keep.push_back(head);
+        const Tensor x = randn({T, B, I}), y = randn({B, 1});
+        w.loss = [=] { return nn::mse_loss((*head)((*rnn)(x).output.select(0, T - 1)), y); };
+        w.flops = lstm_flops(T, B, I, H, 4);
+    } else if (name.rfind("W1", 0) == 0) {
         const auto kind = nn::cell_kind_from_name(name.substr(3));
         const double gates = name == "W1-rnn" ? 1 : name == "W1-gru" ? 3 : 4;
         const std::int64_t T = 100, B = 1, I = 8, H = 32;
@@ -81,14 +119,17 @@ Workload build(const std::string& name, bool fused, bool checkpoint, bool cells)
         const Tensor x = randn({T, B, I}), y = randn({B, 1});
         w.loss = [=] { return nn::mse_loss((*head)((*rnn)(x).output.select(0, T - 1)), y); };
         w.flops = lstm_flops(T, B, I, H, gates);
-    } else if (name == "W2-lstm" || name == "W2-gru" || name == "W4") {
+    } else if (name == "W2-lstm" || name == "W2-gru" || name == "W4" || name == "W4-cell") {
         const std::int64_t V = 96, E = 64, H = 256, B = 32, T = 64;
         auto emb = std::make_shared<nn::Embedding>(V, E);
         auto head = std::make_shared<nn::Dense>(H, V);
         append(w.params, *emb);
         w.keep.push_back(emb);
         std::function<Tensor(const Tensor&)> rnn;
-        if (name == "W4") {
+        if (name == "W4-cell") {
+            auto r = user_cell(E, H);
+            rnn = [r](const Tensor& x) { return (*r)(x).output; };
+        } else if (name == "W4") {
             auto hand = std::make_shared<HandLSTM>(E, H);
             append(w.params, *hand);
             w.keep.push_back(hand);
@@ -228,12 +269,12 @@ int main(int argc, char** argv)
     if (argc < 2) {
         std::fprintf(stderr,
                      "usage: workloads WORKLOAD [--threads N] [--infer] [--steps N] [--composed] [--checkpoint] "
-                     "[--cells]\n");
+                     "[--cells] [--eager]\n");
         return 2;
     }
     const std::string name = argv[1];
     int threads = 2, steps = 0;
-    bool infer = false, fused = true, checkpoint = false, cells = false, profile = false;
+    bool infer = false, fused = true, checkpoint = false, cells = false, profile = false, eager = false;
     for (int i = 2; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--steps") && i + 1 < argc) steps = std::atoi(argv[++i]);
@@ -242,6 +283,7 @@ int main(int argc, char** argv)
         else if (!std::strcmp(argv[i], "--checkpoint")) checkpoint = true;
         else if (!std::strcmp(argv[i], "--cells")) cells = true;
         else if (!std::strcmp(argv[i], "--profile")) profile = true;
+        else if (!std::strcmp(argv[i], "--eager")) eager = true;
     }
     if (name == "W3-sgemm" || name == "W2-lstm-sgemm") {
         if (name == "W3-sgemm") sgemm_limit("W3-sgemm", 50, 64, 512, 1024, 0, threads, steps ? steps : 5);
@@ -250,7 +292,7 @@ int main(int argc, char** argv)
     }
     manual_seed(0);
     set_num_threads(threads);
-    Workload w = build(name, fused, checkpoint, cells);
+    Workload w = build(name, fused, checkpoint, cells, eager);
     Adam adam(w.params);
     std::vector<double> forward_times, backward_times;  // of the timed training steps, for the phases
     const auto since = [](auto t0) {
@@ -284,7 +326,7 @@ int main(int argc, char** argv)
     const double flops = infer ? w.flops : 3 * w.flops;
     rusage usage{};
     getrusage(RUSAGE_SELF, &usage);
-    const std::string variant = std::string(!fused ? " composed" : "") + (cells ? " cells" : "") +
+    const std::string variant = std::string(!fused ? " composed" : "") + (cells ? " cells" : "") + (eager ? " eager" : "") +
                                 (checkpoint ? " checkpoint" : "");
     const std::string phases = infer ? std::string()
                                      : fmt::format(" forward_ms={:.3f} backward_ms={:.3f}", median(forward_times),

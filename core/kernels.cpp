@@ -682,6 +682,32 @@ void add_column_sums(const Tensor& out, const Tensor& rows)
 }
 
 template <class T>
+LOOM_VECTOR_CLONES void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C,
+                                   bool accumulate)
+{
+    constexpr std::int64_t block = 32;
+    for (std::int64_t m = 0; m < M; ++m) {
+        const T* a = A + m * K;
+        T* c = C + m * N;
+        std::int64_t n0 = 0;
+        for (; n0 + block <= N; n0 += block) {
+            T acc[block] = {};
+            if (accumulate) std::copy_n(c + n0, block, acc);
+            for (std::int64_t k = 0; k < K; ++k)
+                for (std::int64_t i = 0; i < block; ++i) acc[i] += a[k] * B[k * N + n0 + i];
+            std::copy_n(acc, block, c + n0);
+        }
+        for (std::int64_t n = n0; n < N; ++n) {
+            T sum = accumulate ? c[n] : T(0);
+            for (std::int64_t k = 0; k < K; ++k) sum += a[k] * B[k * N + n];
+            c[n] = sum;
+        }
+    }
+}
+template void small_gemm<float>(std::int64_t, std::int64_t, std::int64_t, const float*, const float*, float*, bool);
+template void small_gemm<double>(std::int64_t, std::int64_t, std::int64_t, const double*, const double*, double*, bool);
+
+template <class T>
 void gemm(std::string_view op, bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, const T* A,
           const T* B, T beta, T* C)
 {

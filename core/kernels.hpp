@@ -90,6 +90,14 @@ void gemm(std::string_view op, bool trans_a, bool trans_b, std::int64_t M, std::
           const T* B, T beta, T* C);
 /// out [width] += the sum of the rows of rows [n, width].
 template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out);
+/// A product M * N * K at most this is too small for BLAS to pay for its call and for repacking
+/// its operands (a recurrent step at B = 1, H = 32, where packing took a third of the time):
+/// small_gemm runs it.
+constexpr std::int64_t kSmallProduct = std::int64_t(1) << 16;
+/// C [M, N] = A [M, K] B [K, N] (+ C when `accumulate`), all row-major and contiguous, as plain
+/// loops that vectorise: blocks of 32 columns are summed in registers over all of K.
+template <class T>
+void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C, bool accumulate = false);
 
 // ---- elementwise machinery ----
 

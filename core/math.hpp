@@ -71,4 +71,11 @@ template <class T> T tanh_of(T x)
     else return std::tanh(x);
 }
 
+/// sigmoid: sigmoid_float for float (vectorises), 1 / (1 + e^-x) otherwise.
+template <class T> T sigmoid_of(T x)
+{
+    if constexpr (std::is_same_v<T, float>) return sigmoid_float(x);
+    else return T(1) / (T(1) + std::exp(-x));
+}
+
 }  // namespace loom

@@ -29,40 +29,6 @@ namespace detail {
 
 namespace {
 
-// A step's hidden product [B, H] x [H, GH] (or back) too small for BLAS to pay for its call and
-// for repacking W_hh at every step (W1: B = 1, H = 32, where packing took a third of the time).
-// Plain loops then run it as rows of axpy, which the compiler vectorises.
-constexpr std::int64_t kSmallStepProduct = std::int64_t(1) << 16;
-
-// C [M, N] = A [M, K] B [K, N], all row-major and contiguous.
-// Blocks of 32 columns are summed in registers over all of K before they are stored.
-template <class T> LOOM_VECTOR_CLONES void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C)
-{
-    constexpr std::int64_t block = 32;
-    for (std::int64_t m = 0; m < M; ++m) {
-        const T* a = A + m * K;
-        T* c = C + m * N;
-        std::int64_t n0 = 0;
-        for (; n0 + block <= N; n0 += block) {
-            T acc[block] = {};
-            for (std::int64_t k = 0; k < K; ++k)
-                for (std::int64_t i = 0; i < block; ++i) acc[i] += a[k] * B[k * N + n0 + i];
-            std::copy_n(acc, block, c + n0);
-        }
-        for (std::int64_t n = n0; n < N; ++n) {
-            T sum = 0;
-            for (std::int64_t k = 0; k < K; ++k) sum += a[k] * B[k * N + n];
-            c[n] = sum;
-        }
-    }
-}
-
-template <class T> T sigmoid_of(T v)
-{
-    if constexpr (std::is_same_v<T, float>) return sigmoid_float(v);
-    else return T(1) / (T(1) + std::exp(-v));
-}
-
 // rows [n, width] += bias [width]; bias may be null.
 template <class T> void add_bias(T* rows, std::int64_t n, std::int64_t width, const T* bias)
 {
@@ -273,7 +239,7 @@ template <class T, class K> struct FusedLayer {
             if (entering)
                 for (std::size_t k = 0; k < S; ++k) std::copy_n(state[k], BH, entering + (std::int64_t(k) * n + u) * BH);
             if (w_hh_t.defined()) {
-                small_gemm<T>(B, GH, H, state[0], w_hh_t.data_ptr<T>(), gh);
+                kernels::small_gemm<T>(B, GH, H, state[0], w_hh_t.data_ptr<T>(), gh);
                 add_bias<T>(gh, B, GH, p_b_hh);
             } else {  // one GEMM per step, onto the bias as in project()
                 copy_bias<T>(gh, B, GH, p_b_hh);
@@ -327,7 +293,7 @@ template <class T, class K> struct FusedLayer {
                                          g.grad_c ? g.grad_c + t * BH + b * H : nullptr};
                 K::step_backward(row, H, nl);
             }
-            if (w_hh_t.defined()) small_gemm<T>(B, H, GH, dgh + u * B * GH, p_w_hh, through);  // through W_hh
+            if (w_hh_t.defined()) kernels::small_gemm<T>(B, H, GH, dgh + u * B * GH, p_w_hh, through);  // through W_hh
             else kernels::gemm<T>("recurrent layer", false, false, B, H, GH, dgh + u * B * GH, p_w_hh, T(0), through);
             for (std::int64_t k = 0; k < BH; ++k) g.d_state[0][k] += through[k];
         }
@@ -358,7 +324,7 @@ template <class T, class K> RecurrentOutput run(const FusedArgs& a)
     L.b_hh = a.weights.b_hh.defined() ? kernels::contiguous(a.weights.b_hh) : Tensor();
     L.steps = L.x.size(0), L.B = L.x.size(1), L.I = L.x.size(2), L.H = L.w_hh.size(1);
     L.GH = K::gates * L.H, L.SH = K::saved * L.H, L.BH = L.B * L.H;
-    if (L.B * L.GH * L.H <= kSmallStepProduct) L.w_hh_t = kernels::contiguous(kernels::permute(L.w_hh, {1, 0}));
+    if (L.B * L.GH * L.H <= kernels::kSmallProduct) L.w_hh_t = kernels::contiguous(kernels::permute(L.w_hh, {1, 0}));
     L.lengths = a.lengths;
     L.reverse = a.reverse;
     L.nl = a.nonlinearity;
