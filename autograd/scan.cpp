@@ -376,6 +376,13 @@ Program trace(const ScanStep& step, const std::vector<Tensor>& carry, const std:
     return p;
 }
 
+// Whether two contiguous tensors hold the same bytes in the same shape.
+bool same_values(const Tensor& u, const Tensor& v)
+{
+    return u.sizes() == v.sizes() && u.dtype() == v.dtype() &&
+           std::memcmp(bytes_of(u), bytes_of(v), std::size_t(u.numel()) * dtype_size(u.dtype())) == 0;
+}
+
 // The first difference between two traces of the step, or "" when they are the same program.
 std::string difference(const Program& a, const Program& b)
 {
@@ -385,15 +392,70 @@ std::string difference(const Program& a, const Program& b)
     for (std::size_t k = 0; k < a.params.size(); ++k)
         if (&a.params[k].impl() != &b.params[k].impl()) return "two traces of the step read different parameters";
     for (std::size_t k = 0; k < a.consts.size(); ++k) {
-        const Tensor &u = a.consts[k], &v = b.consts[k];
-        const std::size_t bytes = std::size_t(u.numel()) * dtype_size(u.dtype());
-        if (u.sizes() != v.sizes() || std::memcmp(bytes_of(u), bytes_of(v), bytes) != 0)
+        const Tensor& u = a.consts[k];
+        if (!same_values(u, b.consts[k]))
             return fmt::format("a tensor the step makes without recording an op (of shape {}) differed between two "
                                "traces (random numbers, or a value derived from the data without gradient)",
                                u.sizes());
     }
     return {};
 }
+
+// The programs this thread compiled lately, each with the trace it came from. A call whose first
+// trace is one of these (the same ops, shapes and parameters, equal constants) replays its
+// program without tracing again or compiling: that trace and a second one on other values
+// agreed when it was compiled. Parameters are held weakly: a program never keeps a model alive.
+class ProgramCache {
+public:
+    static std::shared_ptr<const Program> find(const Program& traced)
+    {
+        auto& entries = cache();
+        for (std::size_t k = 0; k < entries.size(); ++k)
+            if (entries[k].matches(traced)) {
+                std::rotate(entries.begin(), entries.begin() + std::ptrdiff_t(k), entries.begin() + std::ptrdiff_t(k) + 1);
+                return entries.front().compiled;
+            }
+        return nullptr;
+    }
+    static std::shared_ptr<const Program> add(const Program& traced, Program compiled)
+    {
+        Entry e;
+        e.trace = traced;
+        for (const Tensor& t : traced.params) e.params.push_back(t.impl_ptr());
+        e.trace.params.clear();
+        e.compiled = std::make_shared<const Program>(std::move(compiled));
+        auto& entries = cache();
+        if (entries.size() == capacity) entries.pop_back();
+        entries.insert(entries.begin(), std::move(e));
+        return entries.front().compiled;
+    }
+
+private:
+    static constexpr std::size_t capacity = 8;
+    struct Entry {
+        Program trace;  // without its parameters
+        std::vector<std::weak_ptr<TensorImpl>> params;
+        std::shared_ptr<const Program> compiled;
+
+        bool matches(const Program& t) const
+        {
+            if (t.dtype != trace.dtype || t.params.size() != params.size() || !(t.values == trace.values) ||
+                !(t.instrs == trace.instrs) || t.carry_out != trace.carry_out || t.y_out != trace.y_out ||
+                t.carry_in != trace.carry_in || t.x_in != trace.x_in || t.consts.size() != trace.consts.size())
+                return false;
+            for (std::size_t k = 0; k < params.size(); ++k)
+                if (params[k].lock() != t.params[k].impl_ptr()) return false;
+            for (std::size_t k = 0; k < trace.consts.size(); ++k)
+                if (!same_values(trace.consts[k], t.consts[k])) return false;
+            return true;
+        }
+    };
+    static std::vector<Entry>& cache()
+    {
+        thread_local std::vector<Entry> entries;
+        return entries;
+    }
+};
 
 // Sets each value's rate, drops instructions no result reads, and checks what the replay needs.
 void compile(Program& p)
@@ -460,6 +522,7 @@ template <class T> void add_into(T* to, const T* from, std::int64_t n)
 // One call's replay of a program in float or double: the forward over all steps, and its adjoint.
 template <class T> struct Replay {
     std::shared_ptr<const Program> p;
+    std::vector<Tensor> params, consts;  // this call's (the program holds none)
     std::int64_t steps = 0;
     std::vector<std::int64_t> lengths;  // empty: every row runs every step
     bool reverse = false;
@@ -559,8 +622,8 @@ template <class T> struct Replay {
         for (std::size_t v = 0; v < prog.values.size(); ++v) {
             const Value& val = prog.values[v];
             switch (val.source) {
-            case Source::Param: bind(v, prog.params[val.index]); break;
-            case Source::Const: bind(v, prog.consts[val.index]); break;
+            case Source::Param: bind(v, params[val.index]); break;
+            case Source::Const: bind(v, consts[val.index]); break;
             case Source::X: bind(v, xs[val.index]); break;
             case Source::Carry:
                 std::memcpy(base[v], kernels::contiguous(init[val.index]).template data_ptr<T>(), sizeof(T) * val.numel);
@@ -971,11 +1034,13 @@ ScanOutput run_eager(const ScanStep& step, const std::vector<Tensor>& init, cons
 }
 
 template <class T>
-bool replay(const ScanStep& step, const std::shared_ptr<Program>& prog, const std::vector<Tensor>& init,
-            const std::vector<Tensor>& xs, const ScanOptions& o, ScanOutput& out)
+bool replay(const ScanStep& step, const std::shared_ptr<const Program>& prog, const Program& traced,
+            const std::vector<Tensor>& init, const std::vector<Tensor>& xs, const ScanOptions& o, ScanOutput& out)
 {
     auto r = std::make_shared<Replay<T>>();
     r->p = prog;
+    r->params = traced.params;
+    r->consts = traced.consts;
     r->steps = xs[0].size(0);
     r->reverse = o.reverse;
     if (o.lengths.defined()) {
@@ -994,7 +1059,7 @@ bool replay(const ScanStep& step, const std::shared_ptr<Program>& prog, const st
     for (const Tensor& x : xs) x_order.push_back(o.reverse ? flip_time(x) : kernels::contiguous(x));
     std::vector<Tensor> inputs = init;
     inputs.insert(inputs.end(), xs.begin(), xs.end());
-    inputs.insert(inputs.end(), prog->params.begin(), prog->params.end());
+    inputs.insert(inputs.end(), r->params.begin(), r->params.end());
     r->for_backward = autograd::should_record(inputs);
     std::vector<Tensor> carry, ys;
     r->forward(init, x_order, carry, ys);
@@ -1033,7 +1098,7 @@ bool replay(const ScanStep& step, const std::shared_ptr<Program>& prog, const st
                     Tensor g = tensor_from(r->adj[p.x_in[k]], in[S + k].sizes(), p.dtype);
                     grads[S + k] = o.reverse ? flip_time(g) : g;
                 }
-            for (std::size_t k = 0; k < p.params.size(); ++k)
+            for (std::size_t k = 0; k < r->params.size(); ++k)
                 if (c.needs[S + X + k]) {
                     std::size_t v = 0;
                     while (p.values[v].source != Source::Param || p.values[v].index != k) ++v;
@@ -1083,19 +1148,27 @@ bool try_replay_scan(const ScanStep& step, const std::vector<Tensor>& init, cons
     const auto generator = default_generator().state();
     std::vector<Tensor> x0;
     for (const Tensor& x : xs) x0.push_back(x.select(0, o.reverse ? x.size(0) - 1 : 0));
-    auto first = std::make_shared<Program>(trace(step, init, x0, params));  // draws go on: the second trace's differ
-    if (!first->failure.empty()) return default_generator().set_state(generator), out.eager_reason = first->failure, false;
-    std::uint64_t seed = 0x5ca9;
-    std::vector<Tensor> c1, x1;
-    for (const Tensor& t : init) c1.push_back(other_values(t, seed));
-    for (const Tensor& t : x0) x1.push_back(other_values(t, seed));
-    const Program second = trace(step, c1, x1, params);
+    const Program first = trace(step, init, x0, params);  // draws go on: the second trace's differ
+    if (!first.failure.empty()) return default_generator().set_state(generator), out.eager_reason = first.failure, false;
+    std::shared_ptr<const Program> compiled = ProgramCache::find(first);
+    if (!compiled) {
+        std::uint64_t seed = 0x5ca9;
+        std::vector<Tensor> c1, x1;
+        for (const Tensor& t : init) c1.push_back(other_values(t, seed));
+        for (const Tensor& t : x0) x1.push_back(other_values(t, seed));
+        const Program second = trace(step, c1, x1, params);
+        default_generator().set_state(generator);
+        if (!second.failure.empty()) return out.eager_reason = second.failure, false;
+        if (const std::string d = difference(first, second); !d.empty()) return out.eager_reason = d, false;
+        Program program = first;
+        program.params.clear(), program.consts.clear();
+        compile(program);
+        if (!program.failure.empty()) return out.eager_reason = program.failure, false;
+        compiled = ProgramCache::add(first, std::move(program));
+    }
     default_generator().set_state(generator);
-    if (!second.failure.empty()) return out.eager_reason = second.failure, false;
-    if (const std::string d = difference(*first, second); !d.empty()) return out.eager_reason = d, false;
-    compile(*first);
-    if (!first->failure.empty()) return out.eager_reason = first->failure, false;
-    return dtype == kFloat64 ? replay<double>(step, first, init, xs, o, out) : replay<float>(step, first, init, xs, o, out);
+    return dtype == kFloat64 ? replay<double>(step, compiled, first, init, xs, o, out)
+                             : replay<float>(step, compiled, first, init, xs, o, out);
 }
 
 }  // namespace detail
