@@ -457,6 +457,9 @@ private:
     }
 };
 
+// The instruction of a value no result reads, dropped by compile().
+constexpr std::size_t kNoInstr = ~std::size_t(0);
+
 // Sets each value's rate, drops instructions no result reads, and checks what the replay needs.
 void compile(Program& p)
 {
@@ -470,11 +473,10 @@ void compile(Program& p)
             for (std::size_t v : p.instrs[i].in) live[v] = true;
         }
     std::vector<Instr> kept;
-    for (std::size_t i = 0; i < p.instrs.size(); ++i)
-        if (keep[i]) {
-            p.values[p.instrs[i].out].index = kept.size();
-            kept.push_back(std::move(p.instrs[i]));
-        }
+    for (std::size_t i = 0; i < p.instrs.size(); ++i) {
+        p.values[p.instrs[i].out].index = keep[i] ? kept.size() : kNoInstr;
+        if (keep[i]) kept.push_back(std::move(p.instrs[i]));
+    }
     p.instrs = std::move(kept);
     for (std::size_t v : p.carry_in) p.values[v].rate = Rate::Carried;
     for (std::size_t v : p.x_in) p.values[v].rate = Rate::PerStep;
@@ -488,29 +490,40 @@ void compile(Program& p)
     }
 }
 
-// The elementwise loops of one step, compiled for AVX2 too (they are most of a small step's
-// arithmetic). Scalar operands are read at element 0.
-template <class F, class T> LOOM_VECTOR_CLONES void unary_values(std::int64_t n, const T* x, T* y)
+// The elementwise loops, compiled for AVX2 too (they are most of a small step's arithmetic):
+// `rows` rows of n elements, each operand's rows `stride` elements apart (0: the same row, which
+// a gradient then sums over the rows). Scalar operands are read at element 0.
+template <class F, class T>
+LOOM_VECTOR_CLONES void unary_values(std::int64_t rows, std::int64_t n, const T* x, std::int64_t xs, T* y, std::int64_t ys)
 {
-    for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(x[i]);
+    for (std::int64_t r = 0; r < rows; ++r, x += xs, y += ys)
+        for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(x[i]);
 }
-template <class F, class T> LOOM_VECTOR_CLONES void unary_grads(std::int64_t n, const T* g, const T* x, const T* y, T* dx)
+template <class F, class T>
+LOOM_VECTOR_CLONES void unary_grads(std::int64_t rows, std::int64_t n, const T* g, std::int64_t gs, const T* x,
+                                    std::int64_t xs, const T* y, std::int64_t ys, T* dx, std::int64_t dxs)
 {
-    for (std::int64_t i = 0; i < n; ++i) dx[i] += F::grad(g[i], x[i], y[i]);
+    for (std::int64_t r = 0; r < rows; ++r, g += gs, x += xs, y += ys, dx += dxs)
+        for (std::int64_t i = 0; i < n; ++i) dx[i] += F::grad(g[i], x[i], y[i]);
 }
 template <class F, bool ScalarA, bool ScalarB, class T>
-LOOM_VECTOR_CLONES void binary_values(std::int64_t n, const T* a, const T* b, T* y)
+LOOM_VECTOR_CLONES void binary_values(std::int64_t rows, std::int64_t n, const T* a, std::int64_t as, const T* b,
+                                      std::int64_t bs, T* y, std::int64_t ys)
 {
-    for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[ScalarA ? 0 : i], b[ScalarB ? 0 : i]);
+    for (std::int64_t r = 0; r < rows; ++r, a += as, b += bs, y += ys)
+        for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[ScalarA ? 0 : i], b[ScalarB ? 0 : i]);
 }
 // d += the gradient of operand a (ToA) or b, which is read elementwise.
 template <class F, bool ToA, bool ScalarA, bool ScalarB, class T>
-LOOM_VECTOR_CLONES void binary_grads(std::int64_t n, const T* g, const T* a, const T* b, const T* y, T* d)
+LOOM_VECTOR_CLONES void binary_grads(std::int64_t rows, std::int64_t n, const T* g, std::int64_t gs, const T* a,
+                                     std::int64_t as, const T* b, std::int64_t bs, const T* y, std::int64_t ys, T* d,
+                                     std::int64_t ds)
 {
-    for (std::int64_t i = 0; i < n; ++i) {
-        const T u = a[ScalarA ? 0 : i], v = b[ScalarB ? 0 : i];
-        d[i] += ToA ? F::grad_a(g[i], u, v, y[i]) : F::grad_b(g[i], u, v, y[i]);
-    }
+    for (std::int64_t r = 0; r < rows; ++r, g += gs, a += as, b += bs, y += ys, d += ds)
+        for (std::int64_t i = 0; i < n; ++i) {
+            const T u = a[ScalarA ? 0 : i], v = b[ScalarB ? 0 : i];
+            d[i] += ToA ? F::grad_a(g[i], u, v, y[i]) : F::grad_b(g[i], u, v, y[i]);
+        }
 }
 
 // Copies `n` elements, or adds them into `to`.
@@ -549,21 +562,61 @@ template <class T> struct Replay {
     std::vector<bool> aliased;
     std::int64_t stride(std::size_t v) const { return strides[v]; }
     T* at(std::size_t v, std::int64_t t) const { return base[v] + t * strides[v]; }
-    T* adj_at(std::size_t v, std::int64_t t) { return adj[v] ? adj[v] + t * strides[v] : nullptr; }
+    T* adj_at(std::size_t v, std::int64_t t) { return adj[v] ? adj[v] + t * adj_strides[v] : nullptr; }
+    // The gradients of values laid out step by step live one step at a time: a step's are all
+    // taken by the end of its backward, so one block, zeroed per step, stays in L1.
+    std::vector<std::int64_t> adj_strides;
+    T* adj_step = nullptr;
+
+    // Values computed in the loop that no product reads or writes are laid out step by step: one
+    // step's values side by side (offset_in_step), so the backward loop, walking the steps down,
+    // reads one block per step instead of a row in each of dozens of arrays (W7: 50 values of 14
+    // doubles a step, where the scattered rows cost a cache miss each). A product's operands
+    // keep all steps' rows together, for the one GEMM over all steps.
+    std::vector<std::int64_t> offset_in_step;  // -1: a buffer of its own
+    std::int64_t step_block = 0;
+    T* steps_start = nullptr;  // where carve() put the block of values laid out step by step
+    T* values_step = nullptr;  // forward's block of them, steps * step_block
 
     void lay_out()
     {
         const Program& prog = *p;
-        strides.resize(prog.values.size());
-        for (std::size_t v = 0; v < prog.values.size(); ++v) strides[v] = one_buffer(v) ? 0 : prog.values[v].numel;
+        const std::size_t n = prog.values.size();
+        std::vector<bool> in_product(n, false);
+        for (const Instr& ins : prog.instrs)
+            if (ins.op == Op::Linear || ins.op == Op::Matmul) {
+                for (std::size_t v : ins.in) in_product[v] = true;
+                in_product[ins.out] = true;
+            }
         aliased.assign(prog.instrs.size(), false);
         for (std::size_t j = 0; j < prog.instrs.size(); ++j) {
             const Instr& ins = prog.instrs[j];
-            if (ins.op != Op::Move || ins.runs[0].size() != 1 || ins.runs[0][0].to != 0) continue;
-            aliased[j] = true;
-            strides[ins.out] = strides[ins.in[0]];
+            aliased[j] = ins.op == Op::Move && ins.runs[0].size() == 1 && ins.runs[0][0].to == 0;
         }
+        strides.resize(n);
+        offset_in_step.assign(n, -1);
+        step_block = 0;
+        constexpr std::int64_t align = 32 / sizeof(T);
+        for (std::size_t v = 0; v < n; ++v) {
+            strides[v] = one_buffer(v) ? 0 : prog.values[v].numel;
+            if (prog.values[v].source == Source::Computed && prog.rate(v) == Rate::Carried && !one_buffer(v) &&
+                !in_product[v] && !is_alias(v) && !dead(v)) {
+                offset_in_step[v] = step_block;
+                step_block += (prog.values[v].numel + align - 1) / align * align;
+            }
+        }
+        for (std::size_t v = 0; v < n; ++v)
+            if (offset_in_step[v] >= 0) strides[v] = step_block;
+        adj_strides = strides;
+        for (std::size_t v = 0; v < n; ++v)
+            if (offset_in_step[v] >= 0) adj_strides[v] = 0;
+        for (std::size_t j = 0; j < prog.instrs.size(); ++j)
+            if (aliased[j]) {
+                strides[prog.instrs[j].out] = strides[prog.instrs[j].in[0]];
+                adj_strides[prog.instrs[j].out] = adj_strides[prog.instrs[j].in[0]];
+            }
     }
+    static bool is_product(const Instr& ins) { return ins.op == Op::Linear || ins.op == Op::Matmul; }
     // Points each alias into its input's buffer (`buffers`: base or adj).
     void point_aliases(std::vector<T*>& buffers) const
     {
@@ -575,8 +628,9 @@ template <class T> struct Replay {
     bool is_alias(std::size_t v) const
     {
         const Value& val = p->values[v];
-        return val.source == Source::Computed && aliased[val.index];
+        return val.source == Source::Computed && val.index != kNoInstr && aliased[val.index];
     }
+    bool dead(std::size_t v) const { return p->values[v].source == Source::Computed && p->values[v].index == kNoInstr; }
     // Elements of value v's buffer: one per step (the carry: one more, for the initial one), or one
     // in all for a value computed once per call.
     std::int64_t buffer_size(std::size_t v) const
@@ -586,19 +640,30 @@ template <class T> struct Replay {
     }
     // Carves one buffer per value from one pooled block: a buffer each, freshly allocated, would
     // cost page faults at every call.
-    template <class Wanted> std::vector<T*> carve(Tensor& block, bool zeroed, Wanted&& wanted)
+    // step_rows: how many steps the block of values laid out step by step holds.
+    template <class Wanted> std::vector<T*> carve(Tensor& block, bool zeroed, std::int64_t step_rows, Wanted&& wanted)
     {
         constexpr std::int64_t align = 64 / sizeof(T);  // each buffer on a cache line, as BLAS likes
-        const auto padded = [&](std::size_t v) { return (buffer_size(v) + align - 1) / align * align; };
-        std::int64_t total = align;
+        const auto padded = [&](std::int64_t size) { return (size + align - 1) / align * align; };
+        const auto own = [&](std::size_t v) { return wanted(v) && offset_in_step[v] < 0; };
+        std::int64_t total = align + padded(step_block * step_rows);
         for (std::size_t v = 0; v < p->values.size(); ++v)
-            if (wanted(v)) total += padded(v);
+            if (own(v)) total += padded(buffer_size(v));
         block = zeroed ? zeros({total}, p->dtype) : empty({total}, p->dtype);
         std::vector<T*> at_v(p->values.size(), nullptr);
         T* next = block.template data_ptr<T>();
         next += (align - std::int64_t(reinterpret_cast<std::uintptr_t>(next) / sizeof(T) % align)) % align;
-        for (std::size_t v = 0; v < p->values.size(); ++v)
-            if (wanted(v)) at_v[v] = next, next += padded(v);
+        steps_start = next;
+        next += padded(step_block * step_rows);
+        for (std::size_t v = 0; v < p->values.size(); ++v) {
+            if (!wanted(v)) continue;
+            if (offset_in_step[v] >= 0) {
+                at_v[v] = steps_start + offset_in_step[v];
+            } else {
+                at_v[v] = next;
+                next += padded(buffer_size(v));
+            }
+        }
         return at_v;
     }
     std::int64_t time_of(std::int64_t i) const { return reverse ? steps - 1 - i : i; }
@@ -616,9 +681,11 @@ template <class T> struct Replay {
     {
         const Program& prog = *p;
         lay_out();
-        base = carve(arena, false, [&](std::size_t v) {
-            return prog.values[v].source == Source::Carry || (prog.values[v].source == Source::Computed && !is_alias(v));
+        base = carve(arena, false, steps, [&](std::size_t v) {
+            return prog.values[v].source == Source::Carry ||
+                   (prog.values[v].source == Source::Computed && !is_alias(v) && !dead(v));
         });
+        values_step = steps_start;
         for (std::size_t v = 0; v < prog.values.size(); ++v) {
             const Value& val = prog.values[v];
             switch (val.source) {
@@ -680,7 +747,9 @@ template <class T> struct Replay {
     void backward(const std::vector<Tensor>& d_carry, const std::vector<Tensor>& d_ys)
     {
         const Program& prog = *p;
-        adj = carve(adj_arena, true, [&](std::size_t v) { return prog.values[v].source != Source::Const && !is_alias(v); });
+        adj = carve(adj_arena, true, 1,
+                    [&](std::size_t v) { return prog.values[v].source != Source::Const && !is_alias(v) && !dead(v); });
+        adj_step = steps_start;
         point_aliases(adj);
         for (std::size_t k = 0; k < prog.carry_in.size(); ++k)
             if (d_carry[k].defined()) {
@@ -688,20 +757,26 @@ template <class T> struct Replay {
                 std::memcpy(adj_at(c, steps), kernels::contiguous(d_carry[k]).template data_ptr<T>(),
                             sizeof(T) * prog.values[c].numel);
             }
-        for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
-            const std::size_t y = prog.y_out[k];
-            if (!d_ys[k].defined() || !adj[y]) continue;
-            const Tensor g = kernels::contiguous(d_ys[k]);
-            const std::int64_t n = prog.values[y].numel, row = n / rows;
-            for (std::int64_t i = 0; i < steps; ++i) {
-                const T* from = g.template data_ptr<T>() + time_of(i) * n;
+        std::vector<Tensor> gy(prog.y_out.size());
+        for (std::size_t k = 0; k < prog.y_out.size(); ++k)
+            if (d_ys[k].defined() && adj[prog.y_out[k]]) gy[k] = kernels::contiguous(d_ys[k]);
+        for (std::int64_t i = steps; i-- > 0;) {
+            if (step_block) std::fill_n(adj_step, step_block, T(0));
+            // The step before this one is read next: fetch its values now, one cache line at a
+            // time, while this step computes (long sequences no longer fit in cache).
+            if (i > 0)
+                for (std::int64_t e = 0; e < step_block; e += 64 / std::int64_t(sizeof(T)))
+                    __builtin_prefetch(values_step + (i - 1) * step_block + e);
+            for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
+                if (!gy[k].defined()) continue;
+                const std::size_t y = prog.y_out[k];
+                const std::int64_t n = prog.values[y].numel, row = n / rows;
+                const T* from = gy[k].template data_ptr<T>() + time_of(i) * n;
                 T* to = adj_at(y, i);
                 for (std::int64_t b = 0; b < (lengths.empty() ? 1 : rows); ++b)
                     if (lengths.empty()) add_into(to, from, n);
                     else if (active(i, b)) add_into(to + b * row, from + b * row, row);
             }
-        }
-        for (std::int64_t i = steps; i-- > 0;) {
             for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
                 const std::size_t c = prog.carry_in[k], src = prog.carry_out[k];
                 const std::int64_t n = prog.values[c].numel, row = n / rows;
@@ -715,11 +790,17 @@ template <class T> struct Replay {
                     }
                 }
             }
-            for (std::size_t j = prog.instrs.size(); j-- > 0;)
-                if (prog.rate(prog.instrs[j].out) == Rate::Carried) run_backward(prog.instrs[j], i, i + 1, false);
+            for (std::size_t j = prog.instrs.size(); j-- > 0;) {
+                const Instr& ins = prog.instrs[j];
+                if (prog.rate(ins.out) != Rate::Carried) continue;
+                run_backward(ins, i, i + 1, false);
+                if (!is_product(ins)) run_backward(ins, i, i + 1, true);  // while its gradient is at hand
+            }
         }
+        // A weight's gradient from a product inside the loop: one GEMM over all steps.
         for (std::size_t j = prog.instrs.size(); j-- > 0;)
-            if (prog.rate(prog.instrs[j].out) == Rate::Carried) run_backward(prog.instrs[j], 0, steps, true);
+            if (prog.rate(prog.instrs[j].out) == Rate::Carried && is_product(prog.instrs[j]))
+                run_backward(prog.instrs[j], 0, steps, true);
         for (std::size_t j = prog.instrs.size(); j-- > 0;)
             if (prog.rate(prog.instrs[j].out) == Rate::PerStep) {
                 run_backward(prog.instrs[j], 0, steps, false);
@@ -742,29 +823,26 @@ template <class T> struct Replay {
 
     template <class F> void unary(const Instr& ins, std::int64_t t0, std::int64_t t1)
     {
-        const std::int64_t n = p->values[ins.out].numel;
-        for (std::int64_t t = t0; t < t1; ++t) {
-            const T* x = at(ins.in[0], t);
-            T* y = at(ins.out, t);
-            unary_values<F>(n, x, y);
-        }
+        const std::size_t x = ins.in[0], y = ins.out;
+        unary_values<F>(t1 - t0, p->values[y].numel, at(x, t0), strides[x], at(y, t0), strides[y]);
     }
 
     template <class F> void binary(const Instr& ins, std::int64_t t0, std::int64_t t1)
     {
-        const std::int64_t n = p->values[ins.out].numel;
-        const std::size_t mb = ins.access[0] == Access::Mapped ? 1 : 0;
+        const std::int64_t n = p->values[ins.out].numel, rows = t1 - t0;
+        const std::size_t a = ins.in[0], b = ins.in[1], y = ins.out;
+        const auto rows_of = [&]<bool SA, bool SB>() {
+            binary_values<F, SA, SB>(rows, n, at(a, t0), strides[a], at(b, t0), strides[b], at(y, t0), strides[y]);
+        };
+        const Access ka = ins.access[0], kb = ins.access[1];
+        if (ka == Access::Same && kb == Access::Same) return rows_of.template operator()<false, false>();
+        if (ka == Access::Same && kb == Access::Scalar) return rows_of.template operator()<false, true>();
+        if (ka == Access::Scalar && kb == Access::Same) return rows_of.template operator()<true, false>();
+        const std::size_t mb = ka == Access::Mapped ? 1 : 0;
         for (std::int64_t t = t0; t < t1; ++t) {
-            const T *a = at(ins.in[0], t), *b = at(ins.in[1], t);
-            T* y = at(ins.out, t);
-            if (ins.access[0] == Access::Same && ins.access[1] == Access::Same)
-                binary_values<F, false, false>(n, a, b, y);
-            else if (ins.access[0] == Access::Same && ins.access[1] == Access::Scalar)
-                binary_values<F, false, true>(n, a, b, y);
-            else if (ins.access[0] == Access::Scalar && ins.access[1] == Access::Same)
-                binary_values<F, true, false>(n, a, b, y);
-            else
-                for (std::int64_t i = 0; i < n; ++i) y[i] = F::value(a[index(ins, 0, 0, i)], b[index(ins, 1, mb, i)]);
+            const T *pa = at(a, t), *pb = at(b, t);
+            T* py = at(y, t);
+            for (std::int64_t i = 0; i < n; ++i) py[i] = F::value(pa[index(ins, 0, 0, i)], pb[index(ins, 1, mb, i)]);
         }
     }
 
@@ -845,42 +923,39 @@ template <class T> struct Replay {
 
     template <class F> void unary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
     {
-        if (!sends_to(ins.in[0], invariant)) return;
-        const std::int64_t n = p->values[ins.out].numel;
-        for (std::int64_t t = t0; t < t1; ++t) {
-            const T *x = at(ins.in[0], t), *y = at(ins.out, t), *g = adj_at(ins.out, t);
-            T* dx = adj_at(ins.in[0], t);
-            unary_grads<F>(n, g, x, y, dx);
-        }
+        const std::size_t x = ins.in[0], y = ins.out;
+        if (!sends_to(x, invariant)) return;
+        unary_grads<F>(t1 - t0, p->values[y].numel, adj_at(y, t0), adj_strides[y], at(x, t0), strides[x], at(y, t0),
+                       strides[y], adj_at(x, t0), adj_strides[x]);
     }
 
     template <class F> void binary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
     {
-        const bool to_a = sends_to(ins.in[0], invariant), to_b = sends_to(ins.in[1], invariant);
+        const std::size_t a = ins.in[0], b = ins.in[1], y = ins.out;
+        const bool to_a = sends_to(a, invariant), to_b = sends_to(b, invariant);
         if (!to_a && !to_b) return;
-        const std::int64_t n = p->values[ins.out].numel;
-        const std::size_t mb = ins.access[0] == Access::Mapped ? 1 : 0;
-        const bool same = ins.access[0] == Access::Same && ins.access[1] == Access::Same;
+        const std::int64_t n = p->values[y].numel, rows = t1 - t0;
+        const Access ka = ins.access[0], kb = ins.access[1];
+        const auto rows_of = [&]<bool ToA, bool SA, bool SB>() {
+            const std::size_t d = ToA ? a : b;
+            binary_grads<F, ToA, SA, SB>(rows, n, adj_at(y, t0), adj_strides[y], at(a, t0), strides[a], at(b, t0),
+                                         strides[b], at(y, t0), strides[y], adj_at(d, t0), adj_strides[d]);
+        };
+        if (ka == Access::Same && kb == Access::Same && a != b) {  // the common cases, in loops that vectorise
+            if (to_a) rows_of.template operator()<true, false, false>();
+            if (to_b) rows_of.template operator()<false, false, false>();
+            return;
+        }
+        if (ka == Access::Same && kb == Access::Scalar && !to_b) return rows_of.template operator()<true, false, true>();
+        if (ka == Access::Scalar && kb == Access::Same && !to_a) return rows_of.template operator()<false, true, false>();
+        const std::size_t mb = ka == Access::Mapped ? 1 : 0;
         for (std::int64_t t = t0; t < t1; ++t) {
-            const T *a = at(ins.in[0], t), *b = at(ins.in[1], t), *y = at(ins.out, t), *g = adj_at(ins.out, t);
-            T *da = to_a ? adj_at(ins.in[0], t) : nullptr, *db = to_b ? adj_at(ins.in[1], t) : nullptr;
-            if (same && da != db) {  // the common cases, in loops that vectorise
-                if (da) binary_grads<F, true, false, false>(n, g, a, b, y, da);
-                if (db) binary_grads<F, false, false, false>(n, g, a, b, y, db);
-                continue;
-            }
-            if (ins.access[0] == Access::Same && ins.access[1] == Access::Scalar && !db) {
-                binary_grads<F, true, false, true>(n, g, a, b, y, da);
-                continue;
-            }
-            if (ins.access[0] == Access::Scalar && ins.access[1] == Access::Same && !da) {
-                binary_grads<F, false, true, false>(n, g, a, b, y, db);
-                continue;
-            }
+            const T *pa = at(a, t), *pb = at(b, t), *py = at(y, t), *g = adj_at(y, t);
+            T *da = to_a ? adj_at(a, t) : nullptr, *db = to_b ? adj_at(b, t) : nullptr;
             for (std::int64_t i = 0; i < n; ++i) {
                 const std::int64_t ia = index(ins, 0, 0, i), ib = index(ins, 1, mb, i);
-                if (da) da[ia] += F::grad_a(g[i], a[ia], b[ib], y[i]);
-                if (db) db[ib] += F::grad_b(g[i], a[ia], b[ib], y[i]);
+                if (da) da[ia] += F::grad_a(g[i], pa[ia], pb[ib], py[i]);
+                if (db) db[ib] += F::grad_b(g[i], pa[ia], pb[ib], py[i]);
             }
         }
     }

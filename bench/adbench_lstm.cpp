@@ -1,6 +1,7 @@
-// W7, loom's side: the ADBench LSTM objective (l = 2, c = 1024, b = 14, float64) timed three
-// ways in one run: loom's primal (tensor ops under NoGradGuard), loom's gradient (the same ops
-// recorded, then backward), and the plain C++ primal (no tensors, no AD). Median of --repeats.
+// W7, loom's side: the ADBench LSTM objective (l = 2, c = 1024, b = 14, float64) timed in one
+// run: loom's primal (tensor ops under NoGradGuard), loom's gradient (the same ops recorded, then
+// backward), the plain C++ primal (no tensors, no AD), and the primal and gradient of the same
+// objective written with scan (the loop over characters traced once and replayed). Median of --repeats.
 // Usage: adbench_lstm [--repeats N] [--chars C]
 #include <chrono>
 #include <cstdio>
@@ -54,10 +55,24 @@ int main(int argc, char** argv)
         adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).backward();
         gradient_norm = std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
     });
+    double scan_loss = 0;
+    const double scan_primal = median_ms(repeats, [&] {
+        NoGradGuard no_grad;
+        scan_loss = adbench::lstm_objective_scan(x.main, x.extra, x.state, x.sequence).item<double>();
+    });
+    double scan_norm = 0;
+    const double scan_gradient = median_ms(repeats, [&] {
+        x.main.zero_grad();
+        x.extra.zero_grad();
+        adbench::lstm_objective_scan(x.main, x.extra, x.state, x.sequence).backward();
+        scan_norm = std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
+    });
     double plain_loss = 0;
     const double plain = median_ms(repeats, [&] { plain_loss = adbench::lstm_objective_plain(input); });
     std::printf("W7 loom-primal ms=%.3f loss=%.15g\n", primal, loss);
     std::printf("W7 loom-gradient ms=%.3f grad_norm=%.15g\n", gradient, gradient_norm);
     std::printf("W7 plain-primal ms=%.3f loss=%.15g\n", plain, plain_loss);
+    std::printf("W7 scan-primal ms=%.3f loss=%.15g\n", scan_primal, scan_loss);
+    std::printf("W7 scan-gradient ms=%.3f grad_norm=%.15g\n", scan_gradient, scan_norm);
     return 0;
 }

@@ -116,6 +116,49 @@ inline loom::Tensor lstm_objective(const loom::Tensor& main, const loom::Tensor&
     return -total / double((c - 1) * b);
 }
 
+// The same objective with the loop over characters written as loom::scan: the carry is every
+// layer's hidden and cell state, a step reads one character and returns its prediction, and the
+// log-likelihood of all predictions is taken after the scan, over all steps at once. scan traces
+// the step, replays it over all characters as one tape entry and differentiates it by replaying
+// its adjoint.
+inline loom::Tensor lstm_objective_scan(const loom::Tensor& main, const loom::Tensor& extra, const loom::Tensor& state,
+                                        const loom::Tensor& sequence)
+{
+    using loom::Tensor;
+    const std::int64_t l = main.size(0), c = sequence.size(0), b = sequence.size(1);
+    std::vector<Tensor> weight, bias, init;  // weight[4 * layer + k]
+    for (std::int64_t i = 0; i < l; ++i) {
+        for (std::int64_t k = 0; k < 4; ++k) {
+            weight.push_back(main.select(0, i).select(0, 0).select(0, k));
+            bias.push_back(main.select(0, i).select(0, 1).select(0, k));
+        }
+        init.push_back(state.select(0, i).select(0, 0));
+        init.push_back(state.select(0, i).select(0, 1));
+    }
+    const Tensor in_weight = extra.select(0, 0), out_weight = extra.select(0, 1), out_bias = extra.select(0, 2);
+    const auto step = [=](const std::vector<Tensor>& carry, const std::vector<Tensor>& input) {
+        std::vector<Tensor> next;
+        Tensor x = input[0] * in_weight;
+        for (std::size_t i = 0; i < std::size_t(l); ++i) {
+            const Tensor &hidden = carry[2 * i], &cell = carry[2 * i + 1];
+            const Tensor* w = &weight[4 * i];
+            const Tensor* bi = &bias[4 * i];
+            const Tensor forget = loom::sigmoid(x * w[0] + bi[0]);
+            const Tensor ingate = loom::sigmoid(hidden * w[1] + bi[1]);
+            const Tensor outgate = loom::sigmoid(x * w[2] + bi[2]);
+            const Tensor change = loom::tanh(hidden * w[3] + bi[3]);
+            const Tensor new_cell = cell * forget + ingate * change;
+            x = outgate * loom::tanh(new_cell);
+            next.push_back(x);
+            next.push_back(new_cell);
+        }
+        return loom::ScanStepResult{next, {x * out_weight + out_bias}};
+    };
+    const Tensor ypred = loom::scan(step, init, {sequence.narrow(0, 0, c - 1)}).ys[0];  // [c - 1, b]
+    const Tensor lse = loom::log(loom::exp(ypred).sum({1}, true) + 2.0);
+    return -(sequence.narrow(0, 1, c - 1) * (ypred - lse)).sum() / double((c - 1) * b);
+}
+
 // The input as loom tensors of `dtype`, shaped as lstm_objective reads them.
 struct LstmTensors {
     loom::Tensor main, extra, state, sequence;

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 shift || true
-workloads=${*:-W1-rnn W1-gru W1-lstm W2-lstm W2-gru W3 W4 W5 W5-checkpoint W6 W7 W8-mingru W8-gru}
+workloads=${*:-W1-rnn W1-gru W1-lstm W1-cell W2-lstm W2-gru W3 W4 W4-cell W5 W5-checkpoint W6 W7 W8-mingru W8-gru}
 reference=../shared/bench/torch_reference.py
 [ -f bench/torch_reference.py ] && reference=bench/torch_reference.py
 ms() { sed -n 's/.* ms=\([0-9.]*\).*/\1/p'; }
@@ -16,7 +16,7 @@ printf '%-8s %-6s %12s %12s %8s %12s %12s %10s %10s\n' workload mode "loom ms" "
 # W7, ADBench's LSTM objective: loom's primal and gradient, the plain C++ primal and PyTorch's
 # gradient, each ratio named on its line.
 adbench() {
-    local out primal gradient plain torch
+    local out primal gradient plain torch scan_primal scan_gradient
     out=$("$build/bench/adbench_lstm")
     primal=$(grep loom-primal <<<"$out" | ms)
     gradient=$(grep loom-gradient <<<"$out" | ms)
@@ -28,6 +28,12 @@ adbench() {
         "$(echo "$gradient / $primal" | bc -l)" "$primal"
     printf '%-8s %-6s %12s %12s %8.2f   loom primal / plain C++ primal (%s ms)\n' W7 primal "$primal" "" \
         "$(echo "$primal / $plain" | bc -l)" "$plain"
+    scan_primal=$(grep scan-primal <<<"$out" | ms)
+    scan_gradient=$(grep scan-gradient <<<"$out" | ms)
+    printf '%-8s %-6s %12s %12s %8.3f   loom gradient with scan / torch gradient\n' W7 scan "$scan_gradient" \
+        "$torch" "$(echo "$scan_gradient / $torch" | bc -l)"
+    printf '%-8s %-6s %12s %12s %8.2f   loom gradient with scan / its primal (%s ms)\n' W7 scan "$scan_gradient" "" \
+        "$(echo "$scan_gradient / $scan_primal" | bc -l)" "$scan_primal"
 }
 # W3 and W2-lstm against their GEMMs alone (workloads W3-sgemm, W2-lstm-sgemm: the same shapes
 # straight on OpenBLAS), phase by phase: the share of the sgemm rate loom reaches in inference,
@@ -44,7 +50,7 @@ sgemm_share() {
     printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms (backward)\n' "$w" bwd "$backward_ms" "" \
         "$(echo "100 * $b / $backward_ms" | bc -l)" "$b" "$backward_ms"
 }
-declare -A train_ms
+declare -A train_ms infer_ms_of
 for w in $workloads; do
     if [ "$w" = W7 ]; then adbench; continue; fi
     for mode in train infer; do
@@ -65,6 +71,7 @@ for w in $workloads; do
             backward_ms=$(field backward_ms <<<"$lo")
         else
             infer_ms=$l
+            infer_ms_of[$w]=$l
         fi
     done
     if [ "$w" = W3 ] || [ "$w" = W2-lstm ]; then sgemm_share "$w"; fi
@@ -74,3 +81,16 @@ if [ -n "${train_ms[W8-mingru]:-}" ] && [ -n "${train_ms[W8-gru]:-}" ]; then
     printf '%-8s %-6s %12s %12s %8.2f   loom GRU / loom minGRU, training step\n' W8 train "${train_ms[W8-gru]}" \
         "${train_ms[W8-mingru]}" "$(echo "${train_ms[W8-gru]} / ${train_ms[W8-mingru]}" | bc -l)"
 fi
+# A user's LSTM cell through Recurrent<Cell> (replayed by scan) against loom's fused LSTM of the
+# same sizes: W1-cell against W1-lstm, W4-cell against W2-lstm (the same model as W4's).
+for pair in W1-cell:W1-lstm W4-cell:W2-lstm; do
+    cell=${pair%%:*} fused=${pair##*:}
+    if [ -n "${train_ms[$cell]:-}" ] && [ -n "${train_ms[$fused]:-}" ]; then
+        printf '%-8s %-6s %12s %12s %8.2f   loom %s / loom %s (fused), training step\n' "$cell" train \
+            "${train_ms[$cell]}" "${train_ms[$fused]}" "$(echo "${train_ms[$cell]} / ${train_ms[$fused]}" | bc -l)" \
+            "$cell" "$fused"
+        printf '%-8s %-6s %12s %12s %8.2f   loom %s / loom %s (fused), inference\n' "$cell" infer \
+            "${infer_ms_of[$cell]}" "${infer_ms_of[$fused]}" \
+            "$(echo "${infer_ms_of[$cell]} / ${infer_ms_of[$fused]}" | bc -l)" "$cell" "$fused"
+    fi
+done

@@ -43,3 +43,20 @@ TEST_CASE("the gradient matches finite differences of the plain objective in eve
     check(input.main, x.main.grad());
     check(input.extra, x.extra.grad());
 }
+
+TEST_CASE("the objective written with scan gives the same value and gradient")
+{
+    const adbench::LstmInput input = adbench::make_lstm_input(2, 40, 14);
+    adbench::LstmTensors x = adbench::to_tensors(input);
+    x.main.requires_grad_();
+    x.extra.requires_grad_();
+    const Tensor ops = adbench::lstm_objective(x.main, x.extra, x.state, x.sequence);
+    const std::vector<Tensor> g_ops = grad({ops}, {x.main, x.extra});
+    const Tensor scanned = adbench::lstm_objective_scan(x.main, x.extra, x.state, x.sequence);
+    const std::vector<Tensor> g_scan = grad({scanned}, {x.main, x.extra});
+    CHECK(std::abs(scanned.item<double>() - ops.item<double>()) <= 1e-12 * std::abs(ops.item<double>()));
+    for (std::size_t k = 0; k < 2; ++k) {
+        const double difference = (g_scan[k] - g_ops[k]).abs().max().item<double>();
+        CHECK(difference <= 1e-12);
+    }
+}
