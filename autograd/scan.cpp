@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <unordered_map>
 
@@ -526,6 +527,23 @@ LOOM_VECTOR_CLONES void binary_grads(std::int64_t rows, std::int64_t n, const T*
         }
 }
 
+// da += the gradient of a and db += that of b, both read elementwise, in one pass.
+template <class F, class T>
+LOOM_VECTOR_CLONES void binary_grads_both(std::int64_t rows, std::int64_t n, const T* g, std::int64_t gs, const T* a,
+                                          std::int64_t as, const T* b, std::int64_t bs, const T* y, std::int64_t ys,
+                                          T* da, std::int64_t das, T* db, std::int64_t dbs)
+{
+    for (std::int64_t r = 0; r < rows; ++r, g += gs, a += as, b += bs, y += ys, da += das, db += dbs)
+        for (std::int64_t i = 0; i < n; ++i) {
+            da[i] += F::grad_a(g[i], a[i], b[i], y[i]);
+            db[i] += F::grad_b(g[i], a[i], b[i], y[i]);
+        }
+}
+
+// Which inputs a backward pass sends gradients to: those that change from step to step, those
+// that do not (weights), or all.
+enum class Part { Varying, Invariant, All };
+
 // Copies `n` elements, or adds them into `to`.
 template <class T> void add_into(T* to, const T* from, std::int64_t n)
 {
@@ -793,21 +811,20 @@ template <class T> struct Replay {
             for (std::size_t j = prog.instrs.size(); j-- > 0;) {
                 const Instr& ins = prog.instrs[j];
                 if (prog.rate(ins.out) != Rate::Carried) continue;
-                run_backward(ins, i, i + 1, false);
-                if (!is_product(ins)) run_backward(ins, i, i + 1, true);  // while its gradient is at hand
+                // A weight read elementwise gets its share while the step's gradient is at hand.
+                run_backward(ins, i, i + 1, is_product(ins) ? Part::Varying : Part::All);
             }
         }
         // A weight's gradient from a product inside the loop: one GEMM over all steps.
         for (std::size_t j = prog.instrs.size(); j-- > 0;)
             if (prog.rate(prog.instrs[j].out) == Rate::Carried && is_product(prog.instrs[j]))
-                run_backward(prog.instrs[j], 0, steps, true);
+                run_backward(prog.instrs[j], 0, steps, Part::Invariant);
         for (std::size_t j = prog.instrs.size(); j-- > 0;)
             if (prog.rate(prog.instrs[j].out) == Rate::PerStep) {
-                run_backward(prog.instrs[j], 0, steps, false);
-                run_backward(prog.instrs[j], 0, steps, true);
+                run_backward(prog.instrs[j], 0, steps, Part::All);
             }
         for (std::size_t j = prog.instrs.size(); j-- > 0;)
-            if (prog.rate(prog.instrs[j].out) == Rate::Invariant) run_backward(prog.instrs[j], 0, 1, true);
+            if (prog.rate(prog.instrs[j].out) == Rate::Invariant) run_backward(prog.instrs[j], 0, 1, Part::Invariant);
     }
 
     // ---- one instruction over steps [t0, t1) ----
@@ -915,24 +932,24 @@ template <class T> struct Replay {
         return weights_t[j].template data_ptr<T>();
     }
 
-    // Whether the backward pass for `invariant` inputs (or the varying ones) sends to value v.
-    bool sends_to(std::size_t v, bool invariant) const
+    // Whether a backward pass for `part` of the inputs sends to value v.
+    bool sends_to(std::size_t v, Part part) const
     {
-        return adj[v] && (p->rate(v) == Rate::Invariant) == invariant;
+        return adj[v] && (part == Part::All || (p->rate(v) == Rate::Invariant) == (part == Part::Invariant));
     }
 
-    template <class F> void unary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
+    template <class F> void unary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part)
     {
         const std::size_t x = ins.in[0], y = ins.out;
-        if (!sends_to(x, invariant)) return;
+        if (!sends_to(x, part)) return;
         unary_grads<F>(t1 - t0, p->values[y].numel, adj_at(y, t0), adj_strides[y], at(x, t0), strides[x], at(y, t0),
                        strides[y], adj_at(x, t0), adj_strides[x]);
     }
 
-    template <class F> void binary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
+    template <class F> void binary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part)
     {
         const std::size_t a = ins.in[0], b = ins.in[1], y = ins.out;
-        const bool to_a = sends_to(a, invariant), to_b = sends_to(b, invariant);
+        const bool to_a = sends_to(a, part), to_b = sends_to(b, part);
         if (!to_a && !to_b) return;
         const std::int64_t n = p->values[y].numel, rows = t1 - t0;
         const Access ka = ins.access[0], kb = ins.access[1];
@@ -942,6 +959,10 @@ template <class T> struct Replay {
                                          strides[b], at(y, t0), strides[y], adj_at(d, t0), adj_strides[d]);
         };
         if (ka == Access::Same && kb == Access::Same && a != b) {  // the common cases, in loops that vectorise
+            if (to_a && to_b)
+                return binary_grads_both<F>(rows, n, adj_at(y, t0), adj_strides[y], at(a, t0), strides[a], at(b, t0),
+                                            strides[b], at(y, t0), strides[y], adj_at(a, t0), adj_strides[a],
+                                            adj_at(b, t0), adj_strides[b]);
             if (to_a) rows_of.template operator()<true, false, false>();
             if (to_b) rows_of.template operator()<false, false, false>();
             return;
@@ -960,45 +981,45 @@ template <class T> struct Replay {
         }
     }
 
-    void run_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, bool invariant)
+    void run_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part)
     {
         if (!adj[ins.out] || aliased[std::size_t(&ins - p->instrs.data())]) return;
         switch (ins.op) {
-        case Op::Add: return binary_backward<pointwise::Add>(ins, t0, t1, invariant);
-        case Op::Sub: return binary_backward<pointwise::Sub>(ins, t0, t1, invariant);
-        case Op::Mul: return binary_backward<pointwise::Mul>(ins, t0, t1, invariant);
-        case Op::Div: return binary_backward<pointwise::Div>(ins, t0, t1, invariant);
-        case Op::Neg: return unary_backward<pointwise::Neg>(ins, t0, t1, invariant);
-        case Op::Exp: return unary_backward<pointwise::Exp>(ins, t0, t1, invariant);
-        case Op::Log: return unary_backward<pointwise::Log>(ins, t0, t1, invariant);
-        case Op::Tanh: return unary_backward<pointwise::Tanh>(ins, t0, t1, invariant);
-        case Op::Sigmoid: return unary_backward<pointwise::Sigmoid>(ins, t0, t1, invariant);
-        case Op::Relu: return unary_backward<pointwise::Relu>(ins, t0, t1, invariant);
+        case Op::Add: return binary_backward<pointwise::Add>(ins, t0, t1, part);
+        case Op::Sub: return binary_backward<pointwise::Sub>(ins, t0, t1, part);
+        case Op::Mul: return binary_backward<pointwise::Mul>(ins, t0, t1, part);
+        case Op::Div: return binary_backward<pointwise::Div>(ins, t0, t1, part);
+        case Op::Neg: return unary_backward<pointwise::Neg>(ins, t0, t1, part);
+        case Op::Exp: return unary_backward<pointwise::Exp>(ins, t0, t1, part);
+        case Op::Log: return unary_backward<pointwise::Log>(ins, t0, t1, part);
+        case Op::Tanh: return unary_backward<pointwise::Tanh>(ins, t0, t1, part);
+        case Op::Sigmoid: return unary_backward<pointwise::Sigmoid>(ins, t0, t1, part);
+        case Op::Relu: return unary_backward<pointwise::Relu>(ins, t0, t1, part);
         case Op::Linear: {
             const std::size_t x = ins.in[0], w = ins.in[1];
             const std::int64_t R = ins.n * (p->rate(x) == Rate::Invariant ? 1 : t1 - t0);
             const T* g = adj_at(ins.out, t0);
-            if (sends_to(x, invariant)) {
+            if (sends_to(x, part)) {
                 if (R * ins.m * ins.k <= kernels::kSmallProduct)
                     kernels::small_gemm<T>(R, ins.k, ins.m, g, at(w, 0), adj_at(x, t0), true);
                 else
                     kernels::gemm<T>("scan", false, false, R, ins.k, ins.m, g, at(w, 0), T(1), adj_at(x, t0));
             }
-            if (sends_to(w, invariant)) kernels::gemm<T>("scan", true, false, ins.m, ins.k, R, g, at(x, t0), T(1), adj_at(w, 0));
-            if (ins.in.size() == 3 && sends_to(ins.in[2], invariant)) kernels::add_column_sums<T>(g, R, ins.m, adj_at(ins.in[2], 0));
+            if (sends_to(w, part)) kernels::gemm<T>("scan", true, false, ins.m, ins.k, R, g, at(x, t0), T(1), adj_at(w, 0));
+            if (ins.in.size() == 3 && sends_to(ins.in[2], part)) kernels::add_column_sums<T>(g, R, ins.m, adj_at(ins.in[2], 0));
             return;
         }
         case Op::Matmul: {
             const std::size_t a = ins.in[0], b = ins.in[1];
             const bool a_varies = p->rate(a) != Rate::Invariant, b_varies = p->rate(b) != Rate::Invariant;
-            if (sends_to(a, invariant)) {
+            if (sends_to(a, part)) {
                 if (!b_varies && a_varies)
                     kernels::gemm<T>("scan", false, true, ins.n * (t1 - t0), ins.k, ins.m, adj_at(ins.out, t0), at(b, 0), T(1), adj_at(a, t0));
                 else
                     for (std::int64_t t = t0; t < t1; ++t)
                         kernels::gemm<T>("scan", false, true, ins.n, ins.k, ins.m, adj_at(ins.out, t), at(b, t), T(1), adj_at(a, t));
             }
-            if (sends_to(b, invariant)) {
+            if (sends_to(b, part)) {
                 if (!b_varies && a_varies)
                     kernels::gemm<T>("scan", true, false, ins.k, ins.m, ins.n * (t1 - t0), at(a, t0), adj_at(ins.out, t0), T(1), adj_at(b, 0));
                 else
@@ -1010,7 +1031,7 @@ template <class T> struct Replay {
         case Op::Move:
         case Op::Concat:
             for (std::size_t j = 0; j < ins.in.size(); ++j) {
-                if (!sends_to(ins.in[j], invariant)) continue;
+                if (!sends_to(ins.in[j], part)) continue;
                 for (std::int64_t t = t0; t < t1; ++t) {
                     const T* g = adj_at(ins.out, t);
                     T* dx = adj_at(ins.in[j], t);
@@ -1076,7 +1097,11 @@ ScanOutput run_eager(const ScanStep& step, const std::vector<Tensor>& init, cons
         const std::int64_t t = o.reverse ? T - 1 - i : i;
         std::vector<Tensor> x;
         for (const Tensor& xk : xs) x.push_back(xk.select(0, t));
+        // In anomaly mode a NaN is named with its op and, through this scope, its step.
+        std::optional<autograd::Scope> scope;
+        if (autograd::anomaly_mode_enabled()) scope.emplace(fmt::format("step {}", t));
         ScanStepResult r = step(carry, x);
+        scope.reset();
         LOOM_CHECK(r.carry.size() == carry.size(), "scan", "the step returned {} carry tensors at step {}, expected {}",
                    r.carry.size(), t, carry.size());
         for (std::size_t k = 0; k < carry.size(); ++k)

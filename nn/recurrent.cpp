@@ -214,7 +214,11 @@ struct StepLoop {
         const Tensor no_output = lens.masks.empty() ? Tensor() : zeros({1}, x.dtype());
         for (std::int64_t i = i0; i < i1; ++i) {
             const std::int64_t t = time_of(i);
+            // In anomaly mode a NaN is named with its op and, through this scope, its step.
+            std::optional<autograd::Scope> scope;
+            if (autograd::anomaly_mode_enabled()) scope.emplace(fmt::format("step {}", t));
             State next = step(x.select(0, t - x_first), s);
+            scope.reset();
             LOOM_CHECK(next.size() == state_size, op,
                        "the cell of layer {} direction {} returned {} state tensor(s) at step {}, expected {}", layer,
                        direction, next.size(), t, state_size);

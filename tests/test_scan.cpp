@@ -281,3 +281,24 @@ TEST_CASE("Recurrent<Cell> replays its cell by default, and equals the step-by-s
     // The built-in cells are one fused op per step already: they are not replayed.
     CHECK_FALSE(nn::Recurrent<nn::LSTMCell>(nn::RecurrentOptions(2, 3)).replayable());
 }
+
+TEST_CASE("anomaly mode runs the step eagerly and names the op and the step of a NaN")
+{
+    const Tensor h0 = leaf({2, 3}, 70);
+    Tensor xs = random({5, 2, 3}, 71, 0.5, 1.0);
+    {
+        NoGradGuard no_grad;
+        xs.select(0, 3).select(0, 1).fill_(-1.0);  // log of a negative number at step 3
+    }
+    const auto step = [](const V& c, const V& x) -> ScanStepResult { return {{c[0] * 0.5 + log(x[0])}, {c[0]}}; };
+    autograd::DetectAnomalyGuard anomaly;
+    check_error([&] { scan(step, {h0}, {xs}); }, {"log", "step 3"});
+    // And in Recurrent<Cell>, which replays its cells only outside anomaly mode.
+    nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(3, 2).dtype(kFloat64));
+    Tensor x = random({4, 1, 3}, 72);
+    {
+        NoGradGuard no_grad;
+        x.select(0, 2).fill_(std::nan(""));
+    }
+    check_error([&] { rnn(x); }, {"step 2"});
+}

@@ -76,6 +76,38 @@ TEST_CASE("threads backpropagating into one shared leaf sum their gradients exac
     CHECK(close_tensors(w.grad(), expected, 1e-12));
 }
 
+TEST_CASE("threads replaying scans over one shared weight sum their gradients exactly")
+{
+    // Each thread traces, caches and replays its own program; the weight is shared.
+    Generator gen(2);
+    Tensor w = randn({4, 4}, kFloat64, &gen).requires_grad_();
+    const int threads = 4, rounds = 10;
+    std::vector<Tensor> inputs;
+    for (int t = 0; t < threads; ++t) inputs.push_back(randn({6, 3, 4}, kFloat64, &gen));
+    const auto loss = [&w](const Tensor& xs) {
+        const ScanOutput r = scan(
+            [&w](const std::vector<Tensor>& c, const std::vector<Tensor>& x) -> ScanStepResult {
+                const Tensor h = tanh(matmul(c[0], w) + x[0]);
+                return {{h}, {h}};
+            },
+            {zeros({3, 4}, kFloat64)}, {xs});
+        REQUIRE(r.eager_reason.empty());
+        return r.ys[0].sum();
+    };
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+            for (int r = 0; r < rounds; ++r) loss(inputs[t]).backward();
+        });
+    for (auto& th : pool) th.join();
+    Tensor expected = zeros({4, 4}, kFloat64);
+    for (int t = 0; t < threads; ++t) {
+        const std::vector<Tensor> g = grad({loss(inputs[t])}, {w});
+        expected = expected + g[0] * double(rounds);
+    }
+    CHECK(close_tensors(w.grad(), expected, 1e-12));
+}
+
 TEST_CASE("each thread has its own default generator, reproducible from manual_seed")
 {
     manual_seed(7);
