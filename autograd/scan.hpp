@@ -38,8 +38,8 @@ namespace loom {
 /// What a step returns: the next carry (same count, shapes and dtypes as the carry it got) and
 /// this step's outputs.
 struct ScanStepResult {
-    std::vector<Tensor> carry;
-    std::vector<Tensor> y;
+    std::vector<Tensor> carry;  ///< the next carry
+    std::vector<Tensor> y;      ///< this step's outputs, stacked over steps by scan
 };
 
 /// step(carry, x_t): x_t holds one slice x[t] of each tensor of xs.
@@ -58,8 +58,8 @@ struct ScanOptions {
 
 /// The final carry and the stacked ys ([T, ...] each).
 struct ScanOutput {
-    std::vector<Tensor> carry;
-    std::vector<Tensor> ys;
+    std::vector<Tensor> carry;  ///< the carry after the last step
+    std::vector<Tensor> ys;     ///< each output of the step, stacked: [T, ...]
     /// Empty when the step was replayed; otherwise why it ran eagerly.
     std::string eager_reason;
 };
