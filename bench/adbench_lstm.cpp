@@ -43,36 +43,32 @@ int main(int argc, char** argv)
     x.main.requires_grad_();
     x.extra.requires_grad_();
 
-    double loss = 0;
-    const double primal = median_ms(repeats, [&] {
-        NoGradGuard no_grad;
-        loss = adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).item<double>();
-    });
-    double gradient_norm = 0;
-    const double gradient = median_ms(repeats, [&] {
-        x.main.zero_grad();
-        x.extra.zero_grad();
-        adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).backward();
-        gradient_norm = std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
-    });
-    double scan_loss = 0;
-    const double scan_primal = median_ms(repeats, [&] {
-        NoGradGuard no_grad;
-        scan_loss = adbench::lstm_objective_scan(x.main, x.extra, x.state, x.sequence).item<double>();
-    });
-    double scan_norm = 0;
-    const double scan_gradient = median_ms(repeats, [&] {
-        x.main.zero_grad();
-        x.extra.zero_grad();
-        adbench::lstm_objective_scan(x.main, x.extra, x.state, x.sequence).backward();
-        scan_norm = std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
-    });
+    // One objective's primal (under NoGradGuard) and gradient, timed, with its loss and gradient norm.
+    struct Timed {
+        double primal, loss, gradient, gradient_norm;
+    };
+    using Objective = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+    const auto time_objective = [&](Objective objective) {
+        Timed t{};
+        t.primal = median_ms(repeats, [&] {
+            NoGradGuard no_grad;
+            t.loss = objective(x.main, x.extra, x.state, x.sequence).item<double>();
+        });
+        t.gradient = median_ms(repeats, [&] {
+            x.main.zero_grad();
+            x.extra.zero_grad();
+            objective(x.main, x.extra, x.state, x.sequence).backward();
+            t.gradient_norm = std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
+        });
+        return t;
+    };
+    const Timed ops = time_objective(adbench::lstm_objective), scanned = time_objective(adbench::lstm_objective_scan);
     double plain_loss = 0;
     const double plain = median_ms(repeats, [&] { plain_loss = adbench::lstm_objective_plain(input); });
-    std::printf("W7 loom-primal ms=%.3f loss=%.15g\n", primal, loss);
-    std::printf("W7 loom-gradient ms=%.3f grad_norm=%.15g\n", gradient, gradient_norm);
+    std::printf("W7 loom-primal ms=%.3f loss=%.15g\n", ops.primal, ops.loss);
+    std::printf("W7 loom-gradient ms=%.3f grad_norm=%.15g\n", ops.gradient, ops.gradient_norm);
     std::printf("W7 plain-primal ms=%.3f loss=%.15g\n", plain, plain_loss);
-    std::printf("W7 scan-primal ms=%.3f loss=%.15g\n", scan_primal, scan_loss);
-    std::printf("W7 scan-gradient ms=%.3f grad_norm=%.15g\n", scan_gradient, scan_norm);
+    std::printf("W7 scan-primal ms=%.3f loss=%.15g\n", scanned.primal, scanned.loss);
+    std::printf("W7 scan-gradient ms=%.3f grad_norm=%.15g\n", scanned.gradient, scanned.gradient_norm);
     return 0;
 }
