@@ -544,7 +544,7 @@ LOOM_VECTOR_CLONES void binary_grads_both(std::int64_t rows, std::int64_t n, con
 // that do not (weights), or all.
 enum class Part { Varying, Invariant, All };
 
-// Copies `n` elements, or adds them into `to`.
+// to[i] += from[i] for n elements.
 template <class T> void add_into(T* to, const T* from, std::int64_t n)
 {
     for (std::int64_t i = 0; i < n; ++i) to[i] += from[i];
@@ -1054,6 +1054,9 @@ template <class T> Tensor tensor_from(const T* data, const Shape& shape, DType d
 void check_arguments(const std::vector<Tensor>& init, const std::vector<Tensor>& xs, const ScanOptions& o)
 {
     LOOM_CHECK(!xs.empty(), "scan", "expects at least one tensor in xs to scan over");
+    LOOM_CHECK(xs[0].defined() && xs[0].dim() >= 1 && xs[0].size(0) >= 1, "scan",
+               "expects at least one step: xs 0 must have a dim 0 of size 1 or more, got {}",
+               xs[0].defined() ? fmt::format("shape {}", xs[0].sizes()) : std::string("an undefined tensor"));
     for (std::size_t k = 0; k < xs.size(); ++k) {
         LOOM_CHECK(xs[k].defined() && xs[k].dim() >= 1, "scan", "xs {} must be a tensor of at least 1 dim, got {}", k,
                    xs[k].defined() ? fmt::format("shape {}", xs[k].sizes()) : std::string("an undefined tensor"));
@@ -1083,8 +1086,6 @@ ScanOutput run_eager(const ScanStep& step, const std::vector<Tensor>& init, cons
 {
     const std::int64_t T = xs[0].size(0);
     std::vector<Tensor> carry = init;
-    std::vector<std::vector<Tensor>> ys;
-    ys.reserve(8);
     std::vector<std::vector<Tensor>> per_step;
     const Tensor lens = o.lengths.defined() ? kernels::contiguous(o.lengths) : Tensor();
     // Row b's mask, shaped to broadcast against a tensor of `dims` dims whose dim 0 is B.

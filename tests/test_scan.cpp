@@ -220,6 +220,7 @@ TEST_CASE("scan's errors name what was wrong")
     const Tensor h0 = leaf({2, 3}, 50);
     const auto add = [](const V& c, const V& x) -> ScanStepResult { return {{c[0] + x[0]}, {c[0]}}; };
     check_error([&] { scan(add, {h0}, {}); }, {"scan", "at least one tensor in xs"});
+    check_error([&] { scan(add, {h0}, {leaf({0, 2, 3}, 57)}); }, {"scan", "at least one step", "[0, 2, 3]"});
     check_error([&] { scan(add, {h0}, {leaf({4, 2, 3}, 51), leaf({5, 2, 3}, 52)}); }, {"scan", "xs 1 has 5 steps"});
     ScanOptions bad;
     bad.lengths = from_vector<std::int64_t>({9, 1}, {2});
