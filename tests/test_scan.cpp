@@ -108,6 +108,25 @@ TEST_CASE("every replayed op gives the eager loop's values and gradients")
     }
 }
 
+TEST_CASE("carries swapped or passed through, outputs that are inputs or parameters, two xs")
+{
+    const Tensor w = leaf({4, 4}, 80, -0.5, 0.5), p = leaf({4}, 81);
+    const V init{leaf({3, 4}, 82), leaf({3, 4}, 83)};
+    const V xs{leaf({5, 3, 4}, 84), leaf({5, 3, 4}, 85)};
+    const auto step = [&](const V& c, const V& x) -> ScanStepResult {
+        const Tensor wt = w.t() * 0.5;  // computed once per call: it reads no step's value
+        const Tensor next = tanh(matmul(c[0], wt) + x[0] * x[1]) + c[1] * p;
+        return {{c[1] + x[1], next}, {x[0], (p * 2.0).expand({3, 4}), next, c[0]}};
+    };
+    check_replay("swapped", step, init, xs, {w, p});
+    ScanOptions o;
+    o.reverse = true;
+    o.lengths = from_vector<std::int64_t>({5, 1, 3}, {3});
+    check_replay("swapped, reverse, lengths", step, init, xs, {w, p}, o);
+    const auto passing = [&](const V& c, const V& x) -> ScanStepResult { return {{c[0], sigmoid(c[1] + x[0])}, {c[1]}}; };
+    check_replay("passed through", passing, init, {xs[0]}, {});
+}
+
 namespace {
 
 // An LSTM cell written from public ops, as a user would: carry {h, c}, input x_t.
