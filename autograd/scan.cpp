@@ -24,6 +24,7 @@
 #include "../core/random.hpp"
 #include "ops.hpp"
 #include "pointwise.hpp"
+#include "profiler.hpp"
 #include "tape_internal.hpp"
 
 namespace loom {
@@ -1231,6 +1232,7 @@ void say_once_why_eager(const std::string& why)
 bool try_replay_scan(const ScanStep& step, const std::vector<Tensor>& init, const std::vector<Tensor>& xs,
                      const std::vector<Tensor>& params, const ScanOptions& o, ScanOutput& out)
 {
+    const autograd::detail::ProfiledOp profiled("scan");  // the traces' ops show as well, as its parts
     check_arguments(init, xs, o);
     const DType dtype = init.empty() ? xs[0].dtype() : init[0].dtype();
     if (!o.replay) return out.eager_reason = "replay is off (ScanOptions::replay)", false;
