@@ -385,12 +385,20 @@ bool same_values(const Tensor& u, const Tensor& v)
            std::memcmp(bytes_of(u), bytes_of(v), std::size_t(u.numel()) * dtype_size(u.dtype())) == 0;
 }
 
+// Whether two traces ran the same ops on the same shapes and returned the same values.
+bool same_ops(const Program& a, const Program& b)
+{
+    return a.dtype == b.dtype && a.values == b.values && a.instrs == b.instrs && a.carry_in == b.carry_in &&
+           a.x_in == b.x_in && a.carry_out == b.carry_out && a.y_out == b.y_out;
+}
+
 // The first difference between two traces of the step, or "" when they are the same program.
 std::string difference(const Program& a, const Program& b)
 {
-    if (!(a.values == b.values) || !(a.instrs == b.instrs))
-        return "two traces of the step ran different ops or shapes (its ops depend on the data)";
-    if (a.carry_out != b.carry_out || a.y_out != b.y_out) return "two traces of the step returned different values";
+    if (!same_ops(a, b))
+        return a.values == b.values && a.instrs == b.instrs
+                   ? "two traces of the step returned different values"
+                   : "two traces of the step ran different ops or shapes (its ops depend on the data)";
     for (std::size_t k = 0; k < a.params.size(); ++k)
         if (&a.params[k].impl() != &b.params[k].impl()) return "two traces of the step read different parameters";
     for (std::size_t k = 0; k < a.consts.size(); ++k) {
@@ -441,9 +449,7 @@ private:
 
         bool matches(const Program& t) const
         {
-            if (t.dtype != trace.dtype || t.params.size() != params.size() || !(t.values == trace.values) ||
-                !(t.instrs == trace.instrs) || t.carry_out != trace.carry_out || t.y_out != trace.y_out ||
-                t.carry_in != trace.carry_in || t.x_in != trace.x_in || t.consts.size() != trace.consts.size())
+            if (!same_ops(t, trace) || t.params.size() != params.size() || t.consts.size() != trace.consts.size())
                 return false;
             for (std::size_t k = 0; k < params.size(); ++k)
                 if (params[k].lock() != t.params[k].impl_ptr()) return false;
@@ -577,9 +583,8 @@ template <class T> struct Replay {
     std::vector<std::int64_t> strides;
     // A move that takes one contiguous block of its input (a reshape, a chunk of one row) is no
     // copy: its value is that block of its input's buffer, gradient included (aliased[j] for
-    // instruction j, at input element alias_offset[j]).
+    // instruction j, at the input element of its one run).
     std::vector<bool> aliased;
-    std::int64_t stride(std::size_t v) const { return strides[v]; }
     T* at(std::size_t v, std::int64_t t) const { return base[v] + t * strides[v]; }
     T* adj_at(std::size_t v, std::int64_t t) { return adj[v] ? adj[v] + t * adj_strides[v] : nullptr; }
     // The gradients of values laid out step by step live one step at a time: a step's are all
@@ -603,7 +608,7 @@ template <class T> struct Replay {
         const std::size_t n = prog.values.size();
         std::vector<bool> in_product(n, false);
         for (const Instr& ins : prog.instrs)
-            if (ins.op == Op::Linear || ins.op == Op::Matmul) {
+            if (is_product(ins)) {
                 for (std::size_t v : ins.in) in_product[v] = true;
                 in_product[ins.out] = true;
             }
@@ -746,6 +751,17 @@ template <class T> struct Replay {
         }
     }
 
+    // The backward of pass_rows: adds from's rows active at step i into `active_to`, and the
+    // others into `held_to`; either may be null (nothing to add to).
+    void add_rows(T* active_to, T* held_to, const T* from, std::int64_t n, std::int64_t i) const
+    {
+        const std::int64_t row = lengths.empty() ? n : n / rows;
+        for (std::int64_t b = 0; b < (lengths.empty() ? 1 : rows); ++b) {
+            T* to = active(i, b) ? active_to : held_to;
+            if (to) add_into(to + b * row, from + b * row, row);
+        }
+    }
+
     // to = from in the rows active at step i, `held` (or zeros) in the others.
     void pass_rows(T* to, const T* from, const T* held_rows, std::int64_t n, std::int64_t i) const
     {
@@ -789,25 +805,12 @@ template <class T> struct Replay {
             for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
                 if (!gy[k].defined()) continue;
                 const std::size_t y = prog.y_out[k];
-                const std::int64_t n = prog.values[y].numel, row = n / rows;
-                const T* from = gy[k].template data_ptr<T>() + time_of(i) * n;
-                T* to = adj_at(y, i);
-                for (std::int64_t b = 0; b < (lengths.empty() ? 1 : rows); ++b)
-                    if (lengths.empty()) add_into(to, from, n);
-                    else if (active(i, b)) add_into(to + b * row, from + b * row, row);
+                const std::int64_t n = prog.values[y].numel;
+                add_rows(adj_at(y, i), nullptr, gy[k].template data_ptr<T>() + time_of(i) * n, n, i);
             }
             for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
-                const std::size_t c = prog.carry_in[k], src = prog.carry_out[k];
-                const std::int64_t n = prog.values[c].numel, row = n / rows;
-                const T* g = adj_at(c, i + 1);
-                for (std::int64_t b = 0; b < (lengths.empty() ? 1 : rows); ++b) {
-                    const std::int64_t at_row = lengths.empty() ? 0 : b * row, len = lengths.empty() ? n : row;
-                    if (active(i, b)) {
-                        if (adj[src]) add_into(adj_at(src, i) + at_row, g + at_row, len);
-                    } else {
-                        add_into(adj_at(c, i) + at_row, g + at_row, len);
-                    }
-                }
+                const std::size_t c = prog.carry_in[k];
+                add_rows(adj_at(prog.carry_out[k], i), adj_at(c, i), adj_at(c, i + 1), prog.values[c].numel, i);
             }
             for (std::size_t j = prog.instrs.size(); j-- > 0;) {
                 const Instr& ins = prog.instrs[j];
