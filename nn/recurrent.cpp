@@ -436,8 +436,7 @@ std::optional<RecurrentOutput> replay_steps(const StepLoop& loop, const Tensor& 
         const Tensor running = loop.lens.masks.empty() ? Tensor() : stack(loop.lens.masks, 0);  // [T, B, 1]
         for (std::size_t k = 0; k < loop.state_size; ++k) {
             const Tensor held = (loop.direction == 0 ? r.carry[k] : s[k]).unsqueeze(0);
-            // A copy: all_states[0] must not share its storage with the output, as on the step-by-step path.
-            out.all_states.push_back(running.defined() ? where(running, r.ys[k], held) : r.ys[k].detach().clone());
+            out.all_states.push_back(running.defined() ? where(running, r.ys[k], held) : r.ys[k].detach());
         }
     }
     return out;

@@ -298,6 +298,17 @@ TEST_CASE("Recurrent<Cell> replays its cell by default, and equals the step-by-s
         handle.remove();
         CHECK(rnn.replayable());
     }
+    // all_states without lengths is a tensor of its own, not a view of the output.
+    {
+        nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(3, 4).all_states(true).dtype(kFloat64));
+        REQUIRE(rnn.replayable());
+        const nn::RecurrentOutput r = rnn(leaf({5, 2, 3}, 63));
+        const std::vector<double> before = testing::values(r.output);
+        NoGradGuard no_grad;
+        Tensor states = r.all_states[0];
+        states.fill_(7.0);
+        CHECK(testing::values(r.output) == before);
+    }
     // The built-in cells are one fused op per step already: they are not replayed.
     CHECK_FALSE(nn::Recurrent<nn::LSTMCell>(nn::RecurrentOptions(2, 3)).replayable());
 }
