@@ -5,6 +5,7 @@
 #include "core/allocator.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "core/parallel.hpp"
 #include "core/random.hpp"
 #include "core/tensor.hpp"
 #include "autograd/function.hpp"

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../core/kernels.hpp"
+#include "../core/parallel.hpp"
 #include "ops.hpp"
 #include "profiler.hpp"
 #include "tape.hpp"
@@ -20,45 +21,141 @@ using Grads = autograd::GradList;
 
 namespace {
 
-// The recurrence over contiguous [steps, n] arrays, from h0 (none: zeros) at the first step
-// processed: t = 0 upward, or t = steps - 1 downward when `reverse`. Vectorised over n.
-template <class T>
-void run_recurrence(const T* a, const T* b, const T* h0, T* h, std::int64_t steps, std::int64_t n, bool reverse)
-{
-    for (std::int64_t s = 0; s < steps; ++s) {
-        const std::int64_t t = reverse ? steps - 1 - s : s;
-        const T* prev = s == 0 ? h0 : h + (reverse ? t + 1 : t - 1) * n;
-        const T* at = a + t * n;
-        const T* bt = b + t * n;
-        T* ht = h + t * n;
-        if (prev)
-            for (std::int64_t i = 0; i < n; ++i) ht[i] = at[i] * prev[i] + bt[i];
-        else
-            for (std::int64_t i = 0; i < n; ++i) ht[i] = bt[i];
-    }
-}
+// One recurrence h_s = c_s * h_{s-1} + b_s over contiguous [steps, n] arrays, in the order its
+// steps are processed: step s is time t(s) (from the last when `reverse`). The coefficient of
+// step s is read `coefficient_shift` elements from row t(s) of c: the forward reads its own
+// row; the backward, run the other way, reads the row of the step processed after it in forward.
+template <class T> struct Recurrence {
+    const T* c;
+    std::int64_t coefficient_shift;
+    const T* b;
+    const T* init;  // the state before step 0; null: zeros
+    T* h;
+    std::int64_t steps, n;
+    bool reverse;
 
-// The backward of run_recurrence in one pass, the other way in time: g_t = dh_t + a_next g_next
-// (the step processed just before), db_t = g_t, da_t = g_t * h_before(t), and dh0 = a_first g_first.
-template <class T>
-void run_recurrence_backward(const T* a, const T* h, const T* h0, const T* dh, T* da, T* db, T* dh0,
-                             std::int64_t steps, std::int64_t n, bool reverse)
-{
-    for (std::int64_t s = 0; s < steps; ++s) {
-        const std::int64_t t = reverse ? s : steps - 1 - s;  // forward's last step first
-        const std::int64_t later = reverse ? t - 1 : t + 1, earlier = reverse ? t + 1 : t - 1;
-        const T* g_later = s == 0 ? nullptr : db + later * n;
-        const T* a_later = s == 0 ? nullptr : a + later * n;
-        const T* before = s == steps - 1 ? h0 : h + earlier * n;
-        const T* dht = dh + t * n;
-        T* dbt = db + t * n;
-        T* dat = da + t * n;
-        for (std::int64_t i = 0; i < n; ++i) {
-            const T g = g_later ? dht[i] + a_later[i] * g_later[i] : dht[i];
-            dbt[i] = g;
-            dat[i] = before ? g * before[i] : T(0);
+    std::int64_t row(std::int64_t s) const { return (reverse ? steps - 1 - s : s) * n; }
+    const T* coefficient(std::int64_t s) const { return c + (row(s) + coefficient_shift); }
+
+    // Steps [s0, s1) over lanes [i0, i1), from `prev` (the state before s0; null: zeros).
+    void run(const T* prev, std::int64_t s0, std::int64_t s1, std::int64_t i0, std::int64_t i1) const
+    {
+        for (std::int64_t s = s0; s < s1; ++s) {
+            const T* bs = b + row(s);
+            T* hs = h + row(s);
+            if (prev) {
+                const T* cs = coefficient(s);
+                for (std::int64_t i = i0; i < i1; ++i) hs[i] = cs[i] * prev[i] + bs[i];
+            } else {
+                for (std::int64_t i = i0; i < i1; ++i) hs[i] = bs[i];
+            }
+            prev = hs;
         }
     }
+};
+
+// Below this many elements a recurrence runs on one thread: starting threads would cost more.
+constexpr std::int64_t kThreadedRecurrence = std::int64_t(1) << 16;
+// Lanes per thread worth splitting the lanes for (a few vectors each): narrower recurrences
+// split their steps instead.
+constexpr std::int64_t kLanesPerThread = 64;
+
+// Lanes [i0, i1) of the k-th of `parts` equal blocks of n.
+std::pair<std::int64_t, std::int64_t> block(std::int64_t n, std::int64_t k, std::int64_t parts)
+{
+    return {n * k / parts, n * (k + 1) / parts};
+}
+
+// Runs r on up to get_num_threads() threads. Wide: each thread runs every step over its block of
+// lanes. Narrow and long, on three threads or more: the two-pass chunked scan. Each thread runs
+// its chunk of steps from a zero state (the first from the real one) and the product of its
+// coefficients; then, one chunk after another, the true state entering each chunk is known (the
+// end of the previous chunk plus its product times the state entering it); last, each chunk
+// after the first adds the running product of its coefficients times that state to every step.
+// On two threads that cannot win (each runs half the steps, then one of them the second half
+// again, reading memory again), so a narrow recurrence there runs on one.
+template <class T> void run_recurrence(const Recurrence<T>& r)
+{
+    const std::int64_t threads =
+        r.steps * r.n < kThreadedRecurrence ? 1 : std::min<std::int64_t>(get_num_threads(), r.steps);
+    if (r.n >= threads * kLanesPerThread && threads > 1)
+        return kernels::run_tasks(threads, [&](std::int64_t k) {
+            const auto [i0, i1] = block(r.n, k, threads);
+            r.run(r.init, 0, r.steps, i0, i1);
+        });
+    if (threads < 3) return r.run(r.init, 0, r.steps, 0, r.n);
+    const std::int64_t chunks = threads, n = r.n;
+    const auto first_step = [&](std::int64_t k) { return r.steps * k / chunks; };
+    std::vector<T> product(static_cast<std::size_t>(chunks * n)), entering(static_cast<std::size_t>(chunks * n));
+    kernels::run_tasks(chunks, [&](std::int64_t k) {
+        const std::int64_t s0 = first_step(k), s1 = first_step(k + 1);
+        r.run(k == 0 ? r.init : nullptr, s0, s1, 0, n);
+        if (k == 0) return;
+        T* p = product.data() + k * n;
+        std::copy(r.coefficient(s0), r.coefficient(s0) + n, p);
+        for (std::int64_t s = s0 + 1; s < s1; ++s) {
+            const T* cs = r.coefficient(s);
+            for (std::int64_t i = 0; i < n; ++i) p[i] *= cs[i];
+        }
+    });
+    for (std::int64_t k = 1; k < chunks; ++k) {
+        const T* end = r.h + r.row(first_step(k) - 1);  // chunk k-1's last step, from a zero state
+        T* in = entering.data() + k * n;
+        const T *before = entering.data() + (k - 1) * n, *p = product.data() + (k - 1) * n;
+        for (std::int64_t i = 0; i < n; ++i) in[i] = k == 1 ? end[i] : end[i] + p[i] * before[i];
+    }
+    kernels::run_tasks(chunks - 1, [&](std::int64_t j) {
+        const std::int64_t k = j + 1;
+        const T* in = entering.data() + k * n;
+        std::vector<T> running(static_cast<std::size_t>(n), T(1));
+        for (std::int64_t s = first_step(k); s < first_step(k + 1); ++s) {
+            const T* cs = r.coefficient(s);
+            T* hs = r.h + r.row(s);
+            for (std::int64_t i = 0; i < n; ++i) {
+                running[std::size_t(i)] *= cs[i];
+                hs[i] += running[std::size_t(i)] * in[i];
+            }
+        }
+    });
+}
+
+// Elementwise work over [steps, n] split by lanes across threads when large enough: fn(i0, i1).
+template <class F> void over_lanes(std::int64_t steps, std::int64_t n, F&& fn)
+{
+    const std::int64_t threads = steps * n < kThreadedRecurrence ? 1 : std::min<std::int64_t>(get_num_threads(), n);
+    if (threads <= 1) return fn(std::int64_t(0), n);
+    kernels::run_tasks(threads, [&](std::int64_t k) {
+        const auto [i0, i1] = block(n, k, threads);
+        fn(i0, i1);
+    });
+}
+
+// h over contiguous [steps, n] arrays from h0 (none: zeros), t = 0 upward or downward when `reverse`.
+template <class T>
+void forward_recurrence(const T* a, const T* b, const T* h0, T* h, std::int64_t steps, std::int64_t n, bool reverse)
+{
+    run_recurrence(Recurrence<T>{a, 0, b, h0, h, steps, n, reverse});
+}
+
+// The backward of forward_recurrence, the other way in time: g_t = dh_t + a_next g_next (the step
+// processed just after t in forward), the same recurrence, into db; then da_t = g_t * h_before(t)
+// and dh0 = a_first g_first.
+template <class T>
+void backward_recurrence(const T* a, const T* h, const T* h0, const T* dh, T* da, T* db, T* dh0, std::int64_t steps,
+                         std::int64_t n, bool reverse)
+{
+    // Run backward (order !reverse), step s's coefficient is a at the time processed before it
+    // here: one row later in time when this order counts down, one row earlier when it counts up.
+    run_recurrence(Recurrence<T>{a, reverse ? -n : n, dh, nullptr, db, steps, n, !reverse});
+    over_lanes(steps, n, [&](std::int64_t i0, std::int64_t i1) {
+        for (std::int64_t t = 0; t < steps; ++t) {
+            const std::int64_t earlier = reverse ? t + 1 : t - 1;
+            const T* before = earlier < 0 || earlier >= steps ? h0 : h + earlier * n;
+            const T* gt = db + t * n;
+            T* dat = da + t * n;
+            for (std::int64_t i = i0; i < i1; ++i) dat[i] = before ? gt[i] * before[i] : T(0);
+        }
+    });
     const std::int64_t first = reverse ? steps - 1 : 0;
     if (dh0)
         for (std::int64_t i = 0; i < n; ++i) dh0[i] = a[first * n + i] * db[first * n + i];
@@ -73,16 +170,19 @@ template <class T> T log_add_exp(T u, T v)
 }
 
 // The recurrence in log space over contiguous [steps, n] arrays: l_t = log(exp(la_t + l_before)
-// + exp(lb_t)), from lh0 (none: the first step is lb alone), in the order run_recurrence uses.
+// + exp(lb_t)), from lh0 (none: the first step is lb alone), t upward or downward when `reverse`;
+// lanes split across threads (each has a transcendental per element: no chunked scan).
 template <class T>
 void run_log_recurrence(const T* la, const T* lb, const T* lh0, T* l, std::int64_t steps, std::int64_t n, bool reverse)
 {
-    for (std::int64_t s = 0; s < steps; ++s) {
-        const std::int64_t t = reverse ? steps - 1 - s : s;
-        const T* prev = s == 0 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
-        for (std::int64_t i = 0; i < n; ++i)
-            l[t * n + i] = prev ? log_add_exp(la[t * n + i] + prev[i], lb[t * n + i]) : lb[t * n + i];
-    }
+    over_lanes(steps, n, [&](std::int64_t i0, std::int64_t i1) {
+        for (std::int64_t s = 0; s < steps; ++s) {
+            const std::int64_t t = reverse ? steps - 1 - s : s;
+            const T* prev = s == 0 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
+            for (std::int64_t i = i0; i < i1; ++i)
+                l[t * n + i] = prev ? log_add_exp(la[t * n + i] + prev[i], lb[t * n + i]) : lb[t * n + i];
+        }
+    });
 }
 
 // Its backward, the other way in time. w_t = exp(la_t + l_before - l_t) is the share of the
@@ -92,21 +192,23 @@ template <class T>
 void run_log_recurrence_backward(const T* la, const T* l, const T* lh0, const T* dl, T* dla, T* dlb, T* dlh0,
                                  std::int64_t steps, std::int64_t n, bool reverse)
 {
-    std::vector<T> g(static_cast<std::size_t>(n), T(0)), w_later(static_cast<std::size_t>(n), T(0));
-    for (std::int64_t s = 0; s < steps; ++s) {
-        const std::int64_t t = reverse ? s : steps - 1 - s;
-        const T* before = s == steps - 1 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
-        for (std::int64_t i = 0; i < n; ++i) {
-            const T gt = dl[t * n + i] + w_later[std::size_t(i)] * g[std::size_t(i)];
-            const T w = before ? std::exp(la[t * n + i] + before[i] - l[t * n + i]) : T(0);
-            dla[t * n + i] = gt * w;
-            dlb[t * n + i] = gt - gt * w;
-            g[std::size_t(i)] = gt;
-            w_later[std::size_t(i)] = w;
+    over_lanes(steps, n, [&](std::int64_t i0, std::int64_t i1) {
+        std::vector<T> g(static_cast<std::size_t>(n), T(0)), w_later(static_cast<std::size_t>(n), T(0));
+        for (std::int64_t s = 0; s < steps; ++s) {
+            const std::int64_t t = reverse ? s : steps - 1 - s;
+            const T* before = s == steps - 1 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
+            for (std::int64_t i = i0; i < i1; ++i) {
+                const T gt = dl[t * n + i] + w_later[std::size_t(i)] * g[std::size_t(i)];
+                const T w = before ? std::exp(la[t * n + i] + before[i] - l[t * n + i]) : T(0);
+                dla[t * n + i] = gt * w;
+                dlb[t * n + i] = gt - gt * w;
+                g[std::size_t(i)] = gt;
+                w_later[std::size_t(i)] = w;
+            }
         }
-    }
-    if (dlh0)
-        for (std::int64_t i = 0; i < n; ++i) dlh0[i] = g[std::size_t(i)] * w_later[std::size_t(i)];
+        if (dlh0)
+            for (std::int64_t i = i0; i < i1; ++i) dlh0[i] = g[std::size_t(i)] * w_later[std::size_t(i)];
+    });
 }
 
 // x [T, ...] moved one step along dim 0, `first` filling the step left open: toward the start
@@ -153,7 +255,7 @@ Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0, boo
     const Tensor hc = h0.defined() ? kernels::contiguous(h0) : Tensor();
     Tensor h = empty(b.sizes(), b.dtype());
     dispatch_floating(op, b.dtype(), [&]<class T>() {
-        run_recurrence<T>(ac.data_ptr<T>(), bc.data_ptr<T>(), hc.defined() ? hc.data_ptr<T>() : nullptr,
+        forward_recurrence<T>(ac.data_ptr<T>(), bc.data_ptr<T>(), hc.defined() ? hc.data_ptr<T>() : nullptr,
                           h.data_ptr<T>(), steps, n, reverse);
     });
     return record(op, {a, b, h0}, h, {a, h0, h}, [reverse](const BackwardContext& c) {
@@ -167,7 +269,7 @@ Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0, boo
             Tensor da = empty(h.sizes(), h.dtype()), db = empty(h.sizes(), h.dtype());
             Tensor dh0 = c.needs[2] ? empty(h0.sizes(), h.dtype()) : Tensor();
             dispatch_floating("linear_recurrence", h.dtype(), [&]<class T>() {
-                run_recurrence_backward<T>(ac.data_ptr<T>(), kernels::contiguous(h).data_ptr<T>(),
+                backward_recurrence<T>(ac.data_ptr<T>(), kernels::contiguous(h).data_ptr<T>(),
                                            hc.defined() ? hc.data_ptr<T>() : nullptr, dh.data_ptr<T>(), da.data_ptr<T>(),
                                            db.data_ptr<T>(), dh0.defined() ? dh0.data_ptr<T>() : nullptr, h.size(0), n,
                                            reverse);

@@ -73,11 +73,14 @@ static void select_backward_per_step(benchmark::State& state)
         benchmark::Counter(double(T), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// linear_recurrence over T = 4096 steps of B x H = 16 x 256, forward, against the same loop in
-// plain C++ over the same arrays (it is memory-bound: 3 arrays read or written per step).
+// linear_recurrence forward over T steps of n lanes (Args: T, n), against the same loop in plain
+// C++ over the same arrays on one thread (it is memory-bound: 3 arrays read or written per step).
+// Wide (4096 x 16 x 256) splits the lanes across threads; narrow and long (262144 x 16) runs the
+// two-pass chunked scan over steps.
 static void linear_recurrence_forward(benchmark::State& state)
 {
-    const Tensor a = rand({4096, 16, 256}), b = randn({4096, 16, 256});
+    const std::int64_t T = state.range(0), n = state.range(1);
+    const Tensor a = rand({T, n}), b = randn({T, n});
     NoGradGuard no_grad;
     for (auto _ : state) benchmark::DoNotOptimize(linear_recurrence(a, b));
     state.SetBytesProcessed(state.iterations() * 3 * a.numel() * 4);
@@ -85,8 +88,8 @@ static void linear_recurrence_forward(benchmark::State& state)
 
 static void linear_recurrence_plain_loop(benchmark::State& state)
 {
-    const Tensor a = rand({4096, 16, 256}), b = randn({4096, 16, 256});
-    const std::int64_t T = 4096, n = 16 * 256;
+    const std::int64_t T = state.range(0), n = state.range(1);
+    const Tensor a = rand({T, n}), b = randn({T, n});
     const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
     std::vector<float> h(static_cast<std::size_t>(T * n));  // allocated once, as loom's storage cache does
     for (auto _ : state) {
@@ -185,8 +188,8 @@ BENCHMARK(add_no_grad);
 BENCHMARK(add_recorded);
 BENCHMARK(add_recorded_and_swept);
 BENCHMARK(select_backward_per_step)->Arg(500)->Arg(1000)->Arg(2000)->Arg(4000)->Unit(benchmark::kMillisecond);
-BENCHMARK(linear_recurrence_forward)->Unit(benchmark::kMillisecond);
-BENCHMARK(linear_recurrence_plain_loop)->Unit(benchmark::kMillisecond);
+BENCHMARK(linear_recurrence_forward)->Args({4096, 16 * 256})->Args({262144, 16})->Unit(benchmark::kMillisecond);
+BENCHMARK(linear_recurrence_plain_loop)->Args({4096, 16 * 256})->Args({262144, 16})->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_forward_backward)->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_op_forward_backward)->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_plain_forward_backward)->Unit(benchmark::kMillisecond);

@@ -1,6 +1,5 @@
 #include "tensor.hpp"
 
-#include <cblas.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -285,12 +284,6 @@ Tensor randint(std::int64_t low, std::int64_t high, const Shape& shape, Generato
     std::int64_t* p = t.data_ptr<std::int64_t>();
     for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = g.randint(low, high);
     return t;
-}
-
-void set_num_threads(int threads)
-{
-    LOOM_CHECK(threads >= 1, "set_num_threads", "expects at least 1 thread, got {}", threads);
-    openblas_set_num_threads(threads);
 }
 
 }  // namespace loom

@@ -15,6 +15,7 @@
 #include "dtype.hpp"
 #include "small_vector.hpp"
 #include "error.hpp"
+#include "parallel.hpp"
 
 /// core/ is namespace loom itself: the tensor is the library's base type.
 namespace loom {
@@ -369,9 +370,6 @@ Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b);
 std::int64_t wrap_dim(std::string_view op, std::int64_t dim, std::int64_t ndim);
 /// The same for an op that indexes along the dim, which a 0-d tensor does not have.
 std::int64_t wrap_indexed_dim(std::string_view op, std::int64_t dim, std::int64_t ndim);
-
-/// Sets the number of threads OpenBLAS uses for matmul.
-void set_num_threads(int threads);
 
 }  // namespace loom
 

@@ -109,6 +109,41 @@ Tensor log_loop_of_ops(const Tensor& la, const Tensor& lb, const Tensor& lh0, bo
 }
 }  // namespace
 
+TEST_CASE("linear_recurrence on several threads, by lanes or by chunks of steps, equals one thread to 1e-12")
+{
+    // Narrow and long ([20000, 2, 3]: the two-pass chunked scan over steps) and wide ([300, 4, 64]:
+    // lanes split across threads), in both directions, with and without h0, values and every
+    // gradient; and log_linear_recurrence, whose lanes split across threads.
+    const int threads_before = get_num_threads();
+    for (const Shape& shape : {Shape{20000, 2, 3}, Shape{300, 4, 64}})
+        for (bool reverse : {false, true})
+            for (bool with_h0 : {false, true}) {
+                CAPTURE(shape);
+                CAPTURE(reverse);
+                CAPTURE(with_h0);
+                const Shape step_shape(shape.begin() + 1, shape.end());
+                const Tensor a = random(shape, 11, 0.5, 0.99).requires_grad_(), b = random(shape, 12).requires_grad_();
+                const Tensor h0 = with_h0 ? random(step_shape, 13).requires_grad_() : Tensor();
+                const Tensor w = random(shape, 14);
+                std::vector<Tensor> wrt{a, b};
+                if (with_h0) wrt.push_back(h0);
+                for (auto op : {linear_recurrence, log_linear_recurrence}) {
+                    const auto run = [&](int threads) {
+                        set_num_threads(threads);
+                        const Tensor h = op == linear_recurrence ? op(a, b, h0, reverse)
+                                                                 : op(log(a), b, with_h0 ? h0 * 0.1 : Tensor(), reverse);
+                        std::vector<Tensor> out{h.detach()};
+                        for (const Tensor& g : grad({(h * w).sum()}, wrt)) out.push_back(g);
+                        return out;
+                    };
+                    const auto one = run(1), three = run(3);
+                    for (std::size_t k = 0; k < one.size(); ++k) CHECK(close_tensors(three[k], one[k], 1e-12));
+                }
+            }
+    set_num_threads(threads_before);
+    CHECK(get_num_threads() == threads_before);
+}
+
 TEST_CASE("log_linear_recurrence equals a loop of ops and the log of linear_recurrence, values and gradients")
 {
     for (bool reverse : {false, true})
