@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../core/kernels.hpp"
+#include "../core/math.hpp"
 #include "../core/parallel.hpp"
 #include "ops.hpp"
 #include "profiler.hpp"
@@ -161,12 +162,13 @@ void backward_recurrence(const T* a, const T* h, const T* h0, const T* dh, T* da
         for (std::int64_t i = 0; i < n; ++i) dh0[i] = a[first * n + i] * db[first * n + i];
 }
 
-// log(exp(u) + exp(v)) without overflow; exact when either is -inf.
+// log(exp(u) + exp(v)) without overflow; exact when either is -inf. Branch-free (exp_of and
+// log1p_of vectorise for float), so the loop over lanes vectorises.
 template <class T> T log_add_exp(T u, T v)
 {
-    if (u == -std::numeric_limits<T>::infinity()) return v;
-    if (v == -std::numeric_limits<T>::infinity()) return u;
-    return std::max(u, v) + std::log1p(std::exp(-std::abs(u - v)));
+    constexpr T minus_inf = -std::numeric_limits<T>::infinity();
+    const T sum = std::max(u, v) + log1p_of(exp_of(-std::abs(u - v)));
+    return u == minus_inf ? v : v == minus_inf ? u : sum;
 }
 
 // The recurrence in log space over contiguous [steps, n] arrays: l_t = log(exp(la_t + l_before)
@@ -179,8 +181,12 @@ void run_log_recurrence(const T* la, const T* lb, const T* lh0, T* l, std::int64
         for (std::int64_t s = 0; s < steps; ++s) {
             const std::int64_t t = reverse ? steps - 1 - s : s;
             const T* prev = s == 0 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
-            for (std::int64_t i = i0; i < i1; ++i)
-                l[t * n + i] = prev ? log_add_exp(la[t * n + i] + prev[i], lb[t * n + i]) : lb[t * n + i];
+            const T *lat = la + t * n, *lbt = lb + t * n;
+            T* lt = l + t * n;
+            if (prev)
+                for (std::int64_t i = i0; i < i1; ++i) lt[i] = log_add_exp(lat[i] + prev[i], lbt[i]);
+            else
+                for (std::int64_t i = i0; i < i1; ++i) lt[i] = lbt[i];
         }
     });
 }
@@ -199,7 +205,7 @@ void run_log_recurrence_backward(const T* la, const T* l, const T* lh0, const T*
             const T* before = s == steps - 1 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
             for (std::int64_t i = i0; i < i1; ++i) {
                 const T gt = dl[t * n + i] + w_later[std::size_t(i)] * g[std::size_t(i)];
-                const T w = before ? std::exp(la[t * n + i] + before[i] - l[t * n + i]) : T(0);
+                const T w = before ? exp_of(la[t * n + i] + before[i] - l[t * n + i]) : T(0);
                 dla[t * n + i] = gt * w;
                 dlb[t * n + i] = gt - gt * w;
                 g[std::size_t(i)] = gt;

@@ -2,7 +2,10 @@
 /// Scalar math shared by kernels.
 #pragma once
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
 // Compiles a hot loop twice, for AVX2 and for the baseline x86-64 (SSE2), and picks one when the
@@ -43,6 +46,91 @@ inline float tanh_float(float x)
 /// sigmoid(x) = (1 + tanh(x / 2)) / 2 for float32: vectorises with tanh_float, where a loop over
 /// 1 / (1 + expf(-x)) calls libm once per element. Within a few 1e-8 of the exact value.
 inline float sigmoid_float(float x) { return 0.5f * tanh_float(0.5f * x) + 0.5f; }
+
+/// c ? a : b for float32 as bit masks: GCC will not turn a conditional that guards floating-point
+/// arithmetic into a vector blend (that arithmetic might trap), so a loop over it would not vectorise.
+inline float select_float(bool c, float a, float b)
+{
+    const std::int32_t mask = -static_cast<std::int32_t>(c);
+    return std::bit_cast<float>((std::bit_cast<std::int32_t>(a) & mask) | (std::bit_cast<std::int32_t>(b) & ~mask));
+}
+
+/// e^x for float32, branch-free so loops over it vectorise, where std::exp is a libm call per
+/// element: Cody-Waite reduction x = n ln 2 + r and Cephes' expf polynomial, within 2 ulps of
+/// std::exp for normal results. Results below float's smallest normal (x < -87.34) are 0,
+/// x > 88.72 is inf, NaN stays NaN.
+inline float exp_float(float x)
+{
+    constexpr float lowest = -87.3365448f, highest = 88.7228390f;
+    const float c = select_float(x > lowest, std::min(x, highest), lowest);  // NaN takes `lowest`: finite below
+    // n = round(c / ln 2): adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
+    constexpr float shifter = 12582912.0f;
+    const float shifted = c * 1.44269504088896341f + shifter;
+    const float n = shifted - shifter;
+    const std::int32_t ni = std::bit_cast<std::int32_t>(shifted) - std::bit_cast<std::int32_t>(shifter);
+    const float r = (c - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = p * r * r + r + 1.0f;
+    // 2^n in two factors: n reaches 128 and -126, whose 2^n alone is no normal float.
+    const std::int32_t half = ni >> 1;
+    const float scaled = e * std::bit_cast<float>((half + 127) << 23) * std::bit_cast<float>((ni - half + 127) << 23);
+    const float result = select_float(x < lowest, 0.0f, select_float(x > highest, std::numeric_limits<float>::infinity(), scaled));
+    return select_float(x != x, x, result);
+}
+
+/// log(x) for float32, branch-free: x = 2^e m with m in [sqrt(1/2), sqrt(2)) by bit arithmetic and
+/// Cephes' logf polynomial, within 2 ulps of std::log; 0 gives -inf, a negative x or NaN NaN,
+/// inf inf.
+inline float log_float(float x)
+{
+    constexpr float smallest = std::numeric_limits<float>::min(), inf = std::numeric_limits<float>::infinity();
+    const bool subnormal = x < smallest;
+    const float normal = select_float(subnormal, x * 8388608.0f, x);  // times 2^23
+    const std::int32_t bits = std::bit_cast<std::int32_t>(normal);
+    const std::int32_t e = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3: sqrt(1/2)
+    const float f = std::bit_cast<float>(bits - (e << 23)) - 1.0f;
+    const float z = f * f;
+    float y = 7.0376836292e-2f;
+    y = y * f - 1.1514610310e-1f;
+    y = y * f + 1.1676998740e-1f;
+    y = y * f - 1.2420140846e-1f;
+    y = y * f + 1.4249322787e-1f;
+    y = y * f - 1.6668057665e-1f;
+    y = y * f + 2.0000714765e-1f;
+    y = y * f - 2.4999993993e-1f;
+    y = y * f + 3.3333331174e-1f;
+    const float fe = static_cast<float>(e) - select_float(subnormal, 23.0f, 0.0f);
+    const float result = f + (y * f * z + fe * -2.12194440e-4f - 0.5f * z) + fe * 0.693359375f;
+    return select_float(x > 0.0f, select_float(x < inf, result, inf),
+                        select_float(x == 0.0f, -inf, std::numeric_limits<float>::quiet_NaN()));
+}
+
+/// log(1 + u) for float32 and u >= 0, branch-free: log_float(1 + u) corrected by the rounding of
+/// 1 + u (Goldberg's form), so a tiny u gives u.
+inline float log1p_float(float u)
+{
+    const float w = 1.0f + u;
+    return log_float(w) - ((w - 1.0f) - u) / w;
+}
+
+/// e^x: exp_float for float (vectorises), std::exp otherwise.
+template <class T> T exp_of(T x)
+{
+    if constexpr (std::is_same_v<T, float>) return exp_float(x);
+    else return std::exp(x);
+}
+
+/// log(1 + u) for u >= 0: log1p_float for float (vectorises), std::log1p otherwise.
+template <class T> T log1p_of(T u)
+{
+    if constexpr (std::is_same_v<T, float>) return log1p_float(u);
+    else return std::log1p(u);
+}
 
 /// Integer arithmetic wraps around in two's complement, as PyTorch's does, instead of being
 /// undefined on overflow; floating point is unchanged.

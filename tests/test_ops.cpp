@@ -1,6 +1,12 @@
 // Forward values of the ops: broadcasting, reductions along each axis, joins, indexing, matmul.
 #include "helpers.hpp"
 
+#include <loom/core/math.hpp>
+
+#include <bit>
+#include <climits>
+#include <limits>
+
 using namespace loom;
 using testing::close;
 using testing::values;
@@ -63,6 +69,61 @@ TEST_CASE("float32 tanh stays within a few ulps of the exact value")
     CHECK(worst < 4e-7);  // about 3 float32 epsilons
     CHECK(tanh(tensor({0.0001})).item<float>() == doctest::Approx(0.0001));
     CHECK(close(tanh(tensor({-30, 30})), {-1, 1}));
+}
+
+namespace {
+// Floats between a and b, counted on the number line (0 for equal, NaN with NaN).
+std::int64_t ulps_apart(float a, float b)
+{
+    if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b) ? 0 : INT64_MAX;
+    if (a == b) return 0;  // also infinities of one sign
+    const auto ordered = [](float f) {
+        const std::int32_t bits = std::bit_cast<std::int32_t>(f);
+        return bits < 0 ? std::int64_t(INT32_MIN) - bits : std::int64_t(bits);
+    };
+    return std::abs(ordered(a) - ordered(b));
+}
+}  // namespace
+
+TEST_CASE("float32 exp_float, log_float and log1p_float stay within 2 ulps of libm, special values included")
+{
+    // Two million points from -104 to 89 for exp; for log every 1021st bit pattern of a positive
+    // float, subnormals included; for log1p a geometric sweep of [1e-30, 1e6]; against glibc.
+    std::int64_t worst_exp = 0, worst_log = 0, worst_log1p = 0;
+    for (int k = 0; k < 2000000; ++k) {
+        const float x = -104.0f + 193.0f * float(k) / 2e6f, want = std::exp(x);
+        // Below float's smallest normal exp_float is 0: subnormal results are not kept.
+        if (want >= std::numeric_limits<float>::min() || std::isinf(want))
+            worst_exp = std::max(worst_exp, ulps_apart(exp_float(x), want));
+        else if (exp_float(x) != 0.0f) worst_exp = INT64_MAX;
+    }
+    for (std::int32_t bits = 1; bits < 0x7f800000 - 1021; bits += 1021) {
+        const float x = std::bit_cast<float>(bits);
+        worst_log = std::max(worst_log, ulps_apart(log_float(x), std::log(x)));
+    }
+    for (float u = 1e-30f; u < 1e6f; u *= 1.0001f) worst_log1p = std::max(worst_log1p, ulps_apart(log1p_float(u), std::log1p(u)));
+    CHECK(worst_exp <= 2);
+    CHECK(worst_log <= 2);
+    CHECK(worst_log1p <= 2);
+    const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+    CHECK(exp_float(0.0f) == 1.0f);
+    CHECK(exp_float(-inf) == 0.0f);
+    CHECK(exp_float(inf) == inf);
+    CHECK(exp_float(100.0f) == inf);
+    CHECK(std::isnan(exp_float(nan)));
+    CHECK(log_float(1.0f) == 0.0f);
+    CHECK(log_float(0.0f) == -inf);
+    CHECK(log_float(inf) == inf);
+    CHECK(std::isnan(log_float(-1.0f)));
+    CHECK(std::isnan(log_float(nan)));
+    CHECK(log1p_float(1e-30f) == 1e-30f);
+    // softplus in float32 uses them; float64 keeps libm.
+    const Tensor x = arange(-30, 30, 0.01, kFloat32);
+    const auto got = values(softplus(x)), at = values(x);
+    double worst = 0;
+    for (std::size_t i = 0; i < got.size(); ++i)
+        worst = std::max(worst, std::abs(got[i] - std::log1p(std::exp(at[i]))) / std::max(1.0, std::log1p(std::exp(at[i]))));
+    CHECK(worst < 3e-7);
 }
 
 TEST_CASE("comparisons give bool masks; where and masked_fill select")
