@@ -162,13 +162,35 @@ void backward_recurrence(const T* a, const T* h, const T* h0, const T* dh, T* da
         for (std::int64_t i = 0; i < n; ++i) dh0[i] = a[first * n + i] * db[first * n + i];
 }
 
-// log(exp(u) + exp(v)) without overflow; exact when either is -inf. Branch-free (exp_of and
-// log1p_of vectorise for float), so the loop over lanes vectorises.
-template <class T> T log_add_exp(T u, T v)
+// One step of the log recurrence over lanes [i0, i1), from the state before it: l = log(exp(u) +
+// exp(lb)) for u = la + before, without overflow, exact when either is -inf. Branch-free (exp_of,
+// log1p_of and select_of vectorise for float) and compiled for AVX2 as well, as the step below.
+template <class T>
+LOOM_VECTOR_CLONES void log_step(const T* __restrict la, const T* __restrict lb, const T* __restrict before,
+                                 T* __restrict l, std::int64_t i0, std::int64_t i1)
 {
     constexpr T minus_inf = -std::numeric_limits<T>::infinity();
-    const T sum = std::max(u, v) + log1p_of(exp_of(-std::abs(u - v)));
-    return u == minus_inf ? v : v == minus_inf ? u : sum;
+    for (std::int64_t i = i0; i < i1; ++i) {
+        const T u = la[i] + before[i], v = lb[i];
+        const T sum = std::max(u, v) + log1p_of(exp_of(-std::abs(u - v)));
+        l[i] = select_of(u == minus_inf, v, select_of(v == minus_inf, u, sum));
+    }
+}
+
+// One step of its backward over lanes [i0, i1): g = dl + w_later g (g and w_later carried from
+// the step processed before), w = exp(la + l_before - l), dla = g w, dlb = g (1 - w).
+template <class T>
+LOOM_VECTOR_CLONES void log_step_backward(const T* __restrict dl, const T* __restrict la, const T* __restrict before,
+                                          const T* __restrict l, T* __restrict dla, T* __restrict dlb,
+                                          T* __restrict g, T* __restrict w_later, std::int64_t i0, std::int64_t i1)
+{
+    for (std::int64_t i = i0; i < i1; ++i) {
+        const T gt = dl[i] + w_later[i] * g[i], w = exp_of(la[i] + before[i] - l[i]);
+        dla[i] = gt * w;
+        dlb[i] = gt - gt * w;
+        g[i] = gt;
+        w_later[i] = w;
+    }
 }
 
 // The recurrence in log space over contiguous [steps, n] arrays: l_t = log(exp(la_t + l_before)
@@ -181,12 +203,8 @@ void run_log_recurrence(const T* la, const T* lb, const T* lh0, T* l, std::int64
         for (std::int64_t s = 0; s < steps; ++s) {
             const std::int64_t t = reverse ? steps - 1 - s : s;
             const T* prev = s == 0 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
-            const T *lat = la + t * n, *lbt = lb + t * n;
-            T* lt = l + t * n;
-            if (prev)
-                for (std::int64_t i = i0; i < i1; ++i) lt[i] = log_add_exp(lat[i] + prev[i], lbt[i]);
-            else
-                for (std::int64_t i = i0; i < i1; ++i) lt[i] = lbt[i];
+            if (prev) log_step(la + t * n, lb + t * n, prev, l + t * n, i0, i1);
+            else std::copy(lb + t * n + i0, lb + t * n + i1, l + t * n + i0);
         }
     });
 }
@@ -203,13 +221,17 @@ void run_log_recurrence_backward(const T* la, const T* l, const T* lh0, const T*
         for (std::int64_t s = 0; s < steps; ++s) {
             const std::int64_t t = reverse ? s : steps - 1 - s;
             const T* before = s == steps - 1 ? lh0 : l + (reverse ? t + 1 : t - 1) * n;
-            for (std::int64_t i = i0; i < i1; ++i) {
+            if (before) {
+                log_step_backward(dl + t * n, la + t * n, before, l + t * n, dla + t * n, dlb + t * n, g.data(),
+                                  w_later.data(), i0, i1);
+                continue;
+            }
+            for (std::int64_t i = i0; i < i1; ++i) {  // the first step, from no state: w = 0
                 const T gt = dl[t * n + i] + w_later[std::size_t(i)] * g[std::size_t(i)];
-                const T w = before ? exp_of(la[t * n + i] + before[i] - l[t * n + i]) : T(0);
-                dla[t * n + i] = gt * w;
-                dlb[t * n + i] = gt - gt * w;
+                dla[t * n + i] = T(0);
+                dlb[t * n + i] = gt;
                 g[std::size_t(i)] = gt;
-                w_later[std::size_t(i)] = w;
+                w_later[std::size_t(i)] = T(0);
             }
         }
         if (dlh0)

@@ -118,6 +118,19 @@ inline float log1p_float(float u)
     return log_float(w) - ((w - 1.0f) - u) / w;
 }
 
+/// c ? a : b, for float and double as bit masks (select_float), so a loop over it vectorises.
+template <class T> T select_of(bool c, T a, T b)
+{
+    if constexpr (std::is_same_v<T, float>) {
+        return select_float(c, a, b);
+    } else if constexpr (std::is_same_v<T, double>) {
+        const std::int64_t mask = -static_cast<std::int64_t>(c);
+        return std::bit_cast<double>((std::bit_cast<std::int64_t>(a) & mask) | (std::bit_cast<std::int64_t>(b) & ~mask));
+    } else {
+        return c ? a : b;
+    }
+}
+
 /// e^x: exp_float for float (vectorises), std::exp otherwise.
 template <class T> T exp_of(T x)
 {
