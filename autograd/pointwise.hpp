@@ -41,12 +41,12 @@ struct Neg {
 };
 
 struct Exp {
-    template <class T> static T value(T x) { return std::exp(x); }
+    template <class T> static T value(T x) { return exp_of(x); }
     template <class T> static T grad(T g, T, T y) { return g * y; }
 };
 
 struct Log {
-    template <class T> static T value(T x) { return std::log(x); }
+    template <class T> static T value(T x) { return log_of(x); }
     template <class T> static T grad(T g, T x, T) { return g / x; }
 };
 

@@ -57,11 +57,10 @@ inline float select_float(bool c, float a, float b)
 
 /// e^x for float32, branch-free so loops over it vectorise, where std::exp is a libm call per
 /// element: Cody-Waite reduction x = n ln 2 + r and Cephes' expf polynomial, within 2 ulps of
-/// std::exp for normal results. Results below float's smallest normal (x < -87.34) are 0,
-/// x > 88.72 is inf, NaN stays NaN.
+/// std::exp, subnormal results included; x < -104 is 0, x > 88.72 inf, NaN stays NaN.
 inline float exp_float(float x)
 {
-    constexpr float lowest = -87.3365448f, highest = 88.7228390f;
+    constexpr float lowest = -104.0f, highest = 88.7228390f;  // e^-104 rounds to 0
     const float c = select_float(x > lowest, std::min(x, highest), lowest);  // NaN takes `lowest`: finite below
     // n = round(c / ln 2): adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
     constexpr float shifter = 12582912.0f;
@@ -76,7 +75,7 @@ inline float exp_float(float x)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float e = p * r * r + r + 1.0f;
-    // 2^n in two factors: n reaches 128 and -126, whose 2^n alone is no normal float.
+    // 2^n in two factors: n reaches 128 and -150, whose 2^n alone is no normal float.
     const std::int32_t half = ni >> 1;
     const float scaled = e * std::bit_cast<float>((half + 127) << 23) * std::bit_cast<float>((ni - half + 127) << 23);
     const float result = select_float(x < lowest, 0.0f, select_float(x > highest, std::numeric_limits<float>::infinity(), scaled));
@@ -136,6 +135,13 @@ template <class T> T exp_of(T x)
 {
     if constexpr (std::is_same_v<T, float>) return exp_float(x);
     else return std::exp(x);
+}
+
+/// log(x): log_float for float (vectorises), std::log otherwise.
+template <class T> T log_of(T x)
+{
+    if constexpr (std::is_same_v<T, float>) return log_float(x);
+    else return std::log(x);
 }
 
 /// log(1 + u) for u >= 0: log1p_float for float (vectorises), std::log1p otherwise.
