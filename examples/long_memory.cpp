@@ -7,8 +7,9 @@
 //   2. the adding problem (Hochreiter & Schmidhuber 1997) at the same lengths, scored by MSE
 //      (always answering 1 scores about 0.167).
 // Prints one line per model and length with the training time per step and the score, then
-// "test_accuracy_<model>" and "test_mse_<model>" lines for the longest length, and writes
-// long_memory_time.svg: milliseconds per training step against T.
+// "test_accuracy_<model>" and "test_mse_<model>" lines for the longest of --lengths. At the longer
+// --time-lengths (up to 2048 by default) each model's copying step is timed only, and
+// long_memory_time.svg shows milliseconds per training step against T over all of them.
 #include <loom/loom.hpp>
 
 #include <CLI/CLI.hpp>
@@ -123,10 +124,14 @@ std::vector<std::string> split_list(const std::string& text)
 int main(int argc, char** argv)
 {
     CLI::App app{"long_memory: selective copying and the adding problem with LSTM, GRU, minGRU, minLSTM and Mamba"};
-    std::string lengths_text = "64,128", models_text = "lstm,gru,mingru,minlstm,ssm", out = ".";
-    std::int64_t steps = 300, hidden = 64, layers = 2, tokens = 4, symbols = 8, batch = 32, seed = 1, ssm_state = 8;
+    std::string lengths_text = "128", time_lengths_text = "256,512,1024,2048", models_text = "lstm,gru,mingru,minlstm,ssm",
+                out = ".";
+    std::int64_t steps = 800, hidden = 64, layers = 2, tokens = 4, symbols = 8, batch = 32, seed = 1, ssm_state = 8;
     double lr = 3e-3;
-    app.add_option("--lengths", lengths_text, "comma-separated sequence lengths T");
+    app.add_option("--lengths", lengths_text, "comma-separated sequence lengths T to train and score at");
+    app.add_option("--time-lengths", time_lengths_text,
+                   "comma-separated longer lengths at which each model's copying step is only timed (3 steps), for the "
+                   "chart; \"\" for none");
     app.add_option("--models", models_text, "comma-separated: lstm, gru, mingru, minlstm, ssm");
     app.add_option("--steps", steps, "Adam steps per model, task and length")->check(CLI::PositiveNumber);
     app.add_option("--hidden", hidden, "width of every model")->check(CLI::PositiveNumber);
@@ -139,13 +144,18 @@ int main(int argc, char** argv)
     app.add_option("--seed", seed, "random seed");
     app.add_option("--out", out, "folder for the SVG")->check(CLI::ExistingDirectory);
     CLI11_PARSE(app, argc, argv);
-    std::vector<std::int64_t> lengths;
-    for (const auto& t : split_list(lengths_text)) {
-        lengths.push_back(std::stoll(t));
-        if (lengths.back() < 2 * tokens) {
-            std::fprintf(stderr, "long_memory: length %s is shorter than twice --tokens (%lld)\n", t.c_str(), (long long)tokens);
-            return 2;
+    std::vector<std::int64_t> lengths, time_lengths;
+    for (auto [text, list] : {std::pair{&lengths_text, &lengths}, std::pair{&time_lengths_text, &time_lengths}})
+        for (const auto& t : split_list(*text)) {
+            list->push_back(std::stoll(t));
+            if (list->back() < 2 * tokens) {
+                std::fprintf(stderr, "long_memory: length %s is shorter than twice --tokens (%lld)\n", t.c_str(), (long long)tokens);
+                return 2;
+            }
         }
+    if (lengths.empty()) {
+        std::fprintf(stderr, "long_memory: --lengths names no length\n");
+        return 2;
     }
     const auto models = split_list(models_text);
     for (const auto& m : models)
@@ -188,6 +198,23 @@ int main(int argc, char** argv)
                 final_lines.push_back(fmt::format("test_accuracy_{} {:.4f}", kind, copy.value));
                 final_lines.push_back(fmt::format("test_mse_{} {:.5f}", kind, add.value));
             }
+        }
+        // Longer sequences, timed only: a fresh copier's training steps, after one untimed step
+        // that allocates what the rest reuse.
+        for (std::int64_t T : time_lengths) {
+            manual_seed(std::uint64_t(seed));
+            Generator gen(std::uint64_t(seed) + 1);
+            SequenceModel copier(kind, std::make_shared<nn::Embedding>(2 + symbols, hidden), hidden, layers, 2 + symbols, ssm_state);
+            const auto batch_at_T = [&] { return copying_batch(T, tokens, symbols, batch, gen); };
+            const auto loss = [&](const Tensor& out, const Tensor& y) {
+                return nn::cross_entropy(out.narrow(0, T, tokens).reshape({-1, 2 + symbols}), y.reshape({-1}));
+            };
+            train_and_score(copier, 1, lr, batch_at_T, loss, [] { return 0.0; });
+            const Score timed = train_and_score(copier, 3, lr, batch_at_T, loss, [] { return 0.0; });
+            std::printf("%-8s %6lld %12.1f %14s %12s %12s\n", kind.c_str(), (long long)T, timed.ms_per_step, "(timed)", "", "");
+            std::fflush(stdout);
+            copy_time.x.push_back(double(T));
+            copy_time.y.push_back(timed.ms_per_step);
         }
         times.push_back(copy_time);
     }

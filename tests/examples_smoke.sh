@@ -43,7 +43,7 @@ check inspect "anomaly names 'log' at decoder/step 3; the report and the graph a
     "$(grep -q "forward of 'log' (tape entry #[0-9]*, in scope 'decoder/step 3')" inspect.out &&
        grep -q 'update/weight' inspect.out && grep -q '<svg' inspect.svg && echo 1 || echo 0)"
 
-"$examples/long_memory" --lengths 16,24 --steps 150 --hidden 16 --layers 1 --ssm-state 2 --out . > long_memory.out
+"$examples/long_memory" --lengths 16,24 --time-lengths 32 --steps 150 --hidden 16 --layers 1 --ssm-state 2 --out . > long_memory.out
 lines=$(grep -c '^test_accuracy_\|^test_mse_' long_memory.out || true)
 best=$(sed -n 's/^test_accuracy_[a-z]* //p' long_memory.out | sort -g | tail -n 1)
 check long_memory "$lines score lines, best copying accuracy $best (chance 0.125)" \
