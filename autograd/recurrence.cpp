@@ -120,10 +120,13 @@ template <class T> void run_recurrence(const Recurrence<T>& r)
     });
 }
 
-// Elementwise work over [steps, n] split by lanes across threads when large enough: fn(i0, i1).
+// Elementwise work over [steps, n] split by lanes across threads when large and wide enough
+// (threads writing lanes of one cache line would only slow each other): fn(i0, i1).
 template <class F> void over_lanes(std::int64_t steps, std::int64_t n, F&& fn)
 {
-    const std::int64_t threads = steps * n < kThreadedRecurrence ? 1 : std::min<std::int64_t>(get_num_threads(), n);
+    const std::int64_t threads = steps * n < kThreadedRecurrence
+                                     ? 1
+                                     : std::min<std::int64_t>(get_num_threads(), std::max<std::int64_t>(1, n / kLanesPerThread));
     if (threads <= 1) return fn(std::int64_t(0), n);
     kernels::run_tasks(threads, [&](std::int64_t k) {
         const auto [i0, i1] = block(n, k, threads);

@@ -193,10 +193,55 @@ template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& 
     Tensor out = empty(shape, dtype_of<R>());
     R* o = out.data_ptr<R>();
     const Shape sa = broadcast_strides(a, shape), sb = broadcast_strides(b, shape);
-    const Shape so = contiguous_strides(shape);
-    for_each_offset<3>(shape, {sa.data(), sb.data(), so.data()}, {0, 0, 0},
-                       [&](const auto& off) { o[off[2]] = f(pa[off[0]], pb[off[1]]); });
-    return out;
+    for (auto s : shape)
+        if (s == 0) return out;
+    // The dims walked as one: size-1 dims dropped, and a dim merged into the block inside it
+    // wherever both operands step over that block in one stride (the output, contiguous,
+    // always does), innermost first. [T, B, H] + [H] becomes [T·B, H]; the inner loop is then as
+    // long as it can be, and a broadcast or contiguous operand in it is a plain vector loop.
+    SmallVector<std::int64_t, 6> size, stride_a, stride_b;
+    for (std::int64_t d = static_cast<std::int64_t>(shape.size()) - 1; d >= 0; --d) {
+        if (shape[d] == 1) continue;
+        if (!size.empty() && sa[d] == stride_a.back() * size.back() && sb[d] == stride_b.back() * size.back()) {
+            size.back() *= shape[d];
+            continue;
+        }
+        size.push_back(shape[d]);
+        stride_a.push_back(sa[d]);
+        stride_b.push_back(sb[d]);
+    }
+    if (size.empty()) {
+        *o = f(*pa, *pb);
+        return out;
+    }
+    const std::int64_t n = size[0], ia = stride_a[0], ib = stride_b[0];
+    const std::size_t outer = size.size() - 1;
+    SmallVector<std::int64_t, 6> index(outer, 0);
+    std::int64_t offset_a = 0, offset_b = 0;
+    for (R* row = o;; row += n) {
+        const T *x = pa + offset_a, *y = pb + offset_b;
+        if (ia == 1 && ib == 1) {
+            for (std::int64_t i = 0; i < n; ++i) row[i] = f(x[i], y[i]);
+        } else if (ia == 0 && ib == 1) {
+            const T v = *x;
+            for (std::int64_t i = 0; i < n; ++i) row[i] = f(v, y[i]);
+        } else if (ia == 1 && ib == 0) {
+            const T v = *y;
+            for (std::int64_t i = 0; i < n; ++i) row[i] = f(x[i], v);
+        } else {
+            for (std::int64_t i = 0; i < n; ++i) row[i] = f(x[i * ia], y[i * ib]);
+        }
+        std::size_t k = 0;
+        for (; k < outer; ++k) {
+            offset_a += stride_a[k + 1];
+            offset_b += stride_b[k + 1];
+            if (++index[k] < size[k + 1]) break;
+            offset_a -= stride_a[k + 1] * size[k + 1];
+            offset_b -= stride_b[k + 1] * size[k + 1];
+            index[k] = 0;
+        }
+        if (k == outer) return out;
+    }
 }
 
 /// out = f(a, b) with broadcasting; both operands must have the same dtype.
