@@ -90,9 +90,10 @@ inline float log_float(float x)
     constexpr float smallest = std::numeric_limits<float>::min(), inf = std::numeric_limits<float>::infinity();
     const bool subnormal = x < smallest;
     const float normal = select_float(subnormal, x * 8388608.0f, x);  // times 2^23
-    const std::int32_t bits = std::bit_cast<std::int32_t>(normal);
-    const std::int32_t e = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3: sqrt(1/2)
-    const float f = std::bit_cast<float>(bits - (e << 23)) - 1.0f;
+    // Unsigned arithmetic on the bits: a negative x or NaN (answered below) must not overflow.
+    const std::uint32_t bits = std::bit_cast<std::uint32_t>(normal);
+    const std::int32_t e = std::bit_cast<std::int32_t>(bits - 0x3f3504f3u) >> 23;  // 0x3f3504f3: sqrt(1/2)
+    const float f = std::bit_cast<float>(bits - (static_cast<std::uint32_t>(e) << 23)) - 1.0f;
     const float z = f * f;
     float y = 7.0376836292e-2f;
     y = y * f - 1.1514610310e-1f;
