@@ -110,8 +110,8 @@ inline float log_float(float x)
                         select_float(x == 0.0f, -inf, std::numeric_limits<float>::quiet_NaN()));
 }
 
-/// log(1 + u) for float32 and u >= 0, branch-free: log_float(1 + u) corrected by the rounding of
-/// 1 + u (Goldberg's form), so a tiny u gives u.
+/// log(1 + u) for float32 and finite u >= 0 (its callers pass e^-|v|, at most 1), branch-free:
+/// log_float(1 + u) corrected by the rounding of 1 + u (Goldberg's form), so a tiny u gives u.
 inline float log1p_float(float u)
 {
     const float w = 1.0f + u;
@@ -145,7 +145,7 @@ template <class T> T log_of(T x)
     else return std::log(x);
 }
 
-/// log(1 + u) for u >= 0: log1p_float for float (vectorises), std::log1p otherwise.
+/// log(1 + u) for finite u >= 0: log1p_float for float (vectorises), std::log1p otherwise.
 template <class T> T log1p_of(T u)
 {
     if constexpr (std::is_same_v<T, float>) return log1p_float(u);
