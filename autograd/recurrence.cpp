@@ -67,8 +67,28 @@ std::pair<std::int64_t, std::int64_t> block(std::int64_t n, std::int64_t k, std:
     return {n * k / parts, n * (k + 1) / parts};
 }
 
-// Runs r on up to get_num_threads() threads. Wide: each thread runs every step over its block of
-// lanes. Narrow and long, on three threads or more: the two-pass chunked scan. Each thread runs
+// Threads for work over [steps, n] split by lanes: several only when it is large, and wide
+// enough that each gets kLanesPerThread lanes (threads writing lanes of one cache line would only
+// slow each other).
+std::int64_t lane_threads(std::int64_t steps, std::int64_t n)
+{
+    return steps * n < kThreadedRecurrence ? 1
+                                           : std::min<std::int64_t>(get_num_threads(), std::max<std::int64_t>(1, n / kLanesPerThread));
+}
+
+// fn(i0, i1) on each block of lanes, one per lane_threads() thread.
+template <class F> void over_lanes(std::int64_t steps, std::int64_t n, F&& fn)
+{
+    const std::int64_t threads = lane_threads(steps, n);
+    if (threads <= 1) return fn(std::int64_t(0), n);
+    kernels::run_tasks(threads, [&](std::int64_t k) {
+        const auto [i0, i1] = block(n, k, threads);
+        fn(i0, i1);
+    });
+}
+
+// Runs r on up to get_num_threads() threads. Wide (over_lanes splits it): each thread runs every
+// step over its block of lanes. Narrow and long, on three threads or more: the two-pass chunked scan. Each thread runs
 // its chunk of steps from a zero state (the first from the real one) and the product of its
 // coefficients; then, one chunk after another, the true state entering each chunk is known (the
 // end of the previous chunk plus its product times the state entering it); last, each chunk
@@ -77,13 +97,10 @@ std::pair<std::int64_t, std::int64_t> block(std::int64_t n, std::int64_t k, std:
 // again, reading memory again), so a narrow recurrence there runs on one.
 template <class T> void run_recurrence(const Recurrence<T>& r)
 {
+    if (lane_threads(r.steps, r.n) > 1)
+        return over_lanes(r.steps, r.n, [&](std::int64_t i0, std::int64_t i1) { r.run(r.init, 0, r.steps, i0, i1); });
     const std::int64_t threads =
         r.steps * r.n < kThreadedRecurrence ? 1 : std::min<std::int64_t>(get_num_threads(), r.steps);
-    if (r.n >= threads * kLanesPerThread && threads > 1)
-        return kernels::run_tasks(threads, [&](std::int64_t k) {
-            const auto [i0, i1] = block(r.n, k, threads);
-            r.run(r.init, 0, r.steps, i0, i1);
-        });
     if (threads < 3) return r.run(r.init, 0, r.steps, 0, r.n);
     const std::int64_t chunks = threads, n = r.n;
     const auto first_step = [&](std::int64_t k) { return r.steps * k / chunks; };
@@ -117,20 +134,6 @@ template <class T> void run_recurrence(const Recurrence<T>& r)
                 hs[i] += running[std::size_t(i)] * in[i];
             }
         }
-    });
-}
-
-// Elementwise work over [steps, n] split by lanes across threads when large and wide enough
-// (threads writing lanes of one cache line would only slow each other): fn(i0, i1).
-template <class F> void over_lanes(std::int64_t steps, std::int64_t n, F&& fn)
-{
-    const std::int64_t threads = steps * n < kThreadedRecurrence
-                                     ? 1
-                                     : std::min<std::int64_t>(get_num_threads(), std::max<std::int64_t>(1, n / kLanesPerThread));
-    if (threads <= 1) return fn(std::int64_t(0), n);
-    kernels::run_tasks(threads, [&](std::int64_t k) {
-        const auto [i0, i1] = block(n, k, threads);
-        fn(i0, i1);
     });
 }
 

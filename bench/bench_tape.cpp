@@ -76,7 +76,7 @@ static void select_backward_per_step(benchmark::State& state)
 // linear_recurrence forward over T steps of n lanes (Args: T, n), against the same loop in plain
 // C++ over the same arrays on one thread (it is memory-bound: 3 arrays read or written per step).
 // Wide (4096 x 16 x 256) splits the lanes across threads; narrow and long (262144 x 16) runs the
-// two-pass chunked scan over steps.
+// two-pass chunked scan over steps on three threads or more, on one thread below that.
 static void linear_recurrence_forward(benchmark::State& state)
 {
     const std::int64_t T = state.range(0), n = state.range(1);

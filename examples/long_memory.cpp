@@ -89,6 +89,14 @@ std::pair<Tensor, Tensor> copying_batch(std::int64_t T, std::int64_t K, std::int
     return {from_vector<std::int64_t>(x, {T + K, B}), from_vector<std::int64_t>(y, {K, B})};
 }
 
+// Selective copying's loss: cross-entropy at the K marker steps after the T data steps.
+auto copying_loss(std::int64_t T, std::int64_t K, std::int64_t symbols)
+{
+    return [=](const Tensor& out, const Tensor& y) {
+        return nn::cross_entropy(out.narrow(0, T, K).reshape({-1, 2 + symbols}), y.reshape({-1}));
+    };
+}
+
 struct Score {
     double ms_per_step, value;
 };
@@ -176,9 +184,7 @@ int main(int argc, char** argv)
             const auto [test_x, test_y] = copying_batch(T, tokens, symbols, 256, test_gen);
             const Score copy = train_and_score(
                 copier, steps, lr, [&] { return copying_batch(T, tokens, symbols, batch, gen); },
-                [&](const Tensor& out, const Tensor& y) {
-                    return nn::cross_entropy(out.narrow(0, T, tokens).reshape({-1, 2 + symbols}), y.reshape({-1}));
-                },
+                copying_loss(T, tokens, symbols),
                 [&] {
                     const Tensor predicted = argmax(copier.forward(test_x).narrow(0, T, tokens), 2);
                     return predicted.eq(test_y).to(kFloat64).mean().item<double>();
@@ -206,9 +212,7 @@ int main(int argc, char** argv)
             Generator gen(std::uint64_t(seed) + 1);
             SequenceModel copier(kind, std::make_shared<nn::Embedding>(2 + symbols, hidden), hidden, layers, 2 + symbols, ssm_state);
             const auto batch_at_T = [&] { return copying_batch(T, tokens, symbols, batch, gen); };
-            const auto loss = [&](const Tensor& out, const Tensor& y) {
-                return nn::cross_entropy(out.narrow(0, T, tokens).reshape({-1, 2 + symbols}), y.reshape({-1}));
-            };
+            const auto loss = copying_loss(T, tokens, symbols);
             train_and_score(copier, 1, lr, batch_at_T, loss, [] { return 0.0; });
             const Score timed = train_and_score(copier, 3, lr, batch_at_T, loss, [] { return 0.0; });
             std::printf("%-8s %6lld %12.1f %14s %12s %12s\n", kind.c_str(), (long long)T, timed.ms_per_step, "(timed)", "", "");
