@@ -4,7 +4,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include "tape.hpp"
+#include "tape_internal.hpp"
 
 namespace loom::autograd {
 
@@ -49,8 +49,14 @@ struct Graph {
     std::string source(const Node* n) const { return n->seq ? fmt::format("#{}", n->seq) : leaf_label(n); }
 };
 
-const Entry& entry_of(std::string_view op, std::uint64_t seq)
+const Entry& entry_of(std::string_view op, const Node& node)
 {
+    const std::uint64_t seq = node.seq;
+    const auto& tape = engine::this_tape();
+    LOOM_CHECK(node.tape != tape.id || seq >= tape.reset_floor, op,
+               "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
+               "or pass retain_graph=true",
+               node.op, seq);
     const Entry* e = find_entry(seq);
     LOOM_CHECK(e, op, "the tensor's history is not on this thread's tape (computed on another thread, or reclaimed)");
     return *e;
@@ -75,7 +81,7 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
             g.leaves.push_back(n);
             continue;
         }
-        const Entry& e = entry_of(op, n->seq);
+        const Entry& e = entry_of(op, *n);
         LOOM_CHECK(!e.released, op,
                    "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
                    "or pass retain_graph=true",

@@ -89,7 +89,7 @@ Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool crea
                "saved at version {}); clone() it before modifying it",
                s.value.sizes(), s.value.version(), s.version);
     if (!create_graph || !s.is_output) return s.value;
-    auto node = s.output.lock();
+    auto node = e.outputs[s.output].lock();
     LOOM_CHECK(node, e.name,
                "create_graph needs an output this op saved for backward, but that output no longer exists; keep "
                "its outputs alive, or differentiate once");
@@ -98,17 +98,10 @@ Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool crea
     return joined;
 }
 
-// The op name of the entry numbered seq, or "released" once compaction has dropped it.
-const char* entry_name(std::uint64_t seq)
-{
-    const autograd::Entry* e = autograd::find_entry(seq);
-    return e ? e->name : "released";
-}
-
 std::string hooked_tensor(const autograd::Node& node)
 {
     if (node.seq == 0) return fmt::format("a leaf of shape {}", node.shape);
-    return fmt::format("the output of '{}' (tape entry #{}, shape {})", entry_name(node.seq), node.seq, node.shape);
+    return fmt::format("the output of '{}' (tape entry #{}, shape {})", node.op, node.seq, node.shape);
 }
 
 // An entry's backward function, inputs and region, moved out while the entry is processed and
@@ -120,7 +113,7 @@ struct Borrowed {
     std::size_t index;
     autograd::BackwardFn backward;
     autograd::InputNodes inputs;
-    autograd::RegionFn region;
+    std::unique_ptr<autograd::RegionFn> region;
     Borrowed(std::vector<autograd::Entry>& entries_, std::size_t index_)
         : entries(entries_), index(index_), backward(std::move(entries_[index_].backward)),
           inputs(std::move(entries_[index_].inputs)), region(std::move(entries_[index_].region))
@@ -153,6 +146,7 @@ struct Sweep final : autograd::GradientSums {
     // The sums of the non-leaves this sweep may reach, one per slot from base_slot on: the
     // outputs of the entries numbered `floor` and above.
     std::vector<autograd::PendingGrad> slots;
+    std::vector<std::size_t> swept;  // the indices of the entries run, released at the end
     std::uint64_t base_slot;
     // Slots holding a gradient that no entry has taken yet: when none is left, nothing below can
     // be reached, and the sweep stops instead of walking the rest of the tape.
@@ -182,14 +176,25 @@ struct Sweep final : autograd::GradientSums {
         const auto lowest = std::lower_bound(tape.entries.begin(), tape.entries.end(), floor,
                                              [](const autograd::Entry& e, std::uint64_t s) { return e.seq < s; });
         base_slot = lowest == tape.entries.end() ? tape.next_slot : lowest->first_slot;
+        if (kind == Kind::plain) {
+            slots.swap(tape.spare_slots);
+            swept.swap(tape.spare_swept);
+        }
         slots.resize(static_cast<std::size_t>(tape.next_slot - base_slot));
         ++tape.running_sweeps;
         tape.sweep_floor = tape.next_seq;
     }
     ~Sweep()
     {
+        if (kind == Kind::plain) {
+            slots.clear();
+            swept.clear();
+            tape.spare_slots.swap(slots);
+            tape.spare_swept.swap(swept);
+        }
         --tape.running_sweeps;
         tape.sweep_floor = outer_floor;
+        autograd::engine::reset_if_all_released(tape);
     }
     Sweep(const Sweep&) = delete;
     Sweep& operator=(const Sweep&) = delete;
@@ -210,6 +215,7 @@ struct Sweep final : autograd::GradientSums {
             if (fresh) touched.push_back(node);
             return it->second;
         }
+        if (node->seq < tape.reset_floor) autograd::engine::fail_released(node->op, *node);
         return slot(node->slot);
     }
 
@@ -228,12 +234,12 @@ struct Sweep final : autograd::GradientSums {
                  "a gradient reached tape entry #{} ('{}'), recorded before the steps a checkpointed layer ran again: "
                  "its cell read a tensor that requires grad but is neither its input, its state nor one of its "
                  "parameters; compute that tensor inside the cell, or build the layer without checkpoint(true)",
-                 node->seq, entry_name(node->seq));
+                 node->seq, node->op);
         fail("backward",
              "a grad() or backward() called while another backward pass runs (inside a backward function or a "
              "hook) reached tape entry #{} ('{}'), recorded before that pass began, whose gradients it must not "
              "touch; differentiate only what you computed inside it, from detach()ed tensors",
-             node->seq, entry_name(node->seq));
+             node->seq, node->op);
     }
 
     // Makes p.sum a buffer of its own, so it can be added into in place.
@@ -245,11 +251,11 @@ struct Sweep final : autograd::GradientSums {
         }
     }
 
-    void add(const std::shared_ptr<autograd::Node>& node, const Tensor& g)
+    void add(const std::shared_ptr<autograd::Node>& node, Tensor g)
     {
         autograd::PendingGrad& p = receiving(node);
         if (!p.sum.defined()) {
-            p.sum = g;  // adopted as is: it may be shared, so not owned
+            p.sum = std::move(g);  // adopted as is: it may be shared, so not owned
             p.owned = false;
             return;
         }
@@ -304,7 +310,6 @@ struct Sweep final : autograd::GradientSums {
         const bool anomaly = anomaly_guarded();
         if (accumulate && autograd::engine::post_accumulate_hooks_exist.load(std::memory_order_relaxed))
             find_last_readers(start);
-        std::vector<std::size_t> swept;
         // Whatever records (hooks and sums under create_graph, a backward function) may move the
         // tape's entries: entries[i] is indexed afresh after each, never held by reference.
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
@@ -319,17 +324,18 @@ struct Sweep final : autograd::GradientSums {
                 autograd::PendingGrad& p = slot(entries[i].first_slot + k);
                 if (!p.sum.defined()) continue;
                 --outstanding;
-                Tensor g = p.sum;
+                // Taken from its slot (no reference count to bump) unless grad() wants it kept there.
+                Tensor g = p.captured ? p.sum : std::move(p.sum);
                 // Only a watched entry's outputs have hooks to run or a gradient to retain.
                 if (entries[i].watched)
                     if (const auto node = entries[i].outputs[k].lock()) {
                         g = apply_hooks(*node, g);
                         if (accumulate && node->retains_grad) accumulate_grad(*node, g, create_graph);
                     }
-                ctx.grads[k] = g;
                 grads_recorded = grads_recorded || g.requires_grad();
                 if (p.captured) p.sum = g;
                 else p = autograd::PendingGrad();
+                ctx.grads[k] = std::move(g);
                 reached = true;
             }
             if (!reached) continue;
@@ -380,18 +386,20 @@ struct Sweep final : autograd::GradientSums {
                            k);
                 if (anomaly) autograd::engine::check_backward_anomaly(name, seq, scope, k, input_grads[k]);
                 if (running.region) {
-                    add_region(running.inputs[k], running.region, input_grads[k]);
+                    add_region(running.inputs[k], *running.region, input_grads[k]);
                     continue;
                 }
                 // A custom op's gradients were checked above, with messages for its author.
                 if (!custom)
                     check_gradient(name, *running.inputs[k], input_grads[k], "internal: the gradient backward returned");
-                add(running.inputs[k], input_grads[k]);
+                add(running.inputs[k], std::move(input_grads[k]));
             }
             swept.push_back(i);
         }
-        if (!retain_graph && !create_graph)
+        if (!retain_graph && !create_graph) {
             for (std::size_t i : swept) autograd::engine::release(entries[i]);
+            tape.released_entries += swept.size();  // each was unreleased: checked before it ran
+        }
     }
 
     // The leaves with post-accumulate hooks that entries start-1 down to the floor read, each
@@ -570,6 +578,7 @@ void watch(std::string_view op, const autograd::Node& node)
 {
     if (node.seq == 0) return;
     check_this_thread(op, node);
+    if (node.seq < this_tape().reset_floor) return;  // released: no gradient can reach it again
     const autograd::Entry* e = autograd::find_entry(node.seq);
     LOOM_CHECK(e, op, "internal: the tensor's tape entry #{} is not on this thread's tape", node.seq);
     const_cast<autograd::Entry*>(e)->watched = true;

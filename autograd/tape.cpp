@@ -27,6 +27,22 @@ void release(Entry& e)
     e.saved = {};
     e.backward = nullptr;
 }
+
+void reset_if_all_released(Tape& tape)
+{
+    if (tape.running_sweeps > 0 || tape.entries.empty() || tape.released_entries < tape.entries.size()) return;
+    tape.entries.clear();
+    tape.released_entries = 0;
+    tape.reset_floor = tape.next_seq;
+}
+
+void fail_released(const char* op, const Node& node)
+{
+    fail(op ? op : "backward",
+         "backward through a graph that an earlier backward() already released (tape entry #{}); pass "
+         "retain_graph=true to the earlier call to sweep the graph more than once",
+         node.seq);
+}
 }  // namespace autograd::engine
 
 namespace {
@@ -48,9 +64,11 @@ void compact()
         if (dead[i]) autograd::engine::release(e);
     }
     std::size_t kept = 0;
+    tape.released_entries = 0;
     for (std::size_t i = 0; i < tape.entries.size(); ++i)
         if (!dead[i]) {
             if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
+            tape.released_entries += tape.entries[kept].released;
             ++kept;
         }
     tape.entries.resize(kept);
@@ -81,58 +99,98 @@ bool should_record(std::span<const Tensor> inputs)
     return std::any_of(inputs.begin(), inputs.end(), [](const Tensor& t) { return t.requires_grad(); });
 }
 
+namespace {
+SmallVector<const Tensor*, 3> pointers_to(std::span<const Tensor> tensors)
+{
+    SmallVector<const Tensor*, 3> pointers;
+    pointers.reserve(tensors.size());
+    for (const Tensor& t : tensors) pointers.push_back(&t);
+    return pointers;
+}
+}  // namespace
+
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
                 std::span<const Tensor> saved, BackwardFn backward, bool custom)
 {
-    if (autograd::engine::current_tracer) autograd::engine::current_tracer->on_entry(name, inputs, outputs);
+    const auto in = pointers_to(inputs), kept = pointers_to(saved);
+    detail::push_entry_refs(name, std::span<const Tensor* const>(in.data(), in.size()), outputs,
+                            std::span<const Tensor* const>(kept.data(), kept.size()), std::move(backward), custom);
+}
+
+void detail::push_entry_refs(const char* name, std::span<const Tensor* const> inputs, std::span<const Tensor> outputs,
+                             std::span<const Tensor* const> saved, BackwardFn backward, bool custom)
+{
+    if (autograd::engine::current_tracer) {
+        SmallVector<Tensor, 3> in;
+        for (const Tensor* t : inputs) in.push_back(*t);
+        autograd::engine::current_tracer->on_entry(name, std::span<const Tensor>(in.data(), in.size()), outputs);
+    }
     auto& tape = this_tape();
     if (tape.entries.size() >= tape.compact_at) {
         compact();
         tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
     }
-    Entry e;
-    e.seq = tape.next_seq++;
-    e.name = name;
-    e.inputs.reserve(inputs.size());
-    for (const Tensor& t : inputs) {
-        const auto& node = t.defined() ? t.impl().node : nullptr;
+    static const std::shared_ptr<Node> no_node;
+    const auto node_of = [](const Tensor* t) -> const std::shared_ptr<Node>& {
+        return t->defined() ? t->impl().node : no_node;  // no copy: both are lvalues
+    };
+    for (const Tensor* t : inputs) {
+        const auto& node = node_of(t);
         LOOM_CHECK(!node || node->seq == 0 || node->tape == tape.id, name,
                    "an input was computed on another thread, whose tape this thread cannot sweep; detach() it, or "
                    "compute it on this thread");
-        e.inputs.push_back(node);
     }
-    e.outputs.reserve(outputs.size());
-    e.first_slot = tape.next_slot;
-    tape.next_slot += outputs.size();
     for (const Tensor& out : outputs) {
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
-        auto node = std::allocate_shared<Node>(PoolAllocator<Node>());
-        node->shape = out.sizes();
-        node->dtype = out.dtype();
-        node->seq = e.seq;
-        node->tape = tape.id;
-        node->slot = e.first_slot + e.outputs.size();
-        out.impl().node = node;
-        e.outputs.push_back(node);
     }
-    e.saved.reserve(saved.size());
-    for (const Tensor& s : saved) {
-        if (!s.defined()) {
-            e.saved.push_back(Saved{Tensor(), 0, false, {}});
-            continue;
+    // Built in place: an entry is too large to build aside and move in.
+    Entry& e = tape.entries.emplace_back();
+    try {
+        e.seq = tape.next_seq;
+        e.name = name;
+        e.inputs.reserve(inputs.size());
+        for (const Tensor* t : inputs) e.inputs.push_back(node_of(t));
+        e.outputs.reserve(outputs.size());
+        e.first_slot = tape.next_slot;
+        for (const Tensor& out : outputs) {
+            auto node = std::allocate_shared<Node>(PoolAllocator<Node>());
+            node->shape = out.sizes();
+            node->dtype = out.dtype();
+            node->seq = e.seq;
+            node->tape = tape.id;
+            node->slot = e.first_slot + e.outputs.size();
+            node->op = name;
+            e.outputs.push_back(node);
+            out.impl().node = std::move(node);
         }
-        // A saved output is kept as an alias without its node: the entry holding the output's
-        // node would otherwise keep the output alive, and the entry could never be reclaimed.
-        // An input's node is held by the entry anyway, so the input itself is kept as is.
-        const auto output = std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
-        if (output == outputs.end()) e.saved.push_back(Saved{s, s.version(), false, {}});
-        else e.saved.push_back(Saved{kernels::alias(s), s.version(), true, output->impl().node});
+        e.saved.reserve(saved.size());
+        for (const Tensor* saved_tensor : saved) {
+            const Tensor& s = *saved_tensor;
+            if (!s.defined()) {
+                e.saved.push_back(Saved{Tensor(), 0, false, 0});
+                continue;
+            }
+            // A saved output is kept as an alias without its node: the entry holding the output's
+            // node would otherwise keep the output alive, and the entry could never be reclaimed.
+            // An input's node is held by the entry anyway, so the input itself is kept as is.
+            const auto output =
+                std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
+            if (output == outputs.end()) e.saved.push_back(Saved{s, s.version(), false, 0});
+            else
+                e.saved.push_back(Saved{kernels::alias(s), s.version(), true,
+                                        static_cast<std::uint32_t>(output - outputs.begin())});
+        }
+    } catch (...) {
+        for (const Tensor& out : outputs) out.impl().node.reset();
+        tape.entries.pop_back();
+        throw;
     }
     e.backward = std::move(backward);
     e.custom = custom;
     e.scope = engine::scope_path();
-    tape.entries.push_back(std::move(e));
+    ++tape.next_seq;
+    tape.next_slot += outputs.size();
     if (anomaly_mode_enabled())
         for (const Tensor& out : outputs) check_forward_anomaly(name, out, tape.entries.back().seq);
 }
@@ -151,7 +209,7 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
     if (!should_record(inputs)) return output;
     push_entry(name, inputs, std::span<const Tensor>(&output, 1), {},
                [](const BackwardContext& c) { return GradList{c.grad()}; });
-    this_tape().entries.back().region = std::move(region);
+    this_tape().entries.back().region = std::make_unique<RegionFn>(std::move(region));
     return output;
 }
 std::uint64_t detail::next_sequence() { return this_tape().next_seq; }

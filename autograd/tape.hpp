@@ -123,6 +123,8 @@ struct Node {
     std::uint64_t seq = 0;  ///< sequence number of the entry that produced it; 0 for a leaf
     std::uint64_t tape = 0;  ///< the id of the thread tape that produced it; 0 for a leaf
     std::uint64_t slot = 0;  ///< non-leaves: where a sweep sums its gradient (see Entry::first_slot); 0 for a leaf
+    /// Non-leaves: the name of the op that produced it, for errors once its entry is reclaimed.
+    const char* op = nullptr;
     Tensor grad;  ///< accumulated .grad() (leaves, or retain_grad())
     /// Keep the gradient in `grad` after backward (retain_grad()).
     bool retains_grad = false;
@@ -140,7 +142,9 @@ struct Saved {
     std::uint64_t version;
     /// Whether the tensor is an output of the entry.
     bool is_output = false;
-    std::weak_ptr<Node> output;  ///< a saved output's node, joined back when backward is recorded (create_graph)
+    /// A saved output's index among the entry's outputs, whose node it is joined back to when
+    /// backward is recorded (create_graph).
+    std::uint32_t output = 0;
 };
 
 /// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
@@ -211,7 +215,7 @@ struct Entry {
     /// Set for a part-of-input op: backward then returns the gradient of the part, which the
     /// sweep adds into region(input's gradient) in place, so taking every step of a sequence
     /// costs time linear in its length instead of a full-size gradient per step.
-    RegionFn region;
+    std::unique_ptr<RegionFn> region;  // behind a pointer: few entries have one
     /// Whether a sweep released it (it cannot be swept again).
     bool released = false;
     /// An output has hooks or retains its gradient (register_hook, retain_grad): the sweep then
@@ -247,6 +251,13 @@ void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t s
 /// preparing (detail::prepare_custom_outputs) and its mistakes are reported as the user's.
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
                 std::span<const Tensor> saved, BackwardFn backward, bool custom = false);
+
+namespace detail {
+/// push_entry with the inputs and saved tensors named by pointer: loom's own ops record without
+/// first copying each handle into a list (two atomic reference counts per tensor).
+void push_entry_refs(const char* name, std::span<const Tensor* const> inputs, std::span<const Tensor> outputs,
+                     std::span<const Tensor* const> saved, BackwardFn backward, bool custom);
+}  // namespace detail
 
 namespace detail {
 /// Checks forward's results; an output that is an input, already on the tape, or returned twice
@@ -329,11 +340,12 @@ Tensor record(const char* name, std::initializer_list<TensorRef> inputs, Tensor 
         if (anomaly_mode_enabled()) check_forward_anomaly(name, output, 0);
         return output;
     }
-    SmallVector<Tensor, 3> in, kept;
-    for (TensorRef r : inputs) in.push_back(*r.tensor);
-    for (TensorRef r : saved) kept.push_back(*r.tensor);
-    push_entry(name, std::span<const Tensor>(in.data(), in.size()), std::span<const Tensor>(&output, 1),
-               std::span<const Tensor>(kept.data(), kept.size()), detail::as_backward_fn(std::forward<F>(backward)));
+    SmallVector<const Tensor*, 3> in, kept;
+    for (TensorRef r : inputs) in.push_back(r.tensor);
+    for (TensorRef r : saved) kept.push_back(r.tensor);
+    detail::push_entry_refs(name, std::span<const Tensor* const>(in.data(), in.size()),
+                            std::span<const Tensor>(&output, 1), std::span<const Tensor* const>(kept.data(), kept.size()),
+                            detail::as_backward_fn(std::forward<F>(backward)), false);
     return output;
 }
 template <class F>

@@ -25,12 +25,21 @@ struct Tape {
     std::uint64_t next_seq = 1;
     std::uint64_t next_slot = 1;  // the slot the next entry's first output gets (Entry::first_slot)
     std::size_t compact_at = 1024;
+    // Entries a sweep has released; when every entry on the tape is released, the tape is
+    // emptied at once (keeping its capacity) instead of walked again by compaction.
+    std::size_t released_entries = 0;
+    // Entries numbered below this were reclaimed by such a reset: all of them had been released.
+    std::uint64_t reset_floor = 0;
     std::uint64_t id = next_tape_id++;
     int running_sweeps = 0;  // sweeps hold indices into the tape, which compaction would move
     // The first entry a sweep started now may reach: the tape's length when the innermost running
     // sweep began (0 when none runs). A grad() or backward() inside a backward function or a hook
     // sees only what was recorded since, never the running sweep's gradients.
     std::uint64_t sweep_floor = 0;
+    // The outermost sweep's buffers, kept between sweeps (empty, capacity kept): a sweep over a
+    // long tape would otherwise allocate and fault in megabytes of fresh memory every time.
+    std::vector<PendingGrad> spare_slots;
+    std::vector<std::size_t> spare_swept;
 };
 
 // This thread's tape is reached through a plain pointer: a thread_local Tape itself, having a
@@ -48,6 +57,12 @@ inline Tape& this_tape()
 
 // Drops an entry's inputs, saved tensors and backward: no sweep can run it again.
 void release(Entry& e);
+// After the outermost sweep: when every entry on the tape has been released, empties it (its
+// memory kept for the next recording), so the next forward starts on a clean tape.
+void reset_if_all_released(Tape& tape);
+// Throws the error for a gradient reaching the output of an entry an earlier backward()
+// released and a reset reclaimed (`node` was produced on this tape below reset_floor).
+[[noreturn]] void fail_released(const char* op, const Node& node);
 
 // scan's tracer (scan.cpp): while a step is being traced, every entry recorded on this thread is
 // shown to it before it is pushed.

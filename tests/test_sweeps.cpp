@@ -2,6 +2,8 @@
 // sweeps started inside a running one, and custom ops' mistakes reported as the user's.
 #include "helpers.hpp"
 
+#include <thread>
+
 #include "../examples/minimal_gated_unit.hpp"
 
 using namespace loom;
@@ -220,3 +222,58 @@ TEST_CASE("a custom op whose backward is off the tape is named under create_grap
 template <class Op, class Argument> concept Applicable = requires(Argument a) { Op::apply(a); };
 static_assert(!Applicable<SumOfAll, std::vector<Tensor>>);
 static_assert(Applicable<Twice, Tensor>);
+
+// Each runs on a thread of its own, whose tape starts empty.
+template <class F> void on_fresh_tape(F body)
+{
+    std::thread(body).join();
+}
+
+TEST_CASE("a backward that releases every entry empties the tape; what it released stays an error to reach")
+{
+    on_fresh_tape([] {
+        Tensor x = tensor({0.5, -1.0, 2.0}, kFloat64).requires_grad_();
+        Tensor h = x.tanh();
+        Tensor y = (h * 3.0).sum();
+        CHECK(autograd::tape_size() >= 3);
+        y.backward();
+        CHECK(autograd::tape_size() == 0);
+        CHECK(close(x.grad(), values((1.0 - x.tanh() * x.tanh()) * 3.0), 1e-12));
+        // The entries are gone; each tensor still names the op that made it.
+        check_error([&] { y.backward(); }, {"sum", "released", "retain_graph"});
+        check_error([&] { (h * 2.0).sum().backward(); }, {"tanh", "released", "retain_graph"});
+        check_error([&] { (void)autograd::to_dot(y); }, {"sum", "released by an earlier backward"});
+        h.retain_grad();  // nothing can reach h again: allowed, and it changes nothing
+        // A new graph on the emptied tape differentiates as before.
+        x.zero_grad();
+        (x * x).sum().backward();
+        CHECK(close(x.grad(), values(x * 2.0), 1e-12));
+    });
+}
+
+TEST_CASE("the tape is kept while an entry a backward did not reach is alive")
+{
+    on_fresh_tape([] {
+        Tensor x = tensor({1.0, 2.0}, kFloat64).requires_grad_();
+        Tensor side = x.exp();  // not part of the loss
+        Tensor loss = (x * x).sum();
+        loss.backward();
+        CHECK(autograd::tape_size() >= 1);
+        side.sum().backward();
+        CHECK(autograd::tape_size() == 0);
+        CHECK(close(x.grad(), values(x * 2.0 + x.exp()), 1e-12));
+    });
+}
+
+TEST_CASE("an op refused while recording leaves the tape as it was")
+{
+    Tensor x = tensor({1.0, 2.0}, kFloat64).requires_grad_();
+    Tensor other;
+    std::thread([&] { other = x * 2.0; }).join();  // recorded on another thread's tape
+    const std::size_t before = autograd::tape_size();
+    check_error([&] { (void)(other + x); }, {"add", "another thread"});
+    CHECK(autograd::tape_size() == before);
+    Tensor fine = x * 3.0;
+    fine.sum().backward();
+    CHECK(close(x.grad(), {3.0, 3.0}, 1e-12));
+}
