@@ -298,6 +298,22 @@ struct Sweep final : autograd::GradientSums {
         kernels::add_into(region(p.sum), g);
     }
 
+    // On a long tape the walk waits on memory: each entry's saved tensors and input nodes lie
+    // wherever forward allocated them, and checking a saved tensor's version reads its header and
+    // then its storage record (where a small tensor's bytes are too). So while an entry runs, the
+    // headers and input nodes of the entry two below it are fetched, and the storage records and
+    // gradient slots of the one below it, whose headers and nodes were fetched a step earlier.
+    void prefetch_ahead(const autograd::Entry& next, const autograd::Entry& after_next) const
+    {
+        for (const autograd::Saved& s : after_next.saved) __builtin_prefetch(s.value.impl_ptr().get());
+        for (const auto& in : after_next.inputs) __builtin_prefetch(in.get());
+        for (const autograd::Saved& s : next.saved)
+            if (s.value.defined()) __builtin_prefetch(s.value.impl().storage.get());
+        for (const auto& in : next.inputs)
+            if (in && in->slot >= base_slot && in->slot - base_slot < slots.size())
+                __builtin_prefetch(slots.data() + (in->slot - base_slot));
+    }
+
     // Sweeps back from entry start_seq through the entries numbered `floor` and above.
     void run(std::uint64_t start_seq, bool retain_graph, bool accumulate)
     {
@@ -313,6 +329,7 @@ struct Sweep final : autograd::GradientSums {
         // Whatever records (hooks and sums under create_graph, a backward function) may move the
         // tape's entries: entries[i] is indexed afresh after each, never held by reference.
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
+            if (i >= 2) prefetch_ahead(entries[i - 1], entries[i - 2]);
             accumulate_leaves_read_above(i);
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;

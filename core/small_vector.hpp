@@ -182,7 +182,12 @@ public:
 
     friend bool operator==(const SmallVector& a, const SmallVector& b)
     {
-        return std::equal(a.begin(), a.end(), b.begin(), b.end());
+        // A plain loop: std::equal becomes a call to memcmp, which costs more than comparing
+        // the few sizes of a shape, and shapes are compared in every op and every sweep step.
+        if (a.size() != b.size()) return false;
+        for (size_type i = 0; i < a.size(); ++i)
+            if (!(a[i] == b[i])) return false;
+        return true;
     }
     friend auto operator<=>(const SmallVector& a, const SmallVector& b)
     {
