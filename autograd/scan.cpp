@@ -465,6 +465,34 @@ private:
     }
 };
 
+// The values from which a gradient reaches an output that received one (`seeds`: the final
+// carries', then the stacked ys'), over `steps` steps. The eager loop gives an input with no such
+// path no gradient at all, not zeros (an optimizer then skips it), so the replay must too. A y is
+// seeded at every step, a final carry at the last; a carry read by the next step is reached when
+// what that step computes from it is, one step further back per round.
+std::vector<bool> reached_values(const Program& p, const SmallVector<Tensor, 2>& seeds, std::int64_t steps)
+{
+    std::vector<bool> reached(p.values.size(), false);
+    const std::size_t S = p.carry_out.size();
+    for (std::size_t k = 0; k < S; ++k)
+        if (seeds[k].defined()) reached[p.carry_out[k]] = true;
+    for (std::size_t k = 0; k < p.y_out.size(); ++k)
+        if (seeds[S + k].defined()) reached[p.y_out[k]] = true;
+    for (std::int64_t step = 0; step < steps; ++step) {
+        for (std::size_t i = p.instrs.size(); i-- > 0;)
+            if (reached[p.instrs[i].out])
+                for (std::size_t v : p.instrs[i].in) reached[v] = true;
+        if (step + 1 == steps) break;  // no step before the first
+        // Marked after the test of every carry: a carry passed on as another is one step each.
+        std::vector<std::size_t> earlier;
+        for (std::size_t k = 0; k < S; ++k)
+            if (reached[p.carry_in[k]] && !reached[p.carry_out[k]]) earlier.push_back(p.carry_out[k]);
+        if (earlier.empty()) break;
+        for (std::size_t v : earlier) reached[v] = true;
+    }
+    return reached;
+}
+
 // The instruction of a value no result reads, dropped by compile().
 constexpr std::size_t kNoInstr = ~std::size_t(0);
 
@@ -1194,12 +1222,14 @@ bool replay(const ScanStep& step, const std::shared_ptr<const Program>& prog, co
                 return grads;
             }
             const Program& p = *r->p;
+            const std::vector<bool> reached = reached_values(p, c.grads, r->steps);
             r->backward(std::vector<Tensor>(c.grads.begin(), c.grads.begin() + S),
                         std::vector<Tensor>(c.grads.begin() + S, c.grads.end()));
             for (std::size_t k = 0; k < S; ++k)
-                if (c.needs[k]) grads[k] = tensor_from(r->adj_at(p.carry_in[k], 0), in[k].sizes(), p.dtype);
+                if (c.needs[k] && reached[p.carry_in[k]])
+                    grads[k] = tensor_from(r->adj_at(p.carry_in[k], 0), in[k].sizes(), p.dtype);
             for (std::size_t k = 0; k < X; ++k)
-                if (c.needs[S + k]) {
+                if (c.needs[S + k] && reached[p.x_in[k]]) {
                     Tensor g = tensor_from(r->adj[p.x_in[k]], in[S + k].sizes(), p.dtype);
                     grads[S + k] = o.reverse ? flip_time(g) : g;
                 }
@@ -1207,7 +1237,7 @@ bool replay(const ScanStep& step, const std::shared_ptr<const Program>& prog, co
                 if (c.needs[S + X + k]) {
                     std::size_t v = 0;
                     while (p.values[v].source != Source::Param || p.values[v].index != k) ++v;
-                    grads[S + X + k] = tensor_from(r->adj[v], in[S + X + k].sizes(), p.dtype);
+                    if (reached[v]) grads[S + X + k] = tensor_from(r->adj[v], in[S + X + k].sizes(), p.dtype);
                 }
             r->adj.clear();
             r->adj_arena = Tensor();

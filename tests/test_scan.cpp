@@ -150,6 +150,45 @@ struct UserLSTM {
 
 }  // namespace
 
+TEST_CASE("an input no output with a gradient depends on gets none, as in the eager loop, over as many steps as "
+          "there are")
+{
+    // y reads h and carry a; a is b one step late; b is b * s. So s reaches y two steps later,
+    // q never does, and a loss of y alone gives q and the second carry's start no gradient.
+    const Tensor w = leaf({4}, 90), q = leaf({4}, 91), s = leaf({4}, 92);
+    const auto step = [&](const V& c, const V& x) -> ScanStepResult {
+        const Tensor h = tanh(c[0] * w + x[0]);
+        return {{h, c[1] * q, c[3], c[3] * s}, {h + c[2]}};
+    };
+    for (const std::int64_t T : {2, 3, 5}) {
+        CAPTURE(T);
+        const V init{leaf({3, 4}, 93), leaf({3, 4}, 94), leaf({3, 4}, 95), leaf({3, 4}, 96)};
+        const V xs{leaf({T, 3, 4}, 97)};
+        V wrt = init;
+        wrt.insert(wrt.end(), {xs[0], w, q, s});
+        ScanOptions o;
+        V g[2];
+        for (const bool replay : {true, false}) {
+            o.replay = replay;
+            const ScanOutput r = scan(step, init, xs, {w, q, s}, o);
+            if (replay) CHECK_MESSAGE(r.eager_reason.empty(), r.eager_reason);
+            g[replay] = grad({(r.ys[0] * random(r.ys[0].sizes(), 98)).sum()}, wrt, {}, std::nullopt, false, true);
+        }
+        const bool s_reaches = T >= 3;  // s at step 0 -> b at 1 -> a at 2 -> y at 2
+        for (std::size_t k = 0; k < wrt.size(); ++k) {
+            CAPTURE(k);
+            REQUIRE(g[0][k].defined() == g[1][k].defined());
+            if (g[0][k].defined()) CHECK(max_difference(g[1][k], g[0][k]) < 1e-12);
+        }
+        CHECK(g[0][0].defined());   // h's start
+        CHECK_FALSE(g[0][1].defined());  // the second carry's start: only q's chain reads it
+        CHECK(g[0][2].defined());   // a's start: y reads it at step 0
+        CHECK(g[0][3].defined());  // b's start: a at step 1
+        CHECK_FALSE(g[0][6].defined());  // q
+        CHECK(g[0][7].defined() == s_reaches);  // s
+    }
+}
+
 TEST_CASE("an LSTM cell of one's own, with lengths and in reverse")
 {
     const UserLSTM cell(3, 5, 10);
