@@ -187,7 +187,21 @@ struct BackwardContext {
 };
 
 /// One gradient per input; kept inline, so sweeping a small op costs no heap allocation for it.
-using GradList = SmallVector<Tensor, 3>;
+/// GradList{g0, g1} moves each gradient in: a braced list of a plain SmallVector would copy
+/// every handle (two atomic reference counts per gradient, in every backward).
+struct GradList : SmallVector<Tensor, 3> {
+    GradList() = default;
+    /// n undefined gradients.
+    explicit GradList(std::size_t n) : SmallVector(n) {}
+    /// The gradients given, in input order.
+    template <class... Ts>
+        requires(sizeof...(Ts) > 0 && (std::is_convertible_v<Ts &&, Tensor> && ...))
+    GradList(Ts&&... grads)  // NOLINT: implicit, for braced lists
+    {
+        reserve(sizeof...(Ts));
+        (emplace_back(std::forward<Ts>(grads)), ...);
+    }
+};
 
 /// Returns one gradient per input (undefined where not needed), each of that input's shape.
 using BackwardFn = std::function<GradList(const BackwardContext&)>;
