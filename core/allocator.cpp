@@ -1,5 +1,6 @@
 #include "allocator.hpp"
 
+#include <atomic>
 #include <bit>
 #include <cstdlib>
 #include <vector>
@@ -83,6 +84,7 @@ std::size_t object_class(std::size_t size) { return rounded_object_size(size) / 
 // is being torn down (after the cache is gone) goes straight back to malloc.
 // initial-exec: libloom is linked, not dlopen()ed, and the general model costs a call per access.
 [[gnu::tls_model("initial-exec")]] thread_local Cache* cache = nullptr;
+std::atomic<std::size_t> cache_limit{kDefaultCacheLimit};
 struct CacheOwner {
     Cache storage;
     CacheOwner() { cache = &storage; }
@@ -161,7 +163,7 @@ void free_storage_bytes(void* data, std::size_t capacity) noexcept
 {
     const bool ours = LOOM_STORAGE_CACHE && capacity >= kSmallestBlock && capacity <= kLargestCachedBlock &&
                       capacity == block_capacity(capacity);
-    if (ours && cache && cache->bytes + capacity <= kCacheLimit) {
+    if (ours && cache && cache->bytes + capacity <= cache_limit.load(std::memory_order_relaxed)) {
         bool kept = false;
         if (capacity <= kLargestClassBlock) {
             kept = keep_in(cache->free[size_class(capacity)], data);
@@ -198,6 +200,10 @@ void free_small_object(void* p, std::size_t size) noexcept
     }
     std::free(p);
 }
+
+std::size_t storage_cache_limit() { return cache_limit.load(); }
+
+std::size_t set_storage_cache_limit(std::size_t bytes) { return cache_limit.exchange(bytes); }
 
 std::size_t cached_storage_bytes() { return cache ? cache->bytes : 0; }
 

@@ -6,7 +6,9 @@
 /// faults their pages in again the next step (16% of W2's training time). Blocks up to 1 MiB
 /// come in power-of-two size classes; larger ones, up to kLargestCachedBlock, round up to a
 /// quarter of their power of two (at most 25% unused) and are kept by exact size. At most
-/// kCacheLimit bytes are kept per thread; empty_storage_cache() hands them back. Under
+/// storage_cache_limit() bytes are kept per thread (512 MiB unless set: a step of a model at
+/// T = 1024 or 4096 frees several 64 MiB results, and under a hypervisor faulting their pages in
+/// again took 3/4 of W8's minGRU step); empty_storage_cache() hands them back. Under
 /// AddressSanitizer the cache is off, so every use after free is still caught.
 #pragma once
 #include <cstddef>
@@ -19,8 +21,8 @@ namespace loom {
 inline constexpr std::size_t kLargestClassBlock = std::size_t(1) << 20;
 /// Blocks up to this size are cached for reuse.
 inline constexpr std::size_t kLargestCachedBlock = std::size_t(64) << 20;
-/// Bytes the cache may hold before it frees blocks.
-inline constexpr std::size_t kCacheLimit = std::size_t(128) << 20;
+/// Bytes each thread's cache may hold before it frees blocks, unless set_storage_cache_limit() says otherwise.
+inline constexpr std::size_t kDefaultCacheLimit = std::size_t(512) << 20;
 
 /// The small objects made for every op (a tensor's handle and storage record, a tape node) come
 /// from per-thread free lists by 16-byte size class, for the same reason: a tape of thousands of
@@ -68,6 +70,11 @@ void free_storage_bytes(void* data, std::size_t capacity) noexcept;
 
 /// Bytes this thread holds in freed blocks, ready for reuse.
 std::size_t cached_storage_bytes();
+/// The most bytes each thread's cache keeps (kDefaultCacheLimit unless set).
+std::size_t storage_cache_limit();
+/// Sets the most bytes each thread's cache keeps from now on (0: keeps no storage blocks);
+/// blocks kept already stay until reused or empty_storage_cache(). Returns the previous limit.
+std::size_t set_storage_cache_limit(std::size_t bytes);
 /// Returns this thread's cached storage blocks and small objects to the system (as
 /// torch.cuda.empty_cache does for a GPU).
 void empty_storage_cache();

@@ -82,7 +82,23 @@ TEST_CASE("a freed storage block is reused for the next tensor of its size class
         }
         CHECK(cached_storage_bytes() == before + (3 << 20));
     }
-    CHECK(cached_storage_bytes() <= kCacheLimit);
+    CHECK(cached_storage_bytes() <= storage_cache_limit());
+    if (storage_cache_enabled()) {
+        // Under a lower limit a freed block that would pass it goes back to the system.
+        empty_storage_cache();
+        const std::size_t previous = set_storage_cache_limit(std::size_t(5) << 20);
+        CHECK(previous == kDefaultCacheLimit);
+        CHECK(storage_cache_limit() == std::size_t(5) << 20);
+        {
+            Tensor first = empty({(3 << 20) / 4}, kFloat32), second = empty({(3 << 20) / 4}, kFloat32);
+        }
+        CHECK(cached_storage_bytes() == std::size_t(3) << 20);  // the second would make 6 MiB
+        set_storage_cache_limit(previous);
+        {
+            Tensor first = empty({(3 << 20) / 4}, kFloat32), second = empty({(3 << 20) / 4}, kFloat32);
+        }
+        CHECK(cached_storage_bytes() == std::size_t(6) << 20);
+    }
     { Tensor t = ones({3}); }
     empty_storage_cache();
     CHECK(cached_storage_bytes() == 0);
