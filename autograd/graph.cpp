@@ -49,15 +49,17 @@ struct Graph {
     std::string source(const Node* n) const { return n->seq ? fmt::format("#{}", n->seq) : leaf_label(n); }
 };
 
+// The entry that produced `node`: an error naming its op when an earlier backward() released
+// that entry, whether it is still on the tape or was reclaimed since.
 const Entry& entry_of(std::string_view op, const Node& node)
 {
-    const std::uint64_t seq = node.seq;
     const auto& tape = engine::this_tape();
-    LOOM_CHECK(node.tape != tape.id || seq >= tape.reset_floor, op,
+    const bool reclaimed = node.tape == tape.id && node.seq < tape.reset_floor;
+    const Entry* e = reclaimed ? nullptr : find_entry(node.seq);
+    LOOM_CHECK(!reclaimed && !(e && e->released), op,
                "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
                "or pass retain_graph=true",
-               node.op, seq);
-    const Entry* e = find_entry(seq);
+               node.op, node.seq);
     LOOM_CHECK(e, op, "the tensor's history is not on this thread's tape (computed on another thread, or reclaimed)");
     return *e;
 }
@@ -82,10 +84,6 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
             continue;
         }
         const Entry& e = entry_of(op, *n);
-        LOOM_CHECK(!e.released, op,
-                   "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
-                   "or pass retain_graph=true",
-                   e.name, e.seq);
         if (!found.emplace(e.seq, &e).second) continue;
         for (const auto& input : e.inputs)
             if (input) todo.push_back(input.get());

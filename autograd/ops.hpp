@@ -2,6 +2,7 @@
 /// The differentiable ops users call. Each is defined once, its backward written right below its forward.
 #pragma once
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../core/tensor.hpp"
@@ -163,6 +164,15 @@ Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0 = {}
 /// Broadcasting, `reverse`, one tape entry and a differentiable backward as linear_recurrence.
 Tensor log_linear_recurrence(const Tensor& log_a, const Tensor& log_b, const Tensor& log_h0 = {},
                              bool reverse = false);
+
+/// Mamba's selective scan (Gu & Dao 2023) fused: for u and delta [T, B, E], A [E, N], B and C
+/// [T, B, N] and h0 [B, E, N] (undefined: zeros), runs h_t = exp(delta_t A) * h_{t-1} + delta_t
+/// B_t u_t per sequence, channel and state, and returns y [T, B, E] with y_t = sum over N of
+/// C_t h_t, and h after the last step [B, E, N]. One tape entry that keeps every h_t (one
+/// [T, B, E, N] array, where the same written with ops keeps several); its backward is one fused
+/// pass the other way, recorded with ops under create_graph.
+std::pair<Tensor, Tensor> selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                                         const Tensor& C, const Tensor& h0 = {});
 
 // ---- operators ----
 /// add(a, b).

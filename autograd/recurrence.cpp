@@ -245,6 +245,117 @@ void run_log_recurrence_backward(const T* la, const T* l, const T* lh0, const T*
     });
 }
 
+// One step of one channel of the selective scan over its n states: h = exp(d A) before + du B.
+// A loop of its own, so that it vectorises (exp_of for float), compiled for AVX2 as well.
+template <class T>
+LOOM_VECTOR_CLONES void selective_step(const T* __restrict A, const T* __restrict before, const T* __restrict B, T d,
+                                       T du, T* __restrict h, std::int64_t n)
+{
+    for (std::int64_t i = 0; i < n; ++i) h[i] = exp_of(d * A[i]) * before[i] + du * B[i];
+}
+
+// Its backward for one channel, given gy = dL/dy_t and g = dL/dh_t from later steps (carried back
+// to dL/dh_{t-1} on return): adds into dA, dB and dC, and leaves in parts_delta and parts_u the
+// terms that sum to dL/d(delta) and dL/du (summed by the caller: a sum would not vectorise).
+template <class T>
+LOOM_VECTOR_CLONES void selective_step_backward(const T* __restrict A, const T* __restrict before,
+                                                const T* __restrict B, const T* __restrict C, const T* __restrict h,
+                                                T d, T u, T gy, T* __restrict g, T* __restrict dA, T* __restrict dB,
+                                                T* __restrict dC, T* __restrict parts_delta, T* __restrict parts_u,
+                                                std::int64_t n)
+{
+    for (std::int64_t i = 0; i < n; ++i) {
+        const T gi = g[i] + gy * C[i], a = exp_of(d * A[i]), d_exponent = gi * before[i] * a;
+        dC[i] += gy * h[i];
+        dA[i] += d_exponent * d;
+        dB[i] += gi * d * u;
+        parts_delta[i] = d_exponent * A[i] + gi * B[i] * u;
+        parts_u[i] = gi * B[i];
+        g[i] = gi * a;
+    }
+}
+
+// The selective scan's arrays, contiguous: u and delta [T, Bt, E], A [E, N], B and C [T, Bt, N],
+// h0 [Bt, E, N] (null: zeros). Lane (b, e, n) runs h = exp(delta A) h + delta B u; y sums C h over n.
+template <class T> struct SelectiveScan {
+    const T *u, *delta, *A, *B, *C, *h0;
+    std::int64_t steps, batch, E, N;
+
+    std::int64_t row(std::int64_t t, std::int64_t b) const { return t * batch + b; }
+    const T* h_before(const T* h, std::int64_t t, std::int64_t b, const T* zeros) const
+    {
+        if (t > 0) return h + row(t - 1, b) * E * N;
+        return h0 ? h0 + b * E * N : zeros;
+    }
+
+    // Sequences [b0, b1): every h_t into h [T, Bt, E, N], y [T, Bt, E].
+    void forward(T* h, T* y, std::int64_t b0, std::int64_t b1) const
+    {
+        const std::vector<T> zeros(static_cast<std::size_t>(E * N), T(0));
+        for (std::int64_t b = b0; b < b1; ++b)
+            for (std::int64_t t = 0; t < steps; ++t) {
+                const std::int64_t r = row(t, b);
+                const T *before = h_before(h, t, b, zeros.data()), *Bt = B + r * N, *Ct = C + r * N;
+                for (std::int64_t e = 0; e < E; ++e) {
+                    const T d = delta[r * E + e];
+                    T* he = h + (r * E + e) * N;
+                    selective_step(A + e * N, before + e * N, Bt, d, d * u[r * E + e], he, N);
+                    T acc = 0;
+                    for (std::int64_t n = 0; n < N; ++n) acc += Ct[n] * he[n];
+                    y[r * E + e] = acc;
+                }
+            }
+    }
+
+    // Its backward over sequences [b0, b1), the other way in time: g (dL/dh_t, carried back as
+    // g exp(delta_t A)) gets C_t dy_t at each step and dh_last at the last. dA is added into (the
+    // caller's buffer for this block of sequences); every other gradient is written.
+    void backward(const T* h, const T* dy, const T* dh_last, T* du, T* ddelta, T* dA, T* dB, T* dC, T* dh0,
+                  std::int64_t b0, std::int64_t b1) const
+    {
+        const std::vector<T> zeros(static_cast<std::size_t>(E * N), T(0));
+        std::vector<T> g(static_cast<std::size_t>(E * N)), parts_delta(static_cast<std::size_t>(N)),
+            parts_u(static_cast<std::size_t>(N));
+        for (std::int64_t b = b0; b < b1; ++b) {
+            if (dh_last) std::copy(dh_last + b * E * N, dh_last + (b + 1) * E * N, g.begin());
+            else std::fill(g.begin(), g.end(), T(0));
+            for (std::int64_t t = steps; t-- > 0;) {
+                const std::int64_t r = row(t, b);
+                const T* before = h_before(h, t, b, zeros.data());
+                T *dBt = dB + r * N, *dCt = dC + r * N;
+                std::fill(dBt, dBt + N, T(0));
+                std::fill(dCt, dCt + N, T(0));
+                for (std::int64_t e = 0; e < E; ++e) {
+                    const T d = delta[r * E + e];
+                    selective_step_backward(A + e * N, before + e * N, B + r * N, C + r * N, h + (r * E + e) * N, d,
+                                            u[r * E + e], dy ? dy[r * E + e] : T(0), g.data() + e * N, dA + e * N,
+                                            dBt, dCt, parts_delta.data(), parts_u.data(), N);
+                    T d_delta = 0, d_u = 0;
+                    for (std::int64_t n = 0; n < N; ++n) {
+                        d_delta += parts_delta[std::size_t(n)];
+                        d_u += parts_u[std::size_t(n)];
+                    }
+                    ddelta[r * E + e] = d_delta;
+                    du[r * E + e] = d_u * d;
+                }
+            }
+            if (dh0) std::copy(g.begin(), g.end(), dh0 + b * E * N);
+        }
+    }
+};
+
+// fn(k, b0, b1) on each of up to get_num_threads() blocks of the batch, when there is work enough.
+template <class F> void over_sequences(std::int64_t batch, std::int64_t work, F&& fn)
+{
+    const std::int64_t threads =
+        work < kThreadedRecurrence ? 1 : std::min<std::int64_t>(get_num_threads(), batch);
+    if (threads <= 1) return fn(std::int64_t(0), std::int64_t(0), batch);
+    kernels::run_tasks(threads, [&](std::int64_t k) {
+        const auto [b0, b1] = block(batch, k, threads);
+        fn(k, b0, b1);
+    });
+}
+
 // x [T, ...] moved one step along dim 0, `first` filling the step left open: toward the start
 // (x_{t+1} at t, `first` at T - 1) or toward the end (x_{t-1} at t, `first` at 0).
 Tensor shifted(const Tensor& x, const Tensor& first, bool toward_start)
@@ -326,6 +437,104 @@ Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0, boo
         if (c.needs[2]) grads[2] = a_full.select(0, first) * g.select(0, first);
         return grads;
     });
+}
+
+std::pair<Tensor, Tensor> selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                                         const Tensor& C, const Tensor& h0)
+{
+    const autograd::detail::ProfiledOp profiled("selective_scan");
+    const char* op = "selective_scan";
+    for (const Tensor* t : {&u, &delta, &A, &B, &C})
+        LOOM_CHECK(t->defined(), op, "expects u, delta, A, B and C, got an undefined tensor");
+    LOOM_CHECK(u.dim() == 3 && u.size(0) >= 1, op, "expects u [T, B, E] with at least one step, got shape {}",
+               u.sizes());
+    LOOM_CHECK(is_floating(u.dtype()), op, "expects a float dtype, got u of {}", u.dtype());
+    const std::int64_t T = u.size(0), Bt = u.size(1), E = u.size(2);
+    LOOM_CHECK(A.dim() == 2 && A.size(0) == E, op, "expects A [E, N] with E = {}, got shape {}", E, A.sizes());
+    const std::int64_t N = A.size(1);
+    const std::pair<const char*, const Tensor*> named[] = {{"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C}, {"h0", &h0}};
+    const Shape expected[] = {u.sizes(), A.sizes(), {T, Bt, N}, {T, Bt, N}, {Bt, E, N}};
+    for (std::size_t k = 0; k < 5; ++k) {
+        const auto [name, t] = named[k];
+        if (!t->defined()) continue;  // only h0 may be (checked above)
+        LOOM_CHECK(t->sizes() == expected[k] && t->dtype() == u.dtype(), op,
+                   "expects {} of shape {} and dtype {}, got shape {} and dtype {}", name, expected[k], u.dtype(),
+                   t->sizes(), t->dtype());
+    }
+    const Tensor uc = kernels::contiguous(u), dc = kernels::contiguous(delta), Ac = kernels::contiguous(A),
+                 Bc = kernels::contiguous(B), Cc = kernels::contiguous(C);
+    const Tensor hc = h0.defined() ? kernels::contiguous(h0) : Tensor();
+    Tensor h = empty({T, Bt, E, N}, u.dtype()), y = empty({T, Bt, E}, u.dtype());
+    dispatch_floating(op, u.dtype(), [&]<class S>() {
+        const SelectiveScan<S> scan{uc.data_ptr<S>(), dc.data_ptr<S>(), Ac.data_ptr<S>(), Bc.data_ptr<S>(),
+                                    Cc.data_ptr<S>(), hc.defined() ? hc.data_ptr<S>() : nullptr, T, Bt, E, N};
+        over_sequences(Bt, h.numel(), [&](std::int64_t, std::int64_t b0, std::int64_t b1) {
+            scan.forward(h.data_ptr<S>(), y.data_ptr<S>(), b0, b1);
+        });
+    });
+    Tensor h_last = kernels::clone(kernels::select(h, 0, T - 1));  // its own bytes: a state may be written in place
+    const Tensor inputs[] = {u, delta, A, B, C, h0};
+    if (!autograd::should_record(inputs)) {
+        if (autograd::anomaly_mode_enabled()) {
+            autograd::check_forward_anomaly(op, y, 0);
+            autograd::check_forward_anomaly(op, h_last, 0);
+        }
+        return {y, h_last};
+    }
+    const Tensor outputs[] = {y, h_last};
+    const Tensor saved[] = {u, delta, A, B, C, h0, h};  // the inputs themselves: under create_graph they carry history
+    autograd::push_entry(op, inputs, outputs, saved, [](const BackwardContext& c) {
+        const Tensor &u = c.saved[0], &delta = c.saved[1], &A = c.saved[2], &B = c.saved[3], &C = c.saved[4],
+                     &h0 = c.saved[5];
+        const Tensor &dy = c.grads[0], &dh_last = c.grads[1];
+        if (!c.create_graph) {
+            // One fused pass back over the saved states; the path below records the same with ops.
+            const Tensor &h = c.saved[6];
+            const std::int64_t Bt = u.size(1);
+            const Tensor uc = kernels::contiguous(u), dc = kernels::contiguous(delta), Ac = kernels::contiguous(A),
+                         Bc = kernels::contiguous(B), Cc = kernels::contiguous(C);
+            const Tensor hc = h0.defined() ? kernels::contiguous(h0) : Tensor();
+            const Tensor dyc = dy.defined() ? kernels::contiguous(dy) : Tensor(),
+                         dhc = dh_last.defined() ? kernels::contiguous(dh_last) : Tensor();
+            Tensor du = empty(u.sizes(), u.dtype()), ddelta = empty(u.sizes(), u.dtype());
+            Tensor dB = empty(B.sizes(), u.dtype()), dC = empty(C.sizes(), u.dtype());
+            Tensor dh0 = c.needs[5] ? empty(h0.sizes(), u.dtype()) : Tensor();
+            const std::int64_t blocks = std::max<std::int64_t>(1, std::min<std::int64_t>(get_num_threads(), Bt));
+            Tensor dA_parts = zeros({blocks, A.size(0), A.size(1)}, u.dtype());  // summed after: blocks run at once
+            dispatch_floating("selective_scan", u.dtype(), [&]<class S>() {
+                const SelectiveScan<S> scan{uc.data_ptr<S>(), dc.data_ptr<S>(), Ac.data_ptr<S>(), Bc.data_ptr<S>(),
+                                            Cc.data_ptr<S>(), hc.defined() ? hc.data_ptr<S>() : nullptr,
+                                            u.size(0), Bt, A.size(0), A.size(1)};
+                over_sequences(Bt, h.numel(), [&](std::int64_t k, std::int64_t b0, std::int64_t b1) {
+                    scan.backward(h.data_ptr<S>(), dyc.defined() ? dyc.data_ptr<S>() : nullptr,
+                                  dhc.defined() ? dhc.data_ptr<S>() : nullptr, du.data_ptr<S>(), ddelta.data_ptr<S>(),
+                                  dA_parts.data_ptr<S>() + k * A.numel(), dB.data_ptr<S>(), dC.data_ptr<S>(),
+                                  dh0.defined() ? dh0.data_ptr<S>() : nullptr, b0, b1);
+                });
+            });
+            const auto wanted = [&](std::size_t k, Tensor g) { return c.needs[k] ? std::move(g) : Tensor(); };
+            return Grads{wanted(0, du), wanted(1, ddelta), wanted(2, kernels::sum_to(dA_parts, A.sizes())),
+                         wanted(3, dB), dy.defined() ? wanted(4, dC) : Tensor(), dh0};  // C reaches y alone
+        }
+        // The same with ops, the states computed again from the inputs so that they carry history.
+        const Tensor decay = exp(delta.unsqueeze(3) * A), Bx = B.unsqueeze(2);  // [T, B, E, N], [T, B, 1, N]
+        const Tensor h = linear_recurrence(decay, (delta * u).unsqueeze(3) * Bx, h0);
+        const Tensor step_zeros = zeros_like(h.select(0, 0));
+        const Tensor from_y = dy.defined() ? dy.unsqueeze(3) * C.unsqueeze(2) : zeros_like(h);
+        // dL/dh_t = from_y_t + decay_{t+1} dL/dh_{t+1}, from dh_last after the last step.
+        const Tensor g = linear_recurrence(shifted(decay, ones_like(step_zeros), true), from_y, dh_last, true);
+        const Tensor d_exponent = g * shifted(h, h0.defined() ? h0 : step_zeros, false) * decay;
+        const Tensor g_B = (g * Bx).sum({3});  // [T, B, E]
+        Grads grads(6);
+        if (c.needs[0]) grads[0] = g_B * delta;
+        if (c.needs[1]) grads[1] = (d_exponent * A).sum({3}) + g_B * u;
+        if (c.needs[2]) grads[2] = (d_exponent * delta.unsqueeze(3)).sum({0, 1});
+        if (c.needs[3]) grads[3] = (g * (delta * u).unsqueeze(3)).sum({2});
+        if (c.needs[4] && dy.defined()) grads[4] = (dy.unsqueeze(3) * h).sum({2});
+        if (c.needs[5]) grads[5] = decay.select(0, 0) * g.select(0, 0);
+        return grads;
+    });
+    return {y, h_last};
 }
 
 Tensor log_linear_recurrence(const Tensor& log_a, const Tensor& log_b, const Tensor& log_h0, bool reverse)

@@ -215,7 +215,7 @@ struct Sweep final : autograd::GradientSums {
             if (fresh) touched.push_back(node);
             return it->second;
         }
-        if (node->seq < tape.reset_floor) autograd::engine::fail_released(node->op, *node);
+        if (node->seq < tape.reset_floor) autograd::engine::fail_released(*node);
         return slot(node->slot);
     }
 

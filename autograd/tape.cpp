@@ -36,9 +36,9 @@ void reset_if_all_released(Tape& tape)
     tape.reset_floor = tape.next_seq;
 }
 
-void fail_released(const char* op, const Node& node)
+void fail_released(const Node& node)
 {
-    fail(op ? op : "backward",
+    fail(node.op,
          "backward through a graph that an earlier backward() already released (tape entry #{}); pass "
          "retain_graph=true to the earlier call to sweep the graph more than once",
          node.seq);

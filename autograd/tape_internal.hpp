@@ -60,9 +60,9 @@ void release(Entry& e);
 // After the outermost sweep: when every entry on the tape has been released, empties it (its
 // memory kept for the next recording), so the next forward starts on a clean tape.
 void reset_if_all_released(Tape& tape);
-// Throws the error for a gradient reaching the output of an entry an earlier backward()
-// released and a reset reclaimed (`node` was produced on this tape below reset_floor).
-[[noreturn]] void fail_released(const char* op, const Node& node);
+// Throws the error, naming node's op, for a gradient reaching the output of an entry an earlier
+// backward() released and a reset reclaimed (`node` was produced on this tape below reset_floor).
+[[noreturn]] void fail_released(const Node& node);
 
 // scan's tracer (scan.cpp): while a step is being traced, every entry recorded on this thread is
 // shown to it before it is pushed.

@@ -248,17 +248,16 @@ void SelectiveSSM::check_state(const char* op, const SelectiveSSMState& state, s
 std::pair<Tensor, Tensor> SelectiveSSM::selective_scan(const Tensor& u, const Tensor& z, const Tensor& h0,
                                                        const Tensor& running) const
 {
-    const std::int64_t T = u.size(0), R = options.dt_rank(), N = options.d_state();
+    const std::int64_t R = options.dt_rank(), N = options.d_state();
     const Tensor projected = (*x_proj)(u);  // [T, B, R + 2N]
-    const Tensor B_t = projected.narrow(2, R, N).unsqueeze(2), C_t = projected.narrow(2, R + N, N).unsqueeze(2);
+    const Tensor B_t = projected.narrow(2, R, N), C_t = projected.narrow(2, R + N, N);  // [T, B, N]
     Tensor delta = softplus((*dt_proj)(projected.narrow(2, 0, R)));  // [T, B, E]
     // Past a sequence's end a step of size 0: exp(0 A) = 1 and 0 B u = 0 hold the state as it was.
     if (running.defined()) delta = where(running, delta, scalar_tensor(0, delta.dtype()));
-    const Tensor A = -exp(A_log);                                           // [E, N]
-    const Tensor decay = exp(delta.unsqueeze(3) * A);                       // [T, B, E, N]
-    const Tensor h = linear_recurrence(decay, (delta * u).unsqueeze(3) * B_t, h0);
-    const Tensor y = (h * C_t).sum({3}) + u * D;  // [T, B, E]
-    return {y * silu(z), h.select(0, T - 1)};
+    // h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t per channel and state, y_t = C_t . h_t: one
+    // fused op, which keeps one [T, B, E, N] array where the same with ops keeps several.
+    auto [scanned, h_last] = loom::selective_scan(u, delta, -exp(A_log), B_t, C_t, h0);
+    return {(scanned + u * D) * silu(z), h_last};
 }
 
 SelectiveSSMOutput SelectiveSSM::forward(const Tensor& input, const SelectiveSSMState& initial, const Tensor& lengths)

@@ -196,6 +196,115 @@ TEST_CASE("log_linear_recurrence stays finite where the linear form underflows")
     check_error([&] { log_linear_recurrence(ones({4, 2}), ones({4, 2}), ones({3})); }, {"log_linear_recurrence", "log_h0", "[2]"});
 }
 
+// ---- the selective scan ----
+
+namespace {
+// Mamba's scan written step by step with ops: h = exp(delta_t A) h + delta_t B_t u_t, y_t = C_t . h.
+std::pair<Tensor, Tensor> scan_of_ops(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                                      const Tensor& C, const Tensor& h0)
+{
+    Tensor h = h0.defined() ? h0 : zeros({u.size(1), u.size(2), A.size(1)}, u.dtype());
+    std::vector<Tensor> ys;
+    for (std::int64_t t = 0; t < u.size(0); ++t) {
+        const Tensor d = delta.select(0, t).unsqueeze(2);
+        h = exp(d * A) * h + d * u.select(0, t).unsqueeze(2) * B.select(0, t).unsqueeze(1);
+        ys.push_back((h * C.select(0, t).unsqueeze(1)).sum({2}));
+    }
+    return {stack(ys, 0), h};
+}
+
+struct ScanInputs {
+    Tensor u, delta, A, B, C, h0;
+    std::vector<Tensor> all() const { return {u, delta, A, B, C, h0}; }
+};
+ScanInputs scan_inputs(std::int64_t T, std::int64_t Bt, std::int64_t E, std::int64_t N, std::uint64_t seed)
+{
+    return {random({T, Bt, E}, seed).requires_grad_(), random({T, Bt, E}, seed + 1, 0.05, 0.8).requires_grad_(),
+            random({E, N}, seed + 2, -2, -0.2).requires_grad_(), random({T, Bt, N}, seed + 3).requires_grad_(),
+            random({T, Bt, N}, seed + 4).requires_grad_(), random({Bt, E, N}, seed + 5).requires_grad_()};
+}
+}  // namespace
+
+TEST_CASE("selective_scan equals the scan written with ops to 1e-12, values and gradients, with and without h0")
+{
+    for (bool with_h0 : {false, true})
+        for (int seeded : {0, 1, 2}) {  // a loss of y and h_last, of y alone, of h_last alone
+            CAPTURE(with_h0);
+            CAPTURE(seeded);
+            ScanInputs in = scan_inputs(5, 3, 4, 2, 10);
+            if (!with_h0) in.h0 = Tensor();
+            const Tensor wy = random({5, 3, 4}, 20), wh = random({3, 4, 2}, 21);
+            const auto loss = [&](const std::pair<Tensor, Tensor>& out) {
+                return seeded == 1 ? (out.first * wy).sum() : seeded == 2 ? (out.second * wh).sum()
+                                                                          : (out.first * wy).sum() + (out.second * wh).sum();
+            };
+            const auto fused = selective_scan(in.u, in.delta, in.A, in.B, in.C, in.h0);
+            const auto plain = scan_of_ops(in.u, in.delta, in.A, in.B, in.C, in.h0);
+            CHECK(close_tensors(fused.first, plain.first, 1e-12));
+            CHECK(close_tensors(fused.second, plain.second, 1e-12));
+            std::vector<Tensor> wrt{in.u, in.delta, in.A, in.B, in.C};
+            if (with_h0) wrt.push_back(in.h0);
+            const auto g_fused = grad({loss(fused)}, wrt, {}, std::nullopt, false, true);
+            const auto g_plain = grad({loss(plain)}, wrt, {}, std::nullopt, false, true);
+            for (std::size_t k = 0; k < wrt.size(); ++k) {
+                CAPTURE(k);
+                REQUIRE(g_fused[k].defined() == g_plain[k].defined());
+                if (g_plain[k].defined()) CHECK(close_tensors(g_fused[k], g_plain[k], 1e-12));
+            }
+        }
+}
+
+TEST_CASE("selective_scan passes gradcheck and gradgradcheck, and splits sequences across threads exactly")
+{
+    const ScanInputs in = scan_inputs(4, 2, 3, 2, 30);
+    const auto both = [](const std::vector<Tensor>& x) {
+        auto [y, h] = selective_scan(x[0], x[1], x[2], x[3], x[4], x[5]);
+        return y.sum({2}).unsqueeze(2) * h.sum({1, 2}).unsqueeze(1) + y;  // y and h_last, mixed
+    };
+    check_ok(gradcheck(both, in.all()), "y and the last state");
+    check_ok(gradgradcheck(both, in.all()), "y and the last state, second order");
+    const auto state_only = [](const std::vector<Tensor>& x) {
+        return tanh(selective_scan(x[0], x[1], x[2], x[3], x[4]).second);
+    };
+    check_ok(gradgradcheck(state_only, {in.u, in.delta, in.A, in.B, in.C}), "the last state alone, no h0, second order");
+
+    // 64 x 4 x 32 x 8 states: enough work to split the 4 sequences over two threads.
+    const ScanInputs big = scan_inputs(64, 4, 32, 8, 40);
+    const Tensor w = random({64, 4, 32}, 41);
+    const auto run = [&](int threads) {
+        set_num_threads(threads);
+        const auto out = selective_scan(big.u, big.delta, big.A, big.B, big.C, big.h0);
+        auto grads = grad({(out.first * w).sum() + out.second.sum()}, big.all());
+        grads.push_back(out.first);
+        grads.push_back(out.second);
+        return grads;
+    };
+    const int before = get_num_threads();
+    const auto one = run(1), two = run(2);
+    set_num_threads(before);
+    for (std::size_t k = 0; k < one.size(); ++k) {
+        CAPTURE(k);
+        CHECK(close_tensors(one[k], two[k], 1e-12));
+    }
+}
+
+TEST_CASE("selective_scan runs in float32 and refuses what does not fit, naming it")
+{
+    const ScanInputs in = scan_inputs(6, 2, 3, 4, 50);
+    const auto to32 = [](const Tensor& t) { return t.detach().to(kFloat32); };
+    const auto fused = selective_scan(to32(in.u), to32(in.delta), to32(in.A), to32(in.B), to32(in.C), to32(in.h0));
+    const auto plain = scan_of_ops(in.u, in.delta, in.A, in.B, in.C, in.h0);
+    CHECK(close_tensors(fused.first.to(kFloat64), plain.first, 1e-5));
+    CHECK(close_tensors(fused.second.to(kFloat64), plain.second, 1e-5));
+    const Tensor u = in.u.detach(), d = in.delta.detach(), A = in.A.detach(), B = in.B.detach(), C = in.C.detach();
+    check_error([&] { selective_scan(u.select(0, 0), d, A, B, C); }, {"selective_scan", "u [T, B, E]"});
+    check_error([&] { selective_scan(u, d, A.narrow(0, 0, 2), B, C); }, {"selective_scan", "A [E, N]", "E = 3"});
+    check_error([&] { selective_scan(u, d, A, B.narrow(2, 0, 3), C); }, {"selective_scan", "B of shape [6, 2, 4]"});
+    check_error([&] { selective_scan(u, d, A, B, C, zeros({2, 3, 3}, kFloat64)); }, {"selective_scan", "h0", "[2, 3, 4]"});
+    check_error([&] { selective_scan(u, d.to(kFloat32), A, B, C); }, {"selective_scan", "delta", "float64"});
+    check_error([&] { selective_scan(u, Tensor(), A, B, C); }, {"selective_scan", "undefined"});
+}
+
 // ---- minGRU and minLSTM ----
 
 namespace {
