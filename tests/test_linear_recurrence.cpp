@@ -296,6 +296,20 @@ TEST_CASE("selective_scan runs in float32 and refuses what does not fit, naming 
     const auto plain = scan_of_ops(in.u, in.delta, in.A, in.B, in.C, in.h0);
     CHECK(close_tensors(fused.first.to(kFloat64), plain.first, 1e-5));
     CHECK(close_tensors(fused.second.to(kFloat64), plain.second, 1e-5));
+    // Gradients in float32 over a longer sequence (threads split it), against float64 ops.
+    const ScanInputs big = scan_inputs(96, 4, 24, 8, 60);
+    std::vector<Tensor> singles;
+    for (const Tensor& t : big.all()) singles.push_back(to32(t).requires_grad_());
+    const Tensor w = random({96, 4, 24}, 61);
+    const auto out32 = selective_scan(singles[0], singles[1], singles[2], singles[3], singles[4], singles[5]);
+    const auto g32 = grad({(out32.first * w.to(kFloat32)).sum() + out32.second.sum()}, singles);
+    const auto out64 = scan_of_ops(big.u, big.delta, big.A, big.B, big.C, big.h0);
+    const auto g64 = grad({(out64.first * w).sum() + out64.second.sum()}, big.all());
+    for (std::size_t k = 0; k < g64.size(); ++k) {
+        CAPTURE(k);
+        const double scale = g64[k].abs().max().item<double>();
+        CHECK((g32[k].to(kFloat64) - g64[k]).abs().max().item<double>() <= 1e-5 * scale + 1e-6);
+    }
     const Tensor u = in.u.detach(), d = in.delta.detach(), A = in.A.detach(), B = in.B.detach(), C = in.C.detach();
     check_error([&] { selective_scan(u.select(0, 0), d, A, B, C); }, {"selective_scan", "u [T, B, E]"});
     check_error([&] { selective_scan(u, d, A.narrow(0, 0, 2), B, C); }, {"selective_scan", "A [E, N]", "E = 3"});
