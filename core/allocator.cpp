@@ -163,7 +163,17 @@ void free_storage_bytes(void* data, std::size_t capacity) noexcept
 {
     const bool ours = LOOM_STORAGE_CACHE && capacity >= kSmallestBlock && capacity <= kLargestCachedBlock &&
                       capacity == block_capacity(capacity);
-    if (ours && cache && cache->bytes + capacity <= cache_limit.load(std::memory_order_relaxed)) {
+    const std::size_t limit = cache_limit.load(std::memory_order_relaxed);
+    // A large block makes room by handing back the large blocks freed longest ago: a cache full
+    // of sizes an earlier model used would otherwise send every block of the next one back to
+    // the system, to be faulted in again at its next step.
+    if (ours && cache && capacity > kLargestClassBlock && capacity <= limit)
+        while (cache->bytes + capacity > limit && !cache->large.empty()) {
+            std::free(cache->large.front().data);
+            cache->bytes -= cache->large.front().capacity;
+            cache->large.erase(cache->large.begin());
+        }
+    if (ours && cache && cache->bytes + capacity <= limit) {
         bool kept = false;
         if (capacity <= kLargestClassBlock) {
             kept = keep_in(cache->free[size_class(capacity)], data);

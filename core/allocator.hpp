@@ -8,8 +8,10 @@
 /// quarter of their power of two (at most 25% unused) and are kept by exact size. At most
 /// storage_cache_limit() bytes are kept per thread (512 MiB unless set: a step of a model at
 /// T = 1024 or 4096 frees several 64 MiB results, and under a hypervisor faulting their pages in
-/// again took 3/4 of W8's minGRU step); empty_storage_cache() hands them back. Under
-/// AddressSanitizer the cache is off, so every use after free is still caught.
+/// again took 3/4 of W8's minGRU step); a large block freed when the cache is full makes room by
+/// handing back the large blocks freed longest ago, so the cache follows the sizes in use now.
+/// empty_storage_cache() hands them all back. Under AddressSanitizer the cache is off, so every
+/// use after free is still caught.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -20,7 +22,7 @@ namespace loom {
 /// Requests up to this size are served from size classes.
 inline constexpr std::size_t kLargestClassBlock = std::size_t(1) << 20;
 /// Blocks up to this size are cached for reuse.
-inline constexpr std::size_t kLargestCachedBlock = std::size_t(64) << 20;
+inline constexpr std::size_t kLargestCachedBlock = std::size_t(512) << 20;
 /// Bytes each thread's cache may hold before it frees blocks, unless set_storage_cache_limit() says otherwise.
 inline constexpr std::size_t kDefaultCacheLimit = std::size_t(512) << 20;
 

@@ -84,7 +84,7 @@ TEST_CASE("a freed storage block is reused for the next tensor of its size class
     }
     CHECK(cached_storage_bytes() <= storage_cache_limit());
     if (storage_cache_enabled()) {
-        // Under a lower limit a freed block that would pass it goes back to the system.
+        // Under a lower limit the cache keeps what fits, handing back the blocks freed longest ago.
         empty_storage_cache();
         const std::size_t previous = set_storage_cache_limit(std::size_t(5) << 20);
         CHECK(previous == kDefaultCacheLimit);
@@ -92,7 +92,12 @@ TEST_CASE("a freed storage block is reused for the next tensor of its size class
         {
             Tensor first = empty({(3 << 20) / 4}, kFloat32), second = empty({(3 << 20) / 4}, kFloat32);
         }
-        CHECK(cached_storage_bytes() == std::size_t(3) << 20);  // the second would make 6 MiB
+        CHECK(cached_storage_bytes() == std::size_t(3) << 20);  // both would make 6 MiB
+        {
+            Tensor other = empty({(4 << 20) / 4}, kFloat32);  // 4 MiB: the 3 MiB block freed before makes room
+        }
+        CHECK(cached_storage_bytes() == std::size_t(4) << 20);
+        empty_storage_cache();
         set_storage_cache_limit(previous);
         {
             Tensor first = empty({(3 << 20) / 4}, kFloat32), second = empty({(3 << 20) / 4}, kFloat32);
