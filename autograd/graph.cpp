@@ -55,7 +55,8 @@ const Entry& entry_of(std::string_view op, const Node& node)
 {
     const auto& tape = engine::this_tape();
     const bool reclaimed = node.tape == tape.id && node.seq < tape.reset_floor;
-    const Entry* e = reclaimed ? nullptr : find_entry(node.seq);
+    // Numbers are per tape: another thread's entry #5 is not this one's.
+    const Entry* e = reclaimed || node.tape != tape.id ? nullptr : find_entry(node.seq);
     LOOM_CHECK(!reclaimed && !(e && e->released), op,
                "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
                "or pass retain_graph=true",

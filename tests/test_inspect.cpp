@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <sstream>
+#include <thread>
 
 using namespace loom;
 
@@ -129,6 +130,24 @@ TEST_CASE("the tape as text and as DOT, rendered by Graphviz with the right node
     loss.backward();
     CHECK_THROWS_WITH_AS(autograd::to_dot(loss), doctest::Contains("released by an earlier backward"), Error);
     CHECK_THROWS_WITH_AS(autograd::to_text(x.detach()), doctest::Contains("does not require grad"), Error);
+
+    // A tensor whose history is on another thread's tape is refused, not drawn from this thread's
+    // entry of the same number.
+    const Tensor w = ones({2}).requires_grad_();
+    Tensor elsewhere;
+    std::thread([&] { elsewhere = (w * 2.0).exp(); }).join();  // entries #1 and #2 of that thread's tape
+    std::string drawn, refused;
+    std::thread([&] {
+        const Tensor here = (w + 1.0).tanh();  // entries #1 and #2 of this one's
+        drawn = autograd::to_text(here);
+        try {
+            autograd::to_text(elsewhere);
+        } catch (const Error& e) {
+            refused = e.what();
+        }
+    }).join();
+    CHECK(drawn.find("tanh") != std::string::npos);
+    CHECK(refused.find("not on this thread's tape") != std::string::npos);
 }
 
 TEST_CASE("names with control characters or of any length give DOT that Graphviz takes and one text line per entry")
