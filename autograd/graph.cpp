@@ -111,10 +111,9 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
 std::string outputs_of(const Entry& e)
 {
     std::string out;
-    for (const auto& w : e.outputs) {
+    for (const auto& node : e.outputs) {
         if (!out.empty()) out += ", ";
-        const auto node = w.lock();
-        out += node ? fmt::format("{} {}", node->shape, node->dtype) : std::string("(freed)");
+        out += fmt::format("{} {}", node->shape, node->dtype);
     }
     return out;
 }

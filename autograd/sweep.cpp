@@ -89,12 +89,8 @@ Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool crea
                "saved at version {}); clone() it before modifying it",
                s.value.sizes(), s.value.version(), s.version);
     if (!create_graph || !s.is_output) return s.value;
-    auto node = e.outputs[s.output].lock();
-    LOOM_CHECK(node, e.name,
-               "create_graph needs an output this op saved for backward, but that output no longer exists; keep "
-               "its outputs alive, or differentiate once");
     Tensor joined = kernels::alias(s.value);
-    joined.impl().node = std::move(node);
+    joined.impl().node = e.outputs[s.output];
     return joined;
 }
 
@@ -345,10 +341,11 @@ struct Sweep final : autograd::GradientSums {
                 Tensor g = p.captured ? p.sum : std::move(p.sum);
                 // Only a watched entry's outputs have hooks to run or a gradient to retain.
                 if (entries[i].watched)
-                    if (const auto node = entries[i].outputs[k].lock()) {
-                        g = apply_hooks(*node, g);
-                        if (accumulate && node->retains_grad) accumulate_grad(*node, g, create_graph);
-                    }
+                {
+                    autograd::Node& node = *entries[i].outputs[k];  // on the heap: stays put if a hook records
+                    g = apply_hooks(node, g);
+                    if (accumulate && node.retains_grad) accumulate_grad(node, g, create_graph);
+                }
                 grads_recorded = grads_recorded || g.requires_grad();
                 if (p.captured) p.sum = g;
                 else p = autograd::PendingGrad();

@@ -51,17 +51,25 @@ using autograd::engine::this_tape;
 
 [[gnu::tls_model("initial-exec")]] thread_local bool grad_mode = true;
 
-// Drops entries none of whose outputs is still alive: no gradient can reach them again.
-// Walking backwards lets one pass reclaim whole dead chains.
+// Drops the dead entries: those no tensor holds an output of and no live entry reads (no
+// gradient can reach them again). Walking backwards, every reader of an entry's outputs is
+// judged before the entry itself, so one pass reclaims whole dead chains.
 void compact()
 {
     auto& tape = this_tape();
-    if (tape.running_sweeps > 0) return;  // a sweep holds indices into the tape
+    if (tape.running_sweeps > 0 || tape.entries.empty()) return;  // a sweep holds indices into the tape
+    const std::uint64_t base = tape.entries.front().first_slot;
+    std::vector<bool> read(static_cast<std::size_t>(tape.next_slot - base), false);  // by a live entry, per slot
     std::vector<bool> dead(tape.entries.size(), false);
     for (std::size_t i = tape.entries.size(); i-- > 0;) {
-        auto& e = tape.entries[i];
-        dead[i] = std::all_of(e.outputs.begin(), e.outputs.end(), [](const auto& w) { return w.expired(); });
-        if (dead[i]) autograd::engine::release(e);
+        const auto& e = tape.entries[i];
+        bool live = false;
+        for (std::size_t k = 0; k < e.outputs.size(); ++k)
+            live = live || e.outputs[k].use_count() > 1 || read[static_cast<std::size_t>(e.first_slot + k - base)];
+        dead[i] = !live;
+        if (!live) continue;
+        for (const auto& in : e.inputs)
+            if (in && in->seq != 0 && in->slot >= base) read[static_cast<std::size_t>(in->slot - base)] = true;
     }
     std::size_t kept = 0;
     tape.released_entries = 0;
@@ -140,6 +148,14 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
                    "an input was computed on another thread, whose tape this thread cannot sweep; detach() it, or "
                    "compute it on this thread");
     }
+    // A non-leaf input whose producer is on the tape is owned there (compaction keeps the producer
+    // while this entry lives): the entry points at it. A leaf's node, and one whose producer a
+    // reset reclaimed, only the tensors own, so the entry shares it.
+    const auto input_ref = [&](const Tensor* t) -> std::shared_ptr<Node> {
+        const auto& node = node_of(t);
+        if (!node || node->seq == 0 || node->seq < tape.reset_floor) return node;
+        return std::shared_ptr<Node>(std::shared_ptr<Node>(), node.get());
+    };
     for (const Tensor& out : outputs) {
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
@@ -150,7 +166,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         e.seq = tape.next_seq;
         e.name = name;
         e.inputs.reserve(inputs.size());
-        for (const Tensor* t : inputs) e.inputs.push_back(node_of(t));
+        for (const Tensor* t : inputs) e.inputs.push_back(input_ref(t));
         e.outputs.reserve(outputs.size());
         e.first_slot = tape.next_slot;
         for (const Tensor& out : outputs) {
@@ -161,8 +177,8 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
             node->tape = tape.id;
             node->slot = e.first_slot + e.outputs.size();
             node->op = name;
-            e.outputs.push_back(node);
-            out.impl().node = std::move(node);
+            out.impl().node = node;
+            e.outputs.push_back(std::move(node));
         }
         e.saved.reserve(saved.size());
         for (const Tensor* saved_tensor : saved) {

@@ -9,9 +9,11 @@
 ///
 /// **Nodes.** A tensor that requires grad carries a Node: its shape and dtype, the sequence
 /// number of the entry that produced it (0 for a leaf), the id of the tape that recorded it,
-/// its hooks, and its .grad() where one is kept. An entry holds its inputs' nodes and only weak
-/// references to its outputs, so the tape never keeps a result alive; once every output of an
-/// entry is gone, no gradient can reach it, and compaction reclaims it.
+/// its hooks, and its .grad() where one is kept. An entry owns its outputs' nodes (never their
+/// data) and shares its leaf inputs' nodes; a non-leaf input's node it only points at, without a
+/// reference count: the entry that produced that input owns it, and compaction keeps a producer
+/// as long as an entry that reads it lives. An entry is dead once no tensor holds any of its
+/// outputs and no live entry reads them: no gradient can reach it, and compaction reclaims it.
 ///
 /// **Slots.** Each output of an entry has a slot number, increasing along the tape with the
 /// entries' sequence numbers. A sweep sums the gradients reaching non-leaves in one dense array
@@ -148,7 +150,9 @@ struct Saved {
 };
 
 /// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
-/// not cost a heap allocation for each list.
+/// not cost a heap allocation for each list. A leaf input's node is shared; a non-leaf's is held
+/// without ownership (an aliasing shared_ptr with no control block, so copying it costs no
+/// atomic reference count): its producer on the tape owns it (see Node).
 using InputNodes = SmallVector<std::shared_ptr<Node>, 3>;
 
 /// Where a sweep sums the gradients arriving at each node.
@@ -212,12 +216,15 @@ using RegionFn = std::function<Tensor(const Tensor&)>;
 
 /// One recorded op on the tape.
 struct Entry {
+    /// User-provided, so that appending an entry does not first zero all of it.
+    Entry() noexcept {}
     /// Its sequence number on its thread's tape.
-    std::uint64_t seq;
+    std::uint64_t seq = 0;
     /// The op's name.
-    const char* name;
+    const char* name = nullptr;
     InputNodes inputs;  ///< null where an input does not require grad
-    SmallVector<std::weak_ptr<Node>, 2> outputs;  ///< weak: the tape alone never keeps a result alive
+    /// Owned: a tensor holding an output shares it, an entry reading it points at it.
+    SmallVector<std::shared_ptr<Node>, 2> outputs;
     /// Output k's gradient is summed in slot first_slot + k. Slots are numbered along the tape as
     /// entries are, so a sweep keeps the gradients it sums in one dense array indexed by slot,
     /// instead of reaching each output's node.

@@ -243,11 +243,46 @@ TEST_CASE("a backward that releases every entry empties the tape; what it releas
         check_error([&] { y.backward(); }, {"sum", "released", "retain_graph"});
         check_error([&] { (h * 2.0).sum().backward(); }, {"tanh", "released", "retain_graph"});
         check_error([&] { (void)autograd::to_dot(y); }, {"sum", "released by an earlier backward"});
-        h.retain_grad();  // nothing can reach h again: allowed, and it changes nothing
+        {
+            // Read after the reset, then dropped: the new entry must keep h's node itself.
+            Tensor z = (h.tanh() * 2.0).sum();
+            Tensor dropped = std::move(h);
+            dropped = Tensor();
+            for (int i = 0; i < 3000; ++i) (void)(x * 2.0);  // compaction runs meanwhile
+            check_error([&] { z.backward(); }, {"tanh", "released", "retain_graph"});
+            h = x.tanh();
+            CHECK(autograd::tape_size() >= 1);
+        }
+        h.retain_grad();
         // A new graph on the emptied tape differentiates as before.
         x.zero_grad();
         (x * x).sum().backward();
         CHECK(close(x.grad(), values(x * 2.0), 1e-12));
+    });
+}
+
+TEST_CASE("compaction keeps what a live entry reads, and the hooks of results already dropped")
+{
+    on_fresh_tape([] {
+        Tensor x = tensor({0.5, -1.0}, kFloat64).requires_grad_();
+        Tensor seen;
+        Tensor y;
+        {
+            Tensor h = x * 3.0;
+            h.register_hook([&](const Tensor& g) {
+                seen = g.clone();
+                return Tensor();
+            });
+            y = h.tanh();
+        }  // h is dropped: only y's entry reads it
+        for (int i = 0; i < 5000; ++i) (void)(x * 2.0);  // dead entries, reclaimed by compaction
+        CHECK(autograd::tape_size() < 3000);
+        y = y * y;
+        y.sum().backward();
+        const Tensor t = (x * 3.0).tanh();
+        REQUIRE(seen.defined());
+        CHECK(close(seen, values(t * 2.0 * (1.0 - t * t)), 1e-12));
+        CHECK(close(x.grad(), values(t * 6.0 * (1.0 - t * t)), 1e-12));
     });
 }
 
