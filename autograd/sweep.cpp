@@ -46,11 +46,14 @@ void accumulate_grad(autograd::Node& node, Tensor g, bool recorded)
 }
 
 
+void check_gradient(std::string_view op, const Shape& shape, DType dtype, const Tensor& g, std::string_view what)
+{
+    LOOM_CHECK(g.sizes() == shape && g.dtype() == dtype, op, "{} has shape {} and dtype {}, expected shape {} and dtype {}",
+               what, g.sizes(), g.dtype(), shape, dtype);
+}
 void check_gradient(std::string_view op, const autograd::Node& node, const Tensor& g, std::string_view what)
 {
-    LOOM_CHECK(g.sizes() == node.shape && g.dtype() == node.dtype, op,
-               "{} has shape {} and dtype {}, expected shape {} and dtype {}", what, g.sizes(), g.dtype(), node.shape,
-               node.dtype);
+    check_gradient(op, node.shape, node.dtype, g, what);
 }
 
 // What a gradient hook was registered on, for errors: "a leaf of shape [3]" or "the output of
@@ -238,6 +241,16 @@ struct Sweep final : autograd::GradientSums {
              node->seq, node->op);
     }
 
+    // The sum a gradient arriving at an entry's input goes into: a slot of this sweep's, found
+    // without reaching the input's node, or as above.
+    autograd::PendingGrad& receiving(const autograd::InputRef& in)
+    {
+        if (in.slot < base_slot) return receiving(in.node);  // a leaf, or below the floor
+        autograd::PendingGrad& p = slot(in.slot);
+        if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
+        return p;
+    }
+
     // Makes p.sum a buffer of its own, so it can be added into in place.
     static void own(autograd::PendingGrad& p)
     {
@@ -247,9 +260,10 @@ struct Sweep final : autograd::GradientSums {
         }
     }
 
-    void add(const std::shared_ptr<autograd::Node>& node, Tensor g)
+    // Adds g to the sum of what `to` receives (a node, or an entry's input).
+    template <class To> void add(const To& to, Tensor g)
     {
-        autograd::PendingGrad& p = receiving(node);
+        autograd::PendingGrad& p = receiving(to);
         if (!p.sum.defined()) {
             p.sum = std::move(g);  // adopted as is: it may be shared, so not owned
             p.owned = false;
@@ -263,11 +277,11 @@ struct Sweep final : autograd::GradientSums {
         kernels::add_into(p.sum, g);
     }
 
-    Tensor accumulator(const std::shared_ptr<autograd::Node>& node) override
+    Tensor accumulator(const autograd::InputRef& input, const Shape& shape, DType dtype) override
     {
-        autograd::PendingGrad& p = receiving(node);
+        autograd::PendingGrad& p = receiving(input);
         if (!p.sum.defined()) {
-            p.sum = zeros(node->shape, node->dtype);
+            p.sum = zeros(shape, dtype);
             p.owned = true;
         }
         own(p);
@@ -275,17 +289,19 @@ struct Sweep final : autograd::GradientSums {
         return p.sum;
     }
 
-    // Adds g into region(node's gradient), creating that gradient as zeros if need be.
-    void add_region(const std::shared_ptr<autograd::Node>& node, const autograd::RegionFn& region, const Tensor& g)
+    // Adds g into region(the input's gradient), creating that gradient as zeros of `shape` and
+    // `dtype` if need be.
+    void add_region(const autograd::InputRef& input, const Shape& shape, DType dtype, const autograd::RegionFn& region,
+                    const Tensor& g)
     {
-        autograd::PendingGrad& p = receiving(node);
+        autograd::PendingGrad& p = receiving(input);
         if (create_graph) {
-            const Tensor whole = autograd::embed_region(g, node->shape, region);
+            const Tensor whole = autograd::embed_region(g, shape, region);
             p.sum = p.sum.defined() ? loom::add(p.sum, whole) : whole;
             return;
         }
         if (!p.sum.defined()) {
-            p.sum = zeros(node->shape, node->dtype);
+            p.sum = zeros(shape, dtype);
             p.owned = true;
             kernels::copy_into(region(p.sum), g);
             return;
@@ -302,12 +318,11 @@ struct Sweep final : autograd::GradientSums {
     void prefetch_ahead(const autograd::Entry& next, const autograd::Entry& after_next) const
     {
         for (const autograd::Saved& s : after_next.saved) __builtin_prefetch(s.value.impl_ptr().get());
-        for (const auto& in : after_next.inputs) __builtin_prefetch(in.get());
         for (const autograd::Saved& s : next.saved)
             if (s.value.defined()) __builtin_prefetch(s.value.impl().storage.get());
         for (const auto& in : next.inputs)
-            if (in && in->slot >= base_slot && in->slot - base_slot < slots.size())
-                __builtin_prefetch(slots.data() + (in->slot - base_slot));
+            if (in.slot >= base_slot && in.slot - base_slot < slots.size())
+                __builtin_prefetch(slots.data() + (in.slot - base_slot));
     }
 
     // Sweeps back from entry start_seq through the entries numbered `floor` and above.
@@ -368,7 +383,7 @@ struct Sweep final : autograd::GradientSums {
             }
             const Borrowed running(entries, i);
             ctx.needs.resize(running.inputs.size());
-            for (std::size_t k = 0; k < running.inputs.size(); ++k) ctx.needs[k] = running.inputs[k] != nullptr;
+            for (std::size_t k = 0; k < running.inputs.size(); ++k) ctx.needs[k] = bool(running.inputs[k]);
             ctx.inputs = &running.inputs;
             autograd::GradList input_grads;
             {
@@ -400,12 +415,14 @@ struct Sweep final : autograd::GradientSums {
                            k);
                 if (anomaly) autograd::engine::check_backward_anomaly(name, seq, scope, k, input_grads[k]);
                 if (running.region) {
-                    add_region(running.inputs[k], *running.region, input_grads[k]);
+                    add_region(running.inputs[k], ctx.input_shape(k), ctx.input_dtype(k), *running.region,
+                               input_grads[k]);
                     continue;
                 }
                 // A custom op's gradients were checked above, with messages for its author.
                 if (!custom)
-                    check_gradient(name, *running.inputs[k], input_grads[k], "internal: the gradient backward returned");
+                    check_gradient(name, ctx.input_shape(k), ctx.input_dtype(k), input_grads[k],
+                                   "internal: the gradient backward returned");
                 add(running.inputs[k], std::move(input_grads[k]));
             }
             swept.push_back(i);
@@ -423,8 +440,8 @@ struct Sweep final : autograd::GradientSums {
         const auto& entries = tape.entries;
         std::unordered_map<const autograd::Node*, std::size_t> found;
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;)
-            for (const auto& in : entries[i].inputs)
-                if (in && in->seq == 0 && !in->post_accumulate_hooks.empty()) {
+            for (const auto& input : entries[i].inputs)
+                if (const auto& in = input.node; in && in->seq == 0 && !in->post_accumulate_hooks.empty()) {
                     auto [it, fresh] = found.try_emplace(in.get(), i);
                     if (fresh) last_readers.emplace_back(i, in);
                     else it->second = i;
@@ -537,7 +554,7 @@ Tensor seed_for(std::string_view op, const Tensor& output, const Tensor& gradien
 Tensor autograd::BackwardContext::accumulator(std::size_t k) const
 {
     if (!sums || k >= needs.size() || !needs[k]) return Tensor();
-    return sums->accumulator((*inputs)[k]);
+    return sums->accumulator((*inputs)[k], input_shape(k), input_dtype(k));
 }
 
 // ---- Tensor's autograd methods ----

@@ -69,7 +69,7 @@ void compact()
         dead[i] = !live;
         if (!live) continue;
         for (const auto& in : e.inputs)
-            if (in && in->seq != 0 && in->slot >= base) read[static_cast<std::size_t>(in->slot - base)] = true;
+            if (in.slot >= base) read[static_cast<std::size_t>(in.slot - base)] = true;
     }
     std::size_t kept = 0;
     tape.released_entries = 0;
@@ -151,10 +151,18 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
     // A non-leaf input whose producer is on the tape is owned there (compaction keeps the producer
     // while this entry lives): the entry points at it. A leaf's node, and one whose producer a
     // reset reclaimed, only the tensors own, so the entry shares it.
-    const auto input_ref = [&](const Tensor* t) -> std::shared_ptr<Node> {
+    const auto input_ref = [&](const Tensor* t) {
         const auto& node = node_of(t);
-        if (!node || node->seq == 0 || node->seq < tape.reset_floor) return node;
-        return std::shared_ptr<Node>(std::shared_ptr<Node>(), node.get());
+        InputRef in;
+        if (!node) return in;
+        in.like_output = !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
+        if (node->seq == 0 || node->seq < tape.reset_floor) {
+            in.node = node;
+            return in;
+        }
+        in.node = std::shared_ptr<Node>(std::shared_ptr<Node>(), node.get());
+        in.slot = node->slot;
+        return in;
     };
     for (const Tensor& out : outputs) {
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");

@@ -149,16 +149,30 @@ struct Saved {
     std::uint32_t output = 0;
 };
 
+/// An entry's reference to one of its inputs. What the sweep needs of it is kept here, so that
+/// it never reaches the input's node, which lies wherever forward allocated it.
+struct InputRef {
+    /// Null where the input does not require grad. A leaf's node is shared; a non-leaf's is held
+    /// without ownership (an aliasing shared_ptr with no control block, so copying it costs no
+    /// atomic reference count): its producer on the tape owns it (see Node).
+    std::shared_ptr<Node> node;
+    /// A non-leaf's gradient slot (its node's); 0 for a leaf.
+    std::uint64_t slot = 0;
+    /// The input has the shape and dtype of the entry's first output, and so of its gradient.
+    bool like_output = false;
+    /// Whether the input requires grad.
+    explicit operator bool() const { return node != nullptr; }
+};
+
 /// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
-/// not cost a heap allocation for each list. A leaf input's node is shared; a non-leaf's is held
-/// without ownership (an aliasing shared_ptr with no control block, so copying it costs no
-/// atomic reference count): its producer on the tape owns it (see Node).
-using InputNodes = SmallVector<std::shared_ptr<Node>, 3>;
+/// not cost a heap allocation for each list.
+using InputNodes = SmallVector<InputRef, 3>;
 
 /// Where a sweep sums the gradients arriving at each node.
 struct GradientSums {
-    /// A buffer holding node's gradient summed so far, to add into in place.
-    virtual Tensor accumulator(const std::shared_ptr<Node>& node) = 0;
+    /// A buffer holding the gradient of `input` (of `shape` and `dtype`) summed so far, to add
+    /// into in place.
+    virtual Tensor accumulator(const InputRef& input, const Shape& shape, DType dtype) = 0;
 
 protected:
     ~GradientSums() = default;
@@ -185,9 +199,17 @@ struct BackwardContext {
     /// needs no gradient); backward then returns the gradient as usual.
     Tensor accumulator(std::size_t k) const;
     /// Shape of input k; known for every input that needs a gradient, so ops need not save it.
-    const Shape& input_shape(std::size_t k) const { return (*inputs)[k]->shape; }
+    const Shape& input_shape(std::size_t k) const
+    {
+        const InputRef& in = (*inputs)[k];
+        return in.like_output && grads[0].defined() ? grads[0].sizes() : in.node->shape;
+    }
     /// Dtype of input k.
-    DType input_dtype(std::size_t k) const { return (*inputs)[k]->dtype; }
+    DType input_dtype(std::size_t k) const
+    {
+        const InputRef& in = (*inputs)[k];
+        return in.like_output && grads[0].defined() ? grads[0].dtype() : in.node->dtype;
+    }
 };
 
 /// One gradient per input; kept inline, so sweeping a small op costs no heap allocation for it.
