@@ -79,7 +79,7 @@ void compact()
             tape.released_entries += tape.entries[kept].released;
             ++kept;
         }
-    tape.entries.shrink_to(kept);
+    tape.entries.resize(kept);
 }
 
 }  // namespace
@@ -91,11 +91,14 @@ namespace autograd {
 
 std::size_t tape_size() { return this_tape().entries.size(); }
 
+std::span<const Entry> tape_entries() { return this_tape().entries; }
+
 const Entry* find_entry(std::uint64_t seq)
 {
     const auto& tape = this_tape();
-    const std::size_t i = tape.entries.lower_bound(seq);
-    return i < tape.entries.size() && tape.entries[i].seq == seq ? &tape.entries[i] : nullptr;
+    const auto it = std::lower_bound(tape.entries.begin(), tape.entries.end(), seq,
+                                     [](const Entry& e, std::uint64_t s) { return e.seq < s; });
+    return it != tape.entries.end() && it->seq == seq ? &*it : nullptr;
 }
 
 bool should_record(std::span<const Tensor> inputs)
