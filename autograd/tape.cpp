@@ -2,6 +2,7 @@
 #include "tape_internal.hpp"
 
 #include <algorithm>
+#include <unordered_map>
 
 #include "../core/allocator.hpp"
 #include "../core/kernels.hpp"
@@ -53,21 +54,45 @@ using autograd::engine::this_tape;
 
 // Drops the dead entries: those no tensor holds an output of and no live entry reads (no
 // gradient can reach them again). Walking backwards, every reader of an entry's outputs is
-// judged before the entry itself, so one pass reclaims whole dead chains.
+// judged before the entry itself, so one pass reclaims whole dead chains. A dead entry that
+// saved an input (mul saves both) still holds that input's tensor, and so its node, until it is
+// destroyed: such holds are counted as the walk goes and do not keep the producer alive.
 void compact()
 {
     auto& tape = this_tape();
     if (tape.running_sweeps > 0 || tape.entries.empty()) return;  // a sweep holds indices into the tape
     const std::uint64_t base = tape.entries.front().first_slot;
-    std::vector<bool> read(static_cast<std::size_t>(tape.next_slot - base), false);  // by a live entry, per slot
+    const auto slots = static_cast<std::size_t>(tape.next_slot - base);
+    std::vector<bool> read(slots, false);  // by a live entry, per slot
+    // Per slot: the tensors holding its node that only dead entries' saved lists hold.
+    std::vector<std::uint32_t> held_by_dead(slots, 0);
+    // A saved tensor that something else holds too: how many dead entries' saves hold it so far.
+    std::unordered_map<const TensorImpl*, long> dead_saves;
+    const auto drop_saves = [&](const autograd::Entry& e) {
+        for (const autograd::Saved& s : e.saved) {
+            if (s.is_output || !s.value.defined()) continue;
+            const auto& node = s.value.impl().node;
+            if (!node || node->seq == 0 || node->tape != tape.id || node->seq < tape.reset_floor ||
+                node->slot < base || node->slot - base >= slots)
+                continue;
+            const auto& impl = s.value.impl_ptr();
+            if (impl.use_count() == 1 || ++dead_saves[impl.get()] == impl.use_count())
+                ++held_by_dead[static_cast<std::size_t>(node->slot - base)];
+        }
+    };
     std::vector<bool> dead(tape.entries.size(), false);
     for (std::size_t i = tape.entries.size(); i-- > 0;) {
         const auto& e = tape.entries[i];
         bool live = false;
-        for (std::size_t k = 0; k < e.outputs.size(); ++k)
-            live = live || e.outputs[k].use_count() > 1 || read[static_cast<std::size_t>(e.first_slot + k - base)];
+        for (std::size_t k = 0; k < e.outputs.size(); ++k) {
+            const auto slot = static_cast<std::size_t>(e.first_slot + k - base);
+            live = live || e.outputs[k].use_count() > 1 + long(held_by_dead[slot]) || read[slot];
+        }
         dead[i] = !live;
-        if (!live) continue;
+        if (!live) {
+            drop_saves(e);
+            continue;
+        }
         for (const auto& in : e.inputs)
             if (in.slot >= base) read[static_cast<std::size_t>(in.slot - base)] = true;
     }

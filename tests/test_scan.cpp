@@ -1,6 +1,7 @@
 // scan: a replayed step gives the eager loop's values and gradients to 1e-12 in float64, for
 // every op it replays, with lengths and in reverse; what it cannot replay runs eagerly and says why.
 #include "helpers.hpp"
+#include <thread>
 
 using namespace loom;
 using testing::check_error;
@@ -347,6 +348,18 @@ TEST_CASE("Recurrent<Cell> replays its cell by default, and equals the step-by-s
         Tensor states = r.all_states[0];
         states.fill_(7.0);
         CHECK(testing::values(r.output) == before);
+    }
+    // Inference: the traces record on the tape (grad mode is on for them), and compaction
+    // reclaims their entries, which save their inputs, call after call.
+    {
+        nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(3, 4).dtype(kFloat64));
+        REQUIRE(rnn.replayable());
+        const Tensor x = leaf({5, 2, 3}, 64);
+        std::thread([&] {
+            NoGradGuard no_grad;
+            for (int i = 0; i < 1500; ++i) (void)rnn(x);
+            CHECK(autograd::tape_size() < 3000);
+        }).join();
     }
     // The built-in cells are one fused op per step already: they are not replayed.
     CHECK_FALSE(nn::Recurrent<nn::LSTMCell>(nn::RecurrentOptions(2, 3)).replayable());
