@@ -12,6 +12,7 @@
 #include "scan.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -613,8 +614,17 @@ template <class T> struct Replay {
     // copy: its value is that block of its input's buffer, gradient included (aliased[j] for
     // instruction j, at the input element of its one run).
     std::vector<bool> aliased;
-    T* at(std::size_t v, std::int64_t t) const { return base[v] + t * strides[v]; }
-    T* adj_at(std::size_t v, std::int64_t t) { return adj[v] ? adj[v] + t * adj_strides[v] : nullptr; }
+    // Checkpointing (segment > 0): the values computed inside the loop are kept for `segment`
+    // steps at a time, those from step `window` on (windowed[v]), not for every step; backward
+    // computes each segment's again from the carries, which are kept for every step.
+    std::int64_t segment = 0;
+    std::int64_t window = 0;
+    bool window_filled = false;  // the windowed buffers hold the values of the steps from `window`
+    std::vector<bool> windowed;
+    std::int64_t kept_steps() const { return segment > 0 ? segment : steps; }
+    std::int64_t row(std::size_t v, std::int64_t t) const { return windowed[v] ? t - window : t; }
+    T* at(std::size_t v, std::int64_t t) const { return base[v] + row(v, t) * strides[v]; }
+    T* adj_at(std::size_t v, std::int64_t t) { return adj[v] ? adj[v] + row(v, t) * adj_strides[v] : nullptr; }
     // The gradients of values laid out step by step live one step at a time: a step's are all
     // taken by the end of its backward, so one block, zeroed per step, stays in L1.
     std::vector<std::int64_t> adj_strides;
@@ -662,10 +672,15 @@ template <class T> struct Replay {
         adj_strides = strides;
         for (std::size_t v = 0; v < n; ++v)
             if (offset_in_step[v] >= 0) adj_strides[v] = 0;
+        windowed.assign(n, false);
+        if (segment > 0)
+            for (std::size_t v = 0; v < n; ++v)
+                windowed[v] = prog.values[v].source == Source::Computed && prog.rate(v) == Rate::Carried && !dead(v);
         for (std::size_t j = 0; j < prog.instrs.size(); ++j)
             if (aliased[j]) {
                 strides[prog.instrs[j].out] = strides[prog.instrs[j].in[0]];
                 adj_strides[prog.instrs[j].out] = adj_strides[prog.instrs[j].in[0]];
+                windowed[prog.instrs[j].out] = windowed[prog.instrs[j].in[0]];  // a view of a carry is not
             }
     }
     static bool is_product(const Instr& ins) { return ins.op == Op::Linear || ins.op == Op::Matmul; }
@@ -688,7 +703,7 @@ template <class T> struct Replay {
     std::int64_t buffer_size(std::size_t v) const
     {
         const Value& val = p->values[v];
-        return val.numel * (val.source == Source::Carry ? steps + 1 : one_buffer(v) ? 1 : steps);
+        return val.numel * (val.source == Source::Carry ? steps + 1 : one_buffer(v) ? 1 : windowed[v] ? segment : steps);
     }
     // Carves one buffer per value from one pooled block: a buffer each, freshly allocated, would
     // cost page faults at every call.
@@ -733,7 +748,7 @@ template <class T> struct Replay {
     {
         const Program& prog = *p;
         lay_out();
-        base = carve(arena, false, steps, [&](std::size_t v) {
+        base = carve(arena, false, kept_steps(), [&](std::size_t v) {
             return prog.values[v].source == Source::Carry ||
                    (prog.values[v].source == Source::Computed && !is_alias(v) && !dead(v));
         });
@@ -761,8 +776,8 @@ template <class T> struct Replay {
             ys.push_back(empty(shape, prog.dtype));
         }
         for (std::int64_t i = 0; i < steps; ++i) {
-            for (const Instr& ins : prog.instrs)
-                if (prog.rate(ins.out) == Rate::Carried) run(ins, i, i + 1);
+            if (segment > 0) window = i / segment * segment, window_filled = true;
+            run_step(i);
             for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
                 const std::size_t c = prog.carry_in[k];
                 pass_rows(at(c, i + 1), at(prog.carry_out[k], i), at(c, i), prog.values[c].numel, i);
@@ -777,6 +792,13 @@ template <class T> struct Replay {
             carry_out.push_back(empty(prog.values[c].shape, prog.dtype));
             std::memcpy(carry_out.back().template data_ptr<T>(), at(c, steps), sizeof(T) * prog.values[c].numel);
         }
+    }
+
+    // The instructions inside the loop at step i.
+    void run_step(std::int64_t i)
+    {
+        for (const Instr& ins : p->instrs)
+            if (p->rate(ins.out) == Rate::Carried) run(ins, i, i + 1);
     }
 
     // The backward of pass_rows: adds from's rows active at step i into `active_to`, and the
@@ -823,34 +845,49 @@ template <class T> struct Replay {
         std::vector<Tensor> gy(prog.y_out.size());
         for (std::size_t k = 0; k < prog.y_out.size(); ++k)
             if (d_ys[k].defined() && adj[prog.y_out[k]]) gy[k] = kernels::contiguous(d_ys[k]);
-        for (std::int64_t i = steps; i-- > 0;) {
-            if (step_block) std::fill_n(adj_step, step_block, T(0));
-            // The step before this one is read next: fetch its values now, one cache line at a
-            // time, while this step computes (long sequences no longer fit in cache).
-            if (i > 0)
-                for (std::int64_t e = 0; e < step_block; e += 64 / std::int64_t(sizeof(T)))
-                    __builtin_prefetch(values_step + (i - 1) * step_block + e);
-            for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
-                if (!gy[k].defined()) continue;
-                const std::size_t y = prog.y_out[k];
-                const std::int64_t n = prog.values[y].numel;
-                add_rows(adj_at(y, i), nullptr, gy[k].template data_ptr<T>() + time_of(i) * n, n, i);
+        // Checkpointed, the steps go back a segment at a time: its values computed again from
+        // its first carry, its adjoint, and the weight gradients of its products.
+        for (std::int64_t end = steps; end > 0;) {
+            const std::int64_t start = segment > 0 ? (end - 1) / segment * segment : 0;
+            if (segment > 0) {
+                if (!window_filled || window != start) {  // forward left the last segment's
+                    window = start;
+                    for (std::int64_t i = start; i < end; ++i) run_step(i);
+                }
+                for (std::size_t v = 0; v < prog.values.size(); ++v)
+                    if (windowed[v] && adj[v] && !is_alias(v) && offset_in_step[v] < 0)
+                        std::fill_n(adj[v], buffer_size(v), T(0));
             }
-            for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
-                const std::size_t c = prog.carry_in[k];
-                add_rows(adj_at(prog.carry_out[k], i), adj_at(c, i), adj_at(c, i + 1), prog.values[c].numel, i);
+            for (std::int64_t i = end; i-- > start;) {
+                if (step_block) std::fill_n(adj_step, step_block, T(0));
+                // The step before this one is read next: fetch its values now, one cache line at a
+                // time, while this step computes (long sequences no longer fit in cache).
+                if (i > start)
+                    for (std::int64_t e = 0; e < step_block; e += 64 / std::int64_t(sizeof(T)))
+                        __builtin_prefetch(values_step + (i - 1 - (segment > 0 ? window : 0)) * step_block + e);
+                for (std::size_t k = 0; k < prog.y_out.size(); ++k) {
+                    if (!gy[k].defined()) continue;
+                    const std::size_t y = prog.y_out[k];
+                    const std::int64_t n = prog.values[y].numel;
+                    add_rows(adj_at(y, i), nullptr, gy[k].template data_ptr<T>() + time_of(i) * n, n, i);
+                }
+                for (std::size_t k = 0; k < prog.carry_in.size(); ++k) {
+                    const std::size_t c = prog.carry_in[k];
+                    add_rows(adj_at(prog.carry_out[k], i), adj_at(c, i), adj_at(c, i + 1), prog.values[c].numel, i);
+                }
+                for (std::size_t j = prog.instrs.size(); j-- > 0;) {
+                    const Instr& ins = prog.instrs[j];
+                    if (prog.rate(ins.out) != Rate::Carried) continue;
+                    // A weight read elementwise gets its share while the step's gradient is at hand.
+                    run_backward(ins, i, i + 1, is_product(ins) ? Part::Varying : Part::All);
+                }
             }
-            for (std::size_t j = prog.instrs.size(); j-- > 0;) {
-                const Instr& ins = prog.instrs[j];
-                if (prog.rate(ins.out) != Rate::Carried) continue;
-                // A weight read elementwise gets its share while the step's gradient is at hand.
-                run_backward(ins, i, i + 1, is_product(ins) ? Part::Varying : Part::All);
-            }
+            // A weight's gradient from a product inside the loop: one GEMM over all the steps kept.
+            for (std::size_t j = prog.instrs.size(); j-- > 0;)
+                if (prog.rate(prog.instrs[j].out) == Rate::Carried && is_product(prog.instrs[j]))
+                    run_backward(prog.instrs[j], start, end, Part::Invariant);
+            end = start;
         }
-        // A weight's gradient from a product inside the loop: one GEMM over all steps.
-        for (std::size_t j = prog.instrs.size(); j-- > 0;)
-            if (prog.rate(prog.instrs[j].out) == Rate::Carried && is_product(prog.instrs[j]))
-                run_backward(prog.instrs[j], 0, steps, Part::Invariant);
         for (std::size_t j = prog.instrs.size(); j-- > 0;)
             if (prog.rate(prog.instrs[j].out) == Rate::PerStep) {
                 run_backward(prog.instrs[j], 0, steps, Part::All);
@@ -1096,6 +1133,13 @@ void check_arguments(const std::vector<Tensor>& init, const std::vector<Tensor>&
                    xs[k].size(0), xs[0].size(0));
     }
     for (std::size_t k = 0; k < init.size(); ++k) LOOM_CHECK(init[k].defined(), "scan", "init {} is an undefined tensor", k);
+    LOOM_CHECK(o.checkpoint_every >= 0, "scan", "expects checkpoint_every >= 0 (0: every ceil(sqrt(T)) steps), got {}",
+               o.checkpoint_every);
+    LOOM_CHECK(!o.checkpoint || o.replay, "scan",
+               "checkpoint applies to a replayed step, and replay is off: the eager loop keeps every op's tensors");
+    LOOM_CHECK(o.checkpoint_every == 0 || o.checkpoint, "scan",
+               "checkpoint_every({}) is set but checkpoint is off; set checkpoint as well, or leave checkpoint_every at 0",
+               o.checkpoint_every);
     if (o.lengths.defined()) {
         const std::int64_t T = xs[0].size(0);
         LOOM_CHECK(o.lengths.dtype() == kInt64 && o.lengths.dim() == 1, "scan", "expects lengths as int64 [B], got {} {}",
@@ -1194,6 +1238,8 @@ bool replay(const ScanStep& step, const std::shared_ptr<const Program>& prog, co
     inputs.insert(inputs.end(), xs.begin(), xs.end());
     inputs.insert(inputs.end(), r->params.begin(), r->params.end());
     r->for_backward = autograd::should_record(inputs);
+    if (r->for_backward && o.checkpoint)
+        r->segment = o.checkpoint_every > 0 ? o.checkpoint_every : std::int64_t(std::ceil(std::sqrt(double(r->steps))));
     std::vector<Tensor> carry, ys;
     r->forward(init, x_order, carry, ys);
     if (r->for_backward) {
@@ -1315,7 +1361,9 @@ ScanOutput scan(const ScanStep& step, const std::vector<Tensor>& init, const std
     ScanOutput out;
     if (detail::try_replay_scan(step, init, xs, params, options, out)) return out;
     const std::string why = out.eager_reason;
-    if (options.replay && !autograd::anomaly_mode_enabled() && xs[0].size(0) >= 2) detail::say_once_why_eager(why);
+    if (options.replay && !autograd::anomaly_mode_enabled() && xs[0].size(0) >= 2)
+        detail::say_once_why_eager(options.checkpoint ? why + " (so checkpoint does not apply: every op's tensors are kept)"
+                                                      : why);
     out = run_eager(step, init, xs, options);
     out.eager_reason = why;
     return out;

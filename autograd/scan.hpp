@@ -54,6 +54,14 @@ struct ScanOptions {
     Tensor lengths;
     /// false: always the eager loop.
     bool replay = true;
+    /// Keep what the step computes for `checkpoint_every` steps at a time instead of for every
+    /// step: backward computes each segment's values again from the carries, which are kept for
+    /// every step (about one more forward of the loop; the hoisted input projection is kept). It
+    /// applies to a replayed scan; the eager loop keeps every op's tensors, and scan says so
+    /// when it runs eagerly.
+    bool checkpoint = false;
+    /// Steps per segment under `checkpoint`; 0: ceil(sqrt(T)).
+    std::int64_t checkpoint_every = 0;
 };
 
 /// The final carry and the stacked ys ([T, ...] each).

@@ -93,7 +93,7 @@ Workload build(const std::string& name, bool fused, bool checkpoint, bool cells,
     };
     // A user's own LSTM cell through Recurrent<Cell>, with layer() it would build the fused LSTM.
     const auto user_cell = [&](std::int64_t I, std::int64_t H) {
-        auto m = std::make_shared<nn::Recurrent<UserLSTMCell>>(nn::RecurrentOptions(I, H));
+        auto m = std::make_shared<nn::Recurrent<UserLSTMCell>>(nn::RecurrentOptions(I, H).checkpoint(checkpoint));
         m->cell(0).replay = !eager;
         w.keep.push_back(m);
         append(w.params, *m);

@@ -414,12 +414,15 @@ std::int64_t checkpoint_interval(const RecurrentOptions& o, std::int64_t T)
 // which for a sequence past its end hold its final state (or, in reverse, its initial one).
 template <class Step>
 std::optional<RecurrentOutput> replay_steps(const StepLoop& loop, const Tensor& x, const State& s0, bool all_states,
-                                            const std::vector<Tensor>& params, const Step& step, std::string& why)
+                                            std::int64_t checkpoint_every, const std::vector<Tensor>& params,
+                                            const Step& step, std::string& why)
 {
     const State s = initial_or_zeros(loop, x, s0);
     ScanOptions options;
     options.reverse = loop.direction == 1;
     options.lengths = loop.lens.tensor;
+    options.checkpoint = checkpoint_every > 0;
+    options.checkpoint_every = checkpoint_every;
     const ScanStep scan_step = [step, all_states](const std::vector<Tensor>& carry, const std::vector<Tensor>& x_t) {
         State next = step(x_t[0], carry);
         std::vector<Tensor> y = all_states ? next : std::vector<Tensor>{next.at(0)};
@@ -452,9 +455,10 @@ RecurrentOutput run_direction_steps(const std::string& op, const RecurrentOption
                                     CallState call_state = nullptr, bool replay = false)
 {
     const StepLoop loop{op, l, d, state_size, o.hidden_size(), lens, x.size(0)};
-    if (!o.checkpoint() && replay) {
+    if (replay) {
         std::string why;
-        if (auto out = replay_steps(loop, x, s0, o.all_states(), params, step, why)) return std::move(*out);
+        const std::int64_t every = o.checkpoint() ? checkpoint_interval(o, x.size(0)) : 0;
+        if (auto out = replay_steps(loop, x, s0, o.all_states(), every, params, step, why)) return std::move(*out);
         loom::detail::say_once_why_eager(fmt::format("{}: {}", op, why));
     }
     if (!o.checkpoint()) return run_steps(loop, x, s0, o.all_states(), step);

@@ -48,7 +48,9 @@ public:
     /// differentiated twice. What would make the re-run differ is an error: a cell switched
     /// between train() and eval() or given or stripped of hooks before backward, a buffer changed
     /// in place, a tensor requiring grad that the cell reads without registering it, or numbers
-    /// drawn from a Generator of the cell's own.
+    /// drawn from a Generator of the cell's own. A Recurrent<Cell> whose step is replayed (scan)
+    /// keeps every step's state and the values inside the step for one segment at a time, and
+    /// backward computes each segment's again with the traced program, not by calling the cell.
     LOOM_OPTION(bool, checkpoint, false)
     /// Checkpoint every this many steps (0: the square root of the length).
     LOOM_OPTION(std::int64_t, checkpoint_every, 0)
@@ -174,10 +176,10 @@ using CallStateFn = std::function<std::vector<std::string>(std::int64_t layer, s
 /// Every state tensor the step returns must be [B, H] in the input's dtype. With checkpoint(true)
 /// `parameters` must name every tensor each step reads (parameters and buffers: an in-place
 /// change to one before backward is then an error), and `call_state`, where given, what else it
-/// depends on; `step` is kept for backward, which runs segments of it again. With `replay` (and
-/// without checkpoint(true)) each layer and direction runs through scan(): the step is traced
-/// and replayed when it can be, and run step by step otherwise (saying why once); `step` is then
-/// kept for backward too (create_graph runs it again).
+/// depends on; `step` is kept for backward, which runs segments of it again. With `replay` each
+/// layer and direction runs through scan(): the step is traced and replayed when it can be
+/// (checkpointed too: the replay's backward computes segments again), and run step by step
+/// otherwise (saying why once); `step` is then kept for backward too (create_graph runs it again).
 RecurrentOutput run_recurrent(const std::string& op, const RecurrentOptions& options, std::size_t state_size,
                               const StepFn& step, const Tensor& input, const State& initial, const Tensor& lengths,
                               bool training, Generator* dropout_gen = nullptr, const ParametersFn& parameters = nullptr,

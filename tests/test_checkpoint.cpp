@@ -318,6 +318,10 @@ public:
         if (own_generator) h = h + randn(h.sizes(), kFloat64, own_generator.get()) * 0.01;
         return {h};
     }
+    // Off: these checks are of the step-by-step path, which calls the cell again in backward. A
+    // replayed cell runs the program it traced again, which cannot differ from forward's.
+    bool replayable() const override { return replay; }
+    bool replay = false;
     Tensor weight, scale;
     Tensor outside;                                // read, but not registered
     std::shared_ptr<nn::Dense> unregistered;       // called, but not registered
@@ -341,6 +345,30 @@ TEST_CASE("a checkpointed Recurrent<Cell> never recomputes something other than 
         rnn.train();
         loss.backward();  // as at forward again: the re-run is the same, so it may proceed
         CHECK(rnn.parameters()[0].grad().defined());
+    }
+    SUBCASE("replayed, a segment runs the traced program again, whatever the cell would do now")
+    {
+        const auto gradient_of = [&](bool switch_to_eval) {
+            manual_seed(12);
+            nn::Recurrent<TouchyCell> rnn(touchy_options());
+            rnn.cell(0).replay = true;
+            REQUIRE(rnn.replayable());
+            const Tensor loss = rnn(x).output.sum();
+            if (switch_to_eval) rnn.eval();
+            loss.backward();
+            return rnn.parameters()[0].grad();
+        };
+        CHECK(testing::values(gradient_of(true)) == testing::values(gradient_of(false)));
+        // Its parameters and buffers are saved tensors: an in-place change is still an error.
+        manual_seed(12);
+        nn::Recurrent<TouchyCell> rnn(touchy_options());
+        rnn.cell(0).replay = true;
+        const Tensor loss = rnn(x).output.sum();
+        {
+            NoGradGuard no_grad;
+            rnn.cell(0).scale.mul_(2.0);
+        }
+        check_error([&] { loss.backward(); }, {"modified in place"});
     }
     SUBCASE("a forward hook removed between forward and backward")
     {

@@ -43,6 +43,7 @@ void check_replay(const std::string& name, const ScanStep& step, const V& init, 
     const ScanOutput replayed = scan(step, init, xs, params, options);
     CHECK_MESSAGE(replayed.eager_reason.empty(), replayed.eager_reason);
     options.replay = false;
+    options.checkpoint = false, options.checkpoint_every = 0;
     const ScanOutput eager = scan(step, init, xs, params, options);
     REQUIRE(replayed.carry.size() == eager.carry.size());
     REQUIRE(replayed.ys.size() == eager.ys.size());
@@ -215,6 +216,46 @@ TEST_CASE("an LSTM cell of one's own, with lengths and in reverse")
     CHECK(with_grad.ys[0].requires_grad());
 }
 
+TEST_CASE("a checkpointed replay computes each segment's values again in backward, and equals the eager loop")
+{
+    const UserLSTM cell(3, 5, 10);
+    const auto step = [&](const V& c, const V& x) { return cell(c, x); };
+    const V init{leaf({4, 5}, 20), leaf({4, 5}, 21)};
+    const V xs{leaf({7, 4, 3}, 22)};
+    for (const std::int64_t every : {0, 1, 3, 7, 10}) {  // 0: ceil(sqrt(7)) = 3
+        CAPTURE(every);
+        ScanOptions o;
+        o.checkpoint = true;
+        o.checkpoint_every = every;
+        check_replay("forward", step, init, xs, cell.params(), o);
+        o.lengths = from_vector<std::int64_t>({7, 2, 0, 5}, {4});
+        o.reverse = true;
+        check_replay("lengths in reverse", step, init, xs, cell.params(), o);
+    }
+    // Swept twice (retain_graph): the second sweep computes the segments again as well.
+    ScanOptions o;
+    o.checkpoint = true;
+    o.checkpoint_every = 3;
+    const ScanOutput r = scan(step, init, xs, cell.params(), o);
+    REQUIRE(r.eager_reason.empty());
+    const Tensor loss = weighted_loss(r);
+    V wrt = cell.params();
+    wrt.push_back(xs[0]);
+    const V first = grad({loss}, wrt, {}, true);
+    const V second = grad({loss}, wrt);
+    for (std::size_t k = 0; k < wrt.size(); ++k) CHECK(max_difference(first[k], second[k]) == 0);
+
+    ScanOptions bad;
+    bad.checkpoint_every = 2;
+    check_error([&] { scan(step, init, xs, cell.params(), bad); }, {"scan", "checkpoint_every(2)", "checkpoint is off"});
+    bad.checkpoint = true;
+    bad.checkpoint_every = -1;
+    check_error([&] { scan(step, init, xs, cell.params(), bad); }, {"scan", "checkpoint_every >= 0", "-1"});
+    bad.checkpoint_every = 0;
+    bad.replay = false;
+    check_error([&] { scan(step, init, xs, cell.params(), bad); }, {"scan", "replayed step", "replay is off"});
+}
+
 TEST_CASE("gradcheck and gradgradcheck through a replayed scan")
 {
     const UserLSTM cell(2, 3, 30);
@@ -305,8 +346,11 @@ TEST_CASE("scan's errors name what was wrong")
 
 TEST_CASE("Recurrent<Cell> replays its cell by default, and equals the step-by-step path")
 {
-    // A forward hook on a cell turns replay off: the same layer then runs step by step.
+    // A forward hook on a cell turns replay off: the same layer then runs step by step (with
+    // checkpoint(true), segments of steps run again in backward by calling the cell).
+    for (const bool checkpoint : {false, true})
     for (const bool bidirectional : {false, true}) {
+        CAPTURE(checkpoint);
         CAPTURE(bidirectional);
         manual_seed(3);
         nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(3, 4)
@@ -314,6 +358,8 @@ TEST_CASE("Recurrent<Cell> replays its cell by default, and equals the step-by-s
                                                 .bidirectional(bidirectional)
                                                 .dropout(0.3)
                                                 .all_states(true)
+                                                .checkpoint(checkpoint)
+                                                .checkpoint_every(checkpoint ? 4 : 0)
                                                 .dtype(kFloat64));
         CHECK(rnn.replayable());
         const Tensor x = leaf({6, 3, 3}, 60);
