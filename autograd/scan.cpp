@@ -351,8 +351,8 @@ Tensor other_values(const Tensor& t, std::uint64_t& seed)
 }
 
 // Traces one step on stand-ins holding `carry` and `x`.
-Program trace(const ScanStep& step, const std::vector<Tensor>& carry, const std::vector<Tensor>& x,
-              const std::vector<Tensor>& params)
+Program trace_step(const ScanStep& step, const std::vector<Tensor>& carry, const std::vector<Tensor>& x,
+                   const std::vector<Tensor>& params)
 {
     Program p;
     p.dtype = carry.empty() ? x[0].dtype() : carry[0].dtype();
@@ -376,6 +376,18 @@ Program trace(const ScanStep& step, const std::vector<Tensor>& carry, const std:
         p.carry_out.push_back(tracer.value_of(r.carry[k]));
     }
     for (const Tensor& y : r.y) p.y_out.push_back(tracer.value_of(y));
+    return p;
+}
+
+// trace_step, after which the entries the trace recorded, which nothing holds any more, leave
+// the tape at once: else they would wait for compaction, and a training step's tape, never all
+// released, would not be emptied by its backward.
+Program trace(const ScanStep& step, const std::vector<Tensor>& carry, const std::vector<Tensor>& x,
+              const std::vector<Tensor>& params)
+{
+    const std::uint64_t first = autograd::detail::next_sequence();
+    Program p = trace_step(step, carry, x, params);
+    autograd::engine::compact_since(first);
     return p;
 }
 
@@ -622,9 +634,13 @@ template <class T> struct Replay {
     bool window_filled = false;  // the windowed buffers hold the values of the steps from `window`
     std::vector<bool> windowed;
     std::int64_t kept_steps() const { return segment > 0 ? segment : steps; }
-    std::int64_t row(std::size_t v, std::int64_t t) const { return windowed[v] ? t - window : t; }
-    T* at(std::size_t v, std::int64_t t) const { return base[v] + row(v, t) * strides[v]; }
-    T* adj_at(std::size_t v, std::int64_t t) { return adj[v] ? adj[v] + row(v, t) * adj_strides[v] : nullptr; }
+    // Inlined: called for every operand of every instruction at every step.
+    [[gnu::always_inline]] std::int64_t row(std::size_t v, std::int64_t t) const { return windowed[v] ? t - window : t; }
+    [[gnu::always_inline]] T* at(std::size_t v, std::int64_t t) const { return base[v] + row(v, t) * strides[v]; }
+    [[gnu::always_inline]] T* adj_at(std::size_t v, std::int64_t t)
+    {
+        return adj[v] ? adj[v] + row(v, t) * adj_strides[v] : nullptr;
+    }
     // The gradients of values laid out step by step live one step at a time: a step's are all
     // taken by the end of its backward, so one block, zeroed per step, stays in L1.
     std::vector<std::int64_t> adj_strides;
@@ -1329,7 +1345,10 @@ bool try_replay_scan(const ScanStep& step, const std::vector<Tensor>& init, cons
     // ones when it runs eagerly.
     const auto generator = default_generator().state();
     std::vector<Tensor> x0;
-    for (const Tensor& x : xs) x0.push_back(x.select(0, o.reverse ? x.size(0) - 1 : 0));
+    {
+        const NoGradGuard no_grad;  // values for the stand-ins only: nothing to record
+        for (const Tensor& x : xs) x0.push_back(x.select(0, o.reverse ? x.size(0) - 1 : 0));
+    }
     const Program first = trace(step, init, x0, params);  // draws go on: the second trace's differ
     if (!first.failure.empty()) return default_generator().set_state(generator), out.eager_reason = first.failure, false;
     std::shared_ptr<const Program> compiled = ProgramCache::find(first);

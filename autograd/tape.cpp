@@ -37,39 +37,28 @@ void reset_if_all_released(Tape& tape)
     tape.reset_floor = tape.next_seq;
 }
 
-void fail_released(const Node& node)
-{
-    fail(node.op,
-         "backward through a graph that an earlier backward() already released (tape entry #{}); pass "
-         "retain_graph=true to the earlier call to sweep the graph more than once",
-         node.seq);
-}
-}  // namespace autograd::engine
-
-namespace {
-
-using autograd::engine::this_tape;
-
-[[gnu::tls_model("initial-exec")]] thread_local bool grad_mode = true;
-
 // Drops the dead entries: those no tensor holds an output of and no live entry reads (no
 // gradient can reach them again). Walking backwards, every reader of an entry's outputs is
 // judged before the entry itself, so one pass reclaims whole dead chains. A dead entry that
 // saved an input (mul saves both) still holds that input's tensor, and so its node, until it is
 // destroyed: such holds are counted as the walk goes and do not keep the producer alive.
-void compact()
+void compact_since(std::uint64_t first_seq)
 {
     auto& tape = this_tape();
-    if (tape.running_sweeps > 0 || tape.entries.empty()) return;  // a sweep holds indices into the tape
-    const std::uint64_t base = tape.entries.front().first_slot;
+    if (tape.running_sweeps > 0) return;  // a sweep holds indices into the tape
+    const auto first_entry = std::lower_bound(tape.entries.begin(), tape.entries.end(), first_seq,
+                                              [](const Entry& e, std::uint64_t s) { return e.seq < s; });
+    if (first_entry == tape.entries.end()) return;
+    const auto first = static_cast<std::size_t>(first_entry - tape.entries.begin());
+    const std::uint64_t base = first_entry->first_slot;
     const auto slots = static_cast<std::size_t>(tape.next_slot - base);
     std::vector<bool> read(slots, false);  // by a live entry, per slot
     // Per slot: the tensors holding its node that only dead entries' saved lists hold.
     std::vector<std::uint32_t> held_by_dead(slots, 0);
     // A saved tensor that something else holds too: how many dead entries' saves hold it so far.
     std::unordered_map<const TensorImpl*, long> dead_saves;
-    const auto drop_saves = [&](const autograd::Entry& e) {
-        for (const autograd::Saved& s : e.saved) {
+    const auto drop_saves = [&](const Entry& e) {
+        for (const Saved& s : e.saved) {
             if (s.is_output || !s.value.defined()) continue;
             const auto& node = s.value.impl().node;
             if (!node || node->seq == 0 || node->tape != tape.id || node->seq < tape.reset_floor ||
@@ -81,7 +70,7 @@ void compact()
         }
     };
     std::vector<bool> dead(tape.entries.size(), false);
-    for (std::size_t i = tape.entries.size(); i-- > 0;) {
+    for (std::size_t i = tape.entries.size(); i-- > first;) {
         const auto& e = tape.entries[i];
         bool live = false;
         for (std::size_t k = 0; k < e.outputs.size(); ++k) {
@@ -96,16 +85,30 @@ void compact()
         for (const auto& in : e.inputs)
             if (in.slot >= base) read[static_cast<std::size_t>(in.slot - base)] = true;
     }
-    std::size_t kept = 0;
-    tape.released_entries = 0;
-    for (std::size_t i = 0; i < tape.entries.size(); ++i)
-        if (!dead[i]) {
+    std::size_t kept = first;
+    for (std::size_t i = first; i < tape.entries.size(); ++i)
+        if (dead[i]) tape.released_entries -= tape.entries[i].released;
+        else {
             if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
-            tape.released_entries += tape.entries[kept].released;
             ++kept;
         }
     tape.entries.resize(kept);
 }
+
+void fail_released(const Node& node)
+{
+    fail(node.op,
+         "backward through a graph that an earlier backward() already released (tape entry #{}); pass "
+         "retain_graph=true to the earlier call to sweep the graph more than once",
+         node.seq);
+}
+}  // namespace autograd::engine
+
+namespace {
+
+using autograd::engine::this_tape;
+
+[[gnu::tls_model("initial-exec")]] thread_local bool grad_mode = true;
 
 }  // namespace
 
@@ -160,7 +163,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
     }
     auto& tape = this_tape();
     if (tape.entries.size() >= tape.compact_at) {
-        compact();
+        autograd::engine::compact_since(0);
         tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
     }
     static const std::shared_ptr<Node> no_node;

@@ -60,6 +60,10 @@ void release(Entry& e);
 // After the outermost sweep: when every entry on the tape has been released, empties it (its
 // memory kept for the next recording), so the next forward starts on a clean tape.
 void reset_if_all_released(Tape& tape);
+// Drops the dead entries numbered first_seq and above: those no tensor holds an output of and no
+// live entry reads (no gradient can reach them again); compaction is compact_since(0). Nothing
+// while a sweep runs.
+void compact_since(std::uint64_t first_seq);
 // Throws the error, naming node's op, for a gradient reaching the output of an entry an earlier
 // backward() released and a reset reclaimed (`node` was produced on this tape below reset_floor).
 [[noreturn]] void fail_released(const Node& node);

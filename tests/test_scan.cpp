@@ -207,6 +207,16 @@ TEST_CASE("an LSTM cell of one's own, with lengths and in reverse")
     lengths.reverse = true;
     check_replay("lengths in reverse", step, init, xs, cell.params(), lengths);
 
+    // The traces' entries leave the tape with the trace: a backward through the replayed scan
+    // releases all that is left, and the tape is empty again.
+    std::thread([&] {
+        const ScanOutput r = scan(step, init, xs, cell.params());
+        REQUIRE(r.eager_reason.empty());
+        CHECK(autograd::tape_size() == 1);
+        weighted_loss(r).backward();
+        CHECK(autograd::tape_size() == 0);
+    }).join();
+
     // The replayed scan is one tape entry; without grad it records none and gives the same values.
     const ScanOutput with_grad = scan(step, init, xs, cell.params());
     NoGradGuard no_grad;
