@@ -612,13 +612,15 @@ template <class T> struct Replay {
     std::vector<T*> adj;  // backward: each value's gradient buffer, null for constants
     Tensor adj_arena;
 
-    // Without backward to come, a value computed in the loop is needed only until the step ends:
-    // one buffer, overwritten at every step, stays in cache.
+    // A value computed in the loop that no backward reads (an add's output, a chunk's; every one
+    // without backward to come) is needed only until the step ends: one buffer, overwritten at
+    // every step, stays in cache.
     bool for_backward = true;
+    std::vector<bool> read_by_backward;
     bool one_buffer(std::size_t v) const
     {
-        return p->rate(v) == Rate::Invariant ||
-               (!for_backward && p->rate(v) == Rate::Carried && p->values[v].source == Source::Computed);
+        return p->rate(v) == Rate::Invariant || (p->rate(v) == Rate::Carried && p->values[v].source == Source::Computed &&
+                                                 (!for_backward || !read_by_backward[v]));
     }
     // Elements from one step's value v to the next's: 0 for one buffer; its input's for an alias.
     std::vector<std::int64_t> strides;
@@ -653,6 +655,10 @@ template <class T> struct Replay {
     // keep all steps' rows together, for the one GEMM over all steps.
     std::vector<std::int64_t> offset_in_step;  // -1: a buffer of its own
     std::int64_t step_block = 0;
+    // The same for the gradients, which every value computed in the loop has, read by backward
+    // or not: one step's, side by side.
+    std::vector<std::int64_t> adj_offset_in_step;
+    std::int64_t adj_step_block = 0;
     T* steps_start = nullptr;  // where carve() put the block of values laid out step by step
     T* values_step = nullptr;  // forward's block of them, steps * step_block
 
@@ -671,23 +677,38 @@ template <class T> struct Replay {
             const Instr& ins = prog.instrs[j];
             aliased[j] = ins.op == Op::Move && ins.runs[0].size() == 1 && ins.runs[0][0].to == 0;
         }
+        read_by_backward.assign(n, false);
+        for (std::size_t j = prog.instrs.size(); j-- > 0;) {
+            const Instr& ins = prog.instrs[j];
+            const Reads r = backward_reads(ins);
+            for (std::size_t k = 0; k < ins.in.size() && k < 2; ++k)
+                if (r.in[k]) read_by_backward[ins.in[k]] = true;
+            if (r.out) read_by_backward[ins.out] = true;
+            if (aliased[j] && read_by_backward[ins.out]) read_by_backward[ins.in[0]] = true;  // its buffer
+        }
         strides.resize(n);
+        adj_strides.resize(n);
         offset_in_step.assign(n, -1);
-        step_block = 0;
+        adj_offset_in_step.assign(n, -1);
+        step_block = adj_step_block = 0;
         constexpr std::int64_t align = 32 / sizeof(T);
+        const auto place = [&](std::int64_t& block, std::size_t v) {
+            const std::int64_t at = block;
+            block += (prog.values[v].numel + align - 1) / align * align;
+            return at;
+        };
         for (std::size_t v = 0; v < n; ++v) {
             strides[v] = one_buffer(v) ? 0 : prog.values[v].numel;
-            if (prog.values[v].source == Source::Computed && prog.rate(v) == Rate::Carried && !one_buffer(v) &&
-                !in_product[v] && !is_alias(v) && !dead(v)) {
-                offset_in_step[v] = step_block;
-                step_block += (prog.values[v].numel + align - 1) / align * align;
-            }
+            adj_strides[v] = prog.rate(v) == Rate::Invariant ? 0 : prog.values[v].numel;
+            if (prog.values[v].source != Source::Computed || prog.rate(v) != Rate::Carried || in_product[v] ||
+                is_alias(v) || dead(v))
+                continue;
+            adj_offset_in_step[v] = place(adj_step_block, v);
+            adj_strides[v] = 0;
+            if (!one_buffer(v)) offset_in_step[v] = place(step_block, v);
         }
         for (std::size_t v = 0; v < n; ++v)
             if (offset_in_step[v] >= 0) strides[v] = step_block;
-        adj_strides = strides;
-        for (std::size_t v = 0; v < n; ++v)
-            if (offset_in_step[v] >= 0) adj_strides[v] = 0;
         windowed.assign(n, false);
         if (segment > 0)
             for (std::size_t v = 0; v < n; ++v)
@@ -714,25 +735,57 @@ template <class T> struct Replay {
         return val.source == Source::Computed && val.index != kNoInstr && aliased[val.index];
     }
     bool dead(std::size_t v) const { return p->values[v].source == Source::Computed && p->values[v].index == kNoInstr; }
+    // What instruction `ins`'s backward reads: its first two inputs' values, and its output's.
+    struct Reads {
+        bool in[2] = {false, false};
+        bool out = false;
+    };
+    template <class F> static Reads unary_reads() { return {{F::reads.x, false}, F::reads.y}; }
+    template <class F> static Reads binary_reads() { return {{F::reads.a, F::reads.b}, F::reads.y}; }
+    static Reads backward_reads(const Instr& ins)
+    {
+        switch (ins.op) {
+        case Op::Add: return binary_reads<pointwise::Add>();
+        case Op::Sub: return binary_reads<pointwise::Sub>();
+        case Op::Mul: return binary_reads<pointwise::Mul>();
+        case Op::Div: return binary_reads<pointwise::Div>();
+        case Op::Neg: return unary_reads<pointwise::Neg>();
+        case Op::Exp: return unary_reads<pointwise::Exp>();
+        case Op::Log: return unary_reads<pointwise::Log>();
+        case Op::Tanh: return unary_reads<pointwise::Tanh>();
+        case Op::Sigmoid: return unary_reads<pointwise::Sigmoid>();
+        case Op::Relu: return unary_reads<pointwise::Relu>();
+        case Op::Linear:  // x for the weight's gradient, the weight for x's
+        case Op::Matmul: return {{true, true}, false};
+        case Op::Move:
+        case Op::Concat: return {};
+        }
+        return {{true, true}, true};
+    }
     // Elements of value v's buffer: one per step (the carry: one more, for the initial one), or one
-    // in all for a value computed once per call.
-    std::int64_t buffer_size(std::size_t v) const
+    // in all for a value computed once per call (or read only within its step); of its gradient's
+    // (`adjoint`), one per step unless the value is computed once per call.
+    std::int64_t buffer_size(std::size_t v, bool adjoint = false) const
     {
         const Value& val = p->values[v];
-        return val.numel * (val.source == Source::Carry ? steps + 1 : one_buffer(v) ? 1 : windowed[v] ? segment : steps);
+        const bool one = adjoint ? p->rate(v) == Rate::Invariant : one_buffer(v);
+        return val.numel * (val.source == Source::Carry ? steps + 1 : one ? 1 : windowed[v] ? segment : steps);
     }
     // Carves one buffer per value from one pooled block: a buffer each, freshly allocated, would
     // cost page faults at every call.
     // step_rows: how many steps the block of values laid out step by step holds.
-    template <class Wanted> std::vector<T*> carve(Tensor& block, bool zeroed, std::int64_t step_rows, Wanted&& wanted)
+    // adjoint: the gradients' buffers (zeroed), else the values'.
+    template <class Wanted> std::vector<T*> carve(Tensor& block, bool adjoint, std::int64_t step_rows, Wanted&& wanted)
     {
         constexpr std::int64_t align = 64 / sizeof(T);  // each buffer on a cache line, as BLAS likes
         const auto padded = [&](std::int64_t size) { return (size + align - 1) / align * align; };
+        const std::vector<std::int64_t>& offset_in_step = adjoint ? adj_offset_in_step : this->offset_in_step;
+        const std::int64_t step_block = adjoint ? adj_step_block : this->step_block;
         const auto own = [&](std::size_t v) { return wanted(v) && offset_in_step[v] < 0; };
         std::int64_t total = align + padded(step_block * step_rows);
         for (std::size_t v = 0; v < p->values.size(); ++v)
-            if (own(v)) total += padded(buffer_size(v));
-        block = zeroed ? zeros({total}, p->dtype) : empty({total}, p->dtype);
+            if (own(v)) total += padded(buffer_size(v, adjoint));
+        block = adjoint ? zeros({total}, p->dtype) : empty({total}, p->dtype);
         std::vector<T*> at_v(p->values.size(), nullptr);
         T* next = block.template data_ptr<T>();
         next += (align - std::int64_t(reinterpret_cast<std::uintptr_t>(next) / sizeof(T) % align)) % align;
@@ -744,7 +797,7 @@ template <class T> struct Replay {
                 at_v[v] = steps_start + offset_in_step[v];
             } else {
                 at_v[v] = next;
-                next += padded(buffer_size(v));
+                next += padded(buffer_size(v, adjoint));
             }
         }
         return at_v;
@@ -871,11 +924,11 @@ template <class T> struct Replay {
                     for (std::int64_t i = start; i < end; ++i) run_step(i);
                 }
                 for (std::size_t v = 0; v < prog.values.size(); ++v)
-                    if (windowed[v] && adj[v] && !is_alias(v) && offset_in_step[v] < 0)
-                        std::fill_n(adj[v], buffer_size(v), T(0));
+                    if (windowed[v] && adj[v] && !is_alias(v) && adj_offset_in_step[v] < 0)
+                        std::fill_n(adj[v], buffer_size(v, true), T(0));
             }
             for (std::int64_t i = end; i-- > start;) {
-                if (step_block) std::fill_n(adj_step, step_block, T(0));
+                if (adj_step_block) std::fill_n(adj_step, adj_step_block, T(0));
                 // The step before this one is read next: fetch its values now, one cache line at a
                 // time, while this step computes (long sequences no longer fit in cache).
                 if (i > start)
