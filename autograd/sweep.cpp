@@ -193,6 +193,15 @@ struct Sweep final : autograd::GradientSums {
         }
         --tape.running_sweeps;
         tape.sweep_floor = outer_floor;
+        // What the sweep left unreleased may be dead: a result nothing used, such as a layer's
+        // final state when the loss read only its output. Dropped now, the tape can be emptied
+        // at once instead of growing, step after step, until compaction.
+        if (kind == Kind::plain && tape.running_sweeps == 0 && tape.released_entries < tape.entries.size()) {
+            try {
+                autograd::engine::compact_since(0);
+            } catch (...) {  // out of memory: they wait for the next compaction, as before
+            }
+        }
         autograd::engine::reset_if_all_released(tape);
     }
     Sweep(const Sweep&) = delete;

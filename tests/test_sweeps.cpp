@@ -306,6 +306,25 @@ TEST_CASE("compaction reclaims dead chains whose entries saved their inputs")
     });
 }
 
+TEST_CASE("a backward drops the dead entries it did not reach, so a training step's tape empties")
+{
+    on_fresh_tape([] {
+        Tensor w = tensor({0.5, -1.0}, kFloat64).requires_grad_();
+        for (int i = 0; i < 3; ++i) {
+            w.zero_grad();
+            Tensor h = w.tanh();
+            (void)(h * 3.0).unsqueeze(0);  // a result nothing uses, as a layer's final state
+            Tensor loss = (h * h).sum();
+            CHECK(autograd::tape_size() == 5);
+            loss.backward();
+            CHECK(autograd::tape_size() == 0);
+            const NoGradGuard no_grad;
+            const Tensor t = w.tanh();
+            CHECK(close(w.grad(), values(t * 2.0 * (1.0 - t * t)), 1e-12));
+        }
+    });
+}
+
 TEST_CASE("the tape is kept while an entry a backward did not reach is alive")
 {
     on_fresh_tape([] {
