@@ -84,13 +84,18 @@ Tensor apply_hooks(const autograd::Node& node, Tensor g)
 
 // A saved tensor as backward sees it: version-checked, and, when backward is recorded, a saved
 // output is joined back to its node so that gradients flow through it again.
+void check_version(const autograd::Entry& e, const autograd::Saved& s, const Tensor& value)
+{
+    LOOM_CHECK(value.version() == s.version, e.name,
+               "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
+               "saved at version {}); clone() it before modifying it",
+               value.sizes(), value.version(), s.version);
+}
+
 Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool create_graph)
 {
     if (!s.value.defined()) return s.value;
-    LOOM_CHECK(s.value.version() == s.version, e.name,
-               "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
-               "saved at version {}); clone() it before modifying it",
-               s.value.sizes(), s.value.version(), s.version);
+    check_version(e, s, s.value);
     if (!create_graph || !s.is_output) return s.value;
     Tensor joined = kernels::alias(s.value);
     joined.impl().node = e.outputs[s.output];
@@ -103,29 +108,33 @@ std::string hooked_tensor(const autograd::Node& node)
     return fmt::format("the output of '{}' (tape entry #{}, shape {})", node.op, node.seq, node.shape);
 }
 
-// An entry's backward function, inputs and region, moved out while the entry is processed and
-// back after, also when it throws: a backward that records (create_graph, or a checkpointed
-// layer computing a segment again), and the sums recorded under create_graph, append to the
-// tape, which may move its entries; nothing may hold a reference into it meanwhile.
-struct Borrowed {
-    std::vector<autograd::Entry>& entries;
-    std::size_t index;
-    autograd::BackwardFn backward;
-    autograd::InputNodes inputs;
-    std::unique_ptr<autograd::RegionFn> region;
-    Borrowed(std::vector<autograd::Entry>& entries_, std::size_t index_)
-        : entries(entries_), index(index_), backward(std::move(entries_[index_].backward)),
-          inputs(std::move(entries_[index_].inputs)), region(std::move(entries_[index_].region))
+// An entry's saved tensors lent to its backward function (ctx.saved) and given back after, also
+// when it throws: moving a handle costs no atomic reference count, where a copy costs two. When
+// backward is recorded they are copied instead, a saved output joined back to its node.
+class LentSaved {
+public:
+    LentSaved(autograd::Entry& e, autograd::BackwardContext& ctx, bool create_graph)
+        : entry_(e), ctx_(ctx), lent_(!create_graph)
     {
+        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? checked(e, s, std::move(s.value)) : saved_value(e, s, true));
     }
-    ~Borrowed()
+    ~LentSaved()
     {
-        entries[index].backward = std::move(backward);
-        entries[index].inputs = std::move(inputs);
-        entries[index].region = std::move(region);
+        if (lent_)
+            for (std::size_t k = 0; k < entry_.saved.size(); ++k) entry_.saved[k].value = std::move(ctx_.saved[k]);
     }
-    Borrowed(const Borrowed&) = delete;
-    Borrowed& operator=(const Borrowed&) = delete;
+    LentSaved(const LentSaved&) = delete;
+    LentSaved& operator=(const LentSaved&) = delete;
+
+private:
+    static Tensor checked(const autograd::Entry& e, const autograd::Saved& s, Tensor value)
+    {
+        if (value.defined()) check_version(e, s, value);
+        return value;
+    }
+    autograd::Entry& entry_;
+    autograd::BackwardContext& ctx_;
+    bool lent_;
 };
 
 // One reverse sweep. Gradients gather in PendingGrads: a non-leaf's own (its thread is this
@@ -172,9 +181,8 @@ struct Sweep final : autograd::GradientSums {
     {
         // Slots increase with sequence numbers: the first entry at or above the floor has the
         // lowest slot this sweep can reach.
-        const auto lowest = std::lower_bound(tape.entries.begin(), tape.entries.end(), floor,
-                                             [](const autograd::Entry& e, std::uint64_t s) { return e.seq < s; });
-        base_slot = lowest == tape.entries.end() ? tape.next_slot : lowest->first_slot;
+        const std::size_t lowest = tape.entries.lower_bound(floor);
+        base_slot = lowest == tape.entries.size() ? tape.next_slot : tape.entries[lowest].first_slot;
         if (kind == Kind::plain) {
             slots.swap(tape.spare_slots);
             swept.swap(tape.spare_swept);
@@ -342,31 +350,31 @@ struct Sweep final : autograd::GradientSums {
         const autograd::Entry* root = start_seq == 0 ? nullptr : autograd::find_entry(start_seq);
         LOOM_CHECK(start_seq == 0 || root, "backward",
                    "the tensor's history is not on this thread's tape (was it computed on another thread?)");
-        const std::size_t start = root ? static_cast<std::size_t>(root - entries.data()) + 1 : 0;
+        const std::size_t start = root ? entries.lower_bound(start_seq) + 1 : 0;
         const bool anomaly = anomaly_guarded();
         if (accumulate && autograd::engine::post_accumulate_hooks_exist.load(std::memory_order_relaxed))
             find_last_readers(start);
-        // Whatever records (hooks and sums under create_graph, a backward function) may move the
-        // tape's entries: entries[i] is indexed afresh after each, never held by reference.
+        // Entries never move (EntryStore) and none is reclaimed while a sweep runs, so `e` stays
+        // valid while hooks, backward functions and recorded sums append to the tape.
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
+            autograd::Entry& e = entries[i];
             if (i >= 2) prefetch_ahead(entries[i - 1], entries[i - 2]);
             accumulate_leaves_read_above(i);
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;
             // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
             if (!create_graph && !anomaly) ctx.sums = this;
-            ctx.grads.resize(entries[i].outputs.size());
+            ctx.grads.resize(e.outputs.size());
             bool reached = false, grads_recorded = false;
-            for (std::size_t k = 0; k < entries[i].outputs.size(); ++k) {
-                autograd::PendingGrad& p = slot(entries[i].first_slot + k);
+            for (std::size_t k = 0; k < e.outputs.size(); ++k) {
+                autograd::PendingGrad& p = slot(e.first_slot + k);
                 if (!p.sum.defined()) continue;
                 --outstanding;
                 // Taken from its slot (no reference count to bump) unless grad() wants it kept there.
                 Tensor g = p.captured ? p.sum : std::move(p.sum);
                 // Only a watched entry's outputs have hooks to run or a gradient to retain.
-                if (entries[i].watched)
-                {
-                    autograd::Node& node = *entries[i].outputs[k];  // on the heap: stays put if a hook records
+                if (e.watched) {
+                    autograd::Node& node = *e.outputs[k];
                     g = apply_hooks(node, g);
                     if (accumulate && node.retains_grad) accumulate_grad(node, g, create_graph);
                 }
@@ -377,36 +385,28 @@ struct Sweep final : autograd::GradientSums {
                 reached = true;
             }
             if (!reached) continue;
-            const char* name = entries[i].name;
-            const std::uint64_t seq = entries[i].seq;
-            const bool custom = entries[i].custom;
-            // Only anomaly mode names the scope: no reference count to bump for every entry otherwise.
-            const std::shared_ptr<const std::string> scope = anomaly ? entries[i].scope : nullptr;
-            LOOM_CHECK(!entries[i].released, name,
+            const char* name = e.name;
+            const bool custom = e.custom;
+            LOOM_CHECK(!e.released, name,
                        "backward through a graph that an earlier backward() already released; pass "
                        "retain_graph=true to the earlier call to sweep the graph more than once");
+            const LentSaved lent(e, ctx, create_graph);
             bool saved_recorded = false;
-            for (const auto& s : entries[i].saved) {
-                ctx.saved.push_back(saved_value(entries[i], s, create_graph));
-                saved_recorded = saved_recorded || ctx.saved.back().requires_grad();
-            }
-            const Borrowed running(entries, i);
-            ctx.needs.resize(running.inputs.size());
-            for (std::size_t k = 0; k < running.inputs.size(); ++k) ctx.needs[k] = bool(running.inputs[k]);
-            ctx.inputs = &running.inputs;
+            for (const Tensor& s : ctx.saved) saved_recorded = saved_recorded || s.requires_grad();
+            ctx.needs.resize(e.inputs.size());
+            for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = bool(e.inputs[k]);
+            ctx.inputs = &e.inputs;
             autograd::GradList input_grads;
             {
                 const autograd::detail::InnerOps in_backward;
-                const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name,
-                                                             &entries[i].scope);
-                input_grads = running.backward(ctx);
+                const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name, &e.scope);
+                input_grads = e.backward(ctx);
             }
             if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);
-            LOOM_CHECK(input_grads.size() == running.inputs.size(), name,
-                       "internal: backward returned {} gradients for {} inputs", input_grads.size(),
-                       running.inputs.size());
-            for (std::size_t k = 0; k < running.inputs.size(); ++k) {
-                if (!running.inputs[k] || !input_grads[k].defined()) continue;
+            LOOM_CHECK(input_grads.size() == e.inputs.size(), name,
+                       "internal: backward returned {} gradients for {} inputs", input_grads.size(), e.inputs.size());
+            for (std::size_t k = 0; k < e.inputs.size(); ++k) {
+                if (!e.inputs[k] || !input_grads[k].defined()) continue;
                 // Every gradient is linear in the incoming one: if that is recorded and this is
                 // not, backward computed it off the tape and a second derivative would be lost.
                 LOOM_CHECK(!grads_recorded || input_grads[k].requires_grad(), name,
@@ -422,17 +422,16 @@ struct Sweep final : autograd::GradientSums {
                            "derivative through that tensor would be lost; compute the gradient with loom's ops from "
                            "the saved tensors as backward receives them, not from detach()ed copies or raw data",
                            k);
-                if (anomaly) autograd::engine::check_backward_anomaly(name, seq, scope, k, input_grads[k]);
-                if (running.region) {
-                    add_region(running.inputs[k], ctx.input_shape(k), ctx.input_dtype(k), *running.region,
-                               input_grads[k]);
+                if (anomaly) autograd::engine::check_backward_anomaly(name, e.seq, e.scope, k, input_grads[k]);
+                if (e.region) {
+                    add_region(e.inputs[k], ctx.input_shape(k), ctx.input_dtype(k), *e.region, input_grads[k]);
                     continue;
                 }
                 // A custom op's gradients were checked above, with messages for its author.
                 if (!custom)
                     check_gradient(name, ctx.input_shape(k), ctx.input_dtype(k), input_grads[k],
                                    "internal: the gradient backward returned");
-                add(running.inputs[k], std::move(input_grads[k]));
+                add(e.inputs[k], std::move(input_grads[k]));
             }
             swept.push_back(i);
         }

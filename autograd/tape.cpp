@@ -46,11 +46,9 @@ void compact_since(std::uint64_t first_seq)
 {
     auto& tape = this_tape();
     if (tape.running_sweeps > 0) return;  // a sweep holds indices into the tape
-    const auto first_entry = std::lower_bound(tape.entries.begin(), tape.entries.end(), first_seq,
-                                              [](const Entry& e, std::uint64_t s) { return e.seq < s; });
-    if (first_entry == tape.entries.end()) return;
-    const auto first = static_cast<std::size_t>(first_entry - tape.entries.begin());
-    const std::uint64_t base = first_entry->first_slot;
+    const std::size_t first = tape.entries.lower_bound(first_seq);
+    if (first == tape.entries.size()) return;
+    const std::uint64_t base = tape.entries[first].first_slot;
     const auto slots = static_cast<std::size_t>(tape.next_slot - base);
     std::vector<bool> read(slots, false);  // by a live entry, per slot
     // Per slot: the tensors holding its node that only dead entries' saved lists hold.
@@ -92,7 +90,7 @@ void compact_since(std::uint64_t first_seq)
             if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
             ++kept;
         }
-    tape.entries.resize(kept);
+    tape.entries.shrink_to(kept);
 }
 
 void fail_released(const Node& node)
@@ -119,14 +117,11 @@ namespace autograd {
 
 std::size_t tape_size() { return this_tape().entries.size(); }
 
-std::span<const Entry> tape_entries() { return this_tape().entries; }
-
 const Entry* find_entry(std::uint64_t seq)
 {
     const auto& tape = this_tape();
-    const auto it = std::lower_bound(tape.entries.begin(), tape.entries.end(), seq,
-                                     [](const Entry& e, std::uint64_t s) { return e.seq < s; });
-    return it != tape.entries.end() && it->seq == seq ? &*it : nullptr;
+    const std::size_t i = tape.entries.lower_bound(seq);
+    return i < tape.entries.size() && tape.entries[i].seq == seq ? &tape.entries[i] : nullptr;
 }
 
 bool should_record(std::span<const Tensor> inputs)

@@ -419,10 +419,8 @@ Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& regi
 
 /// Number of entries on this thread's tape (live or released but not yet reclaimed).
 std::size_t tape_size();
-/// This thread's entries in recording order, for tools that read the graph (to_dot, to_text).
-std::span<const Entry> tape_entries();
 /// This thread's entry numbered seq, or null when it is not on the tape (another thread's, or
-/// reclaimed). Valid until the tape next grows.
+/// reclaimed). Valid until entries are reclaimed (a sweep ends, or compaction runs).
 const Entry* find_entry(std::uint64_t seq);
 
 // ---- anomaly mode and scopes ----

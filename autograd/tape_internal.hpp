@@ -3,6 +3,8 @@
 // (anomaly mode and scopes) and custom_ops.cpp (the checks on users' ops). Not installed.
 #pragma once
 #include <atomic>
+#include <cstddef>
+#include <new>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -19,9 +21,63 @@ inline std::atomic<std::uint64_t> next_tape_id{1};
 // last reader of each leaf.
 inline std::atomic<bool> post_accumulate_hooks_exist{false};
 
+// A tape's entries, in chunks that never move: an entry stays where it is while later ones are
+// appended (by a backward function that records, or a hook), so a sweep holds a reference to the
+// entry it runs; and a long tape grows without copying what it holds. Cleared chunks are kept.
+class EntryStore {
+public:
+    EntryStore() = default;
+    ~EntryStore() { clear(); }
+    EntryStore(const EntryStore&) = delete;
+    EntryStore& operator=(const EntryStore&) = delete;
+
+    std::size_t size() const { return size_; }
+    bool empty() const { return size_ == 0; }
+    Entry& operator[](std::size_t i) { return (*chunks_[i / kChunk])[i % kChunk]; }
+    const Entry& operator[](std::size_t i) const { return (*chunks_[i / kChunk])[i % kChunk]; }
+    Entry& front() { return (*this)[0]; }
+    Entry& back() { return (*this)[size_ - 1]; }
+    Entry& emplace_back()
+    {
+        if (size_ == chunks_.size() * kChunk) chunks_.push_back(std::unique_ptr<Chunk>(new Chunk));  // not zeroed
+        Entry* e = new (&(*this)[size_]) Entry();
+        ++size_;
+        return *e;
+    }
+    void pop_back() { (*this)[--size_].~Entry(); }
+    // Keeps the first n entries.
+    void shrink_to(std::size_t n)
+    {
+        while (size_ > n) pop_back();
+    }
+    void clear() { shrink_to(0); }
+    // The index of the first entry numbered seq or above (size() if none).
+    std::size_t lower_bound(std::uint64_t seq) const
+    {
+        std::size_t lo = 0, hi = size_;
+        while (lo < hi) {
+            const std::size_t mid = lo + (hi - lo) / 2;
+            if ((*this)[mid].seq < seq) lo = mid + 1;
+            else hi = mid;
+        }
+        return lo;
+    }
+
+private:
+    static constexpr std::size_t kChunk = 1024;
+    // Raw storage: an entry is constructed when appended and destroyed when dropped.
+    struct Chunk {
+        alignas(Entry) std::byte bytes[kChunk * sizeof(Entry)];
+        Entry& operator[](std::size_t i) { return *std::launder(reinterpret_cast<Entry*>(bytes) + i); }
+        const Entry& operator[](std::size_t i) const { return *std::launder(reinterpret_cast<const Entry*>(bytes) + i); }
+    };
+    std::vector<std::unique_ptr<Chunk>> chunks_;
+    std::size_t size_ = 0;
+};
+
 // One thread's tape.
 struct Tape {
-    std::vector<Entry> entries;  // in recording order: seq increases
+    EntryStore entries;  // in recording order: seq increases
     std::uint64_t next_seq = 1;
     std::uint64_t next_slot = 1;  // the slot the next entry's first output gets (Entry::first_slot)
     std::size_t compact_at = 1024;
