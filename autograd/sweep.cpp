@@ -116,7 +116,12 @@ public:
     LentSaved(autograd::Entry& e, autograd::BackwardContext& ctx, bool create_graph)
         : entry_(e), ctx_(ctx), lent_(!create_graph)
     {
-        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? checked(e, s, std::move(s.value)) : saved_value(e, s, true));
+        // Every version is checked before anything is lent: a failed check leaves the entry
+        // whole, so the backward can be run again.
+        for (const auto& s : e.saved)
+            if (s.value.defined()) check_version(e, s, s.value);
+        ctx.saved.reserve(e.saved.size());
+        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? std::move(s.value) : saved_value(e, s, true));
     }
     ~LentSaved()
     {
@@ -127,11 +132,6 @@ public:
     LentSaved& operator=(const LentSaved&) = delete;
 
 private:
-    static Tensor checked(const autograd::Entry& e, const autograd::Saved& s, Tensor value)
-    {
-        if (value.defined()) check_version(e, s, value);
-        return value;
-    }
     autograd::Entry& entry_;
     autograd::BackwardContext& ctx_;
     bool lent_;

@@ -325,6 +325,22 @@ TEST_CASE("a backward drops the dead entries it did not reach, so a training ste
     });
 }
 
+TEST_CASE("a backward refused for a saved tensor modified in place leaves the entry whole")
+{
+    on_fresh_tape([] {
+        Tensor x = tensor({0.5, -1.0}, kFloat64).requires_grad_();
+        Tensor h = x.tanh();
+        Tensor y = (h * x.exp()).sum();  // mul saves both its inputs
+        {
+            NoGradGuard no_grad;
+            h.mul_(2.0);
+        }
+        // Refused the same way twice: the first refusal lent nothing away.
+        check_error([&] { y.backward(); }, {"mul", "modified in place"});
+        check_error([&] { y.backward(); }, {"mul", "modified in place"});
+    });
+}
+
 TEST_CASE("the tape is kept while an entry a backward did not reach is alive")
 {
     on_fresh_tape([] {
