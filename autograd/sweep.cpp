@@ -82,21 +82,20 @@ Tensor apply_hooks(const autograd::Node& node, Tensor g)
 }
 
 
-// A saved tensor as backward sees it: version-checked, and, when backward is recorded, a saved
-// output is joined back to its node so that gradients flow through it again.
-void check_version(const autograd::Entry& e, const autograd::Saved& s, const Tensor& value)
+// Throws unless the saved tensor is as it was when saved.
+void check_version(const autograd::Entry& e, const autograd::Saved& s)
 {
-    LOOM_CHECK(value.version() == s.version, e.name,
+    LOOM_CHECK(s.value.version() == s.version, e.name,
                "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
                "saved at version {}); clone() it before modifying it",
-               value.sizes(), value.version(), s.version);
+               s.value.sizes(), s.value.version(), s.version);
 }
 
-Tensor saved_value(const autograd::Entry& e, const autograd::Saved& s, bool create_graph)
+// A saved tensor as a recorded backward (create_graph) sees it: a saved output is joined back to
+// its node, so that gradients flow through it again.
+Tensor recorded_saved(const autograd::Entry& e, const autograd::Saved& s)
 {
-    if (!s.value.defined()) return s.value;
-    check_version(e, s, s.value);
-    if (!create_graph || !s.is_output) return s.value;
+    if (!s.value.defined() || !s.is_output) return s.value;
     Tensor joined = kernels::alias(s.value);
     joined.impl().node = e.outputs[s.output];
     return joined;
@@ -119,9 +118,9 @@ public:
         // Every version is checked before anything is lent: a failed check leaves the entry
         // whole, so the backward can be run again.
         for (const auto& s : e.saved)
-            if (s.value.defined()) check_version(e, s, s.value);
+            if (s.value.defined()) check_version(e, s);
         ctx.saved.reserve(e.saved.size());
-        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? std::move(s.value) : saved_value(e, s, true));
+        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? std::move(s.value) : recorded_saved(e, s));
     }
     ~LentSaved()
     {
