@@ -98,6 +98,11 @@ constexpr std::int64_t kSmallProduct = std::int64_t(1) << 16;
 /// loops that vectorise: blocks of 32 columns are summed in registers over all of K.
 template <class T>
 void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C, bool accumulate = false);
+/// C [M, N] = A [M, K] B^T (+ C when `accumulate`) for B [N, K] (a linear layer's weight), all
+/// row-major and contiguous: each element one dot product, summed in eight interleaved partial
+/// sums so that the loop vectorises.
+template <class T>
+void small_gemm_nt(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C, bool accumulate = false);
 
 // ---- elementwise machinery ----
 

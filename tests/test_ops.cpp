@@ -283,6 +283,31 @@ TEST_CASE("matmul: 1-D, 2-D, batched, broadcast, and strided views")
     CHECK(close(matmul(zeros({2, 0}), zeros({0, 3})), std::vector<double>(6, 0)));
 }
 
+TEST_CASE("small products run in loom's own loops, large ones in BLAS, with the same values")
+{
+    // At most 2^16 multiply-adds a product runs in small_gemm (B as it is) or small_gemm_nt (B
+    // transposed, a linear's weight), summing 8 partial sums at a time; K below, at and above 8
+    // and not a multiple of it, one row and many; the largest goes to BLAS.
+    Generator gen(9);
+    for (DType dt : {kFloat32, kFloat64}) {
+        const double tol = dt == kFloat32 ? 1e-4 : 1e-12;
+        for (const auto& [n, k, m] : std::vector<std::array<std::int64_t, 3>>{
+                 {1, 3, 5}, {1, 8, 128}, {4, 13, 7}, {3, 32, 33}, {5, 17, 1}, {64, 64, 64}}) {
+            CAPTURE(n);
+            CAPTURE(k);
+            CAPTURE(m);
+            const Tensor a = randn({n, k}, dt, &gen), b = randn({k, m}, dt, &gen), w = randn({m, k}, dt, &gen);
+            CHECK(close(matmul(a, b), naive_mm(a, b), tol));
+            CHECK(close(matmul(a, w.t()), naive_mm(a, w.t().contiguous()), tol));
+            const Tensor bias = randn({m}, dt, &gen);
+            std::vector<double> expected = naive_mm(a, w.t().contiguous());
+            const auto vb = values(bias);
+            for (std::size_t i = 0; i < expected.size(); ++i) expected[i] += vb[i % std::size_t(m)];
+            CHECK(close(linear(a, w, bias), expected, tol));
+        }
+    }
+}
+
 TEST_CASE("linear equals x W^T + b, and its in-place gradient sums equal the composed ones")
 {
     Generator gen(7);
