@@ -32,8 +32,8 @@ namespace loom {
 
 namespace {
 
-// Move: the output's elements are the input's, rearranged (views, reshapes, copies). Concat:
-// each input's elements go to a part of the output.
+// The elementwise ops come first, up to Relu. Move: the output's elements are the input's,
+// rearranged (views, reshapes, copies). Concat: each input's elements go to a part of the output.
 enum class Op { Add, Sub, Mul, Div, Neg, Exp, Log, Tanh, Sigmoid, Relu, Linear, Matmul, Move, Concat };
 
 // The ops a program can hold, by the name their entry is recorded under.
@@ -81,8 +81,14 @@ struct Instr {
     std::vector<std::vector<std::int64_t>> maps;  // elementwise: per Mapped operand, its element for each output element
     std::vector<std::vector<Run>> runs;  // Move and Concat: per input, where its elements go
     std::int64_t n = 0, k = 0, m = 0;  // Linear: rows, in and out features; Matmul: [n, k] @ [k, m]
+    // Linear: its last input, a value of the output's shape computed before the loop, is added to
+    // the product (a product folded into the sum that read it; see fold_products).
+    bool addend = false;
     bool operator==(const Instr&) const = default;
 };
+
+// A linear's bias: its third input, unless that is its addend.
+bool has_bias(const Instr& ins) { return ins.in.size() == (ins.addend ? 4u : 3u); }
 
 struct Program {
     DType dtype = kFloat32;
@@ -509,9 +515,53 @@ std::vector<bool> reached_values(const Program& p, const SmallVector<Tensor, 2>&
 // The instruction of a value no result reads, dropped by compile().
 constexpr std::size_t kNoInstr = ~std::size_t(0);
 
-// Sets each value's rate, drops instructions no result reads, and checks what the replay needs.
+// A product inside the loop added to a value computed before it, as every gated cell adds
+// h W_hh^T + b_hh to x_t W_ih^T + b_ih: the sum becomes the product with that value as its
+// addend, so a step adds the two into the sum's buffer and accumulates the GEMM there, as the
+// fused layers do, instead of writing the product and adding it in another pass. The product
+// instruction, read by nothing now, is dropped by compile().
+void fold_products(Program& p)
+{
+    std::vector<int> readers(p.values.size(), 0);
+    for (const Instr& ins : p.instrs)
+        for (std::size_t v : ins.in) ++readers[v];
+    for (const std::vector<std::size_t>* results : {&p.carry_out, &p.y_out})
+        for (std::size_t v : *results) ++readers[v];
+    for (Instr& sum : p.instrs) {
+        if (sum.op != Op::Add || p.rate(sum.out) != Rate::Carried || sum.access[0] != Access::Same ||
+            sum.access[1] != Access::Same)
+            continue;
+        for (std::size_t side = 0; side < 2; ++side) {
+            const std::size_t product = sum.in[side], other = sum.in[1 - side];
+            const Value& v = p.values[product];
+            if (v.source != Source::Computed || readers[product] != 1 || p.rate(other) != Rate::PerStep) continue;
+            const Instr& linear = p.instrs[v.index];
+            if (linear.op != Op::Linear || linear.addend) continue;
+            Instr folded = linear;
+            folded.out = sum.out;
+            folded.in.push_back(other);
+            folded.addend = true;
+            sum = std::move(folded);
+            break;
+        }
+    }
+}
+
+// Sets each value's rate, folds products into sums, drops instructions no result reads, and
+// checks what the replay needs.
 void compile(Program& p)
 {
+    for (std::size_t v : p.carry_in) p.values[v].rate = Rate::Carried;
+    for (std::size_t v : p.x_in) p.values[v].rate = Rate::PerStep;
+    for (const Instr& ins : p.instrs) {
+        Rate r = Rate::Invariant;
+        for (std::size_t v : ins.in) r = std::max(r, p.rate(v));
+        p.values[ins.out].rate = r;
+        if (ins.op == Op::Linear)
+            for (std::size_t j = 1; j < ins.in.size(); ++j)
+                if (p.rate(ins.in[j]) != Rate::Invariant) p.fail("a linear's weight or bias changes from step to step");
+    }
+    fold_products(p);
     std::vector<bool> live(p.values.size(), false);
     for (std::size_t v : p.carry_out) live[v] = true;
     for (std::size_t v : p.y_out) live[v] = true;
@@ -527,16 +577,6 @@ void compile(Program& p)
         if (keep[i]) kept.push_back(std::move(p.instrs[i]));
     }
     p.instrs = std::move(kept);
-    for (std::size_t v : p.carry_in) p.values[v].rate = Rate::Carried;
-    for (std::size_t v : p.x_in) p.values[v].rate = Rate::PerStep;
-    for (const Instr& ins : p.instrs) {
-        Rate r = Rate::Invariant;
-        for (std::size_t v : ins.in) r = std::max(r, p.rate(v));
-        p.values[ins.out].rate = r;
-        if (ins.op == Op::Linear)
-            for (std::size_t j = 1; j < ins.in.size(); ++j)
-                if (p.rate(ins.in[j]) != Rate::Invariant) p.fail("a linear's weight or bias changes from step to step");
-    }
 }
 
 // The elementwise loops, compiled for AVX2 too (they are most of a small step's arithmetic):
@@ -593,7 +633,7 @@ LOOM_VECTOR_CLONES void binary_grads_both(std::int64_t rows, std::int64_t n, con
 enum class Part { Varying, Invariant, All };
 
 // to[i] += from[i] for n elements.
-template <class T> void add_into(T* to, const T* from, std::int64_t n)
+template <class T> LOOM_VECTOR_CLONES void add_into(T* to, const T* from, std::int64_t n)
 {
     for (std::int64_t i = 0; i < n; ++i) to[i] += from[i];
 }
@@ -627,14 +667,14 @@ template <class T> struct Replay {
     // A move that takes one contiguous block of its input (a reshape, a chunk of one row) is no
     // copy: its value is that block of its input's buffer, gradient included (aliased[j] for
     // instruction j, at the input element of its one run).
-    std::vector<bool> aliased;
+    std::vector<char> aliased;  // bytes, not bits: read for every instruction at every step
     // Checkpointing (segment > 0): the values computed inside the loop are kept for `segment`
     // steps at a time, those from step `window` on (windowed[v]), not for every step; backward
     // computes each segment's again from the carries, which are kept for every step.
     std::int64_t segment = 0;
     std::int64_t window = 0;
     bool window_filled = false;  // the windowed buffers hold the values of the steps from `window`
-    std::vector<bool> windowed;
+    std::vector<char> windowed;  // bytes, not bits: read for every operand at every step
     std::int64_t kept_steps() const { return segment > 0 ? segment : steps; }
     // Inlined: called for every operand of every instruction at every step.
     [[gnu::always_inline]] std::int64_t row(std::size_t v, std::int64_t t) const { return windowed[v] ? t - window : t; }
@@ -661,6 +701,36 @@ template <class T> struct Replay {
     std::int64_t adj_step_block = 0;
     T* steps_start = nullptr;  // where carve() put the block of values laid out step by step
     T* values_step = nullptr;  // forward's block of them, steps * step_block
+
+    // Fusion: the loop's elementwise instructions come in runs over values of one size (a cell's
+    // sigmoids, tanhs, products and sums), each operand read element by element or as a scalar. A
+    // run is one pass per step, a tile of elements at a time through all its instructions, so what
+    // one writes is still in L1 when the next reads it; its adjoint goes tile by tile too, through
+    // the run in reverse. Any other instruction is a pass of its own (n < 0).
+    struct Pass {
+        std::size_t first, last;  // instructions loop[first] .. loop[last - 1]
+        std::int64_t n;  // elements of each
+    };
+    static constexpr std::int64_t tile = 4096 / sizeof(T);
+    std::vector<std::size_t> loop;  // the instructions inside the loop that do work, in program order
+    std::vector<Pass> passes;
+    static bool fusable(const Instr& ins)
+    {
+        return ins.op <= Op::Relu && std::none_of(ins.access.begin(), ins.access.end(),
+                                                   [](Access a) { return a == Access::Mapped; });
+    }
+    void plan_passes()
+    {
+        loop.clear(), passes.clear();
+        for (std::size_t j = 0; j < p->instrs.size(); ++j)
+            if (p->rate(p->instrs[j].out) == Rate::Carried && !aliased[j]) loop.push_back(j);
+        for (std::size_t k = 0; k < loop.size(); ++k) {
+            const Instr& ins = p->instrs[loop[k]];
+            const std::int64_t n = fusable(ins) ? p->values[ins.out].numel : -1;
+            if (n >= 0 && !passes.empty() && passes.back().n == n) ++passes.back().last;
+            else passes.push_back(Pass{k, k + 1, n});
+        }
+    }
 
     void lay_out()
     {
@@ -713,6 +783,7 @@ template <class T> struct Replay {
         if (segment > 0)
             for (std::size_t v = 0; v < n; ++v)
                 windowed[v] = prog.values[v].source == Source::Computed && prog.rate(v) == Rate::Carried && !dead(v);
+        plan_passes();
         for (std::size_t j = 0; j < prog.instrs.size(); ++j)
             if (aliased[j]) {
                 strides[prog.instrs[j].out] = strides[prog.instrs[j].in[0]];
@@ -866,8 +937,33 @@ template <class T> struct Replay {
     // The instructions inside the loop at step i.
     void run_step(std::int64_t i)
     {
-        for (const Instr& ins : p->instrs)
-            if (p->rate(ins.out) == Rate::Carried) run(ins, i, i + 1);
+        for (const Pass& pass : passes) {
+            if (pass.n < 0) {
+                run(p->instrs[loop[pass.first]], i, i + 1);
+                continue;
+            }
+            for (std::int64_t from = 0; from < pass.n; from += tile)
+                for (std::size_t k = pass.first; k < pass.last; ++k)
+                    run(p->instrs[loop[k]], i, i + 1, from, std::min(tile, pass.n - from));
+        }
+    }
+
+    // The adjoint of step i's instructions, those of each pass tile by tile. A weight read by a
+    // product gets its gradient later, from one GEMM over many steps; one read elementwise gets
+    // its share now, while the step's gradient is at hand.
+    void run_step_backward(std::int64_t i)
+    {
+        for (std::size_t q = passes.size(); q-- > 0;) {
+            const Pass& pass = passes[q];
+            if (pass.n < 0) {
+                const Instr& ins = p->instrs[loop[pass.first]];
+                run_backward(ins, i, i + 1, is_product(ins) ? Part::Varying : Part::All);
+                continue;
+            }
+            for (std::int64_t from = 0; from < pass.n; from += tile)
+                for (std::size_t k = pass.last; k-- > pass.first;)
+                    run_backward(p->instrs[loop[k]], i, i + 1, Part::All, from, std::min(tile, pass.n - from));
+        }
     }
 
     // The backward of pass_rows: adds from's rows active at step i into `active_to`, and the
@@ -944,12 +1040,7 @@ template <class T> struct Replay {
                     const std::size_t c = prog.carry_in[k];
                     add_rows(adj_at(prog.carry_out[k], i), adj_at(c, i), adj_at(c, i + 1), prog.values[c].numel, i);
                 }
-                for (std::size_t j = prog.instrs.size(); j-- > 0;) {
-                    const Instr& ins = prog.instrs[j];
-                    if (prog.rate(ins.out) != Rate::Carried) continue;
-                    // A weight read elementwise gets its share while the step's gradient is at hand.
-                    run_backward(ins, i, i + 1, is_product(ins) ? Part::Varying : Part::All);
-                }
+                run_step_backward(i);
             }
             // A weight's gradient from a product inside the loop: one GEMM over all the steps kept.
             for (std::size_t j = prog.instrs.size(); j-- > 0;)
@@ -976,20 +1067,23 @@ template <class T> struct Replay {
         }
     }
 
-    template <class F> void unary(const Instr& ins, std::int64_t t0, std::int64_t t1)
+    // An elementwise instruction runs over elements [from, from + n) of its output (a tile of a
+    // fused group, or all of it), and so of each operand read element by element.
+    template <class F> void unary(const Instr& ins, std::int64_t t0, std::int64_t t1, std::int64_t from, std::int64_t n)
     {
         const std::size_t x = ins.in[0], y = ins.out;
-        unary_values<F>(t1 - t0, p->values[y].numel, at(x, t0), strides[x], at(y, t0), strides[y]);
+        unary_values<F>(t1 - t0, n, at(x, t0) + from, strides[x], at(y, t0) + from, strides[y]);
     }
 
-    template <class F> void binary(const Instr& ins, std::int64_t t0, std::int64_t t1)
+    template <class F> void binary(const Instr& ins, std::int64_t t0, std::int64_t t1, std::int64_t from, std::int64_t n)
     {
-        const std::int64_t n = p->values[ins.out].numel, rows = t1 - t0;
+        const std::int64_t rows = t1 - t0;
         const std::size_t a = ins.in[0], b = ins.in[1], y = ins.out;
-        const auto rows_of = [&]<bool SA, bool SB>() {
-            binary_values<F, SA, SB>(rows, n, at(a, t0), strides[a], at(b, t0), strides[b], at(y, t0), strides[y]);
-        };
         const Access ka = ins.access[0], kb = ins.access[1];
+        const auto rows_of = [&]<bool SA, bool SB>() {
+            binary_values<F, SA, SB>(rows, n, at(a, t0) + (SA ? 0 : from), strides[a], at(b, t0) + (SB ? 0 : from),
+                                     strides[b], at(y, t0) + from, strides[y]);
+        };
         if (ka == Access::Same && kb == Access::Same) return rows_of.template operator()<false, false>();
         if (ka == Access::Same && kb == Access::Scalar) return rows_of.template operator()<false, true>();
         if (ka == Access::Scalar && kb == Access::Same) return rows_of.template operator()<true, false>();
@@ -997,34 +1091,42 @@ template <class T> struct Replay {
         for (std::int64_t t = t0; t < t1; ++t) {
             const T *pa = at(a, t), *pb = at(b, t);
             T* py = at(y, t);
-            for (std::int64_t i = 0; i < n; ++i) py[i] = F::value(pa[index(ins, 0, 0, i)], pb[index(ins, 1, mb, i)]);
+            for (std::int64_t i = from; i < from + n; ++i) py[i] = F::value(pa[index(ins, 0, 0, i)], pb[index(ins, 1, mb, i)]);
         }
     }
 
-    void run(const Instr& ins, std::int64_t t0, std::int64_t t1)
+    // `n` < 0: all of the output; else elements [from, from + n) of an elementwise op's.
+    void run(const Instr& ins, std::int64_t t0, std::int64_t t1, std::int64_t from = 0, std::int64_t n = -1)
     {
         if (aliased[std::size_t(&ins - p->instrs.data())]) return;
+        if (n < 0) n = p->values[ins.out].numel;
         switch (ins.op) {
-        case Op::Add: return binary<pointwise::Add>(ins, t0, t1);
-        case Op::Sub: return binary<pointwise::Sub>(ins, t0, t1);
-        case Op::Mul: return binary<pointwise::Mul>(ins, t0, t1);
-        case Op::Div: return binary<pointwise::Div>(ins, t0, t1);
-        case Op::Neg: return unary<pointwise::Neg>(ins, t0, t1);
-        case Op::Exp: return unary<pointwise::Exp>(ins, t0, t1);
-        case Op::Log: return unary<pointwise::Log>(ins, t0, t1);
-        case Op::Tanh: return unary<pointwise::Tanh>(ins, t0, t1);
-        case Op::Sigmoid: return unary<pointwise::Sigmoid>(ins, t0, t1);
-        case Op::Relu: return unary<pointwise::Relu>(ins, t0, t1);
+        case Op::Add: return binary<pointwise::Add>(ins, t0, t1, from, n);
+        case Op::Sub: return binary<pointwise::Sub>(ins, t0, t1, from, n);
+        case Op::Mul: return binary<pointwise::Mul>(ins, t0, t1, from, n);
+        case Op::Div: return binary<pointwise::Div>(ins, t0, t1, from, n);
+        case Op::Neg: return unary<pointwise::Neg>(ins, t0, t1, from, n);
+        case Op::Exp: return unary<pointwise::Exp>(ins, t0, t1, from, n);
+        case Op::Log: return unary<pointwise::Log>(ins, t0, t1, from, n);
+        case Op::Tanh: return unary<pointwise::Tanh>(ins, t0, t1, from, n);
+        case Op::Sigmoid: return unary<pointwise::Sigmoid>(ins, t0, t1, from, n);
+        case Op::Relu: return unary<pointwise::Relu>(ins, t0, t1, from, n);
         case Op::Linear: {  // rows of x varying, weight and bias once per call: one GEMM over all steps asked for
             const std::int64_t R = ins.n * (p->rate(ins.in[0]) == Rate::Invariant ? 1 : t1 - t0);
             T* y = at(ins.out, t0);
-            const bool bias = ins.in.size() == 3;
-            if (bias)
-                for (std::int64_t r = 0; r < R; ++r) std::memcpy(y + r * ins.m, at(ins.in[2], 0), sizeof(T) * ins.m);
+            const bool bias = has_bias(ins), start = bias || ins.addend;  // y starts as bias + addend
+            const T* b = bias ? at(ins.in[2], 0) : nullptr;
+            if (ins.addend) {
+                const T* u = at(ins.in.back(), t0);
+                if (b) binary_values<pointwise::Add, false, false>(R, ins.m, u, ins.m, b, 0, y, ins.m);
+                else std::memcpy(y, u, sizeof(T) * R * ins.m);
+            } else if (b) {
+                for (std::int64_t r = 0; r < R; ++r) std::memcpy(y + r * ins.m, b, sizeof(T) * ins.m);
+            }
             if (R * ins.m * ins.k <= kernels::kSmallProduct)
-                kernels::small_gemm<T>(R, ins.m, ins.k, at(ins.in[0], t0), transposed(ins), y, bias);
+                kernels::small_gemm<T>(R, ins.m, ins.k, at(ins.in[0], t0), transposed(ins), y, start);
             else
-                kernels::gemm<T>("scan", false, true, R, ins.m, ins.k, at(ins.in[0], t0), at(ins.in[1], 0), T(bias ? 1 : 0), y);
+                kernels::gemm<T>("scan", false, true, R, ins.m, ins.k, at(ins.in[0], t0), at(ins.in[1], 0), T(start ? 1 : 0), y);
             return;
         }
         case Op::Matmul: {
@@ -1064,7 +1166,13 @@ template <class T> struct Replay {
             weights_t[j] = empty({ins.k, ins.m}, p->dtype);
             T* wt = weights_t[j].template data_ptr<T>();
             const T* w = at(ins.in[1], 0);
-            for (std::int64_t r = 0; r < ins.m; ++r)
+            // Eight rows at a time: each column's eight elements are written side by side.
+            constexpr std::int64_t rows = 8;
+            std::int64_t r0 = 0;
+            for (; r0 + rows <= ins.m; r0 += rows)
+                for (std::int64_t c = 0; c < ins.k; ++c)
+                    for (std::int64_t r = r0; r < r0 + rows; ++r) wt[c * ins.m + r] = w[r * ins.k + c];
+            for (std::int64_t r = r0; r < ins.m; ++r)
                 for (std::int64_t c = 0; c < ins.k; ++c) wt[c * ins.m + r] = w[r * ins.k + c];
         }
         return weights_t[j].template data_ptr<T>();
@@ -1076,31 +1184,38 @@ template <class T> struct Replay {
         return adj[v] && (part == Part::All || (p->rate(v) == Rate::Invariant) == (part == Part::Invariant));
     }
 
-    template <class F> void unary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part)
+    template <class F>
+    void unary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part, std::int64_t from, std::int64_t n)
     {
         const std::size_t x = ins.in[0], y = ins.out;
         if (!sends_to(x, part)) return;
-        unary_grads<F>(t1 - t0, p->values[y].numel, adj_at(y, t0), adj_strides[y], at(x, t0), strides[x], at(y, t0),
-                       strides[y], adj_at(x, t0), adj_strides[x]);
+        unary_grads<F>(t1 - t0, n, adj_at(y, t0) + from, adj_strides[y], at(x, t0) + from, strides[x],
+                       at(y, t0) + from, strides[y], adj_at(x, t0) + from, adj_strides[x]);
     }
 
-    template <class F> void binary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part)
+    template <class F>
+    void binary_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part, std::int64_t from, std::int64_t n)
     {
         const std::size_t a = ins.in[0], b = ins.in[1], y = ins.out;
         const bool to_a = sends_to(a, part), to_b = sends_to(b, part);
         if (!to_a && !to_b) return;
-        const std::int64_t n = p->values[y].numel, rows = t1 - t0;
+        const std::int64_t rows = t1 - t0;
         const Access ka = ins.access[0], kb = ins.access[1];
+        // Operand k's element `from` (a scalar operand's element 0); null for no gradient buffer.
+        const auto value_at = [&](std::size_t k) { return at(ins.in[k], t0) + (ins.access[k] == Access::Same ? from : 0); };
+        const auto grad_at = [&](std::size_t k) {
+            T* d = adj_at(ins.in[k], t0);
+            return d && ins.access[k] == Access::Same ? d + from : d;
+        };
+        const T *g = adj_at(y, t0) + from, *out = at(y, t0) + from;
         const auto rows_of = [&]<bool ToA, bool SA, bool SB>() {
-            const std::size_t d = ToA ? a : b;
-            binary_grads<F, ToA, SA, SB>(rows, n, adj_at(y, t0), adj_strides[y], at(a, t0), strides[a], at(b, t0),
-                                         strides[b], at(y, t0), strides[y], adj_at(d, t0), adj_strides[d]);
+            binary_grads<F, ToA, SA, SB>(rows, n, g, adj_strides[y], value_at(0), strides[a], value_at(1), strides[b], out,
+                                         strides[y], grad_at(ToA ? 0 : 1), adj_strides[ToA ? a : b]);
         };
         if (ka == Access::Same && kb == Access::Same && a != b) {  // the common cases, in loops that vectorise
             if (to_a && to_b)
-                return binary_grads_both<F>(rows, n, adj_at(y, t0), adj_strides[y], at(a, t0), strides[a], at(b, t0),
-                                            strides[b], at(y, t0), strides[y], adj_at(a, t0), adj_strides[a],
-                                            adj_at(b, t0), adj_strides[b]);
+                return binary_grads_both<F>(rows, n, g, adj_strides[y], value_at(0), strides[a], value_at(1), strides[b],
+                                            out, strides[y], grad_at(0), adj_strides[a], grad_at(1), adj_strides[b]);
             if (to_a) rows_of.template operator()<true, false, false>();
             if (to_b) rows_of.template operator()<false, false, false>();
             return;
@@ -1109,9 +1224,9 @@ template <class T> struct Replay {
         if (ka == Access::Scalar && kb == Access::Same && !to_a) return rows_of.template operator()<false, true, false>();
         const std::size_t mb = ka == Access::Mapped ? 1 : 0;
         for (std::int64_t t = t0; t < t1; ++t) {
-            const T *pa = at(a, t), *pb = at(b, t), *py = at(y, t), *g = adj_at(y, t);
+            const T *pa = at(a, t), *pb = at(b, t), *py = at(y, t), *g = adj_at(y, t);  // `from` indexes them
             T *da = to_a ? adj_at(a, t) : nullptr, *db = to_b ? adj_at(b, t) : nullptr;
-            for (std::int64_t i = 0; i < n; ++i) {
+            for (std::int64_t i = from; i < from + n; ++i) {
                 const std::int64_t ia = index(ins, 0, 0, i), ib = index(ins, 1, mb, i);
                 if (da) da[ia] += F::grad_a(g[i], pa[ia], pb[ib], py[i]);
                 if (db) db[ib] += F::grad_b(g[i], pa[ia], pb[ib], py[i]);
@@ -1119,20 +1234,23 @@ template <class T> struct Replay {
         }
     }
 
-    void run_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part)
+    // `n` < 0: all of the output; else elements [from, from + n) of an elementwise op's.
+    void run_backward(const Instr& ins, std::int64_t t0, std::int64_t t1, Part part, std::int64_t from = 0,
+                      std::int64_t n = -1)
     {
         if (!adj[ins.out] || aliased[std::size_t(&ins - p->instrs.data())]) return;
+        if (n < 0) n = p->values[ins.out].numel;
         switch (ins.op) {
-        case Op::Add: return binary_backward<pointwise::Add>(ins, t0, t1, part);
-        case Op::Sub: return binary_backward<pointwise::Sub>(ins, t0, t1, part);
-        case Op::Mul: return binary_backward<pointwise::Mul>(ins, t0, t1, part);
-        case Op::Div: return binary_backward<pointwise::Div>(ins, t0, t1, part);
-        case Op::Neg: return unary_backward<pointwise::Neg>(ins, t0, t1, part);
-        case Op::Exp: return unary_backward<pointwise::Exp>(ins, t0, t1, part);
-        case Op::Log: return unary_backward<pointwise::Log>(ins, t0, t1, part);
-        case Op::Tanh: return unary_backward<pointwise::Tanh>(ins, t0, t1, part);
-        case Op::Sigmoid: return unary_backward<pointwise::Sigmoid>(ins, t0, t1, part);
-        case Op::Relu: return unary_backward<pointwise::Relu>(ins, t0, t1, part);
+        case Op::Add: return binary_backward<pointwise::Add>(ins, t0, t1, part, from, n);
+        case Op::Sub: return binary_backward<pointwise::Sub>(ins, t0, t1, part, from, n);
+        case Op::Mul: return binary_backward<pointwise::Mul>(ins, t0, t1, part, from, n);
+        case Op::Div: return binary_backward<pointwise::Div>(ins, t0, t1, part, from, n);
+        case Op::Neg: return unary_backward<pointwise::Neg>(ins, t0, t1, part, from, n);
+        case Op::Exp: return unary_backward<pointwise::Exp>(ins, t0, t1, part, from, n);
+        case Op::Log: return unary_backward<pointwise::Log>(ins, t0, t1, part, from, n);
+        case Op::Tanh: return unary_backward<pointwise::Tanh>(ins, t0, t1, part, from, n);
+        case Op::Sigmoid: return unary_backward<pointwise::Sigmoid>(ins, t0, t1, part, from, n);
+        case Op::Relu: return unary_backward<pointwise::Relu>(ins, t0, t1, part, from, n);
         case Op::Linear: {
             const std::size_t x = ins.in[0], w = ins.in[1];
             const std::int64_t R = ins.n * (p->rate(x) == Rate::Invariant ? 1 : t1 - t0);
@@ -1144,7 +1262,8 @@ template <class T> struct Replay {
                     kernels::gemm<T>("scan", false, false, R, ins.k, ins.m, g, at(w, 0), T(1), adj_at(x, t0));
             }
             if (sends_to(w, part)) kernels::gemm<T>("scan", true, false, ins.m, ins.k, R, g, at(x, t0), T(1), adj_at(w, 0));
-            if (ins.in.size() == 3 && sends_to(ins.in[2], part)) kernels::add_column_sums<T>(g, R, ins.m, adj_at(ins.in[2], 0));
+            if (has_bias(ins) && sends_to(ins.in[2], part)) kernels::add_column_sums<T>(g, R, ins.m, adj_at(ins.in[2], 0));
+            if (ins.addend && sends_to(ins.in.back(), part)) add_into(adj_at(ins.in.back(), t0), g, R * ins.m);
             return;
         }
         case Op::Matmul: {

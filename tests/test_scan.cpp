@@ -191,6 +191,32 @@ TEST_CASE("an input no output with a gradient depends on gets none, as in the ea
     }
 }
 
+TEST_CASE("fused runs of elementwise ops, tile by tile over values larger than a tile")
+{
+    // The loop's elementwise ops over values of one size run as one pass, a tile (512 doubles)
+    // at a time: 3 x 300 = 900 elements are two tiles, the second partial. The run mixes scalar
+    // operands with and without gradients (q[0] is a parameter's element, 0.5 a constant), a
+    // square (x * x, one operand read twice), a weight read elementwise, and a product that splits
+    // the run in two; lengths hold some rows.
+    const Tensor q = leaf({1}, 30), v = leaf({300}, 31), w = leaf({300, 300}, 32, -0.05, 0.05);
+    const auto step = [&](const V& c, const V& x) -> ScanStepResult {
+        const Tensor& h = c[0];
+        const Tensor a = sigmoid(h * q + x[0]) * tanh(x[0] * x[0] - h * 0.5);
+        const Tensor b = exp(-relu(a * v)) / (a * a + 1.0) + log(h * h + 1.0);
+        const Tensor m = tanh(linear(b, w) - q);  // a product, then the run goes on
+        const Tensor next = m * sigmoid(b) + (1.0 - sigmoid(b)) * h;
+        return {{next}, {next * q, a}};
+    };
+    const V init{leaf({3, 300}, 33)}, xs{leaf({6, 3, 300}, 34)};
+    check_replay("forward", step, init, xs, {q, v, w});
+    ScanOptions options;
+    options.lengths = from_vector<std::int64_t>({6, 2, 4}, {3});
+    options.reverse = true;
+    check_replay("lengths in reverse", step, init, xs, {q, v, w}, options);
+    options.checkpoint = true;
+    check_replay("checkpointed", step, init, xs, {q, v, w}, options);
+}
+
 TEST_CASE("an LSTM cell of one's own, with lengths and in reverse")
 {
     const UserLSTM cell(3, 5, 10);
