@@ -292,29 +292,35 @@ TEST_CASE("a checkpointed replay computes each segment's values again in backwar
     check_error([&] { scan(step, init, xs, cell.params(), bad); }, {"scan", "replayed step", "replay is off"});
 }
 
-TEST_CASE("gradcheck and gradgradcheck through a replayed scan")
+TEST_CASE("gradcheck and gradgradcheck through a replayed scan, checkpointed or not")
 {
     const UserLSTM cell(2, 3, 30);
-    // gradcheck hands over copies of its inputs: the cell reads its parameters from them when given.
-    const auto run = [&](const V& in) {
-        const UserLSTM used = in.size() > 3 ? UserLSTM(V(in.begin() + 3, in.end())) : cell;
-        ScanOptions o;
-        o.lengths = from_vector<std::int64_t>({4, 2}, {2});
-        const ScanOutput r = scan([used](const V& c, const V& x) { return used(c, x); }, {in[0], in[1]}, {in[2]},
-                                  used.params(), o);
-        REQUIRE(r.eager_reason.empty());
-        return (r.ys[0] * r.ys[0]).sum() + r.carry[1].sum();
-    };
-    const V in{leaf({2, 3}, 31), leaf({2, 3}, 32), leaf({4, 2, 2}, 33)};
-    const GradcheckResult first = gradcheck(run, in);
-    CHECK_MESSAGE(first.ok, first.report());
-    // create_graph: the backward runs the eager loop again and differentiates it.
-    const GradcheckResult second = gradgradcheck(run, in);
-    CHECK_MESSAGE(second.ok, second.report());
-    V all = in;
-    for (const Tensor& p : cell.params()) all.push_back(p);
-    const GradcheckResult params = gradcheck(run, all);
-    CHECK_MESSAGE(params.ok, params.report());
+    for (const bool checkpoint : {false, true}) {
+        CAPTURE(checkpoint);
+        // gradcheck hands over copies of its inputs: the cell reads its parameters from them when given.
+        const auto run = [&](const V& in) {
+            const UserLSTM used = in.size() > 3 ? UserLSTM(V(in.begin() + 3, in.end())) : cell;
+            ScanOptions o;
+            o.lengths = from_vector<std::int64_t>({4, 2}, {2});
+            o.checkpoint = checkpoint;  // segments of 2 steps: the first recomputed in backward
+            const ScanOutput r = scan([used](const V& c, const V& x) { return used(c, x); }, {in[0], in[1]},
+                                      {in[2]}, used.params(), o);
+            REQUIRE(r.eager_reason.empty());
+            return (r.ys[0] * r.ys[0]).sum() + r.carry[1].sum();
+        };
+        const V in{leaf({2, 3}, 31), leaf({2, 3}, 32), leaf({4, 2, 2}, 33)};
+        const GradcheckResult first = gradcheck(run, in);
+        CHECK_MESSAGE(first.ok, first.report());
+        // create_graph: the backward runs the eager loop again and differentiates it.
+        const GradcheckResult second = gradgradcheck(run, in);
+        CHECK_MESSAGE(second.ok, second.report());
+        V all = in;
+        for (const Tensor& p : cell.params()) all.push_back(p);
+        const GradcheckResult params = gradcheck(run, all);
+        CHECK_MESSAGE(params.ok, params.report());
+        const GradcheckResult params_second = gradgradcheck(run, all);
+        CHECK_MESSAGE(params_second.ok, params_second.report());
+    }
 }
 
 TEST_CASE("what scan cannot replay runs eagerly, says why, and gives the eager values")
