@@ -50,7 +50,9 @@ public:
     /// in place, a tensor requiring grad that the cell reads without registering it, or numbers
     /// drawn from a Generator of the cell's own. A Recurrent<Cell> whose step is replayed (scan)
     /// keeps every step's state and the values inside the step for one segment at a time, and
-    /// backward computes each segment's again with the traced program, not by calling the cell.
+    /// backward computes each segment's again with the traced program, not by calling the cell:
+    /// the checks above on a re-run do not apply to it, and it can be differentiated twice
+    /// (create_graph runs the cell step by step again, and differentiates that).
     LOOM_OPTION(bool, checkpoint, false)
     /// Checkpoint every this many steps (0: the square root of the length).
     LOOM_OPTION(std::int64_t, checkpoint_every, 0)

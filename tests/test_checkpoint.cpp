@@ -370,6 +370,21 @@ TEST_CASE("a checkpointed Recurrent<Cell> never recomputes something other than 
         }
         check_error([&] { loss.backward(); }, {"modified in place"});
     }
+    SUBCASE("replayed, it can be differentiated twice, as the same layer without checkpoint")
+    {
+        // create_graph runs the cell step by step again and differentiates that: a
+        // Hessian-vector product through the checkpointed replay equals the plain layer's.
+        const auto hessian_vector = [&](bool checkpoint) {
+            manual_seed(13);
+            nn::Recurrent<TouchyCell> rnn(touchy_options().checkpoint(checkpoint).checkpoint_every(checkpoint ? 2 : 0));
+            rnn.cell(0).replay = true;
+            const Tensor w = rnn.parameters()[0];
+            const Tensor loss = rnn(x).output.pow(2).sum();
+            const Tensor g = grad({loss}, {w}, {}, std::nullopt, /*create_graph=*/true)[0];
+            return grad({(g * g).sum()}, {w})[0];
+        };
+        CHECK(close_tensors(hessian_vector(true), hessian_vector(false), 1e-12));
+    }
     SUBCASE("a forward hook removed between forward and backward")
     {
         nn::Recurrent<TouchyCell> rnn(touchy_options());
