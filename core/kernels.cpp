@@ -692,22 +692,36 @@ void add_column_sums(const Tensor& out, const Tensor& rows)
 namespace {
 // In an unnamed namespace: GCC makes no AVX2 clone of a template with vague linkage (an
 // explicitly instantiated one), so the exported small_gemm calls these.
+// Columns [n0, n0 + Block) of one row of C, summed in registers over all of K.
+template <std::int64_t Block, class T>
+[[gnu::always_inline]] inline void small_gemm_block(std::int64_t N, std::int64_t K, const T* a, const T* B, T* c,
+                                                    std::int64_t n0, bool accumulate)
+{
+    T acc[Block] = {};
+    if (accumulate) std::copy_n(c + n0, Block, acc);
+    for (std::int64_t k = 0; k < K; ++k)
+        for (std::int64_t i = 0; i < Block; ++i) acc[i] += a[k] * B[k * N + n0 + i];
+    std::copy_n(acc, Block, c + n0);
+}
+
 template <class T>
 LOOM_VECTOR_CLONES void small_gemm_loops(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C,
                                    bool accumulate)
 {
-    constexpr std::int64_t block = 32;
+    if (K == 1) {  // an outer product (a weight's gradient at batch 1): one pass per row
+        for (std::int64_t m = 0; m < M; ++m)
+            for (std::int64_t n = 0; n < N; ++n) C[m * N + n] = (accumulate ? C[m * N + n] : T(0)) + A[m] * B[n];
+        return;
+    }
     for (std::int64_t m = 0; m < M; ++m) {
         const T* a = A + m * K;
         T* c = C + m * N;
         std::int64_t n0 = 0;
-        for (; n0 + block <= N; n0 += block) {
-            T acc[block] = {};
-            if (accumulate) std::copy_n(c + n0, block, acc);
-            for (std::int64_t k = 0; k < K; ++k)
-                for (std::int64_t i = 0; i < block; ++i) acc[i] += a[k] * B[k * N + n0 + i];
-            std::copy_n(acc, block, c + n0);
-        }
+        for (; n0 + 32 <= N; n0 += 32) small_gemm_block<32>(N, K, a, B, c, n0, accumulate);
+        // A narrow product (a weight's 8 input features) in blocks too: one element at a time
+        // down a column of B cost a step of a small cell more than the rest of its backward.
+        if (n0 + 16 <= N) small_gemm_block<16>(N, K, a, B, c, n0, accumulate), n0 += 16;
+        if (n0 + 8 <= N) small_gemm_block<8>(N, K, a, B, c, n0, accumulate), n0 += 8;
         for (std::int64_t n = n0; n < N; ++n) {
             T sum = accumulate ? c[n] : T(0);
             for (std::int64_t k = 0; k < K; ++k) sum += a[k] * B[k * N + n];

@@ -285,14 +285,16 @@ TEST_CASE("matmul: 1-D, 2-D, batched, broadcast, and strided views")
 
 TEST_CASE("small products run in loom's own loops, large ones in BLAS, with the same values")
 {
-    // At most 2^16 multiply-adds a product runs in small_gemm (B as it is) or small_gemm_nt (B
-    // transposed, a linear's weight), summing 8 partial sums at a time; K below, at and above 8
-    // and not a multiple of it, one row and many; the largest goes to BLAS.
+    // At most 2^16 multiply-adds a product runs in small_gemm (B as it is: blocks of 32, 16 and 8
+    // columns, then one at a time; K = 1 an outer product) or small_gemm_nt (B transposed, a
+    // linear's weight: 8 partial sums at a time); K below, at and above 8 and not a multiple of
+    // it, one row and many; the largest goes to BLAS.
     Generator gen(9);
     for (DType dt : {kFloat32, kFloat64}) {
         const double tol = dt == kFloat32 ? 1e-4 : 1e-12;
         for (const auto& [n, k, m] : std::vector<std::array<std::int64_t, 3>>{
-                 {1, 3, 5}, {1, 8, 128}, {4, 13, 7}, {3, 32, 33}, {5, 17, 1}, {64, 64, 64}}) {
+                 {1, 3, 5}, {1, 8, 128}, {4, 13, 7}, {3, 32, 33}, {5, 17, 1}, {2, 9, 24}, {3, 5, 57}, {6, 1, 40},
+                 {64, 64, 64}}) {
             CAPTURE(n);
             CAPTURE(k);
             CAPTURE(m);
