@@ -632,9 +632,15 @@ LOOM_VECTOR_CLONES void binary_grads_both(std::int64_t rows, std::int64_t n, con
 // that do not (weights), or all.
 enum class Part { Varying, Invariant, All };
 
-// to[i] += from[i] for n elements.
-template <class T> LOOM_VECTOR_CLONES void add_into(T* to, const T* from, std::int64_t n)
+template <class T> LOOM_VECTOR_CLONES void add_long_run_into(T* to, const T* from, std::int64_t n)
 {
+    for (std::int64_t i = 0; i < n; ++i) to[i] += from[i];
+}
+// to[i] += from[i] for n elements: a long run in the AVX2 loop, a short one inline (a call
+// through the clones' resolver costs more than W7's 14 additions).
+template <class T> void add_into(T* to, const T* from, std::int64_t n)
+{
+    if (n >= 256) return add_long_run_into(to, from, n);
     for (std::int64_t i = 0; i < n; ++i) to[i] += from[i];
 }
 
