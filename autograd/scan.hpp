@@ -8,7 +8,9 @@
 /// it can replay, it runs that program over all T steps on raw buffers and records ONE tape
 /// entry, whose backward runs the program's adjoint in reverse. Ops that do not depend on the
 /// carry (the input projection x_t W^T + b) run once over all steps, one GEMM instead of T; the
-/// weight gradients of ops inside the loop are one GEMM over all steps too.
+/// weight gradients of ops inside the loop are one GEMM over all steps too. A product inside the
+/// loop added to such a value (a gated cell's h W_hh^T + b_hh) accumulates into it, and a run of
+/// elementwise ops over values of one size is one pass per step, a few KiB at a time.
 ///
 /// Values and gradients are the eager loop's: every op in a replayed program computes with the
 /// same formulas as the eager op (autograd/pointwise.hpp), so a float64 replay agrees with the
