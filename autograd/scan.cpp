@@ -1557,10 +1557,11 @@ ScanOutput scan(const ScanStep& step, const std::vector<Tensor>& init, const std
 {
     ScanOutput out;
     if (detail::try_replay_scan(step, init, xs, params, options, out)) return out;
-    const std::string why = out.eager_reason;
-    if (options.replay && !autograd::anomaly_mode_enabled() && xs[0].size(0) >= 2)
-        detail::say_once_why_eager(options.checkpoint ? why + " (so checkpoint does not apply: every op's tensors are kept)"
-                                                      : why);
+    std::string why = out.eager_reason;
+    if (options.checkpoint) why += " (so checkpoint does not apply: every op's tensors are kept)";
+    // Anomaly mode's eager loop is asked for and goes unsaid, unless it costs the checkpoint.
+    if (options.replay && xs[0].size(0) >= 2 && (options.checkpoint || !autograd::anomaly_mode_enabled()))
+        detail::say_once_why_eager(why);
     out = run_eager(step, init, xs, options);
     out.eager_reason = why;
     return out;

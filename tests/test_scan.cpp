@@ -464,6 +464,12 @@ TEST_CASE("anomaly mode runs the step eagerly and names the op and the step of a
     const auto step = [](const V& c, const V& x) -> ScanStepResult { return {{c[0] * 0.5 + log(x[0])}, {c[0]}}; };
     autograd::DetectAnomalyGuard anomaly;
     check_error([&] { scan(step, {h0}, {xs}); }, {"log", "step 3"});
+    // A checkpointed scan in anomaly mode keeps every op's tensors, and says so.
+    ScanOptions checkpointed;
+    checkpointed.checkpoint = true;
+    const ScanOutput kept = scan(step, {h0}, {xs.narrow(0, 0, 3)}, {}, checkpointed);
+    CHECK(kept.eager_reason.find("anomaly mode") != std::string::npos);
+    CHECK(kept.eager_reason.find("checkpoint does not apply") != std::string::npos);
     // And in Recurrent<Cell>, which replays its cells only outside anomaly mode.
     nn::Recurrent<MinimalGatedUnit> rnn(nn::RecurrentOptions(3, 2).dtype(kFloat64));
     Tensor x = random({4, 1, 3}, 72);
