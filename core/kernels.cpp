@@ -690,8 +690,6 @@ void add_column_sums(const Tensor& out, const Tensor& rows)
 }
 
 namespace {
-// In an unnamed namespace: GCC makes no AVX2 clone of a template with vague linkage (an
-// explicitly instantiated one), so the exported small_gemm calls these.
 // Columns [n0, n0 + Block) of one row of C, summed in registers over all of K.
 template <std::int64_t Block, class T>
 [[gnu::always_inline]] inline void small_gemm_block(std::int64_t N, std::int64_t K, const T* a, const T* B, T* c,
@@ -704,6 +702,8 @@ template <std::int64_t Block, class T>
     std::copy_n(acc, Block, c + n0);
 }
 
+// In an unnamed namespace: GCC makes no AVX2 clone of a template with vague linkage (an
+// explicitly instantiated one), so the exported small_gemm calls these.
 template <class T>
 LOOM_VECTOR_CLONES void small_gemm_loops(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C,
                                    bool accumulate)
@@ -738,7 +738,6 @@ void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, cons
 }
 template void small_gemm<float>(std::int64_t, std::int64_t, std::int64_t, const float*, const float*, float*, bool);
 template void small_gemm<double>(std::int64_t, std::int64_t, std::int64_t, const double*, const double*, double*, bool);
-
 
 template <class T>
 void gemm(std::string_view op, bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, const T* A,

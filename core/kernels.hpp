@@ -92,10 +92,11 @@ void gemm(std::string_view op, bool trans_a, bool trans_b, std::int64_t M, std::
 template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out);
 /// A product M * N * K at most this is too small for BLAS to pay for its call and for repacking
 /// its operands (a recurrent step at B = 1, H = 32, where packing took a third of the time):
-/// small_gemm runs it.
+/// small_gemm or small_gemm_nt runs it, in matmul_into (matmul, linear) as in the fused layers.
 constexpr std::int64_t kSmallProduct = std::int64_t(1) << 16;
 /// C [M, N] = A [M, K] B [K, N] (+ C when `accumulate`), all row-major and contiguous, as plain
-/// loops that vectorise: blocks of 32 columns are summed in registers over all of K.
+/// loops that vectorise: blocks of 32 columns (then 16, then 8) are summed in registers over all
+/// of K.
 template <class T>
 void small_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* A, const T* B, T* C, bool accumulate = false);
 /// C [M, N] = A [M, K] B^T (+ C when `accumulate`) for B [N, K] (a linear layer's weight), all
