@@ -346,10 +346,10 @@ struct Sweep final : autograd::GradientSums {
     {
         GradModeGuard mode(create_graph);
         auto& entries = tape.entries;
-        const autograd::Entry* root = start_seq == 0 ? nullptr : autograd::find_entry(start_seq);
-        LOOM_CHECK(start_seq == 0 || root, "backward",
+        const std::size_t root = start_seq == 0 ? 0 : entries.lower_bound(start_seq);
+        LOOM_CHECK(start_seq == 0 || (root < entries.size() && entries[root].seq == start_seq), "backward",
                    "the tensor's history is not on this thread's tape (was it computed on another thread?)");
-        const std::size_t start = root ? entries.lower_bound(start_seq) + 1 : 0;
+        const std::size_t start = start_seq == 0 ? 0 : root + 1;
         const bool anomaly = anomaly_guarded();
         if (accumulate && autograd::engine::post_accumulate_hooks_exist.load(std::memory_order_relaxed))
             find_last_readers(start);

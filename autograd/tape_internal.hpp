@@ -35,7 +35,6 @@ public:
     bool empty() const { return size_ == 0; }
     Entry& operator[](std::size_t i) { return (*chunks_[i / kChunk])[i % kChunk]; }
     const Entry& operator[](std::size_t i) const { return (*chunks_[i / kChunk])[i % kChunk]; }
-    Entry& front() { return (*this)[0]; }
     Entry& back() { return (*this)[size_ - 1]; }
     Entry& emplace_back()
     {
