@@ -131,7 +131,7 @@ template <class F> void for_each_index(const Shape& shape, const Shape& strides,
     std::int64_t total = 1;
     for (std::int64_t s : shape) total *= s;
     if (total == 0) return;
-    std::vector<std::int64_t> index(D, 0);
+    Shape index(D, 0);  // inline: no allocation per call
     std::int64_t offset = start;
     for (std::int64_t i = 0; i < total; ++i) {
         f(offset);

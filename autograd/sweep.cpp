@@ -64,7 +64,8 @@ std::string hooked_tensor(const autograd::Node& node);
 // checks what the hook returns, naming the hook, not the ops inside it.
 Tensor apply_hooks(const autograd::Node& node, Tensor g)
 {
-    for (const auto& hook : node.hooks) {
+    if (!node.has_gradient_hooks()) return g;
+    for (const auto& hook : node.hooks->gradient) {
         Tensor replaced;
         {
             const autograd::detail::InnerOps in_hook;
@@ -85,10 +86,10 @@ Tensor apply_hooks(const autograd::Node& node, Tensor g)
 // Throws unless the saved tensor is as it was when saved.
 void check_version(const autograd::Entry& e, const autograd::Saved& s)
 {
-    LOOM_CHECK(s.value.version() == s.version, e.name,
+    LOOM_CHECK(s.unchanged(), e.name,
                "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
                "saved at version {}); clone() it before modifying it",
-               s.value.sizes(), s.value.version(), s.version);
+               s.value.sizes(), s.value.version(), std::uint64_t(s.version));
 }
 
 // A saved tensor as a recorded backward (create_graph) sees it: a saved output is joined back to
@@ -435,8 +436,12 @@ struct Sweep final : autograd::GradientSums {
             swept.push_back(i);
         }
         if (!retain_graph && !create_graph) {
-            for (std::size_t i : swept) autograd::engine::release(entries[i]);
             tape.released_entries += swept.size();  // each was unreleased: checked before it ran
+            // When this sweep ran every entry on the tape, the tape is emptied now: each entry is
+            // destroyed once, where releasing it first would walk the whole tape twice.
+            if (kind == Kind::plain && tape.released_entries == entries.size()) autograd::engine::reset(tape);
+            else
+                for (std::size_t i : swept) autograd::engine::release(entries[i]);
         }
     }
 
@@ -448,7 +453,7 @@ struct Sweep final : autograd::GradientSums {
         std::unordered_map<const autograd::Node*, std::size_t> found;
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;)
             for (const auto& input : entries[i].inputs)
-                if (const auto& in = input.node; in && in->seq == 0 && !in->post_accumulate_hooks.empty()) {
+                if (const auto& in = input.node; in && in->seq == 0 && in->has_post_accumulate_hooks()) {
                     auto [it, fresh] = found.try_emplace(in.get(), i);
                     if (fresh) last_readers.emplace_back(i, in);
                     else it->second = i;
@@ -479,7 +484,8 @@ struct Sweep final : autograd::GradientSums {
     void run_post_accumulate_hooks(const autograd::Node& node)
     {
         GradModeGuard mode(create_graph);
-        for (const auto& hook : node.post_accumulate_hooks) hook();
+        if (!node.has_post_accumulate_hooks()) return;
+        for (const auto& hook : node.hooks->post_accumulate) hook();
     }
 
     // Applies hooks to the leaves reached, once their gradient is complete.
@@ -504,7 +510,7 @@ struct Sweep final : autograd::GradientSums {
                 if (!p.sum.defined() || p.accumulated) continue;
                 accumulate_grad(*n, std::move(p.sum), create_graph);  // p.sum is this sweep's only use of it
                 p.accumulated = true;
-                if (!n->post_accumulate_hooks.empty()) added.push_back(n.get());
+                if (n->has_post_accumulate_hooks()) added.push_back(n.get());
             }
         }
         for (const autograd::Node* n : added) run_post_accumulate_hooks(*n);
@@ -638,7 +644,7 @@ void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&
                "gradient is not accumulated into grad(): use register_hook");
     LOOM_CHECK(hook, "register_post_accumulate_grad_hook", "expects a callable hook, got an empty std::function");
     // The hook is kept in the node, which the tensor owns: it holds the tensor weakly.
-    node->post_accumulate_hooks.push_back([tensor = std::weak_ptr<TensorImpl>(impl_ptr()), hook = std::move(hook)] {
+    node->hooks_made().post_accumulate.push_back([tensor = std::weak_ptr<TensorImpl>(impl_ptr()), hook = std::move(hook)] {
         if (auto impl = tensor.lock()) hook(Tensor(std::move(impl)));
     });
     autograd::engine::post_accumulate_hooks_exist.store(true, std::memory_order_relaxed);
@@ -648,7 +654,7 @@ void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const
 {
     const auto& node = node_of("register_hook", *this, "the tensor");
     watch("register_hook", *node);
-    node->hooks.push_back(std::move(hook));
+    node->hooks_made().gradient.push_back(std::move(hook));
 }
 
 Tensor Tensor::detach() const { return kernels::alias(*this); }

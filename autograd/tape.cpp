@@ -29,12 +29,17 @@ void release(Entry& e)
     e.backward = nullptr;
 }
 
-void reset_if_all_released(Tape& tape)
+void reset(Tape& tape)
 {
-    if (tape.running_sweeps > 0 || tape.entries.empty() || tape.released_entries < tape.entries.size()) return;
     tape.entries.clear();
     tape.released_entries = 0;
     tape.reset_floor = tape.next_seq;
+}
+
+void reset_if_all_released(Tape& tape)
+{
+    if (tape.running_sweeps > 0 || tape.entries.empty() || tape.released_entries < tape.entries.size()) return;
+    reset(tape);
 }
 
 // Drops the dead entries: those no tensor holds an output of and no live entry reads (no
@@ -215,7 +220,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         for (const Tensor* saved_tensor : saved) {
             const Tensor& s = *saved_tensor;
             if (!s.defined()) {
-                e.saved.push_back(Saved{Tensor(), 0, false, 0});
+                e.saved.emplace_back(Tensor(), 0, false, 0);
                 continue;
             }
             // A saved output is kept as an alias without its node: the entry holding the output's
@@ -223,10 +228,14 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
             // An input's node is held by the entry anyway, so the input itself is kept as is.
             const auto output =
                 std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
-            if (output == outputs.end()) e.saved.push_back(Saved{s, s.version(), false, 0});
-            else
-                e.saved.push_back(Saved{kernels::alias(s), s.version(), true,
-                                        static_cast<std::uint32_t>(output - outputs.begin())});
+            if (output == outputs.end()) e.saved.emplace_back(s, s.version(), false, 0);
+            else {
+                const auto index = static_cast<std::size_t>(output - outputs.begin());
+                LOOM_CHECK(index < Saved::kMaxOutputs, name,
+                           "saves its output {}, but only the first {} outputs of an op can be saved for backward",
+                           index, Saved::kMaxOutputs);
+                e.saved.emplace_back(kernels::alias(s), s.version(), true, index);
+            }
         }
     } catch (...) {
         for (const Tensor& out : outputs) out.impl().node.reset();

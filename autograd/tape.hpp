@@ -113,40 +113,69 @@ struct PendingGrad {
     bool accumulated = false;  ///< a leaf's: already added into .grad() before the sweep ended (its last reader ran)
 };
 
+/// A tensor's gradient hooks: few tensors have any, so a node keeps them behind a pointer.
+struct NodeHooks {
+    /// Gradient hooks, in registration order.
+    std::vector<Hook> gradient;
+    /// Leaves only: called once a backward() has added this leaf's gradient into .grad()
+    /// (register_post_accumulate_grad_hook), in registration order.
+    std::vector<std::function<void()>> post_accumulate;
+};
+
 /// Gradient bookkeeping of one tensor that requires grad. A leaf (a parameter) may be shared by
-/// threads; any other node belongs to the thread whose tape recorded it.
+/// threads; any other node belongs to the thread whose tape recorded it. Every recorded op makes
+/// one, so it is kept small: what few nodes need (hooks) lies behind a pointer.
 struct Node {
     /// User-provided, so that make_shared does not first zero the whole node.
     Node() noexcept {}
     /// The tensor's shape.
     Shape shape;
-    /// The tensor's dtype.
-    DType dtype;
+    Tensor grad;  ///< accumulated .grad() (leaves, or retain_grad())
     std::uint64_t seq = 0;  ///< sequence number of the entry that produced it; 0 for a leaf
     std::uint64_t tape = 0;  ///< the id of the thread tape that produced it; 0 for a leaf
     std::uint64_t slot = 0;  ///< non-leaves: where a sweep sums its gradient (see Entry::first_slot); 0 for a leaf
     /// Non-leaves: the name of the op that produced it, for errors once its entry is reclaimed.
     const char* op = nullptr;
-    Tensor grad;  ///< accumulated .grad() (leaves, or retain_grad())
+    /// Its hooks; null until one is registered.
+    std::unique_ptr<NodeHooks> hooks;
+    /// The tensor's dtype.
+    DType dtype;
     /// Keep the gradient in `grad` after backward (retain_grad()).
     bool retains_grad = false;
-    /// Gradient hooks, in registration order.
-    std::vector<Hook> hooks;
-    /// Leaves only: called once a backward() has added this leaf's gradient into .grad()
-    /// (register_post_accumulate_grad_hook), in registration order.
-    std::vector<std::function<void()>> post_accumulate_hooks;
+    /// Whether a gradient hook is registered.
+    bool has_gradient_hooks() const { return hooks && !hooks->gradient.empty(); }
+    /// Whether a post-accumulate hook is registered.
+    bool has_post_accumulate_hooks() const { return hooks && !hooks->post_accumulate.empty(); }
+    /// The hooks, made on first use.
+    NodeHooks& hooks_made()
+    {
+        if (!hooks) hooks = std::make_unique<NodeHooks>();
+        return *hooks;
+    }
 };
 
 /// A tensor saved for backward, with the storage version it had when saved.
 struct Saved {
+    /// The low bits of a storage version that a saved tensor keeps: 2^48 in-place writes to one
+    /// tensor between forward and backward would go unnoticed, and an entry stays 8 bytes smaller
+    /// per saved tensor.
+    static constexpr std::uint64_t kVersionMask = (std::uint64_t(1) << 48) - 1;
+    /// How many outputs an entry may have for one of them to be saved.
+    static constexpr std::size_t kMaxOutputs = std::size_t(1) << 15;
+    Saved(Tensor value_, std::uint64_t version_, bool is_output_, std::size_t output_)
+        : value(std::move(value_)), version(version_ & kVersionMask), output(output_), is_output(is_output_)
+    {
+    }
     Tensor value;  ///< a saved output is detached, so saving never keeps the entry's own output alive
-    /// The storage version when saved.
-    std::uint64_t version;
-    /// Whether the tensor is an output of the entry.
-    bool is_output = false;
+    /// The storage version when saved (its low 48 bits).
+    std::uint64_t version : 48;
     /// A saved output's index among the entry's outputs, whose node it is joined back to when
     /// backward is recorded (create_graph).
-    std::uint32_t output = 0;
+    std::uint64_t output : 15;
+    /// Whether the tensor is an output of the entry.
+    std::uint64_t is_output : 1;
+    /// Whether `value` is still at the version it was saved at.
+    bool unchanged() const { return (value.version() & kVersionMask) == version; }
 };
 
 /// An entry's reference to one of its inputs. What the sweep needs of it is kept here, so that
@@ -157,9 +186,9 @@ struct InputRef {
     /// atomic reference count): its producer on the tape owns it (see Node).
     std::shared_ptr<Node> node;
     /// A non-leaf's gradient slot (its node's); 0 for a leaf.
-    std::uint64_t slot = 0;
+    std::uint64_t slot : 63 = 0;
     /// The input has the shape and dtype of the entry's first output, and so of its gradient.
-    bool like_output = false;
+    std::uint64_t like_output : 1 = 0;
     /// Whether the input requires grad.
     explicit operator bool() const { return node != nullptr; }
 };
@@ -246,7 +275,7 @@ struct Entry {
     const char* name = nullptr;
     InputNodes inputs;  ///< null where an input does not require grad
     /// Owned: a tensor holding an output shares it, an entry reading it points at it.
-    SmallVector<std::shared_ptr<Node>, 2> outputs;
+    SmallVector<std::shared_ptr<Node>, 1> outputs;  // most ops have one
     /// Output k's gradient is summed in slot first_slot + k. Slots are numbered along the tape as
     /// entries are, so a sweep keeps the gradients it sums in one dense array indexed by slot,
     /// instead of reaching each output's node.

@@ -112,6 +112,9 @@ inline Tape& this_tape()
 
 // Drops an entry's inputs, saved tensors and backward: no sweep can run it again.
 void release(Entry& e);
+// Empties the tape (its memory kept for the next recording): every entry on it has been released,
+// or was swept by the one plain sweep running, which reaches none of them again.
+void reset(Tape& tape);
 // After the outermost sweep: when every entry on the tape has been released, empties it (its
 // memory kept for the next recording), so the next forward starts on a clean tape.
 void reset_if_all_released(Tape& tape);

@@ -7,10 +7,14 @@
 #include <compare>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <iterator>
 #include <memory>
+#include <limits>
 #include <new>
+#include <stdexcept>
 #include <ranges>
 #include <type_traits>
 #include <utility>
@@ -49,7 +53,19 @@ public:
     {
         append(std::ranges::begin(values), std::ranges::end(values));
     }
-    SmallVector(const SmallVector& other) { append(other.begin(), other.end()); }
+    SmallVector(const SmallVector& other)
+    {
+        // Shapes and strides are copied into every new tensor's header: for a few integers a
+        // copy of the bytes beats appending them one by one.
+        if constexpr (std::is_trivially_copyable_v<T>) {
+            if (other.size_ <= N) {
+                std::memcpy(inline_, other.data_, other.size_ * sizeof(T));
+                size_ = other.size_;
+                return;
+            }
+        }
+        append(other.begin(), other.end());
+    }
     SmallVector(SmallVector&& other) noexcept { take(other); }
     ~SmallVector()
     {
@@ -59,10 +75,16 @@ public:
 
     SmallVector& operator=(const SmallVector& other)
     {
-        if (this != &other) {
-            clear();
-            append(other.begin(), other.end());
+        if (this == &other) return *this;
+        if constexpr (std::is_trivially_copyable_v<T>) {
+            if (other.size_ <= capacity_) {
+                std::memcpy(data_, other.data_, other.size_ * sizeof(T));
+                size_ = other.size_;
+                return *this;
+            }
         }
+        clear();
+        append(other.begin(), other.end());
         return *this;
     }
     SmallVector& operator=(SmallVector&& other) noexcept
@@ -119,7 +141,7 @@ public:
         reserve(n);
         if (n > size_) std::uninitialized_value_construct(end(), data_ + n);
         else std::destroy(data_ + n, end());
-        size_ = n;
+        size_ = static_cast<Count>(n);
     }
     void resize(size_type n, const T& value)
     {
@@ -127,7 +149,7 @@ public:
         const T copy = value;  // `value` may live in this vector, which may move
         reserve(n);
         std::uninitialized_fill(end(), data_ + n, copy);
-        size_ = n;
+        size_ = static_cast<Count>(n);
     }
     void assign(size_type n, const T& value)
     {
@@ -140,7 +162,7 @@ public:
     {
         if (size_ == capacity_) {
             T value(std::forward<Args>(args)...);  // args may refer into this vector, which may move
-            grow(capacity_ * 2);
+            grow(size_type(capacity_) * 2);
             ::new (static_cast<void*>(end())) T(std::move(value));
         } else {
             ::new (static_cast<void*>(end())) T(std::forward<Args>(args)...);
@@ -176,7 +198,7 @@ public:
         const auto at = first - begin(), n = last - first;
         std::move(begin() + at + n, end(), begin() + at);
         std::destroy(end() - n, end());
-        size_ -= static_cast<size_type>(n);
+        size_ -= static_cast<Count>(n);
         return begin() + at;
     }
 
@@ -206,13 +228,14 @@ private:
     }
     void grow(size_type n)
     {
-        n = std::max(n, capacity_ * 2);
+        n = std::max<size_type>(n, size_type(capacity_) * 2);
+        if (n > std::numeric_limits<Count>::max()) throw std::length_error("SmallVector: more than 2^32 - 1 elements");
         T* fresh = static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(alignof(T))));
         std::uninitialized_move(begin(), end(), fresh);
         std::destroy(begin(), end());
         release_heap();
         data_ = fresh;
-        capacity_ = n;
+        capacity_ = static_cast<Count>(n);
     }
     void release_heap() noexcept
     {
@@ -237,9 +260,11 @@ private:
     }
 
     alignas(T) std::byte inline_[N * sizeof(T)];
+    // 32-bit counts: a shape is then 64 bytes, and every tensor header and tape entry holds several.
+    using Count = std::uint32_t;
     T* data_ = inline_data();
-    size_type size_ = 0;
-    size_type capacity_ = N;
+    Count size_ = 0;
+    Count capacity_ = N;
 };
 
 }  // namespace loom

@@ -85,25 +85,6 @@ Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b)
 
 std::int64_t Tensor::size(std::int64_t d) const { return sizes()[wrap_indexed_dim("size", d, dim())]; }
 std::int64_t Tensor::stride(std::int64_t d) const { return strides()[wrap_indexed_dim("stride", d, dim())]; }
-std::int64_t Tensor::numel() const
-{
-    std::int64_t n = 1;  // an existing tensor's element count was checked to fit when it was made
-    for (auto s : sizes()) n *= s;
-    return n;
-}
-
-bool Tensor::is_contiguous() const
-{
-    if (numel() == 0) return true;  // no element to place; and the products below then fit
-    std::int64_t expected = 1;
-    for (auto i = dim() - 1; i >= 0; --i) {
-        if (sizes()[i] == 1) continue;
-        if (strides()[i] != expected) return false;
-        expected *= sizes()[i];
-    }
-    return true;
-}
-
 bool Tensor::shares_storage(const Tensor& other) const
 {
     return defined() && other.defined() && impl().storage == other.impl().storage;
@@ -124,18 +105,28 @@ template bool Tensor::item<bool>() const;
 
 namespace {
 // A small tensor's bytes, kept in its Storage's block: one allocation from the object pool
-// instead of two. Up to 64 float32 or 32 float64 elements.
-constexpr std::size_t kInlineStorageBytes = 256;
-struct InlineStorage final : Storage {
-    alignas(16) std::byte bytes[kInlineStorageBytes];
+// instead of two. Up to 64 float32 or 32 float64 elements, in three sizes, so that a tensor of
+// 14 doubles does not carry 256 bytes: a long tape holds tens of thousands of them, and what
+// a sweep walks is what they weigh.
+template <std::size_t N> struct InlineStorage final : Storage {
+    alignas(16) std::byte bytes[N];
     explicit InlineStorage(std::size_t n) noexcept : Storage(n, bytes) {}
 };
-static_assert(sizeof(InlineStorage) <= kLargestSmallObject, "an InlineStorage must come from the object pool");
+constexpr std::size_t kInlineStorageBytes = 256;
+static_assert(sizeof(InlineStorage<kInlineStorageBytes>) <= kLargestSmallObject,
+              "an InlineStorage must come from the object pool");
+
+template <std::size_t N> std::shared_ptr<Storage> make_inline_storage(std::size_t nbytes)
+{
+    return std::allocate_shared<InlineStorage<N>>(PoolAllocator<InlineStorage<N>>(), nbytes);
+}
 
 // The bytes of a new tensor: inside its storage record when small, else from the storage cache.
 std::shared_ptr<Storage> make_storage(std::size_t nbytes)
 {
-    if (nbytes <= kInlineStorageBytes) return std::allocate_shared<InlineStorage>(PoolAllocator<InlineStorage>(), nbytes);
+    if (nbytes <= 64) return make_inline_storage<64>(nbytes);
+    if (nbytes <= 128) return make_inline_storage<128>(nbytes);
+    if (nbytes <= kInlineStorageBytes) return make_inline_storage<kInlineStorageBytes>(nbytes);
     return std::allocate_shared<Storage>(PoolAllocator<Storage>(), nbytes);
 }
 

@@ -97,11 +97,27 @@ public:
     /// Number of dims.
     std::int64_t dim() const { return static_cast<std::int64_t>(impl().shape.size()); }
     /// Number of elements.
-    std::int64_t numel() const;
+    std::int64_t numel() const
+    {
+        std::int64_t n = 1;  // an existing tensor's element count was checked to fit when it was made
+        for (auto s : sizes()) n *= s;
+        return n;
+    }
     /// Offset of the first element in the storage, in elements.
     std::int64_t storage_offset() const { return impl().offset; }
-    /// Whether the elements are laid out row-major without gaps.
-    bool is_contiguous() const;
+    /// Whether the elements are laid out row-major without gaps. Inline, as numel(): every
+    /// elementwise op asks both for each operand.
+    bool is_contiguous() const
+    {
+        if (numel() == 0) return true;  // no element to place; and the products below then fit
+        std::int64_t expected = 1;
+        for (auto i = dim() - 1; i >= 0; --i) {
+            if (sizes()[i] == 1) continue;
+            if (strides()[i] != expected) return false;
+            expected *= sizes()[i];
+        }
+        return true;
+    }
     /// Whether both handles refer to the same header.
     bool is_same(const Tensor& other) const { return impl_ == other.impl_; }
     /// Whether both tensors view the same storage.
