@@ -92,16 +92,6 @@ void check_version(const autograd::Entry& e, const autograd::Saved& s)
                s.value.sizes(), s.value.version(), std::uint64_t(s.version));
 }
 
-// A saved tensor as a recorded backward (create_graph) sees it: a saved output is joined back to
-// its node, so that gradients flow through it again.
-Tensor recorded_saved(const autograd::Entry& e, const autograd::Saved& s)
-{
-    if (!s.value.defined() || !s.is_output) return s.value;
-    Tensor joined = kernels::alias(s.value);
-    joined.impl().node = e.outputs[s.output];
-    return joined;
-}
-
 std::string hooked_tensor(const autograd::Node& node)
 {
     if (node.seq == 0) return fmt::format("a leaf of shape {}", node.shape);
@@ -110,7 +100,8 @@ std::string hooked_tensor(const autograd::Node& node)
 
 // An entry's saved tensors lent to its backward function (ctx.saved) and given back after, also
 // when it throws: moving a handle costs no atomic reference count, where a copy costs two. When
-// backward is recorded they are copied instead, a saved output joined back to its node.
+// backward is recorded they are copied instead (a saved output is the output itself, so the
+// recorded backward differentiates through it).
 class LentSaved {
 public:
     LentSaved(autograd::Entry& e, autograd::BackwardContext& ctx, bool create_graph)
@@ -121,7 +112,7 @@ public:
         for (const auto& s : e.saved)
             if (s.value.defined()) check_version(e, s);
         ctx.saved.reserve(e.saved.size());
-        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? std::move(s.value) : recorded_saved(e, s));
+        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? std::move(s.value) : s.value);
     }
     ~LentSaved()
     {

@@ -24,6 +24,8 @@ Tape& create_tape()
 void release(Entry& e)
 {
     e.released = true;
+    for (const Saved& s : e.saved)
+        if (s.is_output) --e.outputs[s.output]->producer_saves;
     e.inputs = InputNodes();
     e.saved = {};
     e.backward = nullptr;
@@ -46,7 +48,9 @@ void reset_if_all_released(Tape& tape)
 // gradient can reach them again). Walking backwards, every reader of an entry's outputs is
 // judged before the entry itself, so one pass reclaims whole dead chains. A dead entry that
 // saved an input (mul saves both) still holds that input's tensor, and so its node, until it is
-// destroyed: such holds are counted as the walk goes and do not keep the producer alive.
+// destroyed: such holds are counted as the walk goes and do not keep the producer alive. Nor
+// do an entry's saves of its own output (tanh saves its result): a tensor the entry alone holds,
+// with dead entries, is no user's.
 void compact_since(std::uint64_t first_seq)
 {
     auto& tape = this_tape();
@@ -68,7 +72,9 @@ void compact_since(std::uint64_t first_seq)
                 node->slot < base || node->slot - base >= slots)
                 continue;
             const auto& impl = s.value.impl_ptr();
-            if (impl.use_count() == 1 || ++dead_saves[impl.get()] == impl.use_count())
+            // Holds beyond the saves of its producer, which is judged later in the walk.
+            const long holds = impl.use_count() - long(node->producer_saves);
+            if (holds == 1 || ++dead_saves[impl.get()] == holds)
                 ++held_by_dead[static_cast<std::size_t>(node->slot - base)];
         }
     };
@@ -78,7 +84,15 @@ void compact_since(std::uint64_t first_seq)
         bool live = false;
         for (std::size_t k = 0; k < e.outputs.size(); ++k) {
             const auto slot = static_cast<std::size_t>(e.first_slot + k - base);
-            live = live || e.outputs[k].use_count() > 1 + long(held_by_dead[slot]) || read[slot];
+            // A tensor holding output k that nothing but the entry's own saves holds is no user's.
+            long held_by_self = 0;
+            if (const auto saves = long(e.outputs[k]->producer_saves); saves > 0)
+                for (const Saved& s : e.saved)
+                    if (s.is_output && s.output == k) {
+                        held_by_self = s.value.impl_ptr().use_count() == saves;
+                        break;
+                    }
+            live = live || e.outputs[k].use_count() > 1 + long(held_by_dead[slot]) + held_by_self || read[slot];
         }
         dead[i] = !live;
         if (!live) {
@@ -223,9 +237,9 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
                 e.saved.emplace_back(Tensor(), 0, false, 0);
                 continue;
             }
-            // A saved output is kept as an alias without its node: the entry holding the output's
-            // node would otherwise keep the output alive, and the entry could never be reclaimed.
-            // An input's node is held by the entry anyway, so the input itself is kept as is.
+            // A saved output is kept as it is, its node counting the save so that compaction
+            // can tell it from a user's hold (see compact_since); an input's node is held by the
+            // entry anyway, so the input itself is kept as is.
             const auto output =
                 std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
             if (output == outputs.end()) e.saved.emplace_back(s, s.version(), false, 0);
@@ -234,7 +248,8 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
                 LOOM_CHECK(index < Saved::kMaxOutputs, name,
                            "saves its output {}, but only the first {} outputs of an op can be saved for backward",
                            index, Saved::kMaxOutputs);
-                e.saved.emplace_back(kernels::alias(s), s.version(), true, index);
+                e.saved.emplace_back(s, s.version(), true, index);
+                ++s.impl().node->producer_saves;
             }
         }
     } catch (...) {

@@ -142,6 +142,9 @@ struct Node {
     DType dtype;
     /// Keep the gradient in `grad` after backward (retain_grad()).
     bool retains_grad = false;
+    /// Non-leaves: how many times the entry that produced the tensor saved it (tanh saves its
+    /// output). Those saves hold the tensor itself, so compaction does not count them as users.
+    std::uint32_t producer_saves = 0;
     /// Whether a gradient hook is registered.
     bool has_gradient_hooks() const { return hooks && !hooks->gradient.empty(); }
     /// Whether a post-accumulate hook is registered.
@@ -166,11 +169,13 @@ struct Saved {
         : value(std::move(value_)), version(version_ & kVersionMask), output(output_), is_output(is_output_)
     {
     }
-    Tensor value;  ///< a saved output is detached, so saving never keeps the entry's own output alive
+    /// The tensor. A saved output is the output itself (no copy of its header is made), which
+    /// compaction knows from its node's producer_saves: a save by its own entry does not keep
+    /// the entry alive.
+    Tensor value;
     /// The storage version when saved (its low 48 bits).
     std::uint64_t version : 48;
-    /// A saved output's index among the entry's outputs, whose node it is joined back to when
-    /// backward is recorded (create_graph).
+    /// A saved output's index among the entry's outputs.
     std::uint64_t output : 15;
     /// Whether the tensor is an output of the entry.
     std::uint64_t is_output : 1;
