@@ -9,10 +9,11 @@
 ///
 /// **Nodes.** A tensor that requires grad carries a Node: its shape and dtype, the sequence
 /// number of the entry that produced it (0 for a leaf), the id of the tape that recorded it,
-/// its hooks, and its .grad() where one is kept. An entry owns its outputs' nodes (never their
-/// data) and shares its leaf inputs' nodes; a non-leaf input's node it only points at, without a
-/// reference count: the entry that produced that input owns it, and compaction keeps a producer
-/// as long as an entry that reads it lives. An entry is dead once no tensor holds any of its
+/// its hooks, and its .grad() where one is kept. An entry owns its outputs' nodes (their data
+/// only where it saved an output for backward, as tanh does; the node counts such saves, so they
+/// never keep the entry alive) and shares its leaf inputs' nodes; a non-leaf input's node it
+/// only points at, without a reference count: the entry that produced that input owns it, and
+/// compaction keeps a producer as long as an entry that reads it lives. An entry is dead once no tensor holds any of its
 /// outputs and no live entry reads them: no gradient can reach it, and compaction reclaims it.
 ///
 /// **Slots.** Each output of an entry has a slot number, increasing along the tape with the
@@ -165,6 +166,8 @@ struct Saved {
     static constexpr std::uint64_t kVersionMask = (std::uint64_t(1) << 48) - 1;
     /// How many outputs an entry may have for one of them to be saved.
     static constexpr std::size_t kMaxOutputs = std::size_t(1) << 15;
+    /// `value_` saved at storage version `version_`; `output_` is its index among the entry's
+    /// outputs when `is_output_`.
     Saved(Tensor value_, std::uint64_t version_, bool is_output_, std::size_t output_)
         : value(std::move(value_)), version(version_ & kVersionMask), output(output_), is_output(is_output_)
     {
