@@ -306,6 +306,25 @@ TEST_CASE("compaction reclaims dead chains whose entries saved their inputs")
     });
 }
 
+TEST_CASE("an entry that saved its own output is reclaimed once no one else holds that output")
+{
+    on_fresh_tape([] {
+        Tensor w = tensor({0.5, -1.0}, kFloat64).requires_grad_();
+        // tanh and exp save their outputs for backward; the loop drops them at once.
+        for (int i = 0; i < 3000; ++i) (void)w.tanh().exp();
+        CHECK(autograd::tape_size() < 3000);
+        // An output the user holds keeps its entry through compaction, and a backward through it
+        // still reads what was saved.
+        Tensor kept = w.tanh().exp();
+        for (int i = 0; i < 3000; ++i) (void)w.exp();
+        CHECK(autograd::tape_size() < 3000);
+        kept.sum().backward();
+        const NoGradGuard no_grad;
+        const Tensor t = w.tanh();
+        CHECK(close(w.grad(), values(t.exp() * (1.0 - t * t)), 1e-12));
+    });
+}
+
 TEST_CASE("a backward drops the dead entries it did not reach, so a training step's tape empties")
 {
     on_fresh_tape([] {
