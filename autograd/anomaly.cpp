@@ -8,11 +8,13 @@
 
 namespace loom::autograd {
 
-namespace {
-[[gnu::tls_model("initial-exec")]] thread_local int anomaly_guards = 0;
+constinit thread_local int detail::anomaly_guards [[gnu::tls_model("initial-exec")]] = 0;
 // While a backward function or a custom op's forward runs, the ops it calls are not checked on
 // their own: what the op returns is checked, naming the op rather than a helper inside it.
-[[gnu::tls_model("initial-exec")]] thread_local int inner_depth = 0;
+constinit thread_local int detail::inner_ops_depth [[gnu::tls_model("initial-exec")]] = 0;
+
+namespace {
+using detail::anomaly_guards;
 thread_local std::vector<std::pair<std::uint64_t, std::string>> scope_parts;  // (the Scope's id, its name)
 thread_local std::uint64_t next_scope_id = 1;
 thread_local std::shared_ptr<const std::string> scope_path_now;  // null outside any Scope
@@ -68,10 +70,6 @@ void check_forward_anomaly(const char* op, const Tensor& output, std::uint64_t s
          engine::scope_phrase(scope_path_now), bad->second, bad->first, output.sizes());
 }
 
-bool anomaly_mode_enabled() { return anomaly_guards > 0 && inner_depth == 0; }
-
-detail::InnerOps::InnerOps() { ++inner_depth; }
-detail::InnerOps::~InnerOps() { --inner_depth; }
 
 DetectAnomalyGuard::DetectAnomalyGuard() { ++anomaly_guards; }
 DetectAnomalyGuard::~DetectAnomalyGuard() { --anomaly_guards; }

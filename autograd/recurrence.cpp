@@ -403,7 +403,7 @@ Tensor linear_recurrence(const Tensor& a, const Tensor& b, const Tensor& h0, boo
         forward_recurrence<T>(ac.data_ptr<T>(), bc.data_ptr<T>(), hc.defined() ? hc.data_ptr<T>() : nullptr,
                           h.data_ptr<T>(), steps, n, reverse);
     });
-    return record(op, {a, b, h0}, h, {a, h0, h}, [reverse](const BackwardContext& c) {
+    return record(op, {a, b, h0}, std::move(h), {a, h0, h}, [reverse](const BackwardContext& c) {
         const Tensor &a = c.saved[0], &h0 = c.saved[1], &h = c.saved[2];
         const std::int64_t T = h.size(0), first = reverse ? T - 1 : 0;
         if (!c.create_graph) {
@@ -550,7 +550,7 @@ Tensor log_linear_recurrence(const Tensor& log_a, const Tensor& log_b, const Ten
         run_log_recurrence<T>(lac.data_ptr<T>(), lbc.data_ptr<T>(), lhc.defined() ? lhc.data_ptr<T>() : nullptr,
                               l.data_ptr<T>(), steps, n, reverse);
     });
-    return record(op, {log_a, log_b, log_h0}, l, {log_a, log_h0, l}, [reverse](const BackwardContext& c) {
+    return record(op, {log_a, log_b, log_h0}, std::move(l), {log_a, log_h0, l}, [reverse](const BackwardContext& c) {
         const Tensor &la = c.saved[0], &lh0 = c.saved[1], &l = c.saved[2];
         const std::int64_t steps = l.size(0), first = reverse ? steps - 1 : 0;
         if (!c.create_graph) {

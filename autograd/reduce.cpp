@@ -50,7 +50,7 @@ Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim,
 {
     const autograd::detail::ProfiledOp profiled(op);
     Tensor out = is_max ? kernels::amax(x, dims, keepdim) : kernels::amin(x, dims, keepdim);
-    return record(op, {x}, out, {x, out}, [op, dims, keepdim](const BackwardContext& c) {
+    return record(op, {x}, std::move(out), {x, out}, [op, dims, keepdim](const BackwardContext& c) {
         const Tensor& in = c.saved[0];
         const Shape& shape = in.sizes();
         // Shared among the elements equal to the result, NaN counting as equal to a NaN result.
@@ -69,7 +69,7 @@ Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 {
     const autograd::detail::ProfiledOp profiled("sum");
     Tensor out = kernels::sum(x, dims, keepdim);
-    return record("sum", {x}, out, {}, [dims, keepdim](const BackwardContext& c) {
+    return record("sum", {x}, std::move(out), {}, [dims, keepdim](const BackwardContext& c) {
         return Grads{unreduce(c.grad(), c.input_shape(0), dims, keepdim)};
     });
 }
@@ -163,7 +163,7 @@ Tensor masked_softmax(const Tensor& x, const Tensor& mask, std::int64_t dim)
                 }
         }
     });
-    return record("masked_softmax", {x}, out, {out}, [d](const BackwardContext& c) {
+    return record("masked_softmax", {x}, std::move(out), {out}, [d](const BackwardContext& c) {
         // Softmax's Jacobian-vector product; left-out entries have y = 0 and so get no gradient.
         const Tensor& y = c.saved[0];
         return Grads{y * (c.grad() - sum(c.grad() * y, {d}, true))};

@@ -15,7 +15,7 @@ namespace {
 Tensor reshape_back(const char* op, const Tensor& x, Tensor out)
 {
     const autograd::detail::ProfiledOp profiled(op);
-    return record(op, {x}, out, {}, [](const BackwardContext& c) {
+    return record(op, {x}, std::move(out), {}, [](const BackwardContext& c) {
         return Grads{reshape(c.grad(), c.input_shape(0))};
     });
 }
@@ -33,7 +33,7 @@ Tensor permute(const Tensor& x, const Shape& dims)
     Tensor out = kernels::permute(x, dims);
     Shape inverse(dims.size());
     for (std::size_t i = 0; i < dims.size(); ++i) inverse[wrap_dim("permute", dims[i], x.dim())] = static_cast<std::int64_t>(i);
-    return record("permute", {x}, out, {}, [inverse](const BackwardContext& c) {
+    return record("permute", {x}, std::move(out), {}, [inverse](const BackwardContext& c) {
         return Grads{permute(c.grad(), inverse)};
     });
 }
@@ -53,7 +53,7 @@ Tensor expand(const Tensor& x, const Shape& shape)
 {
     const autograd::detail::ProfiledOp profiled("expand");
     Tensor out = kernels::expand(x, shape);
-    return record("expand", {x}, out, {}, [](const BackwardContext& c) {
+    return record("expand", {x}, std::move(out), {}, [](const BackwardContext& c) {
         return Grads{sum_to(c.grad(), c.input_shape(0))};
     });
 }
@@ -65,7 +65,7 @@ Tensor sum_to(const Tensor& x, const Shape& shape)
     LOOM_CHECK(broadcast_shapes("sum_to", shape, x.sizes()) == x.sizes(), "sum_to",
                "shape {} does not broadcast to the input's shape {}", shape, x.sizes());
     Tensor out = kernels::sum_to(x, shape);
-    return record("sum_to", {x}, out, {}, [](const BackwardContext& c) {
+    return record("sum_to", {x}, std::move(out), {}, [](const BackwardContext& c) {
         return Grads{expand(c.grad(), c.input_shape(0))};
     });
 }
@@ -110,7 +110,7 @@ Tensor index_add(const Shape& shape, std::int64_t d, const Tensor& index, const 
     const autograd::detail::ProfiledOp profiled("index_add");
     Tensor z = zeros(shape, source.dtype());
     kernels::index_add_into(z, d, index, source);
-    return record("index_add", {source}, z, {index}, [d](const BackwardContext& c) {
+    return record("index_add", {source}, std::move(z), {index}, [d](const BackwardContext& c) {
         return Grads{index_select(c.grad(), d, c.saved[0])};
     });
 }
@@ -121,7 +121,7 @@ Tensor scatter_add(const Shape& shape, std::int64_t d, const Tensor& index, cons
     const autograd::detail::ProfiledOp profiled("scatter_add");
     Tensor z = zeros(shape, source.dtype());
     kernels::scatter_add_into(z, d, index, kernels::contiguous(source));
-    return record("scatter_add", {source}, z, {index}, [d](const BackwardContext& c) {
+    return record("scatter_add", {source}, std::move(z), {index}, [d](const BackwardContext& c) {
         return Grads{gather(c.grad(), d, c.saved[0])};
     });
 }
@@ -133,7 +133,7 @@ Tensor index_select(const Tensor& x, std::int64_t dim, const Tensor& index)
     const autograd::detail::ProfiledOp profiled("index_select");
     Tensor out = kernels::index_select(x, dim, index);
     const std::int64_t d = wrap_indexed_dim("index_select", dim, x.dim());
-    return record("index_select", {x}, out, {index}, [d](const BackwardContext& c) {
+    return record("index_select", {x}, std::move(out), {index}, [d](const BackwardContext& c) {
         return Grads{index_add(c.input_shape(0), d, c.saved[0], c.grad())};
     });
 }
@@ -143,7 +143,7 @@ Tensor gather(const Tensor& x, std::int64_t dim, const Tensor& index)
     const autograd::detail::ProfiledOp profiled("gather");
     Tensor out = kernels::gather(x, dim, index);
     const std::int64_t d = wrap_indexed_dim("gather", dim, x.dim());
-    return record("gather", {x}, out, {index}, [d](const BackwardContext& c) {
+    return record("gather", {x}, std::move(out), {index}, [d](const BackwardContext& c) {
         return Grads{scatter_add(c.input_shape(0), d, c.saved[0], c.grad())};
     });
 }
@@ -167,7 +167,7 @@ Tensor to(const Tensor& x, DType dtype)
     if (x.dtype() == dtype) return x;
     Tensor out = kernels::to(x, dtype);
     if (!is_floating(dtype)) return out;  // an integer or bool result carries no gradient
-    return record("to", {x}, out, {}, [](const BackwardContext& c) {
+    return record("to", {x}, std::move(out), {}, [](const BackwardContext& c) {
         return Grads{to(c.grad(), c.input_dtype(0))};
     });
 }
@@ -245,7 +245,7 @@ Tensor bmm(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("bmm");
     Tensor out = kernels::bmm(a, b);
-    return record("matmul", {a, b}, out, {a, b}, [](const BackwardContext& c) {
+    return record("matmul", {a, b}, std::move(out), {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
         // A 2-D operand's gradient is added where the sweep sums it when it offers that: a weight
         // multiplied at every step (h @ W) then costs one GEMM at beta = 1 a step, no addition.
@@ -336,8 +336,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
         }
         return grads;
     };
-    if (has_bias) return record("linear", {x, weight, bias}, out, {x, weight}, backward);
-    return record("linear", {x, weight}, out, {x, weight}, backward);
+    if (has_bias) return record("linear", {x, weight, bias}, std::move(out), {x, weight}, backward);
+    return record("linear", {x, weight}, std::move(out), {x, weight}, backward);
 }
 
 }  // namespace loom

@@ -124,12 +124,12 @@ void fail_released(const Node& node)
 namespace {
 
 using autograd::engine::this_tape;
-
-[[gnu::tls_model("initial-exec")]] thread_local bool grad_mode = true;
+using detail::grad_mode;
 
 }  // namespace
 
-bool grad_enabled() { return grad_mode; }
+constinit thread_local bool detail::grad_mode [[gnu::tls_model("initial-exec")]] = true;
+
 void set_grad_enabled(bool enabled) { grad_mode = enabled; }
 
 namespace autograd {
@@ -269,7 +269,7 @@ Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& regi
 {
     Tensor whole = zeros(shape, part.dtype());
     kernels::copy_into(region(whole), part);
-    return record("embed", {part}, whole, {}, [region](const BackwardContext& c) {
+    return record("embed", {part}, std::move(whole), {}, [region](const BackwardContext& c) {
         return GradList{record_region("slice", c.grad(), region(c.grad()), region)};
     });
 }

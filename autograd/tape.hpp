@@ -58,8 +58,12 @@
 namespace loom {
 
 // ---- grad mode ----
+namespace detail {
+/// This thread's grad mode, read inline by every op. initial-exec: libloom is linked, not dlopen()ed.
+extern constinit thread_local bool grad_mode [[gnu::tls_model("initial-exec")]];
+}  // namespace detail
 /// Whether ops are recorded on this thread (on by default).
-bool grad_enabled();
+inline bool grad_enabled() { return detail::grad_mode; }
 /// Turns recording on or off on this thread.
 void set_grad_enabled(bool enabled);
 
@@ -311,14 +315,20 @@ struct Entry {
 bool should_record(std::span<const Tensor> inputs);
 
 // ---- anomaly mode ----
+namespace detail {
+/// DetectAnomalyGuards alive on this thread, and InnerOps open on it: read inline by every op.
+extern constinit thread_local int anomaly_guards [[gnu::tls_model("initial-exec")]];
+/// See anomaly_guards.
+extern constinit thread_local int inner_ops_depth [[gnu::tls_model("initial-exec")]];
+}  // namespace detail
 /// Whether anomaly mode is on for the op being recorded.
-bool anomaly_mode_enabled();
+inline bool anomaly_mode_enabled() { return detail::anomaly_guards > 0 && detail::inner_ops_depth == 0; }
 namespace detail {
 /// While alive, the ops called are parts of another op (a backward function, a custom op's
 /// forward): anomaly mode checks that op's results instead of theirs.
 struct InnerOps {
-    InnerOps();
-    ~InnerOps();
+    InnerOps() { ++inner_ops_depth; }
+    ~InnerOps() { --inner_ops_depth; }
     InnerOps(const InnerOps&) = delete;
     InnerOps& operator=(const InnerOps&) = delete;
 };
@@ -410,15 +420,17 @@ struct TensorRef {
     const Tensor* tensor;
     TensorRef(const Tensor& t) : tensor(&t) {}  // NOLINT: implicit, for braced lists
 };
+/// `output` is taken by rvalue reference and moved out only on return: `saved` may name it, and
+/// a copy of the handle would cost two atomic reference counts per op.
 template <class F>
-Tensor record(const char* name, std::initializer_list<TensorRef> inputs, Tensor output,
+Tensor record(const char* name, std::initializer_list<TensorRef> inputs, Tensor&& output,
               std::initializer_list<TensorRef> saved, F&& backward)
 {
     const bool recording =
         grad_enabled() && std::any_of(inputs.begin(), inputs.end(), [](TensorRef r) { return r.tensor->requires_grad(); });
     if (!recording) {
         if (anomaly_mode_enabled()) check_forward_anomaly(name, output, 0);
-        return output;
+        return std::move(output);
     }
     SmallVector<const Tensor*, 3> in, kept;
     for (TensorRef r : inputs) in.push_back(r.tensor);
@@ -426,7 +438,7 @@ Tensor record(const char* name, std::initializer_list<TensorRef> inputs, Tensor 
     detail::push_entry_refs(name, std::span<const Tensor* const>(in.data(), in.size()),
                             std::span<const Tensor>(&output, 1), std::span<const Tensor* const>(kept.data(), kept.size()),
                             detail::as_backward_fn(std::forward<F>(backward)), false);
-    return output;
+    return std::move(output);
 }
 template <class F>
 Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,

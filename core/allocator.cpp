@@ -1,5 +1,6 @@
 #include "allocator.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cstdlib>
@@ -26,7 +27,6 @@ namespace {
 constexpr std::size_t kSmallestBlock = 64;
 constexpr int kClasses = std::countr_zero(kLargestClassBlock) - std::countr_zero(kSmallestBlock) + 1;
 
-constexpr int kObjectClasses = kLargestSmallObject / 16;
 // Per size class: W7's 46,000 recorded ops hold several objects of one class each until their
 // backward, and a limit of 2^16 sent the rest back to malloc at every gradient (malloc and free
 // were 7% of its time). What is kept is what the program itself held at its peak.
@@ -41,7 +41,7 @@ struct Cache {
     std::vector<void*> free[kClasses];
     std::vector<LargeBlock> large;  // blocks above kLargestClassBlock, most recently freed last
     std::size_t bytes = 0;
-    std::vector<void*> objects[kObjectClasses];  // by size class: 16, 32, ... bytes
+    detail::ObjectLists objects;
 
     void clear() noexcept
     {
@@ -52,7 +52,10 @@ struct Cache {
             }
         };
         release(free);
-        release(objects);
+        for (auto& list : objects.lists) {
+            for (std::uint32_t i = 0; i < list.size; ++i) std::free(list.items[i]);
+            list.size = 0;
+        }
         for (const LargeBlock& b : large) std::free(b.data);
         large.clear();
         bytes = 0;
@@ -81,7 +84,6 @@ bool keep_in(std::vector<void*>& list, void* p) noexcept
 
 // Small objects are pooled by their size rounded up to 16 bytes.
 std::size_t rounded_object_size(std::size_t size) { return (size + 15) / 16 * 16; }
-std::size_t object_class(std::size_t size) { return rounded_object_size(size) / 16 - 1; }
 
 // The cache lives behind a plain pointer that outlives it: a tensor freed while this thread
 // is being torn down (after the cache is gone) goes straight back to malloc.
@@ -90,11 +92,17 @@ std::size_t object_class(std::size_t size) { return rounded_object_size(size) / 
 std::atomic<std::size_t> cache_limit{kDefaultCacheLimit};
 struct CacheOwner {
     Cache storage;
-    CacheOwner() { cache = &storage; }
+    CacheOwner()
+    {
+        cache = &storage;
+        if (LOOM_STORAGE_CACHE) detail::object_lists = &storage.objects;
+    }
     ~CacheOwner()
     {
         cache = nullptr;
+        detail::object_lists = nullptr;
         storage.clear();
+        for (auto& list : storage.objects.lists) std::free(list.items);
     }
 };
 
@@ -195,21 +203,31 @@ void free_storage_bytes(void* data, std::size_t capacity) noexcept
     std::free(data);
 }
 
-void* allocate_small_object(std::size_t size)
+constinit thread_local detail::ObjectLists* detail::object_lists [[gnu::tls_model("initial-exec")]] = nullptr;
+
+void* detail::allocate_small_object_slow(std::size_t size)
 {
-    if (LOOM_STORAGE_CACHE)
-        if (Cache* c = this_thread_cache())
-            if (void* p = take_from(c->objects[object_class(size)])) return p;
+    if (LOOM_STORAGE_CACHE && !object_lists) this_thread_cache();  // makes the pool, on first use
     void* p = std::malloc(rounded_object_size(size));
     if (!p) throw std::bad_alloc();
     return p;
 }
 
-void free_small_object(void* p, std::size_t size) noexcept
+void detail::free_small_object_slow(void* p, std::size_t size) noexcept
 {
-    if (LOOM_STORAGE_CACHE && cache) {
-        auto& list = cache->objects[object_class(size)];
-        if (list.size() < kObjectsPerClass && keep_in(list, p)) return;
+    if (LOOM_STORAGE_CACHE && object_lists) {
+        ObjectLists::List& list = object_lists->lists[object_class(size)];
+        if (list.size == list.capacity && list.capacity < kObjectsPerClass) {
+            const std::uint32_t grown = std::max<std::uint32_t>(64, 2 * list.capacity);
+            if (auto* items = static_cast<void**>(std::realloc(list.items, grown * sizeof(void*)))) {
+                list.items = items;
+                list.capacity = grown;
+            }
+        }
+        if (list.size < list.capacity) {
+            list.items[list.size++] = p;
+            return;
+        }
     }
     std::free(p);
 }

@@ -30,10 +30,56 @@ inline constexpr std::size_t kDefaultCacheLimit = std::size_t(512) << 20;
 /// from per-thread free lists by 16-byte size class, for the same reason: a tape of thousands of
 /// entries is freed at once, and malloc then spends its time consolidating.
 inline constexpr std::size_t kLargestSmallObject = 512;
+namespace detail {
+/// A thread's free lists of small objects, one per 16-byte size class. allocate_small_object
+/// and free_small_object reach them inline: every op makes and drops several objects, and a
+/// call into the library for each cost more than the list operation itself.
+struct ObjectLists {
+    /// Size classes: 16, 32, ... kLargestSmallObject bytes.
+    static constexpr std::size_t kClasses = kLargestSmallObject / 16;
+    /// One class's freed blocks, most recently freed last.
+    struct List {
+        void** items = nullptr;  ///< from malloc; grown by free_small_object_slow
+        std::uint32_t size = 0;
+        std::uint32_t capacity = 0;
+    };
+    /// By size class.
+    List lists[kClasses];
+};
+/// This thread's lists: null before its first pooled allocation, once the thread's cache is
+/// gone, and always in sanitized builds (every block then comes from malloc, so that every use
+/// after free is caught). initial-exec: libloom is linked, not dlopen()ed.
+extern constinit thread_local ObjectLists* object_lists [[gnu::tls_model("initial-exec")]];
+/// The size class of a small object of `size` bytes.
+constexpr std::size_t object_class(std::size_t size) { return (size + 15) / 16 - 1; }
+/// allocate_small_object when its class's list is empty (or there is no pool yet).
+void* allocate_small_object_slow(std::size_t size);
+/// free_small_object when its class's list is full (or there is no pool).
+void free_small_object_slow(void* p, std::size_t size) noexcept;
+}  // namespace detail
+
 /// A block of `size` bytes from a per-thread pool for small objects.
-void* allocate_small_object(std::size_t size);
+inline void* allocate_small_object(std::size_t size)
+{
+    if (detail::ObjectLists* pool = detail::object_lists) {
+        detail::ObjectLists::List& list = pool->lists[detail::object_class(size)];
+        if (list.size > 0) [[likely]]
+            return list.items[--list.size];
+    }
+    return detail::allocate_small_object_slow(size);
+}
 /// Returns a block from allocate_small_object.
-void free_small_object(void* p, std::size_t size) noexcept;
+inline void free_small_object(void* p, std::size_t size) noexcept
+{
+    if (detail::ObjectLists* pool = detail::object_lists) {
+        detail::ObjectLists::List& list = pool->lists[detail::object_class(size)];
+        if (list.size < list.capacity) [[likely]] {
+            list.items[list.size++] = p;
+            return;
+        }
+    }
+    detail::free_small_object_slow(p, size);
+}
 
 /// For std::allocate_shared: the object and its control block in one pooled block.
 template <class T> struct PoolAllocator {

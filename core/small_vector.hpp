@@ -53,19 +53,7 @@ public:
     {
         append(std::ranges::begin(values), std::ranges::end(values));
     }
-    SmallVector(const SmallVector& other)
-    {
-        // Shapes and strides are copied into every new tensor's header: for a few integers a
-        // copy of the bytes beats appending them one by one.
-        if constexpr (std::is_trivially_copyable_v<T>) {
-            if (other.size_ <= N) {
-                std::memcpy(inline_, other.data_, other.size_ * sizeof(T));
-                size_ = other.size_;
-                return;
-            }
-        }
-        append(other.begin(), other.end());
-    }
+    SmallVector(const SmallVector& other) { *this = other; }
     SmallVector(SmallVector&& other) noexcept { take(other); }
     ~SmallVector()
     {
@@ -77,6 +65,15 @@ public:
     {
         if (this == &other) return *this;
         if constexpr (std::is_trivially_copyable_v<T>) {
+            // Shapes and strides are copied into every new tensor's header. Copying the whole
+            // inline block, a size known when compiling, takes a few moves where a copy of the
+            // bytes in use is a call to memcpy; both ends hold at least N elements' room.
+            if constexpr (sizeof(inline_) <= 64)
+                if (other.size_ <= N) {
+                    std::memcpy(data_, other.data_, sizeof(inline_));
+                    size_ = other.size_;
+                    return *this;
+                }
             if (other.size_ <= capacity_) {
                 std::memcpy(data_, other.data_, other.size_ * sizeof(T));
                 size_ = other.size_;

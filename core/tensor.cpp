@@ -25,6 +25,11 @@ Storage::~Storage()
     if (!inline_bytes) free_storage_bytes(data, capacity);
 }
 
+void Tensor::throw_dtype_mismatch(DType asked) const
+{
+    fail("data_ptr", "tensor has dtype {}, asked for {}", dtype(), asked);
+}
+
 void Tensor::throw_undefined()
 {
     throw Error("tensor: used an undefined tensor (default-constructed, or a gradient never computed)");

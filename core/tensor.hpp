@@ -96,8 +96,10 @@ public:
     std::int64_t stride(std::int64_t dim) const;
     /// Number of dims.
     std::int64_t dim() const { return static_cast<std::int64_t>(impl().shape.size()); }
-    /// Number of elements.
-    std::int64_t numel() const
+    /// Number of elements. Always inlined, as is_contiguous() and data_ptr(): GCC otherwise
+    /// leaves them as calls in the large kernels that dispatch over dtypes, and every
+    /// elementwise op asks each of them for each operand.
+    [[gnu::always_inline]] std::int64_t numel() const
     {
         std::int64_t n = 1;  // an existing tensor's element count was checked to fit when it was made
         for (auto s : sizes()) n *= s;
@@ -105,9 +107,8 @@ public:
     }
     /// Offset of the first element in the storage, in elements.
     std::int64_t storage_offset() const { return impl().offset; }
-    /// Whether the elements are laid out row-major without gaps. Inline, as numel(): every
-    /// elementwise op asks both for each operand.
-    bool is_contiguous() const
+    /// Whether the elements are laid out row-major without gaps.
+    [[gnu::always_inline]] bool is_contiguous() const
     {
         if (numel() == 0) return true;  // no element to place; and the products below then fit
         std::int64_t expected = 1;
@@ -135,10 +136,10 @@ public:
     const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
 
     /// Pointer to the first element; T must match the dtype.
-    template <class T> T* data_ptr() const
+    template <class T> [[gnu::always_inline]] T* data_ptr() const
     {
-        LOOM_CHECK(dtype_of<T>() == dtype(), "data_ptr", "tensor has dtype {}, asked for {}", dtype(),
-                   dtype_of<T>());
+        if (dtype_of<T>() != dtype()) [[unlikely]]
+            throw_dtype_mismatch(dtype_of<T>());
         return reinterpret_cast<T*>(impl().storage->data) + impl().offset;
     }
     /// The single value of a one-element tensor, converted to T.
@@ -320,6 +321,8 @@ public:
 
 private:
     [[noreturn]] static void throw_undefined();
+    // Out of line, so that data_ptr stays small enough to inline into every kernel.
+    [[noreturn]] void throw_dtype_mismatch(DType asked) const;
     std::shared_ptr<TensorImpl> impl_;
 };
 
