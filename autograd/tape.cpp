@@ -33,7 +33,9 @@ void release(Entry& e)
 
 void reset(Tape& tape)
 {
+    const bool long_tape = tape.entries.size() >= 4096;
     tape.entries.clear();
+    if (long_tape) order_small_objects();  // what the next forward makes, it makes in sequence
     tape.released_entries = 0;
     tape.reset_floor = tape.next_seq;
 }

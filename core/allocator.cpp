@@ -42,6 +42,7 @@ struct Cache {
     std::vector<LargeBlock> large;  // blocks above kLargestClassBlock, most recently freed last
     std::size_t bytes = 0;
     detail::ObjectLists objects;
+    std::vector<void*> scratch;  // order_small_objects' buffer, kept
 
     void clear() noexcept
     {
@@ -52,6 +53,7 @@ struct Cache {
             }
         };
         release(free);
+        scratch = std::vector<void*>();
         for (auto& list : objects.lists) {
             for (std::uint32_t i = 0; i < list.size; ++i) std::free(list.items[i]);
             list.size = 0;
@@ -230,6 +232,52 @@ void detail::free_small_object_slow(void* p, std::size_t size) noexcept
         }
     }
     std::free(p);
+}
+
+namespace {
+// Lists shorter than this fit in the caches anyway: their order costs nothing.
+constexpr std::uint32_t kOrderedListLength = 4096;
+
+// Sorts items by address, highest first (a list hands out its last item first), by LSD radix
+// on the address offset from the lowest in 11-bit digits: a few passes over the list, where a
+// comparison sort of W7's 38,000 headers took 3 ms.
+void sort_by_address_descending(void** items, std::size_t n, std::vector<void*>& scratch)
+{
+    auto lowest = reinterpret_cast<std::uintptr_t>(items[0]), highest = lowest;
+    for (std::size_t i = 1; i < n; ++i) {
+        const auto a = reinterpret_cast<std::uintptr_t>(items[i]);
+        lowest = std::min(lowest, a);
+        highest = std::max(highest, a);
+    }
+    scratch.resize(n);
+    void** from = items;
+    void** to = scratch.data();
+    constexpr int kBits = 11;
+    constexpr std::size_t kBuckets = std::size_t(1) << kBits;
+    const std::uintptr_t span = (highest - lowest) >> 4;  // blocks are 16-byte aligned
+    for (int shift = 0; shift == 0 || (span >> shift) != 0; shift += kBits) {
+        std::size_t count[kBuckets + 1] = {};
+        const auto bucket = [&](void* p) {
+            const std::uintptr_t key = (reinterpret_cast<std::uintptr_t>(p) - lowest) >> 4;
+            return kBuckets - 1 - ((key >> shift) & (kBuckets - 1));  // highest digit first
+        };
+        for (std::size_t i = 0; i < n; ++i) ++count[bucket(from[i]) + 1];
+        for (std::size_t b = 0; b < kBuckets; ++b) count[b + 1] += count[b];
+        for (std::size_t i = 0; i < n; ++i) to[count[bucket(from[i])]++] = from[i];
+        std::swap(from, to);
+    }
+    if (from != items) std::copy(from, from + n, items);
+}
+}  // namespace
+
+void order_small_objects() noexcept
+{
+    if (!detail::object_lists || !cache) return;
+    try {
+        for (auto& list : detail::object_lists->lists)
+            if (list.size >= kOrderedListLength) sort_by_address_descending(list.items, list.size, cache->scratch);
+    } catch (...) {  // no memory for the buffer: the lists stay as they are, as correct as before
+    }
 }
 
 std::size_t storage_cache_limit() { return cache_limit.load(); }

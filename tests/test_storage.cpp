@@ -4,8 +4,10 @@
 
 #include <loom/loom.hpp>
 
+#include <algorithm>
 #include <string>
 #include <thread>
+#include <vector>
 
 using namespace loom;
 
@@ -118,4 +120,45 @@ TEST_CASE("a tensor made on one thread can be freed on another")
         CHECK(u.sum().item<double>() == 100.0);
     }).join();  // this thread's cache is released when it ends
     CHECK(ones({100}).sum().item<double>() == 100.0);
+}
+
+TEST_CASE("a SmallVector copy that fits inline copies the whole inline block, from inline or heap storage alike")
+{
+    SmallVector<std::int64_t, 6> heap{1, 2, 3, 4, 5, 6, 7};  // on the heap
+    heap.resize(3);  // still on the heap, now within the inline capacity
+    const SmallVector<std::int64_t, 6> copied(heap);
+    CHECK(copied == SmallVector<std::int64_t, 6>{1, 2, 3});
+    SmallVector<std::int64_t, 6> onto{9, 9, 9, 9, 9, 9, 9, 9};  // a heap destination
+    onto = heap;
+    CHECK(onto == SmallVector<std::int64_t, 6>{1, 2, 3});
+    onto[0] = 42;  // the copies are independent
+    CHECK(heap[0] == 1);
+    CHECK(copied[0] == 1);
+    SmallVector<std::int64_t, 6> inline_copy;
+    inline_copy = copied;
+    CHECK(inline_copy == copied);
+    const SmallVector<std::int64_t, 6> empty_source{};
+    inline_copy = empty_source;
+    CHECK(inline_copy.empty());
+}
+
+TEST_CASE("order_small_objects hands a long free list out lowest address first, losing and repeating no block")
+{
+    // 496 bytes: a size class nothing else in this test uses, so the list holds these blocks alone.
+    constexpr std::size_t kSize = 496, kCount = 5000;
+    std::vector<void*> blocks;
+    for (std::size_t i = 0; i < kCount; ++i) blocks.push_back(allocate_small_object(kSize));
+    std::vector<void*> shuffled = blocks;
+    for (std::size_t i = kCount - 1; i > 0; --i) std::swap(shuffled[i], shuffled[(i * 7919) % (i + 1)]);
+    for (void* p : shuffled) free_small_object(p, kSize);
+    order_small_objects();
+    std::vector<void*> again;
+    for (std::size_t i = 0; i < kCount; ++i) again.push_back(allocate_small_object(kSize));
+    if (storage_cache_enabled()) {
+        CHECK(std::is_sorted(again.begin(), again.end()));
+        std::sort(blocks.begin(), blocks.end());
+        CHECK(again == blocks);
+    }
+    for (void* p : again) free_small_object(p, kSize);
+    order_small_objects();  // harmless when called again, or with nothing to order
 }
