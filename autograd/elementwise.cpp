@@ -30,6 +30,12 @@ Tensor reduce_to(const BackwardContext& c, std::size_t k, const Tensor& g)
 {
     return c.needs[k] ? sum_to(g, c.input_shape(k)) : Tensor();
 }
+// The same for a gradient computed for k alone (g * y) or taken from the context: passed on
+// without a copy of its handle when it already has k's shape.
+Tensor reduce_to(const BackwardContext& c, std::size_t k, Tensor&& g)
+{
+    return c.needs[k] ? sum_to(std::move(g), c.input_shape(k)) : Tensor();
+}
 
 // The gradient of an op whose derivative is piecewise constant in x (abs, relu, clamp):
 // grad_fn(g, x) elementwise. It is linear in g and has zero derivative in x, so its own
@@ -72,7 +78,9 @@ Tensor add(const Tensor& a, const Tensor& b)
     const autograd::detail::ProfiledOp profiled("add");
     Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return pointwise::Add::value(x, y); });
     return record("add", {a, b}, std::move(out), {}, [](const BackwardContext& c) {
-        return Grads{reduce_to(c, 0, c.grad()), reduce_to(c, 1, c.grad())};
+        // Both inputs receive the gradient as it is: the last one that needs it takes it.
+        if (!c.needs[1]) return Grads{reduce_to(c, 0, c.take_grad()), Tensor()};
+        return Grads{reduce_to(c, 0, c.grad()), reduce_to(c, 1, c.take_grad())};
     });
 }
 
@@ -81,7 +89,8 @@ Tensor sub(const Tensor& a, const Tensor& b)
     const autograd::detail::ProfiledOp profiled("sub");
     Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return pointwise::Sub::value(x, y); });
     return record("sub", {a, b}, std::move(out), {}, [](const BackwardContext& c) {
-        return Grads{reduce_to(c, 0, c.grad()), c.needs[1] ? reduce_to(c, 1, -c.grad()) : Tensor()};
+        Tensor negated = c.needs[1] ? reduce_to(c, 1, -c.grad()) : Tensor();
+        return Grads{reduce_to(c, 0, c.take_grad()), std::move(negated)};
     });
 }
 

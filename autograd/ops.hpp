@@ -115,6 +115,9 @@ Tensor expand(const Tensor& x, const Shape& shape);
 Tensor broadcast_to(const Tensor& x, const Shape& shape);
 /// Sums x down to `shape`, which must broadcast to x's shape (undoes a broadcast).
 Tensor sum_to(const Tensor& x, const Shape& shape);
+/// sum_to() of a tensor handed over (a gradient in a backward function): returned as it is,
+/// without copying the handle, when it already has `shape`.
+Tensor sum_to(Tensor&& x, const Shape& shape);
 /// `length` entries of `dim` from `start` (a view).
 Tensor narrow(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t length);
 /// Entries start, start+step, ... < end of `dim` (a view).

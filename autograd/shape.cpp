@@ -70,6 +70,15 @@ Tensor sum_to(const Tensor& x, const Shape& shape)
     });
 }
 
+Tensor sum_to(Tensor&& x, const Shape& shape)
+{
+    if (x.sizes() == shape) {
+        const autograd::detail::ProfiledOp profiled("sum_to");
+        return std::move(x);
+    }
+    return sum_to(static_cast<const Tensor&>(x), shape);
+}
+
 Tensor broadcast_to(const Tensor& x, const Shape& shape) { return expand(x, shape); }
 
 Tensor slice(const Tensor& x, std::int64_t dim, std::int64_t start, std::int64_t end, std::int64_t step)
@@ -158,7 +167,7 @@ Tensor contiguous(const Tensor& x)
 Tensor clone(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("clone");
-    return record("clone", {x}, kernels::clone(x), {}, [](const BackwardContext& c) { return Grads{c.grad()}; });
+    return record("clone", {x}, kernels::clone(x), {}, [](const BackwardContext& c) { return Grads{c.take_grad()}; });
 }
 
 Tensor to(const Tensor& x, DType dtype)

@@ -281,7 +281,7 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
     const Tensor inputs[] = {input};
     if (!should_record(inputs)) return output;
     push_entry(name, inputs, std::span<const Tensor>(&output, 1), {},
-               [](const BackwardContext& c) { return GradList{c.grad()}; });
+               [](const BackwardContext& c) { return GradList{c.take_grad()}; });
     this_tape().entries.back().region = std::make_unique<RegionFn>(std::move(region));
     return output;
 }

@@ -221,7 +221,8 @@ protected:
 
 /// What an entry's backward function receives.
 struct BackwardContext {
-    SmallVector<Tensor, 2> grads;  ///< one per output; undefined where no gradient arrived
+    /// One per output; undefined where no gradient arrived. Mutable for take_grad().
+    mutable SmallVector<Tensor, 2> grads;
     SmallVector<Tensor, 3> saved;  ///< in the order given to record()
     SmallVector<bool, 3> needs;  ///< per input: does it want a gradient?
     /// The entry's input nodes; null where an input needs no gradient.
@@ -233,6 +234,19 @@ struct BackwardContext {
     GradientSums* sums = nullptr;
     /// The gradient of the first output.
     const Tensor& grad() const { return grads[0]; }
+    /// The gradient of output k, handed over rather than copied: for a backward that passes it
+    /// on as it is (add, a region op), which then costs no copy of the handle (two atomic
+    /// reference counts). Take it last: grad(k) is undefined after, while input_shape() and
+    /// input_dtype() still answer.
+    Tensor take_grad(std::size_t k = 0) const
+    {
+        if (k == 0 && grads[0].defined()) {
+            taken_shape_ = grads[0].sizes();
+            taken_dtype_ = grads[0].dtype();
+            first_taken_ = true;
+        }
+        return std::move(grads[k]);
+    }
     /// Input k's gradient summed so far in this sweep (zeros if nothing arrived yet), as a
     /// contiguous buffer that backward may add its gradient into in place (a GEMM with beta = 1:
     /// a weight used at every step then costs no extra addition) and then return an undefined
@@ -243,14 +257,22 @@ struct BackwardContext {
     const Shape& input_shape(std::size_t k) const
     {
         const InputRef& in = (*inputs)[k];
-        return in.like_output && grads[0].defined() ? grads[0].sizes() : in.node->shape;
+        if (in.like_output && grads[0].defined()) return grads[0].sizes();
+        return in.like_output && first_taken_ ? taken_shape_ : in.node->shape;
     }
     /// Dtype of input k.
     DType input_dtype(std::size_t k) const
     {
         const InputRef& in = (*inputs)[k];
-        return in.like_output && grads[0].defined() ? grads[0].dtype() : in.node->dtype;
+        if (in.like_output && grads[0].defined()) return grads[0].dtype();
+        return in.like_output && first_taken_ ? taken_dtype_ : in.node->dtype;
     }
+
+private:
+    // The first output's gradient's shape and dtype, kept once take_grad() has handed it over.
+    mutable Shape taken_shape_;
+    mutable DType taken_dtype_ = kFloat32;
+    mutable bool first_taken_ = false;
 };
 
 /// One gradient per input; kept inline, so sweeping a small op costs no heap allocation for it.

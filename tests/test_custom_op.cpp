@@ -137,3 +137,30 @@ TEST_CASE("a custom op's backward with the wrong number or shape of gradients, a
     CHECK_THROWS_WITH_AS(y.sum().backward(), doctest::Contains("log_cosh: a tensor of shape [3] saved for backward was modified"),
                          Error);
 }
+
+TEST_CASE("a backward may take its incoming gradient: it is passed on as it is, and the input's shape is still known")
+{
+    const Tensor x = testing::random({2, 3}, 7).requires_grad_();
+    const Tensor y = x * 1.0;  // a non-leaf of the output's shape: input_shape() answers from the gradient
+    bool checked = false;
+    const Tensor out =
+        autograd::record("pass_on", {y}, y.detach() * 1.0, {}, [&checked](const autograd::BackwardContext& c) {
+            Tensor g = c.take_grad();
+            CHECK(g.defined());
+            CHECK_FALSE(c.grad().defined());  // handed over
+            CHECK(c.input_shape(0) == Shape{2, 3});
+            CHECK(c.input_dtype(0) == kFloat64);
+            checked = true;
+            return std::vector<Tensor>{std::move(g)};
+        });
+    const Tensor seed = testing::random({2, 3}, 8);
+    const std::vector<Tensor> g = grad({out}, {y, x}, {seed});
+    CHECK(checked);
+    CHECK(testing::close_tensors(g[0], seed, 0));
+    CHECK(testing::close_tensors(g[1], seed, 0));
+    // add and sub take theirs: each input still gets the whole gradient, broadcast or not.
+    const Tensor a = testing::random({2, 3}, 9).requires_grad_(), b = testing::random({3}, 10).requires_grad_();
+    const std::vector<Tensor> sums = grad({(a + b).sum(), (a - b).sum() * 2.0}, {a, b});
+    CHECK(testing::close_tensors(sums[0], full({2, 3}, 3.0, kFloat64), 0));
+    CHECK(testing::close_tensors(sums[1], full({3}, 2.0 - 4.0, kFloat64), 0));
+}
