@@ -202,6 +202,7 @@ struct Sweep final : autograd::GradientSums {
             }
         }
         autograd::engine::reset_if_all_released(tape);
+        autograd::engine::release_held_inputs_if_idle(tape);
     }
     Sweep(const Sweep&) = delete;
     Sweep& operator=(const Sweep&) = delete;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "../core/allocator.hpp"
 #include "../core/kernels.hpp"
@@ -40,10 +41,32 @@ void reset(Tape& tape)
     tape.reset_floor = tape.next_seq;
 }
 
+void release_held_inputs_if_idle(Tape& tape)
+{
+    if (tape.running_sweeps > 0 || !tape.entries.empty() || tape.held_inputs.empty()) return;
+    tape.recently_held.fill(nullptr);
+    tape.held_inputs.clear();
+}
+
 void reset_if_all_released(Tape& tape)
 {
     if (tape.running_sweeps > 0 || tape.entries.empty() || tape.released_entries < tape.entries.size()) return;
     reset(tape);
+}
+
+// Keeps in held_inputs only the nodes that entries still on the tape read, each once.
+static void drop_unread_held_inputs(Tape& tape)
+{
+    if (tape.held_inputs.empty()) return;
+    std::unordered_set<const Node*> read;
+    for (std::size_t i = 0; i < tape.entries.size(); ++i)
+        for (const InputRef& in : tape.entries[i].inputs)
+            if (in && in.slot == 0) read.insert(in.node.get());
+    std::vector<std::shared_ptr<Node>> kept;
+    for (auto& node : tape.held_inputs)
+        if (read.erase(node.get()) > 0) kept.push_back(std::move(node));
+    tape.recently_held.fill(nullptr);
+    tape.held_inputs = std::move(kept);
 }
 
 // Drops the dead entries: those no tensor holds an output of and no live entry reads (no
@@ -112,6 +135,7 @@ void compact_since(std::uint64_t first_seq)
             ++kept;
         }
     tape.entries.shrink_to(kept);
+    if (first == 0) drop_unread_held_inputs(tape);
 }
 
 void fail_released(const Node& node)
@@ -194,17 +218,18 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
     }
     // A non-leaf input whose producer is on the tape is owned there (compaction keeps the producer
     // while this entry lives): the entry points at it. A leaf's node, and one whose producer a
-    // reset reclaimed, only the tensors own, so the entry shares it.
+    // reset reclaimed, only the tensors own: the tape holds it (once, for all entries that read
+    // it) and the entry points at it too.
     const auto input_ref = [&](const Tensor* t) {
         const auto& node = node_of(t);
         InputRef in;
         if (!node) return in;
         in.like_output = !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
+        in.node = std::shared_ptr<Node>(std::shared_ptr<Node>(), node.get());
         if (node->seq == 0 || node->seq < tape.reset_floor) {
-            in.node = node;
+            tape.hold_input(node);
             return in;
         }
-        in.node = std::shared_ptr<Node>(std::shared_ptr<Node>(), node.get());
         in.slot = node->slot;
         return in;
     };

@@ -11,9 +11,10 @@
 /// number of the entry that produced it (0 for a leaf), the id of the tape that recorded it,
 /// its hooks, and its .grad() where one is kept. An entry owns its outputs' nodes (their data
 /// only where it saved an output for backward, as tanh does; the node counts such saves, so they
-/// never keep the entry alive) and shares its leaf inputs' nodes; a non-leaf input's node it
-/// only points at, without a reference count: the entry that produced that input owns it, and
-/// compaction keeps a producer as long as an entry that reads it lives. An entry is dead once no tensor holds any of its
+/// never keep the entry alive). Its inputs' nodes it only points at, without a reference count:
+/// a non-leaf's is owned by the entry that produced it, and compaction keeps a producer as long
+/// as an entry that reads it lives; a leaf's is held by the tape, once however many entries
+/// read it, until the tape is empty or compaction finds no entry reading it. An entry is dead once no tensor holds any of its
 /// outputs and no live entry reads them: no gradient can reach it, and compaction reclaims it.
 ///
 /// **Slots.** Each output of an entry has a slot number, increasing along the tape with the
@@ -193,9 +194,10 @@ struct Saved {
 /// An entry's reference to one of its inputs. What the sweep needs of it is kept here, so that
 /// it never reaches the input's node, which lies wherever forward allocated it.
 struct InputRef {
-    /// Null where the input does not require grad. A leaf's node is shared; a non-leaf's is held
-    /// without ownership (an aliasing shared_ptr with no control block, so copying it costs no
-    /// atomic reference count): its producer on the tape owns it (see Node).
+    /// Null where the input does not require grad. Held without ownership (an aliasing
+    /// shared_ptr with no control block, so copying it costs no atomic reference count): a
+    /// non-leaf's producer on the tape owns it (see Node), and the tape holds a leaf's once for
+    /// all the entries that read it.
     std::shared_ptr<Node> node;
     /// A non-leaf's gradient slot (its node's); 0 for a leaf.
     std::uint64_t slot : 63 = 0;

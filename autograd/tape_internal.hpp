@@ -2,6 +2,7 @@
 // reclaiming entries), sweep.cpp (backward, grad and the gradients they leave), anomaly.cpp
 // (anomaly mode and scopes) and custom_ops.cpp (the checks on users' ops). Not installed.
 #pragma once
+#include <array>
 #include <atomic>
 #include <cstddef>
 #include <new>
@@ -95,6 +96,23 @@ struct Tape {
     // long tape would otherwise allocate and fault in megabytes of fresh memory every time.
     std::vector<PendingGrad> spare_slots;
     std::vector<std::size_t> spare_swept;
+    // The nodes the entries read but do not own through a producer on this tape (leaves, and
+    // non-leaves whose producer a reset reclaimed), each held here once, so that an entry reading
+    // a parameter points at its node instead of copying a shared_ptr (two atomic reference counts
+    // per op). Dropped when the tape is empty and no sweep runs, and pruned to those the remaining
+    // entries read at each full compaction.
+    std::vector<std::shared_ptr<Node>> held_inputs;
+    // Which nodes held_inputs surely holds, by a hash of their address; cleared whenever
+    // held_inputs drops any (an address may then be reused by another node).
+    std::array<const Node*, 256> recently_held{};
+    // Holds `node` for the entries that read it.
+    void hold_input(const std::shared_ptr<Node>& node)
+    {
+        const auto h = (reinterpret_cast<std::uintptr_t>(node.get()) >> 4) % recently_held.size();
+        if (recently_held[h] == node.get()) return;
+        held_inputs.push_back(node);
+        recently_held[h] = node.get();
+    }
 };
 
 // This thread's tape is reached through a plain pointer: a thread_local Tape itself, having a
@@ -115,6 +133,9 @@ void release(Entry& e);
 // Empties the tape (its memory kept for the next recording): every entry on it has been released,
 // or was swept by the one plain sweep running, which reaches none of them again.
 void reset(Tape& tape);
+// Drops the tape's holds on the nodes its entries read (Tape::held_inputs) once it is empty and
+// no sweep runs: a sweep still reaches the leaves it touched after the tape is reset.
+void release_held_inputs_if_idle(Tape& tape);
 // After the outermost sweep: when every entry on the tape has been released, empties it (its
 // memory kept for the next recording), so the next forward starts on a clean tape.
 void reset_if_all_released(Tape& tape);

@@ -386,3 +386,43 @@ TEST_CASE("an op refused while recording leaves the tape as it was")
     fine.sum().backward();
     CHECK(close(x.grad(), {3.0, 3.0}, 1e-12));
 }
+
+TEST_CASE("the tape holds a leaf its entries read while one of them may still be swept, and not after")
+{
+    on_fresh_tape([] {
+        // A leaf the user dropped before backward: the sweep still reaches it (its hook runs,
+        // after the tape was emptied) through the tape's hold; ASan checks nothing freed is read.
+        bool hooked = false;
+        Tensor loss;
+        std::weak_ptr<autograd::Node> dropped;
+        {
+            const Tensor leaf = tensor({1.0, 2.0, 3.0}, kFloat64).requires_grad_();
+            leaf.register_hook([&hooked](const Tensor& g) {
+                hooked = true;
+                CHECK(close(g, {2, 2, 2}, 0));
+                return Tensor();
+            });
+            dropped = leaf.impl().node;
+            loss = (leaf * 2.0).sum();
+        }
+        CHECK_FALSE(dropped.expired());  // the tape holds it for the entry that reads it
+        loss.backward();
+        CHECK(hooked);
+        CHECK(dropped.expired());  // the tape is empty: nothing holds it any more
+        // Read by entries no one can sweep any more (an evaluation loop that never calls
+        // backward), a leaf is let go at the next compaction; one still read there is kept.
+        const Tensor kept = tensor({0.5}, kFloat64).requires_grad_();
+        const Tensor y = kept * 3.0;
+        {
+            const Tensor leaf = tensor({1.0}, kFloat64).requires_grad_();
+            dropped = leaf.impl().node;
+            for (int i = 0; i < 3000; ++i) (void)(leaf * 2.0);
+        }
+        const Tensor other = tensor({1.0}, kFloat64).requires_grad_();
+        for (int i = 0; i < 3000; ++i) (void)(other * 2.0);
+        CHECK(dropped.expired());
+        CHECK(autograd::tape_size() < 3000);
+        y.backward();
+        CHECK(close(kept.grad(), {3}, 0));
+    });
+}
