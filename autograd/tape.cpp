@@ -63,6 +63,7 @@ static void drop_unread_held_inputs(Tape& tape)
         for (const InputRef& in : tape.entries[i].inputs)
             if (in && in.slot == 0) read.insert(in.node.get());
     std::vector<std::shared_ptr<Node>> kept;
+    kept.reserve(tape.held_inputs.size());  // before any hold is moved: nothing below may throw
     for (auto& node : tape.held_inputs)
         if (read.erase(node.get()) > 0) kept.push_back(std::move(node));
     tape.recently_held.fill(nullptr);
