@@ -18,7 +18,7 @@ namespace loom::kernels {
 Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offset)
 {
     auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
-    impl->storage = t.impl().storage;
+    impl->storage = shared_storage(t);
     impl->shape = std::move(shape);
     impl->strides = std::move(strides);
     impl->offset = offset;

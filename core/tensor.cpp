@@ -109,32 +109,47 @@ template bool Tensor::item<bool>() const;
 // ---- creation ----
 
 namespace {
-// A small tensor's bytes, kept in its Storage's block: one allocation from the object pool
-// instead of two. Up to 64 float32 or 32 float64 elements, in three sizes, so that a tensor of
-// 14 doubles does not carry 256 bytes: a long tape holds tens of thousands of them, and what
-// a sweep walks is what they weigh.
+// A small tensor's bytes, kept in its Storage: up to 64 float32 or 32 float64 elements, in three
+// sizes, so that a tensor of 14 doubles does not carry 256 bytes: a long tape holds tens of
+// thousands of them, and what a sweep walks is what they weigh.
 template <std::size_t N> struct InlineStorage final : Storage {
     alignas(16) std::byte bytes[N];
     explicit InlineStorage(std::size_t n) noexcept : Storage(n, bytes) {}
 };
 constexpr std::size_t kInlineStorageBytes = 256;
-static_assert(sizeof(InlineStorage<kInlineStorageBytes>) <= kLargestSmallObject,
-              "an InlineStorage must come from the object pool");
 
-template <std::size_t N> std::shared_ptr<Storage> make_inline_storage(std::size_t nbytes)
+// A small tensor's header with its storage and bytes, in one pooled block: one allocation and one
+// reference count per tensor instead of two of each, and a sweep that reads the header finds the
+// storage record beside it rather than behind another pointer. `storage` points at `own` without
+// a count (a count on its own block would keep the block alive forever); shared_storage() gives
+// a view a handle on the whole block instead.
+template <std::size_t N> struct TensorWithBytes final : TensorImpl {
+    InlineStorage<N> own;
+    explicit TensorWithBytes(std::size_t nbytes) noexcept : own(nbytes)
+    {
+        storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), &own);
+    }
+};
+static_assert(sizeof(TensorWithBytes<kInlineStorageBytes>) + 16 <= kLargestSmallObject,
+              "a small tensor's block, with its reference counts, must come from the object pool");
+
+template <std::size_t N> std::shared_ptr<TensorImpl> make_tensor_with_bytes(std::size_t nbytes)
 {
-    return std::allocate_shared<InlineStorage<N>>(PoolAllocator<InlineStorage<N>>(), nbytes);
+    return std::allocate_shared<TensorWithBytes<N>>(PoolAllocator<TensorWithBytes<N>>(), nbytes);
 }
 
-// The bytes of a new tensor: inside its storage record when small, else from the storage cache.
-// Always inlined: returned from a call, the handle was written to memory as two words and read
-// back as one, a store-forwarding stall that perf put at half of making a small tensor.
-[[gnu::always_inline]] inline std::shared_ptr<Storage> make_storage(std::size_t nbytes)
+// The header of a new tensor of `nbytes` bytes, its storage made: in the same block when small,
+// else with the bytes from the storage cache. Always inlined: returned from a call, a handle was
+// written to memory as two words and read back as one, a store-forwarding stall that perf put at
+// half of making a small tensor.
+[[gnu::always_inline]] inline std::shared_ptr<TensorImpl> make_tensor_impl(std::size_t nbytes)
 {
-    if (nbytes <= 64) return make_inline_storage<64>(nbytes);
-    if (nbytes <= 128) return make_inline_storage<128>(nbytes);
-    if (nbytes <= kInlineStorageBytes) return make_inline_storage<kInlineStorageBytes>(nbytes);
-    return std::allocate_shared<Storage>(PoolAllocator<Storage>(), nbytes);
+    if (nbytes <= 64) return make_tensor_with_bytes<64>(nbytes);
+    if (nbytes <= 128) return make_tensor_with_bytes<128>(nbytes);
+    if (nbytes <= kInlineStorageBytes) return make_tensor_with_bytes<kInlineStorageBytes>(nbytes);
+    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
+    impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), nbytes);
+    return impl;
 }
 
 // A contiguous tensor of `shape`, its size checked: `op` names the call in errors.
@@ -144,8 +159,7 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
     std::int64_t nbytes = 0;
     LOOM_CHECK(!__builtin_mul_overflow(n, std::int64_t(dtype_size(dtype)), &nbytes), op,
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
-    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
-    impl->storage = make_storage(static_cast<std::size_t>(nbytes));
+    auto impl = make_tensor_impl(static_cast<std::size_t>(nbytes));
     impl->shape = shape;
     impl->strides = contiguous_strides(shape);
     impl->dtype = dtype;
@@ -153,12 +167,27 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
 }
 }  // namespace
 
+std::shared_ptr<Storage> shared_storage(const Tensor& t)
+{
+    const std::shared_ptr<Storage>& storage = t.impl().storage;
+    if (!storage || storage.use_count() > 0) return storage;
+    return std::shared_ptr<Storage>(t.impl_ptr(), storage.get());  // the bytes live in t's header block
+}
+
+void share_storage(const Tensor& dst, const Tensor& src)
+{
+    std::shared_ptr<Storage> storage = shared_storage(src);
+    // A handle on dst's own block, kept in dst, would keep that block alive forever.
+    if (!storage.owner_before(dst.impl_ptr()) && !dst.impl_ptr().owner_before(storage))
+        storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), storage.get());
+    dst.impl().storage = std::move(storage);
+}
+
 Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, dtype); }
 
 Tensor detail::empty_like_contiguous(const Tensor& like, DType dtype)
 {
-    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
-    impl->storage = make_storage(static_cast<std::size_t>(like.numel()) * dtype_size(dtype));  // checked when `like` was made
+    auto impl = make_tensor_impl(static_cast<std::size_t>(like.numel()) * dtype_size(dtype));  // checked when `like` was made
     impl->shape = like.sizes();
     impl->strides = like.strides();
     impl->dtype = dtype;

@@ -162,3 +162,37 @@ TEST_CASE("order_small_objects hands a long free list out lowest address first, 
     for (void* p : again) free_small_object(p, kSize);
     order_small_objects();  // harmless when called again, or with nothing to order
 }
+
+TEST_CASE("a small tensor's header and bytes are one block: a view holds the block, and sharing a tensor's own bytes back with it holds nothing")
+{
+    const Tensor big = zeros({1000});
+    CHECK(big.impl().storage.use_count() == 1);  // a storage record of its own
+    Tensor view, view_of_view;
+    {
+        const Tensor small = arange(0, 8, 1, kFloat64);
+        CHECK(small.impl().storage.use_count() == 0);  // its bytes lie in its header's block
+        CHECK(shared_storage(small).use_count() == 2);  // a handle on that block, beside `small`'s
+        view = small.narrow(0, 2, 4);
+        view_of_view = view.narrow(0, 1, 2);
+        CHECK(small.impl_ptr().use_count() == 3);  // the views hold the block
+    }
+    // Written through one view after the tensor is gone, seen through the other.
+    view.data_ptr<double>()[1] = 30.0;
+    CHECK(view_of_view.data_ptr<double>()[0] == 30.0);
+    CHECK(view.sum().item<double>() == 2 + 30 + 4 + 5);
+    CHECK(view.shares_storage(view_of_view));
+
+    // A tensor given its own bytes back (through a view of itself) does not hold its own block.
+    const Tensor t = arange(0, 4, 1, kFloat64);
+    share_storage(t, t.narrow(0, 1, 2));
+    CHECK(t.impl_ptr().use_count() == 1);
+    CHECK(t.impl().storage.use_count() == 0);
+    CHECK(t.sum().item<double>() == 6.0);
+    // Another small tensor's bytes: t now holds that tensor's block, which outlives it.
+    {
+        const Tensor other = full({4}, 2.0, kFloat64);
+        share_storage(t, other);
+        CHECK(other.impl_ptr().use_count() == 2);
+    }
+    CHECK(t.sum().item<double>() == 8.0);
+}
