@@ -22,8 +22,6 @@ thread_local std::shared_ptr<const std::string> scope_path_now;  // null outside
 
 namespace engine {
 
-bool anomaly_guarded() { return anomaly_guards > 0; }
-
 const std::shared_ptr<const std::string>& scope_path() { return scope_path_now; }
 
 std::string scope_phrase(const std::shared_ptr<const std::string>& scope)

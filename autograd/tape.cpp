@@ -34,7 +34,7 @@ void release(Entry& e)
 
 void reset(Tape& tape)
 {
-    const bool long_tape = tape.entries.size() >= 4096;
+    const bool long_tape = tape.entries.size() >= kOrderedListLength;
     tape.entries.clear();
     if (long_tape) order_small_objects();  // what the next forward makes, it makes in sequence
     tape.released_entries = 0;

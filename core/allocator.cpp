@@ -235,9 +235,6 @@ void detail::free_small_object_slow(void* p, std::size_t size) noexcept
 }
 
 namespace {
-// Lists shorter than this fit in the caches anyway: their order costs nothing.
-constexpr std::uint32_t kOrderedListLength = 4096;
-
 // Sorts items by address, highest first (a list hands out its last item first), by LSD radix
 // on the address offset from the lowest in 11-bit digits: a few passes over the list, where a
 // comparison sort of W7's 38,000 headers took 3 ms.
