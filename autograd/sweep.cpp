@@ -322,9 +322,10 @@ struct Sweep final : autograd::GradientSums {
 
     // On a long tape the walk waits on memory: each entry's saved tensors and input nodes lie
     // wherever forward allocated them, and checking a saved tensor's version reads its header and
-    // then its storage record (where a small tensor's bytes are too). So while an entry runs, the
-    // headers and input nodes of the entry two below it are fetched, and the storage records and
-    // gradient slots of the one below it, whose headers and nodes were fetched a step earlier.
+    // then its storage record (in the header's block for a small tensor, a line or two further
+    // on; elsewhere for a large one). So while an entry runs, the headers and input nodes of the
+    // entry two below it are fetched, and the storage records and gradient slots of the one below
+    // it, whose headers and nodes were fetched a step earlier.
     void prefetch_ahead(const autograd::Entry& next, const autograd::Entry& after_next) const
     {
         for (const autograd::Saved& s : after_next.saved) __builtin_prefetch(s.value.impl_ptr().get());

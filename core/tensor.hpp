@@ -20,8 +20,10 @@
 /// core/ is namespace loom itself: the tensor is the library's base type.
 namespace loom {
 
-/// Sizes or strides of a tensor; up to 6 dims without a heap allocation.
-using Shape = SmallVector<std::int64_t, 6>;
+/// Sizes or strides of a tensor; up to 4 dims without a heap allocation (5 or more are allowed, and
+/// cost one). Every header and tape node carries shapes, and what a long tape weighs is what its
+/// sweep waits for: 4 covers [T, B, E, N], the most loom's own layers use.
+using Shape = SmallVector<std::int64_t, 4>;
 
 class Tensor;
 /// Tensors by name: state dicts, optimizer state, safetensors files.
