@@ -174,7 +174,7 @@ std::shared_ptr<Storage> shared_storage(const Tensor& t)
     return std::shared_ptr<Storage>(t.impl_ptr(), storage.get());  // the bytes live in t's header block
 }
 
-void share_storage(const Tensor& dst, const Tensor& src)
+void detail::share_storage(const Tensor& dst, const Tensor& src)
 {
     std::shared_ptr<Storage> storage = shared_storage(src);
     // A handle on dst's own block, kept in dst, would keep that block alive forever.

@@ -337,10 +337,11 @@ Tensor empty(const Shape& shape, DType dtype = kFloat32);
 /// A handle on t's storage that keeps it alive, for a view of t. A small tensor's bytes lie in its
 /// header's block, whose storage record holds no count on it: the handle is then on the whole block.
 std::shared_ptr<Storage> shared_storage(const Tensor& t);
-/// Makes dst use src's storage (see shared_storage()): dst's header is kept, so every handle on it
-/// sees src's bytes from now on.
-void share_storage(const Tensor& dst, const Tensor& src);
 namespace detail {
+/// Makes dst use src's storage (see shared_storage()): dst's header is kept, so every handle on it
+/// sees src's bytes from now on. Its shape, strides, offset and dtype are left as they were: the
+/// caller sets them to fit the new bytes (nothing is checked here).
+void share_storage(const Tensor& dst, const Tensor& src);
 /// An uninitialised tensor of contiguous `like`'s shape, its shape and strides copied rather than
 /// computed and checked again: the fast path of elementwise ops.
 Tensor empty_like_contiguous(const Tensor& like, DType dtype);

@@ -301,7 +301,7 @@ void replace_data(const Tensor& dst, const Tensor& src)
 {
     TensorImpl& d = dst.impl();
     const TensorImpl& s = src.impl();
-    share_storage(dst, src);
+    loom::detail::share_storage(dst, src);
     d.shape = s.shape;
     d.strides = s.strides;
     d.offset = s.offset;

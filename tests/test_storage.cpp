@@ -184,14 +184,14 @@ TEST_CASE("a small tensor's header and bytes are one block: a view holds the blo
 
     // A tensor given its own bytes back (through a view of itself) does not hold its own block.
     const Tensor t = arange(0, 4, 1, kFloat64);
-    share_storage(t, t.narrow(0, 1, 2));
+    detail::share_storage(t, t.narrow(0, 1, 2));
     CHECK(t.impl_ptr().use_count() == 1);
     CHECK(t.impl().storage.use_count() == 0);
     CHECK(t.sum().item<double>() == 6.0);
     // Another small tensor's bytes: t now holds that tensor's block, which outlives it.
     {
         const Tensor other = full({4}, 2.0, kFloat64);
-        share_storage(t, other);
+        detail::share_storage(t, other);
         CHECK(other.impl_ptr().use_count() == 2);
     }
     CHECK(t.sum().item<double>() == 8.0);
