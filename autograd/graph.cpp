@@ -87,7 +87,7 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
         const Entry& e = entry_of(op, *n);
         if (!found.emplace(e.seq, &e).second) continue;
         for (const auto& input : e.inputs)
-            if (input) todo.push_back(input.node.get());
+            if (input) todo.push_back(input.node);
     }
     for (const auto& [seq, e] : found) g.entries.push_back(e);
     // Named leaves in the order the user listed them, then the others in the order first met.
@@ -158,7 +158,7 @@ std::string to_dot(const Tensor& root, const Names& names)
         for (const auto& input : e->inputs) {
             if (!input) continue;
             const std::string from =
-                input.node->seq ? fmt::format("e{}", input.node->seq) : fmt::format("l{}", leaf_index.at(input.node.get()));
+                input.node->seq ? fmt::format("e{}", input.node->seq) : fmt::format("l{}", leaf_index.at(input.node));
             dot += fmt::format("  {} -> e{};\n", from, e->seq);
         }
     return dot + "}\n";
@@ -174,7 +174,7 @@ std::string to_text(const Tensor& root, const Names& names)
         for (const auto& input : e->inputs) {
             if (!input) continue;
             if (!inputs.empty()) inputs += ", ";
-            inputs += g.source(input.node.get());
+            inputs += g.source(input.node);
         }
         text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, visible(e->name), outputs_of(*e), inputs,
                             e->scope ? fmt::format("  ({})", visible(*e->scope)) : std::string());

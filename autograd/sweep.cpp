@@ -154,11 +154,11 @@ struct Sweep final : autograd::GradientSums {
     // Sums kept apart from the slots: leaves', and those of captured nodes below `floor`, in
     // the order first reached (`touched`).
     std::unordered_map<const autograd::Node*, autograd::PendingGrad> held;
-    std::vector<std::shared_ptr<autograd::Node>> touched;
+    std::vector<autograd::Node*> touched;
     // Leaves with post-accumulate hooks, each with the index of the last entry (lowest on the
     // tape) that reads it, highest index first: once the sweep is below that index, the leaf's
     // gradient is final and is added into .grad() at once (backward() only).
-    std::vector<std::pair<std::size_t, std::shared_ptr<autograd::Node>>> last_readers;
+    std::vector<std::pair<std::size_t, autograd::Node*>> last_readers;
     std::size_t next_last_reader = 0;
     bool create_graph = false;
     Kind kind;
@@ -217,10 +217,10 @@ struct Sweep final : autograd::GradientSums {
         return slots[static_cast<std::size_t>(s - base_slot)];
     }
 
-    autograd::PendingGrad& pending(const std::shared_ptr<autograd::Node>& node)
+    autograd::PendingGrad& pending(autograd::Node* node)
     {
         if (held_apart(*node)) {
-            auto [it, fresh] = held.try_emplace(node.get());
+            auto [it, fresh] = held.try_emplace(node);
             if (fresh) touched.push_back(node);
             return it->second;
         }
@@ -230,7 +230,7 @@ struct Sweep final : autograd::GradientSums {
 
     // The sum a gradient arriving at `node` goes into; an error below the floor, where the
     // gradient could flow no further.
-    autograd::PendingGrad& receiving(const std::shared_ptr<autograd::Node>& node)
+    autograd::PendingGrad& receiving(autograd::Node* node)
     {
         autograd::PendingGrad& p = pending(node);
         if (!held_apart(*node)) {
@@ -390,12 +390,12 @@ struct Sweep final : autograd::GradientSums {
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = bool(e.inputs[k]);
             ctx.inputs = &e.inputs;
-            autograd::GradList input_grads;
-            {
+            // Made where it is returned: assigned, its inline gradients would be moved one by one.
+            autograd::GradList input_grads = [&] {
                 const autograd::detail::InnerOps in_backward;
                 const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name, &e.scope);
-                input_grads = e.backward(ctx);
-            }
+                return e.backward(ctx);
+            }();
             if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);
             LOOM_CHECK(input_grads.size() == e.inputs.size(), name,
                        "internal: backward returned {} gradients for {} inputs", input_grads.size(), e.inputs.size());
@@ -447,12 +447,12 @@ struct Sweep final : autograd::GradientSums {
         std::unordered_map<const autograd::Node*, std::size_t> found;
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;)
             for (const auto& input : entries[i].inputs)
-                if (const auto& in = input.node; in && in->seq == 0 && in->has_post_accumulate_hooks()) {
-                    auto [it, fresh] = found.try_emplace(in.get(), i);
+                if (autograd::Node* in = input.node; in && in->seq == 0 && in->has_post_accumulate_hooks()) {
+                    auto [it, fresh] = found.try_emplace(in, i);
                     if (fresh) last_readers.emplace_back(i, in);
                     else it->second = i;
                 }
-        for (auto& [index, node] : last_readers) index = found.at(node.get());
+        for (auto& [index, node] : last_readers) index = found.at(node);
         std::sort(last_readers.begin(), last_readers.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
     }
 
@@ -460,8 +460,8 @@ struct Sweep final : autograd::GradientSums {
     void accumulate_leaves_read_above(std::size_t i)
     {
         while (next_last_reader < last_readers.size() && last_readers[next_last_reader].first > i) {
-            const auto& node = last_readers[next_last_reader++].second;
-            const auto it = held.find(node.get());
+            autograd::Node* node = last_readers[next_last_reader++].second;
+            const auto it = held.find(node);
             if (it == held.end() || !it->second.sum.defined()) continue;
             autograd::PendingGrad& p = it->second;
             GradModeGuard mode(create_graph);
@@ -500,11 +500,11 @@ struct Sweep final : autograd::GradientSums {
             std::lock_guard<std::mutex> lock(leaf_grad_mutex);
             for (auto& n : touched) {
                 if (n->seq != 0) continue;
-                autograd::PendingGrad& p = held.at(n.get());
+                autograd::PendingGrad& p = held.at(n);
                 if (!p.sum.defined() || p.accumulated) continue;
                 accumulate_grad(*n, std::move(p.sum), create_graph);  // p.sum is this sweep's only use of it
                 p.accumulated = true;
-                if (n->has_post_accumulate_hooks()) added.push_back(n.get());
+                if (n->has_post_accumulate_hooks()) added.push_back(n);
             }
         }
         for (const autograd::Node* n : added) run_post_accumulate_hooks(*n);
@@ -660,7 +660,7 @@ void Tensor::backward(const Tensor& gradient, std::optional<bool> retain_graph, 
     check_this_thread("backward", *node);
     Tensor seed = seed_for("backward", *this, gradient);
     Sweep sweep(create_graph);
-    sweep.add(node, seed);
+    sweep.add(node.get(), seed);
     sweep.run(node->seq, retain_graph.value_or(create_graph), /*accumulate=*/true);
     sweep.finish_leaves();
     sweep.accumulate_leaves();
@@ -680,13 +680,13 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
     for (std::size_t i = 0; i < inputs.size(); ++i) {
         const auto& node = node_of("grad", inputs[i], fmt::format("input {}", i));
         check_this_thread("grad", *node);
-        sweep.pending(node).captured = true;
+        sweep.pending(node.get()).captured = true;
     }
     std::uint64_t start = 0;
     for (std::size_t i = 0; i < outputs.size(); ++i) {
         const auto& node = node_of("grad", outputs[i], fmt::format("output {}", i));
         check_this_thread("grad", *node);
-        sweep.add(node, seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
+        sweep.add(node.get(), seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
         start = std::max(start, node->seq);
     }
     sweep.run(start, retain_graph, /*accumulate=*/false);
@@ -696,7 +696,7 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
     else sweep.finish_leaves();
     std::vector<Tensor> result;
     for (std::size_t i = 0; i < inputs.size(); ++i) {
-        const Tensor g = sweep.pending(inputs[i].impl().node).sum;
+        const Tensor g = sweep.pending(inputs[i].impl().node.get()).sum;
         LOOM_CHECK(g.defined() || allow_unused, "grad",
                    "input {} (shape {}) was not used to compute the outputs; pass allow_unused=true to get an "
                    "undefined gradient for it",

@@ -61,7 +61,7 @@ static void drop_unread_held_inputs(Tape& tape)
     std::unordered_set<const Node*> read;
     for (std::size_t i = 0; i < tape.entries.size(); ++i)
         for (const InputRef& in : tape.entries[i].inputs)
-            if (in && in.slot == 0) read.insert(in.node.get());
+            if (in && in.slot == 0) read.insert(in.node);
     std::vector<std::shared_ptr<Node>> kept;
     kept.reserve(tape.held_inputs.size());  // before any hold is moved: nothing below may throw
     for (auto& node : tape.held_inputs)
@@ -226,7 +226,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         InputRef in;
         if (!node) return in;
         in.like_output = !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
-        in.node = std::shared_ptr<Node>(std::shared_ptr<Node>(), node.get());
+        in.node = node.get();
         if (node->seq == 0 || node->seq < tape.reset_floor) {
             tape.hold_input(node);
             return in;
@@ -238,6 +238,26 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
     }
+    // The outputs' nodes are made first: handing each to its tensor costs an atomic increment,
+    // which waits for every store before it to drain, and the entry's are many.
+    SmallVector<std::shared_ptr<Node>, 1> made;
+    try {
+        made.reserve(outputs.size());
+        for (const Tensor& out : outputs) {
+            auto node = std::allocate_shared<Node>(PoolAllocator<Node>());
+            node->shape = out.sizes();
+            node->dtype = out.dtype();
+            node->seq = tape.next_seq;
+            node->tape = tape.id;
+            node->slot = tape.next_slot + made.size();
+            node->op = name;
+            out.impl().node = node;
+            made.push_back(std::move(node));
+        }
+    } catch (...) {
+        for (const Tensor& out : outputs) out.impl().node.reset();
+        throw;
+    }
     // Built in place: an entry is too large to build aside and move in.
     Entry& e = tape.entries.emplace_back();
     try {
@@ -245,19 +265,8 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         e.name = name;
         e.inputs.reserve(inputs.size());
         for (const Tensor* t : inputs) e.inputs.push_back(input_ref(t));
-        e.outputs.reserve(outputs.size());
         e.first_slot = tape.next_slot;
-        for (const Tensor& out : outputs) {
-            auto node = std::allocate_shared<Node>(PoolAllocator<Node>());
-            node->shape = out.sizes();
-            node->dtype = out.dtype();
-            node->seq = e.seq;
-            node->tape = tape.id;
-            node->slot = e.first_slot + e.outputs.size();
-            node->op = name;
-            out.impl().node = node;
-            e.outputs.push_back(std::move(node));
-        }
+        e.outputs = std::move(made);
         e.saved.reserve(saved.size());
         for (const Tensor* saved_tensor : saved) {
             const Tensor& s = *saved_tensor;

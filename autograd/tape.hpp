@@ -194,11 +194,9 @@ struct Saved {
 /// An entry's reference to one of its inputs. What the sweep needs of it is kept here, so that
 /// it never reaches the input's node, which lies wherever forward allocated it.
 struct InputRef {
-    /// Null where the input does not require grad. Held without ownership (an aliasing
-    /// shared_ptr with no control block, so copying it costs no atomic reference count): a
-    /// non-leaf's producer on the tape owns it (see Node), and the tape holds a leaf's once for
-    /// all the entries that read it.
-    std::shared_ptr<Node> node;
+    /// Null where the input does not require grad. Not owned: a non-leaf's producer on the tape
+    /// owns it (see Node), and the tape holds a leaf's once for all the entries that read it.
+    Node* node = nullptr;
     /// A non-leaf's gradient slot (its node's); 0 for a leaf.
     std::uint64_t slot : 63 = 0;
     /// The input has the shape and dtype of the entry's first output, and so of its gradient.
