@@ -4,6 +4,10 @@
 #include <cmath>
 
 #include "../autograd/ops.hpp"
+#include "../autograd/profiler.hpp"
+#include "../autograd/tape.hpp"
+#include "../core/kernels.hpp"
+#include "../core/math.hpp"
 
 namespace loom::nn {
 
@@ -18,6 +22,93 @@ Tensor min_rnn_log_g(const Tensor& v)
     // where it is not taken.
     return where(v.ge(scalar_tensor(0, v.dtype())), log(relu(v) + 0.5), v - softplus(v));
 }
+
+namespace {
+// log(1 − σ(d)) = −softplus(d) and log σ(d) + log g(pre) = d − softplus(d) + log g(pre), where
+// log g(v) = log(v + 1/2) for v ≥ 0 and log σ(v) = v − softplus(v) below: min_rnn_log_g's
+// branches, computed both and selected, so that the loop vectorises (exp_of, log_of and
+// log1p_of are branch-free polynomials for float).
+template <class T>
+LOOM_VECTOR_CLONES void log_coefficient_values(const T* __restrict d, const T* __restrict pre, T* __restrict log_a,
+                                               T* __restrict log_b, std::int64_t n)
+{
+    for (std::int64_t i = 0; i < n; ++i) {
+        const T x = d[i], v = pre[i];
+        const T s = std::max(x, T(0)) + log1p_of(exp_of(-std::abs(x)));
+        const T log_g = select_of(v >= T(0), log_of(std::max(v, T(0)) + T(0.5)),
+                                  std::min(v, T(0)) - log1p_of(exp_of(-std::abs(v))));
+        log_a[i] = -s;
+        log_b[i] = x - s + log_g;
+    }
+}
+
+// Their gradients: d softplus(d) = σ(d), d log g(v) = 1 / (v + 1/2) for v ≥ 0 and 1 − σ(v) below.
+// A gradient that did not arrive is null.
+template <class T>
+LOOM_VECTOR_CLONES void log_coefficient_grads(const T* __restrict d, const T* __restrict pre, const T* __restrict g_a,
+                                              const T* __restrict g_b, T* __restrict g_d, T* __restrict g_pre,
+                                              std::int64_t n)
+{
+    for (std::int64_t i = 0; i < n; ++i) {
+        const T a = g_a ? g_a[i] : T(0), b = g_b ? g_b[i] : T(0), v = pre[i];
+        const T sd = sigmoid_of(d[i]);
+        g_d[i] = b * (T(1) - sd) - a * sd;
+        g_pre[i] = b * select_of(v >= T(0), T(1) / (std::max(v, T(0)) + T(0.5)), T(1) - sigmoid_of(v));
+    }
+}
+
+// Both layers' log-space coefficients (log a, log b) from d and the candidate's pre-activation
+// `pre`: minGRU's d is its gate's pre-activation k, minLSTM's is log i′ − log f′. One tape entry
+// and one pass over [T, B, H] each way, where the same from ops made eleven passes forward and
+// as many back (they were a third of a minGRU training step); under create_graph backward is
+// those ops.
+std::pair<Tensor, Tensor> log_coefficients(const Tensor& d, const Tensor& pre)
+{
+    const char* op = "min_rnn_log_coefficients";
+    const autograd::detail::ProfiledOp profiled(op);
+    LOOM_CHECK(d.sizes() == pre.sizes() && d.dtype() == pre.dtype(), op,
+               "internal: expects d and pre of one shape and dtype, got {} {} and {} {}", d.sizes(), d.dtype(),
+               pre.sizes(), pre.dtype());
+    const Tensor dc = kernels::contiguous(d), prec = kernels::contiguous(pre);
+    Tensor log_a = empty(d.sizes(), d.dtype()), log_b = empty(d.sizes(), d.dtype());
+    dispatch_floating(op, d.dtype(), [&]<class T>() {
+        log_coefficient_values(dc.data_ptr<T>(), prec.data_ptr<T>(), log_a.data_ptr<T>(), log_b.data_ptr<T>(),
+                               dc.numel());
+    });
+    const Tensor inputs[] = {d, pre};
+    if (!autograd::should_record(inputs)) {
+        if (autograd::anomaly_mode_enabled()) {
+            autograd::check_forward_anomaly(op, log_a, 0);
+            autograd::check_forward_anomaly(op, log_b, 0);
+        }
+        return {log_a, log_b};
+    }
+    const Tensor outputs[] = {log_a, log_b};
+    autograd::push_entry(op, inputs, outputs, inputs, [](const autograd::BackwardContext& c) {
+        const Tensor &d = c.saved[0], &pre = c.saved[1], &g_a = c.grads[0], &g_b = c.grads[1];
+        if (c.create_graph) {
+            const Tensor sd = sigmoid(d);
+            Tensor g_d = g_b.defined() ? g_b * (1.0 - sd) : Tensor();
+            if (g_a.defined()) g_d = g_d.defined() ? g_d - g_a * sd : -(g_a * sd);
+            // relu keeps the branch not taken finite, as in min_rnn_log_g.
+            const Tensor slope = where(pre.ge(scalar_tensor(0, pre.dtype())), 1.0 / (relu(pre) + 0.5), 1.0 - sigmoid(pre));
+            return autograd::GradList{c.needs[0] ? g_d : Tensor(), c.needs[1] && g_b.defined() ? g_b * slope : Tensor()};
+        }
+        const Tensor dc = kernels::contiguous(d), prec = kernels::contiguous(pre);
+        const Tensor gac = g_a.defined() ? kernels::contiguous(g_a) : Tensor(),
+                     gbc = g_b.defined() ? kernels::contiguous(g_b) : Tensor();
+        Tensor g_d = empty(d.sizes(), d.dtype()), g_pre = empty(d.sizes(), d.dtype());
+        dispatch_floating("min_rnn_log_coefficients", d.dtype(), [&]<class T>() {
+            log_coefficient_grads(dc.data_ptr<T>(), prec.data_ptr<T>(), gac.defined() ? gac.data_ptr<T>() : nullptr,
+                                  gbc.defined() ? gbc.data_ptr<T>() : nullptr, g_d.data_ptr<T>(), g_pre.data_ptr<T>(),
+                                  dc.numel());
+        });
+        return autograd::GradList{c.needs[0] ? std::move(g_d) : Tensor(),
+                                  c.needs[1] && g_b.defined() ? std::move(g_pre) : Tensor()};
+    });
+    return {log_a, log_b};
+}
+}  // namespace
 
 // ---- the shared layer ----
 
@@ -112,12 +203,8 @@ std::string MinGRU::type_name() const { return "MinGRU"; }
 std::pair<Tensor, Tensor> MinGRU::coefficients(const Tensor& x) const
 {
     const Tensor k = (*linear_z)(x), pre = (*linear_h)(x);
-    // log(1 - sigmoid(k)) = -softplus(k) and log sigmoid(k) = k - softplus(k): one softplus for
-    // both (the transcendental functions are most of a minGRU step's elementwise time).
-    if (options.log_space()) {
-        const Tensor s = softplus(k);
-        return {-s, k - s + min_rnn_log_g(pre)};
-    }
+    // log(1 - sigmoid(k)) and log(sigmoid(k) g(pre)), fused: d = k.
+    if (options.log_space()) return log_coefficients(k, pre);
     const Tensor z = sigmoid(k);
     return {1.0 - z, z * pre};
 }
@@ -148,8 +235,7 @@ std::pair<Tensor, Tensor> MinLSTM::coefficients(const Tensor& x) const
     if (options.log_space()) {
         // log(f / (f + i)) = -softplus(log i - log f) and log(i / (f + i)) = d - softplus(d) for
         // d = log i - log f, with log sigmoid(k) = k - softplus(k).
-        const Tensor diff = (softplus(kf) - kf) - (softplus(ki) - ki), s = softplus(diff);
-        return {-s, diff - s + min_rnn_log_g(pre)};
+        return log_coefficients((softplus(kf) - kf) - (softplus(ki) - ki), pre);
     }
     const Tensor f = sigmoid(kf), i = sigmoid(ki), sum = f + i;
     return {f / sum, i / sum * pre};

@@ -411,6 +411,72 @@ TEST_CASE("MinGRU and MinLSTM with lengths: each sequence as if run alone, zeros
     check_error([&] { gru(x, {}, ones({2}, kFloat64)); }, {"MinGRU", "int64 [B] = [2]"});
 }
 
+namespace {
+// The log-space coefficients from ops, as the layers computed them before one fused op did:
+// log a = -softplus(d), log b = d - softplus(d) + log g(pre).
+std::pair<Tensor, Tensor> log_coefficients_from_ops(const Tensor& d, const Tensor& pre)
+{
+    const Tensor s = softplus(d);
+    return {-s, d - s + nn::min_rnn_log_g(pre)};
+}
+
+Tensor log_form_from_ops(nn::MinGRU& gru, const Tensor& x, const Tensor& h0)
+{
+    const auto [log_a, log_b] = log_coefficients_from_ops((*gru.linear_z)(x), (*gru.linear_h)(x));
+    return exp(log_linear_recurrence(log_a, log_b, h0.defined() ? log(h0.select(0, 0)) : Tensor()));
+}
+
+Tensor log_form_from_ops(nn::MinLSTM& lstm, const Tensor& x, const Tensor& h0)
+{
+    const Tensor kf = (*lstm.linear_f)(x), ki = (*lstm.linear_i)(x);
+    const auto [log_a, log_b] = log_coefficients_from_ops((softplus(kf) - kf) - (softplus(ki) - ki), (*lstm.linear_h)(x));
+    return exp(log_linear_recurrence(log_a, log_b, h0.defined() ? log(h0.select(0, 0)) : Tensor()));
+}
+
+// The layer's output and the gradients of a weighted sum of it in x, h0 and every parameter.
+std::vector<Tensor> output_and_grads(nn::Module& layer, const Tensor& x, const Tensor& h0, const Tensor& weights,
+                                     const std::function<Tensor()>& forward)
+{
+    std::vector<Tensor> wrt{x};
+    if (h0.defined()) wrt.push_back(h0);
+    for (const Tensor& p : layer.parameters()) wrt.push_back(p);
+    const Tensor out = forward();
+    std::vector<Tensor> result = grad({(out * weights).sum()}, wrt);
+    result.insert(result.begin(), out.detach());
+    return result;
+}
+
+template <class Layer> void check_fused_log_coefficients(DType dtype, double tol)
+{
+    CAPTURE(dtype);
+    manual_seed(41);
+    Layer layer(nn::MinRecurrentOptions(3, 4).log_space(true).dtype(dtype));
+    for (std::int64_t T : {1, 6}) {
+        CAPTURE(T);
+        // Wide enough that pre-activations fall on both sides of 0 (both branches of log g).
+        const Tensor x = random({T, 3, 3}, 42, -3, 3).to(dtype).requires_grad_();
+        const Tensor weights = random({T, 3, 4}, 43, -1, 1).to(dtype);
+        for (const Tensor& h0 : {Tensor(), random({1, 3, 4}, 44, 0.1, 1.5).to(dtype).requires_grad_()}) {
+            const auto fused = output_and_grads(layer, x, h0, weights, [&] { return layer(x, h0).output; });
+            const auto from_ops = output_and_grads(layer, x, h0, weights, [&] { return log_form_from_ops(layer, x, h0); });
+            REQUIRE(fused.size() == from_ops.size());
+            for (std::size_t k = 0; k < fused.size(); ++k) {
+                CAPTURE(k);
+                CHECK(close_tensors(fused[k], from_ops[k], tol));
+            }
+        }
+    }
+}
+}  // namespace
+
+TEST_CASE("MinGRU and MinLSTM in log space: the fused coefficients equal the ops they replace, values and gradients")
+{
+    check_fused_log_coefficients<nn::MinGRU>(kFloat64, 1e-12);
+    check_fused_log_coefficients<nn::MinLSTM>(kFloat64, 1e-12);
+    check_fused_log_coefficients<nn::MinGRU>(kFloat32, 1e-5);
+    check_fused_log_coefficients<nn::MinLSTM>(kFloat32, 1e-5);
+}
+
 TEST_CASE("MinGRU and MinLSTM pass gradcheck and gradgradcheck in both forms")
 {
     for (bool log_space : {true, false}) {
