@@ -238,8 +238,12 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
     }
-    // The outputs' nodes are made first: handing each to its tensor costs an atomic increment,
-    // which waits for every store before it to drain, and the entry's are many.
+    // Read before any output gets its node: an output may be an input that needs no gradient.
+    InputNodes input_refs;
+    input_refs.reserve(inputs.size());
+    for (const Tensor* t : inputs) input_refs.push_back(input_ref(t));
+    // The outputs' nodes are made before the entry: handing each to its tensor costs an atomic
+    // increment, which waits for every store before it to drain, and the entry's are many.
     SmallVector<std::shared_ptr<Node>, 1> made;
     try {
         made.reserve(outputs.size());
@@ -263,8 +267,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
     try {
         e.seq = tape.next_seq;
         e.name = name;
-        e.inputs.reserve(inputs.size());
-        for (const Tensor* t : inputs) e.inputs.push_back(input_ref(t));
+        e.inputs = std::move(input_refs);
         e.first_slot = tape.next_slot;
         e.outputs = std::move(made);
         e.saved.reserve(saved.size());

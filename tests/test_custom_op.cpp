@@ -164,3 +164,22 @@ TEST_CASE("a backward may take its incoming gradient: it is passed on as it is, 
     CHECK(testing::close_tensors(sums[0], full({2, 3}, 3.0, kFloat64), 0));
     CHECK(testing::close_tensors(sums[1], full({3}, 2.0 - 4.0, kFloat64), 0));
 }
+
+TEST_CASE("push_entry: an output that is also an input needing no gradient is not read as its own output")
+{
+    const Tensor w = tensor({2.0}, kFloat64).requires_grad_();
+    const Tensor x = tensor({3.0}, kFloat64);  // needs no gradient; the entry makes it its output
+    const Tensor inputs[] = {x, w};
+    bool ran = false;
+    autograd::push_entry("scale_into", inputs, std::span<const Tensor>(&x, 1), {},
+                         [&ran](const autograd::BackwardContext& c) {
+                             ran = true;
+                             CHECK_FALSE(c.needs[0]);
+                             CHECK(c.needs[1]);
+                             return autograd::GradList{Tensor(), c.grad() * 3.0};
+                         });
+    REQUIRE(x.requires_grad());
+    x.sum().backward();
+    CHECK(ran);
+    CHECK(testing::close(w.grad(), {3.0}, 1e-15));
+}
