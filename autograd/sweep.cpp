@@ -28,11 +28,12 @@ Tensor add_values(const Tensor& a, const Tensor& b)
 }
 
 // Whether t is the only handle on its bytes and covers them whole: .grad() may then take t as
-// it is, where otherwise it gets a copy (the user, a hook or another leaf may hold t). A storage
-// count of 0 is a small tensor's own bytes, which a view would hold through the header's count.
+// it is, where otherwise it gets a copy (the user, a hook or another leaf may hold t). Bytes in
+// t's own block a view would hold through the header's count, checked first.
 bool sole_whole_tensor(const Tensor& t)
 {
-    return t.impl_ptr().use_count() == 1 && t.impl().storage.use_count() <= 1 && t.storage_offset() == 0 &&
+    return t.impl_ptr().use_count() == 1 && (detail::bytes_in_own_block(t) || t.impl().storage.use_count() == 1) &&
+           t.storage_offset() == 0 &&
            t.is_contiguous() && t.impl().storage->nbytes == static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype());
 }
 

@@ -170,8 +170,8 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
 std::shared_ptr<Storage> shared_storage(const Tensor& t)
 {
     const std::shared_ptr<Storage>& storage = t.impl().storage;
-    if (!storage || storage.use_count() > 0) return storage;
-    return std::shared_ptr<Storage>(t.impl_ptr(), storage.get());  // the bytes live in t's header block
+    if (!detail::bytes_in_own_block(t)) return storage;
+    return std::shared_ptr<Storage>(t.impl_ptr(), storage.get());
 }
 
 void detail::share_storage(const Tensor& dst, const Tensor& src)

@@ -338,6 +338,9 @@ Tensor empty(const Shape& shape, DType dtype = kFloat32);
 /// header's block, whose storage record holds no count on it: the handle is then on the whole block.
 std::shared_ptr<Storage> shared_storage(const Tensor& t);
 namespace detail {
+/// Whether t's bytes lie in its own header's block (a small tensor's): its storage record then
+/// holds no count, and whatever shares the bytes counts the header instead (shared_storage()).
+inline bool bytes_in_own_block(const Tensor& t) { return t.impl().storage && t.impl().storage.use_count() == 0; }
 /// Makes dst use src's storage (see shared_storage()): dst's header is kept, so every handle on it
 /// sees src's bytes from now on. Its shape, strides, offset and dtype are left as they were: the
 /// caller sets them to fit the new bytes (nothing is checked here).

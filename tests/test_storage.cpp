@@ -196,3 +196,34 @@ TEST_CASE("a small tensor's header and bytes are one block: a view holds the blo
     }
     CHECK(t.sum().item<double>() == 8.0);
 }
+
+TEST_CASE("a leaf's first gradient becomes .grad() without a copy when nothing else holds its bytes, in its own block or not")
+{
+    for (std::int64_t n : {3, 100}) {  // 3 doubles lie in the header's block, 100 do not
+        CAPTURE(n);
+        CHECK(detail::bytes_in_own_block(zeros({n}, kFloat64)) == (n == 3));
+        const Tensor w = zeros({n}, kFloat64).requires_grad_();
+        // A backward that returns a fresh gradient it keeps nothing of, and remembers its bytes.
+        const void* returned = nullptr;
+        const auto fresh = [&returned](const autograd::BackwardContext& c) {
+            Tensor g = ones(c.input_shape(0), kFloat64);
+            returned = g.data_ptr<double>();
+            return autograd::GradList{std::move(g)};
+        };
+        autograd::record("fresh", {w}, zeros({n}, kFloat64), {}, fresh).sum().backward();
+        CHECK(w.grad().data_ptr<double>() == returned);
+        // One whose bytes a view still holds is copied: .grad() must not change under it.
+        w.zero_grad();
+        Tensor kept;
+        const auto shared = [&kept](const autograd::BackwardContext& c) {
+            const Tensor g = ones(c.input_shape(0), kFloat64);
+            kept = g.view({c.input_shape(0)});
+            return autograd::GradList{g};
+        };
+        autograd::record("shared", {w}, zeros({n}, kFloat64), {}, shared).sum().backward();
+        REQUIRE(kept.defined());
+        CHECK(w.grad().data_ptr<double>() != kept.data_ptr<double>());
+        kept.fill_(5.0);
+        CHECK(w.grad().sum().item<double>() == double(n));
+    }
+}
