@@ -74,7 +74,7 @@ Tensor logical_and(const Tensor& a, const Tensor& b);
 Tensor logical_or(const Tensor& a, const Tensor& b);
 
 // ---- reductions; an empty `dims` means all dims ----
-/// Sum over `dims`.
+/// Sum over `dims`; x may have at most 64 dims.
 Tensor sum(const Tensor& x, const Shape& dims = {}, bool keepdim = false);
 /// Mean over `dims`.
 Tensor mean(const Tensor& x, const Shape& dims = {}, bool keepdim = false);

@@ -16,18 +16,28 @@ using Grads = autograd::GradList;
 
 namespace {
 
-// A reduced gradient of shape `reduced` (keepdim or not) laid back out over `input` by broadcasting.
-Tensor unreduce(const Tensor& g, const Shape& input, const Shape& dims, bool keepdim)
+// The dims a reduction over `dims` (none: all) of a `rank`-dim input reduces, as bits. sum's
+// backward keeps this rather than the Shape of dims: its closure then fits std::function's inline
+// storage, where a captured Shape cost a heap allocation per recorded sum. Hence at most 64 dims.
+std::uint64_t reduced_dims(std::string_view op, const Shape& dims, std::int64_t rank)
 {
-    Tensor r = g;
-    if (!keepdim) {
-        Shape kept_shape = input;
-        if (dims.empty()) std::fill(kept_shape.begin(), kept_shape.end(), 1);
-        if (!input.empty())  // a 0-d input: dims 0 and -1 name the tensor itself, nothing to keep
-            for (auto d : dims) kept_shape[wrap_dim("sum", d, static_cast<std::int64_t>(input.size()))] = 1;
-        r = reshape(g, kept_shape);
-    }
-    return expand(r, input);
+    LOOM_CHECK(rank <= 64, op, "reduces tensors of at most 64 dims, got {}", rank);
+    if (rank == 0) return 0;  // a 0-d input: dims 0 and -1 name the tensor itself, nothing to keep
+    if (dims.empty()) return rank == 64 ? ~std::uint64_t(0) : (std::uint64_t(1) << rank) - 1;
+    std::uint64_t reduced = 0;
+    for (auto d : dims) reduced |= std::uint64_t(1) << wrap_dim(op, d, rank);
+    return reduced;
+}
+
+// A reduced gradient (keepdim or not) laid back out over `input` by broadcasting; `reduced` as
+// from reduced_dims.
+Tensor unreduce(const Tensor& g, const Shape& input, std::uint64_t reduced, bool keepdim)
+{
+    if (keepdim) return expand(g, input);
+    Shape kept_shape = input;
+    for (std::size_t d = 0; d < input.size(); ++d)
+        if ((reduced >> d) & 1) kept_shape[d] = 1;
+    return expand(reshape(g, kept_shape), input);
 }
 
 // How many elements each result of reducing `dims` covers; checks the dims, naming `op`.
@@ -53,13 +63,14 @@ Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim,
     return record(op, {x}, std::move(out), {x, out}, [op, dims, keepdim](const BackwardContext& c) {
         const Tensor& in = c.saved[0];
         const Shape& shape = in.sizes();
+        const std::uint64_t reduced = reduced_dims(op, dims, in.dim());
         // Shared among the elements equal to the result, NaN counting as equal to a NaN result.
-        const Tensor hit = kernels::zip_floating(op, in, unreduce(c.saved[1], shape, dims, keepdim), [](auto x, auto m) {
+        const Tensor hit = kernels::zip_floating(op, in, unreduce(c.saved[1], shape, reduced, keepdim), [](auto x, auto m) {
             using T = decltype(x);
             return x == m || (std::isnan(x) && std::isnan(m)) ? T(1) : T(0);
         });
         const Tensor count = kernels::sum(hit, dims, true);
-        return Grads{hit * unreduce(c.grad(), shape, dims, keepdim) / kernels::expand(count, shape)};
+        return Grads{hit * unreduce(c.grad(), shape, reduced, keepdim) / kernels::expand(count, shape)};
     });
 }
 
@@ -68,9 +79,9 @@ Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim,
 Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 {
     const autograd::detail::ProfiledOp profiled("sum");
-    Tensor out = kernels::sum(x, dims, keepdim);
-    return record("sum", {x}, std::move(out), {}, [dims, keepdim](const BackwardContext& c) {
-        return Grads{unreduce(c.grad(), c.input_shape(0), dims, keepdim)};
+    Tensor out = kernels::sum(x, dims, keepdim);  // checks dims
+    return record("sum", {x}, std::move(out), {}, [reduced = reduced_dims("sum", dims, x.dim()), keepdim](const BackwardContext& c) {
+        return Grads{unreduce(c.grad(), c.input_shape(0), reduced, keepdim)};
     });
 }
 

@@ -41,6 +41,12 @@ TEST_CASE("messages name the op called and the real problem")
     check_error([] { (void)ones({2, 3}).var({0, 0}); }, {"var", "repeats"});
     check_error([] { (void)ones({2, 3}).norm(2, {-3}); }, {"norm", "dim -3"});
     {
+        Shape many(65, 1);  // a reduction keeps its dims as 64 bits; 64 dims still reduce
+        check_error([&] { (void)ones(many).sum(); }, {"sum", "at most 64 dims", "65"});
+        many.pop_back();
+        CHECK(ones(many).sum({63}).dim() == 63);
+    }
+    {
         nn::Dense d(2, 2);
         check_error([&] { d.load_state_dict({{"weight", Tensor()}, {"bias", zeros({2})}}); },
                     {"load_state_dict", "weight", "undefined"});
