@@ -8,6 +8,7 @@
 #include "../autograd/tape.hpp"
 #include "../core/kernels.hpp"
 #include "../core/math.hpp"
+#include "../core/parallel.hpp"
 
 namespace loom::nn {
 
@@ -57,6 +58,15 @@ LOOM_VECTOR_CLONES void log_coefficient_grads(const T* __restrict d, const T* __
     }
 }
 
+// fn(i0, i1) over [0, n) in one block per thread when n is large: the loops above are all
+// arithmetic (five polynomials an element forward), so they scale with threads.
+template <class F> void over_blocks(std::int64_t n, F&& fn)
+{
+    const std::int64_t threads = n < (std::int64_t(1) << 16) ? 1 : get_num_threads();
+    if (threads <= 1) return fn(std::int64_t(0), n);
+    kernels::run_tasks(threads, [&](std::int64_t k) { fn(n * k / threads, n * (k + 1) / threads); });
+}
+
 // Both layers' log-space coefficients (log a, log b) from d and the candidate's pre-activation
 // `pre`: minGRU's d is its gate's pre-activation k, minLSTM's is log i′ − log f′. One tape entry
 // and one pass over [T, B, H] each way, where the same from ops made eleven passes forward and
@@ -72,8 +82,10 @@ std::pair<Tensor, Tensor> log_coefficients(const Tensor& d, const Tensor& pre)
     const Tensor dc = kernels::contiguous(d), prec = kernels::contiguous(pre);
     Tensor log_a = empty(d.sizes(), d.dtype()), log_b = empty(d.sizes(), d.dtype());
     dispatch_floating(op, d.dtype(), [&]<class T>() {
-        log_coefficient_values(dc.data_ptr<T>(), prec.data_ptr<T>(), log_a.data_ptr<T>(), log_b.data_ptr<T>(),
-                               dc.numel());
+        over_blocks(dc.numel(), [&](std::int64_t i0, std::int64_t i1) {
+            log_coefficient_values(dc.data_ptr<T>() + i0, prec.data_ptr<T>() + i0, log_a.data_ptr<T>() + i0,
+                                   log_b.data_ptr<T>() + i0, i1 - i0);
+        });
     });
     const Tensor inputs[] = {d, pre};
     if (!autograd::should_record(inputs)) {
@@ -99,9 +111,13 @@ std::pair<Tensor, Tensor> log_coefficients(const Tensor& d, const Tensor& pre)
                      gbc = g_b.defined() ? kernels::contiguous(g_b) : Tensor();
         Tensor g_d = empty(d.sizes(), d.dtype()), g_pre = empty(d.sizes(), d.dtype());
         dispatch_floating("min_rnn_log_coefficients", d.dtype(), [&]<class T>() {
-            log_coefficient_grads(dc.data_ptr<T>(), prec.data_ptr<T>(), gac.defined() ? gac.data_ptr<T>() : nullptr,
-                                  gbc.defined() ? gbc.data_ptr<T>() : nullptr, g_d.data_ptr<T>(), g_pre.data_ptr<T>(),
-                                  dc.numel());
+            const T* g_a_data = gac.defined() ? gac.data_ptr<T>() : nullptr;
+            const T* g_b_data = gbc.defined() ? gbc.data_ptr<T>() : nullptr;
+            over_blocks(dc.numel(), [&](std::int64_t i0, std::int64_t i1) {
+                log_coefficient_grads(dc.data_ptr<T>() + i0, prec.data_ptr<T>() + i0, g_a_data ? g_a_data + i0 : nullptr,
+                                      g_b_data ? g_b_data + i0 : nullptr, g_d.data_ptr<T>() + i0, g_pre.data_ptr<T>() + i0,
+                                      i1 - i0);
+            });
         });
         return autograd::GradList{c.needs[0] ? std::move(g_d) : Tensor(),
                                   c.needs[1] && g_b.defined() ? std::move(g_pre) : Tensor()};

@@ -451,7 +451,7 @@ template <class Layer> void check_fused_log_coefficients(DType dtype, double tol
     CAPTURE(dtype);
     manual_seed(41);
     Layer layer(nn::MinRecurrentOptions(3, 4).log_space(true).dtype(dtype));
-    for (std::int64_t T : {1, 6}) {
+    for (std::int64_t T : {1, 6, 6000}) {  // 6000 x 3 x 4 coefficients: split across threads
         CAPTURE(T);
         // Wide enough that pre-activations fall on both sides of 0 (both branches of log g).
         const Tensor x = random({T, 3, 3}, 42, -3, 3).to(dtype).requires_grad_();
