@@ -55,36 +55,24 @@ template <class T> struct Recurrence {
     }
 };
 
-// Below this many elements a recurrence runs on one thread: starting threads would cost more.
-constexpr std::int64_t kThreadedRecurrence = std::int64_t(1) << 16;
 // Lanes per thread worth splitting the lanes for (a few vectors each): narrower recurrences
 // split their steps instead.
 constexpr std::int64_t kLanesPerThread = 64;
-
-// Lanes [i0, i1) of the k-th of `parts` equal blocks of n.
-std::pair<std::int64_t, std::int64_t> block(std::int64_t n, std::int64_t k, std::int64_t parts)
-{
-    return {n * k / parts, n * (k + 1) / parts};
-}
 
 // Threads for work over [steps, n] split by lanes: several only when it is large, and wide
 // enough that each gets kLanesPerThread lanes (threads writing lanes of one cache line would only
 // slow each other).
 std::int64_t lane_threads(std::int64_t steps, std::int64_t n)
 {
-    return steps * n < kThreadedRecurrence ? 1
-                                           : std::min<std::int64_t>(get_num_threads(), std::max<std::int64_t>(1, n / kLanesPerThread));
+    return steps * n < kernels::kThreadedElements
+               ? 1
+               : std::min<std::int64_t>(get_num_threads(), std::max<std::int64_t>(1, n / kLanesPerThread));
 }
 
 // fn(i0, i1) on each block of lanes, one per lane_threads() thread.
 template <class F> void over_lanes(std::int64_t steps, std::int64_t n, F&& fn)
 {
-    const std::int64_t threads = lane_threads(steps, n);
-    if (threads <= 1) return fn(std::int64_t(0), n);
-    kernels::run_tasks(threads, [&](std::int64_t k) {
-        const auto [i0, i1] = block(n, k, threads);
-        fn(i0, i1);
-    });
+    kernels::over_blocks(n, lane_threads(steps, n), std::forward<F>(fn));
 }
 
 // Runs r on up to get_num_threads() threads. Wide (over_lanes splits it): each thread runs every
@@ -100,7 +88,7 @@ template <class T> void run_recurrence(const Recurrence<T>& r)
     if (lane_threads(r.steps, r.n) > 1)
         return over_lanes(r.steps, r.n, [&](std::int64_t i0, std::int64_t i1) { r.run(r.init, 0, r.steps, i0, i1); });
     const std::int64_t threads =
-        r.steps * r.n < kThreadedRecurrence ? 1 : std::min<std::int64_t>(get_num_threads(), r.steps);
+        r.steps * r.n < kernels::kThreadedElements ? 1 : std::min<std::int64_t>(get_num_threads(), r.steps);
     if (threads < 3) return r.run(r.init, 0, r.steps, 0, r.n);
     const std::int64_t chunks = threads, n = r.n;
     const auto first_step = [&](std::int64_t k) { return r.steps * k / chunks; };
@@ -348,10 +336,10 @@ template <class T> struct SelectiveScan {
 template <class F> void over_sequences(std::int64_t batch, std::int64_t work, F&& fn)
 {
     const std::int64_t threads =
-        work < kThreadedRecurrence ? 1 : std::min<std::int64_t>(get_num_threads(), batch);
+        work < kernels::kThreadedElements ? 1 : std::min<std::int64_t>(get_num_threads(), batch);
     if (threads <= 1) return fn(std::int64_t(0), std::int64_t(0), batch);
     kernels::run_tasks(threads, [&](std::int64_t k) {
-        const auto [b0, b1] = block(batch, k, threads);
+        const auto [b0, b1] = kernels::block(batch, k, threads);
         fn(k, b0, b1);
     });
 }
@@ -473,17 +461,9 @@ std::pair<Tensor, Tensor> selective_scan(const Tensor& u, const Tensor& delta, c
         });
     });
     Tensor h_last = kernels::clone(kernels::select(h, 0, T - 1));  // its own bytes: a state may be written in place
-    const Tensor inputs[] = {u, delta, A, B, C, h0};
-    if (!autograd::should_record(inputs)) {
-        if (autograd::anomaly_mode_enabled()) {
-            autograd::check_forward_anomaly(op, y, 0);
-            autograd::check_forward_anomaly(op, h_last, 0);
-        }
-        return {y, h_last};
-    }
-    const Tensor outputs[] = {y, h_last};
+    const Tensor inputs[] = {u, delta, A, B, C, h0}, outputs[] = {y, h_last};
     const Tensor saved[] = {u, delta, A, B, C, h0, h};  // the inputs themselves: under create_graph they carry history
-    autograd::push_entry(op, inputs, outputs, saved, [](const BackwardContext& c) {
+    autograd::internal::record_outputs(op, inputs, outputs, saved, [](const BackwardContext& c) {
         const Tensor &u = c.saved[0], &delta = c.saved[1], &A = c.saved[2], &B = c.saved[3], &C = c.saved[4],
                      &h0 = c.saved[5];
         const Tensor &dy = c.grads[0], &dh_last = c.grads[1];

@@ -468,6 +468,17 @@ Tensor record(const char* name, std::span<const Tensor> inputs, Tensor output, s
 {
     return detail::record_entry(name, inputs, std::move(output), saved, std::forward<F>(backward), false);
 }
+/// record() for loom's own ops of several outputs: appends the entry when an input requires
+/// grad; otherwise, in anomaly mode, checks each output, as record() does its one.
+template <class F>
+void record_outputs(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
+                    std::span<const Tensor> saved, F&& backward)
+{
+    if (should_record(inputs))
+        return push_entry(name, inputs, outputs, saved, detail::as_backward_fn(std::forward<F>(backward)));
+    if (anomaly_mode_enabled())
+        for (const Tensor& out : outputs) check_forward_anomaly(name, out, 0);
+}
 }  // namespace internal
 
 /// Records `output = region(input)` for an op that reads a part of its input (a view).

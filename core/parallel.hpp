@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <utility>
 
 namespace loom {
 
@@ -18,6 +19,26 @@ namespace kernels {
 /// when all are done; the first exception a task throws is rethrown. Starting a thread costs tens
 /// of microseconds: for work much larger than that.
 void run_tasks(std::int64_t tasks, const std::function<void(std::int64_t)>& task);
+
+/// Below this many elements a kernel runs on one thread: starting threads would cost more.
+inline constexpr std::int64_t kThreadedElements = std::int64_t(1) << 16;
+
+/// [i0, i1) of the k-th of `parts` equal blocks of [0, n).
+inline std::pair<std::int64_t, std::int64_t> block(std::int64_t n, std::int64_t k, std::int64_t parts)
+{
+    return {n * k / parts, n * (k + 1) / parts};
+}
+
+/// fn(i0, i1) on each of `parts` equal blocks of [0, n), one per thread (run_tasks); on this
+/// thread alone, over all of [0, n), when parts <= 1.
+template <class F> void over_blocks(std::int64_t n, std::int64_t parts, F&& fn)
+{
+    if (parts <= 1) return fn(std::int64_t(0), n);
+    run_tasks(parts, [&](std::int64_t k) {
+        const auto [i0, i1] = block(n, k, parts);
+        fn(i0, i1);
+    });
+}
 }  // namespace kernels
 
 }  // namespace loom

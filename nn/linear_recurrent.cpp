@@ -60,11 +60,9 @@ LOOM_VECTOR_CLONES void log_coefficient_grads(const T* __restrict d, const T* __
 
 // fn(i0, i1) over [0, n) in one block per thread when n is large: the loops above are all
 // arithmetic (five polynomials an element forward), so they scale with threads.
-template <class F> void over_blocks(std::int64_t n, F&& fn)
+template <class F> void over_elements(std::int64_t n, F&& fn)
 {
-    const std::int64_t threads = n < (std::int64_t(1) << 16) ? 1 : get_num_threads();
-    if (threads <= 1) return fn(std::int64_t(0), n);
-    kernels::run_tasks(threads, [&](std::int64_t k) { fn(n * k / threads, n * (k + 1) / threads); });
+    kernels::over_blocks(n, n < kernels::kThreadedElements ? 1 : get_num_threads(), std::forward<F>(fn));
 }
 
 // Both layers' log-space coefficients (log a, log b) from d and the candidate's pre-activation
@@ -82,21 +80,13 @@ std::pair<Tensor, Tensor> log_coefficients(const Tensor& d, const Tensor& pre)
     const Tensor dc = kernels::contiguous(d), prec = kernels::contiguous(pre);
     Tensor log_a = empty(d.sizes(), d.dtype()), log_b = empty(d.sizes(), d.dtype());
     dispatch_floating(op, d.dtype(), [&]<class T>() {
-        over_blocks(dc.numel(), [&](std::int64_t i0, std::int64_t i1) {
+        over_elements(dc.numel(), [&](std::int64_t i0, std::int64_t i1) {
             log_coefficient_values(dc.data_ptr<T>() + i0, prec.data_ptr<T>() + i0, log_a.data_ptr<T>() + i0,
                                    log_b.data_ptr<T>() + i0, i1 - i0);
         });
     });
-    const Tensor inputs[] = {d, pre};
-    if (!autograd::should_record(inputs)) {
-        if (autograd::anomaly_mode_enabled()) {
-            autograd::check_forward_anomaly(op, log_a, 0);
-            autograd::check_forward_anomaly(op, log_b, 0);
-        }
-        return {log_a, log_b};
-    }
-    const Tensor outputs[] = {log_a, log_b};
-    autograd::push_entry(op, inputs, outputs, inputs, [](const autograd::BackwardContext& c) {
+    const Tensor inputs[] = {d, pre}, outputs[] = {log_a, log_b};
+    autograd::internal::record_outputs(op, inputs, outputs, inputs, [op](const autograd::BackwardContext& c) {
         const Tensor &d = c.saved[0], &pre = c.saved[1], &g_a = c.grads[0], &g_b = c.grads[1];
         if (c.create_graph) {
             const Tensor sd = sigmoid(d);
@@ -110,10 +100,10 @@ std::pair<Tensor, Tensor> log_coefficients(const Tensor& d, const Tensor& pre)
         const Tensor gac = g_a.defined() ? kernels::contiguous(g_a) : Tensor(),
                      gbc = g_b.defined() ? kernels::contiguous(g_b) : Tensor();
         Tensor g_d = empty(d.sizes(), d.dtype()), g_pre = empty(d.sizes(), d.dtype());
-        dispatch_floating("min_rnn_log_coefficients", d.dtype(), [&]<class T>() {
+        dispatch_floating(op, d.dtype(), [&]<class T>() {
             const T* g_a_data = gac.defined() ? gac.data_ptr<T>() : nullptr;
             const T* g_b_data = gbc.defined() ? gbc.data_ptr<T>() : nullptr;
-            over_blocks(dc.numel(), [&](std::int64_t i0, std::int64_t i1) {
+            over_elements(dc.numel(), [&](std::int64_t i0, std::int64_t i1) {
                 log_coefficient_grads(dc.data_ptr<T>() + i0, prec.data_ptr<T>() + i0, g_a_data ? g_a_data + i0 : nullptr,
                                       g_b_data ? g_b_data + i0 : nullptr, g_d.data_ptr<T>() + i0, g_pre.data_ptr<T>() + i0,
                                       i1 - i0);

@@ -319,6 +319,24 @@ TEST_CASE("selective_scan runs in float32 and refuses what does not fit, naming 
     check_error([&] { selective_scan(u, Tensor(), A, B, C); }, {"selective_scan", "undefined"});
 }
 
+TEST_CASE("selective_scan in anomaly mode: an overflow is caught, recorded or not, naming the op")
+{
+    const ScanInputs in = scan_inputs(6, 2, 3, 4, 50);
+    const auto to32 = [](const Tensor& t) { return t.detach().to(kFloat32); };
+    // u near float32's largest value, with B and C positive and above one, overflows h, and so y.
+    const Tensor u = full(in.u.sizes(), 3e38, kFloat32), d = to32(in.delta), A = to32(in.A),
+                 B = to32(in.B).abs() * 10 + 1, C = to32(in.C).abs() + 1;
+    REQUIRE(std::isfinite(u.abs().max().item<double>()));
+    autograd::DetectAnomalyGuard anomaly;
+    check_error([&] { selective_scan(u, d, A, B, C); },
+                {"anomaly", "forward of 'selective_scan'", "not recorded: no input requires grad"});
+    const Tensor leaf = u.detach().requires_grad_();
+    check_error([&] { selective_scan(leaf, d, A, B, C); }, {"anomaly", "forward of 'selective_scan'", "tape entry #"});
+    // Finite inputs with finite results pass.
+    const auto fine = selective_scan(to32(in.u), d, A, to32(in.B), C);
+    CHECK(std::isfinite(fine.first.abs().max().item<double>()));
+}
+
 // ---- minGRU and minLSTM ----
 
 namespace {
