@@ -4,7 +4,7 @@
 // (--cells: W3 and W5 with Recurrent<LSTMCell>, the layer run step by step as a cell of one's own;
 // --eager: W1-cell and W4-cell with the cell run step by step instead of replayed;
 // --profile: after the timed steps, one more under autograd::Profiler, its table on stderr)
-// WORKLOAD: W1-rnn W1-gru W1-lstm W1-cell W2-lstm W2-gru W3 W4 W4-cell W5 W6 W8-mingru W8-mingru-plain W8-gru (W1-cell,
+// WORKLOAD: W1-rnn W1-gru W1-lstm W1-cell W2-lstm W2-gru W3 W4 W4-cell W5 W6 W8-mingru W8-mingru-plain W8-minlstm W8-gru (W1-cell,
 // W4-cell: a user's LSTM cell through Recurrent<Cell> at W1-lstm's and W4's sizes), or W3-sgemm, W2-lstm-sgemm: the
 // GEMMs alone of that workload, same shapes, called straight on OpenBLAS (its limit).
 #include <loom/loom.hpp>
@@ -163,12 +163,18 @@ Workload build(const std::string& name, bool fused, bool checkpoint, bool cells,
         const Tensor x = randn({T, B, I});
         w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
         w.flops = 2 * lstm_flops(T, B, I, H, 4) + 2 * lstm_flops(T, B, 2 * H, H, 4);
-    } else if (name == "W8-mingru" || name == "W8-mingru-plain" || name == "W8-gru") {
-        // A minGRU (log space, nn::MinGRU; W8-mingru-plain: its plain form) against a GRU of the
-        // same width, over a long sequence.
+    } else if (name == "W8-mingru" || name == "W8-mingru-plain" || name == "W8-minlstm" || name == "W8-gru") {
+        // A minGRU (log space, nn::MinGRU; W8-mingru-plain: its plain form) and a minLSTM (log
+        // space) against a GRU of the same width, over a long sequence.
         const std::int64_t I = 256, H = 256, B = 16, T = 1024;
         const Tensor x = randn({T, B, I});
-        if (name != "W8-gru") {
+        if (name == "W8-minlstm") {
+            auto rnn = std::make_shared<nn::MinLSTM>(nn::MinLSTMOptions(I, H));
+            w.keep.push_back(rnn);
+            append(w.params, *rnn);
+            w.loss = [=] { return (*rnn)(x).output.pow(2).mean(); };
+            w.flops = 2.0 * double(T * B * I) * 3 * double(H);
+        } else if (name != "W8-gru") {
             auto rnn = std::make_shared<nn::MinGRU>(nn::MinGRUOptions(I, H).log_space(name == "W8-mingru"));
             w.keep.push_back(rnn);
             append(w.params, *rnn);
