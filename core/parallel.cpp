@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -13,7 +14,35 @@
 
 namespace loom {
 
+// Exported by OpenBLAS but not in its headers: it reads its environment variables at load, stops
+// its threads (as before a fork()) and starts them (reading the timeout it read).
+extern "C" {
+void openblas_read_env(void);
+int blas_thread_shutdown_(void);
+int blas_thread_init(void);
+}
+
 namespace {
+// After each call OpenBLAS's idle threads spin (sched_yield) for 2^28 cycles, about 0.1 s, before
+// they sleep: on the cores where loom's own threaded kernels run next (run_tasks), which then get
+// a part of a core each. W8's minGRU step ran 115 ms with that, 99-103 ms with OpenBLAS's
+// OPENBLAS_THREAD_TIMEOUT at 24 (2^24 cycles, a few ms), while W2's LSTM, whose GEMMs come
+// closer together than that, was the same; at 20 W2 lost 6%. OpenBLAS reads the variable when
+// it starts its threads, which it did when it was loaded, before loom: so unless the user set
+// it, loom sets it for OpenBLAS to read (and takes it out of the environment again, which child
+// processes inherit) and has OpenBLAS start its threads again, here, before any call can be
+// running. At once, not at OpenBLAS's next call: openblas_set_num_threads would otherwise start
+// threads of its own on a stopped pool.
+[[gnu::constructor]] void shorten_openblas_spin()
+{
+    if (std::getenv("OPENBLAS_THREAD_TIMEOUT") || std::getenv("GOTO_THREAD_TIMEOUT")) return;
+    if (setenv("OPENBLAS_THREAD_TIMEOUT", "24", 0) != 0) return;  // no memory: OpenBLAS keeps its own
+    openblas_read_env();
+    unsetenv("OPENBLAS_THREAD_TIMEOUT");
+    blas_thread_shutdown_();
+    blas_thread_init();
+}
+
 int hardware_threads() { return std::max(1, static_cast<int>(std::thread::hardware_concurrency())); }
 std::atomic<int> num_threads{hardware_threads()};
 }  // namespace

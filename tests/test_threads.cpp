@@ -150,3 +150,34 @@ TEST_CASE("threads training their own models at once do not interfere")
     for (auto& th : pool) th.join();
     CHECK(losses[0] == losses[1]);  // the same seed on each thread: the same run
 }
+
+TEST_CASE("OpenBLAS's threads, started again by loom at load with a shorter spin, compute GEMMs from several threads")
+{
+    // loom sets OPENBLAS_THREAD_TIMEOUT only for OpenBLAS to read, then takes it out again.
+    if (std::getenv("GOTO_THREAD_TIMEOUT") == nullptr) CHECK(std::getenv("OPENBLAS_THREAD_TIMEOUT") == nullptr);
+    const int threads = get_num_threads();
+#ifndef __SANITIZE_THREAD__  // ThreadSanitizer's run keeps OpenBLAS on one thread: its threads are not instrumented
+    // More threads than OpenBLAS started with: it starts the rest on the restarted pool.
+    set_num_threads(std::max(4, threads + 2));
+#endif
+    // Large enough for OpenBLAS to split each product across its threads.
+    const Tensor a = randn({192, 160}, kFloat64), b = randn({160, 176}, kFloat64);
+    const std::vector<double> av = values(a), bv = values(b);
+    std::vector<double> expected(192 * 176, 0.0);
+    for (std::size_t i = 0; i < 192; ++i)
+        for (std::size_t k = 0; k < 160; ++k)
+            for (std::size_t j = 0; j < 176; ++j) expected[i * 176 + j] += av[i * 160 + k] * bv[k * 176 + j];
+    std::vector<double> worst(2, 0.0);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < 2; ++t)
+        pool.emplace_back([&, t] {
+            for (int repeat = 0; repeat < 3; ++repeat) {
+                const std::vector<double> got = values(matmul(a, b));
+                for (std::size_t i = 0; i < got.size(); ++i) worst[t] = std::max(worst[t], std::abs(got[i] - expected[i]));
+            }
+        });
+    for (auto& th : pool) th.join();
+    set_num_threads(threads);
+    CHECK(worst[0] < 1e-10);
+    CHECK(worst[1] < 1e-10);
+}
