@@ -100,35 +100,17 @@ std::string hooked_tensor(const autograd::Node& node)
     return fmt::format("the output of '{}' (tape entry #{}, shape {})", node.op, node.seq, node.shape);
 }
 
-// An entry's saved tensors lent to its backward function (ctx.saved) and given back after, also
-// when it throws: moving a handle costs no atomic reference count, where a copy costs two. When
-// backward is recorded they are copied instead (a saved output is the output itself, so the
-// recorded backward differentiates through it).
-class LentSaved {
-public:
-    LentSaved(autograd::Entry& e, autograd::BackwardContext& ctx, bool create_graph)
-        : entry_(e), ctx_(ctx), lent_(!create_graph)
-    {
-        // Every version is checked before anything is lent: a failed check leaves the entry
-        // whole, so the backward can be run again.
-        for (const auto& s : e.saved)
-            if (s.value.defined()) check_version(e, s);
-        ctx.saved.reserve(e.saved.size());
-        for (auto& s : e.saved) ctx.saved.push_back(lent_ ? std::move(s.value) : s.value);
-    }
-    ~LentSaved()
-    {
-        if (lent_)
-            for (std::size_t k = 0; k < entry_.saved.size(); ++k) entry_.saved[k].value = std::move(ctx_.saved[k]);
-    }
-    LentSaved(const LentSaved&) = delete;
-    LentSaved& operator=(const LentSaved&) = delete;
-
-private:
-    autograd::Entry& entry_;
-    autograd::BackwardContext& ctx_;
-    bool lent_;
-};
+// Shows an entry's saved tensors to its backward function where the entry keeps them, once every
+// version is checked: a failed check leaves the entry as it was, so the backward can be run
+// again. Nothing is written into the entry (a long tape's entries lie where forward left them,
+// and a line written is a line written back).
+void show_saved(const autograd::Entry& e, autograd::BackwardContext& ctx)
+{
+    for (const auto& s : e.saved)
+        if (s.value.defined()) check_version(e, s);
+    ctx.saved = std::views::transform(std::span<const autograd::Saved>(e.saved.data(), e.saved.size()),
+                                      &autograd::Saved::value);
+}
 
 // One reverse sweep. Gradients gather in PendingGrads: a non-leaf's own (its thread is this
 // one), a leaf's in this sweep (a leaf may be shared by threads sweeping at once). The
@@ -385,7 +367,7 @@ struct Sweep final : autograd::GradientSums {
             LOOM_CHECK(!e.released, name,
                        "backward through a graph that an earlier backward() already released; pass "
                        "retain_graph=true to the earlier call to sweep the graph more than once");
-            const LentSaved lent(e, ctx, create_graph);
+            show_saved(e, ctx);
             bool saved_recorded = false;
             for (const Tensor& s : ctx.saved) saved_recorded = saved_recorded || s.requires_grad();
             ctx.needs.resize(e.inputs.size());

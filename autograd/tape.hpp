@@ -48,6 +48,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <ranges>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -219,11 +220,16 @@ protected:
     ~GradientSums() = default;
 };
 
+/// An entry's saved tensors as its backward function sees them (`c.saved[k]`, in the order given
+/// to record()): read where the entry keeps them, so that sweeping a long tape writes nothing
+/// back into the entries forward left in memory.
+using SavedTensors = decltype(std::views::transform(std::span<const Saved>(), &Saved::value));
+
 /// What an entry's backward function receives.
 struct BackwardContext {
     /// One per output; undefined where no gradient arrived. Mutable for take_grad().
     mutable SmallVector<Tensor, 2> grads;
-    SmallVector<Tensor, 3> saved;  ///< in the order given to record()
+    SavedTensors saved;  ///< in the order given to record()
     SmallVector<bool, 3> needs;  ///< per input: does it want a gradient?
     /// The entry's input nodes; null where an input needs no gradient.
     const InputNodes* inputs = nullptr;
