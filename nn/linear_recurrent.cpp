@@ -90,6 +90,14 @@ template <class F> void over_elements(std::int64_t n, F&& fn)
     kernels::over_blocks(n, n < kernels::kThreadedElements ? 1 : get_num_threads(), std::forward<F>(fn));
 }
 
+// The fused ops' two operands have one shape and dtype: their callers make them so.
+void check_alike(const char* op, const Tensor& a, const Tensor& b)
+{
+    LOOM_CHECK(a.sizes() == b.sizes() && a.dtype() == b.dtype(), op,
+               "internal: expects two operands of one shape and dtype, got {} {} and {} {}", a.sizes(), a.dtype(),
+               b.sizes(), b.dtype());
+}
+
 // Both layers' log-space coefficients (log a, log b) from d and the candidate's pre-activation
 // `pre`: minGRU's d is its gate's pre-activation k, minLSTM's is log i′ − log f′. One tape entry
 // and one pass over [T, B, H] each way, where the same from ops made eleven passes forward and
@@ -99,9 +107,7 @@ std::pair<Tensor, Tensor> log_coefficients(const Tensor& d, const Tensor& pre)
 {
     const char* op = "min_rnn_log_coefficients";
     const autograd::detail::ProfiledOp profiled(op);
-    LOOM_CHECK(d.sizes() == pre.sizes() && d.dtype() == pre.dtype(), op,
-               "internal: expects d and pre of one shape and dtype, got {} {} and {} {}", d.sizes(), d.dtype(),
-               pre.sizes(), pre.dtype());
+    check_alike(op, d, pre);
     const Tensor dc = kernels::contiguous(d), prec = kernels::contiguous(pre);
     Tensor log_a = empty(d.sizes(), d.dtype()), log_b = empty(d.sizes(), d.dtype());
     dispatch_floating(op, d.dtype(), [&]<class T>() {
@@ -147,9 +153,7 @@ Tensor gate_log_ratio(const Tensor& kf, const Tensor& ki)
 {
     const char* op = "min_lstm_gate_log_ratio";
     const autograd::detail::ProfiledOp profiled(op);
-    LOOM_CHECK(kf.sizes() == ki.sizes() && kf.dtype() == ki.dtype(), op,
-               "internal: expects kf and ki of one shape and dtype, got {} {} and {} {}", kf.sizes(), kf.dtype(),
-               ki.sizes(), ki.dtype());
+    check_alike(op, kf, ki);
     const Tensor kfc = kernels::contiguous(kf), kic = kernels::contiguous(ki);
     Tensor d = empty(kf.sizes(), kf.dtype());
     dispatch_floating(op, kf.dtype(), [&]<class T>() {
