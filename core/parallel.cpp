@@ -31,7 +31,7 @@ namespace {
 // it starts its threads, which it did when it was loaded, before loom: so unless the user set
 // it, loom sets it for OpenBLAS to read (and takes it out of the environment again, which child
 // processes inherit) and has OpenBLAS start its threads again, here, before any call can be
-// running. At once, not at OpenBLAS's next call: openblas_set_num_threads would otherwise start
+// running (libloom is linked, not dlopen()ed, as its initial-exec thread-locals require). At once, not at OpenBLAS's next call: openblas_set_num_threads would otherwise start
 // threads of its own on a stopped pool.
 [[gnu::constructor]] void shorten_openblas_spin()
 {
