@@ -222,7 +222,8 @@ protected:
 
 /// An entry's saved tensors as its backward function sees them (`c.saved[k]`, in the order given
 /// to record()): read where the entry keeps them, so that sweeping a long tape writes nothing
-/// back into the entries forward left in memory.
+/// back into the entries forward left in memory. Valid while the backward function runs: copy a
+/// tensor (or the range, into a std::vector) to keep it longer.
 using SavedTensors = decltype(std::views::transform(std::span<const Saved>(), &Saved::value));
 
 /// What an entry's backward function receives.
