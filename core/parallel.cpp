@@ -31,8 +31,9 @@ namespace {
 // it starts its threads, which it did when it was loaded, before loom: so unless the user set
 // it, loom sets it for OpenBLAS to read (and takes it out of the environment again, which child
 // processes inherit) and has OpenBLAS start its threads again, here, before any call can be
-// running (libloom is linked, not dlopen()ed, as its initial-exec thread-locals require). At once, not at OpenBLAS's next call: openblas_set_num_threads would otherwise start
-// threads of its own on a stopped pool.
+// running (libloom is linked, not dlopen()ed, as its initial-exec thread-locals require). At once
+// rather than at OpenBLAS's next call, so that no OpenBLAS function meets a stopped pool (older
+// versions' openblas_set_num_threads added threads to one without starting it).
 [[gnu::constructor]] void shorten_openblas_spin()
 {
     if (std::getenv("OPENBLAS_THREAD_TIMEOUT") || std::getenv("GOTO_THREAD_TIMEOUT")) return;

@@ -3,6 +3,10 @@
 // may backpropagate into one at once. Built and run under ThreadSanitizer by .ci/run.
 #include "helpers.hpp"
 
+#include <cblas.h>
+
+#include <filesystem>
+#include <iterator>
 #include <thread>
 
 using namespace loom;
@@ -158,7 +162,8 @@ TEST_CASE("OpenBLAS's threads, started again by loom at load with a shorter spin
     const int threads = get_num_threads();
 #ifndef __SANITIZE_THREAD__  // ThreadSanitizer's run keeps OpenBLAS on one thread: its threads are not instrumented
     // More threads than OpenBLAS started with: it starts the rest on the restarted pool.
-    set_num_threads(std::max(4, threads + 2));
+    const int openblas_threads = openblas_get_num_threads(), wanted = std::max(4, threads + 2);
+    set_num_threads(wanted);
 #endif
     // Large enough for OpenBLAS to split each product across its threads.
     const Tensor a = randn({192, 160}, kFloat64), b = randn({160, 176}, kFloat64);
@@ -177,6 +182,13 @@ TEST_CASE("OpenBLAS's threads, started again by loom at load with a shorter spin
             }
         });
     for (auto& th : pool) th.join();
+#ifndef __SANITIZE_THREAD__
+    // This process's threads: this one and OpenBLAS's, one fewer than it computes on (none lost in
+    // the restart, none started twice).
+    const auto tasks = std::distance(std::filesystem::directory_iterator("/proc/self/task"),
+                                     std::filesystem::directory_iterator());
+    CHECK(tasks == std::max(openblas_threads, wanted));
+#endif
     set_num_threads(threads);
     CHECK(worst[0] < 1e-10);
     CHECK(worst[1] < 1e-10);
