@@ -155,7 +155,7 @@ TEST_CASE("threads training their own models at once do not interfere")
     CHECK(losses[0] == losses[1]);  // the same seed on each thread: the same run
 }
 
-TEST_CASE("OpenBLAS's threads, started again by loom at load with a shorter spin, compute GEMMs from several threads")
+TEST_CASE("OpenBLAS's threads, started again by loom at load, compute GEMMs from several threads, and the environment is left as it was")
 {
     // loom sets OPENBLAS_THREAD_TIMEOUT only for OpenBLAS to read, then takes it out again.
     if (std::getenv("GOTO_THREAD_TIMEOUT") == nullptr) CHECK(std::getenv("OPENBLAS_THREAD_TIMEOUT") == nullptr);
