@@ -25,12 +25,6 @@ Tensor min_rnn_log_g(const Tensor& v)
 }
 
 namespace {
-// softplus(x) = log(1 + e^x) without overflow, branch-free, so that the loops below vectorise.
-template <class T> [[gnu::always_inline]] inline T softplus_of(T x)
-{
-    return std::max(x, T(0)) + log1p_of(exp_of(-std::abs(x)));
-}
-
 // log(1 − σ(d)) = −softplus(d) and log σ(d) + log g(pre) = d − softplus(d) + log g(pre), where
 // log g(v) = log(v + 1/2) for v ≥ 0 and log σ(v) = v − softplus(v) below: min_rnn_log_g's
 // branches, computed both and selected, so that the loop vectorises (exp_of, log_of and
