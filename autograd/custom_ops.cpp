@@ -19,7 +19,7 @@ void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs)
         // the output is a new tensor of the same values, which this op's entry can own.
         const bool repeated = std::any_of(outputs.begin(), outputs.begin() + std::ptrdiff_t(k),
                                           [&](const Tensor& earlier) { return earlier.is_same(o); });
-        if (o.impl().node || repeated) o = o.detach();
+        if (o.requires_grad() || repeated) o = o.detach();
     }
 }
 

@@ -37,6 +37,7 @@ struct Graph {
     std::vector<const Entry*> entries;       // ascending seq
     std::vector<const Node*> leaves;         // in the order first met
     std::unordered_map<const Node*, std::string> leaf_names;
+    std::unordered_map<std::uint64_t, std::uint64_t> seq_of_slot;  // the producer of each non-leaf input
 
     std::unordered_map<const Node*, std::size_t> unnamed;  // numbers the leaves without a name: "leaf 0", ...
 
@@ -46,23 +47,41 @@ struct Graph {
         return it != leaf_names.end() ? visible(it->second) : fmt::format("leaf {}", unnamed.at(n));
     }
     // How an input appears: "#12" for an entry's output, a leaf's name otherwise.
-    std::string source(const Node* n) const { return n->seq ? fmt::format("#{}", n->seq) : leaf_label(n); }
+    std::string source(const InputRef& in) const
+    {
+        return in.node ? leaf_label(in.node) : fmt::format("#{}", seq_of_slot.at(in.slot));
+    }
 };
 
-// The entry that produced `node`: an error naming its op when an earlier backward() released
-// that entry, whether it is still on the tape or was reclaimed since.
-const Entry& entry_of(std::string_view op, const Node& node)
+// A tensor that requires grad and was recorded by no op.
+bool is_leaf_node(const Tensor& t) { return t.defined() && t.requires_grad() && t.impl().history.seq == 0; }
+
+// The entry that produced a non-leaf: an error naming its op when an earlier backward()
+// released that entry, whether it is still on the tape or was reclaimed since.
+const Entry& entry_of(std::string_view op, const History& h)
 {
     const auto& tape = engine::this_tape();
-    const bool reclaimed = node.tape == tape.id && node.seq < tape.reset_floor;
+    const bool reclaimed = h.tape == tape.id && h.seq < tape.reset_floor;
     // Numbers are per tape: another thread's entry #5 is not this one's.
-    const Entry* e = reclaimed || node.tape != tape.id ? nullptr : find_entry(node.seq);
+    const Entry* e = reclaimed || h.tape != tape.id ? nullptr : find_entry(h.seq);
     LOOM_CHECK(!reclaimed && !(e && e->released), op,
                "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
                "or pass retain_graph=true",
-               node.op, node.seq);
+               h.op, h.seq);
     LOOM_CHECK(e, op, "the tensor's history is not on this thread's tape (computed on another thread, or reclaimed)");
     return *e;
+}
+
+// The entry whose output a non-leaf input of slot `slot` is.
+const Entry& producer_of(std::string_view op, std::uint64_t slot)
+{
+    const auto& tape = engine::this_tape();
+    if (const auto it = tape.reclaimed_inputs.find(slot); it != tape.reclaimed_inputs.end())
+        return entry_of(op, it->second);
+    const std::size_t i = engine::entry_of_slot(tape, slot);
+    LOOM_CHECK(i < tape.entries.size(), op, "internal: no entry on the tape produced gradient slot {}", slot);
+    const Entry& e = tape.entries[i];
+    return entry_of(op, History{e.name, e.seq, slot, tape.id});
 }
 
 Graph collect(std::string_view op, const Tensor& root, const Names& names)
@@ -72,31 +91,38 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
                "from tensors without requires_grad_()?)");
     Graph g;
     for (const auto& [name, t] : names)
-        if (t.defined() && t.requires_grad()) g.leaf_names.emplace(t.impl().node.get(), name);
+        if (is_leaf_node(t)) g.leaf_names.emplace(t.impl().node.get(), name);
     std::map<std::uint64_t, const Entry*> found;
-    std::vector<const Node*> todo{root.impl().node.get()};
-    std::unordered_map<const Node*, bool> seen;
+    std::unordered_set<const Node*> seen_leaves;
+    std::vector<const Entry*> todo;
+    if (is_leaf_node(root)) {
+        g.leaves.push_back(root.impl().node.get());
+        seen_leaves.insert(g.leaves.back());
+    } else {
+        todo.push_back(&entry_of(op, root.impl().history));
+    }
     while (!todo.empty()) {
-        const Node* n = todo.back();
+        const Entry& e = *todo.back();
         todo.pop_back();
-        if (!seen.emplace(n, true).second) continue;
-        if (n->seq == 0) {
-            g.leaves.push_back(n);
-            continue;
-        }
-        const Entry& e = entry_of(op, *n);
         if (!found.emplace(e.seq, &e).second) continue;
-        for (const auto& input : e.inputs)
-            if (input) todo.push_back(input.node);
+        for (const auto& input : e.inputs) {
+            if (input.node) {
+                if (seen_leaves.insert(input.node).second) g.leaves.push_back(input.node);
+            } else if (input.slot != 0) {
+                const Entry& producer = producer_of(op, input.slot);
+                g.seq_of_slot.emplace(input.slot, producer.seq);
+                todo.push_back(&producer);
+            }
+        }
     }
     for (const auto& [seq, e] : found) g.entries.push_back(e);
     // Named leaves in the order the user listed them, then the others in the order first met.
     std::vector<const Node*> ordered;
     std::unordered_set<const Node*> placed;
     for (const auto& [name, t] : names) {
-        if (!t.defined() || !t.requires_grad()) continue;
+        if (!is_leaf_node(t)) continue;
         const Node* n = t.impl().node.get();
-        if (n->seq == 0 && seen.count(n) && placed.insert(n).second) ordered.push_back(n);  // reached, listed once
+        if (seen_leaves.count(n) && placed.insert(n).second) ordered.push_back(n);  // reached, listed once
     }
     for (const Node* n : g.leaves)
         if (!g.leaf_names.count(n)) {
@@ -111,9 +137,9 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
 std::string outputs_of(const Entry& e)
 {
     std::string out;
-    for (const auto& node : e.outputs) {
+    for (const auto& output : e.outputs) {
         if (!out.empty()) out += ", ";
-        out += fmt::format("{} {}", node->shape, node->dtype);
+        out += fmt::format("{} {}", output.shape, output.dtype);
     }
     return out;
 }
@@ -147,7 +173,7 @@ std::string to_dot(const Tensor& root, const Names& names)
     }
     std::unordered_map<const Node*, std::size_t> leaf_index;
     for (std::size_t i = 0; i < g.leaves.size(); ++i) leaf_index[g.leaves[i]] = i;
-    const std::uint64_t root_seq = root.impl().node->seq;
+    const std::uint64_t root_seq = root.impl().history.seq;
     for (const Entry* e : g.entries) {
         std::string label = fmt::format("{}\n{}", visible(e->name), outputs_of(*e));
         if (e->scope) label += fmt::format("\n({})", visible(*e->scope));
@@ -157,8 +183,8 @@ std::string to_dot(const Tensor& root, const Names& names)
     for (const Entry* e : g.entries)
         for (const auto& input : e->inputs) {
             if (!input) continue;
-            const std::string from =
-                input.node->seq ? fmt::format("e{}", input.node->seq) : fmt::format("l{}", leaf_index.at(input.node));
+            const std::string from = input.node ? fmt::format("l{}", leaf_index.at(input.node))
+                                                : fmt::format("e{}", g.seq_of_slot.at(input.slot));
             dot += fmt::format("  {} -> e{};\n", from, e->seq);
         }
     return dot + "}\n";
@@ -174,7 +200,7 @@ std::string to_text(const Tensor& root, const Names& names)
         for (const auto& input : e->inputs) {
             if (!input) continue;
             if (!inputs.empty()) inputs += ", ";
-            inputs += g.source(input.node);
+            inputs += g.source(input);
         }
         text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, visible(e->name), outputs_of(*e), inputs,
                             e->scope ? fmt::format("  ({})", visible(*e->scope)) : std::string());

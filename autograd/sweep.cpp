@@ -16,6 +16,8 @@ namespace loom {
 
 namespace {
 
+using autograd::History;
+
 using autograd::engine::this_tape;
 using autograd::engine::anomaly_guarded;
 
@@ -96,8 +98,8 @@ void check_version(const autograd::Entry& e, const autograd::Saved& s)
 
 std::string hooked_tensor(const autograd::Node& node)
 {
-    if (node.seq == 0) return fmt::format("a leaf of shape {}", node.shape);
-    return fmt::format("the output of '{}' (tape entry #{}, shape {})", node.op, node.seq, node.shape);
+    if (node.history.seq == 0) return fmt::format("a leaf of shape {}", node.shape);
+    return fmt::format("the output of '{}' (tape entry #{}, shape {})", node.history.op, node.history.seq, node.shape);
 }
 
 // Shows an entry's saved tensors to its backward function where the entry keeps them, once every
@@ -134,10 +136,11 @@ struct Sweep final : autograd::GradientSums {
     // Slots holding a gradient that no entry has taken yet: when none is left, nothing below can
     // be reached, and the sweep stops instead of walking the rest of the tape.
     std::size_t outstanding = 0;
-    // Sums kept apart from the slots: leaves', and those of captured nodes below `floor`, in
-    // the order first reached (`touched`).
+    // Sums kept apart from the slots: the leaves', in the order first reached (`touched`), and
+    // those of the non-leaves below `floor` that grad() captures, by slot.
     std::unordered_map<const autograd::Node*, autograd::PendingGrad> held;
     std::vector<autograd::Node*> touched;
+    std::unordered_map<std::uint64_t, autograd::PendingGrad> held_below;
     // Leaves with post-accumulate hooks, each with the index of the last entry (lowest on the
     // tape) that reads it, highest index first: once the sweep is below that index, the leaf's
     // gradient is final and is added into .grad() at once (backward() only).
@@ -191,8 +194,6 @@ struct Sweep final : autograd::GradientSums {
     Sweep(const Sweep&) = delete;
     Sweep& operator=(const Sweep&) = delete;
 
-    bool held_apart(const autograd::Node& node) const { return node.seq == 0 || node.seq < floor; }
-
     autograd::PendingGrad& slot(std::uint64_t s)
     {
         LOOM_CHECK(s >= base_slot && s - base_slot < slots.size(), "backward",
@@ -200,48 +201,81 @@ struct Sweep final : autograd::GradientSums {
         return slots[static_cast<std::size_t>(s - base_slot)];
     }
 
-    autograd::PendingGrad& pending(autograd::Node* node)
+    // A leaf's sum.
+    autograd::PendingGrad& pending(autograd::Node* leaf)
     {
-        if (held_apart(*node)) {
-            auto [it, fresh] = held.try_emplace(node);
-            if (fresh) touched.push_back(node);
-            return it->second;
-        }
-        if (node->seq < tape.reset_floor) autograd::engine::fail_released(*node);
-        return slot(node->slot);
+        auto [it, fresh] = held.try_emplace(leaf);
+        if (fresh) touched.push_back(leaf);
+        return it->second;
     }
 
-    // The sum a gradient arriving at `node` goes into; an error below the floor, where the
-    // gradient could flow no further.
-    autograd::PendingGrad& receiving(autograd::Node* node)
+    // A non-leaf's sum: its slot, or kept apart below the floor.
+    autograd::PendingGrad& pending(const History& h)
     {
-        autograd::PendingGrad& p = pending(node);
-        if (!held_apart(*node)) {
+        if (h.seq < floor) return held_below[h.slot];
+        if (h.seq < tape.reset_floor) autograd::engine::fail_released(h);
+        return slot(h.slot);
+    }
+
+    // A tensor's sum.
+    autograd::PendingGrad& pending_of(const Tensor& t)
+    {
+        const TensorImpl& impl = t.impl();
+        return impl.history.seq == 0 ? pending(impl.node.get()) : pending(impl.history);
+    }
+
+    // The sum a gradient arriving at a leaf goes into.
+    autograd::PendingGrad& receiving(autograd::Node* leaf) { return pending(leaf); }
+
+    // The sum a gradient arriving at a non-leaf goes into; an error below the floor, where the
+    // gradient could flow no further.
+    autograd::PendingGrad& receiving(const History& h)
+    {
+        autograd::PendingGrad& p = pending(h);
+        if (h.seq >= floor) {
             if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
             return p;
         }
-        if (node->seq == 0 || p.captured) return p;
+        if (p.captured) return p;
         if (kind == Kind::checkpoint_segment)
             fail("backward",
                  "a gradient reached tape entry #{} ('{}'), recorded before the steps a checkpointed layer ran again: "
                  "its cell read a tensor that requires grad but is neither its input, its state nor one of its "
                  "parameters; compute that tensor inside the cell, or build the layer without checkpoint(true)",
-                 node->seq, node->op);
+                 h.seq, h.op);
         fail("backward",
              "a grad() or backward() called while another backward pass runs (inside a backward function or a "
              "hook) reached tape entry #{} ('{}'), recorded before that pass began, whose gradients it must not "
              "touch; differentiate only what you computed inside it, from detach()ed tensors",
-             node->seq, node->op);
+             h.seq, h.op);
     }
 
     // The sum a gradient arriving at an entry's input goes into: a slot of this sweep's, found
-    // without reaching the input's node, or as above.
+    // without reaching the input, or as above.
     autograd::PendingGrad& receiving(const autograd::InputRef& in)
     {
-        if (in.slot < base_slot) return receiving(in.node);  // a leaf, or below the floor
+        if (in.node) return receiving(in.node);
+        if (in.slot < base_slot) return receiving(history_of_slot(in.slot));  // below the floor
         autograd::PendingGrad& p = slot(in.slot);
         if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
         return p;
+    }
+
+    // The producer of a non-leaf input below this sweep's slots, for errors and captures.
+    History history_of_slot(std::uint64_t s) const
+    {
+        if (const auto it = tape.reclaimed_inputs.find(s); it != tape.reclaimed_inputs.end()) return it->second;
+        const std::size_t i = autograd::engine::entry_of_slot(tape, s);
+        LOOM_CHECK(i < tape.entries.size(), "backward", "internal: no entry on the tape produced gradient slot {}", s);
+        return History{tape.entries[i].name, tape.entries[i].seq, s, tape.id};
+    }
+
+    // Adds g to the sum of tensor t's gradient.
+    void add_to(const Tensor& t, Tensor g)
+    {
+        const TensorImpl& impl = t.impl();
+        if (impl.history.seq == 0) add(impl.node.get(), std::move(g));
+        else add(impl.history, std::move(g));
     }
 
     // Makes p.sum a buffer of its own, so it can be added into in place.
@@ -350,11 +384,12 @@ struct Sweep final : autograd::GradientSums {
                 // Taken from its slot (no reference count to bump) unless grad() wants it kept there.
                 Tensor g = p.captured ? p.sum : std::move(p.sum);
                 // Only a watched entry's outputs have hooks to run or a gradient to retain.
-                if (e.watched) {
-                    autograd::Node& node = *e.outputs[k];
-                    g = apply_hooks(node, g);
-                    if (accumulate && node.retains_grad) accumulate_grad(node, g, create_graph);
-                }
+                if (e.watched)
+                    if (const auto it = tape.watched_nodes.find(e.first_slot + k); it != tape.watched_nodes.end()) {
+                        autograd::Node& node = *it->second;
+                        g = apply_hooks(node, g);
+                        if (accumulate && node.retains_grad) accumulate_grad(node, g, create_graph);
+                    }
                 grads_recorded = grads_recorded || g.requires_grad();
                 if (p.captured) p.sum = g;
                 else p = autograd::PendingGrad();
@@ -373,6 +408,7 @@ struct Sweep final : autograd::GradientSums {
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = bool(e.inputs[k]);
             ctx.inputs = &e.inputs;
+            ctx.input_meta = e.input_meta.get();
             // Made where it is returned: assigned, its inline gradients would be moved one by one.
             autograd::GradList input_grads = [&] {
                 const autograd::detail::InnerOps in_backward;
@@ -430,7 +466,7 @@ struct Sweep final : autograd::GradientSums {
         std::unordered_map<const autograd::Node*, std::size_t> found;
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;)
             for (const auto& input : entries[i].inputs)
-                if (autograd::Node* in = input.node; in && in->seq == 0 && in->has_post_accumulate_hooks()) {
+                if (autograd::Node* in = input.node; in && in->has_post_accumulate_hooks()) {
                     auto [it, fresh] = found.try_emplace(in, i);
                     if (fresh) last_readers.emplace_back(i, in);
                     else it->second = i;
@@ -470,7 +506,7 @@ struct Sweep final : autograd::GradientSums {
     {
         GradModeGuard mode(create_graph);
         for (auto& [node, p] : held)
-            if (node->seq == 0 && p.sum.defined() && !p.accumulated) p.sum = apply_hooks(*node, p.sum);
+            if (p.sum.defined() && !p.accumulated) p.sum = apply_hooks(*node, p.sum);
     }
 
     // Adds each leaf's gradient into its .grad(), under the lock that makes shared leaves safe,
@@ -482,7 +518,6 @@ struct Sweep final : autograd::GradientSums {
         {
             std::lock_guard<std::mutex> lock(leaf_grad_mutex);
             for (auto& n : touched) {
-                if (n->seq != 0) continue;
                 autograd::PendingGrad& p = held.at(n);
                 if (!p.sum.defined() || p.accumulated) continue;
                 accumulate_grad(*n, std::move(p.sum), create_graph);  // p.sum is this sweep's only use of it
@@ -498,7 +533,7 @@ struct Sweep final : autograd::GradientSums {
     void check_no_stray_leaves() const
     {
         for (const auto& [node, p] : held)
-            LOOM_CHECK(node->seq != 0 || !p.sum.defined() || p.captured, "backward",
+            LOOM_CHECK(!p.sum.defined() || p.captured, "backward",
                        "a checkpointed layer ran its cell again, and the cell read a tensor of shape {} that requires "
                        "grad but is neither its input, its state nor one of its parameters: its gradient would be "
                        "lost; register it in the cell (register_parameter, or register_module for a submodule), or "
@@ -507,21 +542,34 @@ struct Sweep final : autograd::GradientSums {
     }
 };
 
-const std::shared_ptr<autograd::Node>& node_of(std::string_view op, const Tensor& t, std::string_view what)
+void check_requires_grad(std::string_view op, const Tensor& t, std::string_view what)
 {
     LOOM_CHECK(t.requires_grad(), op,
                "{} does not require grad: none of the tensors it was computed from had requires_grad_() set, or "
                "it was computed under NoGradGuard",
                what);
-    return t.impl().node;
 }
 
 // Backward runs on the tape that recorded the history: a non-leaf from another thread is refused.
-void check_this_thread(std::string_view op, const autograd::Node& node)
+void check_this_thread(std::string_view op, const Tensor& t)
 {
-    LOOM_CHECK(node.seq == 0 || node.tape == this_tape().id, op,
+    const History& h = t.impl().history;
+    LOOM_CHECK(h.seq == 0 || h.tape == this_tape().id, op,
                "the tensor's history was recorded on another thread; each thread has its own tape, so run "
                "backward on the thread that ran forward");
+}
+
+// The tensor's node, made for a non-leaf on first use (a hook, retain_grad(), set_grad()).
+autograd::Node& node_made(const Tensor& t)
+{
+    auto& node = t.impl().node;
+    if (!node) {
+        node = std::allocate_shared<autograd::Node>(PoolAllocator<autograd::Node>());
+        node->shape = t.sizes();
+        node->dtype = t.dtype();
+        node->history = t.impl().history;
+    }
+    return *node;
 }
 
 Tensor seed_for(std::string_view op, const Tensor& output, const Tensor& gradient)
@@ -551,72 +599,71 @@ Tensor autograd::BackwardContext::accumulator(std::size_t k) const
 
 Tensor& Tensor::requires_grad_(bool on)
 {
-    auto& node = impl().node;
     if (on) {
         LOOM_CHECK(is_floating(dtype()), "requires_grad_", "only float32 and float64 tensors can require grad, got {}",
                    dtype());
-        if (!node) {
-            node = std::allocate_shared<autograd::Node>(PoolAllocator<autograd::Node>());
-            node->shape = sizes();
-            node->dtype = dtype();
-        }
-    } else if (node) {
-        LOOM_CHECK(node->seq == 0, "requires_grad_",
+        if (!requires_grad()) node_made(*this);
+    } else if (requires_grad()) {
+        LOOM_CHECK(impl().history.seq == 0, "requires_grad_",
                    "cannot turn off requires_grad on a non-leaf tensor; use detach() instead");
-        node.reset();
+        impl().node.reset();
     }
     return *this;
 }
 
-bool Tensor::is_leaf() const { return !requires_grad() || impl().node->seq == 0; }
+bool Tensor::is_leaf() const { return !requires_grad() || impl().history.seq == 0; }
 
 Tensor Tensor::grad() const
 {
-    if (!requires_grad()) return Tensor();
+    if (!defined() || !impl().node) return Tensor();
     std::lock_guard<std::mutex> lock(leaf_grad_mutex);
     return impl().node->grad;
 }
 
 void Tensor::set_grad(const Tensor& g) const
 {
-    const auto& node = node_of("set_grad", *this, "the tensor");
-    if (g.defined()) check_gradient("set_grad", *node, g, "the gradient");
+    check_requires_grad("set_grad", *this, "the tensor");
+    autograd::Node& node = node_made(*this);
+    if (g.defined()) check_gradient("set_grad", node, g, "the gradient");
     std::lock_guard<std::mutex> lock(leaf_grad_mutex);
-    node->grad = g;
+    node.grad = g;
 }
 
 void Tensor::zero_grad() const
 {
-    if (!requires_grad()) return;
+    if (!defined() || !impl().node) return;
     std::lock_guard<std::mutex> lock(leaf_grad_mutex);
     impl().node->grad = Tensor();
 }
 
 namespace {
 // A non-leaf's hooks and retain_grad() are run by the sweep only for the outputs of entries
-// marked watched; this marks the entry that produced `node`.
-void watch(std::string_view op, const autograd::Node& node)
+// marked watched, from the nodes the tape keeps for them; this marks the entry that produced `t`
+// and keeps its node. Returns that node, made if need be.
+autograd::Node& watch(std::string_view op, const Tensor& t)
 {
-    if (node.seq == 0) return;
-    check_this_thread(op, node);
-    if (node.seq < this_tape().reset_floor) return;  // released: no gradient can reach it again
-    const autograd::Entry* e = autograd::find_entry(node.seq);
-    LOOM_CHECK(e, op, "internal: the tensor's tape entry #{} is not on this thread's tape", node.seq);
+    check_requires_grad(op, t, "the tensor");
+    const History& h = t.impl().history;
+    if (h.seq == 0) return *t.impl().node;
+    check_this_thread(op, t);
+    autograd::Node& node = node_made(t);
+    auto& tape = this_tape();
+    if (h.seq < tape.reset_floor) return node;  // released: no gradient can reach it again
+    const autograd::Entry* e = autograd::find_entry(h.seq);
+    LOOM_CHECK(e, op, "internal: the tensor's tape entry #{} is not on this thread's tape", h.seq);
+    tape.watched_nodes.emplace(h.slot, t.impl().node);
     const_cast<autograd::Entry*>(e)->watched = true;
+    return node;
 }
 }  // namespace
 
-void Tensor::retain_grad() const
-{
-    const auto& node = node_of("retain_grad", *this, "the tensor");
-    watch("retain_grad", *node);
-    node->retains_grad = true;
-}
+void Tensor::retain_grad() const { watch("retain_grad", *this).retains_grad = true; }
 
 void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&)> hook) const
 {
-    const auto& node = node_of("register_post_accumulate_grad_hook", *this, "the tensor");
-    LOOM_CHECK(node->seq == 0, "register_post_accumulate_grad_hook",
+    check_requires_grad("register_post_accumulate_grad_hook", *this, "the tensor");
+    const auto& node = impl().node;
+    LOOM_CHECK(impl().history.seq == 0, "register_post_accumulate_grad_hook",
                "expects a leaf (a tensor that requires grad and was not computed by a recorded op); a non-leaf's "
                "gradient is not accumulated into grad(): use register_hook");
     LOOM_CHECK(hook, "register_post_accumulate_grad_hook", "expects a callable hook, got an empty std::function");
@@ -629,9 +676,7 @@ void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&
 
 void Tensor::register_hook(std::function<Tensor(const Tensor&)> hook) const
 {
-    const auto& node = node_of("register_hook", *this, "the tensor");
-    watch("register_hook", *node);
-    node->hooks_made().gradient.push_back(std::move(hook));
+    watch("register_hook", *this).hooks_made().gradient.push_back(std::move(hook));
 }
 
 Tensor Tensor::detach() const { return kernels::alias(*this); }
@@ -639,12 +684,12 @@ Tensor Tensor::detach() const { return kernels::alias(*this); }
 void Tensor::backward(const Tensor& gradient, std::optional<bool> retain_graph, bool create_graph) const
 {
     const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Sweep, "backward()");
-    const auto& node = node_of("backward", *this, "the tensor");
-    check_this_thread("backward", *node);
+    check_requires_grad("backward", *this, "the tensor");
+    check_this_thread("backward", *this);
     Tensor seed = seed_for("backward", *this, gradient);
     Sweep sweep(create_graph);
-    sweep.add(node.get(), seed);
-    sweep.run(node->seq, retain_graph.value_or(create_graph), /*accumulate=*/true);
+    sweep.add_to(*this, seed);
+    sweep.run(impl().history.seq, retain_graph.value_or(create_graph), /*accumulate=*/true);
     sweep.finish_leaves();
     sweep.accumulate_leaves();
 }
@@ -661,16 +706,16 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
                "got {} grad_outputs for {} outputs", grad_outputs.size(), outputs.size());
     Sweep sweep(create_graph, first);
     for (std::size_t i = 0; i < inputs.size(); ++i) {
-        const auto& node = node_of("grad", inputs[i], fmt::format("input {}", i));
-        check_this_thread("grad", *node);
-        sweep.pending(node.get()).captured = true;
+        check_requires_grad("grad", inputs[i], fmt::format("input {}", i));
+        check_this_thread("grad", inputs[i]);
+        sweep.pending_of(inputs[i]).captured = true;
     }
     std::uint64_t start = 0;
     for (std::size_t i = 0; i < outputs.size(); ++i) {
-        const auto& node = node_of("grad", outputs[i], fmt::format("output {}", i));
-        check_this_thread("grad", *node);
-        sweep.add(node.get(), seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
-        start = std::max(start, node->seq);
+        check_requires_grad("grad", outputs[i], fmt::format("output {}", i));
+        check_this_thread("grad", outputs[i]);
+        sweep.add_to(outputs[i], seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
+        start = std::max(start, outputs[i].impl().history.seq);
     }
     sweep.run(start, retain_graph, /*accumulate=*/false);
     // A checkpointed segment hands its leaves' gradients to the sweep that runs it; leaf hooks
@@ -679,7 +724,7 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
     else sweep.finish_leaves();
     std::vector<Tensor> result;
     for (std::size_t i = 0; i < inputs.size(); ++i) {
-        const Tensor g = sweep.pending(inputs[i].impl().node.get()).sum;
+        const Tensor g = sweep.pending_of(inputs[i]).sum;
         LOOM_CHECK(g.defined() || allow_unused, "grad",
                    "input {} (shape {}) was not used to compute the outputs; pass allow_unused=true to get an "
                    "undefined gradient for it",

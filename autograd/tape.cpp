@@ -25,9 +25,10 @@ Tape& create_tape()
 void release(Entry& e)
 {
     e.released = true;
-    for (const Saved& s : e.saved)
-        if (s.is_output) --e.outputs[s.output]->producer_saves;
+    if (e.watched)
+        for (std::size_t k = 0; k < e.outputs.size(); ++k) this_tape().watched_nodes.erase(e.first_slot + k);
     e.inputs = InputNodes();
+    e.input_meta.reset();
     e.saved = {};
     e.backward = nullptr;
 }
@@ -36,6 +37,8 @@ void reset(Tape& tape)
 {
     const bool long_tape = tape.entries.size() >= kOrderedListLength;
     tape.entries.clear();
+    tape.watched_nodes.clear();
+    tape.reclaimed_inputs.clear();
     if (long_tape) order_small_objects();  // what the next forward makes, it makes in sequence
     tape.released_entries = 0;
     tape.reset_floor = tape.next_seq;
@@ -61,7 +64,7 @@ static void drop_unread_held_inputs(Tape& tape)
     std::unordered_set<const Node*> read;
     for (std::size_t i = 0; i < tape.entries.size(); ++i)
         for (const InputRef& in : tape.entries[i].inputs)
-            if (in && in.slot == 0) read.insert(in.node);
+            if (in.node) read.insert(in.node);
     std::vector<std::shared_ptr<Node>> kept;
     kept.reserve(tape.held_inputs.size());  // before any hold is moved: nothing below may throw
     for (auto& node : tape.held_inputs)
@@ -73,10 +76,10 @@ static void drop_unread_held_inputs(Tape& tape)
 // Drops the dead entries: those no tensor holds an output of and no live entry reads (no
 // gradient can reach them again). Walking backwards, every reader of an entry's outputs is
 // judged before the entry itself, so one pass reclaims whole dead chains. A dead entry that
-// saved an input (mul saves both) still holds that input's tensor, and so its node, until it is
-// destroyed: such holds are counted as the walk goes and do not keep the producer alive. Nor
-// do an entry's saves of its own output (tanh saves its result): a tensor the entry alone holds,
-// with dead entries, is no user's.
+// saved an input (mul saves both) still holds that input's tensor until it is destroyed: such
+// holds are counted as the walk goes and do not keep the producer alive. Nor do an entry's saves
+// of its own output (tanh saves its result): a tensor the entry alone holds, with dead entries,
+// is no user's.
 void compact_since(std::uint64_t first_seq)
 {
     auto& tape = this_tape();
@@ -86,39 +89,26 @@ void compact_since(std::uint64_t first_seq)
     const std::uint64_t base = tape.entries[first].first_slot;
     const auto slots = static_cast<std::size_t>(tape.next_slot - base);
     std::vector<bool> read(slots, false);  // by a live entry, per slot
-    // Per slot: the tensors holding its node that only dead entries' saved lists hold.
+    // Per slot: the holds on its tensor that only dead entries' saved lists make.
     std::vector<std::uint32_t> held_by_dead(slots, 0);
-    // A saved tensor that something else holds too: how many dead entries' saves hold it so far.
-    std::unordered_map<const TensorImpl*, long> dead_saves;
     const auto drop_saves = [&](const Entry& e) {
         for (const Saved& s : e.saved) {
             if (s.is_output || !s.value.defined()) continue;
-            const auto& node = s.value.impl().node;
-            if (!node || node->seq == 0 || node->tape != tape.id || node->seq < tape.reset_floor ||
-                node->slot < base || node->slot - base >= slots)
+            const History& h = s.value.impl().history;
+            if (h.seq == 0 || h.tape != tape.id || h.seq < tape.reset_floor || h.slot < base || h.slot - base >= slots)
                 continue;
-            const auto& impl = s.value.impl_ptr();
-            // Holds beyond the saves of its producer, which is judged later in the walk.
-            const long holds = impl.use_count() - long(node->producer_saves);
-            if (holds == 1 || ++dead_saves[impl.get()] == holds)
-                ++held_by_dead[static_cast<std::size_t>(node->slot - base)];
+            ++held_by_dead[static_cast<std::size_t>(h.slot - base)];
         }
     };
     std::vector<bool> dead(tape.entries.size(), false);
     for (std::size_t i = tape.entries.size(); i-- > first;) {
         const auto& e = tape.entries[i];
         bool live = false;
-        for (std::size_t k = 0; k < e.outputs.size(); ++k) {
+        for (std::size_t k = 0; k < e.outputs.size() && !live; ++k) {
             const auto slot = static_cast<std::size_t>(e.first_slot + k - base);
-            // A tensor holding output k that nothing but the entry's own saves holds is no user's.
-            long held_by_self = 0;
-            if (const auto saves = long(e.outputs[k]->producer_saves); saves > 0)
-                for (const Saved& s : e.saved)
-                    if (s.is_output && s.output == k) {
-                        held_by_self = s.value.impl_ptr().use_count() == saves;
-                        break;
-                    }
-            live = live || e.outputs[k].use_count() > 1 + long(held_by_dead[slot]) + held_by_self || read[slot];
+            long held_by_self = 0;  // the entry's own saves of output k
+            for (const Saved& s : e.saved) held_by_self += s.is_output && s.output == k;
+            live = e.outputs[k].tensor.use_count() > held_by_self + long(held_by_dead[slot]) || read[slot];
         }
         dead[i] = !live;
         if (!live) {
@@ -130,8 +120,12 @@ void compact_since(std::uint64_t first_seq)
     }
     std::size_t kept = first;
     for (std::size_t i = first; i < tape.entries.size(); ++i)
-        if (dead[i]) tape.released_entries -= tape.entries[i].released;
-        else {
+        if (dead[i]) {
+            tape.released_entries -= tape.entries[i].released;
+            if (tape.entries[i].watched)
+                for (std::size_t k = 0; k < tape.entries[i].outputs.size(); ++k)
+                    tape.watched_nodes.erase(tape.entries[i].first_slot + k);
+        } else {
             if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
             ++kept;
         }
@@ -139,12 +133,26 @@ void compact_since(std::uint64_t first_seq)
     if (first == 0) drop_unread_held_inputs(tape);
 }
 
-void fail_released(const Node& node)
+void fail_released(const History& history)
 {
-    fail(node.op,
+    fail(history.op,
          "backward through a graph that an earlier backward() already released (tape entry #{}); pass "
          "retain_graph=true to the earlier call to sweep the graph more than once",
-         node.seq);
+         history.seq);
+}
+
+std::size_t entry_of_slot(const Tape& tape, std::uint64_t slot)
+{
+    // The last entry whose first slot is at or below `slot`; entries without outputs have none.
+    std::size_t lo = 0, hi = tape.entries.size();
+    while (lo < hi) {
+        const std::size_t mid = lo + (hi - lo) / 2;
+        if (tape.entries[mid].first_slot <= slot) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0) return tape.entries.size();
+    const Entry& e = tape.entries[lo - 1];
+    return slot < e.first_slot + e.outputs.size() ? lo - 1 : tape.entries.size();
 }
 }  // namespace autograd::engine
 
@@ -207,60 +215,44 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         autograd::engine::compact_since(0);
         tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
     }
-    static const std::shared_ptr<Node> no_node;
-    const auto node_of = [](const Tensor* t) -> const std::shared_ptr<Node>& {
-        return t->defined() ? t->impl().node : no_node;  // no copy: both are lvalues
-    };
     for (const Tensor* t : inputs) {
-        const auto& node = node_of(t);
-        LOOM_CHECK(!node || node->seq == 0 || node->tape == tape.id, name,
+        const History* h = t->defined() ? &t->impl().history : nullptr;
+        LOOM_CHECK(!h || h->seq == 0 || h->tape == tape.id, name,
                    "an input was computed on another thread, whose tape this thread cannot sweep; detach() it, or "
                    "compute it on this thread");
     }
-    // A non-leaf input whose producer is on the tape is owned there (compaction keeps the producer
-    // while this entry lives): the entry points at it. A leaf's node, and one whose producer a
-    // reset reclaimed, only the tensors own: the tape holds it (once, for all entries that read
-    // it) and the entry points at it too.
-    const auto input_ref = [&](const Tensor* t) {
-        const auto& node = node_of(t);
-        InputRef in;
-        if (!node) return in;
-        in.like_output = !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
-        in.node = node.get();
-        if (node->seq == 0 || node->seq < tape.reset_floor) {
-            tape.hold_input(node);
-            return in;
-        }
-        in.slot = node->slot;
-        return in;
-    };
     for (const Tensor& out : outputs) {
-        LOOM_CHECK(!out.impl().node, name, "internal: an output is already on the tape");
+        LOOM_CHECK(!out.requires_grad(), name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
     }
-    // Read before any output gets its node: an output may be an input that needs no gradient.
+    // Read before any output gets its history: an output may be an input that needs no gradient.
+    // A leaf's node only the tensors own: the tape holds it (once, for all entries that read it)
+    // and the entry points at it. A non-leaf is its slot; where neither its node nor the first
+    // output's gradient will tell its shape and dtype, the entry keeps them.
     InputNodes input_refs;
     input_refs.reserve(inputs.size());
-    for (const Tensor* t : inputs) input_refs.push_back(input_ref(t));
-    // The outputs' nodes are made before the entry: handing each to its tensor costs an atomic
-    // increment, which waits for every store before it to drain, and the entry's are many.
-    SmallVector<std::shared_ptr<Node>, 1> made;
-    try {
-        made.reserve(outputs.size());
-        for (const Tensor& out : outputs) {
-            auto node = std::allocate_shared<Node>(PoolAllocator<Node>());
-            node->shape = out.sizes();
-            node->dtype = out.dtype();
-            node->seq = tape.next_seq;
-            node->tape = tape.id;
-            node->slot = tape.next_slot + made.size();
-            node->op = name;
-            out.impl().node = node;
-            made.push_back(std::move(node));
+    bool needs_meta = false;
+    for (const Tensor* t : inputs) {
+        InputRef in;
+        if (t->requires_grad()) {
+            const TensorImpl& impl = t->impl();
+            in.like_output = !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
+            if (impl.history.seq == 0) {
+                tape.hold_input(impl.node);
+                in.node = impl.node.get();
+            } else {
+                in.slot = impl.history.slot;
+                if (impl.history.seq < tape.reset_floor) tape.reclaimed_inputs.emplace(impl.history.slot, impl.history);
+                needs_meta = needs_meta || !in.like_output || outputs.size() > 1;
+            }
         }
-    } catch (...) {
-        for (const Tensor& out : outputs) out.impl().node.reset();
-        throw;
+        input_refs.push_back(in);
+    }
+    std::unique_ptr<InputMeta[]> input_meta;
+    if (needs_meta) {
+        input_meta = std::make_unique<InputMeta[]>(inputs.size());
+        for (std::size_t k = 0; k < inputs.size(); ++k)
+            if (input_refs[k].slot != 0) input_meta[k] = InputMeta{inputs[k]->sizes(), inputs[k]->dtype()};
     }
     // Built in place: an entry is too large to build aside and move in.
     Entry& e = tape.entries.emplace_back();
@@ -268,8 +260,10 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         e.seq = tape.next_seq;
         e.name = name;
         e.inputs = std::move(input_refs);
+        e.input_meta = std::move(input_meta);
         e.first_slot = tape.next_slot;
-        e.outputs = std::move(made);
+        e.outputs.reserve(outputs.size());
+        for (const Tensor& out : outputs) e.outputs.push_back(Entry::Output{out.impl_ptr(), out.sizes(), out.dtype()});
         e.saved.reserve(saved.size());
         for (const Tensor* saved_tensor : saved) {
             const Tensor& s = *saved_tensor;
@@ -277,9 +271,8 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
                 e.saved.emplace_back(Tensor(), 0, false, 0);
                 continue;
             }
-            // A saved output is kept as it is, its node counting the save so that compaction
-            // can tell it from a user's hold (see compact_since); an input's node is held by the
-            // entry anyway, so the input itself is kept as is.
+            // A saved output is kept as it is, marked so that compaction can tell it from a
+            // user's hold (see compact_since).
             const auto output =
                 std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
             if (output == outputs.end()) e.saved.emplace_back(s, s.version(), false, 0);
@@ -289,21 +282,22 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
                            "saves its output {}, but only the first {} outputs of an op can be saved for backward",
                            index, Saved::kMaxOutputs);
                 e.saved.emplace_back(s, s.version(), true, index);
-                ++s.impl().node->producer_saves;
             }
         }
     } catch (...) {
-        for (const Tensor& out : outputs) out.impl().node.reset();
         tape.entries.pop_back();
         throw;
     }
+    // Nothing below throws: the outputs get their history once the entry stands.
+    for (std::size_t k = 0; k < outputs.size(); ++k)
+        outputs[k].impl().history = History{name, tape.next_seq, tape.next_slot + k, tape.id};
     e.backward = std::move(backward);
     e.custom = custom;
     e.scope = engine::scope_path();
     ++tape.next_seq;
     tape.next_slot += outputs.size();
     if (anomaly_mode_enabled())
-        for (const Tensor& out : outputs) check_forward_anomaly(name, out, tape.entries.back().seq);
+        for (const Tensor& out : outputs) check_forward_anomaly(name, out, e.seq);
 }
 Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region)
 {

@@ -3,24 +3,23 @@
 ///
 /// **Entries.** Each thread has one tape, a vector of Entry in recording order. A differentiable
 /// op computes its value and, when grad mode is on and an input requires grad, appends one
-/// entry: its name, the nodes of the inputs it sends gradients to, its outputs, the tensors it
+/// entry: its name, the inputs it sends gradients to, its outputs, the tensors it
 /// saved for backward (with their storage versions, so an in-place change is caught) and its
 /// backward function. An op that records nothing costs no entry.
 ///
-/// **Nodes.** A tensor that requires grad carries a Node: its shape and dtype, the sequence
-/// number of the entry that produced it (0 for a leaf), the id of the tape that recorded it,
-/// its hooks, and its .grad() where one is kept. An entry owns its outputs' nodes (their data
-/// only where it saved an output for backward, as tanh does; the node counts such saves, so they
-/// never keep the entry alive). Its inputs' nodes it only points at, without a reference count:
-/// a non-leaf's is owned by the entry that produced it, and compaction keeps a producer as long
-/// as an entry that reads it lives; a leaf's is held by the tape, once however many entries
-/// read it, until the tape is empty or compaction finds no entry reading it. An entry is dead once no tensor holds any of its
-/// outputs and no live entry reads them: no gradient can reach it, and compaction reclaims it.
+/// **Leaves, non-leaves and liveness.** A leaf that requires grad (a parameter) carries a Node:
+/// its shape and dtype, its .grad() and its hooks; the tape holds each leaf's node once however
+/// many entries read it. A non-leaf carries no object of its own, only its History: the entry
+/// that produced it, its slot and its tape. The entry keeps what a sweep needs of its outputs
+/// (shape and dtype) and a weak reference to each: an entry is dead once nothing holds any of its
+/// outputs (its own saves of them aside, as tanh saves its result) and no live entry reads them;
+/// no gradient can reach it then, and compaction reclaims it. A non-leaf gets a Node only when a
+/// hook or retain_grad() asks for one; the tape keeps it by slot while the entry may be swept.
 ///
 /// **Slots.** Each output of an entry has a slot number, increasing along the tape with the
 /// entries' sequence numbers. A sweep sums the gradients reaching non-leaves in one dense array
-/// indexed by slot (it never reaches a node, unless hooks or retain_grad() mark the entry
-/// watched), counts the slots still waiting to be taken, and stops when none is left: an entry
+/// indexed by slot (it never reaches a tensor or node, unless hooks or retain_grad() mark the
+/// entry watched), counts the slots still waiting to be taken, and stops when none is left: an entry
 /// no gradient reached is skipped, and the dead part of the tape below is never walked.
 ///
 /// **Sequence numbers** increase along the tape, so entry `seq` is found by binary search and a
@@ -115,8 +114,8 @@ using Hook = std::function<Tensor(const Tensor&)>;
 struct PendingGrad {
     /// The sum so far.
     Tensor sum;
-    bool owned = false;  ///< `sum` was allocated by the sweep for this node alone: safe to add into in place
-    bool captured = false;  ///< grad() wants this node's gradient
+    bool owned = false;  ///< `sum` was allocated by the sweep for this tensor alone: safe to add into in place
+    bool captured = false;  ///< grad() wants this tensor's gradient
     bool accumulated = false;  ///< a leaf's: already added into .grad() before the sweep ended (its last reader ran)
 };
 
@@ -129,29 +128,23 @@ struct NodeHooks {
     std::vector<std::function<void()>> post_accumulate;
 };
 
-/// Gradient bookkeeping of one tensor that requires grad. A leaf (a parameter) may be shared by
-/// threads; any other node belongs to the thread whose tape recorded it. Every recorded op makes
-/// one, so it is kept small: what few nodes need (hooks) lies behind a pointer.
+/// The lasting gradient bookkeeping of a tensor: every leaf that requires grad has one, shared
+/// by threads; a non-leaf gets one only when a hook or retain_grad() needs it (a recorded op
+/// makes none: a non-leaf's place on the tape is its History).
 struct Node {
     /// User-provided, so that make_shared does not first zero the whole node.
     Node() noexcept {}
     /// The tensor's shape.
     Shape shape;
     Tensor grad;  ///< accumulated .grad() (leaves, or retain_grad())
-    std::uint64_t seq = 0;  ///< sequence number of the entry that produced it; 0 for a leaf
-    std::uint64_t tape = 0;  ///< the id of the thread tape that produced it; 0 for a leaf
-    std::uint64_t slot = 0;  ///< non-leaves: where a sweep sums its gradient (see Entry::first_slot); 0 for a leaf
-    /// Non-leaves: the name of the op that produced it, for errors once its entry is reclaimed.
-    const char* op = nullptr;
+    /// A non-leaf's producer (seq 0 for a leaf).
+    History history;
     /// Its hooks; null until one is registered.
     std::unique_ptr<NodeHooks> hooks;
     /// The tensor's dtype.
     DType dtype;
     /// Keep the gradient in `grad` after backward (retain_grad()).
     bool retains_grad = false;
-    /// Non-leaves: how many times the entry that produced the tensor saved it (tanh saves its
-    /// output). Those saves hold the tensor itself, so compaction does not count them as users.
-    std::uint32_t producer_saves = 0;
     /// Whether a gradient hook is registered.
     bool has_gradient_hooks() const { return hooks && !hooks->gradient.empty(); }
     /// Whether a post-accumulate hook is registered.
@@ -179,8 +172,7 @@ struct Saved {
     {
     }
     /// The tensor. A saved output is the output itself (no copy of its header is made), which
-    /// compaction knows from its node's producer_saves: a save by its own entry does not keep
-    /// the entry alive.
+    /// compaction knows from `is_output`: a save by its own entry does not keep the entry alive.
     Tensor value;
     /// The storage version when saved (its low 48 bits).
     std::uint64_t version : 48;
@@ -193,24 +185,34 @@ struct Saved {
 };
 
 /// An entry's reference to one of its inputs. What the sweep needs of it is kept here, so that
-/// it never reaches the input's node, which lies wherever forward allocated it.
+/// it never reaches the input itself, which lies wherever forward allocated it.
 struct InputRef {
-    /// Null where the input does not require grad. Not owned: a non-leaf's producer on the tape
-    /// owns it (see Node), and the tape holds a leaf's once for all the entries that read it.
+    /// A leaf's node; null for a non-leaf, or where the input does not require grad. Not owned:
+    /// the tape holds a leaf's once for all the entries that read it.
     Node* node = nullptr;
-    /// A non-leaf's gradient slot (its node's); 0 for a leaf.
+    /// A non-leaf's gradient slot (its History's); 0 for a leaf.
     std::uint64_t slot : 63 = 0;
     /// The input has the shape and dtype of the entry's first output, and so of its gradient.
     std::uint64_t like_output : 1 = 0;
     /// Whether the input requires grad.
-    explicit operator bool() const { return node != nullptr; }
+    explicit operator bool() const { return node != nullptr || slot != 0; }
 };
 
 /// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
 /// not cost a heap allocation for each list.
 using InputNodes = SmallVector<InputRef, 3>;
 
-/// Where a sweep sums the gradients arriving at each node.
+/// The shape and dtype of a non-leaf input that the entry's first output does not tell (a
+/// reduction's or a broadcast's input): kept by the entry, since the input itself may be gone by
+/// the time backward runs.
+struct InputMeta {
+    /// The input's shape.
+    Shape shape;
+    /// The input's dtype.
+    DType dtype = kFloat32;
+};
+
+/// Where a sweep sums the gradients arriving at each input.
 struct GradientSums {
     /// A buffer holding the gradient of `input` (of `shape` and `dtype`) summed so far, to add
     /// into in place.
@@ -232,8 +234,10 @@ struct BackwardContext {
     mutable SmallVector<Tensor, 2> grads;
     SavedTensors saved;  ///< in the order given to record()
     SmallVector<bool, 3> needs;  ///< per input: does it want a gradient?
-    /// The entry's input nodes; null where an input needs no gradient.
+    /// The entry's inputs; null where an input needs no gradient.
     const InputNodes* inputs = nullptr;
+    /// Per input, the shape and dtype of a non-leaf (Entry::input_meta); null when none was kept.
+    const InputMeta* input_meta = nullptr;
     /// backward is being recorded (create_graph): it must compute with differentiable ops, or
     /// throw naming itself if it cannot.
     bool create_graph = false;
@@ -265,14 +269,16 @@ struct BackwardContext {
     {
         const InputRef& in = (*inputs)[k];
         if (in.like_output && grads[0].defined()) return grads[0].sizes();
-        return in.like_output && first_taken_ ? taken_shape_ : in.node->shape;
+        if (in.like_output && first_taken_) return taken_shape_;
+        return in.node ? in.node->shape : input_meta[k].shape;
     }
     /// Dtype of input k.
     DType input_dtype(std::size_t k) const
     {
         const InputRef& in = (*inputs)[k];
         if (in.like_output && grads[0].defined()) return grads[0].dtype();
-        return in.like_output && first_taken_ ? taken_dtype_ : in.node->dtype;
+        if (in.like_output && first_taken_) return taken_dtype_;
+        return in.node ? in.node->dtype : input_meta[k].dtype;
     }
 
 private:
@@ -315,11 +321,23 @@ struct Entry {
     /// The op's name.
     const char* name = nullptr;
     InputNodes inputs;  ///< null where an input does not require grad
-    /// Owned: a tensor holding an output shares it, an entry reading it points at it.
-    SmallVector<std::shared_ptr<Node>, 1> outputs;  // most ops have one
+    /// Per input, the shape and dtype of each non-leaf input that neither its node nor the first
+    /// output's gradient tells; null when no input needs it (most entries).
+    std::unique_ptr<InputMeta[]> input_meta;
+    /// What the entry keeps of one of its outputs.
+    struct Output {
+        /// The output tensor, not owned: whether anything still holds it tells compaction
+        /// whether a gradient can still arrive (a save by the entry itself aside).
+        std::weak_ptr<TensorImpl> tensor;
+        /// Its shape, for the graph exports once it is gone.
+        Shape shape;
+        /// Its dtype.
+        DType dtype = kFloat32;
+    };
+    SmallVector<Output, 1> outputs;  // most ops have one
     /// Output k's gradient is summed in slot first_slot + k. Slots are numbered along the tape as
     /// entries are, so a sweep keeps the gradients it sums in one dense array indexed by slot,
-    /// instead of reaching each output's node.
+    /// instead of reaching each output.
     std::uint64_t first_slot = 0;
     /// The tensors it saved for backward.
     SmallVector<Saved, 3> saved;
@@ -332,7 +350,7 @@ struct Entry {
     /// Whether a sweep released it (it cannot be swept again).
     bool released = false;
     /// An output has hooks or retains its gradient (register_hook, retain_grad): the sweep then
-    /// reaches its node; otherwise it never needs to.
+    /// looks up its node (Tape::watched_nodes); otherwise it never needs to.
     bool watched = false;
     /// Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
     /// user's, and under create_graph a gradient it computed off the tape is an error.

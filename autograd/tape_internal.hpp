@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -51,17 +52,12 @@ public:
         while (size_ > n) pop_back();
     }
     // Drops every entry, oldest first: a sweep ends at the oldest, so those are the ones still in
-    // the cache. Each entry, and the node it owns, was last touched long ago on a long tape, so
-    // both are fetched a few entries ahead.
+    // the cache. Each entry was last touched long ago on a long tape, so it is fetched a few
+    // entries ahead.
     void clear()
     {
         for (std::size_t i = 0; i < size_; ++i) {
             if (i + kClearAhead < size_) __builtin_prefetch(&(*this)[i + kClearAhead].outputs, 1);
-            if (i + kClearAhead / 2 < size_) {
-                const Entry& next = (*this)[i + kClearAhead / 2];
-                // A pooled node's reference counts lie just before it.
-                if (!next.outputs.empty()) __builtin_prefetch(reinterpret_cast<const char*>(next.outputs[0].get()) - 8, 1);
-            }
             (*this)[i].~Entry();
         }
         size_ = 0;
@@ -112,12 +108,18 @@ struct Tape {
     // long tape would otherwise allocate and fault in megabytes of fresh memory every time.
     std::vector<PendingGrad> spare_slots;
     std::vector<std::size_t> spare_swept;
-    // The nodes the entries read but do not own through a producer on this tape (leaves, and
-    // non-leaves whose producer a reset reclaimed), each held here once, so that an entry reading
-    // a parameter points at its node instead of copying a shared_ptr (two atomic reference counts
+    // The leaves' nodes the entries read, each held here once, so that an entry reading a
+    // parameter points at its node instead of copying a shared_ptr (two atomic reference counts
     // per op). Dropped when the tape is empty and no sweep runs, and pruned to those the remaining
     // entries read at each full compaction.
     std::vector<std::shared_ptr<Node>> held_inputs;
+    // The nodes of the outputs a hook or retain_grad() watches, by slot: kept while their entry
+    // may still be swept, so a hook runs even once its tensor is gone.
+    std::unordered_map<std::uint64_t, std::shared_ptr<Node>> watched_nodes;
+    // The producers of non-leaf inputs that a reset had already reclaimed when an entry read them,
+    // by slot: what a gradient reaching one names in its error. Cleared at each reset, with the
+    // entries that read them.
+    std::unordered_map<std::uint64_t, History> reclaimed_inputs;
     // Which nodes held_inputs surely holds, by a hash of their address; cleared whenever
     // held_inputs drops any (an address may then be reused by another node).
     std::array<const Node*, 256> recently_held{};
@@ -159,9 +161,11 @@ void reset_if_all_released(Tape& tape);
 // live entry reads (no gradient can reach them again); compaction is compact_since(0). Nothing
 // while a sweep runs.
 void compact_since(std::uint64_t first_seq);
-// Throws the error, naming node's op, for a gradient reaching the output of an entry an earlier
-// backward() released and a reset reclaimed (`node` was produced on this tape below reset_floor).
-[[noreturn]] void fail_released(const Node& node);
+// Throws the error, naming the op, for a gradient reaching the output of an entry an earlier
+// backward() released and a reset reclaimed (it was produced on this tape below reset_floor).
+[[noreturn]] void fail_released(const History& history);
+// The index of the entry whose outputs include `slot` (entries.size() if none is on the tape).
+std::size_t entry_of_slot(const Tape& tape, std::uint64_t slot);
 
 // scan's tracer (scan.cpp): while a step is being traced, every entry recorded on this thread is
 // shown to it before it is pushed.

@@ -33,7 +33,16 @@ class Tensor;
 class Generator;
 namespace autograd {
 struct Node;
-}
+/// A non-leaf's place on the tape that recorded it: the entry that produced it and the slot
+/// where a sweep sums its gradient. A tensor carries it by value, so recording an op makes no
+/// object per result (the entry owns what the sweep needs of it).
+struct History {
+    const char* op = nullptr;  ///< the producing op's name, for errors once its entry is reclaimed
+    std::uint64_t seq = 0;  ///< the producing entry's sequence number; 0 when not a non-leaf
+    std::uint64_t slot = 0;  ///< where a sweep sums its gradient (see Entry::first_slot)
+    std::uint64_t tape = 0;  ///< the id of the thread tape that recorded it
+};
+}  // namespace autograd
 
 /// Raw bytes shared by a tensor and its views. `version` counts in-place writes,
 /// so the tape can tell when a tensor saved for backward was modified.
@@ -71,7 +80,11 @@ struct TensorImpl {
     std::int64_t offset = 0;  ///< in elements
     /// Element type.
     DType dtype = kFloat32;
-    std::shared_ptr<autograd::Node> node;  ///< set iff the tensor requires grad
+    /// A leaf that requires grad: its gradient and hooks. A non-leaf has one only once a hook
+    /// or retain_grad() asks for it.
+    std::shared_ptr<autograd::Node> node;
+    /// A non-leaf: the entry that produced it (history.seq != 0).
+    autograd::History history;
 };
 
 /// A tensor: a shared handle on a TensorImpl. Copying a Tensor copies the handle, not the data; views share storage. An undefined Tensor (default-constructed) has no header.
@@ -149,7 +162,7 @@ public:
 
     // ---- autograd ----
     /// Whether gradients flow to this tensor (it is a leaf that requires grad, or was computed from one with grad mode on).
-    bool requires_grad() const { return defined() && impl().node != nullptr; }
+    bool requires_grad() const { return defined() && (impl().node != nullptr || impl().history.seq != 0); }
     /// Makes this tensor a leaf that requires grad (float dtypes only), or stops it requiring grad (leaves only). As PyTorch's.
     Tensor& requires_grad_(bool on = true);
     /// Whether the tensor has no recorded history: it does not require grad, or it requires grad and was not computed by a recorded op.
