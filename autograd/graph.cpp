@@ -54,7 +54,7 @@ struct Graph {
 };
 
 // A tensor that requires grad and was recorded by no op.
-bool is_leaf_node(const Tensor& t) { return t.defined() && t.requires_grad() && t.impl().history.seq == 0; }
+bool is_leaf_node(const Tensor& t) { return t.defined() && t.requires_grad() && !t.impl().slots; }
 
 // The entry that produced a non-leaf: an error naming its op when an earlier backward()
 // released that entry, whether it is still on the tape or was reclaimed since.
@@ -99,7 +99,7 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
         g.leaves.push_back(root.impl().node.get());
         seen_leaves.insert(g.leaves.back());
     } else {
-        todo.push_back(&entry_of(op, root.impl().history));
+        todo.push_back(&entry_of(op, root.impl().history()));
     }
     while (!todo.empty()) {
         const Entry& e = *todo.back();
@@ -173,7 +173,7 @@ std::string to_dot(const Tensor& root, const Names& names)
     }
     std::unordered_map<const Node*, std::size_t> leaf_index;
     for (std::size_t i = 0; i < g.leaves.size(); ++i) leaf_index[g.leaves[i]] = i;
-    const std::uint64_t root_seq = root.impl().history.seq;
+    const std::uint64_t root_seq = root.impl().history().seq;
     for (const Entry* e : g.entries) {
         std::string label = fmt::format("{}\n{}", visible(e->name), outputs_of(*e));
         if (e->scope) label += fmt::format("\n({})", visible(*e->scope));

@@ -221,7 +221,7 @@ struct Sweep final : autograd::GradientSums {
     autograd::PendingGrad& pending_of(const Tensor& t)
     {
         const TensorImpl& impl = t.impl();
-        return impl.history.seq == 0 ? pending(impl.node.get()) : pending(impl.history);
+        return impl.slots ? pending(impl.history()) : pending(impl.node.get());
     }
 
     // The sum a gradient arriving at a leaf goes into.
@@ -274,8 +274,8 @@ struct Sweep final : autograd::GradientSums {
     void add_to(const Tensor& t, Tensor g)
     {
         const TensorImpl& impl = t.impl();
-        if (impl.history.seq == 0) add(impl.node.get(), std::move(g));
-        else add(impl.history, std::move(g));
+        if (impl.slots) add(impl.history(), std::move(g));
+        else add(impl.node.get(), std::move(g));
     }
 
     // Makes p.sum a buffer of its own, so it can be added into in place.
@@ -553,8 +553,8 @@ void check_requires_grad(std::string_view op, const Tensor& t, std::string_view 
 // Backward runs on the tape that recorded the history: a non-leaf from another thread is refused.
 void check_this_thread(std::string_view op, const Tensor& t)
 {
-    const History& h = t.impl().history;
-    LOOM_CHECK(h.seq == 0 || h.tape == this_tape().id, op,
+    const TensorImpl& impl = t.impl();
+    LOOM_CHECK(!impl.slots || impl.slots->tape == this_tape().id, op,
                "the tensor's history was recorded on another thread; each thread has its own tape, so run "
                "backward on the thread that ran forward");
 }
@@ -567,7 +567,7 @@ autograd::Node& node_made(const Tensor& t)
         node = std::allocate_shared<autograd::Node>(PoolAllocator<autograd::Node>());
         node->shape = t.sizes();
         node->dtype = t.dtype();
-        node->history = t.impl().history;
+        node->history = t.impl().history();
     }
     return *node;
 }
@@ -604,14 +604,14 @@ Tensor& Tensor::requires_grad_(bool on)
                    dtype());
         if (!requires_grad()) node_made(*this);
     } else if (requires_grad()) {
-        LOOM_CHECK(impl().history.seq == 0, "requires_grad_",
+        LOOM_CHECK(!impl().slots, "requires_grad_",
                    "cannot turn off requires_grad on a non-leaf tensor; use detach() instead");
         impl().node.reset();
     }
     return *this;
 }
 
-bool Tensor::is_leaf() const { return !requires_grad() || impl().history.seq == 0; }
+bool Tensor::is_leaf() const { return !requires_grad() || !impl().slots; }
 
 Tensor Tensor::grad() const
 {
@@ -643,8 +643,8 @@ namespace {
 autograd::Node& watch(std::string_view op, const Tensor& t)
 {
     check_requires_grad(op, t, "the tensor");
-    const History& h = t.impl().history;
-    if (h.seq == 0) return *t.impl().node;
+    if (!t.impl().slots) return *t.impl().node;
+    const History h = t.impl().history();
     check_this_thread(op, t);
     autograd::Node& node = node_made(t);
     auto& tape = this_tape();
@@ -663,7 +663,7 @@ void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&
 {
     check_requires_grad("register_post_accumulate_grad_hook", *this, "the tensor");
     const auto& node = impl().node;
-    LOOM_CHECK(impl().history.seq == 0, "register_post_accumulate_grad_hook",
+    LOOM_CHECK(!impl().slots, "register_post_accumulate_grad_hook",
                "expects a leaf (a tensor that requires grad and was not computed by a recorded op); a non-leaf's "
                "gradient is not accumulated into grad(): use register_hook");
     LOOM_CHECK(hook, "register_post_accumulate_grad_hook", "expects a callable hook, got an empty std::function");
@@ -689,7 +689,7 @@ void Tensor::backward(const Tensor& gradient, std::optional<bool> retain_graph, 
     Tensor seed = seed_for("backward", *this, gradient);
     Sweep sweep(create_graph);
     sweep.add_to(*this, seed);
-    sweep.run(impl().history.seq, retain_graph.value_or(create_graph), /*accumulate=*/true);
+    sweep.run(impl().history().seq, retain_graph.value_or(create_graph), /*accumulate=*/true);
     sweep.finish_leaves();
     sweep.accumulate_leaves();
 }
@@ -715,7 +715,7 @@ std::vector<Tensor> grad_through(const std::vector<Tensor>& outputs, const std::
         check_requires_grad("grad", outputs[i], fmt::format("output {}", i));
         check_this_thread("grad", outputs[i]);
         sweep.add_to(outputs[i], seed_for("grad", outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
-        start = std::max(start, outputs[i].impl().history.seq);
+        start = std::max(start, outputs[i].impl().history().seq);
     }
     sweep.run(start, retain_graph, /*accumulate=*/false);
     // A checkpointed segment hands its leaves' gradients to the sweep that runs it; leaf hooks

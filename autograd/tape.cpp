@@ -2,6 +2,7 @@
 #include "tape_internal.hpp"
 
 #include <algorithm>
+#include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -22,6 +23,49 @@ Tape& create_tape()
     return owned;
 }
 
+namespace {
+// Retired chunks whose tapes' threads have ended while some of their tensors lived on: freed by
+// the next tape that retires chunks, once none of their tensors is alive. Never destroyed, so
+// that a tensor dying after main() still finds its chunk.
+std::mutex orphan_mutex;
+auto* orphan_chunks = new std::vector<std::unique_ptr<SlotChunk>>();
+std::atomic<bool> orphans_exist{false};
+
+// Frees the chunks none of whose tensors is alive; the first becomes `spare` if it is empty.
+void free_dead(std::vector<std::unique_ptr<SlotChunk>>& chunks, std::unique_ptr<SlotChunk>* spare)
+{
+    std::erase_if(chunks, [&](std::unique_ptr<SlotChunk>& c) {
+        if (c->any_alive()) return false;
+        if (spare && !*spare) *spare = std::move(c);
+        return true;
+    });
+}
+}  // namespace
+
+void Tape::retire_all_chunks()
+{
+    for (auto& c : slot_chunks) retire(std::move(c));
+    slot_chunks.clear();
+    free_dead(retired_chunks, &spare_chunk);
+    if (orphans_exist.load(std::memory_order_relaxed)) {
+        std::lock_guard<std::mutex> lock(orphan_mutex);
+        free_dead(*orphan_chunks, nullptr);
+        orphans_exist.store(!orphan_chunks->empty(), std::memory_order_relaxed);
+    }
+}
+
+Tape::~Tape()
+{
+    entries.clear();  // the saved tensors it holds die first
+    spare_slots.clear();
+    retire_all_chunks();
+    spare_chunk.reset();
+    if (retired_chunks.empty()) return;
+    std::lock_guard<std::mutex> lock(orphan_mutex);
+    for (auto& c : retired_chunks) orphan_chunks->push_back(std::move(c));
+    orphans_exist.store(true, std::memory_order_relaxed);
+}
+
 void release(Entry& e)
 {
     e.released = true;
@@ -37,6 +81,7 @@ void reset(Tape& tape)
 {
     const bool long_tape = tape.entries.size() >= kOrderedListLength;
     tape.entries.clear();
+    tape.retire_all_chunks();
     tape.watched_nodes.clear();
     tape.reclaimed_inputs.clear();
     if (long_tape) order_small_objects();  // what the next forward makes, it makes in sequence
@@ -89,27 +134,41 @@ void compact_since(std::uint64_t first_seq)
     const std::uint64_t base = tape.entries[first].first_slot;
     const auto slots = static_cast<std::size_t>(tape.next_slot - base);
     std::vector<bool> read(slots, false);  // by a live entry, per slot
-    // Per slot: the holds on its tensor that only dead entries' saved lists make.
-    std::vector<std::uint32_t> held_by_dead(slots, 0);
+    // Per slot whose tensor dead entries saved: how many such saves hold it, and how many holds
+    // it has in all.
+    struct Holds {
+        long by_dead = 0;
+        long all = 0;
+    };
+    std::vector<Holds> holds(slots);
     const auto drop_saves = [&](const Entry& e) {
         for (const Saved& s : e.saved) {
             if (s.is_output || !s.value.defined()) continue;
-            const History& h = s.value.impl().history;
-            if (h.seq == 0 || h.tape != tape.id || h.seq < tape.reset_floor || h.slot < base || h.slot - base >= slots)
-                continue;
-            ++held_by_dead[static_cast<std::size_t>(h.slot - base)];
+            const TensorImpl& impl = s.value.impl();
+            if (!impl.slots || impl.slots->tape != tape.id || impl.slot() < base || impl.slot() - base >= slots) continue;
+            Holds& h = holds[static_cast<std::size_t>(impl.slot() - base)];
+            ++h.by_dead;
+            h.all = s.value.impl_ptr().use_count();
         }
+    };
+    // Whether anything but the entry's own saves and dead entries' holds output k's tensor.
+    const auto held_by_user = [&](const Entry& e, std::size_t k) {
+        const std::uint64_t slot = e.first_slot + k;
+        if (!tape.slot_alive(slot)) return false;
+        Holds h = holds[static_cast<std::size_t>(slot - base)];
+        for (const Saved& s : e.saved)
+            if (s.is_output && s.output == k) {
+                ++h.by_dead;  // the entry's own: it holds the tensor, dead or alive
+                h.all = s.value.impl_ptr().use_count();
+            }
+        return h.by_dead == 0 || h.all > h.by_dead;
     };
     std::vector<bool> dead(tape.entries.size(), false);
     for (std::size_t i = tape.entries.size(); i-- > first;) {
         const auto& e = tape.entries[i];
         bool live = false;
-        for (std::size_t k = 0; k < e.outputs.size() && !live; ++k) {
-            const auto slot = static_cast<std::size_t>(e.first_slot + k - base);
-            long held_by_self = 0;  // the entry's own saves of output k
-            for (const Saved& s : e.saved) held_by_self += s.is_output && s.output == k;
-            live = e.outputs[k].tensor.use_count() > held_by_self + long(held_by_dead[slot]) || read[slot];
-        }
+        for (std::size_t k = 0; k < e.outputs.size() && !live; ++k)
+            live = read[static_cast<std::size_t>(e.first_slot + k - base)] || held_by_user(e, k);
         dead[i] = !live;
         if (!live) {
             drop_saves(e);
@@ -130,6 +189,8 @@ void compact_since(std::uint64_t first_seq)
             ++kept;
         }
     tape.entries.shrink_to(kept);
+    if (tape.entries.empty()) tape.retire_all_chunks();
+    else if (first == 0) tape.drop_chunks_below(tape.entries[0].first_slot);
     if (first == 0) drop_unread_held_inputs(tape);
 }
 
@@ -216,8 +277,8 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
     }
     for (const Tensor* t : inputs) {
-        const History* h = t->defined() ? &t->impl().history : nullptr;
-        LOOM_CHECK(!h || h->seq == 0 || h->tape == tape.id, name,
+        const SlotChunk* slots = t->defined() ? t->impl().slots : nullptr;
+        LOOM_CHECK(!slots || slots->tape == tape.id, name,
                    "an input was computed on another thread, whose tape this thread cannot sweep; detach() it, or "
                    "compute it on this thread");
     }
@@ -237,12 +298,12 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         if (t->requires_grad()) {
             const TensorImpl& impl = t->impl();
             in.like_output = !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
-            if (impl.history.seq == 0) {
+            if (!impl.slots) {
                 tape.hold_input(impl.node);
                 in.node = impl.node.get();
             } else {
-                in.slot = impl.history.slot;
-                if (impl.history.seq < tape.reset_floor) tape.reclaimed_inputs.emplace(impl.history.slot, impl.history);
+                in.slot = impl.slot();
+                if (const History h = impl.history(); h.seq < tape.reset_floor) tape.reclaimed_inputs.emplace(h.slot, h);
                 needs_meta = needs_meta || !in.like_output || outputs.size() > 1;
             }
         }
@@ -254,6 +315,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         for (std::size_t k = 0; k < inputs.size(); ++k)
             if (input_refs[k].slot != 0) input_meta[k] = InputMeta{inputs[k]->sizes(), inputs[k]->dtype()};
     }
+    for (std::size_t k = 0; k < outputs.size(); ++k) tape.chunk_for(tape.next_slot + k);
     // Built in place: an entry is too large to build aside and move in.
     Entry& e = tape.entries.emplace_back();
     try {
@@ -263,7 +325,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         e.input_meta = std::move(input_meta);
         e.first_slot = tape.next_slot;
         e.outputs.reserve(outputs.size());
-        for (const Tensor& out : outputs) e.outputs.push_back(Entry::Output{out.impl_ptr(), out.sizes(), out.dtype()});
+        for (const Tensor& out : outputs) e.outputs.push_back(Entry::Output{out.sizes(), out.dtype()});
         e.saved.reserve(saved.size());
         for (const Tensor* saved_tensor : saved) {
             const Tensor& s = *saved_tensor;
@@ -289,8 +351,17 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         throw;
     }
     // Nothing below throws: the outputs get their history once the entry stands.
-    for (std::size_t k = 0; k < outputs.size(); ++k)
-        outputs[k].impl().history = History{name, tape.next_seq, tape.next_slot + k, tape.id};
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+        const std::uint64_t slot = tape.next_slot + k;
+        SlotChunk& chunk = tape.chunk_for(slot);
+        const auto i = static_cast<std::uint16_t>(slot - chunk.first_slot);
+        chunk.op[i] = name;
+        chunk.seq[i] = tape.next_seq;
+        chunk.alive[i].store(true, std::memory_order_relaxed);
+        TensorImpl& impl = outputs[k].impl();
+        impl.slots = &chunk;
+        impl.slot_index = i;
+    }
     e.backward = std::move(backward);
     e.custom = custom;
     e.scope = engine::scope_path();

@@ -9,10 +9,11 @@
 ///
 /// **Leaves, non-leaves and liveness.** A leaf that requires grad (a parameter) carries a Node:
 /// its shape and dtype, its .grad() and its hooks; the tape holds each leaf's node once however
-/// many entries read it. A non-leaf carries no object of its own, only its History: the entry
-/// that produced it, its slot and its tape. The entry keeps what a sweep needs of its outputs
-/// (shape and dtype) and a weak reference to each: an entry is dead once nothing holds any of its
-/// outputs (its own saves of them aside, as tanh saves its result) and no live entry reads them;
+/// many entries read it. A non-leaf carries no object of its own: only its slot, and a share of
+/// the chunk of the tape's slot records (SlotChunk) that says which op and entry produced it and
+/// whether it is alive (its header's destructor clears that flag). The entry keeps what a sweep
+/// needs of its outputs (shape and dtype). An entry is dead once none of its outputs is alive (or
+/// only its own saves of them hold them, as tanh saves its result) and no live entry reads them:
 /// no gradient can reach it then, and compaction reclaims it. A non-leaf gets a Node only when a
 /// hook or retain_grad() asks for one; the tape keeps it by slot while the entry may be swept.
 ///
@@ -326,9 +327,6 @@ struct Entry {
     std::unique_ptr<InputMeta[]> input_meta;
     /// What the entry keeps of one of its outputs.
     struct Output {
-        /// The output tensor, not owned: whether anything still holds it tells compaction
-        /// whether a gradient can still arrive (a save by the entry itself aside).
-        std::weak_ptr<TensorImpl> tensor;
         /// Its shape, for the graph exports once it is gone.
         Shape shape;
         /// Its dtype.

@@ -2,11 +2,13 @@
 // reclaiming entries), sweep.cpp (backward, grad and the gradients they leave), anomaly.cpp
 // (anomaly mode and scopes) and custom_ops.cpp (the checks on users' ops). Not installed.
 #pragma once
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstddef>
 #include <new>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <optional>
 #include <string>
@@ -52,12 +54,20 @@ public:
         while (size_ > n) pop_back();
     }
     // Drops every entry, oldest first: a sweep ends at the oldest, so those are the ones still in
-    // the cache. Each entry was last touched long ago on a long tape, so it is fetched a few
-    // entries ahead.
+    // the cache. Each entry, and the reference counts of the tensors it saved, were last touched
+    // long ago on a long tape, so they are fetched a few entries ahead.
     void clear()
     {
+        const bool long_tape = size_ >= kPrefetchFrom;  // a short one is still in the cache
         for (std::size_t i = 0; i < size_; ++i) {
-            if (i + kClearAhead < size_) __builtin_prefetch(&(*this)[i + kClearAhead].outputs, 1);
+            if (long_tape && i + kClearAhead < size_) {
+                const auto* far = reinterpret_cast<const char*>(&(*this)[i + kClearAhead]);
+                for (std::size_t line = 0; line < sizeof(Entry); line += 64) __builtin_prefetch(far + line, 1);
+            }
+            // A saved tensor's reference counts lie just before its header (one pooled block).
+            if (long_tape && i + kClearAhead / 2 < size_)
+                for (const Saved& s : (*this)[i + kClearAhead / 2].saved)
+                    __builtin_prefetch(reinterpret_cast<const char*>(s.value.impl_ptr().get()) - 16, 1);
             (*this)[i].~Entry();
         }
         size_ = 0;
@@ -77,6 +87,7 @@ public:
 private:
     static constexpr std::size_t kChunk = 1024;
     static constexpr std::size_t kClearAhead = 8;
+    static constexpr std::size_t kPrefetchFrom = 4096;
     // Raw storage: an entry is constructed when appended and destroyed when dropped.
     struct Chunk {
         alignas(Entry) std::byte bytes[kChunk * sizeof(Entry)];
@@ -120,6 +131,60 @@ struct Tape {
     // by slot: what a gradient reaching one names in its error. Cleared at each reset, with the
     // entries that read them.
     std::unordered_map<std::uint64_t, History> reclaimed_inputs;
+    // The slot records of the entries on the tape, by chunk: slot_chunks[i] holds the slots from
+    // (first_chunk + i) * kSlots on. A chunk no entry on the tape has an output in any more is
+    // retired: freed once none of its tensors is alive.
+    std::deque<std::unique_ptr<SlotChunk>> slot_chunks;
+    std::uint64_t first_chunk = 0;
+    std::vector<std::unique_ptr<SlotChunk>> retired_chunks;
+    // A retired chunk none of whose tensors is alive, kept to hold the next slots: a short tape
+    // swept again and again then allocates none.
+    std::unique_ptr<SlotChunk> spare_chunk;
+    Tape() = default;
+    Tape(const Tape&) = delete;
+    Tape& operator=(const Tape&) = delete;
+    ~Tape();
+    // The chunk holding `slot`, made if need be (slot must not lie below the chunks kept).
+    SlotChunk& chunk_for(std::uint64_t slot)
+    {
+        if (!slot_chunks.empty() && slot - slot_chunks.back()->first_slot < SlotChunk::kSlots) return *slot_chunks.back();
+        const std::uint64_t index = slot / SlotChunk::kSlots;
+        if (slot_chunks.empty()) first_chunk = index;
+        while (first_chunk + slot_chunks.size() <= index) {
+            const std::uint64_t first = (first_chunk + slot_chunks.size()) * SlotChunk::kSlots;
+            if (spare_chunk) {
+                spare_chunk->first_slot = first;
+                spare_chunk->used = SlotChunk::kSlots;
+            }
+            slot_chunks.push_back(spare_chunk ? std::move(spare_chunk) : std::make_unique<SlotChunk>(first, id));
+        }
+        return *slot_chunks[static_cast<std::size_t>(index - first_chunk)];
+    }
+    // Whether the tensor of an output of an entry on the tape is alive.
+    bool slot_alive(std::uint64_t slot) const
+    {
+        const SlotChunk& c = *slot_chunks[static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk)];
+        return c.alive[slot - c.first_slot].load(std::memory_order_acquire);
+    }
+    // Retires every chunk (the tape is empty), and frees the retired chunks none of whose tensors
+    // is alive any more.
+    void retire_all_chunks();
+    // Keeps `chunk` as the spare, frees it, or keeps it among the retired while a tensor of it lives.
+    void retire(std::unique_ptr<SlotChunk> chunk)
+    {
+        chunk->used = std::min<std::uint64_t>(SlotChunk::kSlots, next_slot - chunk->first_slot);
+        if (chunk->any_alive()) retired_chunks.push_back(std::move(chunk));
+        else if (!spare_chunk) spare_chunk = std::move(chunk);
+    }
+    // Drops the chunks wholly below `slot`: no entry left on the tape has an output there.
+    void drop_chunks_below(std::uint64_t slot)
+    {
+        while (!slot_chunks.empty() && (first_chunk + 1) * SlotChunk::kSlots <= slot) {
+            retire(std::move(slot_chunks.front()));
+            slot_chunks.pop_front();
+            ++first_chunk;
+        }
+    }
     // Which nodes held_inputs surely holds, by a hash of their address; cleared whenever
     // held_inputs drops any (an address may then be reused by another node).
     std::array<const Node*, 256> recently_held{};

@@ -3,6 +3,7 @@
 /// Views (reshape of contiguous data, permute, slicing, expand) share storage.
 /// The differentiable methods (sum, tanh, ...) are defined by autograd/, which records them on the tape.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
@@ -33,14 +34,42 @@ class Tensor;
 class Generator;
 namespace autograd {
 struct Node;
-/// A non-leaf's place on the tape that recorded it: the entry that produced it and the slot
-/// where a sweep sums its gradient. A tensor carries it by value, so recording an op makes no
-/// object per result (the entry owns what the sweep needs of it).
+/// A non-leaf's producer: the op, its tape entry, the slot where a sweep sums the tensor's
+/// gradient, and the tape (seq 0: no producer).
 struct History {
     const char* op = nullptr;  ///< the producing op's name, for errors once its entry is reclaimed
-    std::uint64_t seq = 0;  ///< the producing entry's sequence number; 0 when not a non-leaf
+    std::uint64_t seq = 0;  ///< the producing entry's sequence number
     std::uint64_t slot = 0;  ///< where a sweep sums its gradient (see Entry::first_slot)
     std::uint64_t tape = 0;  ///< the id of the thread tape that recorded it
+};
+/// The records of kSlots consecutive slots of one thread's tape: for each, the op and entry that
+/// produced it and whether its tensor is alive. Owned by the tape, which frees a chunk only once
+/// none of its tensors is alive, so a tensor may die on any thread, even after its tape, without
+/// counting references; each slot is one tensor's, and slots are never reused.
+struct SlotChunk {
+    /// Slots per chunk.
+    static constexpr std::uint64_t kSlots = 1024;
+    /// The chunk of slots first .. first + kSlots - 1 of tape `tape_id`.
+    SlotChunk(std::uint64_t first, std::uint64_t tape_id) noexcept : first_slot(first), tape(tape_id) {}
+    /// Its first slot (set again when its tape reuses it, none of its tensors alive).
+    std::uint64_t first_slot;
+    /// The id of its tape.
+    const std::uint64_t tape;
+    /// Per slot: the producing op's name.
+    const char* op[kSlots];
+    /// Per slot: the producing entry's sequence number.
+    std::uint64_t seq[kSlots];
+    /// Per slot: whether the tensor is alive (cleared by its header's destructor).
+    std::atomic<bool> alive[kSlots];
+    /// How many of its slots were handed out (the rest are never alive).
+    std::uint64_t used = kSlots;
+    /// Whether any of its tensors is alive (its tape may free or reuse it only when none is).
+    bool any_alive() const
+    {
+        for (std::uint64_t i = 0; i < used && i < kSlots; ++i)
+            if (alive[i].load(std::memory_order_acquire)) return true;
+        return false;
+    }
 };
 }  // namespace autograd
 
@@ -80,11 +109,28 @@ struct TensorImpl {
     std::int64_t offset = 0;  ///< in elements
     /// Element type.
     DType dtype = kFloat32;
+    /// A non-leaf's slot is slots->first_slot + slot_index (kept in the padding after dtype).
+    std::uint16_t slot_index = 0;
     /// A leaf that requires grad: its gradient and hooks. A non-leaf has one only once a hook
     /// or retain_grad() asks for it.
     std::shared_ptr<autograd::Node> node;
-    /// A non-leaf: the entry that produced it (history.seq != 0).
-    autograd::History history;
+    /// A non-leaf: the chunk of its tape's slot records holding its slot (null otherwise), not
+    /// owned (see SlotChunk). A recorded op's result carries no object of its own.
+    autograd::SlotChunk* slots = nullptr;
+    ~TensorImpl()
+    {
+        if (slots) slots->alive[slot_index].store(false, std::memory_order_release);
+    }
+    TensorImpl(const TensorImpl&) = delete;
+    TensorImpl& operator=(const TensorImpl&) = delete;
+    /// A non-leaf's slot.
+    std::uint64_t slot() const { return slots->first_slot + slot_index; }
+    /// A non-leaf's producer; seq 0 for any other tensor.
+    autograd::History history() const
+    {
+        if (!slots) return {};
+        return {slots->op[slot_index], slots->seq[slot_index], slot(), slots->tape};
+    }
 };
 
 /// A tensor: a shared handle on a TensorImpl. Copying a Tensor copies the handle, not the data; views share storage. An undefined Tensor (default-constructed) has no header.
@@ -162,7 +208,7 @@ public:
 
     // ---- autograd ----
     /// Whether gradients flow to this tensor (it is a leaf that requires grad, or was computed from one with grad mode on).
-    bool requires_grad() const { return defined() && (impl().node != nullptr || impl().history.seq != 0); }
+    bool requires_grad() const { return defined() && (impl().node != nullptr || impl().slots != nullptr); }
     /// Makes this tensor a leaf that requires grad (float dtypes only), or stops it requiring grad (leaves only). As PyTorch's.
     Tensor& requires_grad_(bool on = true);
     /// Whether the tensor has no recorded history: it does not require grad, or it requires grad and was not computed by a recorded op.
