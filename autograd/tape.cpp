@@ -46,6 +46,7 @@ void Tape::retire_all_chunks()
 {
     for (auto& c : slot_chunks) retire(std::move(c));
     slot_chunks.clear();
+    newest_chunk = nullptr;
     free_dead(retired_chunks, &spare_chunk);
     if (orphans_exist.load(std::memory_order_relaxed)) {
         std::lock_guard<std::mutex> lock(orphan_mutex);

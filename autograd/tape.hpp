@@ -332,7 +332,8 @@ struct Entry {
         /// Its dtype.
         DType dtype = kFloat32;
     };
-    SmallVector<Output, 1> outputs;  // most ops have one
+    /// Its outputs' shapes and dtypes (most ops have one).
+    SmallVector<Output, 1> outputs;
     /// Output k's gradient is summed in slot first_slot + k. Slots are numbered along the tape as
     /// entries are, so a sweep keeps the gradients it sums in one dense array indexed by slot,
     /// instead of reaching each output.

@@ -147,7 +147,17 @@ struct Tape {
     // The chunk holding `slot`, made if need be (slot must not lie below the chunks kept).
     SlotChunk& chunk_for(std::uint64_t slot)
     {
-        if (!slot_chunks.empty() && slot - slot_chunks.back()->first_slot < SlotChunk::kSlots) return *slot_chunks.back();
+        if (newest_chunk && slot - newest_chunk->first_slot < SlotChunk::kSlots) [[likely]]
+            return *newest_chunk;
+        SlotChunk& made = chunk_made_for(slot);
+        newest_chunk = slot_chunks.back().get();
+        return made;
+    }
+    // The newest chunk (null when none): the one the next slots fall in.
+    SlotChunk* newest_chunk = nullptr;
+    // chunk_for's slow path.
+    [[gnu::noinline]] SlotChunk& chunk_made_for(std::uint64_t slot)
+    {
         const std::uint64_t index = slot / SlotChunk::kSlots;
         if (slot_chunks.empty()) first_chunk = index;
         while (first_chunk + slot_chunks.size() <= index) {
@@ -180,6 +190,7 @@ struct Tape {
     void drop_chunks_below(std::uint64_t slot)
     {
         while (!slot_chunks.empty() && (first_chunk + 1) * SlotChunk::kSlots <= slot) {
+            if (slot_chunks.size() == 1) newest_chunk = nullptr;
             retire(std::move(slot_chunks.front()));
             slot_chunks.pop_front();
             ++first_chunk;
