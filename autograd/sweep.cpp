@@ -644,8 +644,8 @@ autograd::Node& watch(std::string_view op, const Tensor& t)
 {
     check_requires_grad(op, t, "the tensor");
     if (!t.impl().slots) return *t.impl().node;
-    const History h = t.impl().history();
     check_this_thread(op, t);
+    const History h = t.impl().history();
     autograd::Node& node = node_made(t);
     auto& tape = this_tape();
     if (h.seq < tape.reset_floor) return node;  // released: no gradient can reach it again

@@ -103,9 +103,17 @@ void reset_if_all_released(Tape& tape)
     reset(tape);
 }
 
-// Keeps in held_inputs only the nodes that entries still on the tape read, each once.
+// Keeps in held_inputs only the nodes that entries still on the tape read, each once, and in
+// reclaimed_inputs only the producers they read.
 static void drop_unread_held_inputs(Tape& tape)
 {
+    if (!tape.reclaimed_inputs.empty()) {
+        std::unordered_set<std::uint64_t> read_slots;
+        for (std::size_t i = 0; i < tape.entries.size(); ++i)
+            for (const InputRef& in : tape.entries[i].inputs)
+                if (!in.node && in.slot != 0) read_slots.insert(in.slot);
+        std::erase_if(tape.reclaimed_inputs, [&](const auto& kv) { return !read_slots.count(kv.first); });
+    }
     if (tape.held_inputs.empty()) return;
     std::unordered_set<const Node*> read;
     for (std::size_t i = 0; i < tape.entries.size(); ++i)

@@ -67,7 +67,8 @@ public:
             // A saved tensor's reference counts lie just before its header (one pooled block).
             if (long_tape && i + kClearAhead / 2 < size_)
                 for (const Saved& s : (*this)[i + kClearAhead / 2].saved)
-                    __builtin_prefetch(reinterpret_cast<const char*>(s.value.impl_ptr().get()) - 16, 1);
+                    if (s.value.defined())
+                        __builtin_prefetch(reinterpret_cast<const char*>(s.value.impl_ptr().get()) - 16, 1);
             (*this)[i].~Entry();
         }
         size_ = 0;

@@ -57,6 +57,34 @@ TEST_CASE("an op on another thread's non-leaf is refused; a detached copy is fin
     CHECK(w.grad().defined());
 }
 
+TEST_CASE("a non-leaf may outlive the thread that recorded it, or die on another thread while its own records and sweeps")
+{
+    Tensor w = randn({3}, kFloat64).requires_grad_();
+    // Results kept past their thread's end: their slot records outlive its tape.
+    std::vector<Tensor> kept;
+    std::thread([&] {
+        for (int i = 0; i < 3000; ++i) kept.push_back(tanh(w * double(i)));
+    }).join();
+    REQUIRE(kept.back().requires_grad());
+    CHECK_FALSE(kept.back().is_leaf());
+    check_error([&] { kept.back().sum().backward(); }, {"another thread"});
+    kept.clear();  // they die here, after their tape
+    (w * 2.0).sum().backward();  // this tape's reset frees the records they held
+    // Results handed to another thread, which drops them while their own thread goes on
+    // recording, compacting and sweeping.
+    std::thread([&] {
+        std::vector<Tensor> handed;
+        for (int i = 0; i < 3000; ++i) handed.push_back(w * double(i) + 1.0);  // held by nothing else
+        std::thread dropper([moved = std::move(handed)]() mutable { moved.clear(); });
+        for (int i = 0; i < 20; ++i) (w * 3.0).tanh().sum().backward();
+        dropper.join();
+        w.zero_grad();
+        (w * 2.0).sum().backward();  // the handed results' entries are dead now: the tape empties
+        CHECK(autograd::tape_size() == 0);
+        CHECK(close_tensors(w.grad(), full({3}, 2.0, kFloat64), 1e-12));
+    }).join();
+}
+
 TEST_CASE("threads backpropagating into one shared leaf sum their gradients exactly")
 {
     Generator gen(1);
