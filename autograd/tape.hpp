@@ -9,10 +9,10 @@
 ///
 /// **Leaves, non-leaves and liveness.** A leaf that requires grad (a parameter) carries a Node:
 /// its shape and dtype, its .grad() and its hooks; the tape holds each leaf's node once however
-/// many entries read it. A non-leaf carries no object of its own: only its slot, and a share of
-/// the chunk of the tape's slot records (SlotChunk) that says which op and entry produced it and
-/// whether it is alive (its header's destructor clears that flag). The entry keeps what a sweep
-/// needs of its outputs (shape and dtype). An entry is dead once none of its outputs is alive (or
+/// many entries read it. A non-leaf carries no object of its own: only a pointer into the chunk
+/// of its tape's slot records (SlotChunk) that says which op and entry produced it and whether it
+/// is alive (its header's destructor clears that flag), and its index there. The entry keeps its
+/// outputs' shapes and dtypes. An entry is dead once none of its outputs is alive (or
 /// only its own saves of them hold them, as tanh saves its result) and no live entry reads them:
 /// no gradient can reach it then, and compaction reclaims it. A non-leaf gets a Node only when a
 /// hook or retain_grad() asks for one; the tape keeps it by slot while the entry may be swept.
@@ -131,7 +131,7 @@ struct NodeHooks {
 
 /// The lasting gradient bookkeeping of a tensor: every leaf that requires grad has one, shared
 /// by threads; a non-leaf gets one only when a hook or retain_grad() needs it (a recorded op
-/// makes none: a non-leaf's place on the tape is its History).
+/// makes none: a non-leaf's place on the tape is its slot record).
 struct Node {
     /// User-provided, so that make_shared does not first zero the whole node.
     Node() noexcept {}
