@@ -75,13 +75,7 @@ const Entry& entry_of(std::string_view op, const History& h)
 // The entry whose output a non-leaf input of slot `slot` is.
 const Entry& producer_of(std::string_view op, std::uint64_t slot)
 {
-    const auto& tape = engine::this_tape();
-    if (const auto it = tape.reclaimed_inputs.find(slot); it != tape.reclaimed_inputs.end())
-        return entry_of(op, it->second);
-    const std::size_t i = engine::entry_of_slot(tape, slot);
-    LOOM_CHECK(i < tape.entries.size(), op, "internal: no entry on the tape produced gradient slot {}", slot);
-    const Entry& e = tape.entries[i];
-    return entry_of(op, History{e.name, e.seq, slot, tape.id});
+    return entry_of(op, engine::producer_of_slot(engine::this_tape(), slot));
 }
 
 Graph collect(std::string_view op, const Tensor& root, const Names& names)

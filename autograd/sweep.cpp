@@ -255,19 +255,11 @@ struct Sweep final : autograd::GradientSums {
     autograd::PendingGrad& receiving(const autograd::InputRef& in)
     {
         if (in.node) return receiving(in.node);
-        if (in.slot < base_slot) return receiving(history_of_slot(in.slot));  // below the floor
+        // Below the floor: the producer names the entry in errors, and keys a capture.
+        if (in.slot < base_slot) return receiving(autograd::engine::producer_of_slot(tape, in.slot));
         autograd::PendingGrad& p = slot(in.slot);
         if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
         return p;
-    }
-
-    // The producer of a non-leaf input below this sweep's slots, for errors and captures.
-    History history_of_slot(std::uint64_t s) const
-    {
-        if (const auto it = tape.reclaimed_inputs.find(s); it != tape.reclaimed_inputs.end()) return it->second;
-        const std::size_t i = autograd::engine::entry_of_slot(tape, s);
-        LOOM_CHECK(i < tape.entries.size(), "backward", "internal: no entry on the tape produced gradient slot {}", s);
-        return History{tape.entries[i].name, tape.entries[i].seq, s, tape.id};
     }
 
     // Adds g to the sum of tensor t's gradient.

@@ -70,8 +70,7 @@ Tape::~Tape()
 void release(Entry& e)
 {
     e.released = true;
-    if (e.watched)
-        for (std::size_t k = 0; k < e.outputs.size(); ++k) this_tape().watched_nodes.erase(e.first_slot + k);
+    forget_watched(this_tape(), e);
     e.inputs = InputNodes();
     e.input_meta.reset();
     e.saved = {};
@@ -190,9 +189,7 @@ void compact_since(std::uint64_t first_seq)
     for (std::size_t i = first; i < tape.entries.size(); ++i)
         if (dead[i]) {
             tape.released_entries -= tape.entries[i].released;
-            if (tape.entries[i].watched)
-                for (std::size_t k = 0; k < tape.entries[i].outputs.size(); ++k)
-                    tape.watched_nodes.erase(tape.entries[i].first_slot + k);
+            forget_watched(tape, tape.entries[i]);
         } else {
             if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
             ++kept;
@@ -211,8 +208,9 @@ void fail_released(const History& history)
          history.seq);
 }
 
-std::size_t entry_of_slot(const Tape& tape, std::uint64_t slot)
+History producer_of_slot(const Tape& tape, std::uint64_t slot)
 {
+    if (const auto it = tape.reclaimed_inputs.find(slot); it != tape.reclaimed_inputs.end()) return it->second;
     // The last entry whose first slot is at or below `slot`; entries without outputs have none.
     std::size_t lo = 0, hi = tape.entries.size();
     while (lo < hi) {
@@ -220,9 +218,16 @@ std::size_t entry_of_slot(const Tape& tape, std::uint64_t slot)
         if (tape.entries[mid].first_slot <= slot) lo = mid + 1;
         else hi = mid;
     }
-    if (lo == 0) return tape.entries.size();
-    const Entry& e = tape.entries[lo - 1];
-    return slot < e.first_slot + e.outputs.size() ? lo - 1 : tape.entries.size();
+    const Entry* e = lo > 0 ? &tape.entries[lo - 1] : nullptr;
+    LOOM_CHECK(e && slot < e->first_slot + e->outputs.size(), "backward",
+               "internal: no entry on the tape produced gradient slot {}", slot);
+    return History{e->name, e->seq, slot, tape.id};
+}
+
+void forget_watched(Tape& tape, const Entry& e)
+{
+    if (!e.watched) return;
+    for (std::size_t k = 0; k < e.outputs.size(); ++k) tape.watched_nodes.erase(e.first_slot + k);
 }
 }  // namespace autograd::engine
 

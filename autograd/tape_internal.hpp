@@ -241,8 +241,11 @@ void compact_since(std::uint64_t first_seq);
 // Throws the error, naming the op, for a gradient reaching the output of an entry an earlier
 // backward() released and a reset reclaimed (it was produced on this tape below reset_floor).
 [[noreturn]] void fail_released(const History& history);
-// The index of the entry whose outputs include `slot` (entries.size() if none is on the tape).
-std::size_t entry_of_slot(const Tape& tape, std::uint64_t slot);
+// The producer of the non-leaf of slot `slot` that an entry on the tape reads: its entry, or the
+// record kept for one a reset reclaimed. Throws (internal) if there is neither.
+History producer_of_slot(const Tape& tape, std::uint64_t slot);
+// Drops the nodes the tape keeps for a watched entry's outputs: no sweep can reach them again.
+void forget_watched(Tape& tape, const Entry& e);
 
 // scan's tracer (scan.cpp): while a step is being traced, every entry recorded on this thread is
 // shown to it before it is pushed.
