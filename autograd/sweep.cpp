@@ -292,6 +292,20 @@ struct Sweep final : autograd::GradientSums {
             p.sum = loom::add(p.sum, g);
             return;
         }
+        // A sum adopted as it came may be held elsewhere. Both contiguous, the two are added in
+        // one pass, into g if no one else holds it, else into a new buffer (a copy, then an add,
+        // took two); otherwise the copy keeps the sum's layout (a transposed weight's gradient),
+        // which g may share.
+        if (!p.owned && p.sum.is_contiguous() && g.is_contiguous()) {
+            if (sole_whole_tensor(g)) {
+                kernels::add_into(g, p.sum);
+                p.sum = std::move(g);
+            } else {
+                p.sum = add_values(p.sum, g);
+            }
+            p.owned = true;
+            return;
+        }
         own(p);
         kernels::add_into(p.sum, g);
     }

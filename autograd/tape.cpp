@@ -317,7 +317,8 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
                 in.node = impl.node.get();
             } else {
                 in.slot = impl.slot();
-                if (const History h = impl.history(); h.seq < tape.reset_floor) tape.reclaimed_inputs.emplace(h.slot, h);
+                if (impl.slots->seq[impl.slot_index] < tape.reset_floor)
+                    tape.reclaimed_inputs.emplace(impl.slot(), impl.history());
                 needs_meta = needs_meta || !in.like_output || outputs.size() > 1;
             }
         }

@@ -344,6 +344,32 @@ TEST_CASE("a backward drops the dead entries it did not reach, so a training ste
     });
 }
 
+TEST_CASE("gradients summed where a result fans out never write into a gradient someone else holds")
+{
+    // The sweep runs y's readers t2, t1, s in turn: t2 and t1 hand on as it is a gradient their
+    // hooks also hold, so the first is adopted and the second summed with it into a new buffer,
+    // then tanh's is added into that. z's readers u (held by its hook) and w: w's gradient, held
+    // by no one else, is summed into in place.
+    Tensor x = tensor({0.3, -1.2, 2.0}, kFloat64).requires_grad_();
+    Tensor y = x * 1.5, z = x * 2.5;
+    Tensor s = y.tanh(), t1 = y + 0.0, t2 = y + 0.0;
+    Tensor w = z.tanh(), u = z + 0.0;
+    std::vector<Tensor> held(3);
+    const auto hold = [&](Tensor& t, std::size_t k) {
+        t.register_hook([&held, k](const Tensor& g) {
+            held[k] = g;
+            return Tensor();
+        });
+    };
+    hold(t1, 0);
+    hold(t2, 1);
+    hold(u, 2);
+    (s + t1 * 2.0 + t2 * 3.0 + w + u * 4.0).sum().backward();
+    for (std::size_t k = 0; k < 3; ++k) CHECK(close(held[k], values(full({3}, 2.0 + double(k), kFloat64)), 0));
+    const NoGradGuard no_grad;
+    CHECK(close(x.grad(), values((6.0 - s * s) * 1.5 + (5.0 - w * w) * 2.5), 1e-12));
+}
+
 TEST_CASE("a backward refused for a saved tensor modified in place leaves the entry whole")
 {
     on_fresh_tape([] {
