@@ -49,7 +49,7 @@ struct Graph {
     // How an input appears: "#12" for an entry's output, a leaf's name otherwise.
     std::string source(const InputRef& in) const
     {
-        return in.node ? leaf_label(in.node) : fmt::format("#{}", seq_of_slot.at(in.slot));
+        return in.node() ? leaf_label(in.node()) : fmt::format("#{}", seq_of_slot.at(in.slot()));
     }
 };
 
@@ -100,11 +100,11 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
         todo.pop_back();
         if (!found.emplace(e.seq, &e).second) continue;
         for (const auto& input : e.inputs) {
-            if (input.node) {
-                if (seen_leaves.insert(input.node).second) g.leaves.push_back(input.node);
-            } else if (input.slot != 0) {
-                const Entry& producer = producer_of(op, input.slot);
-                g.seq_of_slot.emplace(input.slot, producer.seq);
+            if (const Node* leaf = input.node()) {
+                if (seen_leaves.insert(leaf).second) g.leaves.push_back(leaf);
+            } else if (input.slot() != 0) {
+                const Entry& producer = producer_of(op, input.slot());
+                g.seq_of_slot.emplace(input.slot(), producer.seq);
                 todo.push_back(&producer);
             }
         }
@@ -131,9 +131,9 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
 std::string outputs_of(const Entry& e)
 {
     std::string out;
-    for (const auto& output : e.outputs) {
+    for (std::size_t k = 0; k < e.num_outputs; ++k) {
         if (!out.empty()) out += ", ";
-        out += fmt::format("{} {}", output.shape, output.dtype);
+        out += fmt::format("{} {}", e.shape_of_output(k), e.dtype_of_output(k));
     }
     return out;
 }
@@ -170,15 +170,15 @@ std::string to_dot(const Tensor& root, const Names& names)
     const std::uint64_t root_seq = root.impl().history().seq;
     for (const Entry* e : g.entries) {
         std::string label = fmt::format("{}\n{}", visible(e->name), outputs_of(*e));
-        if (e->scope) label += fmt::format("\n({})", visible(*e->scope));
+        if (e->scope()) label += fmt::format("\n({})", visible(*e->scope()));
         dot += fmt::format("  e{} [shape=ellipse{}, label={}];\n", e->seq,
                            e->seq == root_seq ? ", style=filled, fillcolor=\"#f4d6a0\"" : "", quoted(label));
     }
     for (const Entry* e : g.entries)
         for (const auto& input : e->inputs) {
             if (!input) continue;
-            const std::string from = input.node ? fmt::format("l{}", leaf_index.at(input.node))
-                                                : fmt::format("e{}", g.seq_of_slot.at(input.slot));
+            const std::string from = input.node() ? fmt::format("l{}", leaf_index.at(input.node()))
+                                                  : fmt::format("e{}", g.seq_of_slot.at(input.slot()));
             dot += fmt::format("  {} -> e{};\n", from, e->seq);
         }
     return dot + "}\n";
@@ -197,7 +197,7 @@ std::string to_text(const Tensor& root, const Names& names)
             inputs += g.source(input);
         }
         text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, visible(e->name), outputs_of(*e), inputs,
-                            e->scope ? fmt::format("  ({})", visible(*e->scope)) : std::string());
+                            e->scope() ? fmt::format("  ({})", visible(*e->scope())) : std::string());
     }
     return text;
 }

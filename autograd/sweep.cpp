@@ -254,10 +254,11 @@ struct Sweep final : autograd::GradientSums {
     // without reaching the input, or as above.
     autograd::PendingGrad& receiving(const autograd::InputRef& in)
     {
-        if (in.node) return receiving(in.node);
+        if (autograd::Node* leaf = in.node()) return receiving(leaf);
         // Below the floor: the producer names the entry in errors, and keys a capture.
-        if (in.slot < base_slot) return receiving(autograd::engine::producer_of_slot(tape, in.slot));
-        autograd::PendingGrad& p = slot(in.slot);
+        const std::uint64_t s = in.slot();
+        if (s < base_slot) return receiving(autograd::engine::producer_of_slot(tape, s));
+        autograd::PendingGrad& p = slot(s);
         if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
         return p;
     }
@@ -355,8 +356,8 @@ struct Sweep final : autograd::GradientSums {
         for (const autograd::Saved& s : next.saved)
             if (s.value.defined()) __builtin_prefetch(s.value.impl().storage.get());
         for (const auto& in : next.inputs)
-            if (in.slot >= base_slot && in.slot - base_slot < slots.size())
-                __builtin_prefetch(slots.data() + (in.slot - base_slot));
+            if (in.slot() >= base_slot && in.slot() - base_slot < slots.size())
+                __builtin_prefetch(slots.data() + (in.slot() - base_slot));
     }
 
     // Sweeps back from entry start_seq through the entries numbered `floor` and above.
@@ -381,9 +382,9 @@ struct Sweep final : autograd::GradientSums {
             ctx.create_graph = create_graph;
             // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
             if (!create_graph && !anomaly) ctx.sums = this;
-            ctx.grads.resize(e.outputs.size());
+            ctx.grads.resize(e.num_outputs);
             bool reached = false, grads_recorded = false;
-            for (std::size_t k = 0; k < e.outputs.size(); ++k) {
+            for (std::size_t k = 0; k < e.num_outputs; ++k) {
                 autograd::PendingGrad& p = slot(e.first_slot + k);
                 if (!p.sum.defined()) continue;
                 --outstanding;
@@ -418,7 +419,7 @@ struct Sweep final : autograd::GradientSums {
             // Made where it is returned: assigned, its inline gradients would be moved one by one.
             autograd::GradList input_grads = [&] {
                 const autograd::detail::InnerOps in_backward;
-                const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name, &e.scope);
+                const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name, &e.scope());
                 return e.backward(ctx);
             }();
             if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);
@@ -441,9 +442,9 @@ struct Sweep final : autograd::GradientSums {
                            "derivative through that tensor would be lost; compute the gradient with loom's ops from "
                            "the saved tensors as backward receives them, not from detach()ed copies or raw data",
                            k);
-                if (anomaly) autograd::engine::check_backward_anomaly(name, e.seq, e.scope, k, input_grads[k]);
-                if (e.region) {
-                    add_region(e.inputs[k], ctx.input_shape(k), ctx.input_dtype(k), *e.region, input_grads[k]);
+                if (anomaly) autograd::engine::check_backward_anomaly(name, e.seq, e.scope(), k, input_grads[k]);
+                if (const autograd::RegionFn* region = e.region()) {
+                    add_region(e.inputs[k], ctx.input_shape(k), ctx.input_dtype(k), *region, input_grads[k]);
                     continue;
                 }
                 // A custom op's gradients were checked above, with messages for its author.
@@ -472,7 +473,7 @@ struct Sweep final : autograd::GradientSums {
         std::unordered_map<const autograd::Node*, std::size_t> found;
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;)
             for (const auto& input : entries[i].inputs)
-                if (autograd::Node* in = input.node; in && in->has_post_accumulate_hooks()) {
+                if (autograd::Node* in = input.node(); in && in->has_post_accumulate_hooks()) {
                     auto [it, fresh] = found.try_emplace(in, i);
                     if (fresh) last_readers.emplace_back(i, in);
                     else it->second = i;

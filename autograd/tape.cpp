@@ -110,14 +110,14 @@ static void drop_unread_held_inputs(Tape& tape)
         std::unordered_set<std::uint64_t> read_slots;
         for (std::size_t i = 0; i < tape.entries.size(); ++i)
             for (const InputRef& in : tape.entries[i].inputs)
-                if (!in.node && in.slot != 0) read_slots.insert(in.slot);
+                if (in.slot() != 0) read_slots.insert(in.slot());
         std::erase_if(tape.reclaimed_inputs, [&](const auto& kv) { return !read_slots.count(kv.first); });
     }
     if (tape.held_inputs.empty()) return;
     std::unordered_set<const Node*> read;
     for (std::size_t i = 0; i < tape.entries.size(); ++i)
         for (const InputRef& in : tape.entries[i].inputs)
-            if (in.node) read.insert(in.node);
+            if (in.node()) read.insert(in.node());
     std::vector<std::shared_ptr<Node>> kept;
     kept.reserve(tape.held_inputs.size());  // before any hold is moved: nothing below may throw
     for (auto& node : tape.held_inputs)
@@ -175,7 +175,7 @@ void compact_since(std::uint64_t first_seq)
     for (std::size_t i = tape.entries.size(); i-- > first;) {
         const auto& e = tape.entries[i];
         bool live = false;
-        for (std::size_t k = 0; k < e.outputs.size() && !live; ++k)
+        for (std::size_t k = 0; k < e.num_outputs && !live; ++k)
             live = read[static_cast<std::size_t>(e.first_slot + k - base)] || held_by_user(e, k);
         dead[i] = !live;
         if (!live) {
@@ -183,7 +183,7 @@ void compact_since(std::uint64_t first_seq)
             continue;
         }
         for (const auto& in : e.inputs)
-            if (in.slot >= base) read[static_cast<std::size_t>(in.slot - base)] = true;
+            if (in.slot() >= base) read[static_cast<std::size_t>(in.slot() - base)] = true;
     }
     std::size_t kept = first;
     for (std::size_t i = first; i < tape.entries.size(); ++i)
@@ -219,7 +219,7 @@ History producer_of_slot(const Tape& tape, std::uint64_t slot)
         else hi = mid;
     }
     const Entry* e = lo > 0 ? &tape.entries[lo - 1] : nullptr;
-    LOOM_CHECK(e && slot < e->first_slot + e->outputs.size(), "backward",
+    LOOM_CHECK(e && slot < e->first_slot + e->num_outputs, "backward",
                "internal: no entry on the tape produced gradient slot {}", slot);
     return History{e->name, e->seq, slot, tape.id};
 }
@@ -227,7 +227,7 @@ History producer_of_slot(const Tape& tape, std::uint64_t slot)
 void forget_watched(Tape& tape, const Entry& e)
 {
     if (!e.watched) return;
-    for (std::size_t k = 0; k < e.outputs.size(); ++k) tape.watched_nodes.erase(e.first_slot + k);
+    for (std::size_t k = 0; k < e.num_outputs; ++k) tape.watched_nodes.erase(e.first_slot + k);
 }
 }  // namespace autograd::engine
 
@@ -245,6 +245,12 @@ void set_grad_enabled(bool enabled) { grad_mode = enabled; }
 namespace autograd {
 
 std::size_t tape_size() { return this_tape().entries.size(); }
+
+const std::shared_ptr<const std::string>& Entry::scope() const
+{
+    static const std::shared_ptr<const std::string> none;
+    return rare ? rare->scope : none;
+}
 
 const Entry* find_entry(std::uint64_t seq)
 {
@@ -311,15 +317,16 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         InputRef in;
         if (t->requires_grad()) {
             const TensorImpl& impl = t->impl();
-            in.like_output = !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
+            const bool like_output =
+                !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
             if (!impl.slots) {
                 tape.hold_input(impl.node);
-                in.node = impl.node.get();
+                in = InputRef::leaf(impl.node.get(), like_output);
             } else {
-                in.slot = impl.slot();
+                in = InputRef::non_leaf(impl.slot(), like_output);
                 if (impl.slots->seq[impl.slot_index] < tape.reset_floor)
                     tape.reclaimed_inputs.emplace(impl.slot(), impl.history());
-                needs_meta = needs_meta || !in.like_output || outputs.size() > 1;
+                needs_meta = needs_meta || !like_output || outputs.size() > 1;
             }
         }
         input_refs.push_back(in);
@@ -328,7 +335,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
     if (needs_meta) {
         input_meta = std::make_unique<InputMeta[]>(inputs.size());
         for (std::size_t k = 0; k < inputs.size(); ++k)
-            if (input_refs[k].slot != 0) input_meta[k] = InputMeta{inputs[k]->sizes(), inputs[k]->dtype()};
+            if (input_refs[k].slot() != 0) input_meta[k] = InputMeta{inputs[k]->sizes(), inputs[k]->dtype()};
     }
     for (std::size_t k = 0; k < outputs.size(); ++k) tape.chunk_for(tape.next_slot + k);
     // Built in place: an entry is too large to build aside and move in.
@@ -339,8 +346,16 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         e.inputs = std::move(input_refs);
         e.input_meta = std::move(input_meta);
         e.first_slot = tape.next_slot;
-        e.outputs.reserve(outputs.size());
-        for (const Tensor& out : outputs) e.outputs.push_back(Entry::Output{out.sizes(), out.dtype()});
+        e.num_outputs = static_cast<std::uint32_t>(outputs.size());
+        if (!outputs.empty()) {
+            e.output_shape = outputs[0].sizes();
+            e.output_dtype = outputs[0].dtype();
+        }
+        if (outputs.size() > 1) {
+            auto& more = e.rare_made().more_outputs;
+            more.reserve(outputs.size() - 1);
+            for (const Tensor& out : outputs.subspan(1)) more.push_back(Entry::Output{out.sizes(), out.dtype()});
+        }
         e.saved.reserve(saved.size());
         for (const Tensor* saved_tensor : saved) {
             const Tensor& s = *saved_tensor;
@@ -361,6 +376,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
                 e.saved.emplace_back(s, s.version(), true, index);
             }
         }
+        if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;
     } catch (...) {
         tape.entries.pop_back();
         throw;
@@ -379,7 +395,6 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
     }
     e.backward = std::move(backward);
     e.custom = custom;
-    e.scope = engine::scope_path();
     ++tape.next_seq;
     tape.next_slot += outputs.size();
     if (anomaly_mode_enabled())
@@ -400,7 +415,7 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
     if (!should_record(inputs)) return output;
     push_entry(name, inputs, std::span<const Tensor>(&output, 1), {},
                [](const BackwardContext& c) { return GradList{c.take_grad()}; });
-    this_tape().entries.back().region = std::make_unique<RegionFn>(std::move(region));
+    this_tape().entries.back().rare_made().region = std::move(region);
     return output;
 }
 std::uint64_t detail::next_sequence() { return this_tape().next_seq; }

@@ -185,18 +185,39 @@ struct Saved {
     bool unchanged() const { return (value.version() & kVersionMask) == version; }
 };
 
-/// An entry's reference to one of its inputs. What the sweep needs of it is kept here, so that
-/// it never reaches the input itself, which lies wherever forward allocated it.
-struct InputRef {
-    /// A leaf's node; null for a non-leaf, or where the input does not require grad. Not owned:
-    /// the tape holds a leaf's once for all the entries that read it.
-    Node* node = nullptr;
-    /// A non-leaf's gradient slot (its History's); 0 for a leaf.
-    std::uint64_t slot : 63 = 0;
+/// An entry's reference to one of its inputs, in one word. What the sweep needs of it is kept
+/// here, so that it never reaches the input itself, which lies wherever forward allocated it.
+class InputRef {
+public:
+    /// An input that does not require grad.
+    InputRef() = default;
+    /// A leaf's node. Not owned: the tape holds a leaf's once for all the entries that read it.
+    static InputRef leaf(Node* node, bool like_output)
+    {
+        return InputRef(reinterpret_cast<std::uintptr_t>(node) | (like_output ? kLikeOutput : 0));
+    }
+    /// A non-leaf, by its gradient slot (its History's).
+    static InputRef non_leaf(std::uint64_t slot, bool like_output)
+    {
+        return InputRef(slot << 2 | (like_output ? kLikeOutput : 0) | kNonLeaf);
+    }
+    /// The leaf's node; null for a non-leaf, or where the input does not require grad.
+    Node* node() const
+    {
+        return word_ & kNonLeaf ? nullptr : reinterpret_cast<Node*>(word_ & ~std::uint64_t(kLikeOutput));
+    }
+    /// The non-leaf's gradient slot; 0 for a leaf.
+    std::uint64_t slot() const { return word_ & kNonLeaf ? word_ >> 2 : 0; }
     /// The input has the shape and dtype of the entry's first output, and so of its gradient.
-    std::uint64_t like_output : 1 = 0;
+    bool like_output() const { return (word_ & kLikeOutput) != 0; }
     /// Whether the input requires grad.
-    explicit operator bool() const { return node != nullptr || slot != 0; }
+    explicit operator bool() const { return word_ != 0; }
+
+private:
+    // A node's address has its low bits clear; a slot is shifted past the two flags.
+    static constexpr std::uint64_t kNonLeaf = 1, kLikeOutput = 2;
+    explicit InputRef(std::uint64_t word) : word_(word) {}
+    std::uint64_t word_ = 0;
 };
 
 /// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
@@ -269,17 +290,17 @@ struct BackwardContext {
     const Shape& input_shape(std::size_t k) const
     {
         const InputRef& in = (*inputs)[k];
-        if (in.like_output && grads[0].defined()) return grads[0].sizes();
-        if (in.like_output && first_taken_) return taken_shape_;
-        return in.node ? in.node->shape : input_meta[k].shape;
+        if (in.like_output() && grads[0].defined()) return grads[0].sizes();
+        if (in.like_output() && first_taken_) return taken_shape_;
+        return in.node() ? in.node()->shape : input_meta[k].shape;
     }
     /// Dtype of input k.
     DType input_dtype(std::size_t k) const
     {
         const InputRef& in = (*inputs)[k];
-        if (in.like_output && grads[0].defined()) return grads[0].dtype();
-        if (in.like_output && first_taken_) return taken_dtype_;
-        return in.node ? in.node->dtype : input_meta[k].dtype;
+        if (in.like_output() && grads[0].defined()) return grads[0].dtype();
+        if (in.like_output() && first_taken_) return taken_dtype_;
+        return in.node() ? in.node()->dtype : input_meta[k].dtype;
     }
 
 private:
@@ -313,7 +334,8 @@ using BackwardFn = std::function<GradList(const BackwardContext&)>;
 /// the input's shape to that part.
 using RegionFn = std::function<Tensor(const Tensor&)>;
 
-/// One recorded op on the tape.
+/// One recorded op on the tape: 256 bytes, four cache lines, which forward writes, the sweep
+/// reads and a reset drops, one after another along a tape that may outgrow the caches.
 struct Entry {
     /// User-provided, so that appending an entry does not first zero all of it.
     Entry() noexcept {}
@@ -321,31 +343,14 @@ struct Entry {
     std::uint64_t seq = 0;
     /// The op's name.
     const char* name = nullptr;
-    InputNodes inputs;  ///< null where an input does not require grad
-    /// Per input, the shape and dtype of each non-leaf input that neither its node nor the first
-    /// output's gradient tells; null when no input needs it (most entries).
-    std::unique_ptr<InputMeta[]> input_meta;
-    /// What the entry keeps of one of its outputs.
-    struct Output {
-        /// Its shape, for the graph exports once it is gone.
-        Shape shape;
-        /// Its dtype.
-        DType dtype = kFloat32;
-    };
-    /// Its outputs' shapes and dtypes (most ops have one).
-    SmallVector<Output, 1> outputs;
     /// Output k's gradient is summed in slot first_slot + k. Slots are numbered along the tape as
     /// entries are, so a sweep keeps the gradients it sums in one dense array indexed by slot,
     /// instead of reaching each output.
     std::uint64_t first_slot = 0;
-    /// The tensors it saved for backward.
-    SmallVector<Saved, 3> saved;
-    /// Its backward function.
-    BackwardFn backward;
-    /// Set for a part-of-input op: backward then returns the gradient of the part, which the
-    /// sweep adds into region(input's gradient) in place, so taking every step of a sequence
-    /// costs time linear in its length instead of a full-size gradient per step.
-    std::unique_ptr<RegionFn> region;  // behind a pointer: few entries have one
+    /// How many outputs it has (most ops have one).
+    std::uint32_t num_outputs = 0;
+    /// Its first output's dtype.
+    DType output_dtype = kFloat32;
     /// Whether a sweep released it (it cannot be swept again).
     bool released = false;
     /// An output has hooks or retains its gradient (register_hook, retain_grad): the sweep then
@@ -354,7 +359,50 @@ struct Entry {
     /// Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
     /// user's, and under create_graph a gradient it computed off the tape is an error.
     bool custom = false;
-    std::shared_ptr<const std::string> scope;  ///< the Scope it was recorded in; kept only in anomaly mode
+    InputNodes inputs;  ///< null where an input does not require grad
+    /// Per input, the shape and dtype of each non-leaf input that neither its node nor the first
+    /// output's gradient tells; null when no input needs it (most entries).
+    std::unique_ptr<InputMeta[]> input_meta;
+    /// The tensors it saved for backward.
+    SmallVector<Saved, 3> saved;
+    /// Its backward function.
+    BackwardFn backward;
+    /// Its first output's shape, for the graph exports once the output is gone.
+    Shape output_shape;
+    /// What the entry keeps of one of its outputs.
+    struct Output {
+        /// Its shape.
+        Shape shape;
+        /// Its dtype.
+        DType dtype = kFloat32;
+    };
+    /// What few entries have, behind one pointer.
+    struct Rare {
+        /// Outputs 1 and on.
+        std::vector<Output> more_outputs;
+        /// Set for a part-of-input op: backward then returns the gradient of the part, which the
+        /// sweep adds into region(input's gradient) in place, so taking every step of a sequence
+        /// costs time linear in its length instead of a full-size gradient per step.
+        RegionFn region;
+        /// The Scope it was recorded in; kept only in anomaly mode.
+        std::shared_ptr<const std::string> scope;
+    };
+    /// Null unless the entry has more than one output, a region or a scope.
+    std::unique_ptr<Rare> rare;
+    /// Output k's shape.
+    const Shape& shape_of_output(std::size_t k) const { return k == 0 ? output_shape : rare->more_outputs[k - 1].shape; }
+    /// Output k's dtype.
+    DType dtype_of_output(std::size_t k) const { return k == 0 ? output_dtype : rare->more_outputs[k - 1].dtype; }
+    /// The region of a part-of-input op; null for any other.
+    const RegionFn* region() const { return rare && rare->region ? &rare->region : nullptr; }
+    /// The Scope it was recorded in (null outside anomaly mode).
+    const std::shared_ptr<const std::string>& scope() const;
+    /// rare, made if need be.
+    Rare& rare_made()
+    {
+        if (!rare) rare = std::make_unique<Rare>();
+        return *rare;
+    }
 };
 
 /// True when an op on these inputs must be recorded.
