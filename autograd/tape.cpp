@@ -42,11 +42,21 @@ void free_dead(std::vector<std::unique_ptr<SlotChunk>>& chunks, std::unique_ptr<
 }
 }  // namespace
 
-void Tape::retire_all_chunks()
+void Tape::retire_all_chunks(bool keep_current)
 {
+    std::unique_ptr<SlotChunk> current;
+    if (keep_current && newest_chunk && next_slot - newest_chunk->first_slot < SlotChunk::kSlots) {
+        current = std::move(slot_chunks.back());
+        slot_chunks.pop_back();
+    }
     for (auto& c : slot_chunks) retire(std::move(c));
     slot_chunks.clear();
     newest_chunk = nullptr;
+    if (current) {
+        first_chunk = current->first_slot / SlotChunk::kSlots;
+        newest_chunk = current.get();
+        slot_chunks.push_back(std::move(current));
+    }
     free_dead(retired_chunks, &spare_chunk);
     if (orphans_exist.load(std::memory_order_relaxed)) {
         std::lock_guard<std::mutex> lock(orphan_mutex);
@@ -59,7 +69,7 @@ Tape::~Tape()
 {
     entries.clear();  // the saved tensors it holds die first
     spare_slots.clear();
-    retire_all_chunks();
+    retire_all_chunks(false);
     spare_chunk.reset();
     if (retired_chunks.empty()) return;
     std::lock_guard<std::mutex> lock(orphan_mutex);

@@ -181,8 +181,11 @@ struct Tape {
         return c.alive[slot - c.first_slot].load(std::memory_order_acquire);
     }
     // Retires every chunk (the tape is empty), and frees the retired chunks none of whose tensors
-    // is alive any more.
-    void retire_all_chunks();
+    // is alive any more. `keep_current`: the chunk the next slots fall in stays, to go on handing
+    // them out; retired, it would be scanned for live tensors, and a short tape swept again and
+    // again, whose root outlives the sweep, would make a new one every time (a tenth of
+    // bench_tape's recorded and swept add).
+    void retire_all_chunks(bool keep_current = true);
     // Keeps `chunk` as the spare, frees it, or keeps it among the retired while a tensor of it lives.
     void retire(std::unique_ptr<SlotChunk> chunk)
     {
