@@ -410,8 +410,10 @@ struct Sweep final : autograd::GradientSums {
                        "backward through a graph that an earlier backward() already released; pass "
                        "retain_graph=true to the earlier call to sweep the graph more than once");
             show_saved(e, ctx);
+            // Only a user's op under create_graph is held to its saved tensors (below).
             bool saved_recorded = false;
-            for (const Tensor& s : ctx.saved) saved_recorded = saved_recorded || s.requires_grad();
+            if (create_graph && custom)
+                for (const Tensor& s : ctx.saved) saved_recorded = saved_recorded || s.requires_grad();
             ctx.needs.resize(e.inputs.size());
             for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = bool(e.inputs[k]);
             ctx.inputs = &e.inputs;
