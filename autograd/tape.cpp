@@ -423,9 +423,14 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
 {
     const Tensor inputs[] = {input};
     if (!should_record(inputs)) return output;
+    // Made first: once the entry stands, nothing may fail and leave it without its region.
+    auto rare = std::make_unique<Entry::Rare>();
+    rare->region = std::move(region);
     push_entry(name, inputs, std::span<const Tensor>(&output, 1), {},
                [](const BackwardContext& c) { return GradList{c.take_grad()}; });
-    this_tape().entries.back().rare_made().region = std::move(region);
+    Entry& e = this_tape().entries.back();
+    if (e.rare) e.rare->region = std::move(rare->region);  // the entry made its own for a Scope
+    else e.rare = std::move(rare);
     return output;
 }
 std::uint64_t detail::next_sequence() { return this_tape().next_seq; }

@@ -216,6 +216,7 @@ public:
 private:
     // A node's address has its low bits clear; a slot is shifted past the two flags.
     static constexpr std::uint64_t kNonLeaf = 1, kLikeOutput = 2;
+    static_assert(alignof(Node) >= 4, "the two flags live in a node address's low bits");
     explicit InputRef(std::uint64_t word) : word_(word) {}
     std::uint64_t word_ = 0;
 };
@@ -384,7 +385,7 @@ struct Entry {
         /// sweep adds into region(input's gradient) in place, so taking every step of a sequence
         /// costs time linear in its length instead of a full-size gradient per step.
         RegionFn region;
-        /// The Scope it was recorded in; kept only in anomaly mode.
+        /// The Scope it was recorded in.
         std::shared_ptr<const std::string> scope;
     };
     /// Null unless the entry has more than one output, a region or a scope.
@@ -395,7 +396,7 @@ struct Entry {
     DType dtype_of_output(std::size_t k) const { return k == 0 ? output_dtype : rare->more_outputs[k - 1].dtype; }
     /// The region of a part-of-input op; null for any other.
     const RegionFn* region() const { return rare && rare->region ? &rare->region : nullptr; }
-    /// The Scope it was recorded in (null outside anomaly mode).
+    /// The Scope it was recorded in (null if none was alive).
     const std::shared_ptr<const std::string>& scope() const;
     /// rare, made if need be.
     Rare& rare_made()

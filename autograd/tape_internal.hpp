@@ -20,7 +20,9 @@
 
 namespace loom::autograd::engine {
 
-static_assert(sizeof(Entry) == 256, "an entry is four cache lines: one more costs W7 5% (measured with 64 bytes of padding)");
+#ifdef __GLIBCXX__  // the members' sizes are libstdc++'s (libc++'s std::function is 48 bytes)
+static_assert(sizeof(Entry) == 256, "an entry is four cache lines: one more cost W7 5% (measured with 64 bytes of padding)");
+#endif
 
 inline std::atomic<std::uint64_t> next_tape_id{1};
 // Whether any leaf ever had a post-accumulate hook: until then a sweep does not look for the

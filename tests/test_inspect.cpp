@@ -174,6 +174,21 @@ TEST_CASE("names with control characters or of any length give DOT that Graphviz
     CHECK(count_lines_starting(plain, "node ") == 4);
 }
 
+TEST_CASE("a part-of-input op recorded in a Scope keeps both its region and its scope")
+{
+    const Tensor x = from_vector<double>({1.0, 2.0, 3.0, 4.0}, {4}).requires_grad_();
+    Tensor loss;
+    {
+        autograd::Scope scope("gather");
+        loss = (x.select(0, 1) * 2.0 + x.narrow(0, 2, 2).sum()).sum();
+    }
+    const std::string text = autograd::to_text(loss);
+    CHECK(text.find(" select -> [] float64") != std::string::npos);
+    CHECK(text.find("(gather)") != std::string::npos);
+    loss.backward();
+    CHECK(testing::values(x.grad()) == std::vector<double>{0.0, 2.0, 1.0, 1.0});
+}
+
 TEST_CASE("a Scope destroyed out of order takes its own name with it")
 {
     auto outer = std::make_unique<autograd::Scope>("outer");
