@@ -29,8 +29,7 @@ namespace engine {
 
 const std::shared_ptr<const std::string>& scope_path()
 {
-    static const std::shared_ptr<const std::string> none;
-    return scope_path_set ? *scope_path_set : none;
+    return scope_path_set ? *scope_path_set : no_scope;
 }
 
 std::string scope_phrase(const std::shared_ptr<const std::string>& scope)

@@ -258,8 +258,7 @@ std::size_t tape_size() { return this_tape().entries.size(); }
 
 const std::shared_ptr<const std::string>& Entry::scope() const
 {
-    static const std::shared_ptr<const std::string> none;
-    return rare ? rare->scope : none;
+    return rare ? rare->scope : engine::no_scope;
 }
 
 const Entry* find_entry(std::uint64_t seq)

@@ -25,6 +25,8 @@ static_assert(sizeof(Entry) == 256, "an entry is four cache lines: one more cost
 #endif
 
 inline std::atomic<std::uint64_t> next_tape_id{1};
+// The scope of what was recorded outside any Scope.
+inline const std::shared_ptr<const std::string> no_scope;
 // Whether any leaf ever had a post-accumulate hook: until then a sweep does not look for the
 // last reader of each leaf.
 inline std::atomic<bool> post_accumulate_hooks_exist{false};
