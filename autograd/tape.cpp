@@ -84,13 +84,14 @@ void release(Entry& e)
     e.inputs = InputNodes();
     e.input_meta.reset();
     e.saved = {};
-    e.backward = nullptr;
+    e.backward.reset();
 }
 
 void reset(Tape& tape)
 {
     const bool long_tape = tape.entries.size() >= kOrderedListLength;
     tape.entries.clear();
+    tape.stream.clear();
     tape.retire_all_chunks();
     tape.watched_nodes.clear();
     tape.reclaimed_inputs.clear();
@@ -134,6 +135,35 @@ static void drop_unread_held_inputs(Tape& tape)
         if (read.erase(node.get()) > 0) kept.push_back(std::move(node));
     tape.recently_held.fill(nullptr);
     tape.held_inputs = std::move(kept);
+}
+
+// Moves what the entries keep in the stream into a new one, which holds only theirs: the dead
+// entries' bytes are reclaimed, so a tape that is compacted but never emptied (forward after
+// forward with grad on, and no backward) does not grow. If the new stream cannot be had,
+// everything stays where it is.
+static void move_to_new_stream(Tape& tape)
+{
+    ByteStream fresh;
+    std::vector<std::pair<void*, void*>> places;  // per entry: its closure's, its input metadata's
+    try {
+        places.reserve(tape.entries.size());
+        for (std::size_t i = 0; i < tape.entries.size(); ++i) {
+            const Entry& e = tape.entries[i];
+            const BackwardOps* ops = e.backward.ops();
+            void* closure = ops && !ops->kept_inline ? fresh.allocate(ops->size, ops->align) : nullptr;
+            void* meta = e.input_meta ? fresh.allocate(KeptInputMeta::bytes_for(e.input_meta.size()),
+                                                       KeptInputMeta::bytes_align)
+                                      : nullptr;
+            places.emplace_back(closure, meta);
+        }
+    } catch (const std::bad_alloc&) {
+        return;
+    }
+    for (std::size_t i = 0; i < tape.entries.size(); ++i) {
+        if (places[i].first) tape.entries[i].backward.relocate(places[i].first);
+        if (places[i].second) tape.entries[i].input_meta.relocate(places[i].second);
+    }
+    tape.stream = std::move(fresh);
 }
 
 // Drops the dead entries: those no tensor holds an output of and no live entry reads (no
@@ -205,8 +235,13 @@ void compact_since(std::uint64_t first_seq)
             ++kept;
         }
     tape.entries.shrink_to(kept);
-    if (tape.entries.empty()) tape.retire_all_chunks();
-    else if (first == 0) tape.drop_chunks_below(tape.entries[0].first_slot);
+    if (tape.entries.empty()) {
+        tape.stream.clear();
+        tape.retire_all_chunks();
+    } else if (first == 0) {
+        tape.drop_chunks_below(tape.entries[0].first_slot);
+        move_to_new_stream(tape);
+    }
     if (first == 0) drop_unread_held_inputs(tape);
 }
 
@@ -287,13 +322,20 @@ SmallVector<const Tensor*, 3> pointers_to(std::span<const Tensor> tensors)
 void push_entry(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
                 std::span<const Tensor> saved, BackwardFn backward, bool custom)
 {
-    const auto in = pointers_to(inputs), kept = pointers_to(saved);
-    detail::push_entry_refs(name, std::span<const Tensor* const>(in.data(), in.size()), outputs,
-                            std::span<const Tensor* const>(kept.data(), kept.size()), std::move(backward), custom);
+    detail::push_entry_stored(name, inputs, outputs, saved, backward_ops_of<BackwardFn>, &backward, custom);
 }
 
-void detail::push_entry_refs(const char* name, std::span<const Tensor* const> inputs, std::span<const Tensor> outputs,
-                             std::span<const Tensor* const> saved, BackwardFn backward, bool custom)
+void detail::push_entry_stored(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
+                               std::span<const Tensor> saved, const BackwardOps& ops, void* closure, bool custom)
+{
+    const auto in = pointers_to(inputs), kept = pointers_to(saved);
+    push_entry_stored(name, std::span<const Tensor* const>(in.data(), in.size()), outputs,
+                      std::span<const Tensor* const>(kept.data(), kept.size()), ops, closure, custom);
+}
+
+void detail::push_entry_stored(const char* name, std::span<const Tensor* const> inputs,
+                               std::span<const Tensor> outputs, std::span<const Tensor* const> saved,
+                               const BackwardOps& ops, void* closure, bool custom)
 {
     if (autograd::engine::current_tracer) {
         SmallVector<Tensor, 3> in;
@@ -340,12 +382,6 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         }
         input_refs.push_back(in);
     }
-    std::unique_ptr<InputMeta[]> input_meta;
-    if (needs_meta) {
-        input_meta = std::make_unique<InputMeta[]>(inputs.size());
-        for (std::size_t k = 0; k < inputs.size(); ++k)
-            if (input_refs[k].slot() != 0) input_meta[k] = InputMeta{inputs[k]->sizes(), inputs[k]->dtype()};
-    }
     for (std::size_t k = 0; k < outputs.size(); ++k) tape.chunk_for(tape.next_slot + k);
     // Built in place: an entry is too large to build aside and move in.
     Entry& e = tape.entries.emplace_back();
@@ -353,7 +389,16 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         e.seq = tape.next_seq;
         e.name = name;
         e.inputs = std::move(input_refs);
-        e.input_meta = std::move(input_meta);
+        if (needs_meta) {
+            bool large = false;
+            for (std::size_t k = 0; k < inputs.size(); ++k)
+                large = large || (e.inputs[k].slot() != 0 && inputs[k]->dim() > 4);
+            InputMeta* meta = e.input_meta.emplace(
+                tape.stream.allocate(KeptInputMeta::bytes_for(inputs.size()), KeptInputMeta::bytes_align),
+                inputs.size(), large);
+            for (std::size_t k = 0; k < inputs.size(); ++k)
+                if (e.inputs[k].slot() != 0) meta[k] = InputMeta{inputs[k]->sizes(), inputs[k]->dtype()};
+        }
         e.first_slot = tape.next_slot;
         e.num_outputs = static_cast<std::uint32_t>(outputs.size());
         if (!outputs.empty()) {
@@ -386,6 +431,7 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
             }
         }
         if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;
+        e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));
     } catch (...) {
         tape.entries.pop_back();
         throw;
@@ -402,7 +448,6 @@ void detail::push_entry_refs(const char* name, std::span<const Tensor* const> in
         impl.slots = &chunk;
         impl.slot_index = i;
     }
-    e.backward = std::move(backward);
     e.custom = custom;
     ++tape.next_seq;
     tape.next_slot += outputs.size();
@@ -425,14 +470,16 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
     // Made first: once the entry stands, nothing may fail and leave it without its region.
     auto rare = std::make_unique<Entry::Rare>();
     rare->region = std::move(region);
-    push_entry(name, inputs, std::span<const Tensor>(&output, 1), {},
-               [](const BackwardContext& c) { return GradList{c.take_grad()}; });
+    detail::push_entry_with(name, std::span<const Tensor>(inputs), std::span<const Tensor>(&output, 1),
+                            std::span<const Tensor>(), [](const BackwardContext& c) { return GradList{c.take_grad()}; },
+                            false);
     Entry& e = this_tape().entries.back();
     if (e.rare) e.rare->region = std::move(rare->region);  // the entry made its own for a Scope
     else e.rare = std::move(rare);
     return output;
 }
 std::uint64_t detail::next_sequence() { return this_tape().next_seq; }
+std::size_t detail::tape_stream_bytes() { return this_tape().stream.bytes_used(); }
 
 }  // namespace autograd
 

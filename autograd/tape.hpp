@@ -44,6 +44,8 @@
 /// custom_ops.cpp checks users' ops; tape_internal.hpp is what they share.
 #pragma once
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -51,6 +53,7 @@
 #include <ranges>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../core/tensor.hpp"
@@ -235,6 +238,82 @@ struct InputMeta {
     DType dtype = kFloat32;
 };
 
+/// An entry's InputMeta list, one per input, kept in its tape's byte stream (laid down one
+/// after another as the entries are, and reused from one recording to the next) instead of a
+/// heap allocation per entry. Destroying it reads the list only when a shape had more than four
+/// dimensions (its own allocation to free).
+class KeptInputMeta {
+public:
+    KeptInputMeta() = default;
+    ~KeptInputMeta() { reset(); }
+    KeptInputMeta(const KeptInputMeta&) = delete;
+    KeptInputMeta& operator=(const KeptInputMeta&) = delete;
+    /// Takes over `other`'s list, where it lies.
+    KeptInputMeta(KeptInputMeta&& other) noexcept : word_(std::exchange(other.word_, 0)) {}
+    /// As the move constructor, after destroying its own list.
+    KeptInputMeta& operator=(KeptInputMeta&& other) noexcept
+    {
+        if (this != &other) {
+            reset();
+            word_ = std::exchange(other.word_, 0);
+        }
+        return *this;
+    }
+    /// Bytes a list of n takes in the stream (its length first), aligned as bytes_align.
+    static constexpr std::size_t bytes_for(std::size_t n) { return sizeof(std::uint64_t) + n * sizeof(InputMeta); }
+    /// Alignment of a list.
+    static constexpr std::size_t bytes_align = alignof(InputMeta);
+    /// Makes n empty InputMetas at `place` (bytes_for(n) bytes from the stream) and returns them;
+    /// `large`: a shape given to one will have more than four dimensions.
+    InputMeta* emplace(void* place, std::size_t n, bool large) noexcept
+    {
+        reset();
+        ::new (place) std::uint64_t(n);
+        auto* list = reinterpret_cast<InputMeta*>(static_cast<std::byte*>(place) + sizeof(std::uint64_t));
+        for (std::size_t k = 0; k < n; ++k) ::new (list + k) InputMeta();
+        word_ = reinterpret_cast<std::uintptr_t>(place) | (large ? kLarge : 0);
+        return list;
+    }
+    /// Moves the list to `place` (as many bytes from a new stream).
+    void relocate(void* place) noexcept
+    {
+        if (!word_) return;
+        const std::size_t n = size();
+        InputMeta* from = get();
+        const bool large = (word_ & kLarge) != 0;
+        ::new (place) std::uint64_t(n);
+        auto* to = reinterpret_cast<InputMeta*>(static_cast<std::byte*>(place) + sizeof(std::uint64_t));
+        for (std::size_t k = 0; k < n; ++k) {
+            ::new (to + k) InputMeta(std::move(from[k]));
+            from[k].~InputMeta();
+        }
+        word_ = reinterpret_cast<std::uintptr_t>(place) | (large ? kLarge : 0);
+    }
+    /// Destroys the list (its bytes are reclaimed with the stream).
+    void reset() noexcept
+    {
+        if (word_ & kLarge) {
+            InputMeta* list = get();
+            for (std::size_t k = 0, n = size(); k < n; ++k) list[k].~InputMeta();
+        }
+        word_ = 0;
+    }
+    /// The list; null when none is kept.
+    InputMeta* get() const
+    {
+        return word_ ? reinterpret_cast<InputMeta*>(reinterpret_cast<std::byte*>(word_ & ~kLarge) + sizeof(std::uint64_t))
+                     : nullptr;
+    }
+    /// Its length (0 when none is kept).
+    std::size_t size() const { return word_ ? *reinterpret_cast<const std::uint64_t*>(word_ & ~kLarge) : 0; }
+    /// Whether a list is kept.
+    explicit operator bool() const { return word_ != 0; }
+
+private:
+    static constexpr std::uintptr_t kLarge = 1;
+    std::uintptr_t word_ = 0;
+};
+
 /// Where a sweep sums the gradients arriving at each input.
 struct GradientSums {
     /// A buffer holding the gradient of `input` (of `shape` and `dtype`) summed so far, to add
@@ -331,6 +410,120 @@ struct GradList : SmallVector<Tensor, 3> {
 /// Returns one gradient per input (undefined where not needed), each of that input's shape.
 using BackwardFn = std::function<GradList(const BackwardContext&)>;
 
+/// The op token: what the tape does with the backward closures of one type. There is one
+/// constant table per closure type (backward_ops_of); an entry keeps a pointer to it beside the
+/// closure, so recording an op makes no std::function, and dropping an entry whose closure
+/// holds nothing to destroy calls nothing.
+struct BackwardOps {
+    /// Runs the closure.
+    GradList (*call)(void* closure, const BackwardContext& c);
+    /// Move-constructs a closure at `to` from the one at `from`.
+    void (*move_construct)(void* from, void* to) noexcept;
+    /// Destroys the closure; null when that does nothing.
+    void (*destroy)(void* closure) noexcept;
+    /// The closure's size.
+    std::uint32_t size;
+    /// The closure's alignment.
+    std::uint32_t align;
+    /// Kept in the entry's own bytes (StoredBackward::kInlineBytes), not in the tape's stream.
+    bool kept_inline;
+};
+
+namespace detail {
+/// Whether a closure of type C is kept in its entry: small, and copied by copying its bytes.
+template <class C> inline constexpr bool closure_kept_inline = sizeof(C) <= 24 && alignof(C) <= 8 && std::is_trivially_copyable_v<C>;
+
+/// The table of closure type C, which returns a GradList, or (a user's) a std::vector<Tensor>.
+template <class C> GradList call_closure(void* closure, const BackwardContext& c)
+{
+    using Result = std::invoke_result_t<C&, const BackwardContext&>;
+    if constexpr (std::is_same_v<Result, GradList>) {
+        return (*static_cast<C*>(closure))(c);
+    } else {
+        std::vector<Tensor> grads = (*static_cast<C*>(closure))(c);
+        GradList list;
+        list.reserve(grads.size());
+        for (Tensor& g : grads) list.push_back(std::move(g));
+        return list;
+    }
+}
+}  // namespace detail
+
+/// The op token of closure type C.
+template <class C>
+inline constexpr BackwardOps backward_ops_of{
+    &detail::call_closure<C>,
+    [](void* from, void* to) noexcept { ::new (to) C(std::move(*static_cast<C*>(from))); },
+    std::is_trivially_destructible_v<C> ? nullptr : +[](void* closure) noexcept { static_cast<C*>(closure)->~C(); },
+    sizeof(C), alignof(C), detail::closure_kept_inline<C>};
+
+/// An entry's backward function: its op token and its closure, kept in the entry when small and
+/// trivially copyable (most of loom's ops capture nothing, or a number), else in the tape's byte
+/// stream (memory the tape reuses from one recording to the next), which this points into.
+class StoredBackward {
+public:
+    /// Bytes of closure an entry keeps inline.
+    static constexpr std::size_t kInlineBytes = 24;
+    StoredBackward() = default;
+    ~StoredBackward() { reset(); }
+    StoredBackward(const StoredBackward&) = delete;
+    StoredBackward& operator=(const StoredBackward&) = delete;
+    /// Takes over `other`'s closure, where it lies (an inline one is copied: it is trivially copyable).
+    StoredBackward(StoredBackward&& other) noexcept : ops_(other.ops_), bytes_(other.bytes_) { other.ops_ = nullptr; }
+    /// As the move constructor, after destroying its own closure.
+    StoredBackward& operator=(StoredBackward&& other) noexcept
+    {
+        if (this != &other) {
+            reset();
+            ops_ = other.ops_;
+            bytes_ = other.bytes_;
+            other.ops_ = nullptr;
+        }
+        return *this;
+    }
+    /// Keeps a closure moved from `closure` (of the type `ops` is the token of): in the entry, or
+    /// at `place`, which the tape's stream allocated for it when `!ops.kept_inline`.
+    void emplace(const BackwardOps& ops, void* closure, void* place) noexcept
+    {
+        reset();
+        ops.move_construct(closure, ops.kept_inline ? static_cast<void*>(bytes_.data()) : place);
+        if (!ops.kept_inline) std::memcpy(bytes_.data(), &place, sizeof place);
+        ops_ = &ops;
+    }
+    /// Moves a closure kept in a stream to `place`, which a new stream allocated for it.
+    void relocate(void* place) noexcept
+    {
+        if (!ops_ || ops_->kept_inline) return;
+        void* from = closure();
+        ops_->move_construct(from, place);
+        if (ops_->destroy) ops_->destroy(from);
+        std::memcpy(bytes_.data(), &place, sizeof place);
+    }
+    /// Destroys the closure (the bytes it took in the stream are reclaimed with the stream).
+    void reset() noexcept
+    {
+        if (ops_ && ops_->destroy) ops_->destroy(closure());
+        ops_ = nullptr;
+    }
+    /// Runs it.
+    GradList operator()(const BackwardContext& c) const { return ops_->call(closure(), c); }
+    /// Whether it holds a closure.
+    explicit operator bool() const { return ops_ != nullptr; }
+    /// Its op token; null when empty.
+    const BackwardOps* ops() const { return ops_; }
+
+private:
+    void* closure() const
+    {
+        if (ops_->kept_inline) return const_cast<std::byte*>(bytes_.data());
+        void* place;
+        std::memcpy(&place, bytes_.data(), sizeof place);
+        return place;
+    }
+    const BackwardOps* ops_ = nullptr;
+    alignas(8) std::array<std::byte, kInlineBytes> bytes_;
+};
+
 /// For an op whose output is a part of its one input (select, slice, narrow): maps a tensor of
 /// the input's shape to that part.
 using RegionFn = std::function<Tensor(const Tensor&)>;
@@ -363,11 +556,11 @@ struct Entry {
     InputNodes inputs;  ///< null where an input does not require grad
     /// Per input, the shape and dtype of each non-leaf input that neither its node nor the first
     /// output's gradient tells; null when no input needs it (most entries).
-    std::unique_ptr<InputMeta[]> input_meta;
+    KeptInputMeta input_meta;
     /// The tensors it saved for backward.
     SmallVector<Saved, 3> saved;
     /// Its backward function.
-    BackwardFn backward;
+    StoredBackward backward;
     /// Its first output's shape, for the graph exports once the output is gone.
     Shape output_shape;
     /// What the entry keeps of one of its outputs.
@@ -438,13 +631,15 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
                 std::span<const Tensor> saved, BackwardFn backward, bool custom = false);
 
 namespace detail {
-/// push_entry with the inputs and saved tensors named by pointer: loom's own ops record without
+/// Appends the entry, with a backward closure moved from `closure`, of the type `ops` is the
+/// token of. The inputs and saved tensors are named by pointer: loom's own ops record without
 /// first copying each handle into a list (two atomic reference counts per tensor).
-void push_entry_refs(const char* name, std::span<const Tensor* const> inputs, std::span<const Tensor> outputs,
-                     std::span<const Tensor* const> saved, BackwardFn backward, bool custom);
-}  // namespace detail
+void push_entry_stored(const char* name, std::span<const Tensor* const> inputs, std::span<const Tensor> outputs,
+                       std::span<const Tensor* const> saved, const BackwardOps& ops, void* closure, bool custom);
+/// The same with the inputs and saved tensors in lists.
+void push_entry_stored(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
+                       std::span<const Tensor> saved, const BackwardOps& ops, void* closure, bool custom);
 
-namespace detail {
 /// Checks forward's results; an output that is an input, already on the tape, or returned twice
 /// becomes an alias, so that it can carry this op's history.
 void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs);
@@ -452,8 +647,8 @@ void prepare_custom_outputs(const char* op, std::vector<Tensor>& outputs);
 /// shape and dtype or undefined; the errors name the op.
 void check_custom_grads(const char* op, const GradList& grads, const BackwardContext& c);
 
-/// A backward function as the tape keeps it: one returning a std::vector<Tensor> (a user's) has
-/// its result moved into a GradList.
+/// A backward function as a BackwardFn: one returning a std::vector<Tensor> (a user's) has its
+/// result moved into a GradList.
 template <class F> BackwardFn as_backward_fn(F&& backward)
 {
     using Result = std::invoke_result_t<F&, const BackwardContext&>;
@@ -470,6 +665,25 @@ template <class F> BackwardFn as_backward_fn(F&& backward)
     }
 }
 
+/// The closure an entry keeps for `backward`: the closure itself, or a BackwardFn holding it
+/// when moving it might throw (the tape moves closures where nothing may fail) or it asks for
+/// more alignment than the tape's stream gives (16 bytes).
+template <class F> auto as_closure(F&& backward)
+{
+    using C = std::decay_t<F>;
+    if constexpr (std::is_nothrow_move_constructible_v<C> && alignof(C) <= 16) return C(std::forward<F>(backward));
+    else return as_backward_fn(std::forward<F>(backward));
+}
+
+/// push_entry for a backward closure of any type, kept as it is.
+template <class Inputs, class Saved, class F>
+void push_entry_with(const char* name, Inputs inputs, std::span<const Tensor> outputs, Saved saved, F&& backward,
+                     bool custom)
+{
+    auto closure = as_closure(std::forward<F>(backward));
+    push_entry_stored(name, inputs, outputs, saved, backward_ops_of<decltype(closure)>, &closure, custom);
+}
+
 template <class F>
 Tensor record_entry(const char* name, std::span<const Tensor> inputs, Tensor output, std::span<const Tensor> saved,
                     F&& backward, bool custom)
@@ -480,8 +694,7 @@ Tensor record_entry(const char* name, std::span<const Tensor> inputs, Tensor out
             prepare_custom_outputs(name, outputs);
             output = std::move(outputs[0]);
         }
-        push_entry(name, inputs, std::span<const Tensor>(&output, 1), saved, as_backward_fn(std::forward<F>(backward)),
-                   custom);
+        push_entry_with(name, inputs, std::span<const Tensor>(&output, 1), saved, std::forward<F>(backward), custom);
     } else if (anomaly_mode_enabled()) {
         check_forward_anomaly(name, output, 0);
     }
@@ -530,9 +743,9 @@ Tensor record(const char* name, std::initializer_list<TensorRef> inputs, Tensor&
     SmallVector<const Tensor*, 3> in, kept;
     for (TensorRef r : inputs) in.push_back(r.tensor);
     for (TensorRef r : saved) kept.push_back(r.tensor);
-    detail::push_entry_refs(name, std::span<const Tensor* const>(in.data(), in.size()),
+    detail::push_entry_with(name, std::span<const Tensor* const>(in.data(), in.size()),
                             std::span<const Tensor>(&output, 1), std::span<const Tensor* const>(kept.data(), kept.size()),
-                            detail::as_backward_fn(std::forward<F>(backward)), false);
+                            std::forward<F>(backward), false);
     return std::move(output);
 }
 template <class F>
@@ -548,7 +761,7 @@ void record_outputs(const char* name, std::span<const Tensor> inputs, std::span<
                     std::span<const Tensor> saved, F&& backward)
 {
     if (should_record(inputs))
-        return push_entry(name, inputs, outputs, saved, detail::as_backward_fn(std::forward<F>(backward)));
+        return detail::push_entry_with(name, inputs, outputs, saved, std::forward<F>(backward), false);
     if (anomaly_mode_enabled())
         for (const Tensor& out : outputs) check_forward_anomaly(name, out, 0);
 }
@@ -558,6 +771,9 @@ void record_outputs(const char* name, std::span<const Tensor> inputs, std::span<
 Tensor record_region(const char* name, const Tensor& input, Tensor output, RegionFn region);
 
 namespace detail {
+/// Bytes this thread's tape keeps beside its entries: backward closures too large to keep inline
+/// and input shapes (rounded up to whole chunks but the last).
+std::size_t tape_stream_bytes();
 /// The sequence number the next recorded entry gets.
 std::uint64_t next_sequence();
 /// grad() through the entries numbered `first` and above alone, with allow_unused and nothing

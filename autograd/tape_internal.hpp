@@ -106,8 +106,65 @@ private:
     std::size_t size_ = 0;
 };
 
+// What entries keep beside them: the backward closures too large to keep inline, and the
+// shapes of inputs that the first output's gradient does not tell (KeptInputMeta). Laid down
+// one after another in chunks that never move while the tape holds entries, and reused from one
+// recording to the next: recording such an op bumps an offset instead of allocating, and what
+// successive entries keep lies side by side, in the order the sweep and a reset read it.
+class ByteStream {
+public:
+    // `size` bytes aligned to `align` (a power of two, at most 16).
+    void* allocate(std::size_t size, std::size_t align)
+    {
+        const std::size_t at = (used_ + align - 1) & ~(align - 1);
+        if (current_ < chunks_.size() && at + size <= chunks_[current_].size) [[likely]] {
+            used_ = at + size;
+            return chunks_[current_].bytes.get() + at;
+        }
+        return allocate_in_next_chunk(size);
+    }
+    // Makes every byte free again (what they held destroyed already); the chunks are kept.
+    void clear()
+    {
+        current_ = 0;
+        used_ = 0;
+    }
+    // Bytes handed out since the last clear (for the tests).
+    std::size_t bytes_used() const
+    {
+        std::size_t n = used_;
+        for (std::size_t i = 0; i < current_ && i < chunks_.size(); ++i) n += chunks_[i].size;
+        return n;
+    }
+
+private:
+    static constexpr std::size_t kChunkBytes = std::size_t(64) << 10;
+    struct Chunk {
+        std::unique_ptr<std::byte[]> bytes;  // operator new[]'s alignment: 16
+        std::size_t size;
+    };
+    [[gnu::noinline]] void* allocate_in_next_chunk(std::size_t size)
+    {
+        const std::size_t next = chunks_.empty() ? 0 : current_ + 1;
+        // A chunk kept from an earlier recording is reused if the closure fits it.
+        if (next >= chunks_.size() || chunks_[next].size < size) {
+            const std::size_t bytes = std::max(kChunkBytes, size);
+            chunks_.insert(chunks_.begin() + static_cast<std::ptrdiff_t>(std::min(next, chunks_.size())),
+                           Chunk{std::make_unique_for_overwrite<std::byte[]>(bytes), bytes});
+        }
+        current_ = next;
+        used_ = size;
+        return chunks_[current_].bytes.get();
+    }
+    std::vector<Chunk> chunks_;
+    std::size_t current_ = 0;
+    std::size_t used_ = 0;
+};
+
 // One thread's tape.
 struct Tape {
+    // Declared before the entries, so that it outlives what they keep in it.
+    ByteStream stream;
     EntryStore entries;  // in recording order: seq increases
     std::uint64_t next_seq = 1;
     std::uint64_t next_slot = 1;  // the slot the next entry's first output gets (Entry::first_slot)

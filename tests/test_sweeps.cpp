@@ -283,6 +283,40 @@ TEST_CASE("compaction keeps what a live entry reads, and the hooks of results al
     });
 }
 
+TEST_CASE("what entries keep beside them outlives compaction, is destroyed once, and is reclaimed")
+{
+    on_fresh_tape([] {
+        // A closure that captures nothing is kept in its entry.
+        Tensor x = random({2, 1, 3, 1, 2, 1}, 5).requires_grad_();
+        (void)(x * x);
+        CHECK(autograd::detail::tape_stream_bytes() == 0);
+        // One that holds tensors and a count is kept in the tape's stream, and destroyed with its
+        // entry, once.
+        auto count = std::make_shared<int>(0);
+        const auto tripled = [&] {
+            return autograd::record("tripled", {x}, x.detach() * 3.0, {},
+                                    [count, three = full({1}, 3.0, kFloat64)](const autograd::BackwardContext& c) {
+                                        return std::vector<Tensor>{c.grad() * three};
+                                    });
+        };
+        // sum keeps its input's shape, of six dimensions (an allocation of its own), in the stream.
+        Tensor z = tripled().sum({0, 2}, true);
+        CHECK(autograd::detail::tape_stream_bytes() > 0);
+        // Dead entries, reclaimed by compaction along with what they kept.
+        for (int i = 0; i < 20000; ++i) (void)tripled();
+        CHECK(autograd::tape_size() < 3000);
+        CHECK(count.use_count() - 1 <= static_cast<long>(autograd::tape_size()));
+        CHECK(autograd::detail::tape_stream_bytes() < 20000 * sizeof(Tensor) * 2 / 4);
+        // The kept entries, moved to the new stream by each compaction, differentiate as before.
+        (z * z).sum().backward();
+        CHECK(close(x.grad(), values(zeros({2, 1, 3, 1, 2, 1}, kFloat64) + z.detach() * 6.0), 1e-12));
+        // The sweep released every entry: each closure was destroyed, and the stream is empty.
+        CHECK(autograd::tape_size() == 0);
+        CHECK(count.use_count() == 1);
+        CHECK(autograd::detail::tape_stream_bytes() == 0);
+    });
+}
+
 TEST_CASE("compaction reclaims dead chains whose entries saved their inputs")
 {
     on_fresh_tape([] {
