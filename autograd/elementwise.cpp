@@ -37,6 +37,35 @@ Tensor reduce_to(const BackwardContext& c, std::size_t k, Tensor&& g)
     return c.needs[k] ? sum_to(std::move(g), c.input_shape(k)) : Tensor();
 }
 
+// Input k's gradient fn(g, v) computed element by element straight into the sum the sweep keeps
+// for k, when the sweep offers it and the incoming gradient g and the operand v are contiguous,
+// of k's shape and dtype (no broadcast to undo): no tensor is made for the gradient, and the sum
+// is added in the same pass. False where it cannot; backward then returns the gradient.
+template <class Fn> bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tensor& v)
+{
+    if (!c.sums || !c.needs[k]) return false;
+    const Tensor& g = c.grad();
+    const DType dtype = g.dtype();
+    if (!is_floating(dtype) || !g.is_contiguous() || !v.is_contiguous() || v.dtype() != dtype ||
+        v.sizes() != g.sizes() || c.input_dtype(k) != dtype || c.input_shape(k) != g.sizes())
+        return false;
+    const autograd::GradientBuffer sum = c.gradient_buffer(k);
+    if (!sum) return false;
+    const auto run = [&]<class T>(T*) {
+        T* out = sum.sum->template data_ptr<T>();
+        const T* gp = g.data_ptr<T>();
+        const T* vp = v.data_ptr<T>();
+        const std::int64_t n = g.numel();
+        if (sum.fresh)
+            for (std::int64_t i = 0; i < n; ++i) out[i] = fn(gp[i], vp[i]);
+        else
+            for (std::int64_t i = 0; i < n; ++i) out[i] += fn(gp[i], vp[i]);
+    };
+    if (dtype == kFloat64) run(static_cast<double*>(nullptr));
+    else run(static_cast<float*>(nullptr));
+    return true;
+}
+
 // The gradient of an op whose derivative is piecewise constant in x (abs, relu, clamp):
 // grad_fn(g, x) elementwise. It is linear in g and has zero derivative in x, so its own
 // backward is itself applied to the incoming gradient.
@@ -100,8 +129,11 @@ Tensor mul(const Tensor& a, const Tensor& b)
     Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return pointwise::Mul::value(x, y); });
     return record("mul", {a, b}, std::move(out), {a, b}, [](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
-        return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() * y) : Tensor(),
-                     c.needs[1] ? reduce_to(c, 1, c.grad() * x) : Tensor()};
+        const auto times = [](auto g, auto v) { return g * v; };
+        Grads grads(2);
+        if (c.needs[0] && !summed_in_place(c, 0, times, y)) grads[0] = reduce_to(c, 0, c.grad() * y);
+        if (c.needs[1] && !summed_in_place(c, 1, times, x)) grads[1] = reduce_to(c, 1, c.grad() * x);
+        return grads;
     });
 }
 
@@ -187,7 +219,11 @@ Tensor exp(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("exp");
     Tensor out = kernels::map_floating("exp", x, [](auto v) { return pointwise::Exp::value(v); });
-    return record("exp", {x}, std::move(out), {out}, [](const BackwardContext& c) { return Grads{c.grad() * c.saved[0]}; });
+    return record("exp", {x}, std::move(out), {out}, [](const BackwardContext& c) {
+        if (summed_in_place(c, 0, [](auto g, auto y) { return pointwise::Exp::grad(g, y, y); }, c.saved[0]))
+            return Grads{Tensor()};
+        return Grads{c.grad() * c.saved[0]};
+    });
 }
 
 Tensor log(const Tensor& x)
@@ -221,7 +257,11 @@ Tensor tanh(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("tanh");
     Tensor out = kernels::map_floating("tanh", x, [](auto v) { return pointwise::Tanh::value(v); });
-    return record("tanh", {x}, std::move(out), {out}, [](const BackwardContext& c) { return Grads{tanh_backward(c.grad(), c.saved[0])}; });
+    return record("tanh", {x}, std::move(out), {out}, [](const BackwardContext& c) {
+        const auto tanh_grad = [](auto g, auto y) { return pointwise::Tanh::grad(g, y, y); };
+        if (summed_in_place(c, 0, tanh_grad, c.saved[0])) return Grads{Tensor()};
+        return Grads{tanh_backward(c.grad(), c.saved[0])};
+    });
 }
 
 Tensor sigmoid(const Tensor& x)
@@ -229,6 +269,8 @@ Tensor sigmoid(const Tensor& x)
     const autograd::detail::ProfiledOp profiled("sigmoid");
     Tensor out = kernels::map_floating("sigmoid", x, [](auto v) { return pointwise::Sigmoid::value(v); });
     return record("sigmoid", {x}, std::move(out), {out}, [](const BackwardContext& c) {
+        const auto sigmoid_grad = [](auto g, auto y) { return pointwise::Sigmoid::grad(g, y, y); };
+        if (summed_in_place(c, 0, sigmoid_grad, c.saved[0])) return Grads{Tensor()};
         return Grads{sigmoid_backward(c.grad(), c.saved[0])};
     });
 }

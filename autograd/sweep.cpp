@@ -323,6 +323,19 @@ struct Sweep final : autograd::GradientSums {
         return p.sum;
     }
 
+    autograd::GradientBuffer gradient_buffer(const autograd::InputRef& input, const Shape& shape, DType dtype) override
+    {
+        autograd::PendingGrad& p = receiving(input);
+        if (!p.sum.defined()) {
+            p.sum = empty(shape, dtype);
+            p.owned = true;
+            return {&p.sum, true};
+        }
+        // A sum adopted as it came may be held elsewhere; the sweep's add makes it its own.
+        if (!p.owned || !p.sum.is_contiguous()) return {};
+        return {&p.sum, false};
+    }
+
     // Adds g into region(the input's gradient), creating that gradient as zeros of `shape` and
     // `dtype` if need be.
     void add_region(const autograd::InputRef& input, const Shape& shape, DType dtype, const autograd::RegionFn& region,
@@ -602,6 +615,12 @@ Tensor autograd::BackwardContext::accumulator(std::size_t k) const
 {
     if (!sums || k >= needs.size() || !needs[k]) return Tensor();
     return sums->accumulator((*inputs)[k], input_shape(k), input_dtype(k));
+}
+
+autograd::GradientBuffer autograd::BackwardContext::gradient_buffer(std::size_t k) const
+{
+    if (!sums || k >= needs.size() || !needs[k]) return {};
+    return sums->gradient_buffer((*inputs)[k], input_shape(k), input_dtype(k));
 }
 
 // ---- Tensor's autograd methods ----

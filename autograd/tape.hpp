@@ -314,11 +314,26 @@ private:
     std::uintptr_t word_ = 0;
 };
 
+/// The buffer a sweep sums an input's gradient in, offered to a backward function that computes
+/// the gradient element by element into it (BackwardContext::gradient_buffer).
+struct GradientBuffer {
+    /// The sum: contiguous, of the input's shape and dtype, the sweep's alone. Null when none is offered.
+    Tensor* sum = nullptr;
+    /// Nothing has arrived yet: every element is to be written (the buffer holds no values).
+    /// Otherwise the gradient is to be added into it.
+    bool fresh = false;
+    /// Whether one is offered.
+    explicit operator bool() const { return sum != nullptr; }
+};
+
 /// Where a sweep sums the gradients arriving at each input.
 struct GradientSums {
     /// A buffer holding the gradient of `input` (of `shape` and `dtype`) summed so far, to add
     /// into in place.
     virtual Tensor accumulator(const InputRef& input, const Shape& shape, DType dtype) = 0;
+    /// The sum of `input`'s gradient to write or add into, if the sweep can offer it without a
+    /// copy; see GradientBuffer.
+    virtual GradientBuffer gradient_buffer(const InputRef& input, const Shape& shape, DType dtype) = 0;
 
 protected:
     ~GradientSums() = default;
@@ -366,6 +381,12 @@ struct BackwardContext {
     /// tensor for k. Undefined when the sweep offers none (create_graph, anomaly mode, or input k
     /// needs no gradient); backward then returns the gradient as usual.
     Tensor accumulator(std::size_t k) const;
+    /// Input k's sum in this sweep, for a backward that computes k's gradient element by element:
+    /// it writes every element when the buffer is fresh, else adds into it, and returns an
+    /// undefined tensor for k. Not offered (null) where accumulator() is not, or where the sum
+    /// so far is a tensor the sweep does not own; backward then returns the gradient as usual.
+    /// Ask only once the gradient is sure to be written: a fresh buffer holds no values.
+    GradientBuffer gradient_buffer(std::size_t k) const;
     /// Shape of input k; known for every input that needs a gradient, so ops need not save it.
     const Shape& input_shape(std::size_t k) const
     {

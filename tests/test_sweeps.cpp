@@ -404,6 +404,43 @@ TEST_CASE("gradients summed where a result fans out never write into a gradient 
     CHECK(close(x.grad(), values((6.0 - s * s) * 1.5 + (5.0 - w * w) * 2.5), 1e-12));
 }
 
+TEST_CASE("elementwise gradients written into the sweep's sums equal those returned, and spare what others hold")
+{
+    // mul, sigmoid, tanh and exp compute their inputs' gradients straight into the sweep's sums;
+    // anomaly mode takes the route where each backward returns its gradients and the sweep adds
+    // them. The two agree to the last bit: the same products are added in the same order.
+    for (const DType dtype : {kFloat32, kFloat64}) {
+        const Tensor x0 = random({2, 5}, 11).to(dtype), w = random({2, 5}, 12).to(dtype);
+        const auto gradients = [&] {
+            Tensor x = x0.clone().requires_grad_();
+            Tensor h = x * w;  // h's first gradient is written fresh (by the mul reading h last),
+            Tensor y = h.sigmoid() * h + h.tanh() * w + (h * h).exp() + h * h;  // the rest added in
+            return grad({y.sum()}, {x})[0];
+        };
+        const Tensor in_place = gradients();
+        Tensor returned;
+        {
+            const autograd::DetectAnomalyGuard anomaly;
+            returned = gradients();
+        }
+        CHECK(testing::close_tensors(in_place, returned, 0));
+    }
+    // a + 0.0 hands h its gradient as it is, which a's hook holds: the mul reading h before it
+    // must not add into that tensor.
+    Tensor x = tensor({0.3, -1.2, 2.0}, kFloat64).requires_grad_();
+    Tensor h = x * 1.5;
+    Tensor squared = h * h;
+    Tensor a = h + 0.0;
+    Tensor held;
+    a.register_hook([&](const Tensor& g) {
+        held = g;
+        return Tensor();
+    });
+    ((squared + a * 4.0) * 1.0).sum().backward();  // * 1.0: a contiguous gradient (sum's is broadcast)
+    CHECK(close(held, {4, 4, 4}, 0));
+    CHECK(close(x.grad(), values((x * 1.5 * 2.0 + 4.0) * 1.5), 1e-12));
+}
+
 TEST_CASE("a backward refused for a saved tensor modified in place leaves the entry whole")
 {
     on_fresh_tape([] {
