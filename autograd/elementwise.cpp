@@ -52,14 +52,9 @@ template <class Fn> bool summed_in_place(const BackwardContext& c, std::size_t k
     const autograd::GradientBuffer sum = c.gradient_buffer(k);
     if (!sum) return false;
     const auto run = [&]<class T>(T*) {
-        T* out = sum.sum->template data_ptr<T>();
         const T* gp = g.data_ptr<T>();
         const T* vp = v.data_ptr<T>();
-        const std::int64_t n = g.numel();
-        if (sum.fresh)
-            for (std::int64_t i = 0; i < n; ++i) out[i] = fn(gp[i], vp[i]);
-        else
-            for (std::int64_t i = 0; i < n; ++i) out[i] += fn(gp[i], vp[i]);
+        sum.write<T>([&](std::int64_t i) { return fn(gp[i], vp[i]); });
     };
     if (dtype == kFloat64) run(static_cast<double*>(nullptr));
     else run(static_cast<float*>(nullptr));

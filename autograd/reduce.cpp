@@ -76,11 +76,34 @@ Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim,
 
 }  // namespace
 
+namespace {
+// The gradient of a sum to one value, that value at every element, written straight into the
+// sweep's sum for the input (BackwardContext::gradient_buffer) when it offers one. The
+// broadcast view it replaces would reach the ops below as a gradient they could not write from
+// into their own inputs' sums (it is not contiguous): a loss is mostly such a sum.
+bool spread_in_place(const BackwardContext& c)
+{
+    const Tensor& g = c.grad();
+    if (!c.sums || !c.needs[0] || g.numel() != 1 || c.input_dtype(0) != g.dtype() || !is_floating(g.dtype()))
+        return false;
+    const autograd::GradientBuffer sum = c.gradient_buffer(0);
+    if (!sum) return false;
+    const auto run = [&]<class T>(T*) {
+        const T value = *g.data_ptr<T>();
+        sum.write<T>([value](std::int64_t) { return value; });
+    };
+    if (g.dtype() == kFloat64) run(static_cast<double*>(nullptr));
+    else run(static_cast<float*>(nullptr));
+    return true;
+}
+}  // namespace
+
 Tensor sum(const Tensor& x, const Shape& dims, bool keepdim)
 {
     const autograd::detail::ProfiledOp profiled("sum");
     Tensor out = kernels::sum(x, dims, keepdim);  // checks dims
     return record("sum", {x}, std::move(out), {}, [reduced = reduced_dims("sum", dims, x.dim()), keepdim](const BackwardContext& c) {
+        if (spread_in_place(c)) return Grads{Tensor()};
         return Grads{unreduce(c.grad(), c.input_shape(0), reduced, keepdim)};
     });
 }

@@ -324,6 +324,17 @@ struct GradientBuffer {
     bool fresh = false;
     /// Whether one is offered.
     explicit operator bool() const { return sum != nullptr; }
+    /// Writes value(i) into every element i of the sum (of element type T): set when the buffer
+    /// is fresh, added when not.
+    template <class T, class Fn> void write(Fn value) const
+    {
+        T* out = sum->data_ptr<T>();
+        const std::int64_t n = sum->numel();
+        if (fresh)
+            for (std::int64_t i = 0; i < n; ++i) out[i] = value(i);
+        else
+            for (std::int64_t i = 0; i < n; ++i) out[i] += value(i);
+    }
 };
 
 /// Where a sweep sums the gradients arriving at each input.

@@ -406,16 +406,17 @@ TEST_CASE("gradients summed where a result fans out never write into a gradient 
 
 TEST_CASE("elementwise gradients written into the sweep's sums equal those returned, and spare what others hold")
 {
-    // mul, sigmoid, tanh and exp compute their inputs' gradients straight into the sweep's sums;
-    // anomaly mode takes the route where each backward returns its gradients and the sweep adds
-    // them. The two agree to the last bit: the same products are added in the same order.
+    // mul, sigmoid, tanh, exp and a sum to one value compute their inputs' gradients straight
+    // into the sweep's sums; anomaly mode takes the route where each backward returns its
+    // gradients and the sweep adds them. The two agree to the last bit: the same products are
+    // added in the same order.
     for (const DType dtype : {kFloat32, kFloat64}) {
         const Tensor x0 = random({2, 5}, 11).to(dtype), w = random({2, 5}, 12).to(dtype);
         const auto gradients = [&] {
             Tensor x = x0.clone().requires_grad_();
             Tensor h = x * w;  // h's first gradient is written fresh (by the mul reading h last),
             Tensor y = h.sigmoid() * h + h.tanh() * w + (h * h).exp() + h * h;  // the rest added in
-            return grad({y.sum()}, {x})[0];
+            return grad({y.sum() + y.sum() * 0.5}, {x})[0];  // y's sum written, then added into
         };
         const Tensor in_place = gradients();
         Tensor returned;
