@@ -77,15 +77,22 @@ Tensor extreme(const char* op, const Tensor& x, const Shape& dims, bool keepdim,
 }  // namespace
 
 namespace {
-// The gradient of a sum to one value, that value at every element, written straight into the
-// sweep's sum for the input (BackwardContext::gradient_buffer) when it offers one. The
-// broadcast view it replaces would reach the ops below as a gradient they could not write from
-// into their own inputs' sums (it is not contiguous): a loss is mostly such a sum.
+// The gradient of a sum of a small input to one value, that value at every element, written
+// straight into the sweep's sum for the input (BackwardContext::gradient_buffer) when it offers
+// one. The broadcast view it replaces would reach the ops below as a gradient they could not
+// write from into their own inputs' sums (it is not contiguous): a loss is mostly such a sum,
+// and on small tensors those ops' bookkeeping is what costs. A large input keeps the view,
+// which takes no memory: a buffer there would add a full-size array to the sweep's peak (W5's
+// loss over its [2000, 16, 256] outputs: +32 MiB) for one pass saved below.
+constexpr std::int64_t kSpreadAtMost = 1024;  // elements
 bool spread_in_place(const BackwardContext& c)
 {
     const Tensor& g = c.grad();
     if (!c.sums || !c.needs[0] || g.numel() != 1 || c.input_dtype(0) != g.dtype() || !is_floating(g.dtype()))
         return false;
+    std::int64_t n = 1;
+    for (const std::int64_t d : c.input_shape(0)) n *= d;
+    if (n > kSpreadAtMost) return false;
     const autograd::GradientBuffer sum = c.gradient_buffer(0);
     if (!sum) return false;
     const auto run = [&]<class T>(T*) {
