@@ -406,7 +406,7 @@ TEST_CASE("gradients summed where a result fans out never write into a gradient 
 
 TEST_CASE("elementwise gradients written into the sweep's sums equal those returned, and spare what others hold")
 {
-    // mul, sigmoid, tanh, exp and a sum to one value compute their inputs' gradients straight
+    // mul, sigmoid, tanh, exp, pow, log and a sum to one value compute their inputs' gradients straight
     // into the sweep's sums; anomaly mode takes the route where each backward returns its
     // gradients and the sweep adds them. The two agree to the last bit: the same products are
     // added in the same order.
@@ -416,6 +416,7 @@ TEST_CASE("elementwise gradients written into the sweep's sums equal those retur
             Tensor x = x0.clone().requires_grad_();
             Tensor h = x * w;  // h's first gradient is written fresh (by the mul reading h last),
             Tensor y = h.sigmoid() * h + h.tanh() * w + (h * h).exp() + h * h;  // the rest added in
+            y = y + h.pow(2) + h.pow(3.0) + (h * h + 1.0).log();
             return grad({y.sum() + y.sum() * 0.5}, {x})[0];  // y's sum written, then added into
         };
         const Tensor in_place = gradients();
