@@ -5,7 +5,8 @@
 /// op computes its value and, when grad mode is on and an input requires grad, appends one
 /// entry: its name, the inputs it sends gradients to, its outputs, the tensors it
 /// saved for backward (with their storage versions, so an in-place change is caught) and its
-/// backward function. An op that records nothing costs no entry.
+/// backward function: an op token and the closure, in the entry when small, else in the tape's
+/// byte stream (StoredBackward). An op that records nothing costs no entry.
 ///
 /// **Leaves, non-leaves and liveness.** A leaf that requires grad (a parameter) carries a Node:
 /// its shape and dtype, its .grad() and its hooks; the tape holds each leaf's node once however

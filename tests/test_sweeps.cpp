@@ -406,10 +406,10 @@ TEST_CASE("gradients summed where a result fans out never write into a gradient 
 
 TEST_CASE("elementwise gradients written into the sweep's sums equal those returned, and spare what others hold")
 {
-    // mul, sigmoid, tanh, exp, pow, log and a sum to one value compute their inputs' gradients straight
-    // into the sweep's sums; anomaly mode takes the route where each backward returns its
-    // gradients and the sweep adds them. The two agree to the last bit: the same products are
-    // added in the same order.
+    // mul, sigmoid, tanh, exp, pow, log and a sum to one value compute their inputs' gradients
+    // straight into the sweep's sums; anomaly mode takes the route where each backward returns
+    // its gradients and the sweep adds them. The two agree to the last bit: the same products
+    // are added in the same order.
     for (const DType dtype : {kFloat32, kFloat64}) {
         const Tensor x0 = random({2, 5}, 11).to(dtype), w = random({2, 5}, 12).to(dtype);
         const auto gradients = [&] {
@@ -438,7 +438,7 @@ TEST_CASE("elementwise gradients written into the sweep's sums equal those retur
         held = g;
         return Tensor();
     });
-    ((squared + a * 4.0) * 1.0).sum().backward();  // * 1.0: a contiguous gradient (sum's is broadcast)
+    ((squared + a * 4.0) * 1.0).sum().backward();  // * 1.0: the mul's gradient is contiguous
     CHECK(close(held, {4, 4, 4}, 0));
     CHECK(close(x.grad(), values((x * 1.5 * 2.0 + 4.0) * 1.5), 1e-12));
 }
