@@ -51,13 +51,11 @@ template <class Fn> bool summed_in_place(const BackwardContext& c, std::size_t k
         return false;
     const autograd::GradientBuffer sum = c.gradient_buffer(k);
     if (!sum) return false;
-    const auto run = [&]<class T>(T*) {
+    dispatch_floating("backward", dtype, [&]<class T>() {
         const T* gp = g.data_ptr<T>();
         const T* vp = v.data_ptr<T>();
         sum.write<T>([&](std::int64_t i) { return fn(gp[i], vp[i]); });
-    };
-    if (dtype == kFloat64) run(static_cast<double*>(nullptr));
-    else run(static_cast<float*>(nullptr));
+    });
     return true;
 }
 

@@ -90,17 +90,13 @@ bool spread_in_place(const BackwardContext& c)
     const Tensor& g = c.grad();
     if (!c.sums || !c.needs[0] || g.numel() != 1 || c.input_dtype(0) != g.dtype() || !is_floating(g.dtype()))
         return false;
-    std::int64_t n = 1;
-    for (const std::int64_t d : c.input_shape(0)) n *= d;
-    if (n > kSpreadAtMost) return false;
+    if (numel_of(c.input_shape(0)) > kSpreadAtMost) return false;
     const autograd::GradientBuffer sum = c.gradient_buffer(0);
     if (!sum) return false;
-    const auto run = [&]<class T>(T*) {
+    dispatch_floating("sum", g.dtype(), [&]<class T>() {
         const T value = *g.data_ptr<T>();
         sum.write<T>([value](std::int64_t) { return value; });
-    };
-    if (g.dtype() == kFloat64) run(static_cast<double*>(nullptr));
-    else run(static_cast<float*>(nullptr));
+    });
     return true;
 }
 }  // namespace

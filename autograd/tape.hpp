@@ -269,8 +269,7 @@ public:
     InputMeta* emplace(void* place, std::size_t n, bool large) noexcept
     {
         reset();
-        ::new (place) std::uint64_t(n);
-        auto* list = reinterpret_cast<InputMeta*>(static_cast<std::byte*>(place) + sizeof(std::uint64_t));
+        InputMeta* list = list_at(place, n);
         for (std::size_t k = 0; k < n; ++k) ::new (list + k) InputMeta();
         word_ = reinterpret_cast<std::uintptr_t>(place) | (large ? kLarge : 0);
         return list;
@@ -279,16 +278,13 @@ public:
     void relocate(void* place) noexcept
     {
         if (!word_) return;
-        const std::size_t n = size();
         InputMeta* from = get();
-        const bool large = (word_ & kLarge) != 0;
-        ::new (place) std::uint64_t(n);
-        auto* to = reinterpret_cast<InputMeta*>(static_cast<std::byte*>(place) + sizeof(std::uint64_t));
-        for (std::size_t k = 0; k < n; ++k) {
+        InputMeta* to = list_at(place, size());
+        for (std::size_t k = 0, n = size(); k < n; ++k) {
             ::new (to + k) InputMeta(std::move(from[k]));
             from[k].~InputMeta();
         }
-        word_ = reinterpret_cast<std::uintptr_t>(place) | (large ? kLarge : 0);
+        word_ = reinterpret_cast<std::uintptr_t>(place) | (word_ & kLarge);
     }
     /// Destroys the list (its bytes are reclaimed with the stream).
     void reset() noexcept
@@ -312,6 +308,12 @@ public:
 
 private:
     static constexpr std::uintptr_t kLarge = 1;
+    // Writes the length n at `place` and returns where the n InputMetas after it go.
+    static InputMeta* list_at(void* place, std::size_t n) noexcept
+    {
+        ::new (place) std::uint64_t(n);
+        return reinterpret_cast<InputMeta*>(static_cast<std::byte*>(place) + sizeof(std::uint64_t));
+    }
     std::uintptr_t word_ = 0;
 };
 
@@ -466,7 +468,8 @@ namespace detail {
 /// Whether a closure of type C is kept in its entry: small, and copied by copying its bytes.
 template <class C> inline constexpr bool closure_kept_inline = sizeof(C) <= 24 && alignof(C) <= 8 && std::is_trivially_copyable_v<C>;
 
-/// The table of closure type C, which returns a GradList, or (a user's) a std::vector<Tensor>.
+/// Runs a closure of type C, which returns a GradList, or (a user's) a std::vector<Tensor>,
+/// moved into one.
 template <class C> GradList call_closure(void* closure, const BackwardContext& c)
 {
     using Result = std::invoke_result_t<C&, const BackwardContext&>;
@@ -684,16 +687,12 @@ void check_custom_grads(const char* op, const GradList& grads, const BackwardCon
 /// result moved into a GradList.
 template <class F> BackwardFn as_backward_fn(F&& backward)
 {
-    using Result = std::invoke_result_t<F&, const BackwardContext&>;
-    if constexpr (std::is_same_v<Result, GradList>) {
+    using C = std::decay_t<F>;
+    if constexpr (std::is_same_v<std::invoke_result_t<C&, const BackwardContext&>, GradList>) {
         return BackwardFn(std::forward<F>(backward));
     } else {
-        return BackwardFn([f = std::forward<F>(backward)](const BackwardContext& c) mutable {
-            std::vector<Tensor> grads = f(c);
-            GradList list;
-            list.reserve(grads.size());
-            for (Tensor& g : grads) list.push_back(std::move(g));
-            return list;
+        return BackwardFn([f = C(std::forward<F>(backward))](const BackwardContext& c) mutable {
+            return call_closure<C>(&f, c);
         });
     }
 }
