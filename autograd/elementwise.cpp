@@ -41,12 +41,14 @@ Tensor reduce_to(const BackwardContext& c, std::size_t k, Tensor&& g)
 // for k, when the sweep offers it and the incoming gradient g and the operand v are contiguous,
 // of k's shape and dtype (no broadcast to undo): no tensor is made for the gradient, and the sum
 // is added in the same pass. False where it cannot; backward then returns the gradient.
+// g may also be one value spread over k's shape (a loss's gradient, from a large sum or mean).
 template <class Fn> bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tensor& v)
 {
     if (!c.sums || !c.needs[k]) return false;
     const Tensor& g = c.grad();
     const DType dtype = g.dtype();
-    if (!is_floating(dtype) || !g.is_contiguous() || !v.is_contiguous() || v.dtype() != dtype ||
+    const bool spread = g.numel() > 0 && kernels::all_strides_zero(g);
+    if (!is_floating(dtype) || !(spread || g.is_contiguous()) || !v.is_contiguous() || v.dtype() != dtype ||
         v.sizes() != g.sizes() || c.input_dtype(k) != dtype || c.input_shape(k) != g.sizes())
         return false;
     const autograd::GradientBuffer sum = c.gradient_buffer(k);
@@ -54,7 +56,10 @@ template <class Fn> bool summed_in_place(const BackwardContext& c, std::size_t k
     dispatch_floating("backward", dtype, [&]<class T>() {
         const T* gp = g.data_ptr<T>();
         const T* vp = v.data_ptr<T>();
-        sum.write<T>([&](std::int64_t i) { return fn(gp[i], vp[i]); });
+        if (spread)
+            sum.write<T>([&, g0 = *gp](std::int64_t i) { return fn(g0, vp[i]); });
+        else
+            sum.write<T>([&](std::int64_t i) { return fn(gp[i], vp[i]); });
     });
     return true;
 }

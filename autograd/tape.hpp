@@ -57,6 +57,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 
 /// Grad mode, NoGradGuard and grad() are in namespace loom, as libtorch has torch::NoGradGuard
@@ -328,15 +329,17 @@ struct GradientBuffer {
     /// Whether one is offered.
     explicit operator bool() const { return sum != nullptr; }
     /// Writes value(i) into every element i of the sum (of element type T): set when the buffer
-    /// is fresh, added when not.
+    /// is fresh, added when not. A large sum is split across threads (kernels::over_elements),
+    /// so value may be called from several at once: it must only read.
     template <class T, class Fn> void write(Fn value) const
     {
         T* out = sum->data_ptr<T>();
-        const std::int64_t n = sum->numel();
-        if (fresh)
-            for (std::int64_t i = 0; i < n; ++i) out[i] = value(i);
-        else
-            for (std::int64_t i = 0; i < n; ++i) out[i] += value(i);
+        kernels::over_elements(sum->numel(), [&](std::int64_t i0, std::int64_t i1) {
+            if (fresh)
+                for (std::int64_t i = i0; i < i1; ++i) out[i] = value(i);
+            else
+                for (std::int64_t i = i0; i < i1; ++i) out[i] += value(i);
+        });
     }
 };
 

@@ -73,17 +73,49 @@ static void select_backward_per_step(benchmark::State& state)
         benchmark::Counter(double(T), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// linear_recurrence forward over T steps of n lanes (Args: T, n), against the same loop in plain
-// C++ over the same arrays on one thread (it is memory-bound: 3 arrays read or written per step).
-// Wide (4096 x 16 x 256) splits the lanes across threads; narrow and long (262144 x 16) runs the
-// two-pass chunked scan over steps on three threads or more, on one thread below that.
+// loom's threads for one benchmark (0: as set), restored after it.
+class ThreadsFor {
+public:
+    explicit ThreadsFor(std::int64_t threads) : previous_(get_num_threads())
+    {
+        if (threads > 0) set_num_threads(static_cast<int>(threads));
+    }
+    ~ThreadsFor() { set_num_threads(previous_); }
+    ThreadsFor(const ThreadsFor&) = delete;
+    ThreadsFor& operator=(const ThreadsFor&) = delete;
+
+private:
+    int previous_;
+};
+
+// linear_recurrence forward over T steps of n lanes on `threads` threads (Args: T, n, threads; 0:
+// all the machine's), against the same loop in plain C++ over the same arrays on one thread (it is
+// memory-bound: 3 arrays read or written per step). Wide (4096 x 16 x 256) splits the lanes across
+// threads; narrow and long (262144 x 16) runs the two-pass chunked scan over steps on three
+// threads or more, on one thread below that.
 static void linear_recurrence_forward(benchmark::State& state)
 {
     const std::int64_t T = state.range(0), n = state.range(1);
+    const ThreadsFor threads(state.range(2));
     const Tensor a = rand({T, n}), b = randn({T, n});
     NoGradGuard no_grad;
     for (auto _ : state) benchmark::DoNotOptimize(linear_recurrence(a, b));
     state.SetBytesProcessed(state.iterations() * 3 * a.numel() * 4);
+}
+
+// Forward and backward of a narrow, long recurrence (Args: T, n, threads), seeded with dL/dh = w:
+// both directions run the chunked scan on three threads or more.
+static void linear_recurrence_narrow_forward_backward(benchmark::State& state)
+{
+    const std::int64_t T = state.range(0), n = state.range(1);
+    const ThreadsFor threads(state.range(2));
+    const Tensor a = rand({T, n}).requires_grad_(), b = randn({T, n}).requires_grad_(), w = randn({T, n});
+    for (auto _ : state) {
+        a.zero_grad();
+        b.zero_grad();
+        linear_recurrence(a, b).backward(w);
+    }
+    state.SetBytesProcessed(state.iterations() * 8 * a.numel() * 4);
 }
 
 static void linear_recurrence_plain_loop(benchmark::State& state)
@@ -188,8 +220,18 @@ BENCHMARK(add_no_grad);
 BENCHMARK(add_recorded);
 BENCHMARK(add_recorded_and_swept);
 BENCHMARK(select_backward_per_step)->Arg(500)->Arg(1000)->Arg(2000)->Arg(4000)->Unit(benchmark::kMillisecond);
-BENCHMARK(linear_recurrence_forward)->Args({4096, 16 * 256})->Args({262144, 16})->Unit(benchmark::kMillisecond);
+// The narrow recurrence on 1 to 16 threads shows what the chunked scan gains with the cores there are.
+BENCHMARK(linear_recurrence_forward)
+    ->Args({4096, 16 * 256, 0})
+    ->Args({262144, 16, 0})
+    ->ArgsProduct({{262144}, {16}, {1, 2, 4, 8, 16}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_plain_loop)->Args({4096, 16 * 256})->Args({262144, 16})->Unit(benchmark::kMillisecond);
+BENCHMARK(linear_recurrence_narrow_forward_backward)
+    ->ArgsProduct({{262144}, {16}, {1, 2, 4, 8, 16}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_forward_backward)->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_op_forward_backward)->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_plain_forward_backward)->Unit(benchmark::kMillisecond);

@@ -171,6 +171,21 @@ Tensor squeeze(const Tensor& t, std::optional<std::int64_t> dim)
 
 // ---- copies ----
 
+namespace {
+// Whether src, broadcast to `shape`, is src's elements repeated over shape's leading dims: src's
+// sizes, past its leading 1s, are shape's last dims.
+bool repeats_over_leading_dims(const Tensor& src, const Shape& shape)
+{
+    std::int64_t first = 0;
+    while (first < src.dim() && src.sizes()[first] == 1) ++first;
+    const std::int64_t kept = src.dim() - first, lead = static_cast<std::int64_t>(shape.size()) - kept;
+    if (lead < 0) return false;
+    for (std::int64_t d = 0; d < kept; ++d)
+        if (src.sizes()[first + d] != shape[lead + d]) return false;
+    return true;
+}
+}  // namespace
+
 void copy_into(const Tensor& dst, const Tensor& src)
 {
     LOOM_CHECK(src.dim() <= dst.dim() && broadcast_shapes("copy_", src.sizes(), dst.sizes()) == dst.sizes(),
@@ -181,8 +196,19 @@ void copy_into(const Tensor& dst, const Tensor& src)
             D* d = dst.data_ptr<D>();
             const S* s = src.data_ptr<S>();
             if (dst.is_contiguous() && src.is_contiguous() && src.sizes() == dst.sizes()) {
-                const std::int64_t n = dst.numel();
-                for (std::int64_t i = 0; i < n; ++i) d[i] = convert_value<D>("convert", s[i]);
+                over_elements(dst.numel(), [&](std::int64_t i0, std::int64_t i1) {
+                    for (std::int64_t i = i0; i < i1; ++i) d[i] = convert_value<D>("convert", s[i]);
+                });
+                return;
+            }
+            // A contiguous source repeated over the destination's leading dims (a bias over a
+            // batch): copied row by row.
+            if (const std::int64_t width = src.numel(); dst.is_contiguous() && src.is_contiguous() && width > 0 &&
+                                                        repeats_over_leading_dims(src, dst.sizes())) {
+                over_rows(dst.numel() / width, width, [&](std::int64_t r0, std::int64_t r1) {
+                    for (std::int64_t r = r0; r < r1; ++r)
+                        for (std::int64_t j = 0; j < width; ++j) d[r * width + j] = convert_value<D>("convert", s[j]);
+                });
                 return;
             }
             for_each_offset<2>(dst.sizes(), {dst.strides().data(), ss.data()}, {0, 0},
@@ -355,8 +381,22 @@ Tensor sum(const Tensor& t, const Shape& dims, bool keepdim)
     return reduce("sum", t, dims, keepdim, out_dtype, [](const auto* p, std::int64_t n) {
         using T = std::remove_cvref_t<decltype(*p)>;
         using Acc = std::conditional_t<std::is_floating_point_v<T>, double, std::int64_t>;
+        const auto sum_of = [p](std::int64_t j0, std::int64_t j1) {
+            Acc acc = 0;
+            for (std::int64_t j = j0; j < j1; ++j) acc = wrapping_add(acc, static_cast<Acc>(p[j]));
+            return acc;
+        };
+        if (n < kernels::kThreadedElementwise) return sum_of(0, n);
+        // Long: blocks of a fixed size summed on the threads there are, then in order, so the
+        // result is the same on any number of threads.
+        const std::int64_t blocks = (n + kernels::kThreadedElements - 1) / kernels::kThreadedElements;
+        std::vector<Acc> partial(static_cast<std::size_t>(blocks));
+        kernels::over_blocks(blocks, std::min<std::int64_t>(get_num_threads(), blocks), [&](std::int64_t b0, std::int64_t b1) {
+            for (std::int64_t k = b0; k < b1; ++k)
+                partial[std::size_t(k)] = sum_of(k * kernels::kThreadedElements, std::min(n, (k + 1) * kernels::kThreadedElements));
+        });
         Acc acc = 0;
-        for (std::int64_t j = 0; j < n; ++j) acc = wrapping_add(acc, static_cast<Acc>(p[j]));
+        for (const Acc part : partial) acc = wrapping_add(acc, part);
         return acc;
     }, false);
 }
@@ -672,8 +712,25 @@ void matmul_into(const Tensor& out, const Tensor& a_in, const Tensor& b_in, doub
 
 template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int64_t width, T* out)
 {
-    for (std::int64_t r = 0; r < n; ++r)
-        for (std::int64_t j = 0; j < width; ++j) out[j] += rows[r * width + j];
+    if (n * width < kThreadedElementwise) {
+        for (std::int64_t r = 0; r < n; ++r)
+            for (std::int64_t j = 0; j < width; ++j) out[j] += rows[r * width + j];
+        return;
+    }
+    // Many rows: blocks of a fixed number of rows summed on the threads there are, then added in
+    // order, so the result is the same on any number of threads.
+    const std::int64_t per_block = std::max<std::int64_t>(1, kThreadedElements / width);
+    const std::int64_t blocks = (n + per_block - 1) / per_block;
+    std::vector<T> partial(static_cast<std::size_t>(blocks * width), T(0));
+    over_blocks(blocks, std::min<std::int64_t>(get_num_threads(), blocks), [&](std::int64_t b0, std::int64_t b1) {
+        for (std::int64_t b = b0; b < b1; ++b) {
+            T* sum = partial.data() + b * width;
+            for (std::int64_t r = b * per_block; r < std::min(n, (b + 1) * per_block); ++r)
+                for (std::int64_t j = 0; j < width; ++j) sum[j] += rows[r * width + j];
+        }
+    });
+    for (std::int64_t b = 0; b < blocks; ++b)
+        for (std::int64_t j = 0; j < width; ++j) out[j] += partial[std::size_t(b * width + j)];
 }
 template void add_column_sums<float>(const float*, std::int64_t, std::int64_t, float*);
 template void add_column_sums<double>(const double*, std::int64_t, std::int64_t, double*);

@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "parallel.hpp"
 #include "tensor.hpp"
 
 namespace loom::kernels {
@@ -143,6 +144,15 @@ void for_each_offset(const Shape& shape, const std::array<const std::int64_t*, N
 /// Strides of `t` seen through a broadcast to `shape` (0 where t is broadcast).
 Shape broadcast_strides(const Tensor& t, const Shape& shape);
 
+/// Whether every element of t is one value in memory (each stride 0 or its size 1): a
+/// scalar seen through expand().
+inline bool all_strides_zero(const Tensor& t)
+{
+    for (std::int64_t d = 0; d < t.dim(); ++d)
+        if (t.strides()[d] != 0 && t.sizes()[d] != 1) return false;
+    return true;
+}
+
 /// out[i] = f(x[i]) for T = x's C++ type; the result dtype follows f's return type.
 template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
 {
@@ -152,8 +162,9 @@ template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
     R* o = out.data_ptr<R>();
     const T* in = x.data_ptr<T>();
     if (contiguous) {
-        const std::int64_t n = x.numel();
-        for (std::int64_t i = 0; i < n; ++i) o[i] = f(in[i]);
+        over_elements(x.numel(), [&](std::int64_t i0, std::int64_t i1) {
+            for (std::int64_t i = i0; i < i1; ++i) o[i] = f(in[i]);
+        });
     } else {
         const Shape out_strides = contiguous_strides(x.sizes());
         for_each_offset<2>(x.sizes(), {x.strides().data(), out_strides.data()}, {0, 0},
@@ -188,11 +199,26 @@ template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& 
     if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
         Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
         R* o = out.data_ptr<R>();
-        const std::int64_t n = a.numel();
-        if (same_shape)
-            for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], pb[i]);
-        else
-            for (std::int64_t i = 0; i < n; ++i) o[i] = f(pa[i], *pb);
+        over_elements(a.numel(), [&](std::int64_t i0, std::int64_t i1) {
+            if (same_shape)
+                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], pb[i]);
+            else
+                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], *pb);
+        });
+        return out;
+    }
+    // One operand contiguous, the other one value seen through a broadcast of the same shape (a
+    // loss's gradient, spread over its input): the value read once, the elements split as above.
+    const bool b_spread = same_shape && a.is_contiguous() && all_strides_zero(b);
+    if (b_spread || (same_shape && b.is_contiguous() && all_strides_zero(a))) {
+        Tensor out = detail::empty_like_contiguous(b_spread ? a : b, dtype_of<R>());
+        R* o = out.data_ptr<R>();
+        over_elements(out.numel(), [&](std::int64_t i0, std::int64_t i1) {
+            if (b_spread)
+                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], *pb);
+            else
+                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(*pa, pb[i]);
+        });
         return out;
     }
     const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());

@@ -1,7 +1,9 @@
 /// \file
 /// Threads for loom's own kernels: the linear recurrences split their lanes, or their steps in
-/// chunks, across threads (the fused layers and GEMMs thread inside OpenBLAS).
+/// chunks, across threads, and large elementwise passes their elements (the fused layers and
+/// GEMMs thread inside OpenBLAS).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <utility>
@@ -39,6 +41,24 @@ template <class F> void over_blocks(std::int64_t n, std::int64_t parts, F&& fn)
         fn(i0, i1);
     });
 }
+/// From this many elements an elementwise pass splits across threads. Below it the pass costs
+/// less than starting the threads would; above it, one core's pass over memory is the limit
+/// that the other cores lift (W8's exp over 4M floats).
+inline constexpr std::int64_t kThreadedElementwise = std::int64_t(1) << 20;
+
+/// fn(r0, r1) over rows [0, rows) of `width` elements each: on this thread below
+/// kThreadedElementwise elements in all, else in blocks of at least kThreadedElements elements
+/// (and one row), one per thread. fn must only touch its rows.
+template <class F> void over_rows(std::int64_t rows, std::int64_t width, F&& fn)
+{
+    const std::int64_t n = rows * width;
+    if (n < kThreadedElementwise) [[likely]]
+        return fn(std::int64_t(0), rows);
+    over_blocks(rows, std::min({std::int64_t(get_num_threads()), n / kThreadedElements, rows}), fn);
+}
+
+/// fn(i0, i1) over [0, n), split as over_rows splits rows of one element.
+template <class F> void over_elements(std::int64_t n, F&& fn) { over_rows(n, 1, std::forward<F>(fn)); }
 }  // namespace kernels
 
 }  // namespace loom

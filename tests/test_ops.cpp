@@ -356,3 +356,58 @@ TEST_CASE("a square is x * x exactly, and a bias's gradient over a batch is the 
     (zeros({4, 3, 6}) + b).backward(g);  // summed over the two leading dims in the sweep
     CHECK(testing::values(b.grad()) == testing::values(g.sum({0, 1})));
 }
+
+TEST_CASE("large elementwise passes and sums split across threads give what one thread gives")
+{
+    // Past kThreadedElementwise, and not a multiple of any block: each thread's block must end
+    // where the next begins.
+    const std::int64_t n = kernels::kThreadedElementwise + 7;
+    Generator gen(5);
+    const Tensor x = randn({n}, kFloat32, &gen), w = randn({n}, kFloat32, &gen);
+    const Tensor counts = randint(-1000, 1000, {n}, &gen);
+    const std::int64_t rows = kernels::kThreadedElementwise / 256 + 5;
+    const Tensor rows_x = randn({rows, 16}, kFloat32, &gen), rows_g = randn({rows, 256}, kFloat32, &gen);
+    const Tensor rows_w = randn({256, 16}, kFloat32, &gen), rows_b = randn({256}, kFloat32, &gen);
+    const int threads_before = get_num_threads();
+    const auto run = [&](int threads) {
+        set_num_threads(threads);
+        Tensor leaf = x.detach().requires_grad_();
+        (exp(leaf) * w).sum().backward();  // mul's gradient from a spread scalar; exp's written in place
+        // A linear over enough rows: its bias copied into every row, its gradient summed by rows.
+        Tensor weight = rows_w.detach().requires_grad_(), bias = rows_b.detach().requires_grad_();
+        const Tensor y = linear(rows_x, weight, bias);
+        (y * rows_g).sum().backward();
+        std::vector<Tensor> out{exp(x),     x + w,       x * 3.0,     w * ones({1}).expand({n}), gt(x, w).to(kFloat32),
+                                x.sum(),    counts.sum(), leaf.grad(), y,                         bias.grad()};
+        return out;
+    };
+    const std::vector<Tensor> one = run(1), three = run(3);
+    set_num_threads(threads_before);
+    for (std::size_t k = 0; k < one.size(); ++k) {
+        CAPTURE(k);
+        if (k == 8)  // the GEMM's own threads may round differently
+            CHECK(testing::close_tensors(three[k], one[k], 1e-4));
+        else
+            CHECK(values(three[k]) == values(one[k]));
+    }
+    // And what the elements say, one by one.
+    const std::vector<double> vx = values(x), vw = values(w), e = values(one[0]), grad = values(one[7]);
+    bool each = true;
+    double total = 0;
+    for (std::int64_t i = 0; i < n; ++i) {
+        const auto at = std::size_t(i);
+        each = each && e[at] == double(exp_of(float(vx[at])));
+        each = each && grad[at] == double(float(vw[at]) * float(e[at]));
+        total += vx[at];
+    }
+    CHECK(each);
+    CHECK(values(one[1]) == [&] {
+        std::vector<double> v(vx.size());
+        for (std::size_t i = 0; i < v.size(); ++i) v[i] = double(float(vx[i]) + float(vw[i]));
+        return v;
+    }());
+    CHECK(values(one[3]) == vw);
+    CHECK(std::abs(one[5].item<float>() - total) <= 1e-6 * std::abs(total) + 1e-3);
+    CHECK(testing::close_tensors(one[8], matmul(rows_x, rows_w.t()) + rows_b, 1e-5));
+    CHECK(testing::close_tensors(one[9], rows_g.to(kFloat64).sum({0}).to(kFloat32), 1e-3));
+}
