@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "error.hpp"
 
@@ -57,11 +60,106 @@ void set_num_threads(int threads)
 
 int get_num_threads() { return num_threads.load(std::memory_order_relaxed); }
 
+namespace {
+
+// Worker threads kept between calls of run_tasks, asleep (not spinning: OpenBLAS's threads may
+// want the cores) until a call hands them tasks. Starting a thread per task per call cost tens of
+// microseconds each, serially, on the calling thread; a call that wakes sleeping workers costs
+// one wake-up for all of them. One call uses the pool at a time: another thread's call, or a
+// task's own call, starts threads of its own as before.
+class Pool {
+public:
+    // Runs task(k) for every k in [0, tasks) on this thread and up to tasks - 1 workers; false,
+    // running nothing, when another call holds the pool.
+    bool try_run(std::int64_t tasks, const std::function<void(std::int64_t)>& task)
+    {
+        const std::unique_lock<std::mutex> use(in_use_, std::try_to_lock);
+        if (!use.owns_lock()) return false;
+        const std::size_t wanted = static_cast<std::size_t>(tasks - 1);
+        try {
+            while (workers_ < wanted) {
+                std::thread(&Pool::work, this, workers_).detach();
+                ++workers_;
+            }
+        } catch (const std::exception&) {
+            // No more threads (resources): those there are take the tasks.
+        }
+        {
+            const std::lock_guard<std::mutex> lock(mutex_);
+            job_ = &task;
+            tasks_ = tasks;
+            next_.store(0, std::memory_order_relaxed);
+            participants_ = std::min(workers_, wanted);
+            running_ = participants_;
+            ++generation_;
+        }
+        wake_.notify_all();
+        take_tasks(task, tasks);
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [&] { return running_ == 0; });
+        job_ = nullptr;
+        return true;
+    }
+
+private:
+    void take_tasks(const std::function<void(std::int64_t)>& task, std::int64_t tasks)
+    {
+        for (std::int64_t k; (k = next_.fetch_add(1, std::memory_order_relaxed)) < tasks;) task(k);
+    }
+
+    // Worker `index`: sleeps until a call starts, takes tasks if it is among the call's
+    // participants, and says when it is done. Runs until the process ends.
+    void work(std::size_t index)
+    {
+        std::uint64_t seen = 0;
+        std::unique_lock<std::mutex> lock(mutex_);
+        for (;;) {
+            wake_.wait(lock, [&] { return generation_ != seen; });
+            seen = generation_;
+            if (index >= participants_) continue;
+            const std::function<void(std::int64_t)>& task = *job_;
+            const std::int64_t tasks = tasks_;
+            lock.unlock();
+            take_tasks(task, tasks);
+            lock.lock();
+            if (--running_ == 0) done_.notify_one();
+        }
+    }
+
+    std::mutex in_use_;  // held by the call using the pool
+    std::mutex mutex_;  // guards what follows but next_
+    std::condition_variable wake_, done_;
+    std::size_t workers_ = 0;  // started; only the call holding in_use_ changes it
+    std::uint64_t generation_ = 0;  // one more for each call
+    const std::function<void(std::int64_t)>* job_ = nullptr;
+    std::int64_t tasks_ = 0;
+    std::size_t participants_ = 0;  // workers 0 .. participants_ - 1 take part in this call
+    std::size_t running_ = 0;  // participants not yet done
+    std::atomic<std::int64_t> next_{0};  // the next task to take
+};
+
+// The process's pool, made at first use and never destroyed (its workers sleep until exit). A
+// child made by fork() has none of its parent's threads: there a new pool is made.
+Pool& pool()
+{
+    static std::mutex made;
+    static Pool* current = nullptr;
+    static pid_t owner = 0;
+    const std::lock_guard<std::mutex> lock(made);
+    if (!current || owner != getpid()) {
+        current = new Pool;  // the parent's, in a child, is left as it is: its threads are gone
+        owner = getpid();
+    }
+    return *current;
+}
+
+}  // namespace
+
 void kernels::run_tasks(std::int64_t tasks, const std::function<void(std::int64_t)>& task)
 {
     std::exception_ptr failure;
     std::mutex failure_mutex;
-    const auto guarded = [&](std::int64_t k) {
+    const std::function<void(std::int64_t)> guarded = [&](std::int64_t k) {
         try {
             task(k);
         } catch (...) {
@@ -69,17 +167,21 @@ void kernels::run_tasks(std::int64_t tasks, const std::function<void(std::int64_
             if (!failure) failure = std::current_exception();
         }
     };
-    std::vector<std::thread> threads;
-    std::int64_t started = 1;
-    try {
-        threads.reserve(static_cast<std::size_t>(std::max<std::int64_t>(tasks - 1, 0)));
-        for (; started < tasks; ++started) threads.emplace_back(guarded, started);
-    } catch (const std::exception&) {
-        // No thread could be started for the rest (resources): they run here instead.
+    if (tasks <= 1) {
+        if (tasks == 1) guarded(0);
+    } else if (!pool().try_run(tasks, guarded)) {
+        std::vector<std::thread> threads;
+        std::int64_t started = 1;
+        try {
+            threads.reserve(static_cast<std::size_t>(tasks - 1));
+            for (; started < tasks; ++started) threads.emplace_back(guarded, started);
+        } catch (const std::exception&) {
+            // No thread could be started for the rest (resources): they run here instead.
+        }
+        for (std::int64_t k = started; k < tasks; ++k) guarded(k);
+        guarded(0);
+        for (std::thread& t : threads) t.join();
     }
-    for (std::int64_t k = started; k < tasks; ++k) guarded(k);
-    if (tasks > 0) guarded(0);
-    for (std::thread& t : threads) t.join();
     if (failure) std::rethrow_exception(failure);
 }
 

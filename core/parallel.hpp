@@ -17,9 +17,11 @@ void set_num_threads(int threads);
 int get_num_threads();
 
 namespace kernels {
-/// Runs task(k) for every k in [0, tasks), each on its own thread (k = 0 on this one), and returns
-/// when all are done; the first exception a task throws is rethrown. Starting a thread costs tens
-/// of microseconds: for work much larger than that.
+/// Runs task(k) for every k in [0, tasks) on this thread and up to tasks - 1 others, and returns
+/// when all are done; the first exception a task throws is rethrown. Tasks must not wait for one
+/// another: any of them may run on this thread, in any order. The other threads are loom's
+/// pool, kept asleep between calls (while another call holds it, this one starts threads of its
+/// own). Waking them costs tens of microseconds: for work much larger than that.
 void run_tasks(std::int64_t tasks, const std::function<void(std::int64_t)>& task);
 
 /// Below this many elements a kernel runs on one thread: starting threads would cost more.

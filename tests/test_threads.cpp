@@ -5,9 +5,15 @@
 
 #include <cblas.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <iterator>
 #include <thread>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 using namespace loom;
 using testing::check_error;
@@ -220,4 +226,58 @@ TEST_CASE("OpenBLAS's threads, started again by loom at load, compute GEMMs from
     set_num_threads(threads);
     CHECK(worst[0] < 1e-10);
     CHECK(worst[1] < 1e-10);
+}
+
+TEST_CASE("run_tasks runs each task once: from several threads at once, nested, after a failure, and in a forked child")
+{
+    // Each call counts its tasks into its own array: every k once, none twice.
+    const auto counted = [](std::int64_t tasks) {
+        std::vector<std::atomic<int>> seen(static_cast<std::size_t>(tasks));
+        kernels::run_tasks(tasks, [&](std::int64_t k) { seen[std::size_t(k)].fetch_add(1); });
+        return std::all_of(seen.begin(), seen.end(), [](const std::atomic<int>& c) { return c.load() == 1; });
+    };
+    CHECK(counted(1));
+    CHECK(counted(7));
+    CHECK(counted(3));  // fewer than the pool has workers now
+    // Calls from four threads at once: one holds the pool, the others start threads of their own.
+    std::atomic<int> good{0};
+    {
+        std::vector<std::thread> callers;
+        for (int i = 0; i < 4; ++i)
+            callers.emplace_back([&] {
+                for (int round = 0; round < 50; ++round) good += counted(5) ? 1 : 0;
+            });
+        for (std::thread& t : callers) t.join();
+    }
+    CHECK(good == 200);
+    // A task's own call (the pool is held by the call that runs it).
+    std::atomic<int> inner{0};
+    kernels::run_tasks(4, [&](std::int64_t) { inner += counted(3) ? 1 : 0; });
+    CHECK(inner == 4);
+    // A failing task: its exception comes back, every other task still ran, and the pool serves the next call.
+    std::atomic<int> ran{0};
+    CHECK_THROWS_WITH_AS(kernels::run_tasks(6,
+                                            [&](std::int64_t k) {
+                                                ++ran;
+                                                if (k == 2) throw Error("task 2 failed");
+                                            }),
+                         "task 2 failed", Error);
+    CHECK(ran == 6);
+    CHECK(counted(6));
+#ifndef __SANITIZE_THREAD__  // ThreadSanitizer does not follow a forked child of a threaded process
+    // A child of fork() has none of the pool's threads: it must make its own, not wait for them.
+    const pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) _exit(counted(5) && counted(9) ? 0 : 1);
+    int status = 0;
+    for (int waited = 0; waited < 200 && waitpid(child, &status, WNOHANG) == 0; ++waited)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (waitpid(child, &status, WNOHANG) == 0) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+        FAIL("the forked child's run_tasks did not return within 10 s");
+    }
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+#endif
 }
