@@ -2,9 +2,13 @@
 # Races loom against PyTorch on the reference workloads, each in its own process, in one run,
 # and prints the ratio of median step times (loom / PyTorch: below 1 means loom is faster).
 # Usage: bench/compare.sh [build dir] [workloads...]   Needs Debian's python3-torch.
+# THREADS=n (default 2) sets both sides' threads for W1-W6 and W8 (W7 runs on one); PYTHON names
+# another interpreter with torch (default /usr/bin/python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
+threads=${THREADS:-2}
+python=${PYTHON:-/usr/bin/python3}
 shift || true
 workloads=${*:-W1-rnn W1-gru W1-lstm W1-cell W2-lstm W2-gru W3 W4 W4-cell W5 W5-checkpoint W6 W7 W8-mingru W8-gru}
 reference=../shared/bench/torch_reference.py
@@ -21,7 +25,7 @@ adbench() {
     primal=$(grep loom-primal <<<"$out" | ms)
     gradient=$(grep loom-gradient <<<"$out" | ms)
     plain=$(grep plain-primal <<<"$out" | ms)
-    torch=$(/usr/bin/python3 "$reference" W7 | ms)
+    torch=$("$python" "$reference" W7 | ms)
     printf '%-8s %-6s %12s %12s %8.3f   loom gradient / torch gradient\n' W7 grad "$gradient" "$torch" \
         "$(echo "$gradient / $torch" | bc -l)"
     printf '%-8s %-6s %12s %12s %8.2f   loom gradient / loom primal (%s ms)\n' W7 grad "$gradient" "" \
@@ -40,7 +44,7 @@ adbench() {
 # and in a training step's forward and backward.
 sgemm_share() {
     local w=$1 limit f b
-    limit=$("$build/bench/workloads" "$w-sgemm")
+    limit=$("$build/bench/workloads" "$w-sgemm" --threads "$threads")
     f=$(field forward_ms <<<"$limit")
     b=$(field backward_ms <<<"$limit")
     printf '%-8s %-6s %12s %12s %7.0f%%   sgemm alone %s ms / loom %s ms\n' "$w" infer "$infer_ms" "" \
@@ -58,8 +62,8 @@ for w in $workloads; do
         # W5-checkpoint: loom's W5 with checkpoint(true) against PyTorch's plain W5.
         lw=${w%-checkpoint}
         extra=$([ "$lw" != "$w" ] && echo --checkpoint || true)
-        lo=$("$build/bench/workloads" "$lw" $flag $extra)
-        to=$(/usr/bin/python3 "$reference" "$lw" $flag)
+        lo=$("$build/bench/workloads" "$lw" --threads "$threads" $flag $extra)
+        to=$("$python" "$reference" "$lw" --threads "$threads" $flag)
         l=$(ms <<<"$lo")
         t=$(ms <<<"$to")
         printf '%-8s %-6s %12s %12s %8.2f %12s %12s %10s %10s\n' "$w" "$mode" "$l" "$t" "$(echo "$l / $t" | bc -l)" \
