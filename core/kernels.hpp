@@ -188,39 +188,36 @@ template <class F> Tensor map_numeric(std::string_view op, const Tensor& x, F&& 
 /// Throws loom::Error naming `op` unless a and b have the same dtype.
 void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b);
 
-/// out = f(a, b) with broadcasting, for T = the operands' C++ type; `op` names the call in errors.
-template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
+/// f(a, b) for same-shaped a and b where one is contiguous and the other one value seen through
+/// a broadcast (a loss's gradient, spread over its input): the value read once, the elements
+/// split as over_elements splits them. Undefined when neither is such a value. Out of line: a
+/// rare case kept out of every small op's inlined code.
+template <class T, class F> [[gnu::noinline]] Tensor zip_spread(const Tensor& a, const Tensor& b, F& f)
+{
+    using R = decltype(f(T{}, T{}));
+    const bool b_spread = a.is_contiguous() && all_strides_zero(b);
+    if (!b_spread && !(b.is_contiguous() && all_strides_zero(a))) return Tensor();
+    const T* pa = a.data_ptr<T>();
+    const T* pb = b.data_ptr<T>();
+    Tensor out = detail::empty_like_contiguous(b_spread ? a : b, dtype_of<R>());
+    R* o = out.data_ptr<R>();
+    over_elements(out.numel(), [&](std::int64_t i0, std::int64_t i1) {
+        if (b_spread)
+            for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], *pb);
+        else
+            for (std::int64_t i = i0; i < i1; ++i) o[i] = f(*pa, pb[i]);
+    });
+    return out;
+}
+
+/// f(a, b) broadcast to their common shape: zip_typed's general case, out of line so that the
+/// contiguous case stays small enough to inline into each op.
+template <class T, class F>
+[[gnu::noinline]] Tensor zip_broadcast(std::string_view op, const Tensor& a, const Tensor& b, F& f)
 {
     using R = decltype(f(T{}, T{}));
     const T* pa = a.data_ptr<T>();
     const T* pb = b.data_ptr<T>();
-    // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
-    const bool same_shape = a.sizes() == b.sizes();
-    if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
-        Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
-        R* o = out.data_ptr<R>();
-        over_elements(a.numel(), [&](std::int64_t i0, std::int64_t i1) {
-            if (same_shape)
-                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], pb[i]);
-            else
-                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], *pb);
-        });
-        return out;
-    }
-    // One operand contiguous, the other one value seen through a broadcast of the same shape (a
-    // loss's gradient, spread over its input): the value read once, the elements split as above.
-    const bool b_spread = same_shape && a.is_contiguous() && all_strides_zero(b);
-    if (b_spread || (same_shape && b.is_contiguous() && all_strides_zero(a))) {
-        Tensor out = detail::empty_like_contiguous(b_spread ? a : b, dtype_of<R>());
-        R* o = out.data_ptr<R>();
-        over_elements(out.numel(), [&](std::int64_t i0, std::int64_t i1) {
-            if (b_spread)
-                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], *pb);
-            else
-                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(*pa, pb[i]);
-        });
-        return out;
-    }
     const Shape shape = broadcast_shapes(op, a.sizes(), b.sizes());
     Tensor out = empty(shape, dtype_of<R>());
     R* o = out.data_ptr<R>();
@@ -274,6 +271,30 @@ template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& 
         }
         if (k == outer) return out;
     }
+}
+
+/// out = f(a, b) with broadcasting, for T = the operands' C++ type; `op` names the call in errors.
+template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
+{
+    using R = decltype(f(T{}, T{}));
+    const T* pa = a.data_ptr<T>();
+    const T* pb = b.data_ptr<T>();
+    // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
+    const bool same_shape = a.sizes() == b.sizes();
+    if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
+        Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
+        R* o = out.data_ptr<R>();
+        over_elements(a.numel(), [&](std::int64_t i0, std::int64_t i1) {
+            if (same_shape)
+                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], pb[i]);
+            else
+                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], *pb);
+        });
+        return out;
+    }
+    if (same_shape && (a.is_contiguous() || b.is_contiguous()))
+        if (Tensor out = zip_spread<T>(a, b, f); out.defined()) return out;
+    return zip_broadcast<T>(op, a, b, f);
 }
 
 /// out = f(a, b) with broadcasting; both operands must have the same dtype.

@@ -48,15 +48,20 @@ template <class F> void over_blocks(std::int64_t n, std::int64_t parts, F&& fn)
 /// that the other cores lift (W8's exp over 4M floats).
 inline constexpr std::int64_t kThreadedElementwise = std::int64_t(1) << 20;
 
+/// over_rows' split, out of line: the small ops that call over_rows stay small enough to inline.
+template <class F> [[gnu::noinline]] void over_rows_threaded(std::int64_t rows, std::int64_t width, const F& fn)
+{
+    over_blocks(rows, std::min({std::int64_t(get_num_threads()), rows * width / kThreadedElements, rows}), fn);
+}
+
 /// fn(r0, r1) over rows [0, rows) of `width` elements each: on this thread below
 /// kThreadedElementwise elements in all, else in blocks of at least kThreadedElements elements
 /// (and one row), one per thread. fn must only touch its rows.
 template <class F> void over_rows(std::int64_t rows, std::int64_t width, F&& fn)
 {
-    const std::int64_t n = rows * width;
-    if (n < kThreadedElementwise) [[likely]]
+    if (rows * width < kThreadedElementwise) [[likely]]
         return fn(std::int64_t(0), rows);
-    over_blocks(rows, std::min({std::int64_t(get_num_threads()), n / kThreadedElements, rows}), fn);
+    over_rows_threaded(rows, width, fn);
 }
 
 /// fn(i0, i1) over [0, n), split as over_rows splits rows of one element.
