@@ -139,18 +139,23 @@ private:
 };
 
 // The process's pool, made at first use and never destroyed (its workers sleep until exit). A
-// child made by fork() has none of its parent's threads: there a new pool is made.
+// child made by fork() has none of its parent's threads: there a new pool is made (the parent's
+// is left as it is). The lock is taken only then, never in the process that made the pool, so a
+// fork cannot leave it held.
 Pool& pool()
 {
-    static std::mutex made;
-    static Pool* current = nullptr;
-    static pid_t owner = 0;
-    const std::lock_guard<std::mutex> lock(made);
-    if (!current || owner != getpid()) {
-        current = new Pool;  // the parent's, in a child, is left as it is: its threads are gone
-        owner = getpid();
+    static std::atomic<Pool*> current{new Pool};
+    static std::atomic<pid_t> owner{getpid()};
+    static std::mutex remaking;
+    const pid_t self = getpid();
+    if (owner.load(std::memory_order_acquire) != self) {
+        const std::lock_guard<std::mutex> lock(remaking);
+        if (owner.load(std::memory_order_relaxed) != self) {
+            current.store(new Pool, std::memory_order_relaxed);
+            owner.store(self, std::memory_order_release);
+        }
     }
-    return *current;
+    return *current.load(std::memory_order_acquire);
 }
 
 }  // namespace
