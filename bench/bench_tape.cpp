@@ -88,11 +88,11 @@ private:
     int previous_;
 };
 
-// linear_recurrence forward over T steps of n lanes on `threads` threads (Args: T, n, threads; 0:
-// all the machine's), against the same loop in plain C++ over the same arrays on one thread (it is
-// memory-bound: 3 arrays read or written per step). Wide (4096 x 16 x 256) splits the lanes across
-// threads; narrow and long (262144 x 16) runs the two-pass chunked scan over steps on three
-// threads or more, on one thread below that.
+// linear_recurrence forward over T steps of n lanes on `threads` threads (Args: T, n, threads;
+// 0: as set, by default all the machine's), against the same loop in plain C++ over the same
+// arrays on one thread (it is memory-bound: 3 arrays read or written per step). Wide (4096 x 16 x
+// 256) splits the lanes across threads; narrow and long (262144 x 16) runs the two-pass chunked
+// scan over steps on three threads or more, on one thread below that.
 static void linear_recurrence_forward(benchmark::State& state)
 {
     const std::int64_t T = state.range(0), n = state.range(1);
