@@ -105,7 +105,8 @@ template <class Op> struct Function {
                     grad_outputs.push_back(c.grads[k].defined() ? c.grads[k]
                                                                 : zeros(output_types[k].first, output_types[k].second));
                 ctx->saved_.assign(c.saved.begin(), c.saved.end());
-                ctx->needs_.assign(c.needs.begin(), c.needs.end());
+                ctx->needs_.resize(c.needs.size());
+                for (std::size_t k = 0; k < c.needs.size(); ++k) ctx->needs_[k] = c.needs[k];
                 ctx->create_graph_ = c.create_graph;
                 std::vector<Tensor> grads = Op::backward(ctx.get(), grad_outputs);
                 ctx->saved_.clear();

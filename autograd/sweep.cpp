@@ -427,9 +427,10 @@ struct Sweep final : autograd::GradientSums {
             bool saved_recorded = false;
             if (create_graph && custom)
                 for (const Tensor& s : ctx.saved) saved_recorded = saved_recorded || s.requires_grad();
-            ctx.needs.resize(e.inputs.size());
-            for (std::size_t k = 0; k < e.inputs.size(); ++k) ctx.needs[k] = bool(e.inputs[k]);
+            ctx.needs = autograd::InputNeeds(&e.inputs);
             ctx.inputs = &e.inputs;
+            ctx.output_shape = &e.output_shape;
+            ctx.output_dtype = e.output_dtype;
             ctx.input_meta = e.input_meta.get();
             // Made where it is returned: assigned, its inline gradients would be moved one by one.
             autograd::GradList input_grads = [&] {

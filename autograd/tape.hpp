@@ -362,12 +362,28 @@ protected:
 /// tensor (or the range, into a std::vector) to keep it longer.
 using SavedTensors = decltype(std::views::transform(std::span<const Saved>(), &Saved::value));
 
+/// Per input of an entry, whether it wants a gradient (`c.needs[k]`): read from the entry's
+/// inputs where they lie, so the sweep fills no list for each entry it runs.
+class InputNeeds {
+public:
+    InputNeeds() = default;
+    /// The needs of `inputs` (null: none).
+    explicit InputNeeds(const InputNodes* inputs) : inputs_(inputs) {}
+    /// Whether input k wants a gradient.
+    bool operator[](std::size_t k) const { return bool((*inputs_)[k]); }
+    /// How many inputs the entry has.
+    std::size_t size() const { return inputs_ ? inputs_->size() : 0; }
+
+private:
+    const InputNodes* inputs_ = nullptr;
+};
+
 /// What an entry's backward function receives.
 struct BackwardContext {
     /// One per output; undefined where no gradient arrived. Mutable for take_grad().
     mutable SmallVector<Tensor, 2> grads;
     SavedTensors saved;  ///< in the order given to record()
-    SmallVector<bool, 3> needs;  ///< per input: does it want a gradient?
+    InputNeeds needs;  ///< per input: does it want a gradient?
     /// The entry's inputs; null where an input needs no gradient.
     const InputNodes* inputs = nullptr;
     /// Per input, the shape and dtype of a non-leaf (Entry::input_meta); null when none was kept.
@@ -377,21 +393,17 @@ struct BackwardContext {
     bool create_graph = false;
     /// Where the sweep sums gradients; null when gradients must be returned.
     GradientSums* sums = nullptr;
+    /// The entry's first output's shape and dtype: those of every input marked like_output().
+    const Shape* output_shape = nullptr;
+    /// See output_shape.
+    DType output_dtype = kFloat32;
     /// The gradient of the first output.
     const Tensor& grad() const { return grads[0]; }
     /// The gradient of output k, handed over rather than copied: for a backward that passes it
     /// on as it is (add, a region op), which then costs no copy of the handle (two atomic
-    /// reference counts). Take it last: grad(k) is undefined after, while input_shape() and
-    /// input_dtype() still answer.
-    Tensor take_grad(std::size_t k = 0) const
-    {
-        if (k == 0 && grads[0].defined()) {
-            taken_shape_ = grads[0].sizes();
-            taken_dtype_ = grads[0].dtype();
-            first_taken_ = true;
-        }
-        return std::move(grads[k]);
-    }
+    /// reference counts). Take it last: grad(k) is undefined after (input_shape() and
+    /// input_dtype() still answer).
+    Tensor take_grad(std::size_t k = 0) const { return std::move(grads[k]); }
     /// Input k's gradient summed so far in this sweep (zeros if nothing arrived yet), as a
     /// contiguous buffer that backward may add its gradient into in place (a GEMM with beta = 1:
     /// a weight used at every step then costs no extra addition) and then return an undefined
@@ -408,24 +420,16 @@ struct BackwardContext {
     const Shape& input_shape(std::size_t k) const
     {
         const InputRef& in = (*inputs)[k];
-        if (in.like_output() && grads[0].defined()) return grads[0].sizes();
-        if (in.like_output() && first_taken_) return taken_shape_;
+        if (in.like_output()) return *output_shape;
         return in.node() ? in.node()->shape : input_meta[k].shape;
     }
     /// Dtype of input k.
     DType input_dtype(std::size_t k) const
     {
         const InputRef& in = (*inputs)[k];
-        if (in.like_output() && grads[0].defined()) return grads[0].dtype();
-        if (in.like_output() && first_taken_) return taken_dtype_;
+        if (in.like_output()) return output_dtype;
         return in.node() ? in.node()->dtype : input_meta[k].dtype;
     }
-
-private:
-    // The first output's gradient's shape and dtype, kept once take_grad() has handed it over.
-    mutable Shape taken_shape_;
-    mutable DType taken_dtype_ = kFloat32;
-    mutable bool first_taken_ = false;
 };
 
 /// One gradient per input; kept inline, so sweeping a small op costs no heap allocation for it.
