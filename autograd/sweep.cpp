@@ -281,7 +281,9 @@ struct Sweep final : autograd::GradientSums {
     }
 
     // Adds g to the sum of what `to` receives (a node, or an entry's input).
-    template <class To> void add(const To& to, Tensor g)
+    // g by reference: a handle passed by value is stored as two words and read back as one, a
+    // stalled load in every gradient summed (perf on bench_tape's swept chain).
+    template <class To> void add(const To& to, Tensor&& g)
     {
         autograd::PendingGrad& p = receiving(to);
         if (!p.sum.defined()) {
@@ -401,6 +403,15 @@ struct Sweep final : autograd::GradientSums {
                 autograd::PendingGrad& p = slot(e.first_slot + k);
                 if (!p.sum.defined()) continue;
                 --outstanding;
+                reached = true;
+                if (!p.captured && !e.watched) {
+                    // Moved from its slot straight into the context: a handle moved through a
+                    // local is stored as two words and read back as one, a stalled load.
+                    ctx.grads[k] = std::move(p.sum);
+                    p.owned = p.accumulated = false;
+                    grads_recorded = grads_recorded || ctx.grads[k].requires_grad();
+                    continue;
+                }
                 // Taken from its slot (no reference count to bump) unless grad() wants it kept there.
                 Tensor g = p.captured ? p.sum : std::move(p.sum);
                 // Only a watched entry's outputs have hooks to run or a gradient to retain.
@@ -414,7 +425,6 @@ struct Sweep final : autograd::GradientSums {
                 if (p.captured) p.sum = g;
                 else p = autograd::PendingGrad();
                 ctx.grads[k] = std::move(g);
-                reached = true;
             }
             if (!reached) continue;
             const char* name = e.name;
