@@ -325,13 +325,18 @@ struct Sweep final : autograd::GradientSums {
         return p.sum;
     }
 
-    autograd::GradientBuffer gradient_buffer(const autograd::InputRef& input, const Shape& shape, DType dtype) override
+    autograd::GradientBuffer gradient_buffer(const autograd::InputRef& input, const Shape& shape, DType dtype,
+                                             Tensor* incoming) override
     {
         autograd::PendingGrad& p = receiving(input);
         if (!p.sum.defined()) {
-            p.sum = empty(shape, dtype);
+            // The incoming gradient's buffer, where no one else holds it, instead of a new one:
+            // an allocation here and a release after the backward saved.
+            const bool hand_over = incoming && incoming->defined() && incoming->dtype() == dtype &&
+                                   incoming->sizes() == shape && sole_whole_tensor(*incoming);
+            p.sum = hand_over ? std::move(*incoming) : empty(shape, dtype);
             p.owned = true;
-            return {&p.sum, true};
+            return {&p.sum, true, hand_over};
         }
         // A sum adopted as it came may be held elsewhere; the sweep's add makes it its own.
         if (!p.owned || !p.sum.is_contiguous()) return {};
@@ -628,10 +633,10 @@ Tensor autograd::BackwardContext::accumulator(std::size_t k) const
     return sums->accumulator((*inputs)[k], input_shape(k), input_dtype(k));
 }
 
-autograd::GradientBuffer autograd::BackwardContext::gradient_buffer(std::size_t k) const
+autograd::GradientBuffer autograd::BackwardContext::gradient_buffer(std::size_t k, bool last_read_of_grad) const
 {
     if (!sums || k >= needs.size() || !needs[k]) return {};
-    return sums->gradient_buffer((*inputs)[k], input_shape(k), input_dtype(k));
+    return sums->gradient_buffer((*inputs)[k], input_shape(k), input_dtype(k), last_read_of_grad ? &grads[0] : nullptr);
 }
 
 // ---- Tensor's autograd methods ----

@@ -326,6 +326,10 @@ struct GradientBuffer {
     /// Nothing has arrived yet: every element is to be written (the buffer holds no values).
     /// Otherwise the gradient is to be added into it.
     bool fresh = false;
+    /// The buffer is the incoming gradient's own (handed over: see
+    /// BackwardContext::gradient_buffer), so it holds that gradient's values: element i is read
+    /// there and then written over. Fresh as well.
+    bool holds_incoming = false;
     /// Whether one is offered.
     explicit operator bool() const { return sum != nullptr; }
     /// Writes value(i) into every element i of the sum (of element type T): set when the buffer
@@ -349,8 +353,10 @@ struct GradientSums {
     /// into in place.
     virtual Tensor accumulator(const InputRef& input, const Shape& shape, DType dtype) = 0;
     /// The sum of `input`'s gradient to write or add into, if the sweep can offer it without a
-    /// copy; see GradientBuffer.
-    virtual GradientBuffer gradient_buffer(const InputRef& input, const Shape& shape, DType dtype) = 0;
+    /// copy; see GradientBuffer. `incoming`, when given, is a gradient the backward will read no
+    /// more after this: where nothing has arrived at `input` yet and no one else holds it, it
+    /// becomes the sum, moved out of *incoming, instead of a new buffer.
+    virtual GradientBuffer gradient_buffer(const InputRef& input, const Shape& shape, DType dtype, Tensor* incoming) = 0;
 
 protected:
     ~GradientSums() = default;
@@ -415,7 +421,12 @@ struct BackwardContext {
     /// undefined tensor for k. Not offered (null) where accumulator() is not, or where the sum
     /// so far is a tensor the sweep does not own; backward then returns the gradient as usual.
     /// Ask only once the gradient is sure to be written: a fresh buffer holds no values.
-    GradientBuffer gradient_buffer(std::size_t k) const;
+    GradientBuffer gradient_buffer(std::size_t k) const { return gradient_buffer(k, false); }
+    /// gradient_buffer(k); with `last_read_of_grad`, for the backward's last read of grad(): where
+    /// nothing has arrived at input k yet and grad() is the sweep's alone, grad()'s own buffer is
+    /// handed to k (GradientBuffer::holds_incoming), so no new buffer is made for k and none is
+    /// freed after; grad() is undefined after such a hand-over.
+    GradientBuffer gradient_buffer(std::size_t k, bool last_read_of_grad) const;
     /// Shape of input k; known for every input that needs a gradient, so ops need not save it.
     const Shape& input_shape(std::size_t k) const
     {

@@ -443,6 +443,53 @@ TEST_CASE("elementwise gradients written into the sweep's sums equal those retur
     CHECK(close(x.grad(), values((x * 1.5 * 2.0 + 4.0) * 1.5), 1e-12));
 }
 
+TEST_CASE("an incoming gradient no one else holds becomes its input's gradient, one that is held stays as it was")
+{
+    // y = x * 1.5 then n unary ops: each hands the gradient it received on to its input, written
+    // over in place, so a longer chain asks for no more gradient bytes.
+    const Tensor x = tensor({0.3, -1.2, 2.0, 0.7}, kFloat64).requires_grad_();
+    const auto backward_bytes = [&](int n) {
+        Tensor y = x * 1.5;
+        for (int i = 0; i < n; ++i) y = i % 2 ? y.tanh() : y.sigmoid();
+        const Tensor loss = (y * 1.0).sum();
+        const std::uint64_t before = storage_bytes_requested();
+        const Tensor dx = grad({loss}, {x})[0];
+        return storage_bytes_requested() - before;
+    };
+    const std::uint64_t short_chain = backward_bytes(2);
+    CHECK(backward_bytes(12) == short_chain);
+
+    // The same values as the gradients returned one by one (anomaly mode takes that route).
+    const auto gradient = [&] {
+        Tensor h = x * 1.5;
+        Tensor y = h.sigmoid().exp().tanh().log().pow(2.0) * h;
+        return grad({y.sum()}, {x})[0];
+    };
+    const Tensor handed_over = gradient();
+    Tensor returned;
+    {
+        const autograd::DetectAnomalyGuard anomaly;
+        returned = gradient();
+    }
+    CHECK(testing::close_tensors(handed_over, returned, 0));
+
+    // A gradient a hook holds, or one retained, is never written over by the op below it.
+    Tensor h = x * 1.5;
+    Tensor s = h.sigmoid();
+    s.retain_grad();
+    Tensor t = s.tanh();
+    Tensor held;
+    t.register_hook([&](const Tensor& g) {
+        held = g;
+        return Tensor();
+    });
+    const Tensor c = tensor({1.0, 2.0, 3.0, 4.0}, kFloat64);
+    (t.exp() * c).sum().backward();
+    const NoGradGuard no_grad;
+    CHECK(close(held, values(t.exp() * c), 1e-15));
+    CHECK(close(s.grad(), values(t.exp() * c * (1.0 - t * t)), 1e-15));
+}
+
 TEST_CASE("a backward refused for a saved tensor modified in place leaves the entry whole")
 {
     on_fresh_tape([] {
