@@ -146,13 +146,8 @@ void* checked_malloc(std::size_t n)
 
 }  // namespace
 
-namespace {
-[[gnu::tls_model("initial-exec")]] thread_local std::uint64_t bytes_requested = 0;
-}  // namespace
-
-std::uint64_t storage_bytes_requested() { return bytes_requested; }
-
-void count_inline_storage_bytes(std::size_t nbytes) noexcept { bytes_requested += nbytes; }
+constinit thread_local std::uint64_t detail::bytes_requested [[gnu::tls_model("initial-exec")]] = 0;
+using detail::bytes_requested;
 
 void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity)
 {

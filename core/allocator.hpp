@@ -119,11 +119,16 @@ template <class T> struct PoolAllocator {
 /// A block of at least `nbytes` (16-byte aligned); `capacity` receives its real size, which
 /// free_storage_bytes must be given back. Throws loom::Error when memory runs out.
 void* allocate_storage_bytes(std::size_t nbytes, std::size_t& capacity);
+namespace detail {
+/// What storage_bytes_requested() answers; inline, since every small tensor made counts its
+/// bytes (a call through the PLT each, before).
+extern constinit thread_local std::uint64_t bytes_requested [[gnu::tls_model("initial-exec")]];
+}  // namespace detail
 /// Bytes this thread has asked allocate_storage_bytes for since it started, with those of small
 /// tensors kept inside their Storage (what the profiler reports as allocated).
-std::uint64_t storage_bytes_requested();
+inline std::uint64_t storage_bytes_requested() { return detail::bytes_requested; }
 /// Counts `nbytes` of a small tensor kept inside its Storage in storage_bytes_requested().
-void count_inline_storage_bytes(std::size_t nbytes) noexcept;
+inline void count_inline_storage_bytes(std::size_t nbytes) noexcept { detail::bytes_requested += nbytes; }
 /// Returns a block from allocate_storage_bytes.
 void free_storage_bytes(void* data, std::size_t capacity) noexcept;
 
