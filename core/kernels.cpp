@@ -13,6 +13,19 @@
 
 namespace loom::kernels {
 
+namespace {
+// Runs block(b) for every b in [0, blocks) on the threads there are, each summing into a
+// partial of its own, then fold(b) for each in order: a sum split so is the same on any number of
+// threads (a sum of many elements, a bias's gradient over many rows).
+template <class Block, class Fold> void blocks_then_folded_in_order(std::int64_t blocks, const Block& block, const Fold& fold)
+{
+    over_blocks(blocks, std::min<std::int64_t>(get_num_threads(), blocks), [&](std::int64_t b0, std::int64_t b1) {
+        for (std::int64_t b = b0; b < b1; ++b) block(b);
+    });
+    for (std::int64_t b = 0; b < blocks; ++b) fold(b);
+}
+}  // namespace
+
 // ---- views ----
 
 Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offset)
@@ -389,14 +402,15 @@ Tensor sum(const Tensor& t, const Shape& dims, bool keepdim)
         if (n < kernels::kThreadedElementwise) return sum_of(0, n);
         // Long: blocks of a fixed size summed on the threads there are, then in order, so the
         // result is the same on any number of threads.
-        const std::int64_t blocks = (n + kernels::kThreadedElements - 1) / kernels::kThreadedElements;
+        const std::int64_t blocks = (n + kThreadedElements - 1) / kThreadedElements;
         std::vector<Acc> partial(static_cast<std::size_t>(blocks));
-        kernels::over_blocks(blocks, std::min<std::int64_t>(get_num_threads(), blocks), [&](std::int64_t b0, std::int64_t b1) {
-            for (std::int64_t k = b0; k < b1; ++k)
-                partial[std::size_t(k)] = sum_of(k * kernels::kThreadedElements, std::min(n, (k + 1) * kernels::kThreadedElements));
-        });
         Acc acc = 0;
-        for (const Acc part : partial) acc = wrapping_add(acc, part);
+        blocks_then_folded_in_order(
+            blocks,
+            [&](std::int64_t b) {
+                partial[std::size_t(b)] = sum_of(b * kThreadedElements, std::min(n, (b + 1) * kThreadedElements));
+            },
+            [&](std::int64_t b) { acc = wrapping_add(acc, partial[std::size_t(b)]); });
         return acc;
     }, false);
 }
@@ -722,15 +736,16 @@ template <class T> void add_column_sums(const T* rows, std::int64_t n, std::int6
     const std::int64_t per_block = std::max<std::int64_t>(1, kThreadedElements / width);
     const std::int64_t blocks = (n + per_block - 1) / per_block;
     std::vector<T> partial(static_cast<std::size_t>(blocks * width), T(0));
-    over_blocks(blocks, std::min<std::int64_t>(get_num_threads(), blocks), [&](std::int64_t b0, std::int64_t b1) {
-        for (std::int64_t b = b0; b < b1; ++b) {
+    blocks_then_folded_in_order(
+        blocks,
+        [&](std::int64_t b) {
             T* sum = partial.data() + b * width;
             for (std::int64_t r = b * per_block; r < std::min(n, (b + 1) * per_block); ++r)
                 for (std::int64_t j = 0; j < width; ++j) sum[j] += rows[r * width + j];
-        }
-    });
-    for (std::int64_t b = 0; b < blocks; ++b)
-        for (std::int64_t j = 0; j < width; ++j) out[j] += partial[std::size_t(b * width + j)];
+        },
+        [&](std::int64_t b) {
+            for (std::int64_t j = 0; j < width; ++j) out[j] += partial[std::size_t(b * width + j)];
+        });
 }
 template void add_column_sums<float>(const float*, std::int64_t, std::int64_t, float*);
 template void add_column_sums<double>(const double*, std::int64_t, std::int64_t, double*);
