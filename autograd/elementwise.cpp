@@ -55,12 +55,11 @@ bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tenso
     if (!is_floating(dtype) || !(spread || contiguous) || !v.is_contiguous() || v.dtype() != dtype ||
         v.sizes() != g.sizes() || c.input_dtype(k) != dtype || c.input_shape(k) != g.sizes())
         return false;
-    // Read before the sweep may take g's buffer over.
-    const void* g_bytes = g.impl().storage->data + g.storage_offset() * dtype_size(dtype);
     const autograd::GradientBuffer sum = c.gradient_buffer(k, last_read_of_grad);
     if (!sum) return false;
     dispatch_floating("backward", dtype, [&]<class T>() {
-        const T* gp = static_cast<const T*>(g_bytes);
+        // Handed over, g's values are in the sum (and g is undefined).
+        const T* gp = sum.holds_incoming ? sum.sum->data_ptr<T>() : g.data_ptr<T>();
         const T* vp = v.data_ptr<T>();
         if (spread)
             sum.write<T>([&, g0 = *gp](std::int64_t i) { return fn(g0, vp[i]); });
