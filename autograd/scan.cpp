@@ -450,7 +450,7 @@ public:
     {
         Entry e;
         e.trace = traced;
-        for (const Tensor& t : traced.params) e.params.push_back(t.impl_ptr());
+        for (const Tensor& t : traced.params) e.params.emplace_back(t);
         e.trace.params.clear();
         e.compiled = std::make_shared<const Program>(std::move(compiled));
         auto& entries = cache();
@@ -463,7 +463,7 @@ private:
     static constexpr std::size_t capacity = 8;
     struct Entry {
         Program trace;  // without its parameters
-        std::vector<std::weak_ptr<TensorImpl>> params;
+        std::vector<detail::WeakTensor> params;
         std::shared_ptr<const Program> compiled;
 
         bool matches(const Program& t) const
@@ -471,7 +471,7 @@ private:
             if (!same_ops(t, trace) || t.params.size() != params.size() || t.consts.size() != trace.consts.size())
                 return false;
             for (std::size_t k = 0; k < params.size(); ++k)
-                if (params[k].lock() != t.params[k].impl_ptr()) return false;
+                if (!params[k].lock().is_same(t.params[k])) return false;
             for (std::size_t k = 0; k < trace.consts.size(); ++k)
                 if (!same_values(trace.consts[k], t.consts[k])) return false;
             return true;

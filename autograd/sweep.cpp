@@ -30,11 +30,11 @@ Tensor add_values(const Tensor& a, const Tensor& b)
 }
 
 // Whether t is the only handle on its bytes and covers them whole: .grad() may then take t as
-// it is, where otherwise it gets a copy (the user, a hook or another leaf may hold t). Bytes in
-// t's own block a view would hold through the header's count, checked first.
+// it is, where otherwise it gets a copy (the user, a hook or another leaf may hold t, or a view
+// of t, or t may be a view of a tensor still alive).
 bool sole_whole_tensor(const Tensor& t)
 {
-    return t.impl_ptr().use_count() == 1 && (detail::bytes_in_own_block(t) || t.impl().storage.use_count() == 1) &&
+    return t.impl_ptr().use_count() == 1 && detail::holds_bytes_alone(t) &&
            t.storage_offset() == 0 &&
            t.is_contiguous() && t.impl().storage->nbytes == static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype());
 }
@@ -728,8 +728,8 @@ void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&
                "gradient is not accumulated into grad(): use register_hook");
     LOOM_CHECK(hook, "register_post_accumulate_grad_hook", "expects a callable hook, got an empty std::function");
     // The hook is kept in the node, which the tensor owns: it holds the tensor weakly.
-    node->hooks_made().post_accumulate.push_back([tensor = std::weak_ptr<TensorImpl>(impl_ptr()), hook = std::move(hook)] {
-        if (auto impl = tensor.lock()) hook(Tensor(std::move(impl)));
+    node->hooks_made().post_accumulate.push_back([tensor = detail::WeakTensor(*this), hook = std::move(hook)] {
+        if (const Tensor t = tensor.lock(); t.defined()) hook(t);
     });
     autograd::engine::post_accumulate_hooks_exist.store(true, std::memory_order_relaxed);
 }

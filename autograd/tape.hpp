@@ -582,8 +582,8 @@ private:
 /// the input's shape to that part.
 using RegionFn = std::function<Tensor(const Tensor&)>;
 
-/// One recorded op on the tape: 256 bytes, four cache lines, which forward writes, the sweep
-/// reads and a reset drops, one after another along a tape that may outgrow the caches.
+/// One recorded op on the tape: 232 bytes, which forward writes, the sweep reads and a reset
+/// drops, one after another along a tape that may outgrow the caches.
 struct Entry {
     /// User-provided, so that appending an entry does not first zero all of it.
     Entry() noexcept {}

@@ -30,13 +30,14 @@ template <class Block, class Fold> void blocks_then_folded_in_order(std::int64_t
 
 Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offset)
 {
-    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
+    TensorHandle handle = detail::new_tensor_header();
+    TensorImpl* impl = handle.get();
     impl->storage = shared_storage(t);
     impl->shape = std::move(shape);
     impl->strides = std::move(strides);
     impl->offset = offset;
     impl->dtype = t.dtype();
-    return Tensor(std::move(impl));
+    return Tensor(std::move(handle));
 }
 
 Tensor alias(const Tensor& t) { return as_strided(t, t.sizes(), t.strides(), t.storage_offset()); }

@@ -2,6 +2,7 @@
 
 
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 
@@ -118,11 +119,11 @@ template <std::size_t N> struct InlineStorage final : Storage {
 };
 constexpr std::size_t kInlineStorageBytes = 256;
 
-// A small tensor's header with its storage and bytes, in one pooled block: one allocation and one
-// reference count per tensor instead of two of each, and a sweep that reads the header finds the
-// storage record beside it rather than behind another pointer. `storage` points at `own` without
-// a count (a count on its own block would keep the block alive forever); shared_storage() gives
-// a view a handle on the whole block instead.
+// A small tensor's header with its storage and bytes, in one pooled block: one allocation per
+// tensor instead of two, and a sweep that reads the header finds the storage record beside it
+// rather than behind another pointer. `storage` points at `own` without a count (a count on its
+// own block would keep the block alive forever); shared_storage() gives a view a handle that
+// holds the header instead.
 template <std::size_t N> struct TensorWithBytes final : TensorImpl {
     InlineStorage<N> own;
     explicit TensorWithBytes(std::size_t nbytes) noexcept : own(nbytes)
@@ -130,25 +131,55 @@ template <std::size_t N> struct TensorWithBytes final : TensorImpl {
         storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), &own);
     }
 };
-static_assert(sizeof(TensorWithBytes<kInlineStorageBytes>) + 16 <= kLargestSmallObject,
-              "a small tensor's block, with its reference counts, must come from the object pool");
+static_assert(sizeof(TensorWithBytes<kInlineStorageBytes>) <= kLargestSmallObject,
+              "a small tensor's block must come from the object pool");
 
-template <std::size_t N> std::shared_ptr<TensorImpl> make_tensor_with_bytes(std::size_t nbytes)
+// TensorImpl::block: what a header lies in.
+enum Block : std::uint8_t { kHeaderAlone, kWithBytes64, kWithBytes128, kWithBytes256 };
+
+// Calls fn with the header as the type of its block.
+template <class Fn> void as_block(TensorImpl* impl, Fn fn)
 {
-    return std::allocate_shared<TensorWithBytes<N>>(PoolAllocator<TensorWithBytes<N>>(), nbytes);
+    switch (impl->block) {
+    case kWithBytes64: return fn(static_cast<TensorWithBytes<64>*>(impl));
+    case kWithBytes128: return fn(static_cast<TensorWithBytes<128>*>(impl));
+    case kWithBytes256: return fn(static_cast<TensorWithBytes<256>*>(impl));
+    default: return fn(impl);
+    }
+}
+void destroy_contents(TensorImpl* impl) noexcept
+{
+    as_block(impl, []<class B>(B* b) { b->~B(); });
+}
+void free_block(TensorImpl* impl) noexcept
+{
+    as_block(impl, []<class B>(B* b) { free_small_object(b, sizeof(B)); });
+}
+// Drops one weak count (the handles' together, or a WeakTensor's); the last frees the block.
+void release_weak(TensorImpl* impl) noexcept
+{
+    if ((impl->counts.fetch_sub(TensorImpl::kOneWeak, std::memory_order_acq_rel) >> 32) == 1) free_block(impl);
+}
+
+template <std::size_t N, Block kind> [[gnu::always_inline]] inline TensorHandle make_tensor_with_bytes(std::size_t nbytes)
+{
+    static_assert(sizeof(TensorWithBytes<N>) <= kLargestSmallObject);
+    auto* impl = ::new (allocate_small_object(sizeof(TensorWithBytes<N>))) TensorWithBytes<N>(nbytes);
+    impl->block = kind;
+    return TensorHandle(impl);
 }
 
 // The header of a new tensor of `nbytes` bytes, its storage made: in the same block when small,
 // else with the bytes from the storage cache. Always inlined: returned from a call, a handle was
-// written to memory as two words and read back as one, a store-forwarding stall that perf put at
-// half of making a small tensor.
-[[gnu::always_inline]] inline std::shared_ptr<TensorImpl> make_tensor_impl(std::size_t nbytes)
+// written to memory and read back, a store-forwarding stall that perf put at half of making a
+// small tensor.
+[[gnu::always_inline]] inline TensorHandle make_tensor_impl(std::size_t nbytes)
 {
-    if (nbytes <= 64) return make_tensor_with_bytes<64>(nbytes);
-    if (nbytes <= 128) return make_tensor_with_bytes<128>(nbytes);
-    if (nbytes <= kInlineStorageBytes) return make_tensor_with_bytes<kInlineStorageBytes>(nbytes);
-    auto impl = std::allocate_shared<TensorImpl>(PoolAllocator<TensorImpl>());
-    impl->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), nbytes);
+    if (nbytes <= 64) return make_tensor_with_bytes<64, kWithBytes64>(nbytes);
+    if (nbytes <= 128) return make_tensor_with_bytes<128, kWithBytes128>(nbytes);
+    if (nbytes <= kInlineStorageBytes) return make_tensor_with_bytes<kInlineStorageBytes, kWithBytes256>(nbytes);
+    TensorHandle impl = detail::new_tensor_header();
+    impl.get()->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), nbytes);
     return impl;
 }
 
@@ -159,27 +190,82 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
     std::int64_t nbytes = 0;
     LOOM_CHECK(!__builtin_mul_overflow(n, std::int64_t(dtype_size(dtype)), &nbytes), op,
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
-    auto impl = make_tensor_impl(static_cast<std::size_t>(nbytes));
-    impl->shape = shape;
-    impl->strides = contiguous_strides(shape);
-    impl->dtype = dtype;
+    TensorHandle impl = make_tensor_impl(static_cast<std::size_t>(nbytes));
+    impl.get()->shape = shape;
+    impl.get()->strides = contiguous_strides(shape);
+    impl.get()->dtype = dtype;
     return Tensor(std::move(impl));
 }
 }  // namespace
+
+bool detail::holds_bytes_alone(const Tensor& t)
+{
+    const std::shared_ptr<Storage>& storage = t.impl().storage;
+    if (bytes_in_own_block(t)) return true;
+    if (storage.use_count() != 1) return false;
+    if (!storage->inline_bytes) return true;
+    // Another small tensor's bytes, held through a handle on its header (shared_storage()): that
+    // header must have no handle but this one.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"  // single inheritance, no virtual base: GCC and Clang lay it out as standard
+    constexpr std::size_t own_offset = offsetof(TensorWithBytes<64>, own);
+    static_assert(own_offset == offsetof(TensorWithBytes<128>, own) && own_offset == offsetof(TensorWithBytes<256>, own));
+#pragma GCC diagnostic pop
+    const auto* owner = reinterpret_cast<const TensorImpl*>(reinterpret_cast<const std::byte*>(storage.get()) - own_offset);
+    return (owner->counts.load(std::memory_order_acquire) & 0xffffffffu) == 1;
+}
+
+void detail::release_last_handle(TensorImpl* impl) noexcept
+{
+    destroy_contents(impl);
+    free_block(impl);
+}
+
+void detail::release_shared_handle(TensorImpl* impl) noexcept
+{
+    if ((impl->counts.fetch_sub(1, std::memory_order_acq_rel) & 0xffffffffu) != 1) return;
+    destroy_contents(impl);
+    release_weak(impl);
+}
+
+TensorHandle detail::new_tensor_header()
+{
+    auto* impl = ::new (allocate_small_object(sizeof(TensorImpl))) TensorImpl();
+    impl->block = kHeaderAlone;
+    return TensorHandle(impl);
+}
+
+detail::WeakTensor::~WeakTensor()
+{
+    if (impl_) release_weak(impl_);
+}
+
+Tensor detail::WeakTensor::lock() const
+{
+    if (!impl_) return {};
+    std::uint64_t counts = impl_->counts.load(std::memory_order_relaxed);
+    while ((counts & 0xffffffffu) != 0)
+        if (impl_->counts.compare_exchange_weak(counts, counts + 1, std::memory_order_acq_rel, std::memory_order_relaxed))
+            return Tensor(TensorHandle(impl_));
+    return {};
+}
 
 std::shared_ptr<Storage> shared_storage(const Tensor& t)
 {
     const std::shared_ptr<Storage>& storage = t.impl().storage;
     if (!detail::bytes_in_own_block(t)) return storage;
-    return std::shared_ptr<Storage>(t.impl_ptr(), storage.get());
+    return std::shared_ptr<Storage>(storage.get(), [header = t](Storage*) noexcept {}, PoolAllocator<Storage>());
 }
 
 void detail::share_storage(const Tensor& dst, const Tensor& src)
 {
     std::shared_ptr<Storage> storage = shared_storage(src);
-    // A handle on dst's own block, kept in dst, would keep that block alive forever.
-    if (!storage.owner_before(dst.impl_ptr()) && !dst.impl_ptr().owner_before(storage))
-        storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), storage.get());
+    // A handle on dst's own bytes, kept in dst, would hold dst's header forever.
+    TensorImpl* own = dst.impl_ptr().get();
+    as_block(own, [&]<class B>(B* b) {
+        if constexpr (!std::is_same_v<B, TensorImpl>)
+            if (storage.get() == &b->own) storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), storage.get());
+    });
     dst.impl().storage = std::move(storage);
 }
 
@@ -187,10 +273,10 @@ Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, 
 
 Tensor detail::empty_like_contiguous(const Tensor& like, DType dtype)
 {
-    auto impl = make_tensor_impl(static_cast<std::size_t>(like.numel()) * dtype_size(dtype));  // checked when `like` was made
-    impl->shape = like.sizes();
-    impl->strides = like.strides();
-    impl->dtype = dtype;
+    TensorHandle impl = make_tensor_impl(static_cast<std::size_t>(like.numel()) * dtype_size(dtype));  // checked when `like` was made
+    impl.get()->shape = like.sizes();
+    impl.get()->strides = like.strides();
+    impl.get()->dtype = dtype;
     return Tensor(std::move(impl));
 }
 

@@ -11,7 +11,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
+
+#if __has_include(<sys/single_threaded.h>)
+#include <sys/single_threaded.h>
+#endif
 
 #include "dtype.hpp"
 #include "small_vector.hpp"
@@ -96,11 +101,40 @@ struct Storage {
     bool inline_bytes = false;
 };
 
-/// A tensor's header: its storage, the view of it (shape, strides, offset), dtype and autograd node. Tensor is a shared handle on one.
+struct TensorImpl;
+namespace detail {
+/// Whether the process has only ever had one thread (glibc's __libc_single_threaded, as libstdc++'s
+/// shared_ptr reads it): reference counts are then kept without atomic writes, which took a
+/// twentieth of W7's gradient at 32 characters. It turns false before a second thread starts, for good.
+inline bool single_threaded()
+{
+#if __has_include(<sys/single_threaded.h>)
+    return __libc_single_threaded;
+#else
+    return false;
+#endif
+}
+/// Ends a header whose last handle is gone: destroys what it holds, and frees its block unless a
+/// weak handle still counts it (core/tensor.cpp; out of line, as a header lies in one of several
+/// kinds of block).
+void release_last_handle(TensorImpl* impl) noexcept;
+/// Drops one count on a header with more than one, or none that can be read without a race.
+void release_shared_handle(TensorImpl* impl) noexcept;
+}  // namespace detail
+
+/// A tensor's header: its storage, the view of it (shape, strides, offset), dtype and autograd
+/// node, with its reference counts in it. Tensor is a handle on one (TensorHandle).
 struct TensorImpl {
-    /// User-provided, so that make_shared's value-initialisation does not first zero the whole
-    /// header (a `rep stos` that cost a fifth of making a small tensor).
+    /// User-provided, so that making a header does not first zero all of it.
     TensorImpl() noexcept {}
+    /// Handles on this header (the low 32 bits), and above them the weak handles plus one for all
+    /// the handles together: one word, so that the last handle finds itself alone with one load
+    /// and frees the header without an atomic write.
+    std::atomic<std::uint64_t> counts{kOneHandle};
+    /// counts with one handle and no weak one.
+    static constexpr std::uint64_t kOneHandle = (std::uint64_t(1) << 32) | 1;
+    /// One weak count.
+    static constexpr std::uint64_t kOneWeak = std::uint64_t(1) << 32;
     /// The bytes; shared by every view of them.
     std::shared_ptr<Storage> storage;
     /// Sizes of each dim.
@@ -109,6 +143,8 @@ struct TensorImpl {
     std::int64_t offset = 0;  ///< in elements
     /// Element type.
     DType dtype = kFloat32;
+    /// The kind of block the header lies in (core/tensor.cpp): how to free it.
+    std::uint8_t block = 0;
     /// A non-leaf's slot is slots->first_slot + slot_index (kept in the padding after dtype).
     std::uint16_t slot_index = 0;
     /// A leaf that requires grad: its gradient and hooks. A non-leaf has one only once a hook
@@ -133,16 +169,72 @@ struct TensorImpl {
     }
 };
 
-/// A tensor: a shared handle on a TensorImpl. Copying a Tensor copies the handle, not the data; views share storage. An undefined Tensor (default-constructed) has no header.
+/// A counted handle on a header, one pointer wide: copying a Tensor adds one count, the last
+/// handle frees the header. The count is atomic once the process has threads (a tensor may be
+/// shared between them, as a parameter is), but a handle that finds itself the only one frees the
+/// header without an atomic write, as most results of an op are freed.
+class TensorHandle {
+public:
+    TensorHandle() = default;
+    /// Takes over one count on `impl` (a new header's first).
+    explicit TensorHandle(TensorImpl* impl) noexcept : impl_(impl) {}
+    TensorHandle(const TensorHandle& other) noexcept : impl_(other.impl_)
+    {
+        if (!impl_) return;
+        if (detail::single_threaded())
+            impl_->counts.store(impl_->counts.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        else
+            impl_->counts.fetch_add(1, std::memory_order_relaxed);
+    }
+    TensorHandle(TensorHandle&& other) noexcept : impl_(other.impl_) { other.impl_ = nullptr; }
+    TensorHandle& operator=(const TensorHandle& other) noexcept
+    {
+        TensorHandle(other).swap(*this);
+        return *this;
+    }
+    TensorHandle& operator=(TensorHandle&& other) noexcept
+    {
+        TensorHandle(std::move(other)).swap(*this);
+        return *this;
+    }
+    [[gnu::always_inline]] ~TensorHandle()
+    {
+        if (!impl_) return;
+        const std::uint64_t counts = impl_->counts.load(std::memory_order_acquire);
+        if (counts == TensorImpl::kOneHandle) detail::release_last_handle(impl_);
+        else if (detail::single_threaded() && (counts & 0xffffffffu) > 1)
+            impl_->counts.store(counts - 1, std::memory_order_relaxed);
+        else
+            detail::release_shared_handle(impl_);
+    }
+    /// Exchanges the two handles.
+    void swap(TensorHandle& other) noexcept { std::swap(impl_, other.impl_); }
+    /// The header (null for an undefined tensor).
+    TensorImpl* get() const { return impl_; }
+    /// How many handles there are on the header (0 for none).
+    long use_count() const
+    {
+        return impl_ ? long(impl_->counts.load(std::memory_order_relaxed) & 0xffffffffu) : 0;
+    }
+    /// Whether the handles are on the same header.
+    bool operator==(const TensorHandle& other) const { return impl_ == other.impl_; }
+    /// Whether it is on a header.
+    explicit operator bool() const { return impl_ != nullptr; }
+
+private:
+    TensorImpl* impl_ = nullptr;
+};
+
+/// A tensor: a counted handle on a TensorImpl. Copying a Tensor copies the handle, not the data; views share storage. An undefined Tensor (default-constructed) has no header.
 class Tensor {
 public:
     Tensor() = default;
     /// A handle on an existing header.
-    explicit Tensor(std::shared_ptr<TensorImpl> impl) : impl_(std::move(impl)) {}
+    explicit Tensor(TensorHandle impl) noexcept : impl_(std::move(impl)) {}
 
     // ---- metadata ----
     /// Whether the handle refers to a tensor (false for a default-constructed Tensor).
-    bool defined() const { return impl_ != nullptr; }
+    bool defined() const { return impl_.get() != nullptr; }
     /// Element type.
     DType dtype() const { return impl().dtype; }
     /// Sizes of each dim (libtorch's name).
@@ -191,10 +283,10 @@ public:
     {
         if (!impl_) [[unlikely]]
             throw_undefined();
-        return *impl_;
+        return *impl_.get();
     }
-    /// The shared pointer to the header.
-    const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
+    /// The handle on the header.
+    const TensorHandle& impl_ptr() const { return impl_; }
 
     /// Pointer to the first element; T must match the dtype.
     template <class T> [[gnu::always_inline]] T* data_ptr() const
@@ -384,7 +476,7 @@ private:
     [[noreturn]] static void throw_undefined();
     // Out of line, so that data_ptr stays small enough to inline into every kernel.
     [[noreturn]] void throw_dtype_mismatch(DType asked) const;
-    std::shared_ptr<TensorImpl> impl_;
+    TensorHandle impl_;
 };
 
 /// Prints to_string().
@@ -394,12 +486,16 @@ std::ostream& operator<<(std::ostream& out, const Tensor& t);
 /// A new tensor of `shape`, its values uninitialised.
 Tensor empty(const Shape& shape, DType dtype = kFloat32);
 /// A handle on t's storage that keeps it alive, for a view of t. A small tensor's bytes lie in its
-/// header's block, whose storage record holds no count on it: the handle is then on the whole block.
+/// header's block, whose storage record holds no count on it: the handle then holds t's header.
 std::shared_ptr<Storage> shared_storage(const Tensor& t);
 namespace detail {
 /// Whether t's bytes lie in its own header's block (a small tensor's): its storage record then
 /// holds no count, and whatever shares the bytes counts the header instead (shared_storage()).
 inline bool bytes_in_own_block(const Tensor& t) { return t.impl().storage && t.impl().storage.use_count() == 0; }
+/// Whether nothing but t's header holds t's bytes: no other header shares its storage, and where
+/// the bytes lie in another small tensor's block, that tensor is gone and no other view holds it.
+/// (The caller checks that t's header has one handle.)
+bool holds_bytes_alone(const Tensor& t);
 /// Makes dst use src's storage (see shared_storage()): dst's header is kept, so every handle on it
 /// sees src's bytes from now on. Its shape, strides, offset and dtype are left as they were: the
 /// caller sets them to fit the new bytes (nothing is checked here).
@@ -407,6 +503,36 @@ void share_storage(const Tensor& dst, const Tensor& src);
 /// An uninitialised tensor of contiguous `like`'s shape, its shape and strides copied rather than
 /// computed and checked again: the fast path of elementwise ops.
 Tensor empty_like_contiguous(const Tensor& like, DType dtype);
+/// A new header with no storage, shape or strides yet (a view's, which the caller fills).
+TensorHandle new_tensor_header();
+
+/// A weak handle on a tensor: it knows whether the tensor is still alive and gives it back then,
+/// without keeping it alive (a hook kept by the tensor's own node, a cache keyed by parameters).
+class WeakTensor {
+public:
+    WeakTensor() = default;
+    /// A weak handle on t (none when t is undefined).
+    explicit WeakTensor(const Tensor& t) noexcept : impl_(t.impl_ptr().get())
+    {
+        if (impl_) impl_->counts.fetch_add(TensorImpl::kOneWeak, std::memory_order_relaxed);
+    }
+    WeakTensor(const WeakTensor& other) noexcept : impl_(other.impl_)
+    {
+        if (impl_) impl_->counts.fetch_add(TensorImpl::kOneWeak, std::memory_order_relaxed);
+    }
+    WeakTensor(WeakTensor&& other) noexcept : impl_(std::exchange(other.impl_, nullptr)) {}
+    WeakTensor& operator=(WeakTensor other) noexcept
+    {
+        std::swap(impl_, other.impl_);
+        return *this;
+    }
+    ~WeakTensor();
+    /// The tensor while any handle on it is alive, else an undefined one.
+    Tensor lock() const;
+
+private:
+    TensorImpl* impl_ = nullptr;
+};
 }  // namespace detail
 /// Zeros of `shape`.
 Tensor zeros(const Shape& shape, DType dtype = kFloat32);

@@ -163,7 +163,7 @@ TEST_CASE("order_small_objects hands a long free list out lowest address first, 
     order_small_objects();  // harmless when called again, or with nothing to order
 }
 
-TEST_CASE("a small tensor's header and bytes are one block: a view holds the block, and sharing a tensor's own bytes back with it holds nothing")
+TEST_CASE("a small tensor's header and bytes are one block: a view holds the header, and sharing a tensor's own bytes back with it holds nothing")
 {
     const Tensor big = zeros({1000});
     CHECK(big.impl().storage.use_count() == 1);  // a storage record of its own
@@ -171,10 +171,12 @@ TEST_CASE("a small tensor's header and bytes are one block: a view holds the blo
     {
         const Tensor small = arange(0, 8, 1, kFloat64);
         CHECK(small.impl().storage.use_count() == 0);  // its bytes lie in its header's block
-        CHECK(shared_storage(small).use_count() == 2);  // a handle on that block, beside `small`'s
+        const std::shared_ptr<Storage> shared = shared_storage(small);
+        CHECK(shared.get() == small.impl().storage.get());
+        CHECK(small.impl_ptr().use_count() == 2);  // the handle on the bytes holds the header
         view = small.narrow(0, 2, 4);
-        view_of_view = view.narrow(0, 1, 2);
-        CHECK(small.impl_ptr().use_count() == 3);  // the views hold the block
+        view_of_view = view.narrow(0, 1, 2);  // shares the view's handle on the bytes
+        CHECK(small.impl_ptr().use_count() == 3);
     }
     // Written through one view after the tensor is gone, seen through the other.
     view.data_ptr<double>()[1] = 30.0;
@@ -182,19 +184,34 @@ TEST_CASE("a small tensor's header and bytes are one block: a view holds the blo
     CHECK(view.sum().item<double>() == 2 + 30 + 4 + 5);
     CHECK(view.shares_storage(view_of_view));
 
-    // A tensor given its own bytes back (through a view of itself) does not hold its own block.
+    // A tensor given its own bytes back (through a view of itself) does not hold its own header.
     const Tensor t = arange(0, 4, 1, kFloat64);
     detail::share_storage(t, t.narrow(0, 1, 2));
     CHECK(t.impl_ptr().use_count() == 1);
     CHECK(t.impl().storage.use_count() == 0);
     CHECK(t.sum().item<double>() == 6.0);
-    // Another small tensor's bytes: t now holds that tensor's block, which outlives it.
+    // Another small tensor's bytes: t now holds that tensor's header, which outlives it.
     {
         const Tensor other = full({4}, 2.0, kFloat64);
         detail::share_storage(t, other);
         CHECK(other.impl_ptr().use_count() == 2);
     }
     CHECK(t.sum().item<double>() == 8.0);
+}
+
+TEST_CASE("a weak handle gives a tensor back while it is alive, and nothing after")
+{
+    detail::WeakTensor weak;
+    {
+        const Tensor t = arange(0, 4, 1, kFloat64);
+        weak = detail::WeakTensor(t);
+        const detail::WeakTensor copy = weak;
+        CHECK(weak.lock().is_same(t));
+        CHECK(copy.lock().is_same(t));
+        CHECK(t.impl_ptr().use_count() == 1);  // lock()'s handles are gone again
+    }
+    CHECK(!weak.lock().defined());
+    CHECK(!detail::WeakTensor().lock().defined());
 }
 
 TEST_CASE("a leaf's first gradient becomes .grad() without a copy when nothing else holds its bytes, in its own block or not")
@@ -225,5 +242,22 @@ TEST_CASE("a leaf's first gradient becomes .grad() without a copy when nothing e
         CHECK(w.grad().data_ptr<double>() != kept.data_ptr<double>());
         kept.fill_(5.0);
         CHECK(w.grad().sum().item<double>() == double(n));
+        // And one that is a whole view of a tensor still held: the view alone holds its bytes'
+        // record, but the tensor behind it shares them. Neither .grad() nor a sum the sweep adds
+        // into in place may be those bytes.
+        w.zero_grad();
+        const Tensor source = ones({n}, kFloat64);
+        const auto view_of_held = [&source](const autograd::BackwardContext&) {
+            return autograd::GradList{source.view({source.numel()})};
+        };
+        autograd::record("view_of_held", {w}, zeros({n}, kFloat64), {}, view_of_held).sum().backward();
+        CHECK(w.grad().data_ptr<double>() != source.data_ptr<double>());
+        w.zero_grad();
+        const Tensor y = w * 1.0;
+        const Tensor second = autograd::record("view_of_held", {y}, zeros({n}, kFloat64), {}, view_of_held);
+        const Tensor first = autograd::record("fresh", {y}, zeros({n}, kFloat64), {}, fresh);  // swept first
+        (first.sum() + second.sum()).backward();
+        CHECK(source.sum().item<double>() == double(n));
+        CHECK(w.grad().sum().item<double>() == 2.0 * double(n));
     }
 }
