@@ -34,7 +34,7 @@ Tensor add_values(const Tensor& a, const Tensor& b)
 // of t, or t may be a view of a tensor still alive).
 bool sole_whole_tensor(const Tensor& t)
 {
-    return t.impl_ptr().use_count() == 1 && detail::holds_bytes_alone(t) &&
+    return t.impl_ptr().use_count() == 1 && (detail::bytes_in_own_block(t) || detail::holds_bytes_alone(t)) &&
            t.storage_offset() == 0 &&
            t.is_contiguous() && t.impl().storage->nbytes == static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype());
 }
