@@ -178,6 +178,7 @@ public:
     TensorHandle() = default;
     /// Takes over one count on `impl` (a new header's first).
     explicit TensorHandle(TensorImpl* impl) noexcept : impl_(impl) {}
+    /// Another handle on `other`'s header (one count more).
     TensorHandle(const TensorHandle& other) noexcept : impl_(other.impl_)
     {
         if (!impl_) return;
@@ -186,12 +187,15 @@ public:
         else
             impl_->counts.fetch_add(1, std::memory_order_relaxed);
     }
+    /// Takes over `other`'s count, leaving it undefined.
     TensorHandle(TensorHandle&& other) noexcept : impl_(other.impl_) { other.impl_ = nullptr; }
+    /// Refers to `other`'s header, dropping its own.
     TensorHandle& operator=(const TensorHandle& other) noexcept
     {
         TensorHandle(other).swap(*this);
         return *this;
     }
+    /// Takes over `other`'s count, dropping its own.
     TensorHandle& operator=(TensorHandle&& other) noexcept
     {
         TensorHandle(std::move(other)).swap(*this);
