@@ -28,13 +28,17 @@ Tensor scalar_operand(const char* op, double value, const Tensor& t)
 // g summed to input k's shape (undoing a broadcast), or undefined when k needs no gradient.
 Tensor reduce_to(const BackwardContext& c, std::size_t k, const Tensor& g)
 {
-    return c.needs[k] ? sum_to(g, c.input_shape(k)) : Tensor();
+    if (!c.needs[k]) return Tensor();
+    if (g.sizes() == c.input_shape(k)) return g;  // nothing to undo, as in most adds: no call
+    return sum_to(g, c.input_shape(k));
 }
 // The same for a gradient computed for k alone (g * y) or taken from the context: passed on
 // without a copy of its handle when it already has k's shape.
 Tensor reduce_to(const BackwardContext& c, std::size_t k, Tensor&& g)
 {
-    return c.needs[k] ? sum_to(std::move(g), c.input_shape(k)) : Tensor();
+    if (!c.needs[k]) return Tensor();
+    if (g.sizes() == c.input_shape(k)) return std::move(g);
+    return sum_to(g, c.input_shape(k));
 }
 
 // Input k's gradient fn(g, v) computed element by element straight into the sum the sweep keeps

@@ -14,7 +14,7 @@ namespace loom {
 
 namespace autograd::engine {
 constinit thread_local Tape* current_tape [[gnu::tls_model("initial-exec")]] = nullptr;
-constinit thread_local Tracer* current_tracer = nullptr;
+constinit thread_local Tracer* current_tracer [[gnu::tls_model("initial-exec")]] = nullptr;
 
 Tape& create_tape()
 {

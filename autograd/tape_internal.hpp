@@ -321,7 +321,7 @@ struct Tracer {
 protected:
     ~Tracer() = default;
 };
-extern constinit thread_local Tracer* current_tracer;
+extern constinit thread_local Tracer* current_tracer [[gnu::tls_model("initial-exec")]];
 
 // ---- anomaly.cpp ----
 // Whether a DetectAnomalyGuard is alive on this thread (inner ops or not).

@@ -33,8 +33,7 @@ Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offs
     TensorHandle handle = detail::new_tensor_header();
     TensorImpl* impl = handle.get();
     impl->storage = shared_storage(t);
-    impl->shape = std::move(shape);
-    impl->strides = std::move(strides);
+    impl->set_layout(std::move(shape), std::move(strides));
     impl->offset = offset;
     impl->dtype = t.dtype();
     return Tensor(std::move(handle));
@@ -829,10 +828,10 @@ template void gemm<float>(std::string_view, bool, bool, std::int64_t, std::int64
 template void gemm<double>(std::string_view, bool, bool, std::int64_t, std::int64_t, std::int64_t, const double*,
                            const double*, double, double*);
 
-void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b)
+void fail_dtypes_differ(std::string_view op, const Tensor& a, const Tensor& b)
 {
-    LOOM_CHECK(a.dtype() == b.dtype(), op, "dtypes differ: {} (shape {}) and {} (shape {}); convert one with .to()",
-               a.dtype(), a.sizes(), b.dtype(), b.sizes());
+    fail(op, "dtypes differ: {} (shape {}) and {} (shape {}); convert one with .to()", a.dtype(), a.sizes(), b.dtype(),
+         b.sizes());
 }
 
 namespace {

@@ -185,8 +185,15 @@ template <class F> Tensor map_numeric(std::string_view op, const Tensor& x, F&& 
     return dispatch_numeric(op, x.dtype(), [&]<class T>() { return map_typed<T>(x, f); });
 }
 
-/// Throws loom::Error naming `op` unless a and b have the same dtype.
-void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b);
+/// check_same_dtype's failure, out of line.
+[[noreturn, gnu::cold]] void fail_dtypes_differ(std::string_view op, const Tensor& a, const Tensor& b);
+/// Throws loom::Error naming `op` unless a and b have the same dtype. Inline: every binary op
+/// asks it.
+inline void check_same_dtype(std::string_view op, const Tensor& a, const Tensor& b)
+{
+    if (a.dtype() != b.dtype()) [[unlikely]]
+        fail_dtypes_differ(op, a, b);
+}
 
 /// f(a, b) for same-shaped a and b where one is contiguous and the other one value seen through
 /// a broadcast (a loss's gradient, spread over its input): the value read once, the elements

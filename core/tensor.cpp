@@ -192,7 +192,7 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
     TensorHandle impl = make_tensor_impl(static_cast<std::size_t>(nbytes));
     impl.get()->shape = shape;
-    impl.get()->strides = contiguous_strides(shape);
+    impl.get()->strides = contiguous_strides(shape);  // contiguous, as a new header is
     impl.get()->dtype = dtype;
     return Tensor(std::move(impl));
 }
@@ -212,7 +212,7 @@ bool detail::holds_bytes_alone(const Tensor& t)
     static_assert(own_offset == offsetof(TensorWithBytes<128>, own) && own_offset == offsetof(TensorWithBytes<256>, own));
 #pragma GCC diagnostic pop
     const auto* owner = reinterpret_cast<const TensorImpl*>(reinterpret_cast<const std::byte*>(storage.get()) - own_offset);
-    return (owner->counts.load(std::memory_order_acquire) & 0xffffffffu) == 1;
+    return TensorImpl::handles(owner->counts.load(std::memory_order_acquire)) == 1;
 }
 
 void detail::release_last_handle(TensorImpl* impl) noexcept
@@ -223,7 +223,7 @@ void detail::release_last_handle(TensorImpl* impl) noexcept
 
 void detail::release_shared_handle(TensorImpl* impl) noexcept
 {
-    if ((impl->counts.fetch_sub(1, std::memory_order_acq_rel) & 0xffffffffu) != 1) return;
+    if (TensorImpl::handles(impl->counts.fetch_sub(1, std::memory_order_acq_rel)) != 1) return;
     destroy_contents(impl);
     release_weak(impl);
 }
@@ -244,7 +244,7 @@ Tensor detail::WeakTensor::lock() const
 {
     if (!impl_) return {};
     std::uint64_t counts = impl_->counts.load(std::memory_order_relaxed);
-    while ((counts & 0xffffffffu) != 0)
+    while (TensorImpl::handles(counts) != 0)
         if (impl_->counts.compare_exchange_weak(counts, counts + 1, std::memory_order_acq_rel, std::memory_order_relaxed))
             return Tensor(TensorHandle(impl_));
     return {};
@@ -275,7 +275,7 @@ Tensor detail::empty_like_contiguous(const Tensor& like, DType dtype)
 {
     TensorHandle impl = make_tensor_impl(static_cast<std::size_t>(like.numel()) * dtype_size(dtype));  // checked when `like` was made
     impl.get()->shape = like.sizes();
-    impl.get()->strides = like.strides();
+    impl.get()->strides = like.strides();  // contiguous, as a new header is
     impl.get()->dtype = dtype;
     return Tensor(std::move(impl));
 }

@@ -135,6 +135,8 @@ struct TensorImpl {
     static constexpr std::uint64_t kOneHandle = (std::uint64_t(1) << 32) | 1;
     /// One weak count.
     static constexpr std::uint64_t kOneWeak = std::uint64_t(1) << 32;
+    /// The handles that a value of `counts` counts (its low 32 bits).
+    static constexpr std::uint64_t handles(std::uint64_t counts) { return counts & 0xffffffffu; }
     /// The bytes; shared by every view of them.
     std::shared_ptr<Storage> storage;
     /// Sizes of each dim.
@@ -147,6 +149,10 @@ struct TensorImpl {
     std::uint8_t block = 0;
     /// A non-leaf's slot is slots->first_slot + slot_index (kept in the padding after dtype).
     std::uint16_t slot_index = 0;
+    /// Whether shape and strides lay the elements out row-major without gaps: kept, not computed
+    /// on each ask, as every elementwise op asks it of each operand. Whoever sets shape or
+    /// strides sets it (set_layout, or true for the strides of contiguous_strides()).
+    bool contiguous = true;
     /// A leaf that requires grad: its gradient and hooks. A non-leaf has one only once a hook
     /// or retain_grad() asks for it.
     std::shared_ptr<autograd::Node> node;
@@ -159,6 +165,27 @@ struct TensorImpl {
     }
     TensorImpl(const TensorImpl&) = delete;
     TensorImpl& operator=(const TensorImpl&) = delete;
+    /// Sets shape and strides, and whether they are contiguous.
+    void set_layout(Shape shape_, Shape strides_)
+    {
+        shape = std::move(shape_);
+        strides = std::move(strides_);
+        contiguous = layout_is_contiguous(shape, strides);
+    }
+    /// Whether `shape` and `strides` lay the elements out row-major without gaps: a size-1 dim's
+    /// stride does not matter, nor do any where there is no element.
+    static bool layout_is_contiguous(const Shape& shape, const Shape& strides)
+    {
+        std::int64_t expected = 1;
+        for (auto s : shape)
+            if (s == 0) return true;  // no element to place; and the products below then fit
+        for (auto i = static_cast<std::ptrdiff_t>(shape.size()) - 1; i >= 0; --i) {
+            if (shape[i] == 1) continue;
+            if (strides[i] != expected) return false;
+            expected *= shape[i];
+        }
+        return true;
+    }
     /// A non-leaf's slot.
     std::uint64_t slot() const { return slots->first_slot + slot_index; }
     /// A non-leaf's producer; seq 0 for any other tensor.
@@ -206,7 +233,7 @@ public:
         if (!impl_) return;
         const std::uint64_t counts = impl_->counts.load(std::memory_order_acquire);
         if (counts == TensorImpl::kOneHandle) detail::release_last_handle(impl_);
-        else if (detail::single_threaded() && (counts & 0xffffffffu) > 1)
+        else if (detail::single_threaded() && TensorImpl::handles(counts) > 1)
             impl_->counts.store(counts - 1, std::memory_order_relaxed);
         else
             detail::release_shared_handle(impl_);
@@ -218,7 +245,7 @@ public:
     /// How many handles there are on the header (0 for none).
     long use_count() const
     {
-        return impl_ ? long(impl_->counts.load(std::memory_order_relaxed) & 0xffffffffu) : 0;
+        return impl_ ? long(TensorImpl::handles(impl_->counts.load(std::memory_order_relaxed))) : 0;
     }
     /// Whether the handles are on the same header.
     bool operator==(const TensorHandle& other) const { return impl_ == other.impl_; }
@@ -253,7 +280,7 @@ public:
     std::int64_t stride(std::int64_t dim) const;
     /// Number of dims.
     std::int64_t dim() const { return static_cast<std::int64_t>(impl().shape.size()); }
-    /// Number of elements. Always inlined, as is_contiguous() and data_ptr(): GCC otherwise
+    /// Number of elements. Always inlined, as data_ptr(): GCC otherwise
     /// leaves them as calls in the large kernels that dispatch over dtypes, and every
     /// elementwise op asks each of them for each operand.
     [[gnu::always_inline]] std::int64_t numel() const
@@ -264,18 +291,8 @@ public:
     }
     /// Offset of the first element in the storage, in elements.
     std::int64_t storage_offset() const { return impl().offset; }
-    /// Whether the elements are laid out row-major without gaps.
-    [[gnu::always_inline]] bool is_contiguous() const
-    {
-        if (numel() == 0) return true;  // no element to place; and the products below then fit
-        std::int64_t expected = 1;
-        for (auto i = dim() - 1; i >= 0; --i) {
-            if (sizes()[i] == 1) continue;
-            if (strides()[i] != expected) return false;
-            expected *= sizes()[i];
-        }
-        return true;
-    }
+    /// Whether the elements are laid out row-major without gaps (kept in the header).
+    bool is_contiguous() const { return impl().contiguous; }
     /// Whether both handles refer to the same header.
     bool is_same(const Tensor& other) const { return impl_ == other.impl_; }
     /// Whether both tensors view the same storage.

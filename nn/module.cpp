@@ -304,6 +304,7 @@ void replace_data(const Tensor& dst, const Tensor& src)
     loom::detail::share_storage(dst, src);
     d.shape = s.shape;
     d.strides = s.strides;
+    d.contiguous = s.contiguous;
     d.offset = s.offset;
     d.dtype = s.dtype;
     if (d.node) {

@@ -94,6 +94,61 @@ TEST_CASE("views share storage with their base")
     CHECK(arange(6).reshape({-1}).sizes() == Shape{6});
 }
 
+namespace {
+// Row-major without gaps, by definition: the k-th element in row-major order lies k elements
+// after the first. Walks every index, independently of how the header keeps the answer.
+bool laid_out_in_order(const Tensor& t)
+{
+    const Shape& size = t.sizes();
+    const Shape& stride = t.strides();
+    if (t.numel() == 0) return true;
+    Shape index(size.size(), 0);
+    for (std::int64_t k = 0; k < t.numel(); ++k) {
+        std::int64_t offset = 0;
+        for (std::size_t d = 0; d < size.size(); ++d) offset += index[d] * stride[d];
+        if (offset != k) return false;
+        for (std::size_t d = size.size(); d-- > 0;)
+            if (++index[d] < size[d]) break;
+            else index[d] = 0;
+    }
+    return true;
+}
+}  // namespace
+
+TEST_CASE("is_contiguous, kept in the header, agrees with the layout after every kind of view")
+{
+    const Tensor base = arange(24, kFloat64).reshape({2, 3, 4});
+    const std::vector<std::pair<std::string, Tensor>> views = {
+        {"base", base},
+        {"select 0", base.select(0, 1)},
+        {"select 2", base.select(2, 1)},
+        {"narrow 0", base.narrow(0, 1, 1)},
+        {"narrow 2", base.narrow(2, 1, 2)},
+        {"slice step", base.slice(1, 0, 3, 2)},
+        {"permute", base.permute({2, 0, 1})},
+        {"permute back", base.permute({2, 0, 1}).permute({1, 2, 0})},
+        {"transpose", base.transpose(0, 1)},
+        {"t", base.select(0, 0).t()},
+        {"unsqueeze", base.unsqueeze(1)},
+        {"squeeze", base.narrow(0, 0, 1).squeeze()},
+        {"expand", arange(3, kFloat64).reshape({3, 1}).expand({3, 2})},
+        {"expand size 1", arange(3, kFloat64).reshape({1, 3}).expand({1, 3})},
+        {"view", base.view({6, 4})},
+        {"reshape of transpose", base.transpose(1, 2).reshape({8, 3})},
+        {"size-1 dim any stride", base.select(2, 0).unsqueeze(0).transpose(0, 1)},
+        {"empty", zeros({0, 3}).t()},
+        {"scalar", base.select(0, 1).select(0, 2).select(0, 3)},
+        {"detach", base.transpose(0, 2).detach()},
+        {"contiguous", base.transpose(0, 2).contiguous()},
+    };
+    for (const auto& [name, v] : views) {
+        CAPTURE(name);
+        CHECK(v.is_contiguous() == laid_out_in_order(v));
+    }
+    CHECK_FALSE(base.transpose(0, 1).is_contiguous());  // the reference itself tells the two apart
+    CHECK(base.select(0, 1).is_contiguous());
+}
+
 TEST_CASE("contiguous, clone and to copy only when they must")
 {
     Tensor a = arange(6, kFloat64).reshape({2, 3});
