@@ -73,7 +73,10 @@ public:
             // A saved tensor's reference counts open its header.
             if (long_tape && i + kClearAhead / 2 < size_)
                 for (const Saved& s : (*this)[i + kClearAhead / 2].saved)
-                    if (s.value.defined()) __builtin_prefetch(s.value.impl_ptr().get(), 1);
+                    if (s.value.defined()) {
+                        const char* h = reinterpret_cast<const char*>(s.value.impl_ptr().get());
+                        for (int line = 0; line < 4; ++line) __builtin_prefetch(h + 64 * line, 1);
+                    }
             (*this)[i].~Entry();
         }
         size_ = 0;

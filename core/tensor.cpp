@@ -48,9 +48,12 @@ std::int64_t checked_numel(std::string_view op, const Shape& shape)
 
 std::int64_t numel_of(const Shape& shape) { return checked_numel("shape", shape); }
 
-Shape contiguous_strides(const Shape& shape)
+namespace {
+// Writes shape's row-major strides into `strides`: a copy of the shape (its size, and a copy
+// that fits inline costs a few moves), its values then replaced.
+void write_contiguous_strides(const Shape& shape, Shape& strides)
 {
-    Shape strides(shape.size());
+    strides = shape;
     std::int64_t s = 1;
     for (auto i = static_cast<std::int64_t>(shape.size()) - 1; i >= 0; --i) {
         strides[i] = s;
@@ -58,6 +61,13 @@ Shape contiguous_strides(const Shape& shape)
         // and its strides are never used to reach an element.
         if (__builtin_mul_overflow(s, std::max<std::int64_t>(shape[i], 1), &s)) s = INT64_MAX;
     }
+}
+}  // namespace
+
+Shape contiguous_strides(const Shape& shape)
+{
+    Shape strides;
+    write_contiguous_strides(shape, strides);
     return strides;
 }
 
@@ -191,9 +201,12 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
     LOOM_CHECK(!__builtin_mul_overflow(n, std::int64_t(dtype_size(dtype)), &nbytes), op,
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
     TensorHandle impl = make_tensor_impl(static_cast<std::size_t>(nbytes));
-    impl.get()->shape = shape;
-    impl.get()->strides = contiguous_strides(shape);  // contiguous, as a new header is
-    impl.get()->dtype = dtype;
+    TensorImpl& h = *impl.get();
+    h.shape = shape;
+    // Written where they are kept, not made aside and moved in (a fresh gradient buffer is made
+    // here); contiguous, as a new header is.
+    write_contiguous_strides(shape, h.strides);
+    h.dtype = dtype;
     return Tensor(std::move(impl));
 }
 }  // namespace
