@@ -426,7 +426,8 @@ struct Sweep final : autograd::GradientSums {
             ctx.create_graph = create_graph;
             // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.
             if (!create_graph && !anomaly) ctx.sums = this;
-            ctx.grads.resize(e.num_outputs);
+            // One by one: resize() value-initialises them with a call to memset.
+            for (std::size_t k = 0; k < e.num_outputs; ++k) ctx.grads.emplace_back();
             bool reached = false, grads_recorded = false;
             for (std::size_t k = 0; k < e.num_outputs; ++k) {
                 autograd::PendingGrad& p = slot(e.first_slot + k);
@@ -474,7 +475,9 @@ struct Sweep final : autograd::GradientSums {
             // Made where it is returned: assigned, its inline gradients would be moved one by one.
             autograd::GradList input_grads = [&] {
                 const autograd::detail::InnerOps in_backward;
-                const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name, &e.scope());
+                // The scope read inline (Entry::scope() is a call, for every entry swept).
+                const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name,
+                                                             e.rare ? &e.rare->scope : &autograd::engine::no_scope);
                 return e.backward(ctx);
             }();
             if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);

@@ -347,48 +347,45 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
         autograd::engine::compact_since(0);
         tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
     }
-    for (const Tensor* t : inputs) {
-        const SlotChunk* slots = t->defined() ? t->impl().slots : nullptr;
-        LOOM_CHECK(!slots || slots->tape == tape.id, name,
-                   "an input was computed on another thread, whose tape this thread cannot sweep; detach() it, or "
-                   "compute it on this thread");
-    }
     for (const Tensor& out : outputs) {
         LOOM_CHECK(!out.requires_grad(), name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
     }
-    // Read before any output gets its history: an output may be an input that needs no gradient.
-    // A leaf's node only the tensors own: the tape holds it (once, for all entries that read it)
-    // and the entry points at it. A non-leaf is its slot; where neither its node nor the first
-    // output's gradient will tell its shape and dtype, the entry keeps them.
-    InputNodes input_refs;
-    input_refs.reserve(inputs.size());
-    bool needs_meta = false;
-    for (const Tensor* t : inputs) {
-        InputRef in;
-        if (t->requires_grad()) {
-            const TensorImpl& impl = t->impl();
-            const bool like_output =
-                !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
-            if (!impl.slots) {
-                tape.hold_input(impl.node);
-                in = InputRef::leaf(impl.node.get(), like_output);
-            } else {
-                in = InputRef::non_leaf(impl.slot(), like_output);
-                if (impl.slots->seq[impl.slot_index] < tape.reset_floor)
-                    tape.reclaimed_inputs.emplace(impl.slot(), impl.history());
-                needs_meta = needs_meta || !like_output || outputs.size() > 1;
-            }
-        }
-        input_refs.push_back(in);
-    }
     for (std::size_t k = 0; k < outputs.size(); ++k) tape.chunk_for(tape.next_slot + k);
-    // Built in place: an entry is too large to build aside and move in.
+    // Built in place: an entry is too large to build aside and move in. A check below that fails
+    // takes it off again; what it did to the tape before (a leaf's node held, a reclaimed
+    // producer named) is harmless there.
     Entry& e = tape.entries.emplace_back();
     try {
         e.seq = tape.next_seq;
         e.name = name;
-        e.inputs = std::move(input_refs);
+        // Read before any output gets its history: an output may be an input that needs no
+        // gradient. A leaf's node only the tensors own: the tape holds it (once, for all entries
+        // that read it) and the entry points at it. A non-leaf is its slot; where neither its node
+        // nor the first output's gradient will tell its shape and dtype, the entry keeps them.
+        e.inputs.reserve(inputs.size());
+        bool needs_meta = false;
+        for (const Tensor* t : inputs) {
+            InputRef in;
+            if (t->requires_grad()) {
+                const TensorImpl& impl = t->impl();
+                const bool like_output =
+                    !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
+                if (!impl.slots) {
+                    tape.hold_input(impl.node);
+                    in = InputRef::leaf(impl.node.get(), like_output);
+                } else {
+                    LOOM_CHECK(impl.slots->tape == tape.id, name,
+                               "an input was computed on another thread, whose tape this thread cannot sweep; "
+                               "detach() it, or compute it on this thread");
+                    in = InputRef::non_leaf(impl.slot(), like_output);
+                    if (impl.slots->seq[impl.slot_index] < tape.reset_floor)
+                        tape.reclaimed_inputs.emplace(impl.slot(), impl.history());
+                    needs_meta = needs_meta || !like_output || outputs.size() > 1;
+                }
+            }
+            e.inputs.push_back(in);
+        }
         if (needs_meta) {
             bool large = false;
             for (std::size_t k = 0; k < inputs.size(); ++k)
