@@ -416,6 +416,8 @@ struct Sweep final : autograd::GradientSums {
         const bool anomaly = anomaly_guarded();
         if (accumulate && autograd::engine::post_accumulate_hooks_exist.load(std::memory_order_relaxed))
             find_last_readers(start);
+        // The first output's shape of the entry being swept, which the entry keeps in fewer bytes.
+        Shape output_shape;
         // Entries never move (EntryStore) and none is reclaimed while a sweep runs, so `e` stays
         // valid while hooks, backward functions and recorded sums append to the tape.
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
@@ -469,7 +471,7 @@ struct Sweep final : autograd::GradientSums {
                 for (const Tensor& s : ctx.saved) saved_recorded = saved_recorded || s.requires_grad();
             ctx.needs = autograd::InputNeeds(&e.inputs);
             ctx.inputs = &e.inputs;
-            ctx.output_shape = &e.output_shape;
+            ctx.output_shape = &e.first_output_shape(output_shape);
             ctx.output_dtype = e.output_dtype;
             ctx.input_meta = e.input_meta.get();
             // Made where it is returned: assigned, its inline gradients would be moved one by one.

@@ -399,7 +399,7 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
         e.first_slot = tape.next_slot;
         e.num_outputs = static_cast<std::uint32_t>(outputs.size());
         if (!outputs.empty()) {
-            e.output_shape = outputs[0].sizes();
+            if (!e.output_shape.assign(outputs[0].sizes())) e.rare_made().output_shape = outputs[0].sizes();
             e.output_dtype = outputs[0].dtype();
         }
         if (outputs.size() > 1) {

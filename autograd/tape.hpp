@@ -582,7 +582,46 @@ private:
 /// the input's shape to that part.
 using RegionFn = std::function<Tensor(const Tensor&)>;
 
-/// One recorded op on the tape: 232 bytes, which forward writes, the sweep reads and a reset
+/// An entry's first output's shape in 20 bytes instead of a Shape's 48: up to four dims, each
+/// below 2^32. The entry keeps any other shape aside (Entry::Rare::output_shape).
+class OutputShape {
+public:
+    /// Keeps `shape` if it fits; false (keeping nothing) if it does not.
+    bool assign(const Shape& shape) noexcept
+    {
+        ndim_ = kAside;
+        if (shape.size() > kDims) return false;
+        for (const std::int64_t d : shape)
+            if (static_cast<std::uint64_t>(d) > UINT32_MAX) return false;
+        for (std::size_t d = 0; d < shape.size(); ++d) dims_[d] = static_cast<std::uint32_t>(shape[d]);
+        ndim_ = static_cast<std::uint32_t>(shape.size());
+        return true;
+    }
+    /// Whether a shape is kept here.
+    bool kept() const { return ndim_ != kAside; }
+    /// Writes the shape kept into `out`.
+    void write(Shape& out) const
+    {
+        out.resize(ndim_);
+        std::int64_t* to = out.data();
+        // Unrolled: cheaper than a loop of unknown length, for every entry swept.
+        switch (ndim_) {
+        case 4: to[3] = dims_[3]; [[fallthrough]];
+        case 3: to[2] = dims_[2]; [[fallthrough]];
+        case 2: to[1] = dims_[1]; [[fallthrough]];
+        case 1: to[0] = dims_[0]; [[fallthrough]];
+        default: break;
+        }
+    }
+
+private:
+    static constexpr std::size_t kDims = 4;
+    static constexpr std::uint32_t kAside = UINT32_MAX;
+    std::uint32_t dims_[kDims];
+    std::uint32_t ndim_ = 0;  // 0-d: an entry without outputs
+};
+
+/// One recorded op on the tape: 208 bytes, which forward writes, the sweep reads and a reset
 /// drops, one after another along a tape that may outgrow the caches.
 struct Entry {
     /// User-provided, so that appending an entry does not first zero all of it.
@@ -615,8 +654,9 @@ struct Entry {
     SmallVector<Saved, 3> saved;
     /// Its backward function.
     StoredBackward backward;
-    /// Its first output's shape, for the graph exports once the output is gone.
-    Shape output_shape;
+    /// Its first output's shape (for the graph exports, once the output is gone, and the inputs
+    /// marked like_output()), unless kept aside in `rare`.
+    OutputShape output_shape;
     /// What the entry keeps of one of its outputs.
     struct Output {
         /// Its shape.
@@ -634,11 +674,26 @@ struct Entry {
         RegionFn region;
         /// The Scope it was recorded in.
         std::shared_ptr<const std::string> scope;
+        /// The first output's shape, where OutputShape cannot keep it.
+        Shape output_shape;
     };
-    /// Null unless the entry has more than one output, a region or a scope.
+    /// Null unless the entry has more than one output, a region, a scope, or a first output of
+    /// more than four dims or a dim of 2^32 or more.
     std::unique_ptr<Rare> rare;
+    /// The first output's shape: `scratch`, written with it, or the one kept aside.
+    const Shape& first_output_shape(Shape& scratch) const
+    {
+        if (!output_shape.kept()) [[unlikely]]
+            return rare->output_shape;
+        output_shape.write(scratch);
+        return scratch;
+    }
     /// Output k's shape.
-    const Shape& shape_of_output(std::size_t k) const { return k == 0 ? output_shape : rare->more_outputs[k - 1].shape; }
+    Shape shape_of_output(std::size_t k) const
+    {
+        Shape scratch;
+        return k == 0 ? first_output_shape(scratch) : rare->more_outputs[k - 1].shape;
+    }
     /// Output k's dtype.
     DType dtype_of_output(std::size_t k) const { return k == 0 ? output_dtype : rare->more_outputs[k - 1].dtype; }
     /// The region of a part-of-input op; null for any other.

@@ -317,6 +317,33 @@ TEST_CASE("what entries keep beside them outlives compaction, is destroyed once,
     });
 }
 
+TEST_CASE("an entry keeps a first output of five dims, or of a dim past 2^32, aside: exports, compaction and sweeps "
+          "see it whole")
+{
+    on_fresh_tape([] {
+        // Five dims: exp's entry keeps its output's shape aside, and mul's inputs, like its
+        // output, are told their shape from there.
+        Tensor x = random({2, 1, 3, 1, 2}, 7).requires_grad_();
+        const Tensor y = x.exp();
+        const Tensor z = y * y;
+        // A dim of 2^32 + 3 (and no elements): too large for the compact form too.
+        const std::int64_t huge = (std::int64_t(1) << 32) + 3;
+        Tensor w = zeros({huge, 0}, kFloat64).requires_grad_();
+        const Tensor v = (w * 2.0).exp();
+        CHECK(autograd::to_text(z).find(" exp -> [2, 1, 3, 1, 2] float64") != std::string::npos);
+        CHECK(autograd::to_text(v).find(" exp -> [4294967299, 0] float64") != std::string::npos);
+        CHECK(autograd::to_text(v).find(" mul -> [4294967299, 0] float64") != std::string::npos);
+        // Dead entries around them, reclaimed by compaction, which moves the kept ones.
+        for (int i = 0; i < 5000; ++i) (void)(x * 2.0);
+        CHECK(autograd::tape_size() < 2000);
+        (z.sum() + v.sum()).backward();
+        std::vector<double> expected;
+        for (double xv : values(x)) expected.push_back(2 * std::exp(2 * xv));
+        CHECK(close(x.grad(), expected, 1e-12));
+        CHECK(w.grad().sizes() == Shape{huge, 0});
+    });
+}
+
 TEST_CASE("compaction reclaims dead chains whose entries saved their inputs")
 {
     on_fresh_tape([] {
