@@ -16,14 +16,14 @@ Storage::Storage(std::size_t n) : nbytes(n)
     data = static_cast<std::byte*>(allocate_storage_bytes(n, capacity));
 }
 
-Storage::Storage(std::size_t n, std::byte* bytes) noexcept : data(bytes), nbytes(n), capacity(n), inline_bytes(true)
+Storage::Storage(std::size_t n, std::byte* bytes) noexcept : data(bytes), nbytes(n), capacity(kInline)
 {
     count_inline_storage_bytes(n);
 }
 
 Storage::~Storage()
 {
-    if (!inline_bytes) free_storage_bytes(data, capacity);
+    if (!inline_bytes()) free_storage_bytes(data, capacity);
 }
 
 void Tensor::throw_dtype_mismatch(DType asked) const
@@ -216,7 +216,7 @@ bool detail::holds_bytes_alone(const Tensor& t)
     const std::shared_ptr<Storage>& storage = t.impl().storage;
     if (bytes_in_own_block(t)) return true;
     if (storage.use_count() != 1) return false;
-    if (!storage->inline_bytes) return true;
+    if (!storage->inline_bytes()) return true;
     // Another small tensor's bytes, held through a handle on its header (shared_storage()): that
     // header must have no handle but this one.
 #pragma GCC diagnostic push

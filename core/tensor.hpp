@@ -94,11 +94,16 @@ struct Storage {
     std::byte* data = nullptr;
     /// Bytes in use.
     std::size_t nbytes = 0;
-    std::size_t capacity = 0;  ///< of the block behind `data` (core/allocator.hpp)
+    /// Of the block behind `data` (core/allocator.hpp); kInline for bytes inside this object's
+    /// own block (nothing to free). A flag beside it would make a small tensor's block 16 bytes
+    /// longer, and a long tape holds tens of thousands of them.
+    std::size_t capacity = 0;
     /// Counts in-place writes to these bytes.
     std::uint64_t version = 0;
+    /// capacity of bytes kept inline.
+    static constexpr std::size_t kInline = SIZE_MAX;
     /// `data` lies inside this object's own block: nothing to free.
-    bool inline_bytes = false;
+    bool inline_bytes() const { return capacity == kInline; }
 };
 
 struct TensorImpl;
