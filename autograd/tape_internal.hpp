@@ -21,8 +21,8 @@
 namespace loom::autograd::engine {
 
 #ifdef __GLIBCXX__  // the members' sizes are libstdc++'s (libc++'s std::function is 48 bytes)
-static_assert(sizeof(Entry) <= 208, "a long tape's recording and sweep stream through its entries: 24 bytes less (a "
-                                   "Shape kept as OutputShape) made W7's recorded forward at 1,024 characters 3-6% faster");
+static_assert(sizeof(Entry) <= 208, "a long tape's recording and sweep stream through its entries, and wait on "
+                                   "memory for each byte of them (README, Speed: \"Fewer bytes per op\")");
 #endif
 
 inline std::atomic<std::uint64_t> next_tape_id{1};
