@@ -591,9 +591,10 @@ public:
     {
         ndim_ = kAside;
         if (shape.size() > kDims) return false;
-        for (const std::int64_t d : shape)
-            if (static_cast<std::uint64_t>(d) > UINT32_MAX) return false;
-        for (std::size_t d = 0; d < shape.size(); ++d) dims_[d] = static_cast<std::uint32_t>(shape[d]);
+        for (std::size_t d = 0; d < shape.size(); ++d) {
+            if (static_cast<std::uint64_t>(shape[d]) > UINT32_MAX) return false;  // dims_ unread: ndim_ says aside
+            dims_[d] = static_cast<std::uint32_t>(shape[d]);
+        }
         ndim_ = static_cast<std::uint32_t>(shape.size());
         return true;
     }
