@@ -14,6 +14,9 @@
 
 namespace loom {
 
+// What a BackwardContext knows of the sweep running it (Sweep, below): a base with nothing in it.
+struct autograd::GradientSums {};
+
 namespace {
 
 using autograd::History;
@@ -336,7 +339,9 @@ struct Sweep final : autograd::GradientSums {
         kernels::add_into(p.sum, g);
     }
 
-    Tensor accumulator(const autograd::InputRef& input, const Shape& shape, DType dtype) override
+    // A buffer holding the gradient of `input` (of `shape` and `dtype`) summed so far, to add
+    // into in place.
+    Tensor accumulator(const autograd::InputRef& input, const Shape& shape, DType dtype)
     {
         autograd::PendingGrad& p = receiving(input);
         if (!p.sum.defined()) {
@@ -348,8 +353,12 @@ struct Sweep final : autograd::GradientSums {
         return p.sum;
     }
 
+    // The sum of `input`'s gradient to write or add into, if the sweep can offer it without a
+    // copy; see GradientBuffer. `incoming`, when given, is a gradient the backward will read no
+    // more after this: where nothing has arrived at `input` yet and no one else holds it, it
+    // becomes the sum, moved out of *incoming, instead of a new buffer.
     autograd::GradientBuffer gradient_buffer(const autograd::InputRef& input, const Shape& shape, DType dtype,
-                                             Tensor* incoming) override
+                                             Tensor* incoming)
     {
         autograd::PendingGrad& p = receiving(input);
         if (!p.sum.defined()) {
@@ -668,13 +677,14 @@ Tensor seed_for(std::string_view op, const Tensor& output, const Tensor& gradien
 Tensor autograd::BackwardContext::accumulator(std::size_t k) const
 {
     if (!sums || k >= needs.size() || !needs[k]) return Tensor();
-    return sums->accumulator((*inputs)[k], input_shape(k), input_dtype(k));
+    return static_cast<Sweep*>(sums)->accumulator((*inputs)[k], input_shape(k), input_dtype(k));
 }
 
 autograd::GradientBuffer autograd::BackwardContext::gradient_buffer(std::size_t k, bool last_read_of_grad) const
 {
     if (!sums || k >= needs.size() || !needs[k]) return {};
-    return sums->gradient_buffer((*inputs)[k], input_shape(k), input_dtype(k), last_read_of_grad ? &grads[0] : nullptr);
+    return static_cast<Sweep*>(sums)->gradient_buffer((*inputs)[k], input_shape(k), input_dtype(k),
+                                                      last_read_of_grad ? &grads[0] : nullptr);
 }
 
 // ---- Tensor's autograd methods ----

@@ -347,20 +347,10 @@ struct GradientBuffer {
     }
 };
 
-/// Where a sweep sums the gradients arriving at each input.
-struct GradientSums {
-    /// A buffer holding the gradient of `input` (of `shape` and `dtype`) summed so far, to add
-    /// into in place.
-    virtual Tensor accumulator(const InputRef& input, const Shape& shape, DType dtype) = 0;
-    /// The sum of `input`'s gradient to write or add into, if the sweep can offer it without a
-    /// copy; see GradientBuffer. `incoming`, when given, is a gradient the backward will read no
-    /// more after this: where nothing has arrived at `input` yet and no one else holds it, it
-    /// becomes the sum, moved out of *incoming, instead of a new buffer.
-    virtual GradientBuffer gradient_buffer(const InputRef& input, const Shape& shape, DType dtype, Tensor* incoming) = 0;
-
-protected:
-    ~GradientSums() = default;
-};
+/// Where a sweep sums the gradients arriving at each input: the sweep itself, which
+/// BackwardContext::accumulator() and gradient_buffer() call directly (not through virtual
+/// functions, so that the sweep's part of each gradient written in place is inlined there).
+struct GradientSums;
 
 /// An entry's saved tensors as its backward function sees them (`c.saved[k]`, in the order given
 /// to record()): read where the entry keeps them, so that sweeping a long tape writes nothing
