@@ -18,19 +18,12 @@ using detail::anomaly_guards;
 thread_local std::vector<std::pair<std::uint64_t, std::string>> scope_parts;  // (the Scope's id, its name)
 thread_local std::uint64_t next_scope_id = 1;
 thread_local std::shared_ptr<const std::string> scope_path_now;  // null outside any Scope
-// scope_path_now while a Scope is alive, else null. Every recorded op reads it: a plain pointer,
-// initial-exec as the other hot thread-locals (libloom is linked, not dlopen()ed), where reading
-// the shared_ptr itself cost a call to __tls_get_addr for its destructor's guard.
-constinit thread_local const std::shared_ptr<const std::string>* scope_path_set [[gnu::tls_model("initial-exec")]] =
-    nullptr;
 }  // namespace
 
 namespace engine {
 
-const std::shared_ptr<const std::string>& scope_path()
-{
-    return scope_path_set ? *scope_path_set : no_scope;
-}
+constinit thread_local const std::shared_ptr<const std::string>* scope_path_set [[gnu::tls_model("initial-exec")]] =
+    nullptr;
 
 std::string scope_phrase(const std::shared_ptr<const std::string>& scope)
 {
@@ -84,14 +77,14 @@ namespace {
 void rebuild_scope_path()
 {
     if (scope_parts.empty()) {
-        scope_path_set = nullptr;
+        engine::scope_path_set = nullptr;
         scope_path_now.reset();
         return;
     }
     std::string path = scope_parts[0].second;
     for (std::size_t i = 1; i < scope_parts.size(); ++i) path += "/" + scope_parts[i].second;
     scope_path_now = std::make_shared<const std::string>(std::move(path));
-    scope_path_set = &scope_path_now;
+    engine::scope_path_set = &scope_path_now;
 }
 }  // namespace
 

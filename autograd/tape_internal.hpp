@@ -330,8 +330,14 @@ extern constinit thread_local Tracer* current_tracer [[gnu::tls_model("initial-e
 // ---- anomaly.cpp ----
 // Whether a DetectAnomalyGuard is alive on this thread (inner ops or not).
 inline bool anomaly_guarded() { return detail::anomaly_guards > 0; }
-// The current Scope path, null outside any Scope; kept by entries in anomaly mode.
-const std::shared_ptr<const std::string>& scope_path();
+// The current Scope path while a Scope is alive, else null: a plain pointer, initial-exec as the
+// other hot thread-locals (libloom is linked, not dlopen()ed), where reading the shared_ptr itself
+// cost a call to __tls_get_addr for its destructor's guard.
+extern constinit thread_local const std::shared_ptr<const std::string>* scope_path_set
+    [[gnu::tls_model("initial-exec")]];
+// The current Scope path, null outside any Scope; kept by entries. Inline: every recorded op
+// reads it, and a call each was 2% of recording's instructions.
+inline const std::shared_ptr<const std::string>& scope_path() { return scope_path_set ? *scope_path_set : no_scope; }
 // ", in scope 'decoder/step 3'", or "" for none.
 std::string scope_phrase(const std::shared_ptr<const std::string>& scope);
 // Index and value of the first NaN or Inf in t, if any.
