@@ -397,27 +397,18 @@ struct Sweep final : autograd::GradientSums {
         kernels::add_into(region(p.sum), g);
     }
 
-    // On a long tape the walk waits on memory: each entry's saved tensors lie wherever forward
-    // allocated them, and checking a saved tensor's version reads its header and then its storage
-    // record (in the header's block for a small tensor, a line or two further on; elsewhere for a
-    // large one). perf on W7 at 1,024 characters put 70% of this loop's time on those two loads
-    // when the headers were fetched two entries ahead and the records one. Fetched eight and four
-    // entries ahead, with the gradient slots of the entry four ahead, the backward took 5-6% less
-    // (one process alternating the distances, 30 rounds; no change at 32 or 128 characters).
-    // Fetching more lines cost time instead: the whole small block, or the bytes as well (+4% to
-    // +15%, the latter reading each record to find them).
-    static constexpr std::size_t kHeadersAhead = 8;
-    static constexpr std::size_t kRecordsAhead = 4;
-    void prefetch_ahead(std::size_t i) const
+    // On a long tape the walk waits on memory: each entry's saved tensors and input nodes lie
+    // wherever forward allocated them, and checking a saved tensor's version reads its header and
+    // then its storage record (in the header's block for a small tensor, a line or two further
+    // on; elsewhere for a large one). So while an entry runs, the headers and input nodes of the
+    // entry two below it are fetched, and the storage records and gradient slots of the one below
+    // it, whose headers and nodes were fetched a step earlier.
+    void prefetch_ahead(const autograd::Entry& next, const autograd::Entry& after_next) const
     {
-        const auto& entries = tape.entries;
-        if (i >= kHeadersAhead)
-            for (const autograd::Saved& s : entries[i - kHeadersAhead].saved) __builtin_prefetch(s.value.impl_ptr().get());
-        if (i < kRecordsAhead) return;
-        const autograd::Entry& e = entries[i - kRecordsAhead];
-        for (const autograd::Saved& s : e.saved)
+        for (const autograd::Saved& s : after_next.saved) __builtin_prefetch(s.value.impl_ptr().get());
+        for (const autograd::Saved& s : next.saved)
             if (s.value.defined()) __builtin_prefetch(s.value.impl().storage.get());
-        for (const auto& in : e.inputs)
+        for (const auto& in : next.inputs)
             if (in.slot() >= base_slot && in.slot() - base_slot < slots.size())
                 __builtin_prefetch(slots.data() + (in.slot() - base_slot));
     }
@@ -440,7 +431,7 @@ struct Sweep final : autograd::GradientSums {
         // valid while hooks, backward functions and recorded sums append to the tape.
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
             autograd::Entry& e = entries[i];
-            prefetch_ahead(i);
+            if (i >= 2) prefetch_ahead(entries[i - 1], entries[i - 2]);
             accumulate_leaves_read_above(i);
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;
