@@ -62,7 +62,10 @@ public:
     }
     // Drops every entry, oldest first: a sweep ends at the oldest, so those are the ones still in
     // the cache. Each entry, and the reference counts of the tensors it saved, were last touched
-    // long ago on a long tape, so they are fetched a few entries ahead.
+    // long ago on a long tape, so they are fetched ahead: the entries 16 ahead and the headers 8
+    // (reading an entry's saved list is itself a load, so its entry must have been fetched
+    // first). At 8 and 4 perf put half of the reset's samples on those loads; 16 and 8 took
+    // 3-4% off W7's backward at 1,024 characters, and 32 and 16 no more.
     void clear()
     {
         const bool long_tape = size_ >= kPrefetchFrom;  // a short one is still in the cache
@@ -96,7 +99,7 @@ public:
 
 private:
     static constexpr std::size_t kChunk = 1024;
-    static constexpr std::size_t kClearAhead = 8;
+    static constexpr std::size_t kClearAhead = 16;
     static constexpr std::size_t kPrefetchFrom = 4096;
     // Raw storage: an entry is constructed when appended and destroyed when dropped.
     // On a cache line's boundary, so that each entry spans exactly four.
