@@ -85,7 +85,7 @@ Tensor permute(const Tensor& t, const Shape& dims)
     LOOM_CHECK(static_cast<std::int64_t>(dims.size()) == nd, "permute",
                "expects {} dims for a tensor of shape {}, got {}", nd, t.sizes(), dims);
     Shape shape(nd), strides(nd);
-    std::vector<bool> seen(nd, false);
+    SmallVector<bool, 8> seen(static_cast<std::size_t>(nd), false);  // inline: no allocation per call
     for (std::int64_t i = 0; i < nd; ++i) {
         const auto d = wrap_dim("permute", dims[i], nd);
         LOOM_CHECK(!seen[d], "permute", "dim {} repeats in {}", d, dims);
@@ -304,7 +304,8 @@ struct Reduction {
 Reduction prepare(std::string_view op, const Tensor& t, const Shape& dims_in, bool keepdim)
 {
     const auto nd = t.dim();
-    std::vector<bool> reduced(std::max<std::int64_t>(nd, 0), dims_in.empty());
+    // Inline: a std::vector<bool> here was a malloc and a free per reduction.
+    SmallVector<bool, 8> reduced(static_cast<std::size_t>(std::max<std::int64_t>(nd, 0)), dims_in.empty());
     for (auto d : dims_in) {
         const auto w = wrap_dim(op, d, nd);
         if (nd == 0) continue;
@@ -328,8 +329,12 @@ Reduction prepare(std::string_view op, const Tensor& t, const Shape& dims_in, bo
             // Saturates: it can only overflow when another dim is 0, and then nothing is read.
             if (__builtin_mul_overflow(r.inner, t.sizes()[i], &r.inner)) r.inner = INT64_MAX;
         }
-    r.input = contiguous(permute(t, order));
-    r.out_shape = out_shape;
+    // Reduced dims already last (a sum over all of them, or the trailing ones): no view to make
+    // of them first, which cost more than summing a small tensor.
+    bool in_order = true;
+    for (std::size_t i = 0; i < order.size(); ++i) in_order = in_order && order[i] == static_cast<std::int64_t>(i);
+    r.input = contiguous(in_order ? t : permute(t, order));
+    r.out_shape = std::move(out_shape);
     return r;
 }
 
