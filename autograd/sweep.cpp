@@ -404,12 +404,12 @@ struct Sweep final : autograd::GradientSums {
     // are fetched. Fetching only the headers (two entries ahead) and the storage records (one
     // ahead) left the other lines to miss, and gained nothing; fetching the whole block took a
     // fifth to a quarter off W7's backward at 1,024 characters (README, Speed). A shorter tape is
-    // still in the caches, where the fetches only cost instructions (4-6% of W7's backward at
-    // 32 to 384 characters), so they are made only from kPrefetchBlocksFrom entries on.
+    // still in the caches, where the fetches only cost instructions (2-6% of W7's backward at
+    // 384 down to 32 characters), so they are made only from kPrefetchBlocksFrom entries on.
     static constexpr std::size_t kBlocksAhead = 8;
     static constexpr std::size_t kPrefetchBlocksFrom = 20000;
-    // A small tensor's block: its header, storage record and up to 128 bytes (14 doubles), on
-    // 16-byte boundaries, so over one line more than its length needs.
+    // A small tensor's block: its header, storage record and up to 128 bytes (14 doubles). It
+    // starts on a 16-byte boundary, so it may reach into one line more than its length fills.
     static constexpr std::size_t kBlockLines = (sizeof(TensorImpl) + sizeof(Storage) + 128 + 63) / 64 + 1;
     static void prefetch_saved_blocks(const autograd::Entry& e)
     {

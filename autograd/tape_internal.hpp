@@ -65,7 +65,8 @@ public:
     // long ago on a long tape, so they are fetched ahead: the entries 16 ahead and the headers 8
     // (reading an entry's saved list is itself a load, so its entry must have been fetched
     // first). At 8 and 4 perf put half of the reset's samples on those loads; 16 and 8 took
-    // 3-4% off W7's backward at 1,024 characters, and 32 and 16 no more.
+    // 3-4% off W7's backward at 1,024 characters in one process switching the two (too little
+    // for separate runs to show), and 32 and 16 no more.
     void clear()
     {
         const bool long_tape = size_ >= kPrefetchFrom;  // a short one is still in the cache
