@@ -45,7 +45,8 @@ std::int64_t reduced_count(std::string_view op, const Tensor& x, const Shape& di
 {
     if (dims.empty()) return x.numel();
     std::int64_t n = 1;
-    std::vector<bool> seen(static_cast<std::size_t>(std::max<std::int64_t>(x.dim(), 1)), false);
+    // Inline: a std::vector<bool> here was a malloc and a free for every mean, var and norm over dims.
+    SmallVector<bool, 8> seen(static_cast<std::size_t>(std::max<std::int64_t>(x.dim(), 1)), false);
     for (auto d : dims) {
         const auto w = wrap_dim(op, d, x.dim());
         LOOM_CHECK(!seen[w], op, "dim {} repeats in {}", w, dims);
