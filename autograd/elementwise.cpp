@@ -41,6 +41,14 @@ Tensor reduce_to(const BackwardContext& c, std::size_t k, Tensor&& g)
     return sum_to(g, c.input_shape(k));
 }
 
+// Whether input k has the shape and dtype of g, the gradient of the entry's output. An input
+// marked like the output needs no compare: each gradient the sweep hands a backward has its
+// output's shape and dtype (checked as it was summed).
+bool input_like_grad(const BackwardContext& c, std::size_t k, const Tensor& g)
+{
+    return (*c.inputs)[k].like_output() || (c.input_dtype(k) == g.dtype() && c.input_shape(k) == g.sizes());
+}
+
 // Input k's gradient fn(g, v) computed element by element straight into the sum the sweep keeps
 // for k, when the sweep offers it and the incoming gradient g and the operand v are contiguous,
 // of k's shape and dtype (no broadcast to undo): no tensor is made for the gradient, and the sum
@@ -57,7 +65,7 @@ bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tenso
     const bool contiguous = g.is_contiguous();
     const bool spread = !contiguous && g.numel() > 0 && kernels::all_strides_zero(g);
     if (!is_floating(dtype) || !(spread || contiguous) || !v.is_contiguous() || v.dtype() != dtype ||
-        v.sizes() != g.sizes() || c.input_dtype(k) != dtype || c.input_shape(k) != g.sizes())
+        v.sizes() != g.sizes() || !input_like_grad(c, k, g))
         return false;
     const autograd::GradientBuffer sum = c.gradient_buffer(k, last_read_of_grad);
     if (!sum) return false;
@@ -71,6 +79,62 @@ bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tenso
             sum.write<T>([&](std::int64_t i) { return fn(gp[i], vp[i]); });
     });
     return true;
+}
+
+// Both inputs' gradients of a binary element-wise op, fn0(g, v0) for input 0 and fn1(g, v1) for
+// input 1, summed in place in one pass over g (read once for both) where the sweep offers both
+// sums. Returns how many inputs, from the first, were summed in place: 2, or 1 when only input 0's
+// sum is offered (backward then returns input 1's gradient; g is still whole), or 0, when
+// summed_in_place is asked for each. Only for ops where both inputs need a gradient.
+template <class Fn0, class Fn1>
+int both_summed_in_place(const BackwardContext& c, Fn0 fn0, const Tensor& v0, Fn1 fn1, const Tensor& v1)
+{
+    if (!c.sums || !c.needs[0] || !c.needs[1]) return 0;
+    const Tensor& g = c.grad();
+    const DType dtype = g.dtype();
+    const bool contiguous = g.is_contiguous();
+    const bool spread = !contiguous && g.numel() > 0 && kernels::all_strides_zero(g);
+    const Shape& shape = g.sizes();
+    if (!is_floating(dtype) || !(spread || contiguous) || !v0.is_contiguous() || !v1.is_contiguous() ||
+        v0.dtype() != dtype || v1.dtype() != dtype || v0.sizes() != shape || v1.sizes() != shape ||
+        !input_like_grad(c, 0, g) || !input_like_grad(c, 1, g))
+        return 0;
+    const autograd::GradientBuffer sum0 = c.gradient_buffer(0);
+    if (!sum0) return 0;
+    // Asked after input 0's: when both inputs are one tensor (x * x), input 1 finds the sum input 0
+    // made, not fresh, and each element gets both terms, input 0's written first.
+    const autograd::GradientBuffer sum1 = c.gradient_buffer(1, true);
+    dispatch_floating("backward", dtype, [&]<class T>() {
+        const T* gp = sum1.holds_incoming ? sum1.sum->data_ptr<T>() : g.data_ptr<T>();
+        const T* p0 = v0.data_ptr<T>();
+        const T* p1 = v1.data_ptr<T>();
+        if (!sum1) {
+            if (spread) sum0.write<T>([&, g0 = *gp](std::int64_t i) { return fn0(g0, p0[i]); });
+            else sum0.write<T>([&](std::int64_t i) { return fn0(gp[i], p0[i]); });
+            return;
+        }
+        T* out0 = sum0.sum->data_ptr<T>();
+        T* out1 = sum1.sum->data_ptr<T>();
+        // Each element of g read before either sum's is written: sum1 may be g's own buffer.
+        const auto pass = [&]<bool Fresh0, bool Fresh1>(std::int64_t i0, std::int64_t i1) {
+            for (std::int64_t i = i0; i < i1; ++i) {
+                const T gi = spread ? gp[0] : gp[i];
+                const T d0 = fn0(gi, p0[i]), d1 = fn1(gi, p1[i]);
+                if constexpr (Fresh0) out0[i] = d0;
+                else out0[i] += d0;
+                if constexpr (Fresh1) out1[i] = d1;
+                else out1[i] += d1;
+            }
+        };
+        // g's size read from sum0: where sum1 took over g's buffer, g is undefined.
+        kernels::over_elements(sum0.sum->numel(), [&](std::int64_t i0, std::int64_t i1) {
+            if (sum0.fresh && sum1.fresh) pass.template operator()<true, true>(i0, i1);
+            else if (sum0.fresh) pass.template operator()<true, false>(i0, i1);
+            else if (sum1.fresh) pass.template operator()<false, true>(i0, i1);
+            else pass.template operator()<false, false>(i0, i1);
+        });
+    });
+    return sum1 ? 2 : 1;
 }
 
 // The gradient of an op whose derivative is piecewise constant in x (abs, relu, clamp):
@@ -138,7 +202,10 @@ Tensor mul(const Tensor& a, const Tensor& b)
         const Tensor &x = c.saved[0], &y = c.saved[1];
         const auto times = [](auto g, auto v) { return g * v; };
         Grads grads(2);
-        if (c.needs[0] && !summed_in_place(c, 0, times, y, !c.needs[1])) grads[0] = reduce_to(c, 0, c.grad() * y);
+        const int in_place = both_summed_in_place(c, times, y, times, x);
+        if (in_place == 2) return grads;
+        if (in_place == 0 && c.needs[0] && !summed_in_place(c, 0, times, y, !c.needs[1]))
+            grads[0] = reduce_to(c, 0, c.grad() * y);
         if (c.needs[1] && !summed_in_place(c, 1, times, x, true)) grads[1] = reduce_to(c, 1, c.grad() * x);
         return grads;
     });

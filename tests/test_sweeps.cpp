@@ -495,6 +495,83 @@ TEST_CASE("elementwise gradients written into the sweep's sums equal those retur
     CHECK(close(x.grad(), values((x * 1.5 * 2.0 + 4.0) * 1.5), 1e-12));
 }
 
+TEST_CASE("a mul sums both inputs' gradients in one pass, or the first alone where the second's sum is held")
+{
+    // Each case against anomaly mode's route (each gradient returned, then added by the sweep),
+    // bit for bit, and against the derivative written out. Each op is a statement of its own, so
+    // the tape's order (which the sweep reverses) is the one written.
+    const auto both_routes = [](const Tensor& x, const auto& loss_of) {
+        const Tensor in_place = grad({loss_of()}, {x})[0];
+        const autograd::DetectAnomalyGuard anomaly;
+        const Tensor returned = grad({loss_of()}, {x})[0];
+        CHECK(testing::close_tensors(in_place, returned, 0));
+        return in_place;
+    };
+    const Tensor x = tensor({0.3, -1.2, 2.0, 0.7}, kFloat64).requires_grad_();
+    const auto product_gradient = [](const Tensor& at) {
+        const NoGradGuard values_only;
+        return at * 1.5 * 2.5 + at * 2.5 * 1.5;  // d((1.5 x)(2.5 x))/dx
+    };
+    SUBCASE("both sums fresh, the gradient one value spread over the product (a large sum's)")
+    {
+        const Tensor wide = random({1100}, 3).requires_grad_();
+        const Tensor dx = both_routes(wide, [&] {
+            const Tensor a = wide * 1.5, b = wide * 2.5;
+            return (a * b).sum();
+        });
+        CHECK(close(dx, values(product_gradient(wide)), 1e-12));
+    }
+    SUBCASE("both sums fresh, the second taking over the incoming gradient's buffer")
+    {
+        const Tensor dx = both_routes(x, [&] {
+            const Tensor a = x * 1.5, b = x * 2.5;
+            return ((a * b) * 1.0).sum();
+        });
+        CHECK(close(dx, values(product_gradient(x)), 1e-12));
+    }
+    SUBCASE("both sums holding gradients already, added into")
+    {
+        const Tensor dx = both_routes(x, [&] {
+            const Tensor a = x * 1.5, b = x * 2.5;
+            const Tensor product = (a * b) * 1.0;
+            const Tensor ta = a.tanh();
+            const Tensor sb = b.sigmoid();
+            return (product + ta + sb).sum();
+        });
+        const NoGradGuard values_only;
+        const Tensor ta = (x * 1.5).tanh(), sb = (x * 2.5).sigmoid();
+        CHECK(close(dx, values(product_gradient(x) + (1.0 - ta * ta) * 1.5 + sb * (1.0 - sb) * 2.5), 1e-12));
+    }
+    SUBCASE("one tensor read twice (h * h): its sum made fresh for the first term, the second added")
+    {
+        const Tensor dx = both_routes(x, [&] {
+            const Tensor h = x * 1.5;
+            const Tensor th = h.tanh();  // swept after the square, so h's sum starts at the square
+            const Tensor square = (h * h) * 1.0;
+            return (square + th).sum();
+        });
+        const NoGradGuard values_only;
+        const Tensor th = (x * 1.5).tanh();
+        CHECK(close(dx, values(x * 1.5 * 3.0 + (1.0 - th * th) * 1.5), 1e-12));
+    }
+    SUBCASE("the second input's sum is a gradient another op handed on as it is: only the first is written in place")
+    {
+        const Tensor dx = both_routes(x, [&] {
+            const Tensor a = x * 1.5, b = x * 2.5;
+            const Tensor product = (a * b) * 1.0;
+            const Tensor passed = b + 0.0;  // hands b the gradient it receives, which it shares with its other input
+            return (product + passed).sum();
+        });
+        CHECK(close(dx, values(product_gradient(x) + 2.5), 1e-12));
+    }
+    SUBCASE("one input needs no gradient")
+    {
+        const Tensor c = tensor({1.0, -2.0, 0.5, 3.0}, kFloat64);
+        const Tensor dx = both_routes(x, [&] { return ((x * 1.5 * c) * 1.0).sum(); });
+        CHECK(close(dx, values(c * 1.5), 1e-12));
+    }
+}
+
 TEST_CASE("an incoming gradient no one else holds becomes its input's gradient, one that is held stays as it was")
 {
     // y = x * 1.5 then n unary ops: each hands the gradient it received on to its input, written
