@@ -116,9 +116,9 @@ int both_summed_in_place(const BackwardContext& c, Fn0 fn0, const Tensor& v0, Fn
         T* out0 = sum0.sum->data_ptr<T>();
         T* out1 = sum1.sum->data_ptr<T>();
         // Each element of g read before either sum's is written: sum1 may be g's own buffer.
-        const auto pass = [&]<bool Fresh0, bool Fresh1>(std::int64_t i0, std::int64_t i1) {
+        const auto pass = [&]<bool Spread, bool Fresh0, bool Fresh1>(std::int64_t i0, std::int64_t i1) {
             for (std::int64_t i = i0; i < i1; ++i) {
-                const T gi = spread ? gp[0] : gp[i];
+                const T gi = Spread ? gp[0] : gp[i];
                 const T d0 = fn0(gi, p0[i]), d1 = fn1(gi, p1[i]);
                 if constexpr (Fresh0) out0[i] = d0;
                 else out0[i] += d0;
@@ -126,12 +126,16 @@ int both_summed_in_place(const BackwardContext& c, Fn0 fn0, const Tensor& v0, Fn
                 else out1[i] += d1;
             }
         };
+        const auto fresh_or_not = [&]<bool Spread>(std::int64_t i0, std::int64_t i1) {
+            if (sum0.fresh && sum1.fresh) pass.template operator()<Spread, true, true>(i0, i1);
+            else if (sum0.fresh) pass.template operator()<Spread, true, false>(i0, i1);
+            else if (sum1.fresh) pass.template operator()<Spread, false, true>(i0, i1);
+            else pass.template operator()<Spread, false, false>(i0, i1);
+        };
         // g's size read from sum0: where sum1 took over g's buffer, g is undefined.
         kernels::over_elements(sum0.sum->numel(), [&](std::int64_t i0, std::int64_t i1) {
-            if (sum0.fresh && sum1.fresh) pass.template operator()<true, true>(i0, i1);
-            else if (sum0.fresh) pass.template operator()<true, false>(i0, i1);
-            else if (sum1.fresh) pass.template operator()<false, true>(i0, i1);
-            else pass.template operator()<false, false>(i0, i1);
+            if (spread) fresh_or_not.template operator()<true>(i0, i1);
+            else fresh_or_not.template operator()<false>(i0, i1);
         });
     });
     return sum1 ? 2 : 1;

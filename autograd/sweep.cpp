@@ -159,6 +159,8 @@ struct Sweep final : autograd::GradientSums {
     std::vector<autograd::PendingGrad> slots;
     std::vector<std::size_t> swept;  // the indices of the entries run, released at the end
     std::uint64_t base_slot;
+    // One past the last slot in `slots` (base_slot + slots.size(), kept: the size is a division).
+    std::uint64_t end_slot;
     // Slots holding a gradient that no entry has taken yet: when none is left, nothing below can
     // be reached, and the sweep stops instead of walking the rest of the tape.
     std::size_t outstanding = 0;
@@ -192,6 +194,7 @@ struct Sweep final : autograd::GradientSums {
             swept.swap(tape.spare_swept);
         }
         slots.resize(static_cast<std::size_t>(tape.next_slot - base_slot));
+        end_slot = tape.next_slot;
         ++tape.running_sweeps;
         tape.sweep_floor = tape.next_seq;
     }
@@ -222,7 +225,7 @@ struct Sweep final : autograd::GradientSums {
 
     autograd::PendingGrad& slot(std::uint64_t s)
     {
-        LOOM_CHECK(s >= base_slot && s - base_slot < slots.size(), "backward",
+        LOOM_CHECK(s >= base_slot && s < end_slot, "backward",
                    "internal: gradient slot {} is outside this sweep's {} slots from {}", s, slots.size(), base_slot);
         return slots[static_cast<std::size_t>(s - base_slot)];
     }
@@ -277,15 +280,28 @@ struct Sweep final : autograd::GradientSums {
     }
 
     // The sum a gradient arriving at an entry's input goes into: a slot of this sweep's, found
-    // without reaching the input, or as above.
-    autograd::PendingGrad& receiving(const autograd::InputRef& in)
+    // without reaching the input, or as above. Inline for a slot of this sweep's, the rest out of
+    // line: as one function, its rare paths made every call save and restore registers, about a
+    // third of its cost.
+    [[gnu::always_inline]] autograd::PendingGrad& receiving(const autograd::InputRef& in)
+    {
+        // A leaf's slot() is 0, below every sweep's base_slot: slots are numbered from 1.
+        const std::uint64_t s = in.slot();
+        if (s >= base_slot && s < end_slot) [[likely]] {
+            autograd::PendingGrad& p = slots[static_cast<std::size_t>(s - base_slot)];
+            if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
+            return p;
+        }
+        return receiving_elsewhere(in);
+    }
+    [[gnu::noinline]] autograd::PendingGrad& receiving_elsewhere(const autograd::InputRef& in)
     {
         if (autograd::Node* leaf = in.node()) return receiving(leaf);
         // Below the floor: the producer names the entry in errors, and keys a capture.
         const std::uint64_t s = in.slot();
         if (s < base_slot) return receiving(autograd::engine::producer_of_slot(tape, s));
-        autograd::PendingGrad& p = slot(s);
-        if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
+        autograd::PendingGrad& p = slot(s);  // out of range: an internal error
+        if (!p.sum.defined()) ++outstanding;
         return p;
     }
 
