@@ -340,25 +340,41 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor> inputs,
                       std::span<const Tensor* const>(kept.data(), kept.size()), ops, closure, custom);
 }
 
+namespace {
+// push_entry_stored's rare paths, out of line: inline, they made every entry recorded save and
+// restore more registers.
+[[gnu::noinline, gnu::cold]] void show_tracer(const char* name, std::span<const Tensor* const> inputs,
+                                               std::span<const Tensor> outputs)
+{
+    SmallVector<Tensor, 3> in;
+    for (const Tensor* t : inputs) in.push_back(*t);
+    autograd::engine::current_tracer->on_entry(name, std::span<const Tensor>(in.data(), in.size()), outputs);
+}
+[[gnu::noinline]] void compact_before_entry(engine::Tape& tape)
+{
+    autograd::engine::compact_since(0);
+    tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
+}
+}  // namespace
+
 void detail::push_entry_stored(const char* name, std::span<const Tensor* const> inputs,
                                std::span<const Tensor> outputs, std::span<const Tensor* const> saved,
                                const BackwardOps& ops, void* closure, bool custom)
 {
-    if (autograd::engine::current_tracer) {
-        SmallVector<Tensor, 3> in;
-        for (const Tensor* t : inputs) in.push_back(*t);
-        autograd::engine::current_tracer->on_entry(name, std::span<const Tensor>(in.data(), in.size()), outputs);
-    }
+    if (autograd::engine::current_tracer) [[unlikely]]
+        show_tracer(name, inputs, outputs);
     auto& tape = this_tape();
-    if (tape.entries.size() >= tape.compact_at) {
-        autograd::engine::compact_since(0);
-        tape.compact_at = std::max<std::size_t>(1024, 2 * tape.entries.size());
-    }
-    for (const Tensor& out : outputs) {
+    if (tape.entries.size() >= tape.compact_at) [[unlikely]]
+        compact_before_entry(tape);
+    // The outputs' slot chunks are made before the entry, so that making one cannot fail after.
+    SlotChunk* first_chunk = nullptr;
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+        const Tensor& out = outputs[k];
         LOOM_CHECK(!out.requires_grad(), name, "internal: an output is already on the tape");
         LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
+        SlotChunk& chunk = tape.chunk_for(tape.next_slot + k);
+        if (k == 0) first_chunk = &chunk;
     }
-    for (std::size_t k = 0; k < outputs.size(); ++k) tape.chunk_for(tape.next_slot + k);
     // Built in place: an entry is too large to build aside and move in. A check below that fails
     // takes it off again; what it did to the tape before (a leaf's node held, a reclaimed
     // producer named) is harmless there.
@@ -423,11 +439,10 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
             }
             // A saved output is kept as it is, marked so that compaction can tell it from a
             // user's hold (see compact_since).
-            const auto output =
-                std::find_if(outputs.begin(), outputs.end(), [&](const Tensor& o) { return o.is_same(s); });
-            if (output == outputs.end()) e.saved.emplace_back(s, s.version(), false, 0);
+            std::size_t index = 0;  // among the outputs; outputs.size() when s is none of them
+            while (index < outputs.size() && !outputs[index].is_same(s)) ++index;
+            if (index == outputs.size()) e.saved.emplace_back(s, s.version(), false, 0);
             else {
-                const auto index = static_cast<std::size_t>(output - outputs.begin());
                 LOOM_CHECK(index < Saved::kMaxOutputs, name,
                            "saves its output {}, but only the first {} outputs of an op can be saved for backward",
                            index, Saved::kMaxOutputs);
@@ -443,7 +458,7 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
     // Nothing below throws: the outputs get their history once the entry stands.
     for (std::size_t k = 0; k < outputs.size(); ++k) {
         const std::uint64_t slot = tape.next_slot + k;
-        SlotChunk& chunk = tape.chunk_for(slot);
+        SlotChunk& chunk = k == 0 ? *first_chunk : tape.chunk_for(slot);
         const auto i = static_cast<std::uint16_t>(slot - chunk.first_slot);
         chunk.op[i] = name;
         chunk.seq[i] = tape.next_seq;
