@@ -300,9 +300,7 @@ struct Sweep final : autograd::GradientSums {
         // Below the floor: the producer names the entry in errors, and keys a capture.
         const std::uint64_t s = in.slot();
         if (s < base_slot) return receiving(autograd::engine::producer_of_slot(tape, s));
-        autograd::PendingGrad& p = slot(s);  // out of range: an internal error
-        if (!p.sum.defined()) ++outstanding;
-        return p;
+        return slot(s);  // past this sweep's slots (those below end_slot were found inline): slot() fails
     }
 
     // Adds g to the sum of tensor t's gradient.
