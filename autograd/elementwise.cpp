@@ -13,6 +13,8 @@ namespace loom {
 using autograd::BackwardContext;
 using autograd::internal::record;
 using Grads = autograd::GradList;
+using pointwise::pairs_with;
+using pointwise::readable_in_place;
 
 namespace {
 
@@ -23,6 +25,13 @@ Tensor scalar_operand(const char* op, double value, const Tensor& t)
 {
     check_scalar_fits(op, value, t.dtype());
     return scalar_tensor(value, t.dtype());
+}
+
+// A backward closure for an op whose formula is Op's (pointwise.hpp): where nothing asks for the
+// closure, the sweep runs the formula itself (sweep.cpp). The op saves what Op reads, in order.
+template <class Op, class F> autograd::internal::PointwiseBackward<static_cast<std::uint8_t>(Op::kind), F> swept_as(F backward)
+{
+    return {std::move(backward)};
 }
 
 // g summed to input k's shape (undoing a broadcast), or undefined when k needs no gradient.
@@ -52,19 +61,6 @@ Tensor reduce_to(const BackwardContext& c, std::size_t k, Tensor&& g)
     return (*c.inputs)[k].like_output() || (c.input_dtype(k) == g.dtype() && c.input_shape(k) == g.sizes());
 }
 
-// Whether an incoming gradient g can be read element by element in place: floating, and
-// contiguous or one value spread over its shape (*spread says which).
-[[gnu::always_inline]] inline bool readable_in_place(const Tensor& g, bool* spread)
-{
-    const bool contiguous = g.is_contiguous();
-    *spread = !contiguous && g.numel() > 0 && kernels::all_strides_zero(g);
-    return is_floating(g.dtype()) && (*spread || contiguous);
-}
-// Whether the operand v pairs with g element for element: contiguous, of g's shape and dtype.
-[[gnu::always_inline]] inline bool pairs_with(const Tensor& v, const Tensor& g)
-{
-    return v.is_contiguous() && v.dtype() == g.dtype() && v.sizes() == g.sizes();
-}
 // Writes fn(g[i], v[i]) into `sum` (see GradientBuffer::write), g one value where spread.
 template <class T, class Fn>
 void write_pairs(const autograd::GradientBuffer& sum, Fn fn, const T* gp, const T* vp, bool spread)
@@ -96,59 +92,6 @@ bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tenso
         write_pairs<T>(sum, fn, gp, v.data_ptr<T>(), spread);
     });
     return true;
-}
-
-// Both inputs' gradients of a binary element-wise op, fn0(g, v0) for input 0 and fn1(g, v1) for
-// input 1, summed in place in one pass over g (read once for both) where the sweep offers both
-// sums. Returns how many inputs, from the first, were summed in place: 2, or 1 when only input 0's
-// sum is offered (backward then returns input 1's gradient; g is still whole), or 0, when
-// summed_in_place is asked for each. Only for ops where both inputs need a gradient.
-template <class Fn0, class Fn1>
-int both_summed_in_place(const BackwardContext& c, Fn0 fn0, const Tensor& v0, Fn1 fn1, const Tensor& v1)
-{
-    if (!c.sums || !c.needs[0] || !c.needs[1]) return 0;
-    const Tensor& g = c.grad();
-    const DType dtype = g.dtype();
-    bool spread = false;
-    if (!readable_in_place(g, &spread) || !pairs_with(v0, g) || !pairs_with(v1, g) || !input_like_grad(c, 0, g) ||
-        !input_like_grad(c, 1, g))
-        return 0;
-    const autograd::GradientBuffer sum0 = c.gradient_buffer(0);
-    if (!sum0) return 0;
-    // Asked after input 0's: when both inputs are one tensor (x * x), input 1 finds the sum input 0
-    // made, not fresh, and each element gets both terms, input 0's written first.
-    const autograd::GradientBuffer sum1 = c.gradient_buffer(1, true);
-    dispatch_floating("backward", dtype, [&]<class T>() {
-        const T* gp = sum1.holds_incoming ? sum1.sum->data_ptr<T>() : g.data_ptr<T>();
-        const T* p0 = v0.data_ptr<T>();
-        const T* p1 = v1.data_ptr<T>();
-        if (!sum1) return write_pairs<T>(sum0, fn0, gp, p0, spread);
-        T* out0 = sum0.sum->data_ptr<T>();
-        T* out1 = sum1.sum->data_ptr<T>();
-        // Each element of g read before either sum's is written: sum1 may be g's own buffer.
-        const auto pass = [&]<bool Spread, bool Fresh0, bool Fresh1>(std::int64_t i0, std::int64_t i1) {
-            for (std::int64_t i = i0; i < i1; ++i) {
-                const T gi = Spread ? gp[0] : gp[i];
-                const T d0 = fn0(gi, p0[i]), d1 = fn1(gi, p1[i]);
-                if constexpr (Fresh0) out0[i] = d0;
-                else out0[i] += d0;
-                if constexpr (Fresh1) out1[i] = d1;
-                else out1[i] += d1;
-            }
-        };
-        const auto fresh_or_not = [&]<bool Spread>(std::int64_t i0, std::int64_t i1) {
-            if (sum0.fresh && sum1.fresh) pass.template operator()<Spread, true, true>(i0, i1);
-            else if (sum0.fresh) pass.template operator()<Spread, true, false>(i0, i1);
-            else if (sum1.fresh) pass.template operator()<Spread, false, true>(i0, i1);
-            else pass.template operator()<Spread, false, false>(i0, i1);
-        };
-        // g's size read from sum0: where sum1 took over g's buffer, g is undefined.
-        kernels::over_elements(sum0.sum->numel(), [&](std::int64_t i0, std::int64_t i1) {
-            if (spread) fresh_or_not.template operator()<true>(i0, i1);
-            else fresh_or_not.template operator()<false>(i0, i1);
-        });
-    });
-    return sum1 ? 2 : 1;
 }
 
 // The gradient of an op whose derivative is piecewise constant in x (abs, relu, clamp):
@@ -191,49 +134,46 @@ Tensor add(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("add");
     Tensor out = kernels::zip_numeric("add", a, b, [](auto x, auto y) { return pointwise::Add::value(x, y); });
-    return record("add", {a, b}, std::move(out), {}, [](const BackwardContext& c) {
+    return record("add", {a, b}, std::move(out), {}, swept_as<pointwise::Add>([](const BackwardContext& c) {
         // Both inputs receive the gradient as it is: the last one that needs it takes it.
         if (!c.needs[1]) return Grads{reduce_to(c, 0, c.take_grad()), Tensor()};
         return Grads{reduce_to(c, 0, c.grad()), reduce_to(c, 1, c.take_grad())};
-    });
+    }));
 }
 
 Tensor sub(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("sub");
     Tensor out = kernels::zip_numeric("sub", a, b, [](auto x, auto y) { return pointwise::Sub::value(x, y); });
-    return record("sub", {a, b}, std::move(out), {}, [](const BackwardContext& c) {
+    return record("sub", {a, b}, std::move(out), {}, swept_as<pointwise::Sub>([](const BackwardContext& c) {
         Tensor negated = c.needs[1] ? reduce_to(c, 1, -c.grad()) : Tensor();
         return Grads{reduce_to(c, 0, c.take_grad()), std::move(negated)};
-    });
+    }));
 }
 
 Tensor mul(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("mul");
     Tensor out = kernels::zip_numeric("mul", a, b, [](auto x, auto y) { return pointwise::Mul::value(x, y); });
-    return record("mul", {a, b}, std::move(out), {a, b}, [](const BackwardContext& c) {
+    return record("mul", {a, b}, std::move(out), {a, b}, swept_as<pointwise::Mul>([](const BackwardContext& c) {
         const Tensor &x = c.saved[0], &y = c.saved[1];
         const auto times = [](auto g, auto v) { return g * v; };
         Grads grads(2);
-        const int in_place = both_summed_in_place(c, times, y, times, x);
-        if (in_place == 2) return grads;
-        if (in_place == 0 && c.needs[0] && !summed_in_place(c, 0, times, y, !c.needs[1]))
-            grads[0] = reduce_to(c, 0, c.grad() * y);
+        if (c.needs[0] && !summed_in_place(c, 0, times, y, !c.needs[1])) grads[0] = reduce_to(c, 0, c.grad() * y);
         if (c.needs[1] && !summed_in_place(c, 1, times, x, true)) grads[1] = reduce_to(c, 1, c.grad() * x);
         return grads;
-    });
+    }));
 }
 
 Tensor div(const Tensor& a, const Tensor& b)
 {
     const autograd::detail::ProfiledOp profiled("div");
     Tensor out = kernels::zip_floating("div", a, b, [](auto x, auto y) { return pointwise::Div::value(x, y); });
-    return record("div", {a, b}, std::move(out), {b, out}, [](const BackwardContext& c) {
+    return record("div", {a, b}, std::move(out), {b, out}, swept_as<pointwise::Div>([](const BackwardContext& c) {
         const Tensor &y = c.saved[0], &q = c.saved[1];
         return Grads{c.needs[0] ? reduce_to(c, 0, c.grad() / y) : Tensor(),
                      c.needs[1] ? reduce_to(c, 1, -(c.grad() * q / y)) : Tensor()};
-    });
+    }));
 }
 
 Tensor pow(const Tensor& base, const Tensor& exponent)
@@ -308,29 +248,30 @@ Tensor neg(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("neg");
     Tensor out = kernels::map_numeric("neg", x, [](auto v) { return pointwise::Neg::value(v); });
-    return record("neg", {x}, std::move(out), {}, [](const BackwardContext& c) { return Grads{-c.grad()}; });
+    return record("neg", {x}, std::move(out), {},
+                  swept_as<pointwise::Neg>([](const BackwardContext& c) { return Grads{-c.grad()}; }));
 }
 
 Tensor exp(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("exp");
     Tensor out = kernels::map_floating("exp", x, [](auto v) { return pointwise::Exp::value(v); });
-    return record("exp", {x}, std::move(out), {out}, [](const BackwardContext& c) {
+    return record("exp", {x}, std::move(out), {out}, swept_as<pointwise::Exp>([](const BackwardContext& c) {
         if (summed_in_place(c, 0, [](auto g, auto y) { return pointwise::Exp::grad(g, y, y); }, c.saved[0], true))
             return Grads{Tensor()};
         return Grads{c.grad() * c.saved[0]};
-    });
+    }));
 }
 
 Tensor log(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("log");
     Tensor out = kernels::map_floating("log", x, [](auto v) { return pointwise::Log::value(v); });
-    return record("log", {x}, std::move(out), {x}, [](const BackwardContext& c) {
+    return record("log", {x}, std::move(out), {x}, swept_as<pointwise::Log>([](const BackwardContext& c) {
         if (summed_in_place(c, 0, [](auto g, auto v) { return pointwise::Log::grad(g, v, v); }, c.saved[0], true))
             return Grads{Tensor()};
         return Grads{c.grad() / c.saved[0]};
-    });
+    }));
 }
 
 Tensor sqrt(const Tensor& x)
@@ -357,22 +298,22 @@ Tensor tanh(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("tanh");
     Tensor out = kernels::map_floating("tanh", x, [](auto v) { return pointwise::Tanh::value(v); });
-    return record("tanh", {x}, std::move(out), {out}, [](const BackwardContext& c) {
+    return record("tanh", {x}, std::move(out), {out}, swept_as<pointwise::Tanh>([](const BackwardContext& c) {
         const auto tanh_grad = [](auto g, auto y) { return pointwise::Tanh::grad(g, y, y); };
         if (summed_in_place(c, 0, tanh_grad, c.saved[0], true)) return Grads{Tensor()};
         return Grads{tanh_backward(c.grad(), c.saved[0])};
-    });
+    }));
 }
 
 Tensor sigmoid(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("sigmoid");
     Tensor out = kernels::map_floating("sigmoid", x, [](auto v) { return pointwise::Sigmoid::value(v); });
-    return record("sigmoid", {x}, std::move(out), {out}, [](const BackwardContext& c) {
+    return record("sigmoid", {x}, std::move(out), {out}, swept_as<pointwise::Sigmoid>([](const BackwardContext& c) {
         const auto sigmoid_grad = [](auto g, auto y) { return pointwise::Sigmoid::grad(g, y, y); };
         if (summed_in_place(c, 0, sigmoid_grad, c.saved[0], true)) return Grads{Tensor()};
         return Grads{sigmoid_backward(c.grad(), c.saved[0])};
-    });
+    }));
 }
 
 namespace {

@@ -5,13 +5,35 @@
 // Unary: value(x); grad(g, x, y) is dL/dx given g = dL/dy and y = value(x).
 // Binary: value(a, b); grad_a(g, a, b, y) and grad_b(g, a, b, y) likewise.
 // `reads` says which of x (a, b) and y the gradients use: a replay keeps every step's value of
-// only those (scan.cpp).
+// only those (scan.cpp), and an op that the sweep runs from its formula (sweep.cpp) saves
+// exactly those for backward, in that order. `kind` names the formula in such an op's backward
+// token (BackwardOps::pointwise).
 #pragma once
 #include <cmath>
+#include <cstdint>
 
+#include "../core/kernels.hpp"
 #include "../core/math.hpp"
 
 namespace loom::pointwise {
+
+/// The formulas an entry's backward token may name (0: none), so that the sweep can run them
+/// without the backward function.
+enum class Kind : std::uint8_t { none, add, sub, mul, div, neg, exp, log, tanh, sigmoid };
+
+// Whether a gradient g can be read element by element where it lies: floating, and contiguous or
+// one value spread over its shape (*spread says which).
+[[gnu::always_inline]] inline bool readable_in_place(const Tensor& g, bool* spread)
+{
+    const bool contiguous = g.is_contiguous();
+    *spread = !contiguous && g.numel() > 0 && kernels::all_strides_zero(g);
+    return is_floating(g.dtype()) && (*spread || contiguous);
+}
+// Whether the operand v pairs with g element for element: contiguous, of g's shape and dtype.
+[[gnu::always_inline]] inline bool pairs_with(const Tensor& v, const Tensor& g)
+{
+    return v.is_contiguous() && v.dtype() == g.dtype() && v.sizes() == g.sizes();
+}
 
 struct UnaryReads {
     bool x, y;
@@ -21,6 +43,7 @@ struct BinaryReads {
 };
 
 struct Add {
+    static constexpr Kind kind = Kind::add;
     static constexpr BinaryReads reads{false, false, false};
     template <class T> static T value(T a, T b) { return wrapping_add(a, b); }
     template <class T> static T grad_a(T g, T, T, T) { return g; }
@@ -28,6 +51,7 @@ struct Add {
 };
 
 struct Sub {
+    static constexpr Kind kind = Kind::sub;
     static constexpr BinaryReads reads{false, false, false};
     template <class T> static T value(T a, T b) { return wrapping_sub(a, b); }
     template <class T> static T grad_a(T g, T, T, T) { return g; }
@@ -35,6 +59,7 @@ struct Sub {
 };
 
 struct Mul {
+    static constexpr Kind kind = Kind::mul;
     static constexpr BinaryReads reads{true, true, false};
     template <class T> static T value(T a, T b) { return wrapping_mul(a, b); }
     template <class T> static T grad_a(T g, T, T b, T) { return g * b; }
@@ -42,6 +67,7 @@ struct Mul {
 };
 
 struct Div {
+    static constexpr Kind kind = Kind::div;
     static constexpr BinaryReads reads{false, true, true};
     template <class T> static T value(T a, T b) { return a / b; }
     template <class T> static T grad_a(T g, T, T b, T) { return g / b; }
@@ -49,30 +75,35 @@ struct Div {
 };
 
 struct Neg {
+    static constexpr Kind kind = Kind::neg;
     static constexpr UnaryReads reads{false, false};
     template <class T> static T value(T x) { return wrapping_sub(T(0), x); }
     template <class T> static T grad(T g, T, T) { return -g; }
 };
 
 struct Exp {
+    static constexpr Kind kind = Kind::exp;
     static constexpr UnaryReads reads{false, true};
     template <class T> static T value(T x) { return exp_of(x); }
     template <class T> static T grad(T g, T, T y) { return g * y; }
 };
 
 struct Log {
+    static constexpr Kind kind = Kind::log;
     static constexpr UnaryReads reads{true, false};
     template <class T> static T value(T x) { return log_of(x); }
     template <class T> static T grad(T g, T x, T) { return g / x; }
 };
 
 struct Tanh {
+    static constexpr Kind kind = Kind::tanh;
     static constexpr UnaryReads reads{false, true};
     template <class T> static T value(T x) { return tanh_of(x); }
     template <class T> static T grad(T g, T, T y) { return g * (1 - y * y); }
 };
 
 struct Sigmoid {
+    static constexpr Kind kind = Kind::sigmoid;
     static constexpr UnaryReads reads{false, true};
     template <class T> static T value(T x) { return sigmoid_of(x); }
     template <class T> static T grad(T g, T, T y) { return g * y * (1 - y); }

@@ -10,6 +10,7 @@
 #include "../core/allocator.hpp"
 #include "../core/kernels.hpp"
 #include "ops.hpp"
+#include "pointwise.hpp"
 #include "profiler.hpp"
 
 namespace loom {
@@ -411,6 +412,164 @@ struct Sweep final : autograd::GradientSums {
         kernels::add_into(region(p.sum), g);
     }
 
+    // ---- loom's element-wise ops, swept from their formulas ----
+    // An entry of add, mul, tanh and the like names its formula (BackwardOps::pointwise). Where
+    // nothing asks for the general route, the sweep computes each input's gradient from
+    // pointwise.hpp's formula straight into the sum it keeps for that input: no BackwardContext,
+    // no gradient list, no call of the backward function. That function stays the op's definition
+    // wherever the formula alone will not do: create_graph, anomaly mode, hooks and retain_grad
+    // (a watched entry), grad() capturing the output, the profiler, and operands that are
+    // broadcast or not contiguous.
+
+    // Runs entry e's formula on its output's gradient, p.sum, and takes that gradient from its
+    // slot; false, with nothing done, where the general route must run the entry.
+    bool swept_by_formula(const autograd::Entry& e, autograd::PendingGrad& p)
+    {
+        using pointwise::Kind;
+        switch (static_cast<Kind>(e.backward.ops()->pointwise)) {
+        case Kind::add: return swept_binary<pointwise::Add>(e, p);
+        case Kind::sub: return swept_binary<pointwise::Sub>(e, p);
+        case Kind::mul: return swept_binary<pointwise::Mul>(e, p);
+        case Kind::div: return swept_binary<pointwise::Div>(e, p);
+        case Kind::neg: return swept_unary<pointwise::Neg>(e, p);
+        case Kind::exp: return swept_unary<pointwise::Exp>(e, p);
+        case Kind::log: return swept_unary<pointwise::Log>(e, p);
+        case Kind::tanh: return swept_unary<pointwise::Tanh>(e, p);
+        case Kind::sigmoid: return swept_unary<pointwise::Sigmoid>(e, p);
+        case Kind::none: break;
+        }
+        return false;
+    }
+
+    // The saved values a formula reads (a, b, y for a binary op; x, y for a unary one, as
+    // Reads flags them), which the op saved in that order: into `values`, where each pairs
+    // with g element for element; false where one does not (a broadcast operand).
+    template <bool... Reads>
+    [[gnu::always_inline]] static bool formula_values(const autograd::Entry& e, const Tensor& g, const Tensor* values[])
+    {
+        constexpr std::size_t reads = (std::size_t(Reads) + ...);
+        LOOM_CHECK(e.saved.size() == reads, e.name, "internal: saved {} tensors for a formula that reads {}",
+                   e.saved.size(), reads);
+        constexpr bool read[] = {Reads...};
+        std::size_t next = 0;
+        for (std::size_t k = 0; k < sizeof...(Reads); ++k) {
+            values[k] = read[k] ? &e.saved[next++].value : nullptr;
+            if (read[k] && !pointwise::pairs_with(*values[k], g)) return false;
+        }
+        return true;
+    }
+
+    // Takes the incoming gradient of a formula's entry from its slot, once the entry may run
+    // (its saved values unchanged). A released entry has no backward token: it never gets here.
+    Tensor take_incoming(const autograd::Entry& e, autograd::PendingGrad& p)
+    {
+        for (const auto& s : e.saved) check_version(e, s);
+        --outstanding;
+        Tensor g = std::move(p.sum);
+        p.owned = p.accumulated = false;
+        return g;
+    }
+
+    // Writes fn(g_i, i) into out's elements (set when Fresh, else added), g_i = gp[i], or gp[0]
+    // where g is one value spread. Each element of g is read before out's is written: out may
+    // be g's own buffer.
+    template <class T, bool Fresh, class Fn> static void write_formula(Tensor& out, const T* gp, bool spread, Fn fn)
+    {
+        T* o = out.data_ptr<T>();
+        const auto put = [o](std::int64_t i, T d) {
+            if constexpr (Fresh) o[i] = d;
+            else o[i] += d;
+        };
+        kernels::over_elements(out.numel(), [&](std::int64_t i0, std::int64_t i1) {
+            if (spread)
+                for (std::int64_t i = i0; i < i1; ++i) put(i, fn(gp[0], i));
+            else
+                for (std::int64_t i = i0; i < i1; ++i) put(i, fn(gp[i], i));
+        });
+    }
+
+    // Sums input `in`'s gradient fn(g_i, i) into its sum: written into a fresh one (g's own
+    // buffer where `last_read` and no one else holds g), added into one the sweep owns, or made
+    // aside and added as any gradient is.
+    template <class T, class Fn> void sum_formula(const autograd::InputRef& in, Tensor& g, bool spread, bool last_read, Fn fn)
+    {
+        autograd::PendingGrad& q = receiving(in);
+        const T* gp = g.data_ptr<T>();  // read before g may be handed over
+        if (!q.sum.defined()) {
+            if (last_read && !spread && sole_whole_tensor(g)) q.sum = std::move(g);
+            else make_in_place(q.sum, [&] { return empty(g.sizes(), g.dtype()); });
+            q.owned = true;
+            return write_formula<T, true>(q.sum, gp, spread, fn);
+        }
+        if (q.owned && q.sum.is_contiguous()) return write_formula<T, false>(q.sum, gp, spread, fn);
+        Tensor part = empty(g.sizes(), g.dtype());
+        write_formula<T, true>(part, gp, spread, fn);
+        add(in, std::move(part));
+    }
+
+    template <class Op> bool swept_binary(const autograd::Entry& e, autograd::PendingGrad& p)
+    {
+        const autograd::InputRef in0 = e.inputs[0], in1 = e.inputs[1];
+        if ((in0 && !in0.like_output()) || (in1 && !in1.like_output())) return false;
+        // add, and sub's first input: the gradient passes as it is, summed as any returned one.
+        constexpr bool passes_a = std::is_same_v<Op, pointwise::Add> || std::is_same_v<Op, pointwise::Sub>;
+        constexpr bool passes_b = std::is_same_v<Op, pointwise::Add>;
+        if constexpr (passes_a && passes_b) {
+            Tensor g = take_incoming(e, p);
+            if (in0) add(in0, in1 ? Tensor(g) : std::move(g));
+            if (in1) add(in1, std::move(g));
+            return true;
+        }
+        bool spread = false;
+        const Tensor* v[3];
+        if (!pointwise::readable_in_place(p.sum, &spread) ||
+            !formula_values<Op::reads.a, Op::reads.b, Op::reads.y>(e, p.sum, v))
+            return false;
+        Tensor g = take_incoming(e, p);
+        dispatch_floating("backward", g.dtype(), [&]<class T>() {
+            // A value the formula does not read is never asked for: its pointer stays null.
+            const T* a = Op::reads.a ? v[0]->data_ptr<T>() : nullptr;
+            const T* b = Op::reads.b ? v[1]->data_ptr<T>() : nullptr;
+            const T* y = Op::reads.y ? v[2]->data_ptr<T>() : nullptr;
+            const auto values_at = [&](std::int64_t i) {
+                return std::array<T, 3>{Op::reads.a ? a[i] : T(0), Op::reads.b ? b[i] : T(0), Op::reads.y ? y[i] : T(0)};
+            };
+            if (in0) {
+                if constexpr (passes_a) add(in0, in1 ? Tensor(g) : std::move(g));
+                else
+                    sum_formula<T>(in0, g, spread, !in1, [&](T gi, std::int64_t i) {
+                        const auto [ai, bi, yi] = values_at(i);
+                        return Op::grad_a(gi, ai, bi, yi);
+                    });
+            }
+            if (in1)
+                sum_formula<T>(in1, g, spread, true, [&](T gi, std::int64_t i) {
+                    const auto [ai, bi, yi] = values_at(i);
+                    return Op::grad_b(gi, ai, bi, yi);
+                });
+        });
+        return true;
+    }
+
+    template <class Op> bool swept_unary(const autograd::Entry& e, autograd::PendingGrad& p)
+    {
+        const autograd::InputRef in = e.inputs[0];
+        bool spread = false;
+        const Tensor* v[3];
+        if (!in.like_output() || !pointwise::readable_in_place(p.sum, &spread) ||
+            !formula_values<Op::reads.x, Op::reads.y>(e, p.sum, v))
+            return false;
+        Tensor g = take_incoming(e, p);
+        dispatch_floating("backward", g.dtype(), [&]<class T>() {
+            const T* x = Op::reads.x ? v[0]->data_ptr<T>() : nullptr;
+            const T* y = Op::reads.y ? v[1]->data_ptr<T>() : nullptr;
+            sum_formula<T>(in, g, spread, true, [&](T gi, std::int64_t i) {
+                return Op::grad(gi, Op::reads.x ? x[i] : T(0), Op::reads.y ? y[i] : T(0));
+            });
+        });
+        return true;
+    }
+
     // On a long tape the walk waits on memory: the tensors each entry saved were made long ago,
     // wherever forward allocated them, and the version check, the shapes and the backward
     // function read every part of a small tensor's block (its header, storage record and bytes).
@@ -449,10 +608,22 @@ struct Sweep final : autograd::GradientSums {
         // Entries never move (EntryStore) and none is reclaimed while a sweep runs, so `e` stays
         // valid while hooks, backward functions and recorded sums append to the tape.
         const bool long_tape = start >= kPrefetchBlocksFrom;
+        // Whether entries of loom's element-wise ops may be swept from their formulas; per entry,
+        // also not when its output is watched or captured, or a profiler is running.
+        const bool by_formula = !create_graph && !anomaly;
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
             autograd::Entry& e = entries[i];
             if (long_tape && i >= kBlocksAhead) prefetch_saved_blocks(entries[i - kBlocksAhead]);
             accumulate_leaves_read_above(i);
+            if (const autograd::BackwardOps* ops = e.backward.ops(); by_formula && ops && ops->pointwise != 0 && !e.watched &&
+                autograd::detail::profilers_alive.load(std::memory_order_relaxed) == 0) {
+                autograd::PendingGrad& p = slot(e.first_slot);
+                if (!p.sum.defined()) continue;
+                if (!p.captured && swept_by_formula(e, p)) {
+                    swept.push_back(i);
+                    continue;
+                }
+            }
             autograd::BackwardContext ctx;
             ctx.create_graph = create_graph;
             // Anomaly mode checks each gradient an entry returns, so nothing is summed in place then.

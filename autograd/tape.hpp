@@ -470,11 +470,21 @@ struct BackwardOps {
     std::uint32_t align;
     /// Kept in the entry's own bytes (StoredBackward::kInlineBytes), not in the tape's stream.
     bool kept_inline;
+    /// For loom's element-wise ops: the formula (pointwise::Kind, internal) that the sweep may run
+    /// in place of the closure; 0 for every other op.
+    std::uint8_t pointwise;
 };
 
 namespace detail {
 /// Whether a closure of type C is kept in its entry: small, and copied by copying its bytes.
 template <class C> inline constexpr bool closure_kept_inline = sizeof(C) <= 24 && alignof(C) <= 8 && std::is_trivially_copyable_v<C>;
+
+/// The formula a closure of type C names (its `pointwise_kind`, see BackwardOps::pointwise), or 0.
+template <class C> constexpr std::uint8_t pointwise_kind_of()
+{
+    if constexpr (requires { C::pointwise_kind; }) return C::pointwise_kind;
+    else return 0;
+}
 
 /// Runs a closure of type C, which returns a GradList, or (a user's) a std::vector<Tensor>,
 /// moved into one.
@@ -499,7 +509,7 @@ inline constexpr BackwardOps backward_ops_of{
     &detail::call_closure<C>,
     [](void* from, void* to) noexcept { ::new (to) C(std::move(*static_cast<C*>(from))); },
     std::is_trivially_destructible_v<C> ? nullptr : +[](void* closure) noexcept { static_cast<C*>(closure)->~C(); },
-    sizeof(C), alignof(C), detail::closure_kept_inline<C>};
+    sizeof(C), alignof(C), detail::closure_kept_inline<C>, detail::pointwise_kind_of<C>()};
 
 /// An entry's backward function: its op token and its closure, kept in the entry when small and
 /// trivially copyable (most of loom's ops capture nothing, or a number), else in the tape's byte
@@ -823,6 +833,13 @@ namespace internal {
 struct TensorRef {
     const Tensor* tensor;
     TensorRef(const Tensor& t) : tensor(&t) {}  // NOLINT: implicit, for braced lists
+};
+/// The backward closure of one of loom's element-wise ops, naming its formula (Kind, a
+/// pointwise::Kind) so that the sweep may run the formula instead where nothing asks for the
+/// closure (see BackwardOps::pointwise). The op must save what the formula reads, in its order.
+template <std::uint8_t Kind, class F> struct PointwiseBackward : F {
+    /// The formula.
+    static constexpr std::uint8_t pointwise_kind = Kind;
 };
 /// `output` is taken by rvalue reference and moved out only on return: `saved` may name it, and
 /// a copy of the handle would cost two atomic reference counts per op.

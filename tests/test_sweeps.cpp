@@ -495,80 +495,98 @@ TEST_CASE("elementwise gradients written into the sweep's sums equal those retur
     CHECK(close(x.grad(), values((x * 1.5 * 2.0 + 4.0) * 1.5), 1e-12));
 }
 
-TEST_CASE("a mul sums both inputs' gradients in one pass, or the first alone where the second's sum is held")
+TEST_CASE("loom's element-wise ops are swept from their formulas, as their backward functions compute them")
 {
-    // Each case against anomaly mode's route (each gradient returned, then added by the sweep),
-    // bit for bit, and against the derivative written out. Each op is a statement of its own, so
-    // the tape's order (which the sweep reverses) is the one written.
-    const auto both_routes = [](const Tensor& x, const auto& loss_of) {
-        const Tensor in_place = grad({loss_of()}, {x})[0];
-        const autograd::DetectAnomalyGuard anomaly;
-        const Tensor returned = grad({loss_of()}, {x})[0];
-        CHECK(testing::close_tensors(in_place, returned, 0));
-        return in_place;
+    // The sweep runs add, sub, mul, div, neg, exp, log, tanh and sigmoid from pointwise.hpp's
+    // formulas (no backward function called). A running Profiler sends every entry through its
+    // backward function with the sweep's sums offered, and anomaly mode through its backward
+    // function returning each gradient: all three agree to the last bit, in every case a sum can
+    // be in, and the formula's gradients agree with central differences.
+    using Binary = Tensor (*)(const Tensor&, const Tensor&);
+    using Unary = Tensor (*)(const Tensor&);
+    const std::vector<std::pair<const char*, Binary>> binary{
+        {"add", [](const Tensor& a, const Tensor& b) { return a + b; }},
+        {"sub", [](const Tensor& a, const Tensor& b) { return a - b; }},
+        {"mul", [](const Tensor& a, const Tensor& b) { return a * b; }},
+        {"div", [](const Tensor& a, const Tensor& b) { return a / b; }}};
+    const std::vector<std::pair<const char*, Unary>> unary{
+        {"neg", [](const Tensor& a) { return -a; }},         {"exp", [](const Tensor& a) { return a.exp(); }},
+        {"log", [](const Tensor& a) { return a.log(); }},    {"tanh", [](const Tensor& a) { return a.tanh(); }},
+        {"sigmoid", [](const Tensor& a) { return a.sigmoid(); }}};
+    // Each loss reads a = 1.5 + x / 2 and b = 1 + x^2 (both positive, for log and div), then the op
+    // in one situation. Each op is a statement of its own, so the tape's order is the one written.
+    using Loss = std::function<Tensor(const Tensor& a, const Tensor& b, const std::function<Tensor(const Tensor&, const Tensor&)>& op)>;
+    const std::vector<std::pair<const char*, Loss>> situations{
+        {"fresh sums, a contiguous gradient", [](const Tensor& a, const Tensor& b, const auto& op) { return (op(a, b) * 1.0).sum(); }},
+        // Over 1,024 elements (x is then [2, 550]), a sum's gradient is one value spread, not a buffer.
+        {"a gradient spread from a large sum", [](const Tensor& a, const Tensor& b, const auto& op) { return op(a, b).sum(); }},
+        {"sums already written, added into",
+         [](const Tensor& a, const Tensor& b, const auto& op) {
+             const Tensor r = op(a, b);
+             const Tensor later = a.sigmoid() * b;  // swept first: a's and b's sums are the sweep's own
+             return (r * 1.0 + later).sum();
+         }},
+        {"a sum that is a gradient handed on as it is",
+         [](const Tensor& a, const Tensor& b, const auto& op) {
+             const Tensor r = op(a, b);
+             const Tensor passed_a = a + 0.0, passed_b = b + 0.0;  // hand a and b their gradients as they are
+             return (r * 1.0 + passed_a * 2.0 + passed_b * 3.0).sum();
+         }},
+        {"one tensor read twice", [](const Tensor& a, const Tensor&, const auto& op) { return (op(a, a) * 1.0).sum(); }},
+        {"an operand that needs no gradient",
+         [](const Tensor& a, const Tensor&, const auto& op) {
+             const Tensor c = full_like(a, 1.25);
+             const Tensor r0 = op(a, c);
+             const Tensor r1 = op(c, a);
+             return (r0 * 1.0 + r1 * 2.0).sum();
+         }},
+        {"an operand broadcast (the backward function's route)",
+         [](const Tensor& a, const Tensor& b, const auto& op) {
+             const Tensor row = b.select(0, 1);
+             return (op(a, row) * 1.0 + op(row, a) * 2.0).sum();
+         }},
+        {"operands not contiguous (the backward function's route)",
+         [](const Tensor& a, const Tensor& b, const auto& op) { return (op(a.t(), b.t()) * 1.0).sum(); }}};
+    const auto routes_agree = [](const std::string& what, const Tensor& x0, const std::function<Tensor(const Tensor&)>& loss) {
+        INFO(what, " ", x0.dtype());
+        const auto gradient = [&] {
+            const Tensor x = x0.clone().requires_grad_();
+            return grad({loss(x)}, {x})[0];
+        };
+        const Tensor by_formula = gradient();
+        Tensor by_function_in_place, by_function_returned;
+        {
+            autograd::Profiler profiler;
+            by_function_in_place = gradient();
+        }
+        {
+            const autograd::DetectAnomalyGuard anomaly;
+            by_function_returned = gradient();
+        }
+        CHECK(testing::close_tensors(by_formula, by_function_in_place, 0));
+        CHECK(testing::close_tensors(by_formula, by_function_returned, 0));
+        if (x0.dtype() == kFloat64) check_ok(gradcheck([&](const std::vector<Tensor>& in) { return loss(in[0]); }, {x0.clone().requires_grad_()}), what.c_str());
     };
-    const Tensor x = tensor({0.3, -1.2, 2.0, 0.7}, kFloat64).requires_grad_();
-    const auto product_gradient = [](const Tensor& at) {
-        const NoGradGuard values_only;
-        return at * 1.5 * 2.5 + at * 2.5 * 1.5;  // d((1.5 x)(2.5 x))/dx
-    };
-    SUBCASE("both sums fresh, the gradient one value spread over the product (a large sum's)")
-    {
-        const Tensor wide = random({1100}, 3).requires_grad_();
-        const Tensor dx = both_routes(wide, [&] {
-            const Tensor a = wide * 1.5, b = wide * 2.5;
-            return (a * b).sum();
-        });
-        CHECK(close(dx, values(product_gradient(wide)), 1e-12));
-    }
-    SUBCASE("both sums fresh, the second taking over the incoming gradient's buffer")
-    {
-        const Tensor dx = both_routes(x, [&] {
-            const Tensor a = x * 1.5, b = x * 2.5;
-            return ((a * b) * 1.0).sum();
-        });
-        CHECK(close(dx, values(product_gradient(x)), 1e-12));
-    }
-    SUBCASE("both sums holding gradients already, added into")
-    {
-        const Tensor dx = both_routes(x, [&] {
-            const Tensor a = x * 1.5, b = x * 2.5;
-            const Tensor product = (a * b) * 1.0;
-            const Tensor ta = a.tanh();
-            const Tensor sb = b.sigmoid();
-            return (product + ta + sb).sum();
-        });
-        const NoGradGuard values_only;
-        const Tensor ta = (x * 1.5).tanh(), sb = (x * 2.5).sigmoid();
-        CHECK(close(dx, values(product_gradient(x) + (1.0 - ta * ta) * 1.5 + sb * (1.0 - sb) * 2.5), 1e-12));
-    }
-    SUBCASE("one tensor read twice (h * h): its sum made fresh for the first term, the second added")
-    {
-        const Tensor dx = both_routes(x, [&] {
-            const Tensor h = x * 1.5;
-            const Tensor th = h.tanh();  // swept after the square, so h's sum starts at the square
-            const Tensor square = (h * h) * 1.0;
-            return (square + th).sum();
-        });
-        const NoGradGuard values_only;
-        const Tensor th = (x * 1.5).tanh();
-        CHECK(close(dx, values(x * 1.5 * 3.0 + (1.0 - th * th) * 1.5), 1e-12));
-    }
-    SUBCASE("the second input's sum is a gradient another op handed on as it is: only the first is written in place")
-    {
-        const Tensor dx = both_routes(x, [&] {
-            const Tensor a = x * 1.5, b = x * 2.5;
-            const Tensor product = (a * b) * 1.0;
-            const Tensor passed = b + 0.0;  // hands b the gradient it receives, which it shares with its other input
-            return (product + passed).sum();
-        });
-        CHECK(close(dx, values(product_gradient(x) + 2.5), 1e-12));
-    }
-    SUBCASE("one input needs no gradient")
-    {
-        const Tensor c = tensor({1.0, -2.0, 0.5, 3.0}, kFloat64);
-        const Tensor dx = both_routes(x, [&] { return ((x * 1.5 * c) * 1.0).sum(); });
-        CHECK(close(dx, values(c * 1.5), 1e-12));
+    for (const DType dtype : {kFloat32, kFloat64}) {
+        for (const auto& [situation, loss] : situations) {
+            const bool wide = std::string(situation).find("large") != std::string::npos;
+            const Tensor x0 = random({2, wide ? 550 : 5}, 21).to(dtype);
+            const auto inputs = [](const Tensor& x) { return std::pair{x * 0.5 + 1.5, x * x + 1.0}; };
+            for (const auto& [name, op] : binary)
+                routes_agree(std::string(name) + ", " + situation, x0, [&, op = op, loss = loss](const Tensor& x) {
+                    const auto [a, b] = inputs(x);
+                    return loss(a, b, [&](const Tensor& u, const Tensor& v) { return op(u, v); });
+                });
+            for (const auto& [name, op] : unary)
+                routes_agree(std::string(name) + ", " + situation, x0, [&, op = op, loss = loss](const Tensor& x) {
+                    const auto [a, b] = inputs(x);
+                    // The unary op of one operand, then a mul to join the two (the situation's op).
+                    return loss(a, b, [&](const Tensor& u, const Tensor& v) {
+                        const Tensor r = op(u);
+                        return r * v;
+                    });
+                });
+        }
     }
 }
 
