@@ -343,11 +343,14 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor> inputs,
 namespace {
 // push_entry_stored's rare paths, out of line: inline, they made every entry recorded save and
 // restore more registers.
-[[gnu::noinline, gnu::cold]] void show_tracer(const char* name, std::span<const Tensor* const> inputs,
-                                               std::span<const Tensor> outputs)
+const Tensor& tensor_of(const Tensor* t) { return *t; }
+const Tensor& tensor_of(internal::TensorRef r) { return *r.tensor; }
+
+template <class Refs>
+[[gnu::noinline, gnu::cold]] void show_tracer(const char* name, Refs inputs, std::span<const Tensor> outputs)
 {
     SmallVector<Tensor, 3> in;
-    for (const Tensor* t : inputs) in.push_back(*t);
+    for (const auto& t : inputs) in.push_back(tensor_of(t));
     autograd::engine::current_tracer->on_entry(name, std::span<const Tensor>(in.data(), in.size()), outputs);
 }
 [[gnu::noinline]] void compact_before_entry(engine::Tape& tape)
@@ -357,21 +360,97 @@ namespace {
 }
 }  // namespace
 
-void detail::push_entry_stored(const char* name, std::span<const Tensor* const> inputs,
-                               std::span<const Tensor> outputs, std::span<const Tensor* const> saved,
-                               const BackwardOps& ops, void* closure, bool custom)
+namespace {
+// The parts of recording an entry that the general route (push_entry_stored) and loom's own
+// single-output ops (push_op_entry) share, inline in each.
+
+// The entry's reference to input t; `first`: its first output, if any. A leaf's node only the
+// tensors own: the tape holds it (once, for all entries that read it) and the entry points at
+// it. A non-leaf is its slot; where neither its node nor the first output's gradient will tell
+// its shape and dtype (or `many_outputs` leave that unsure), *keep_meta is set.
+[[gnu::always_inline]] inline InputRef input_ref(engine::Tape& tape, const char* name, const Tensor& t,
+                                                 const Tensor* first, bool many_outputs, bool* keep_meta)
+{
+    if (!t.requires_grad()) return InputRef();
+    const TensorImpl& impl = t.impl();
+    const bool like_output = first && t.sizes() == first->sizes() && t.dtype() == first->dtype();
+    if (!impl.slots) {
+        tape.hold_input(impl.node);
+        return InputRef::leaf(impl.node.get(), like_output);
+    }
+    LOOM_CHECK(impl.slots->tape == tape.id, name,
+               "an input was computed on another thread, whose tape this thread cannot sweep; "
+               "detach() it, or compute it on this thread");
+    if (impl.slots->seq[impl.slot_index] < tape.reset_floor) tape.reclaimed_inputs.emplace(impl.slot(), impl.history());
+    *keep_meta = *keep_meta || !like_output || many_outputs;
+    return InputRef::non_leaf(impl.slot(), like_output);
+}
+
+// Keeps the shapes and dtypes of e's non-leaf inputs in the tape's stream (InputMeta).
+template <class Refs> void keep_input_meta(engine::Tape& tape, Entry& e, Refs inputs)
+{
+    bool large = false;
+    for (std::size_t k = 0; k < inputs.size(); ++k)
+        large = large || (e.inputs[k].slot() != 0 && tensor_of(inputs[k]).dim() > 4);
+    InputMeta* meta = e.input_meta.emplace(
+        tape.stream.allocate(KeptInputMeta::bytes_for(inputs.size()), KeptInputMeta::bytes_align), inputs.size(), large);
+    for (std::size_t k = 0; k < inputs.size(); ++k)
+        if (e.inputs[k].slot() != 0) meta[k] = InputMeta{tensor_of(inputs[k]).sizes(), tensor_of(inputs[k]).dtype()};
+}
+
+// Keeps s for e's backward; `output`: its index among e's outputs, or kNotOutput. A saved
+// output is kept as it is, marked so that compaction can tell it from a user's hold (see
+// compact_since).
+constexpr std::size_t kNotOutput = SIZE_MAX;
+[[gnu::always_inline]] inline void save(Entry& e, const Tensor& s, std::size_t output)
+{
+    if (!s.defined()) e.saved.emplace_back(Tensor(), 0, false, 0);
+    else if (output == kNotOutput) e.saved.emplace_back(s, s.version(), false, 0);
+    else e.saved.emplace_back(s, s.version(), true, output);
+}
+
+// Gives `out` the history of its entry's output in `slot`, whose record `chunk` holds.
+[[gnu::always_inline]] inline void give_history(SlotChunk& chunk, std::uint64_t slot, const char* name,
+                                                std::uint64_t seq, const Tensor& out)
+{
+    const auto i = static_cast<std::uint16_t>(slot - chunk.first_slot);
+    chunk.op[i] = name;
+    chunk.seq[i] = seq;
+    chunk.alive[i].store(true, std::memory_order_relaxed);
+    TensorImpl& impl = out.impl();
+    impl.slots = &chunk;
+    impl.slot_index = i;
+}
+
+// The checks every recorded output passes.
+[[gnu::always_inline]] inline void check_output(const char* name, const Tensor& out)
+{
+    LOOM_CHECK(!out.requires_grad(), name, "internal: an output is already on the tape");
+    LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
+}
+
+// Starts an entry: the tracer shown it, the tape compacted if due.
+template <class Refs>
+[[gnu::always_inline]] inline engine::Tape& tape_for_entry(const char* name, Refs inputs, std::span<const Tensor> outputs)
 {
     if (autograd::engine::current_tracer) [[unlikely]]
         show_tracer(name, inputs, outputs);
     auto& tape = this_tape();
     if (tape.entries.size() >= tape.compact_at) [[unlikely]]
         compact_before_entry(tape);
+    return tape;
+}
+}  // namespace
+
+void detail::push_entry_stored(const char* name, std::span<const Tensor* const> inputs,
+                               std::span<const Tensor> outputs, std::span<const Tensor* const> saved,
+                               const BackwardOps& ops, void* closure, bool custom)
+{
+    auto& tape = tape_for_entry(name, inputs, outputs);
     // The outputs' slot chunks are made before the entry, so that making one cannot fail after.
     SlotChunk* first_chunk = nullptr;
     for (std::size_t k = 0; k < outputs.size(); ++k) {
-        const Tensor& out = outputs[k];
-        LOOM_CHECK(!out.requires_grad(), name, "internal: an output is already on the tape");
-        LOOM_CHECK(is_floating(out.dtype()), name, "internal: output of dtype {} cannot require grad", out.dtype());
+        check_output(name, outputs[k]);
         SlotChunk& chunk = tape.chunk_for(tape.next_slot + k);
         if (k == 0) first_chunk = &chunk;
     }
@@ -382,43 +461,13 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
     try {
         e.seq = tape.next_seq;
         e.name = name;
-        // Read before any output gets its history: an output may be an input that needs no
-        // gradient. A leaf's node only the tensors own: the tape holds it (once, for all entries
-        // that read it) and the entry points at it. A non-leaf is its slot; where neither its node
-        // nor the first output's gradient will tell its shape and dtype, the entry keeps them.
+        // Read before any output gets its history: an output may be an input that needs no gradient.
         e.inputs.reserve(inputs.size());
-        bool needs_meta = false;
-        for (const Tensor* t : inputs) {
-            InputRef in;
-            if (t->requires_grad()) {
-                const TensorImpl& impl = t->impl();
-                const bool like_output =
-                    !outputs.empty() && t->sizes() == outputs[0].sizes() && t->dtype() == outputs[0].dtype();
-                if (!impl.slots) {
-                    tape.hold_input(impl.node);
-                    in = InputRef::leaf(impl.node.get(), like_output);
-                } else {
-                    LOOM_CHECK(impl.slots->tape == tape.id, name,
-                               "an input was computed on another thread, whose tape this thread cannot sweep; "
-                               "detach() it, or compute it on this thread");
-                    in = InputRef::non_leaf(impl.slot(), like_output);
-                    if (impl.slots->seq[impl.slot_index] < tape.reset_floor)
-                        tape.reclaimed_inputs.emplace(impl.slot(), impl.history());
-                    needs_meta = needs_meta || !like_output || outputs.size() > 1;
-                }
-            }
-            e.inputs.push_back(in);
-        }
-        if (needs_meta) {
-            bool large = false;
-            for (std::size_t k = 0; k < inputs.size(); ++k)
-                large = large || (e.inputs[k].slot() != 0 && inputs[k]->dim() > 4);
-            InputMeta* meta = e.input_meta.emplace(
-                tape.stream.allocate(KeptInputMeta::bytes_for(inputs.size()), KeptInputMeta::bytes_align),
-                inputs.size(), large);
-            for (std::size_t k = 0; k < inputs.size(); ++k)
-                if (e.inputs[k].slot() != 0) meta[k] = InputMeta{inputs[k]->sizes(), inputs[k]->dtype()};
-        }
+        bool keep_meta = false;
+        for (const Tensor* t : inputs)
+            e.inputs.push_back(
+                input_ref(tape, name, *t, outputs.empty() ? nullptr : &outputs[0], outputs.size() > 1, &keep_meta));
+        if (keep_meta) keep_input_meta(tape, e, inputs);
         e.first_slot = tape.next_slot;
         e.num_outputs = static_cast<std::uint32_t>(outputs.size());
         if (!outputs.empty()) {
@@ -431,23 +480,13 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
             for (const Tensor& out : outputs.subspan(1)) more.push_back(Entry::Output{out.sizes(), out.dtype()});
         }
         e.saved.reserve(saved.size());
-        for (const Tensor* saved_tensor : saved) {
-            const Tensor& s = *saved_tensor;
-            if (!s.defined()) {
-                e.saved.emplace_back(Tensor(), 0, false, 0);
-                continue;
-            }
-            // A saved output is kept as it is, marked so that compaction can tell it from a
-            // user's hold (see compact_since).
-            std::size_t index = 0;  // among the outputs; outputs.size() when s is none of them
-            while (index < outputs.size() && !outputs[index].is_same(s)) ++index;
-            if (index == outputs.size()) e.saved.emplace_back(s, s.version(), false, 0);
-            else {
-                LOOM_CHECK(index < Saved::kMaxOutputs, name,
-                           "saves its output {}, but only the first {} outputs of an op can be saved for backward",
-                           index, Saved::kMaxOutputs);
-                e.saved.emplace_back(s, s.version(), true, index);
-            }
+        for (const Tensor* s : saved) {
+            std::size_t index = 0;  // among the outputs
+            while (index < outputs.size() && !outputs[index].is_same(*s)) ++index;
+            LOOM_CHECK(index == outputs.size() || index < Saved::kMaxOutputs, name,
+                       "saves its output {}, but only the first {} outputs of an op can be saved for backward", index,
+                       Saved::kMaxOutputs);
+            save(e, *s, index == outputs.size() ? kNotOutput : index);
         }
         if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;
         e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));
@@ -458,14 +497,7 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
     // Nothing below throws: the outputs get their history once the entry stands.
     for (std::size_t k = 0; k < outputs.size(); ++k) {
         const std::uint64_t slot = tape.next_slot + k;
-        SlotChunk& chunk = k == 0 ? *first_chunk : tape.chunk_for(slot);
-        const auto i = static_cast<std::uint16_t>(slot - chunk.first_slot);
-        chunk.op[i] = name;
-        chunk.seq[i] = tape.next_seq;
-        chunk.alive[i].store(true, std::memory_order_relaxed);
-        TensorImpl& impl = outputs[k].impl();
-        impl.slots = &chunk;
-        impl.slot_index = i;
+        give_history(k == 0 ? *first_chunk : tape.chunk_for(slot), slot, name, tape.next_seq, outputs[k]);
     }
     e.custom = custom;
     ++tape.next_seq;
@@ -473,6 +505,38 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
     if (anomaly_mode_enabled())
         for (const Tensor& out : outputs) check_forward_anomaly(name, out, e.seq);
 }
+
+void detail::push_op_entry(const char* name, std::span<const internal::TensorRef> inputs, const Tensor& output,
+                           std::span<const internal::TensorRef> saved, const BackwardOps& ops, void* closure)
+{
+    auto& tape = tape_for_entry(name, inputs, std::span<const Tensor>(&output, 1));
+    check_output(name, output);
+    SlotChunk& chunk = tape.chunk_for(tape.next_slot);
+    Entry& e = tape.entries.emplace_back();  // as in push_entry_stored
+    try {
+        e.seq = tape.next_seq;
+        e.name = name;
+        bool keep_meta = false;
+        for (const internal::TensorRef in : inputs)
+            e.inputs.push_back(input_ref(tape, name, *in.tensor, &output, false, &keep_meta));
+        if (keep_meta) keep_input_meta(tape, e, inputs);
+        e.first_slot = tape.next_slot;
+        e.num_outputs = 1;
+        if (!e.output_shape.assign(output.sizes())) e.rare_made().output_shape = output.sizes();
+        e.output_dtype = output.dtype();
+        for (const internal::TensorRef s : saved) save(e, *s.tensor, s.tensor->is_same(output) ? 0 : kNotOutput);
+        if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;
+        e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));
+    } catch (...) {
+        tape.entries.pop_back();
+        throw;
+    }
+    give_history(chunk, tape.next_slot, name, tape.next_seq, output);
+    ++tape.next_seq;
+    ++tape.next_slot;
+    if (anomaly_mode_enabled()) check_forward_anomaly(name, output, e.seq);
+}
+
 Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region)
 {
     Tensor whole = zeros(shape, part.dtype());
