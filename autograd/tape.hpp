@@ -756,8 +756,8 @@ namespace detail {
 void push_entry_stored(const char* name, std::span<const Tensor* const> inputs, std::span<const Tensor> outputs,
                        std::span<const Tensor* const> saved, const BackwardOps& ops, void* closure, bool custom);
 /// push_entry_stored for one of loom's own ops of one output, its inputs and saved tensors as
-/// braced lists give them: no list is built, and the one output needs no loop. A fifth fewer
-/// instructions per entry recorded than the general route (W7).
+/// braced lists give them: no list is built, and the one output needs no loop (W7: about 360
+/// instructions an entry, against 420 through the general route).
 void push_op_entry(const char* name, std::span<const internal::TensorRef> inputs, const Tensor& output,
                    std::span<const internal::TensorRef> saved, const BackwardOps& ops, void* closure);
 /// The same with the inputs and saved tensors in lists.
