@@ -495,14 +495,16 @@ struct Sweep final : autograd::GradientSums {
     {
         autograd::PendingGrad& q = receiving(in);
         const T* gp = g.data_ptr<T>();  // read before g may be handed over
+        // A buffer of g's shape: laid out as g is where g is contiguous (no shape to check).
+        const auto buffer = [&] { return spread ? empty(g.sizes(), g.dtype()) : detail::empty_like_contiguous(g, g.dtype()); };
         if (!q.sum.defined()) {
             if (last_read && !spread && sole_whole_tensor(g)) q.sum = std::move(g);
-            else make_in_place(q.sum, [&] { return empty(g.sizes(), g.dtype()); });
+            else make_in_place(q.sum, buffer);
             q.owned = true;
             return write_formula<T, true>(q.sum, gp, spread, fn);
         }
         if (q.owned && q.sum.is_contiguous()) return write_formula<T, false>(q.sum, gp, spread, fn);
-        Tensor part = empty(g.sizes(), g.dtype());
+        Tensor part = buffer();
         write_formula<T, true>(part, gp, spread, fn);
         add(in, std::move(part));
     }
