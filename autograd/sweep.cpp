@@ -491,12 +491,15 @@ struct Sweep final : autograd::GradientSums {
     // Sums input `in`'s gradient fn(g_i, i) into its sum: written into a fresh one (g's own
     // buffer where `last_read` and no one else holds g), added into one the sweep owns, or made
     // aside and added as any gradient is.
-    template <class T, class Fn> void sum_formula(const autograd::InputRef& in, Tensor& g, bool spread, bool last_read, Fn fn)
+    template <class T, class Fn>
+    void sum_formula(const autograd::InputRef& in, Tensor& g, bool spread, bool last_read, Fn fn)
     {
         autograd::PendingGrad& q = receiving(in);
         const T* gp = g.data_ptr<T>();  // read before g may be handed over
         // A buffer of g's shape: laid out as g is where g is contiguous (no shape to check).
-        const auto buffer = [&] { return spread ? empty(g.sizes(), g.dtype()) : detail::empty_like_contiguous(g, g.dtype()); };
+        const auto buffer = [&] {
+            return spread ? empty(g.sizes(), g.dtype()) : detail::empty_like_contiguous(g, g.dtype());
+        };
         if (!q.sum.defined()) {
             if (last_read && !spread && sole_whole_tensor(g)) q.sum = std::move(g);
             else make_in_place(q.sum, buffer);
@@ -534,7 +537,8 @@ struct Sweep final : autograd::GradientSums {
             const T* b = Op::reads.b ? v[1]->data_ptr<T>() : nullptr;
             const T* y = Op::reads.y ? v[2]->data_ptr<T>() : nullptr;
             const auto values_at = [&](std::int64_t i) {
-                return std::array<T, 3>{Op::reads.a ? a[i] : T(0), Op::reads.b ? b[i] : T(0), Op::reads.y ? y[i] : T(0)};
+                return std::array<T, 3>{Op::reads.a ? a[i] : T(0), Op::reads.b ? b[i] : T(0),
+                                        Op::reads.y ? y[i] : T(0)};
             };
             if (in0) {
                 if constexpr (passes_a) add(in0, in1 ? Tensor(g) : std::move(g));
@@ -617,7 +621,8 @@ struct Sweep final : autograd::GradientSums {
             autograd::Entry& e = entries[i];
             if (long_tape && i >= kBlocksAhead) prefetch_saved_blocks(entries[i - kBlocksAhead]);
             accumulate_leaves_read_above(i);
-            if (const autograd::BackwardOps* ops = e.backward.ops(); by_formula && ops && ops->pointwise != 0 && !e.watched &&
+            const autograd::BackwardOps* ops = e.backward.ops();
+            if (by_formula && ops && ops->pointwise != 0 && !e.watched &&
                 autograd::detail::profilers_alive.load(std::memory_order_relaxed) == 0) {
                 autograd::PendingGrad& p = slot(e.first_slot);
                 if (!p.sum.defined()) continue;

@@ -515,11 +515,14 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
         {"sigmoid", [](const Tensor& a) { return a.sigmoid(); }}};
     // Each loss reads a = 1.5 + x / 2 and b = 1 + x^2 (both positive, for log and div), then the op
     // in one situation. Each op is a statement of its own, so the tape's order is the one written.
-    using Loss = std::function<Tensor(const Tensor& a, const Tensor& b, const std::function<Tensor(const Tensor&, const Tensor&)>& op)>;
+    using Op = std::function<Tensor(const Tensor&, const Tensor&)>;
+    using Loss = std::function<Tensor(const Tensor& a, const Tensor& b, const Op& op)>;
     const std::vector<std::pair<const char*, Loss>> situations{
-        {"fresh sums, a contiguous gradient", [](const Tensor& a, const Tensor& b, const auto& op) { return (op(a, b) * 1.0).sum(); }},
+        {"fresh sums, a contiguous gradient",
+         [](const Tensor& a, const Tensor& b, const auto& op) { return (op(a, b) * 1.0).sum(); }},
         // Over 1,024 elements (x is then [2, 550]), a sum's gradient is one value spread, not a buffer.
-        {"a gradient spread from a large sum", [](const Tensor& a, const Tensor& b, const auto& op) { return op(a, b).sum(); }},
+        {"a gradient spread from a large sum",
+         [](const Tensor& a, const Tensor& b, const auto& op) { return op(a, b).sum(); }},
         {"sums already written, added into",
          [](const Tensor& a, const Tensor& b, const auto& op) {
              const Tensor r = op(a, b);
@@ -532,7 +535,8 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
              const Tensor passed_a = a + 0.0, passed_b = b + 0.0;  // hand a and b their gradients as they are
              return (r * 1.0 + passed_a * 2.0 + passed_b * 3.0).sum();
          }},
-        {"one tensor read twice", [](const Tensor& a, const Tensor&, const auto& op) { return (op(a, a) * 1.0).sum(); }},
+        {"one tensor read twice",
+         [](const Tensor& a, const Tensor&, const auto& op) { return (op(a, a) * 1.0).sum(); }},
         {"an operand that needs no gradient",
          [](const Tensor& a, const Tensor&, const auto& op) {
              const Tensor c = full_like(a, 1.25);
@@ -540,14 +544,17 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
              const Tensor r1 = op(c, a);
              return (r0 * 1.0 + r1 * 2.0).sum();
          }},
-        {"an operand broadcast (the backward function's route)",
+        // Where a formula would read a broadcast or non-contiguous operand, or an input is broadcast,
+        // the entry takes its backward function's route.
+        {"an operand broadcast",
          [](const Tensor& a, const Tensor& b, const auto& op) {
              const Tensor row = b.select(0, 1);
              return (op(a, row) * 1.0 + op(row, a) * 2.0).sum();
          }},
-        {"operands not contiguous (the backward function's route)",
+        {"operands not contiguous",
          [](const Tensor& a, const Tensor& b, const auto& op) { return (op(a.t(), b.t()) * 1.0).sum(); }}};
-    const auto routes_agree = [](const std::string& what, const Tensor& x0, const std::function<Tensor(const Tensor&)>& loss) {
+    const auto routes_agree = [](const std::string& what, const Tensor& x0,
+                                 const std::function<Tensor(const Tensor&)>& loss) {
         INFO(what, " ", x0.dtype());
         const auto gradient = [&] {
             const Tensor x = x0.clone().requires_grad_();
@@ -565,7 +572,8 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
         }
         CHECK(testing::close_tensors(by_formula, by_function_in_place, 0));
         CHECK(testing::close_tensors(by_formula, by_function_returned, 0));
-        if (x0.dtype() == kFloat64) check_ok(gradcheck([&](const std::vector<Tensor>& in) { return loss(in[0]); }, {x0.clone().requires_grad_()}), what.c_str());
+        const auto fn = [&](const std::vector<Tensor>& in) { return loss(in[0]); };
+        if (x0.dtype() == kFloat64) check_ok(gradcheck(fn, {x0.clone().requires_grad_()}), what.c_str());
     };
     for (const DType dtype : {kFloat32, kFloat64}) {
         for (const auto& [situation, loss] : situations) {
