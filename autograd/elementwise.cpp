@@ -50,23 +50,13 @@ Tensor reduce_to(const BackwardContext& c, std::size_t k, Tensor&& g)
     return sum_to(g, c.input_shape(k));
 }
 
-// The checks below run for every gradient written in place: forced inline, as calls they cost
-// W7's gradient 0.5% more instructions.
-
 // Whether input k has the shape and dtype of g, the gradient of the entry's output. An input
 // marked like the output needs no compare: each gradient the sweep hands a backward has its
-// output's shape and dtype (checked as it was summed).
+// output's shape and dtype (checked as it was summed). Forced inline, as readable_in_place and
+// pairs_with are: as calls, such checks cost W7's gradient 0.5% more instructions.
 [[gnu::always_inline]] inline bool input_like_grad(const BackwardContext& c, std::size_t k, const Tensor& g)
 {
     return (*c.inputs)[k].like_output() || (c.input_dtype(k) == g.dtype() && c.input_shape(k) == g.sizes());
-}
-
-// Writes fn(g[i], v[i]) into `sum` (see GradientBuffer::write), g one value where spread.
-template <class T, class Fn>
-void write_pairs(const autograd::GradientBuffer& sum, Fn fn, const T* gp, const T* vp, bool spread)
-{
-    if (spread) sum.write<T>([&, g0 = *gp](std::int64_t i) { return fn(g0, vp[i]); });
-    else sum.write<T>([&](std::int64_t i) { return fn(gp[i], vp[i]); });
 }
 
 // Input k's gradient fn(g, v) computed element by element straight into the sum the sweep keeps
@@ -89,7 +79,8 @@ bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tenso
     dispatch_floating("backward", dtype, [&]<class T>() {
         // Handed over, g's values are in the sum (and g is undefined).
         const T* gp = sum.holds_incoming ? sum.sum->data_ptr<T>() : g.data_ptr<T>();
-        write_pairs<T>(sum, fn, gp, v.data_ptr<T>(), spread);
+        const T* vp = v.data_ptr<T>();
+        sum.write_from<T>(gp, spread, [&](T gi, std::int64_t i) { return fn(gi, vp[i]); });
     });
     return true;
 }

@@ -470,24 +470,6 @@ struct Sweep final : autograd::GradientSums {
         return g;
     }
 
-    // Writes fn(g_i, i) into out's elements (set when Fresh, else added), g_i = gp[i], or gp[0]
-    // where g is one value spread. Each element of g is read before out's is written: out may
-    // be g's own buffer.
-    template <class T, bool Fresh, class Fn> static void write_formula(Tensor& out, const T* gp, bool spread, Fn fn)
-    {
-        T* o = out.data_ptr<T>();
-        const auto put = [o](std::int64_t i, T d) {
-            if constexpr (Fresh) o[i] = d;
-            else o[i] += d;
-        };
-        kernels::over_elements(out.numel(), [&](std::int64_t i0, std::int64_t i1) {
-            if (spread)
-                for (std::int64_t i = i0; i < i1; ++i) put(i, fn(gp[0], i));
-            else
-                for (std::int64_t i = i0; i < i1; ++i) put(i, fn(gp[i], i));
-        });
-    }
-
     // Sums input `in`'s gradient fn(g_i, i) into its sum: written into a fresh one (g's own
     // buffer where `last_read` and no one else holds g), added into one the sweep owns, or made
     // aside and added as any gradient is.
@@ -501,14 +483,16 @@ struct Sweep final : autograd::GradientSums {
             return spread ? empty(g.sizes(), g.dtype()) : detail::empty_like_contiguous(g, g.dtype());
         };
         if (!q.sum.defined()) {
-            if (last_read && !spread && sole_whole_tensor(g)) q.sum = std::move(g);
+            const bool hand_over = last_read && !spread && sole_whole_tensor(g);
+            if (hand_over) q.sum = std::move(g);
             else make_in_place(q.sum, buffer);
             q.owned = true;
-            return write_formula<T, true>(q.sum, gp, spread, fn);
+            return autograd::GradientBuffer{&q.sum, true, hand_over}.write_from<T>(gp, spread, fn);
         }
-        if (q.owned && q.sum.is_contiguous()) return write_formula<T, false>(q.sum, gp, spread, fn);
+        if (q.owned && q.sum.is_contiguous())
+            return autograd::GradientBuffer{&q.sum, false}.write_from<T>(gp, spread, fn);
         Tensor part = buffer();
-        write_formula<T, true>(part, gp, spread, fn);
+        autograd::GradientBuffer{&part, true}.write_from<T>(gp, spread, fn);
         add(in, std::move(part));
     }
 

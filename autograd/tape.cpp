@@ -341,11 +341,12 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor> inputs,
 }
 
 namespace {
-// push_entry_stored's rare paths, out of line: inline, they made every entry recorded save and
-// restore more registers.
+// An input or saved tensor as the general route (a pointer) or push_op_entry (a TensorRef) names it.
 const Tensor& tensor_of(const Tensor* t) { return *t; }
 const Tensor& tensor_of(internal::TensorRef r) { return *r.tensor; }
 
+// push_entry_stored's rare paths, out of line: inline, they made every entry recorded save and
+// restore more registers.
 template <class Refs>
 [[gnu::noinline, gnu::cold]] void show_tracer(const char* name, Refs inputs, std::span<const Tensor> outputs)
 {

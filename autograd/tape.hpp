@@ -335,7 +335,7 @@ struct GradientBuffer {
     /// Writes value(i) into every element i of the sum (of element type T): set when the buffer
     /// is fresh, added when not. A large sum is split across threads (kernels::over_elements),
     /// so value may be called from several at once: it must only read.
-    template <class T, class Fn> void write(Fn value) const
+    template <class T, class Fn> [[gnu::always_inline]] void write(Fn value) const
     {
         T* out = sum->data_ptr<T>();
         kernels::over_elements(sum->numel(), [&](std::int64_t i0, std::int64_t i1) {
@@ -344,6 +344,14 @@ struct GradientBuffer {
             else
                 for (std::int64_t i = i0; i < i1; ++i) out[i] += value(i);
         });
+    }
+    /// write() of fn(g_i, i), with g_i element i of the incoming gradient at `g`, or g[0] where
+    /// it is one value `spread` over the sum's shape. Each element of g is read before the sum's
+    /// is written: the sum may be g's own buffer (holds_incoming).
+    template <class T, class Fn> [[gnu::always_inline]] void write_from(const T* g, bool spread, Fn fn) const
+    {
+        if (spread) write<T>([&, g0 = *g](std::int64_t i) { return fn(g0, i); });
+        else write<T>([&](std::int64_t i) { return fn(g[i], i); });
     }
 };
 
