@@ -64,7 +64,7 @@ const Entry& entry_of(std::string_view op, const History& h)
     const bool reclaimed = h.tape == tape.id && h.seq < tape.reset_floor;
     // Numbers are per tape: another thread's entry #5 is not this one's.
     const Entry* e = reclaimed || h.tape != tape.id ? nullptr : find_entry(h.seq);
-    LOOM_CHECK(!reclaimed && !(e && e->released), op,
+    LOOM_CHECK(!reclaimed && !(e && e->released()), op,
                "'{}' (tape entry #{}) was released by an earlier backward(); export the graph before backward, "
                "or pass retain_graph=true",
                h.op, h.seq);

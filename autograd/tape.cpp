@@ -79,7 +79,6 @@ Tape::~Tape()
 
 void release(Entry& e)
 {
-    e.released = true;
     forget_watched(this_tape(), e);
     e.inputs = InputNodes();
     e.input_meta.reset();
@@ -235,7 +234,7 @@ void compact_since(std::uint64_t first_seq)
     std::size_t kept = first;
     for (std::size_t i = first; i < tape.entries.size(); ++i)
         if (dead[i]) {
-            tape.released_entries -= tape.entries[i].released;
+            tape.released_entries -= tape.entries[i].released();
             forget_watched(tape, tape.entries[i]);
         } else {
             if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
@@ -330,6 +329,12 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
                 std::span<const Tensor> saved, BackwardFn backward, bool custom)
 {
     detail::push_entry_stored(name, inputs, outputs, saved, backward_ops_of<BackwardFn>, &backward, custom);
+}
+
+void Entry::keep_first_output_shape_aside(const Shape& shape)
+{
+    rare_made().output_shape = shape;  // may throw: output_ndim is set after
+    output_ndim = kShapeAside;
 }
 
 void detail::push_entry_stored(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
@@ -472,7 +477,7 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
         e.first_slot = tape.next_slot;
         e.num_outputs = static_cast<std::uint32_t>(outputs.size());
         if (!outputs.empty()) {
-            if (!e.output_shape.assign(outputs[0].sizes())) e.rare_made().output_shape = outputs[0].sizes();
+            e.keep_first_output_shape(outputs[0].sizes());
             e.output_dtype = outputs[0].dtype();
         }
         if (outputs.size() > 1) {
@@ -523,7 +528,7 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
         if (keep_meta) keep_input_meta(tape, e, inputs);
         e.first_slot = tape.next_slot;
         e.num_outputs = 1;
-        if (!e.output_shape.assign(output.sizes())) e.rare_made().output_shape = output.sizes();
+        e.keep_first_output_shape(output.sizes());
         e.output_dtype = output.dtype();
         for (const internal::TensorRef s : saved) save(e, *s.tensor, s.tensor->is_same(output) ? 0 : kNotOutput);
         if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;

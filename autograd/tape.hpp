@@ -485,7 +485,9 @@ struct BackwardOps {
 
 namespace detail {
 /// Whether a closure of type C is kept in its entry: small, and copied by copying its bytes.
-template <class C> inline constexpr bool closure_kept_inline = sizeof(C) <= 24 && alignof(C) <= 8 && std::is_trivially_copyable_v<C>;
+/// 16 bytes: a closure of loom's ops captures nothing or a number or two, and 8 more in every entry
+/// would make it longer than three cache lines.
+template <class C> inline constexpr bool closure_kept_inline = sizeof(C) <= 16 && alignof(C) <= 8 && std::is_trivially_copyable_v<C>;
 
 /// The formula a closure of type C names (its `pointwise_kind`, see BackwardOps::pointwise), or 0.
 template <class C> constexpr std::uint8_t pointwise_kind_of()
@@ -525,7 +527,7 @@ inline constexpr BackwardOps backward_ops_of{
 class StoredBackward {
 public:
     /// Bytes of closure an entry keeps inline.
-    static constexpr std::size_t kInlineBytes = 24;
+    static constexpr std::size_t kInlineBytes = 16;
     StoredBackward() = default;
     ~StoredBackward() { reset(); }
     StoredBackward(const StoredBackward&) = delete;
@@ -590,48 +592,8 @@ private:
 /// the input's shape to that part.
 using RegionFn = std::function<Tensor(const Tensor&)>;
 
-/// An entry's first output's shape in 20 bytes instead of a Shape's 48: up to four dims, each
-/// below 2^32. The entry keeps any other shape aside (Entry::Rare::output_shape).
-class OutputShape {
-public:
-    /// Keeps `shape` if it fits; false (keeping nothing) if it does not.
-    bool assign(const Shape& shape) noexcept
-    {
-        ndim_ = kAside;
-        if (shape.size() > kDims) return false;
-        for (std::size_t d = 0; d < shape.size(); ++d) {
-            if (static_cast<std::uint64_t>(shape[d]) > UINT32_MAX) return false;  // dims_ unread: ndim_ says aside
-            dims_[d] = static_cast<std::uint32_t>(shape[d]);
-        }
-        ndim_ = static_cast<std::uint32_t>(shape.size());
-        return true;
-    }
-    /// Whether a shape is kept here.
-    bool kept() const { return ndim_ != kAside; }
-    /// Writes the shape kept into `out`.
-    void write(Shape& out) const
-    {
-        out.resize(ndim_);
-        std::int64_t* to = out.data();
-        // Unrolled: cheaper than a loop of unknown length, for every entry swept.
-        switch (ndim_) {
-        case 4: to[3] = dims_[3]; [[fallthrough]];
-        case 3: to[2] = dims_[2]; [[fallthrough]];
-        case 2: to[1] = dims_[1]; [[fallthrough]];
-        case 1: to[0] = dims_[0]; [[fallthrough]];
-        default: break;
-        }
-    }
-
-private:
-    static constexpr std::size_t kDims = 4;
-    static constexpr std::uint32_t kAside = UINT32_MAX;
-    std::uint32_t dims_[kDims];
-    std::uint32_t ndim_ = 0;  // 0-d: an entry without outputs
-};
-
-/// One recorded op on the tape: 208 bytes, which forward writes, the sweep reads and a reset
-/// drops, one after another along a tape that may outgrow the caches.
+/// One recorded op on the tape: 192 bytes, three cache lines, which forward writes, the sweep reads
+/// and a reset drops, one after another along a tape that may outgrow the caches.
 struct Entry {
     /// User-provided, so that appending an entry does not first zero all of it.
     Entry() noexcept {}
@@ -647,8 +609,8 @@ struct Entry {
     std::uint32_t num_outputs = 0;
     /// Its first output's dtype.
     DType output_dtype = kFloat32;
-    /// Whether a sweep released it (it cannot be swept again).
-    bool released = false;
+    /// How many dims output_dims keeps (0: a 0-d output, or none), or kShapeAside.
+    std::uint8_t output_ndim = 0;
     /// An output has hooks or retains its gradient (register_hook, retain_grad): the sweep then
     /// looks up its node (Tape::watched_nodes); otherwise it never needs to.
     bool watched = false;
@@ -664,8 +626,11 @@ struct Entry {
     /// Its backward function.
     StoredBackward backward;
     /// Its first output's shape (for the graph exports, once the output is gone, and the inputs
-    /// marked like_output()), unless kept aside in `rare`.
-    OutputShape output_shape;
+    /// marked like_output()) in 16 bytes instead of a Shape's 48: up to four dims, each below
+    /// 2^32. Any other shape is kept aside (Rare::output_shape, output_ndim kShapeAside).
+    std::uint32_t output_dims[4];
+    /// output_ndim of a first output whose shape is kept aside, in Rare::output_shape.
+    static constexpr std::uint8_t kShapeAside = 0xff;
     /// What the entry keeps of one of its outputs.
     struct Output {
         /// Its shape.
@@ -683,20 +648,49 @@ struct Entry {
         RegionFn region;
         /// The Scope it was recorded in.
         std::shared_ptr<const std::string> scope;
-        /// The first output's shape, where OutputShape cannot keep it.
+        /// The first output's shape, where output_dims cannot keep it.
         Shape output_shape;
     };
     /// Null unless the entry has more than one output, a region, a scope, or a first output of
     /// more than four dims or a dim of 2^32 or more.
     std::unique_ptr<Rare> rare;
+    /// Keeps `shape` as its first output's: in output_dims if it fits, else aside.
+    [[gnu::always_inline]] void keep_first_output_shape(const Shape& shape)
+    {
+        if (shape.size() <= std::size(output_dims)) {
+            bool fits = true;
+            for (std::size_t d = 0; d < shape.size(); ++d) {
+                fits = fits && static_cast<std::uint64_t>(shape[d]) <= UINT32_MAX;
+                output_dims[d] = static_cast<std::uint32_t>(shape[d]);
+            }
+            if (fits) [[likely]] {
+                output_ndim = static_cast<std::uint8_t>(shape.size());
+                return;
+            }
+        }
+        keep_first_output_shape_aside(shape);
+    }
+    /// keep_first_output_shape() of a shape output_dims cannot hold (tape.cpp: rare, so out of line).
+    void keep_first_output_shape_aside(const Shape& shape);
     /// The first output's shape: `scratch`, written with it, or the one kept aside.
     const Shape& first_output_shape(Shape& scratch) const
     {
-        if (!output_shape.kept()) [[unlikely]]
+        if (output_ndim == kShapeAside) [[unlikely]]
             return rare->output_shape;
-        output_shape.write(scratch);
+        scratch.resize(output_ndim);
+        std::int64_t* to = scratch.data();
+        // Unrolled: cheaper than a loop of unknown length, for every entry swept.
+        switch (output_ndim) {
+        case 4: to[3] = output_dims[3]; [[fallthrough]];
+        case 3: to[2] = output_dims[2]; [[fallthrough]];
+        case 2: to[1] = output_dims[1]; [[fallthrough]];
+        case 1: to[0] = output_dims[0]; [[fallthrough]];
+        default: break;
+        }
         return scratch;
     }
+    /// Whether a sweep released it (it cannot be swept again): release drops its backward function.
+    bool released() const { return backward.ops() == nullptr; }
     /// Output k's shape.
     Shape shape_of_output(std::size_t k) const
     {

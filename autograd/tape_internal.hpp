@@ -21,7 +21,7 @@
 namespace loom::autograd::engine {
 
 #ifdef __GLIBCXX__  // the members' sizes are libstdc++'s (libc++'s std::function is 48 bytes)
-static_assert(sizeof(Entry) <= 208, "a long tape's recording and sweep stream through its entries, and wait on "
+static_assert(sizeof(Entry) <= 192, "a long tape's recording and sweep stream through its entries, and wait on "
                                    "memory for each byte of them (README, Speed: \"Fewer bytes per op\")");
 #endif
 
@@ -103,7 +103,7 @@ private:
     static constexpr std::size_t kClearAhead = 16;
     static constexpr std::size_t kPrefetchFrom = 4096;
     // Raw storage: an entry is constructed when appended and destroyed when dropped.
-    // On a cache line's boundary, so that each entry spans exactly four.
+    // On a cache line's boundary, so that each entry spans exactly three.
     struct Chunk {
         alignas(64) std::byte bytes[kChunk * sizeof(Entry)];
         Entry& operator[](std::size_t i) { return *std::launder(reinterpret_cast<Entry*>(bytes) + i); }
