@@ -512,8 +512,9 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
         for (const Tensor& out : outputs) check_forward_anomaly(name, out, e.seq);
 }
 
-void detail::push_op_entry(const char* name, std::span<const internal::TensorRef> inputs, const Tensor& output,
-                           std::span<const internal::TensorRef> saved, const BackwardOps& ops, void* closure)
+template <std::size_t Inputs, std::size_t Saves>
+void detail::push_op_entry(const char* name, std::span<const internal::TensorRef, Inputs> inputs, const Tensor& output,
+                           std::span<const internal::TensorRef, Saves> saved, const BackwardOps& ops, void* closure)
 {
     auto& tape = tape_for_entry(name, inputs, std::span<const Tensor>(&output, 1));
     check_output(name, output);
@@ -542,6 +543,17 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
     ++tape.next_slot;
     if (anomaly_mode_enabled()) check_forward_anomaly(name, output, e.seq);
 }
+#define LOOM_PUSH_OP_ENTRY(INPUTS, SAVES)                                                                            \
+    template void detail::push_op_entry<INPUTS, SAVES>(const char*, std::span<const internal::TensorRef, INPUTS>,  \
+                                                       const Tensor&, std::span<const internal::TensorRef, SAVES>, \
+                                                       const BackwardOps&, void*);
+LOOM_PUSH_OP_ENTRY(1, 0)
+LOOM_PUSH_OP_ENTRY(1, 1)
+LOOM_PUSH_OP_ENTRY(2, 0)
+LOOM_PUSH_OP_ENTRY(2, 1)
+LOOM_PUSH_OP_ENTRY(2, 2)
+LOOM_PUSH_OP_ENTRY(std::dynamic_extent, std::dynamic_extent)
+#undef LOOM_PUSH_OP_ENTRY
 
 Tensor embed_region(const Tensor& part, const Shape& shape, const RegionFn& region)
 {

@@ -49,6 +49,7 @@
 #include <cstring>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <ranges>
@@ -481,6 +482,8 @@ struct BackwardOps {
     /// For loom's element-wise ops: the formula (pointwise::Kind, internal) that the sweep may run
     /// in place of the closure; 0 for every other op.
     std::uint8_t pointwise;
+    /// The closure captures nothing and is trivially copyable: nothing to move (std::is_empty).
+    bool empty;
 };
 
 namespace detail {
@@ -519,7 +522,8 @@ inline constexpr BackwardOps backward_ops_of{
     &detail::call_closure<C>,
     [](void* from, void* to) noexcept { ::new (to) C(std::move(*static_cast<C*>(from))); },
     std::is_trivially_destructible_v<C> ? nullptr : +[](void* closure) noexcept { static_cast<C*>(closure)->~C(); },
-    sizeof(C), alignof(C), detail::closure_kept_inline<C>, detail::pointwise_kind_of<C>()};
+    sizeof(C), alignof(C), detail::closure_kept_inline<C>, detail::pointwise_kind_of<C>(),
+    std::is_empty_v<C> && detail::closure_kept_inline<C>};
 
 /// An entry's backward function: its op token and its closure, kept in the entry when small and
 /// trivially copyable (most of loom's ops capture nothing, or a number), else in the tape's byte
@@ -547,10 +551,12 @@ public:
     }
     /// Keeps a closure moved from `closure` (of the type `ops` is the token of): in the entry, or
     /// at `place`, which the tape's stream allocated for it when `!ops.kept_inline`.
-    void emplace(const BackwardOps& ops, void* closure, void* place) noexcept
+    [[gnu::always_inline]] void emplace(const BackwardOps& ops, void* closure, void* place) noexcept
     {
         reset();
-        ops.move_construct(closure, ops.kept_inline ? static_cast<void*>(bytes_.data()) : place);
+        // A closure that captures nothing (most of loom's ops) has no bytes to move: an indirect
+        // call per entry saved.
+        if (!ops.empty) ops.move_construct(closure, ops.kept_inline ? static_cast<void*>(bytes_.data()) : place);
         if (!ops.kept_inline) std::memcpy(bytes_.data(), &place, sizeof place);
         ops_ = &ops;
     }
@@ -760,8 +766,32 @@ void push_entry_stored(const char* name, std::span<const Tensor* const> inputs, 
 /// push_entry_stored for one of loom's own ops of one output, its inputs and saved tensors as
 /// braced lists give them: no list is built, and the one output needs no loop (W7: about 360
 /// instructions an entry, against 420 through the general route).
-void push_op_entry(const char* name, std::span<const internal::TensorRef> inputs, const Tensor& output,
-                   std::span<const internal::TensorRef> saved, const BackwardOps& ops, void* closure);
+/// Made for the counts of inputs and saved tensors of the element-wise ops (1 or 2 inputs, 0 to 2
+/// saves), each with its loops unrolled, and for any counts (std::dynamic_extent); push_op_entry_for
+/// picks one.
+template <std::size_t Inputs, std::size_t Saves>
+void push_op_entry(const char* name, std::span<const internal::TensorRef, Inputs> inputs, const Tensor& output,
+                   std::span<const internal::TensorRef, Saves> saved, const BackwardOps& ops, void* closure);
+/// push_op_entry for these lists: inlined into record(), where their lengths are constants, so
+/// the choice is made when compiling.
+[[gnu::always_inline]] inline void push_op_entry_for(const char* name,
+                                                     std::initializer_list<internal::TensorRef> inputs,
+                                                     const Tensor& output,
+                                                     std::initializer_list<internal::TensorRef> saved,
+                                                     const BackwardOps& ops, void* closure)
+{
+    using Ref = const internal::TensorRef;
+    const auto push = [&]<std::size_t Inputs, std::size_t Saves>() {
+        push_op_entry<Inputs, Saves>(name, std::span<Ref, Inputs>(inputs.begin(), inputs.size()), output,
+                                     std::span<Ref, Saves>(saved.begin(), saved.size()), ops, closure);
+    };
+    if (inputs.size() == 1 && saved.size() == 0) return push.template operator()<1, 0>();
+    if (inputs.size() == 1 && saved.size() == 1) return push.template operator()<1, 1>();
+    if (inputs.size() == 2 && saved.size() == 0) return push.template operator()<2, 0>();
+    if (inputs.size() == 2 && saved.size() == 1) return push.template operator()<2, 1>();
+    if (inputs.size() == 2 && saved.size() == 2) return push.template operator()<2, 2>();
+    push.template operator()<std::dynamic_extent, std::dynamic_extent>();
+}
 /// The same with the inputs and saved tensors in lists.
 void push_entry_stored(const char* name, std::span<const Tensor> inputs, std::span<const Tensor> outputs,
                        std::span<const Tensor> saved, const BackwardOps& ops, void* closure, bool custom);
@@ -864,9 +894,7 @@ Tensor record(const char* name, std::initializer_list<TensorRef> inputs, Tensor&
         return std::move(output);
     }
     auto closure = detail::as_closure(std::forward<F>(backward));
-    detail::push_op_entry(name, std::span<const TensorRef>(inputs.begin(), inputs.size()), output,
-                          std::span<const TensorRef>(saved.begin(), saved.size()), backward_ops_of<decltype(closure)>,
-                          &closure);
+    detail::push_op_entry_for(name, inputs, output, saved, backward_ops_of<decltype(closure)>, &closure);
     return std::move(output);
 }
 template <class F>

@@ -47,7 +47,7 @@ public:
     Entry& operator[](std::size_t i) { return (*chunks_[i / kChunk])[i % kChunk]; }
     const Entry& operator[](std::size_t i) const { return (*chunks_[i / kChunk])[i % kChunk]; }
     Entry& back() { return (*this)[size_ - 1]; }
-    Entry& emplace_back()
+    [[gnu::always_inline]] Entry& emplace_back()
     {
         if (size_ == chunks_.size() * kChunk) chunks_.push_back(std::unique_ptr<Chunk>(new Chunk));  // not zeroed
         Entry* e = new (&(*this)[size_]) Entry();

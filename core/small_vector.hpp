@@ -155,15 +155,13 @@ public:
         resize(n, copy);
     }
 
-    template <class... Args> T& emplace_back(Args&&... args)
+    /// Inlined: a tape entry appends its inputs and saved tensors with it, and as a call it
+    /// cost more than the append.
+    template <class... Args> [[gnu::always_inline]] T& emplace_back(Args&&... args)
     {
-        if (size_ == capacity_) {
-            T value(std::forward<Args>(args)...);  // args may refer into this vector, which may move
-            grow(size_type(capacity_) * 2);
-            ::new (static_cast<void*>(end())) T(std::move(value));
-        } else {
-            ::new (static_cast<void*>(end())) T(std::forward<Args>(args)...);
-        }
+        if (size_ == capacity_) [[unlikely]]
+            return grow_and_emplace(std::forward<Args>(args)...);
+        ::new (static_cast<void*>(end())) T(std::forward<Args>(args)...);
         return data_[size_++];
     }
     void push_back(const T& value) { emplace_back(value); }
@@ -222,6 +220,13 @@ private:
     {
         if constexpr (std::forward_iterator<It>) reserve(size_ + static_cast<size_type>(std::distance(first, last)));
         for (; first != last; ++first) emplace_back(*first);
+    }
+    template <class... Args> [[gnu::noinline]] T& grow_and_emplace(Args&&... args)
+    {
+        T value(std::forward<Args>(args)...);  // args may refer into this vector, which may move
+        grow(size_type(capacity_) * 2);
+        ::new (static_cast<void*>(end())) T(std::move(value));
+        return data_[size_++];
     }
     void grow(size_type n)
     {
