@@ -764,7 +764,7 @@ namespace detail {
 void push_entry_stored(const char* name, std::span<const Tensor* const> inputs, std::span<const Tensor> outputs,
                        std::span<const Tensor* const> saved, const BackwardOps& ops, void* closure, bool custom);
 /// push_entry_stored for one of loom's own ops of one output, its inputs and saved tensors as
-/// braced lists give them: no list is built, and the one output needs no loop (W7: about 360
+/// braced lists give them: no list is built, and the one output needs no loop (W7: about 300
 /// instructions an entry, against 420 through the general route).
 /// Made for the counts of inputs and saved tensors of the element-wise ops (1 or 2 inputs, 0 to 2
 /// saves), each with its loops unrolled, and for any counts (std::dynamic_extent); push_op_entry_for
