@@ -578,17 +578,6 @@ struct Sweep final : autograd::GradientSums {
     // walk's own samples on it. So the entry is fetched first, kEntriesAhead below, as the reset
     // does (EntryStore::clear).
     static constexpr std::size_t kEntriesAhead = 2 * kBlocksAhead;
-    static void prefetch_entry(const autograd::Entry& e)
-    {
-        const auto* bytes = reinterpret_cast<const char*>(&e);
-        for (std::size_t at = 0; at < sizeof(autograd::Entry); at += 64) __builtin_prefetch(bytes + at);
-    }
-    static void prefetch_saved_blocks(const autograd::Entry& e)
-    {
-        for (const autograd::Saved& s : e.saved)
-            if (const auto* block = reinterpret_cast<const char*>(s.value.impl_ptr().get()))
-                for (std::size_t line = 0; line < kBlockLines; ++line) __builtin_prefetch(block + 64 * line);
-    }
 
     // Sweeps back from entry start_seq through the entries numbered `floor` and above.
     void run(std::uint64_t start_seq, bool retain_graph, bool accumulate)
@@ -612,8 +601,9 @@ struct Sweep final : autograd::GradientSums {
         const bool by_formula = !create_graph && !anomaly;
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
             autograd::Entry& e = entries[i];
-            if (long_tape && i >= kEntriesAhead) prefetch_entry(entries[i - kEntriesAhead]);
-            if (long_tape && i >= kBlocksAhead) prefetch_saved_blocks(entries[i - kBlocksAhead]);
+            if (long_tape && i >= kEntriesAhead) autograd::engine::prefetch_entry<false>(entries[i - kEntriesAhead]);
+            if (long_tape && i >= kBlocksAhead)
+                autograd::engine::prefetch_saved_blocks<false>(entries[i - kBlocksAhead], kBlockLines);
             accumulate_leaves_read_above(i);
             const autograd::BackwardOps* ops = e.backward.ops();
             if (by_formula && ops && ops->pointwise != 0 && !e.watched &&

@@ -183,9 +183,9 @@ void compact_since(std::uint64_t first_seq)
     // With no output from `base` on alive, no entry from `first` on can be reached: all are
     // dead, and a scan of the slots' flags tells it without the walk below, or its lists (a loop
     // that records ops and drops their results without sweeping: bench_tape's recorded add,
-    // 979 -> 908 instructions per op).
-    bool any_alive = false;
-    for (std::uint64_t slot = base; slot < tape.next_slot && !any_alive; ++slot) any_alive = tape.slot_alive(slot);
+    // 979 -> 908 instructions per op; the flags read chunk by chunk and no list of the dead
+    // entries made, 813 -> 785).
+    const bool any_alive = tape.any_slot_alive(base, tape.next_slot);
     const std::size_t walked_slots = any_alive ? slots : 0;
     std::vector<bool> read(walked_slots, false);  // by a live entry, per slot
     // Per slot whose tensor dead entries saved: how many such saves hold it, and how many holds
@@ -217,7 +217,7 @@ void compact_since(std::uint64_t first_seq)
             }
         return h.by_dead == 0 || h.all > h.by_dead;
     };
-    std::vector<bool> dead(tape.entries.size(), !any_alive);  // read from `first` on
+    std::vector<bool> dead(any_alive ? tape.entries.size() : 0, false);  // read from `first` on, when walked
     for (std::size_t i = tape.entries.size(); any_alive && i-- > first;) {
         const auto& e = tape.entries[i];
         bool live = false;
@@ -233,7 +233,7 @@ void compact_since(std::uint64_t first_seq)
     }
     std::size_t kept = first;
     for (std::size_t i = first; i < tape.entries.size(); ++i)
-        if (dead[i]) {
+        if (!any_alive || dead[i]) {
             tape.released_entries -= tape.entries[i].released();
             forget_watched(tape, tape.entries[i]);
         } else {

@@ -32,6 +32,22 @@ inline const std::shared_ptr<const std::string> no_scope;
 // last reader of each leaf.
 inline std::atomic<bool> post_accumulate_hooks_exist{false};
 
+// Fetches entry e's lines ahead of their use; `ForWrite`: to be destroyed. The sweep and the
+// reset both walk a long tape whose entries were written long before.
+template <bool ForWrite> [[gnu::always_inline]] inline void prefetch_entry(const Entry& e)
+{
+    const auto* bytes = reinterpret_cast<const char*>(&e);
+    for (std::size_t at = 0; at < sizeof(Entry); at += 64) __builtin_prefetch(bytes + at, ForWrite);
+}
+// Fetches the first `lines` cache lines of the block of each tensor e saved: reading an entry's
+// saved list is itself a load, so e must have been fetched some entries before.
+template <bool ForWrite> [[gnu::always_inline]] inline void prefetch_saved_blocks(const Entry& e, std::size_t lines)
+{
+    for (const Saved& s : e.saved)
+        if (const auto* block = reinterpret_cast<const char*>(s.value.impl_ptr().get()))
+            for (std::size_t line = 0; line < lines; ++line) __builtin_prefetch(block + 64 * line, ForWrite);
+}
+
 // A tape's entries, in chunks that never move: an entry stays where it is while later ones are
 // appended (by a backward function that records, or a hook), so a sweep holds a reference to the
 // entry it runs; and a long tape grows without copying what it holds. Cleared chunks are kept.
@@ -71,17 +87,10 @@ public:
     {
         const bool long_tape = size_ >= kPrefetchFrom;  // a short one is still in the cache
         for (std::size_t i = 0; i < size_; ++i) {
-            if (long_tape && i + kClearAhead < size_) {
-                const auto* far = reinterpret_cast<const char*>(&(*this)[i + kClearAhead]);
-                for (std::size_t line = 0; line < sizeof(Entry); line += 64) __builtin_prefetch(far + line, 1);
-            }
-            // A saved tensor's reference counts open its header.
-            if (long_tape && i + kClearAhead / 2 < size_)
-                for (const Saved& s : (*this)[i + kClearAhead / 2].saved)
-                    if (s.value.defined()) {
-                        const char* h = reinterpret_cast<const char*>(s.value.impl_ptr().get());
-                        for (int line = 0; line < 4; ++line) __builtin_prefetch(h + 64 * line, 1);
-                    }
+            if (long_tape && i + kClearAhead < size_) prefetch_entry<true>((*this)[i + kClearAhead]);
+            // A saved tensor's reference counts open its header; its destruction reads the
+            // header and storage record, not the bytes.
+            if (long_tape && i + kClearAhead / 2 < size_) prefetch_saved_blocks<true>((*this)[i + kClearAhead / 2], 4);
             (*this)[i].~Entry();
         }
         size_ = 0;
@@ -247,6 +256,18 @@ struct Tape {
     {
         const SlotChunk& c = *slot_chunks[static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk)];
         return c.alive[slot - c.first_slot].load(std::memory_order_acquire);
+    }
+    // Whether the tensor of any output in slots [from, to) is alive: each chunk found once, its
+    // flags then read in a row.
+    bool any_slot_alive(std::uint64_t from, std::uint64_t to) const
+    {
+        for (std::uint64_t slot = from; slot < to;) {
+            const SlotChunk& c = *slot_chunks[static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk)];
+            const std::uint64_t end = std::min<std::uint64_t>(to, c.first_slot + SlotChunk::kSlots);
+            for (; slot < end; ++slot)
+                if (c.alive[slot - c.first_slot].load(std::memory_order_acquire)) return true;
+        }
+        return false;
     }
     // Retires every chunk (the tape is empty), and frees the retired chunks none of whose tensors
     // is alive any more. `keep_current`: the chunk the next slots fall in stays, to go on handing

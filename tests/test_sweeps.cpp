@@ -308,6 +308,24 @@ TEST_CASE("compaction drops every entry once no output on the tape is alive, wat
     });
 }
 
+TEST_CASE("compaction finds a live output past the first chunk of slots, and keeps its entry")
+{
+    on_fresh_tape([] {
+        Tensor x = tensor({0.5, -1.0}, kFloat64).requires_grad_();
+        Tensor last;
+        {
+            std::vector<Tensor> kept;
+            for (int i = 0; i < 1100; ++i) kept.push_back(x * 2.0);  // more slots than one chunk holds
+            last = kept.back();
+        }  // all dead but the last, whose slot lies in the second chunk
+        for (int i = 0; i < 1000; ++i) (void)(x + x);  // dead too, until compaction is due
+        CHECK(autograd::tape_size() < 1100);
+        CHECK(autograd::tape_size() >= 1);
+        last.sum().backward();
+        CHECK(close(x.grad(), values(full_like(x, 2.0)), 1e-12));
+    });
+}
+
 TEST_CASE("what entries keep beside them outlives compaction, is destroyed once, and is reclaimed")
 {
     on_fresh_tape([] {
