@@ -10,6 +10,8 @@
 
 namespace loom {
 
+void pointwise::fail_no_formula() { throw Error("internal: a pointwise formula was asked for with no kind"); }
+
 using autograd::BackwardContext;
 using autograd::internal::record;
 using Grads = autograd::GradList;

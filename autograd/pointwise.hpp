@@ -11,6 +11,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/kernels.hpp"
 #include "../core/math.hpp"
@@ -18,8 +19,9 @@
 namespace loom::pointwise {
 
 /// The formulas an entry's backward token may name (0: none), so that the sweep can run them
-/// without the backward function.
-enum class Kind : std::uint8_t { none, add, sub, mul, div, neg, exp, log, tanh, sigmoid };
+/// without the backward function; and those a replayed step program's elementwise instructions
+/// compute with (relu only there: its eager op is swept through its backward function).
+enum class Kind : std::uint8_t { none, add, sub, mul, div, neg, exp, log, tanh, sigmoid, relu };
 
 // Whether a gradient g can be read element by element where it lies: floating, and contiguous or
 // one value spread over its shape (*spread says which).
@@ -110,9 +112,37 @@ struct Sigmoid {
 };
 
 struct Relu {
+    static constexpr Kind kind = Kind::relu;
     static constexpr UnaryReads reads{false, true};
     template <class T> static T value(T x) { return x > 0 ? x : T(0); }
     template <class T> static T grad(T g, T, T y) { return y > 0 ? g : T(0); }
 };
+
+/// Whether formula F is a binary op's (value(a, b)) rather than a unary one's.
+template <class F> constexpr bool is_binary = std::is_same_v<decltype(F::reads), const BinaryReads>;
+
+/// with_formula's failure, out of line.
+[[noreturn, gnu::cold]] void fail_no_formula();
+
+/// fn.template operator()<F>() for the formula F that `kind` names: the one place that maps a
+/// Kind to its formula, for the sweep and for a replayed step program alike. `none` is an
+/// internal error.
+template <class Fn> [[gnu::always_inline]] inline decltype(auto) with_formula(Kind kind, Fn&& fn)
+{
+    switch (kind) {
+    case Kind::add: return fn.template operator()<Add>();
+    case Kind::sub: return fn.template operator()<Sub>();
+    case Kind::mul: return fn.template operator()<Mul>();
+    case Kind::div: return fn.template operator()<Div>();
+    case Kind::neg: return fn.template operator()<Neg>();
+    case Kind::exp: return fn.template operator()<Exp>();
+    case Kind::log: return fn.template operator()<Log>();
+    case Kind::tanh: return fn.template operator()<Tanh>();
+    case Kind::sigmoid: return fn.template operator()<Sigmoid>();
+    case Kind::relu: return fn.template operator()<Relu>();
+    case Kind::none: break;
+    }
+    fail_no_formula();
+}
 
 }  // namespace loom::pointwise

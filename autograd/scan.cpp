@@ -32,20 +32,30 @@ namespace loom {
 
 namespace {
 
-// The elementwise ops come first, up to Relu. Move: the output's elements are the input's,
-// rearranged (views, reshapes, copies). Concat: each input's elements go to a part of the output.
-enum class Op { Add, Sub, Mul, Div, Neg, Exp, Log, Tanh, Sigmoid, Relu, Linear, Matmul, Move, Concat };
+// Elementwise: computes with the formula its pointwise::Kind names (pointwise.hpp), as the eager
+// op and the sweep do. Move: the output's elements are the input's, rearranged (views, reshapes,
+// copies). Concat: each input's elements go to a part of the output.
+enum class Op { Elementwise, Linear, Matmul, Move, Concat };
+
+struct ReplayableOp {
+    Op op;
+    pointwise::Kind formula = pointwise::Kind::none;  // Elementwise only
+};
 
 // The ops a program can hold, by the name their entry is recorded under.
-const std::unordered_map<std::string_view, Op>& replayable_ops()
+const std::unordered_map<std::string_view, ReplayableOp>& replayable_ops()
 {
-    static const std::unordered_map<std::string_view, Op> ops{
-        {"add", Op::Add},       {"sub", Op::Sub},         {"mul", Op::Mul},         {"div", Op::Div},
-        {"neg", Op::Neg},       {"exp", Op::Exp},         {"log", Op::Log},         {"tanh", Op::Tanh},
-        {"sigmoid", Op::Sigmoid}, {"relu", Op::Relu},     {"linear", Op::Linear},   {"matmul", Op::Matmul},
-        {"reshape", Op::Move},  {"view", Op::Move},       {"squeeze", Op::Move},    {"unsqueeze", Op::Move},
-        {"clone", Op::Move},    {"permute", Op::Move},    {"expand", Op::Move},     {"slice", Op::Move},
-        {"select", Op::Move},   {"concat", Op::Concat}};
+    using pointwise::Kind;
+    constexpr Op E = Op::Elementwise;
+    static const std::unordered_map<std::string_view, ReplayableOp> ops{
+        {"add", {E, Kind::add}},       {"sub", {E, Kind::sub}},   {"mul", {E, Kind::mul}},
+        {"div", {E, Kind::div}},       {"neg", {E, Kind::neg}},   {"exp", {E, Kind::exp}},
+        {"log", {E, Kind::log}},       {"tanh", {E, Kind::tanh}}, {"sigmoid", {E, Kind::sigmoid}},
+        {"relu", {E, Kind::relu}},     {"linear", {Op::Linear}},  {"matmul", {Op::Matmul}},
+        {"reshape", {Op::Move}},       {"view", {Op::Move}},      {"squeeze", {Op::Move}},
+        {"unsqueeze", {Op::Move}},     {"clone", {Op::Move}},     {"permute", {Op::Move}},
+        {"expand", {Op::Move}},        {"slice", {Op::Move}},     {"select", {Op::Move}},
+        {"concat", {Op::Concat}}};
     return ops;
 }
 
@@ -75,6 +85,7 @@ struct Run {
 
 struct Instr {
     Op op;
+    pointwise::Kind formula = pointwise::Kind::none;  // Elementwise: its formula
     std::vector<std::size_t> in;  // value ids
     std::size_t out = 0;
     std::vector<Access> access;  // elementwise: per operand
@@ -248,7 +259,7 @@ public:
         const Tensor& out = outputs[0];
         if (out.dtype() != p_.dtype)
             return p_.fail(fmt::format("op '{}' computes in {}, the carry in {}", name, out.dtype(), p_.dtype));
-        Instr ins{op->second, {}, 0, {}, {}, {}, 0, 0, 0};
+        Instr ins{op->second.op, op->second.formula, {}, 0, {}, {}, {}, 0, 0, 0};
         std::vector<const Tensor*> read;
         for (const Tensor& t : inputs)
             if (t.defined()) read.push_back(&t), ins.in.push_back(value_of(t));
@@ -295,7 +306,7 @@ public:
             }
             break;
         }
-        default:  // elementwise
+        case Op::Elementwise:
             for (const Tensor* t : read) {
                 if (t->sizes() == shape) {
                     ins.access.push_back(Access::Same);
@@ -528,8 +539,8 @@ void fold_products(Program& p)
     for (const std::vector<std::size_t>* results : {&p.carry_out, &p.y_out})
         for (std::size_t v : *results) ++readers[v];
     for (Instr& sum : p.instrs) {
-        if (sum.op != Op::Add || p.rate(sum.out) != Rate::Carried || sum.access[0] != Access::Same ||
-            sum.access[1] != Access::Same)
+        if (sum.formula != pointwise::Kind::add || p.rate(sum.out) != Rate::Carried ||
+            sum.access[0] != Access::Same || sum.access[1] != Access::Same)
             continue;
         for (std::size_t side = 0; side < 2; ++side) {
             const std::size_t product = sum.in[side], other = sum.in[1 - side];
@@ -722,8 +733,8 @@ template <class T> struct Replay {
     std::vector<Pass> passes;
     static bool fusable(const Instr& ins)
     {
-        return ins.op <= Op::Relu && std::none_of(ins.access.begin(), ins.access.end(),
-                                                   [](Access a) { return a == Access::Mapped; });
+        return ins.op == Op::Elementwise &&
+               std::none_of(ins.access.begin(), ins.access.end(), [](Access a) { return a == Access::Mapped; });
     }
     void plan_passes()
     {
@@ -822,16 +833,11 @@ template <class T> struct Replay {
     static Reads backward_reads(const Instr& ins)
     {
         switch (ins.op) {
-        case Op::Add: return binary_reads<pointwise::Add>();
-        case Op::Sub: return binary_reads<pointwise::Sub>();
-        case Op::Mul: return binary_reads<pointwise::Mul>();
-        case Op::Div: return binary_reads<pointwise::Div>();
-        case Op::Neg: return unary_reads<pointwise::Neg>();
-        case Op::Exp: return unary_reads<pointwise::Exp>();
-        case Op::Log: return unary_reads<pointwise::Log>();
-        case Op::Tanh: return unary_reads<pointwise::Tanh>();
-        case Op::Sigmoid: return unary_reads<pointwise::Sigmoid>();
-        case Op::Relu: return unary_reads<pointwise::Relu>();
+        case Op::Elementwise:
+            return pointwise::with_formula(ins.formula, []<class F>() {
+                if constexpr (pointwise::is_binary<F>) return binary_reads<F>();
+                else return unary_reads<F>();
+            });
         case Op::Linear:  // x for the weight's gradient, the weight for x's
         case Op::Matmul: return {{true, true}, false};
         case Op::Move:
@@ -1107,16 +1113,11 @@ template <class T> struct Replay {
         if (aliased[std::size_t(&ins - p->instrs.data())]) return;
         if (n < 0) n = p->values[ins.out].numel;
         switch (ins.op) {
-        case Op::Add: return binary<pointwise::Add>(ins, t0, t1, from, n);
-        case Op::Sub: return binary<pointwise::Sub>(ins, t0, t1, from, n);
-        case Op::Mul: return binary<pointwise::Mul>(ins, t0, t1, from, n);
-        case Op::Div: return binary<pointwise::Div>(ins, t0, t1, from, n);
-        case Op::Neg: return unary<pointwise::Neg>(ins, t0, t1, from, n);
-        case Op::Exp: return unary<pointwise::Exp>(ins, t0, t1, from, n);
-        case Op::Log: return unary<pointwise::Log>(ins, t0, t1, from, n);
-        case Op::Tanh: return unary<pointwise::Tanh>(ins, t0, t1, from, n);
-        case Op::Sigmoid: return unary<pointwise::Sigmoid>(ins, t0, t1, from, n);
-        case Op::Relu: return unary<pointwise::Relu>(ins, t0, t1, from, n);
+        case Op::Elementwise:
+            return pointwise::with_formula(ins.formula, [&]<class F>() {
+                if constexpr (pointwise::is_binary<F>) binary<F>(ins, t0, t1, from, n);
+                else unary<F>(ins, t0, t1, from, n);
+            });
         case Op::Linear: {  // rows of x varying, weight and bias once per call: one GEMM over all steps asked for
             const std::int64_t R = ins.n * (p->rate(ins.in[0]) == Rate::Invariant ? 1 : t1 - t0);
             T* y = at(ins.out, t0);
@@ -1247,16 +1248,11 @@ template <class T> struct Replay {
         if (!adj[ins.out] || aliased[std::size_t(&ins - p->instrs.data())]) return;
         if (n < 0) n = p->values[ins.out].numel;
         switch (ins.op) {
-        case Op::Add: return binary_backward<pointwise::Add>(ins, t0, t1, part, from, n);
-        case Op::Sub: return binary_backward<pointwise::Sub>(ins, t0, t1, part, from, n);
-        case Op::Mul: return binary_backward<pointwise::Mul>(ins, t0, t1, part, from, n);
-        case Op::Div: return binary_backward<pointwise::Div>(ins, t0, t1, part, from, n);
-        case Op::Neg: return unary_backward<pointwise::Neg>(ins, t0, t1, part, from, n);
-        case Op::Exp: return unary_backward<pointwise::Exp>(ins, t0, t1, part, from, n);
-        case Op::Log: return unary_backward<pointwise::Log>(ins, t0, t1, part, from, n);
-        case Op::Tanh: return unary_backward<pointwise::Tanh>(ins, t0, t1, part, from, n);
-        case Op::Sigmoid: return unary_backward<pointwise::Sigmoid>(ins, t0, t1, part, from, n);
-        case Op::Relu: return unary_backward<pointwise::Relu>(ins, t0, t1, part, from, n);
+        case Op::Elementwise:
+            return pointwise::with_formula(ins.formula, [&]<class F>() {
+                if constexpr (pointwise::is_binary<F>) binary_backward<F>(ins, t0, t1, part, from, n);
+                else unary_backward<F>(ins, t0, t1, part, from, n);
+            });
         case Op::Linear: {
             const std::size_t x = ins.in[0], w = ins.in[1];
             const std::int64_t R = ins.n * (p->rate(x) == Rate::Invariant ? 1 : t1 - t0);

@@ -423,22 +423,15 @@ struct Sweep final : autograd::GradientSums {
 
     // Runs entry e's formula on its output's gradient, p.sum, and takes that gradient from its
     // slot; false, with nothing done, where the general route must run the entry.
+    // swept_binary and swept_unary stay calls of their own: inlined into this one switch, they
+    // cost W7's gradient 2% more instructions.
     bool swept_by_formula(const autograd::Entry& e, autograd::PendingGrad& p)
     {
-        using pointwise::Kind;
-        switch (static_cast<Kind>(e.backward.ops()->pointwise)) {
-        case Kind::add: return swept_binary<pointwise::Add>(e, p);
-        case Kind::sub: return swept_binary<pointwise::Sub>(e, p);
-        case Kind::mul: return swept_binary<pointwise::Mul>(e, p);
-        case Kind::div: return swept_binary<pointwise::Div>(e, p);
-        case Kind::neg: return swept_unary<pointwise::Neg>(e, p);
-        case Kind::exp: return swept_unary<pointwise::Exp>(e, p);
-        case Kind::log: return swept_unary<pointwise::Log>(e, p);
-        case Kind::tanh: return swept_unary<pointwise::Tanh>(e, p);
-        case Kind::sigmoid: return swept_unary<pointwise::Sigmoid>(e, p);
-        case Kind::none: break;
-        }
-        return false;
+        const auto kind = static_cast<pointwise::Kind>(e.backward.ops()->pointwise);
+        return pointwise::with_formula(kind, [&]<class F>() {
+            if constexpr (pointwise::is_binary<F>) return swept_binary<F>(e, p);
+            else return swept_unary<F>(e, p);
+        });
     }
 
     // The saved values a formula reads (a, b, y for a binary op; x, y for a unary one, as
@@ -496,7 +489,7 @@ struct Sweep final : autograd::GradientSums {
         add(in, std::move(part));
     }
 
-    template <class Op> bool swept_binary(const autograd::Entry& e, autograd::PendingGrad& p)
+    template <class Op> [[gnu::noinline]] bool swept_binary(const autograd::Entry& e, autograd::PendingGrad& p)
     {
         const autograd::InputRef in0 = e.inputs[0], in1 = e.inputs[1];
         if ((in0 && !in0.like_output()) || (in1 && !in1.like_output())) return false;
@@ -541,7 +534,7 @@ struct Sweep final : autograd::GradientSums {
         return true;
     }
 
-    template <class Op> bool swept_unary(const autograd::Entry& e, autograd::PendingGrad& p)
+    template <class Op> [[gnu::noinline]] bool swept_unary(const autograd::Entry& e, autograd::PendingGrad& p)
     {
         const autograd::InputRef in = e.inputs[0];
         bool spread = false;
