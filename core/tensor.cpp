@@ -230,8 +230,11 @@ bool detail::holds_bytes_alone(const Tensor& t)
 
 void detail::release_last_handle(TensorImpl* impl) noexcept
 {
-    destroy_contents(impl);
-    free_block(impl);
+    // One dispatch on the block's kind for both steps: every result an op drops comes here.
+    as_block(impl, []<class B>(B* b) {
+        b->~B();
+        free_small_object(b, sizeof(B));
+    });
 }
 
 void detail::release_shared_handle(TensorImpl* impl) noexcept
