@@ -251,10 +251,15 @@ struct Tape {
         }
         return *slot_chunks[static_cast<std::size_t>(index - first_chunk)];
     }
+    // The chunk holding `slot`, an output's of an entry on the tape.
+    const SlotChunk& chunk_holding(std::uint64_t slot) const
+    {
+        return *slot_chunks[static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk)];
+    }
     // Whether the tensor of an output of an entry on the tape is alive.
     bool slot_alive(std::uint64_t slot) const
     {
-        const SlotChunk& c = *slot_chunks[static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk)];
+        const SlotChunk& c = chunk_holding(slot);
         return c.alive[slot - c.first_slot].load(std::memory_order_acquire);
     }
     // Whether the tensor of any output in slots [from, to) is alive: each chunk found once, its
@@ -262,7 +267,7 @@ struct Tape {
     bool any_slot_alive(std::uint64_t from, std::uint64_t to) const
     {
         for (std::uint64_t slot = from; slot < to;) {
-            const SlotChunk& c = *slot_chunks[static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk)];
+            const SlotChunk& c = chunk_holding(slot);
             const std::uint64_t end = std::min<std::uint64_t>(to, c.first_slot + SlotChunk::kSlots);
             for (; slot < end; ++slot)
                 if (c.alive[slot - c.first_slot].load(std::memory_order_acquire)) return true;

@@ -262,7 +262,7 @@ private:
     }
 
     alignas(T) std::byte inline_[N * sizeof(T)];
-    // 32-bit counts: a shape is then 64 bytes, and every tensor header and tape entry holds several.
+    // 32-bit counts: a shape is then 48 bytes, not 56, and every tensor header and tape entry holds several.
     using Count = std::uint32_t;
     T* data_ = inline_data();
     Count size_ = 0;
