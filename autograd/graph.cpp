@@ -99,7 +99,7 @@ Graph collect(std::string_view op, const Tensor& root, const Names& names)
         const Entry& e = *todo.back();
         todo.pop_back();
         if (!found.emplace(e.seq, &e).second) continue;
-        for (const auto& input : e.inputs) {
+        for (const auto& input : e.inputs()) {
             if (const Node* leaf = input.node()) {
                 if (seen_leaves.insert(leaf).second) g.leaves.push_back(leaf);
             } else if (input.slot() != 0) {
@@ -169,13 +169,13 @@ std::string to_dot(const Tensor& root, const Names& names)
     for (std::size_t i = 0; i < g.leaves.size(); ++i) leaf_index[g.leaves[i]] = i;
     const std::uint64_t root_seq = root.impl().history().seq;
     for (const Entry* e : g.entries) {
-        std::string label = fmt::format("{}\n{}", visible(e->name), outputs_of(*e));
+        std::string label = fmt::format("{}\n{}", visible(e->name()), outputs_of(*e));
         if (e->scope()) label += fmt::format("\n({})", visible(*e->scope()));
         dot += fmt::format("  e{} [shape=ellipse{}, label={}];\n", e->seq,
                            e->seq == root_seq ? ", style=filled, fillcolor=\"#f4d6a0\"" : "", quoted(label));
     }
     for (const Entry* e : g.entries)
-        for (const auto& input : e->inputs) {
+        for (const auto& input : e->inputs()) {
             if (!input) continue;
             const std::string from = input.node() ? fmt::format("l{}", leaf_index.at(input.node()))
                                                   : fmt::format("e{}", g.seq_of_slot.at(input.slot()));
@@ -191,12 +191,12 @@ std::string to_text(const Tensor& root, const Names& names)
     for (const Node* n : g.leaves) text += fmt::format("{}: leaf {} {}\n", g.leaf_label(n), n->shape, n->dtype);
     for (const Entry* e : g.entries) {
         std::string inputs;
-        for (const auto& input : e->inputs) {
+        for (const auto& input : e->inputs()) {
             if (!input) continue;
             if (!inputs.empty()) inputs += ", ";
             inputs += g.source(input);
         }
-        text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, visible(e->name), outputs_of(*e), inputs,
+        text += fmt::format("#{} {} -> {} <- {}{}\n", e->seq, visible(e->name()), outputs_of(*e), inputs,
                             e->scope() ? fmt::format("  ({})", visible(*e->scope())) : std::string());
     }
     return text;

@@ -117,7 +117,7 @@ Tensor apply_hooks(const autograd::Node& node, Tensor g)
 // Throws unless the saved tensor is as it was when saved.
 void check_version(const autograd::Entry& e, const autograd::Saved& s)
 {
-    LOOM_CHECK(s.unchanged(), e.name,
+    LOOM_CHECK(s.unchanged(), e.name(),
                "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
                "saved at version {}); clone() it before modifying it",
                s.value.sizes(), s.value.version(), std::uint64_t(s.version));
@@ -135,10 +135,10 @@ std::string hooked_tensor(const autograd::Node& node)
 // and a line written is a line written back).
 void show_saved(const autograd::Entry& e, autograd::BackwardContext& ctx)
 {
-    for (const auto& s : e.saved)
+    const std::span<const autograd::Saved> saved = e.saved();
+    for (const auto& s : saved)
         if (s.value.defined()) check_version(e, s);
-    ctx.saved = std::views::transform(std::span<const autograd::Saved>(e.saved.data(), e.saved.size()),
-                                      &autograd::Saved::value);
+    ctx.saved = std::views::transform(saved, &autograd::Saved::value);
 }
 
 // One reverse sweep. Gradients gather in PendingGrads: a non-leaf's own (its thread is this
@@ -441,12 +441,13 @@ struct Sweep final : autograd::GradientSums {
     [[gnu::always_inline]] static bool formula_values(const autograd::Entry& e, const Tensor& g, const Tensor* values[])
     {
         constexpr std::size_t reads = (std::size_t(Reads) + ...);
-        LOOM_CHECK(e.saved.size() == reads, e.name, "internal: saved {} tensors for a formula that reads {}",
-                   e.saved.size(), reads);
+        const std::span<const autograd::Saved> saved = e.saved();
+        LOOM_CHECK(saved.size() == reads, e.name(), "internal: saved {} tensors for a formula that reads {}",
+                   saved.size(), reads);
         constexpr bool read[] = {Reads...};
         std::size_t next = 0;
         for (std::size_t k = 0; k < sizeof...(Reads); ++k) {
-            values[k] = read[k] ? &e.saved[next++].value : nullptr;
+            values[k] = read[k] ? &saved[next++].value : nullptr;
             if (read[k] && !pointwise::pairs_with(*values[k], g)) return false;
         }
         return true;
@@ -456,7 +457,7 @@ struct Sweep final : autograd::GradientSums {
     // (its saved values unchanged). A released entry has no backward token: it never gets here.
     Tensor take_incoming(const autograd::Entry& e, autograd::PendingGrad& p)
     {
-        for (const auto& s : e.saved) check_version(e, s);
+        for (const auto& s : e.saved()) check_version(e, s);
         --outstanding;
         Tensor g = std::move(p.sum);
         p.owned = p.accumulated = false;
@@ -491,7 +492,8 @@ struct Sweep final : autograd::GradientSums {
 
     template <class Op> [[gnu::noinline]] bool swept_binary(const autograd::Entry& e, autograd::PendingGrad& p)
     {
-        const autograd::InputRef in0 = e.inputs[0], in1 = e.inputs[1];
+        const autograd::InputNodes inputs = e.inputs();
+        const autograd::InputRef in0 = inputs[0], in1 = inputs[1];
         if ((in0 && !in0.like_output()) || (in1 && !in1.like_output())) return false;
         // add, and sub's first input: the gradient passes as it is, summed as any returned one.
         constexpr bool passes_a = std::is_same_v<Op, pointwise::Add> || std::is_same_v<Op, pointwise::Sub>;
@@ -536,7 +538,7 @@ struct Sweep final : autograd::GradientSums {
 
     template <class Op> [[gnu::noinline]] bool swept_unary(const autograd::Entry& e, autograd::PendingGrad& p)
     {
-        const autograd::InputRef in = e.inputs[0];
+        const autograd::InputRef in = e.inputs()[0];
         bool spread = false;
         const Tensor* v[3];
         if (!in.like_output() || !pointwise::readable_in_place(p.sum, &spread) ||
@@ -643,7 +645,7 @@ struct Sweep final : autograd::GradientSums {
                 ctx.grads[k] = std::move(g);
             }
             if (!reached) continue;
-            const char* name = e.name;
+            const char* name = e.name();
             const bool custom = e.custom;
             LOOM_CHECK(!e.released(), name,
                        "backward through a graph that an earlier backward() already released; pass "
@@ -653,8 +655,9 @@ struct Sweep final : autograd::GradientSums {
             bool saved_recorded = false;
             if (create_graph && custom)
                 for (const Tensor& s : ctx.saved) saved_recorded = saved_recorded || s.requires_grad();
-            ctx.needs = autograd::InputNeeds(&e.inputs);
-            ctx.inputs = &e.inputs;
+            const autograd::InputNodes inputs = e.inputs();
+            ctx.needs = autograd::InputNeeds(inputs);
+            ctx.inputs = inputs;
             ctx.output_shape = &e.first_output_shape(output_shape);
             ctx.output_dtype = e.output_dtype;
             ctx.input_meta = e.input_meta.get();
@@ -663,14 +666,14 @@ struct Sweep final : autograd::GradientSums {
                 const autograd::detail::InnerOps in_backward;
                 // The scope read inline (Entry::scope() is a call, for every entry swept).
                 const autograd::detail::ProfiledRegion timed(autograd::Profiler::Event::Kind::Backward, name,
-                                                             e.rare ? &e.rare->scope : &autograd::engine::no_scope);
+                                                             e.rare() ? &e.rare()->scope : &autograd::engine::no_scope);
                 return e.backward(ctx);
             }();
             if (custom) autograd::detail::check_custom_grads(name, input_grads, ctx);
-            LOOM_CHECK(input_grads.size() == e.inputs.size(), name,
-                       "internal: backward returned {} gradients for {} inputs", input_grads.size(), e.inputs.size());
-            for (std::size_t k = 0; k < e.inputs.size(); ++k) {
-                if (!e.inputs[k] || !input_grads[k].defined()) continue;
+            LOOM_CHECK(input_grads.size() == inputs.size(), name,
+                       "internal: backward returned {} gradients for {} inputs", input_grads.size(), inputs.size());
+            for (std::size_t k = 0; k < inputs.size(); ++k) {
+                if (!inputs[k] || !input_grads[k].defined()) continue;
                 // Every gradient is linear in the incoming one: if that is recorded and this is
                 // not, backward computed it off the tape and a second derivative would be lost.
                 LOOM_CHECK(!grads_recorded || input_grads[k].requires_grad(), name,
@@ -688,14 +691,14 @@ struct Sweep final : autograd::GradientSums {
                            k);
                 if (anomaly) autograd::engine::check_backward_anomaly(name, e.seq, e.scope(), k, input_grads[k]);
                 if (const autograd::RegionFn* region = e.region()) {
-                    add_region(e.inputs[k], ctx.input_shape(k), ctx.input_dtype(k), *region, input_grads[k]);
+                    add_region(inputs[k], ctx.input_shape(k), ctx.input_dtype(k), *region, input_grads[k]);
                     continue;
                 }
                 // A custom op's gradients were checked above, with messages for its author.
                 if (!custom)
                     check_gradient(name, ctx.input_shape(k), ctx.input_dtype(k), input_grads[k],
                                    "internal: the gradient backward returned");
-                add(e.inputs[k], std::move(input_grads[k]));
+                add(inputs[k], std::move(input_grads[k]));
             }
             swept.push_back(i);
         }
@@ -716,7 +719,7 @@ struct Sweep final : autograd::GradientSums {
         const auto& entries = tape.entries;
         std::unordered_map<const autograd::Node*, std::size_t> found;
         for (std::size_t i = start; i-- > 0 && entries[i].seq >= floor;)
-            for (const auto& input : entries[i].inputs)
+            for (const auto& input : entries[i].inputs())
                 if (autograd::Node* in = input.node(); in && in->has_post_accumulate_hooks()) {
                     auto [it, fresh] = found.try_emplace(in, i);
                     if (fresh) last_readers.emplace_back(i, in);
@@ -843,13 +846,13 @@ Tensor seed_for(std::string_view op, const Tensor& output, const Tensor& gradien
 Tensor autograd::BackwardContext::accumulator(std::size_t k) const
 {
     if (!sums || k >= needs.size() || !needs[k]) return Tensor();
-    return static_cast<Sweep*>(sums)->accumulator((*inputs)[k], input_shape(k), input_dtype(k));
+    return static_cast<Sweep*>(sums)->accumulator(inputs[k], input_shape(k), input_dtype(k));
 }
 
 autograd::GradientBuffer autograd::BackwardContext::gradient_buffer(std::size_t k, bool last_read_of_grad) const
 {
     if (!sums || k >= needs.size() || !needs[k]) return {};
-    return static_cast<Sweep*>(sums)->gradient_buffer((*inputs)[k], input_shape(k), input_dtype(k),
+    return static_cast<Sweep*>(sums)->gradient_buffer(inputs[k], input_shape(k), input_dtype(k),
                                                       last_read_of_grad ? &grads[0] : nullptr);
 }
 

@@ -80,9 +80,8 @@ Tape::~Tape()
 void release(Entry& e)
 {
     forget_watched(this_tape(), e);
-    e.inputs = InputNodes();
+    e.clear_lists();
     e.input_meta.reset();
-    e.saved = {};
     e.backward.reset();
 }
 
@@ -119,14 +118,14 @@ static void drop_unread_held_inputs(Tape& tape)
     if (!tape.reclaimed_inputs.empty()) {
         std::unordered_set<std::uint64_t> read_slots;
         for (std::size_t i = 0; i < tape.entries.size(); ++i)
-            for (const InputRef& in : tape.entries[i].inputs)
+            for (const InputRef& in : tape.entries[i].inputs())
                 if (in.slot() != 0) read_slots.insert(in.slot());
         std::erase_if(tape.reclaimed_inputs, [&](const auto& kv) { return !read_slots.count(kv.first); });
     }
     if (tape.held_inputs.empty()) return;
     std::unordered_set<const Node*> read;
     for (std::size_t i = 0; i < tape.entries.size(); ++i)
-        for (const InputRef& in : tape.entries[i].inputs)
+        for (const InputRef& in : tape.entries[i].inputs())
             if (in.node()) read.insert(in.node());
     std::vector<std::shared_ptr<Node>> kept;
     kept.reserve(tape.held_inputs.size());  // before any hold is moved: nothing below may throw
@@ -196,7 +195,7 @@ void compact_since(std::uint64_t first_seq)
     };
     std::vector<Holds> holds(walked_slots);
     const auto drop_saves = [&](const Entry& e) {
-        for (const Saved& s : e.saved) {
+        for (const Saved& s : e.saved()) {
             if (s.is_output || !s.value.defined()) continue;
             const TensorImpl& impl = s.value.impl();
             if (!impl.slots || impl.slots->tape != tape.id || impl.slot() < base || impl.slot() - base >= slots) continue;
@@ -210,7 +209,7 @@ void compact_since(std::uint64_t first_seq)
         const std::uint64_t slot = e.first_slot + k;
         if (!tape.slot_alive(slot)) return false;
         Holds h = holds[static_cast<std::size_t>(slot - base)];
-        for (const Saved& s : e.saved)
+        for (const Saved& s : e.saved())
             if (s.is_output && s.output == k) {
                 ++h.by_dead;  // the entry's own: it holds the tensor, dead or alive
                 h.all = s.value.impl_ptr().use_count();
@@ -228,7 +227,7 @@ void compact_since(std::uint64_t first_seq)
             drop_saves(e);
             continue;
         }
-        for (const auto& in : e.inputs)
+        for (const auto& in : e.inputs())
             if (in.slot() >= base) read[static_cast<std::size_t>(in.slot() - base)] = true;
     }
     std::size_t kept = first;
@@ -272,7 +271,7 @@ History producer_of_slot(const Tape& tape, std::uint64_t slot)
     const Entry* e = lo > 0 ? &tape.entries[lo - 1] : nullptr;
     LOOM_CHECK(e && slot < e->first_slot + e->num_outputs, "backward",
                "internal: no entry on the tape produced gradient slot {}", slot);
-    return History{e->name, e->seq, slot, tape.id};
+    return History{e->name(), e->seq, slot, tape.id};
 }
 
 void forget_watched(Tape& tape, const Entry& e)
@@ -299,7 +298,8 @@ std::size_t tape_size() { return this_tape().entries.size(); }
 
 const std::shared_ptr<const std::string>& Entry::scope() const
 {
-    return rare ? rare->scope : engine::no_scope;
+    const auto& r = rare();
+    return r ? r->scope : engine::no_scope;
 }
 
 const Entry* find_entry(std::uint64_t seq)
@@ -329,6 +329,25 @@ void push_entry(const char* name, std::span<const Tensor> inputs, std::span<cons
                 std::span<const Tensor> saved, BackwardFn backward, bool custom)
 {
     detail::push_entry_stored(name, inputs, outputs, saved, backward_ops_of<BackwardFn>, &backward, custom);
+}
+
+Entry& Entry::operator=(Entry&& other) noexcept
+{
+    if (this == &other) return *this;
+    clear_lists();
+    seq = other.seq;
+    first_slot = other.first_slot;
+    num_outputs = other.num_outputs;
+    output_dtype = other.output_dtype;
+    output_ndim = other.output_ndim;
+    watched = other.watched;
+    custom = other.custom;
+    inputs_code_ = inputs_.take(other.inputs_, std::exchange(other.inputs_code_, 0));
+    saved_code_ = saved_.take(other.saved_, std::exchange(other.saved_code_, 0));
+    input_meta = std::move(other.input_meta);
+    backward = std::move(other.backward);
+    cold() = std::move(other.cold());
+    return *this;
 }
 
 void Entry::keep_first_output_shape_aside(const Shape& shape)
@@ -397,11 +416,11 @@ template <class Refs> void keep_input_meta(engine::Tape& tape, Entry& e, Refs in
 {
     bool large = false;
     for (std::size_t k = 0; k < inputs.size(); ++k)
-        large = large || (e.inputs[k].slot() != 0 && tensor_of(inputs[k]).dim() > 4);
+        large = large || (e.inputs()[k].slot() != 0 && tensor_of(inputs[k]).dim() > 4);
     InputMeta* meta = e.input_meta.emplace(
         tape.stream.allocate(KeptInputMeta::bytes_for(inputs.size()), KeptInputMeta::bytes_align), inputs.size(), large);
     for (std::size_t k = 0; k < inputs.size(); ++k)
-        if (e.inputs[k].slot() != 0) meta[k] = InputMeta{tensor_of(inputs[k]).sizes(), tensor_of(inputs[k]).dtype()};
+        if (e.inputs()[k].slot() != 0) meta[k] = InputMeta{tensor_of(inputs[k]).sizes(), tensor_of(inputs[k]).dtype()};
 }
 
 // Keeps s for e's backward; `output`: its index among e's outputs, or kNotOutput. A saved
@@ -410,9 +429,9 @@ template <class Refs> void keep_input_meta(engine::Tape& tape, Entry& e, Refs in
 constexpr std::size_t kNotOutput = SIZE_MAX;
 [[gnu::always_inline]] inline void save(Entry& e, const Tensor& s, std::size_t output)
 {
-    if (!s.defined()) e.saved.emplace_back(Tensor(), 0, false, 0);
-    else if (output == kNotOutput) e.saved.emplace_back(s, s.version(), false, 0);
-    else e.saved.emplace_back(s, s.version(), true, output);
+    if (!s.defined()) e.add_saved(Tensor(), 0, false, 0);
+    else if (output == kNotOutput) e.add_saved(s, s.version(), false, 0);
+    else e.add_saved(s, s.version(), true, output);
 }
 
 // Gives `out` the history of its entry's output in `slot`, whose record `chunk` holds.
@@ -466,12 +485,12 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
     Entry& e = tape.entries.emplace_back();
     try {
         e.seq = tape.next_seq;
-        e.name = name;
+        e.cold().name = name;
         // Read before any output gets its history: an output may be an input that needs no gradient.
-        e.inputs.reserve(inputs.size());
+        e.reserve_inputs(inputs.size());
         bool keep_meta = false;
         for (const Tensor* t : inputs)
-            e.inputs.push_back(
+            e.add_input(
                 input_ref(tape, name, *t, outputs.empty() ? nullptr : &outputs[0], outputs.size() > 1, &keep_meta));
         if (keep_meta) keep_input_meta(tape, e, inputs);
         e.first_slot = tape.next_slot;
@@ -485,7 +504,7 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
             more.reserve(outputs.size() - 1);
             for (const Tensor& out : outputs.subspan(1)) more.push_back(Entry::Output{out.sizes(), out.dtype()});
         }
-        e.saved.reserve(saved.size());
+        e.reserve_saved(saved.size());
         for (const Tensor* s : saved) {
             std::size_t index = 0;  // among the outputs
             while (index < outputs.size() && !outputs[index].is_same(*s)) ++index;
@@ -522,15 +541,17 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
     Entry& e = tape.entries.emplace_back();  // as in push_entry_stored
     try {
         e.seq = tape.next_seq;
-        e.name = name;
+        e.cold().name = name;
         bool keep_meta = false;
+        e.reserve_inputs(inputs.size());
         for (const internal::TensorRef in : inputs)
-            e.inputs.push_back(input_ref(tape, name, *in.tensor, &output, false, &keep_meta));
+            e.add_input(input_ref(tape, name, *in.tensor, &output, false, &keep_meta));
         if (keep_meta) keep_input_meta(tape, e, inputs);
         e.first_slot = tape.next_slot;
         e.num_outputs = 1;
         e.keep_first_output_shape(output.sizes());
         e.output_dtype = output.dtype();
+        e.reserve_saved(saved.size());
         for (const internal::TensorRef s : saved) save(e, *s.tensor, s.tensor->is_same(output) ? 0 : kNotOutput);
         if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;
         e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));
@@ -575,8 +596,9 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
                             std::span<const Tensor>(), [](const BackwardContext& c) { return GradList{c.take_grad()}; },
                             false);
     Entry& e = this_tape().entries.back();
-    if (e.rare) e.rare->region = std::move(rare->region);  // the entry made its own for a Scope
-    else e.rare = std::move(rare);
+    auto& kept = e.cold().rare;
+    if (kept) kept->region = std::move(rare->region);  // the entry made its own for a Scope
+    else kept = std::move(rare);
     return output;
 }
 std::uint64_t detail::next_sequence() { return this_tape().next_seq; }

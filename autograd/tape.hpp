@@ -6,7 +6,9 @@
 /// entry: its name, the inputs it sends gradients to, its outputs, the tensors it
 /// saved for backward (with their storage versions, so an in-place change is caught) and its
 /// backward function: an op token and the closure, in the entry when small, else in the tape's
-/// byte stream (StoredBackward). An op that records nothing costs no entry.
+/// byte stream (StoredBackward). An op that records nothing costs no entry. An entry is two cache
+/// lines: what a sweep of loom's element-wise ops reads; the rest (its name, its first output's
+/// shape, what few entries have) lies aside in its chunk of the tape (Entry::Cold).
 ///
 /// **Leaves, non-leaves and liveness.** A leaf that requires grad (a parameter) carries a Node:
 /// its shape and dtype, its .grad() and its hooks; the tape holds each leaf's node once however
@@ -51,6 +53,7 @@
 #include <functional>
 #include <initializer_list>
 #include <memory>
+#include <new>
 #include <optional>
 #include <ranges>
 #include <span>
@@ -227,9 +230,88 @@ private:
     std::uint64_t word_ = 0;
 };
 
-/// An entry's few inputs, outputs and saved tensors are kept inline: recording a small op must
-/// not cost a heap allocation for each list.
-using InputNodes = SmallVector<InputRef, 3>;
+/// A list of up to N items of T kept in place, more on the heap, with no length or capacity of its
+/// own: its owner keeps a one-byte code for it (0 to N: that many in place; kOnHeap: on the heap,
+/// whose block starts with the length). An entry's inputs and saved tensors so cost the bytes of
+/// their items and nothing more, which keeps an entry in two cache lines (Entry). Its owner calls
+/// clear() before it goes.
+template <class T, std::size_t N> class PackedList {
+public:
+    static_assert(N > 0 && N < 255, "a code of one byte names the lengths 0 to N and kOnHeap");
+    /// The code of a list whose items are on the heap.
+    static constexpr std::uint8_t kOnHeap = N + 1;
+    PackedList() noexcept {}
+    PackedList(const PackedList&) = delete;
+    PackedList& operator=(const PackedList&) = delete;
+    /// The items of the list with code `code`.
+    std::span<T> items(std::uint8_t code) noexcept
+    {
+        if (code == kOnHeap) [[unlikely]]
+            return {heap_->items(), heap_->size};
+        return {in_place(), code};
+    }
+    /// See items().
+    std::span<const T> items(std::uint8_t code) const noexcept { return const_cast<PackedList*>(this)->items(code); }
+    /// Makes room for n items in an empty list (code 0) and returns its new code.
+    std::uint8_t reserve(std::size_t n)
+    {
+        if (n <= N) return 0;
+        void* block = ::operator new(Heap::bytes_for(n), std::align_val_t(alignof(Heap)));
+        heap_ = ::new (block) Heap{0, n};
+        return kOnHeap;
+    }
+    /// Appends an item made of `args` to the list with code `code` (which must have room for it)
+    /// and returns the list's new code.
+    template <class... Args> std::uint8_t emplace_back(std::uint8_t code, Args&&... args)
+    {
+        if (code == kOnHeap) [[unlikely]] {
+            ::new (heap_->items() + heap_->size) T(std::forward<Args>(args)...);
+            ++heap_->size;
+            return code;
+        }
+        ::new (in_place() + code) T(std::forward<Args>(args)...);
+        return static_cast<std::uint8_t>(code + 1);
+    }
+    /// Destroys the items of the list with code `code` and frees its heap block; its code is then 0.
+    void clear(std::uint8_t code) noexcept
+    {
+        std::span<T> all = items(code);
+        if constexpr (!std::is_trivially_destructible_v<T>)
+            for (T& item : all) item.~T();
+        if (code == kOnHeap) [[unlikely]]
+            ::operator delete(heap_, std::align_val_t(alignof(Heap)));
+    }
+    /// Takes the items of `other` (code `other_code`, then 0) into this empty list; returns this
+    /// list's new code.
+    std::uint8_t take(PackedList& other, std::uint8_t other_code) noexcept
+    {
+        if (other_code == kOnHeap) {
+            heap_ = other.heap_;
+            return kOnHeap;
+        }
+        for (std::uint8_t k = 0; k < other_code; ++k) {
+            ::new (in_place() + k) T(std::move(other.in_place()[k]));
+            other.in_place()[k].~T();
+        }
+        return other_code;
+    }
+
+private:
+    struct alignas(std::max(alignof(T), alignof(std::size_t))) Heap {
+        std::size_t size;
+        std::size_t capacity;
+        static std::size_t bytes_for(std::size_t n) { return sizeof(Heap) + n * sizeof(T); }
+        T* items() { return std::launder(reinterpret_cast<T*>(this + 1)); }
+    };
+    T* in_place() noexcept { return std::launder(reinterpret_cast<T*>(bytes_)); }
+    union {
+        Heap* heap_;
+        alignas(T) std::byte bytes_[N * sizeof(T)];
+    };
+};
+
+/// An entry's inputs: three in place, as most ops have at most three.
+using InputNodes = std::span<const InputRef>;
 
 /// The shape and dtype of a non-leaf input that the entry's first output does not tell (a
 /// reduction's or a broadcast's input): kept by the entry, since the input itself may be gone by
@@ -373,14 +455,14 @@ class InputNeeds {
 public:
     InputNeeds() = default;
     /// The needs of `inputs` (null: none).
-    explicit InputNeeds(const InputNodes* inputs) : inputs_(inputs) {}
+    explicit InputNeeds(InputNodes inputs) : inputs_(inputs) {}
     /// Whether input k wants a gradient.
-    bool operator[](std::size_t k) const { return bool((*inputs_)[k]); }
+    bool operator[](std::size_t k) const { return bool(inputs_[k]); }
     /// How many inputs the entry has.
-    std::size_t size() const { return inputs_ ? inputs_->size() : 0; }
+    std::size_t size() const { return inputs_.size(); }
 
 private:
-    const InputNodes* inputs_ = nullptr;
+    InputNodes inputs_;
 };
 
 /// What an entry's backward function receives.
@@ -390,7 +472,7 @@ struct BackwardContext {
     SavedTensors saved;  ///< in the order given to record()
     InputNeeds needs;  ///< per input: does it want a gradient?
     /// The entry's inputs; null where an input needs no gradient.
-    const InputNodes* inputs = nullptr;
+    InputNodes inputs;
     /// Per input, the shape and dtype of a non-leaf (Entry::input_meta); null when none was kept.
     const InputMeta* input_meta = nullptr;
     /// backward is being recorded (create_graph): it must compute with differentiable ops, or
@@ -429,14 +511,14 @@ struct BackwardContext {
     /// Shape of input k; known for every input that needs a gradient, so ops need not save it.
     const Shape& input_shape(std::size_t k) const
     {
-        const InputRef& in = (*inputs)[k];
+        const InputRef& in = inputs[k];
         if (in.like_output()) return *output_shape;
         return in.node() ? in.node()->shape : input_meta[k].shape;
     }
     /// Dtype of input k.
     DType input_dtype(std::size_t k) const
     {
-        const InputRef& in = (*inputs)[k];
+        const InputRef& in = inputs[k];
         if (in.like_output()) return output_dtype;
         return in.node() ? in.node()->dtype : input_meta[k].dtype;
     }
@@ -489,7 +571,7 @@ struct BackwardOps {
 namespace detail {
 /// Whether a closure of type C is kept in its entry: small, and copied by copying its bytes.
 /// 16 bytes: a closure of loom's ops captures nothing or a number or two, and 8 more in every entry
-/// would make it longer than three cache lines.
+/// would make it longer than two cache lines.
 template <class C> inline constexpr bool closure_kept_inline = sizeof(C) <= 16 && alignof(C) <= 8 && std::is_trivially_copyable_v<C>;
 
 /// The formula a closure of type C names (its `pointwise_kind`, see BackwardOps::pointwise), or 0.
@@ -598,15 +680,30 @@ private:
 /// the input's shape to that part.
 using RegionFn = std::function<Tensor(const Tensor&)>;
 
-/// One recorded op on the tape: 192 bytes, three cache lines, which forward writes, the sweep reads
-/// and a reset drops, one after another along a tape that may outgrow the caches.
+/// One recorded op on the tape: 128 bytes, two cache lines, which forward writes, the sweep reads
+/// and a reset drops, one after another along a tape that may outgrow the caches. What the sweep
+/// of loom's element-wise ops never reads (the op's name, its output's shape, what few entries
+/// have) lies aside in 32 bytes (Entry::Cold), in the entry's chunk of the tape, where the entry's
+/// own address finds it.
 struct Entry {
-    /// User-provided, so that appending an entry does not first zero all of it.
-    Entry() noexcept {}
+    /// Entries in a chunk of the tape (EntryStore): their cold parts follow them there.
+    static constexpr std::size_t kPerChunk = 1024;
+    /// A chunk's alignment: a power of two no smaller than the chunk, so that an entry's address
+    /// tells its chunk and its index in it.
+    static constexpr std::size_t kChunkAlign = std::size_t(1) << 18;
+    /// Made only in a chunk of EntryStore, which has room for its cold part. User-provided, so
+    /// that appending an entry does not first zero all of it.
+    Entry() noexcept { ::new (static_cast<void*>(&cold())) Cold(); }
+    ~Entry()
+    {
+        clear_lists();
+        cold().~Cold();
+    }
+    Entry(const Entry&) = delete;
+    /// Moves `other` here, leaving it empty (compaction moves the live entries down the tape).
+    Entry& operator=(Entry&& other) noexcept;
     /// Its sequence number on its thread's tape.
     std::uint64_t seq = 0;
-    /// The op's name.
-    const char* name = nullptr;
     /// Output k's gradient is summed in slot first_slot + k. Slots are numbered along the tape as
     /// entries are, so a sweep keeps the gradients it sums in one dense array indexed by slot,
     /// instead of reaching each output.
@@ -615,28 +712,55 @@ struct Entry {
     std::uint32_t num_outputs = 0;
     /// Its first output's dtype.
     DType output_dtype = kFloat32;
-    /// How many dims output_dims keeps (0: a 0-d output, or none), or kShapeAside.
-    std::uint8_t output_ndim = 0;
+    /// How many dims Cold::output_dims keeps (0: a 0-d output, or none), or kShapeAside.
+    std::uint8_t output_ndim : 3 = 0;
     /// An output has hooks or retains its gradient (register_hook, retain_grad): the sweep then
     /// looks up its node (Tape::watched_nodes); otherwise it never needs to.
-    bool watched = false;
+    bool watched : 1 = false;
     /// Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
     /// user's, and under create_graph a gradient it computed off the tape is an error.
-    bool custom = false;
-    InputNodes inputs;  ///< null where an input does not require grad
+    bool custom : 1 = false;
+    /// output_ndim of a first output whose shape is kept aside, in Rare::output_shape.
+    static constexpr std::uint8_t kShapeAside = 7;
+
+private:
+    std::uint8_t inputs_code_ = 0;  ///< inputs_'s (PackedList)
+    std::uint8_t saved_code_ = 0;  ///< saved_'s
+
+public:
     /// Per input, the shape and dtype of each non-leaf input that neither its node nor the first
     /// output's gradient tells; null when no input needs it (most entries).
     KeptInputMeta input_meta;
-    /// The tensors it saved for backward.
-    SmallVector<Saved, 3> saved;
     /// Its backward function.
     StoredBackward backward;
-    /// Its first output's shape (for the graph exports, once the output is gone, and the inputs
-    /// marked like_output()) in 16 bytes instead of a Shape's 48: up to four dims, each below
-    /// 2^32. Any other shape is kept aside (Rare::output_shape, output_ndim kShapeAside).
-    std::uint32_t output_dims[4];
-    /// output_ndim of a first output whose shape is kept aside, in Rare::output_shape.
-    static constexpr std::uint8_t kShapeAside = 0xff;
+
+private:
+    PackedList<InputRef, 3> inputs_;
+    PackedList<Saved, 3> saved_;
+
+public:
+    /// Its inputs; null where an input does not require grad.
+    InputNodes inputs() const { return inputs_.items(inputs_code_); }
+    /// The tensors it saved for backward.
+    std::span<const Saved> saved() const { return saved_.items(saved_code_); }
+    /// Makes room for n inputs, before the first is added.
+    void reserve_inputs(std::size_t n) { inputs_code_ = inputs_.reserve(n); }
+    /// Adds an input (room for it reserved).
+    void add_input(InputRef in) { inputs_code_ = inputs_.emplace_back(inputs_code_, in); }
+    /// Makes room for n saved tensors, before the first is added.
+    void reserve_saved(std::size_t n) { saved_code_ = saved_.reserve(n); }
+    /// Adds a saved tensor made of `args` (room for it reserved).
+    template <class... Args> void add_saved(Args&&... args)
+    {
+        saved_code_ = saved_.emplace_back(saved_code_, std::forward<Args>(args)...);
+    }
+    /// Drops the inputs and the saved tensors.
+    void clear_lists() noexcept
+    {
+        inputs_.clear(std::exchange(inputs_code_, 0));
+        saved_.clear(std::exchange(saved_code_, 0));
+    }
+
     /// What the entry keeps of one of its outputs.
     struct Output {
         /// Its shape.
@@ -657,20 +781,43 @@ struct Entry {
         /// The first output's shape, where output_dims cannot keep it.
         Shape output_shape;
     };
-    /// Null unless the entry has more than one output, a region, a scope, or a first output of
-    /// more than four dims or a dim of 2^32 or more.
-    std::unique_ptr<Rare> rare;
+    /// The part of an entry that a sweep of loom's element-wise ops does not read.
+    struct Cold {
+        /// The op's name.
+        const char* name = nullptr;
+        /// Its first output's shape (for the graph exports, once the output is gone, and the
+        /// inputs marked like_output()) in 16 bytes instead of a Shape's 48: up to four dims,
+        /// each below 2^32. Any other shape is kept aside (Rare::output_shape, output_ndim
+        /// kShapeAside).
+        std::uint32_t output_dims[4];
+        /// Null unless the entry has more than one output, a region, a scope, or a first output
+        /// of more than four dims or a dim of 2^32 or more.
+        std::unique_ptr<Rare> rare;
+    };
+    /// Its cold part, which follows the chunk's entries in the chunk.
+    Cold& cold() const noexcept
+    {
+        const auto at = reinterpret_cast<std::uintptr_t>(this);
+        const auto chunk = at & ~(kChunkAlign - 1);
+        auto* colds = reinterpret_cast<Cold*>(chunk + kPerChunk * sizeof(Entry));
+        return *std::launder(colds + (at - chunk) / sizeof(Entry));
+    }
+    /// The op's name.
+    const char* name() const { return cold().name; }
+    /// Its Rare part; null for most entries.
+    const std::unique_ptr<Rare>& rare() const { return cold().rare; }
     /// Keeps `shape` as its first output's: in output_dims if it fits, else aside.
     [[gnu::always_inline]] void keep_first_output_shape(const Shape& shape)
     {
-        if (shape.size() <= std::size(output_dims)) {
+        if (shape.size() <= std::extent_v<decltype(Cold::output_dims)>) {
+            std::uint32_t* dims = cold().output_dims;
             bool fits = true;
             for (std::size_t d = 0; d < shape.size(); ++d) {
                 fits = fits && static_cast<std::uint64_t>(shape[d]) <= UINT32_MAX;
-                output_dims[d] = static_cast<std::uint32_t>(shape[d]);
+                dims[d] = static_cast<std::uint32_t>(shape[d]);
             }
             if (fits) [[likely]] {
-                output_ndim = static_cast<std::uint8_t>(shape.size());
+                output_ndim = static_cast<std::uint8_t>(shape.size()) & 7;
                 return;
             }
         }
@@ -681,16 +828,17 @@ struct Entry {
     /// The first output's shape: `scratch`, written with it, or the one kept aside.
     const Shape& first_output_shape(Shape& scratch) const
     {
+        const Cold& c = cold();
         if (output_ndim == kShapeAside) [[unlikely]]
-            return rare->output_shape;
+            return c.rare->output_shape;
         scratch.resize(output_ndim);
         std::int64_t* to = scratch.data();
         // Unrolled: cheaper than a loop of unknown length, for every entry swept.
         switch (output_ndim) {
-        case 4: to[3] = output_dims[3]; [[fallthrough]];
-        case 3: to[2] = output_dims[2]; [[fallthrough]];
-        case 2: to[1] = output_dims[1]; [[fallthrough]];
-        case 1: to[0] = output_dims[0]; [[fallthrough]];
+        case 4: to[3] = c.output_dims[3]; [[fallthrough]];
+        case 3: to[2] = c.output_dims[2]; [[fallthrough]];
+        case 2: to[1] = c.output_dims[1]; [[fallthrough]];
+        case 1: to[0] = c.output_dims[0]; [[fallthrough]];
         default: break;
         }
         return scratch;
@@ -701,19 +849,24 @@ struct Entry {
     Shape shape_of_output(std::size_t k) const
     {
         Shape scratch;
-        return k == 0 ? first_output_shape(scratch) : rare->more_outputs[k - 1].shape;
+        return k == 0 ? first_output_shape(scratch) : rare()->more_outputs[k - 1].shape;
     }
     /// Output k's dtype.
-    DType dtype_of_output(std::size_t k) const { return k == 0 ? output_dtype : rare->more_outputs[k - 1].dtype; }
+    DType dtype_of_output(std::size_t k) const { return k == 0 ? output_dtype : rare()->more_outputs[k - 1].dtype; }
     /// The region of a part-of-input op; null for any other.
-    const RegionFn* region() const { return rare && rare->region ? &rare->region : nullptr; }
+    const RegionFn* region() const
+    {
+        const auto& r = rare();
+        return r && r->region ? &r->region : nullptr;
+    }
     /// The Scope it was recorded in (null if none was alive).
     const std::shared_ptr<const std::string>& scope() const;
     /// rare, made if need be.
     Rare& rare_made()
     {
-        if (!rare) rare = std::make_unique<Rare>();
-        return *rare;
+        auto& r = cold().rare;
+        if (!r) r = std::make_unique<Rare>();
+        return *r;
     }
 };
 

@@ -21,8 +21,8 @@
 namespace loom::autograd::engine {
 
 #ifdef __GLIBCXX__  // the members' sizes are libstdc++'s (libc++'s std::function is 48 bytes)
-static_assert(sizeof(Entry) <= 192, "a long tape's recording and sweep stream through its entries, and wait on "
-                                   "memory for each byte of them (README, Speed: \"Fewer bytes per op\")");
+static_assert(sizeof(Entry) == 128, "a long tape's recording and sweep stream through its entries, and wait on "
+                                    "memory for each line of them (README, Speed: \"Fewer bytes per op\")");
 #endif
 
 inline std::atomic<std::uint64_t> next_tape_id{1};
@@ -38,12 +38,13 @@ template <bool ForWrite> [[gnu::always_inline]] inline void prefetch_entry(const
 {
     const auto* bytes = reinterpret_cast<const char*>(&e);
     for (std::size_t at = 0; at < sizeof(Entry); at += 64) __builtin_prefetch(bytes + at, ForWrite);
+    __builtin_prefetch(&e.cold(), ForWrite);
 }
 // Fetches the first `lines` cache lines of the block of each tensor e saved: reading an entry's
 // saved list is itself a load, so e must have been fetched some entries before.
 template <bool ForWrite> [[gnu::always_inline]] inline void prefetch_saved_blocks(const Entry& e, std::size_t lines)
 {
-    for (const Saved& s : e.saved)
+    for (const Saved& s : e.saved())
         if (const auto* block = reinterpret_cast<const char*>(s.value.impl_ptr().get()))
             for (std::size_t line = 0; line < lines; ++line) __builtin_prefetch(block + 64 * line, ForWrite);
 }
@@ -108,16 +109,21 @@ public:
     }
 
 private:
-    static constexpr std::size_t kChunk = 1024;
+    static constexpr std::size_t kChunk = Entry::kPerChunk;
     static constexpr std::size_t kClearAhead = 16;
     static constexpr std::size_t kPrefetchFrom = 4096;
-    // Raw storage: an entry is constructed when appended and destroyed when dropped.
-    // On a cache line's boundary, so that each entry spans exactly three.
-    struct Chunk {
-        alignas(64) std::byte bytes[kChunk * sizeof(Entry)];
+    // Raw storage: an entry is constructed when appended and destroyed when dropped; its cold
+    // part (Entry::Cold) lies in the same chunk, after all the entries, where Entry::cold()
+    // finds it from the entry's address.
+    struct alignas(Entry::kChunkAlign) Chunk {
+        std::byte bytes[kChunk * sizeof(Entry)];
+        std::byte cold[kChunk * sizeof(Entry::Cold)];
         Entry& operator[](std::size_t i) { return *std::launder(reinterpret_cast<Entry*>(bytes) + i); }
         const Entry& operator[](std::size_t i) const { return *std::launder(reinterpret_cast<const Entry*>(bytes) + i); }
     };
+    static_assert(offsetof(Chunk, cold) == kChunk * sizeof(Entry) &&
+                      offsetof(Chunk, cold) + sizeof(Chunk::cold) <= Entry::kChunkAlign,
+                  "Entry::cold() finds an entry's chunk by rounding its address down to kChunkAlign");
     std::vector<std::unique_ptr<Chunk>> chunks_;
     std::size_t size_ = 0;
 };
