@@ -283,6 +283,38 @@ TEST_CASE("compaction keeps what a live entry reads, and the hooks of results al
     });
 }
 
+TEST_CASE("an entry with more inputs and saved tensors than it keeps in place keeps them when compaction moves it")
+{
+    on_fresh_tape([] {
+        // Five of each: the entry's lists lie on the heap (PackedList), and the entry is moved
+        // down the tape by the compaction that drops the dead entries recorded before it.
+        std::vector<Tensor> xs;
+        for (int k = 0; k < 5; ++k) xs.push_back(tensor({0.5 + k, -1.0 - 0.25 * k}, kFloat64).requires_grad_());
+        for (int i = 0; i < 500; ++i) (void)(xs[0] * 2.0);  // dead, before the product
+        Tensor product = xs[0].detach();
+        for (int k = 1; k < 5; ++k) product = product * xs[k].detach();
+        Tensor y = autograd::record("product_of_five", xs, product, xs, [](const autograd::BackwardContext& c) {
+            autograd::GradList grads;
+            for (std::size_t k = 0; k < 5; ++k) {
+                Tensor others = c.grad();
+                for (std::size_t j = 0; j < 5; ++j)
+                    if (j != k) others = others * c.saved[j];
+                grads.push_back(others);
+            }
+            return grads;
+        });
+        for (int i = 0; i < 5000; ++i) (void)(xs[0] * 2.0);  // dead, reclaimed by compaction
+        CHECK(autograd::tape_size() < 3000);
+        (y * y).sum().backward();
+        for (std::size_t k = 0; k < 5; ++k) {
+            Tensor others = y.detach() * 2.0;
+            for (std::size_t j = 0; j < 5; ++j)
+                if (j != k) others = others * xs[j].detach();
+            CHECK(close(xs[k].grad(), values(others), 1e-12));
+        }
+    });
+}
+
 TEST_CASE("compaction drops every entry once no output on the tape is alive, watched ones with their hooks")
 {
     on_fresh_tape([] {
