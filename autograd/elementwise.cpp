@@ -330,11 +330,11 @@ Tensor relu(const Tensor& x)
 {
     const autograd::detail::ProfiledOp profiled("relu");
     Tensor out = kernels::map_floating("relu", x, [](auto v) { return pointwise::Relu::value(v); });
-    return record("relu", {x}, std::move(out), {out}, [](const BackwardContext& c) {
+    return record("relu", {x}, std::move(out), {out}, swept_as<pointwise::Relu>([](const BackwardContext& c) {
         return Grads{masked_gradient("relu_backward", c.grad(), c.saved[0], [](auto g, auto y) {
             return pointwise::Relu::grad(g, y, y);
         })};
-    });
+    }));
 }
 
 Tensor clamp(const Tensor& x, std::optional<double> min, std::optional<double> max)

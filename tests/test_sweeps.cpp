@@ -547,7 +547,7 @@ TEST_CASE("elementwise gradients written into the sweep's sums equal those retur
 
 TEST_CASE("loom's element-wise ops are swept from their formulas, as their backward functions compute them")
 {
-    // The sweep runs add, sub, mul, div, neg, exp, log, tanh and sigmoid from pointwise.hpp's
+    // The sweep runs add, sub, mul, div, neg, exp, log, tanh, sigmoid and relu from pointwise.hpp's
     // formulas (no backward function called). A running Profiler sends every entry through its
     // backward function with the sweep's sums offered, and anomaly mode through its backward
     // function returning each gradient: all three agree to the last bit, in every case a sum can
@@ -562,7 +562,9 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
     const std::vector<std::pair<const char*, Unary>> unary{
         {"neg", [](const Tensor& a) { return -a; }},         {"exp", [](const Tensor& a) { return a.exp(); }},
         {"log", [](const Tensor& a) { return a.log(); }},    {"tanh", [](const Tensor& a) { return a.tanh(); }},
-        {"sigmoid", [](const Tensor& a) { return a.sigmoid(); }}};
+        {"sigmoid", [](const Tensor& a) { return a.sigmoid(); }},
+        // a - 1.5 is x / 2: about half the elements below zero, where relu's gradient is zero.
+        {"relu", [](const Tensor& a) { return relu(a - 1.5); }}};
     // Each loss reads a = 1.5 + x / 2 and b = 1 + x^2 (both positive, for log and div), then the op
     // in one situation. Each op is a statement of its own, so the tape's order is the one written.
     using Op = std::function<Tensor(const Tensor&, const Tensor&)>;
