@@ -280,6 +280,15 @@ template <class T, class F>
     }
 }
 
+/// o[i] = f(a[i], b[i]) for i < n, where o is a new tensor's bytes: restrict tells the compiler
+/// so, which spares the vector loop its overlap checks (15 of the ~320 instructions of an add of
+/// 14 floats with no grad).
+template <class R, class T, class F>
+[[gnu::always_inline]] inline void zip_contiguous(R* __restrict o, const T* a, const T* b, std::int64_t n, F& f)
+{
+    for (std::int64_t i = 0; i < n; ++i) o[i] = f(a[i], b[i]);
+}
+
 /// out = f(a, b) with broadcasting, for T = the operands' C++ type; `op` names the call in errors.
 template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
@@ -292,8 +301,7 @@ template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& 
         Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
         R* o = out.data_ptr<R>();
         over_elements(a.numel(), [&](std::int64_t i0, std::int64_t i1) {
-            if (same_shape)
-                for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], pb[i]);
+            if (same_shape) zip_contiguous(o + i0, pa + i0, pb + i0, i1 - i0, f);
             else
                 for (std::int64_t i = i0; i < i1; ++i) o[i] = f(pa[i], *pb);
         });
