@@ -414,13 +414,14 @@ namespace {
 // Keeps the shapes and dtypes of e's non-leaf inputs in the tape's stream (InputMeta).
 template <class Refs> void keep_input_meta(engine::Tape& tape, Entry& e, Refs inputs)
 {
+    const InputNodes refs = e.inputs();  // a span made once: each call tests where the list lies
     bool large = false;
     for (std::size_t k = 0; k < inputs.size(); ++k)
-        large = large || (e.inputs()[k].slot() != 0 && tensor_of(inputs[k]).dim() > 4);
+        large = large || (refs[k].slot() != 0 && tensor_of(inputs[k]).dim() > 4);
     InputMeta* meta = e.input_meta.emplace(
         tape.stream.allocate(KeptInputMeta::bytes_for(inputs.size()), KeptInputMeta::bytes_align), inputs.size(), large);
     for (std::size_t k = 0; k < inputs.size(); ++k)
-        if (e.inputs()[k].slot() != 0) meta[k] = InputMeta{tensor_of(inputs[k]).sizes(), tensor_of(inputs[k]).dtype()};
+        if (refs[k].slot() != 0) meta[k] = InputMeta{tensor_of(inputs[k]).sizes(), tensor_of(inputs[k]).dtype()};
 }
 
 // Keeps s for e's backward; `output`: its index among e's outputs, or kNotOutput. A saved

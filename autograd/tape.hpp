@@ -257,7 +257,7 @@ public:
     {
         if (n <= N) return 0;
         void* block = ::operator new(Heap::bytes_for(n), std::align_val_t(alignof(Heap)));
-        heap_ = ::new (block) Heap{0, n};
+        heap_ = ::new (block) Heap{0};
         return kOnHeap;
     }
     /// Appends an item made of `args` to the list with code `code` (which must have room for it)
@@ -298,8 +298,7 @@ public:
 
 private:
     struct alignas(std::max(alignof(T), alignof(std::size_t))) Heap {
-        std::size_t size;
-        std::size_t capacity;
+        std::size_t size;  // its room is what reserve() was asked for: the owner never adds more
         static std::size_t bytes_for(std::size_t n) { return sizeof(Heap) + n * sizeof(T); }
         T* items() { return std::launder(reinterpret_cast<T*>(this + 1)); }
     };
@@ -454,7 +453,7 @@ using SavedTensors = decltype(std::views::transform(std::span<const Saved>(), &S
 class InputNeeds {
 public:
     InputNeeds() = default;
-    /// The needs of `inputs` (null: none).
+    /// The needs of `inputs` (an empty span: none).
     explicit InputNeeds(InputNodes inputs) : inputs_(inputs) {}
     /// Whether input k wants a gradient.
     bool operator[](std::size_t k) const { return bool(inputs_[k]); }

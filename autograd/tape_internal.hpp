@@ -255,13 +255,15 @@ struct Tape {
             }
             slot_chunks.push_back(spare_chunk ? std::move(spare_chunk) : std::make_unique<SlotChunk>(first, id));
         }
-        return *slot_chunks[static_cast<std::size_t>(index - first_chunk)];
+        return *slot_chunks[chunk_index(slot)];
+    }
+    // Where in slot_chunks the chunk holding `slot` lies (once it is made).
+    std::size_t chunk_index(std::uint64_t slot) const
+    {
+        return static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk);
     }
     // The chunk holding `slot`, an output's of an entry on the tape.
-    const SlotChunk& chunk_holding(std::uint64_t slot) const
-    {
-        return *slot_chunks[static_cast<std::size_t>(slot / SlotChunk::kSlots - first_chunk)];
-    }
+    const SlotChunk& chunk_holding(std::uint64_t slot) const { return *slot_chunks[chunk_index(slot)]; }
     // Whether the tensor of an output of an entry on the tape is alive.
     bool slot_alive(std::uint64_t slot) const
     {
