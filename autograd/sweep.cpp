@@ -607,6 +607,7 @@ struct Sweep final : autograd::GradientSums {
                 if (!p.sum.defined()) continue;
                 if (!p.captured && swept_by_formula(e, p)) {
                     swept.push_back(i);
+                    ++tape.entries_swept_by_formula;
                     continue;
                 }
             }

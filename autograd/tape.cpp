@@ -604,6 +604,7 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
 }
 std::uint64_t detail::next_sequence() { return this_tape().next_seq; }
 std::size_t detail::tape_stream_bytes() { return this_tape().stream.bytes_used(); }
+std::uint64_t detail::entries_swept_by_formula() { return this_tape().entries_swept_by_formula; }
 
 }  // namespace autograd
 

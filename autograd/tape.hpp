@@ -1077,6 +1077,9 @@ namespace detail {
 std::size_t tape_stream_bytes();
 /// The sequence number the next recorded entry gets.
 std::uint64_t next_sequence();
+/// How many entries this thread's sweeps have run from their op's formula (pointwise.hpp) rather
+/// than its backward function, ever: for tests of which route an entry takes.
+std::uint64_t entries_swept_by_formula();
 /// grad() through the entries numbered `first` and above alone, with allow_unused and nothing
 /// kept; leaf hooks are left to the sweep that will hand the gradients on. For a backward function
 /// that records part of its forward again and differentiates it while its own sweep is running

@@ -198,6 +198,9 @@ struct Tape {
     std::uint64_t reset_floor = 0;
     std::uint64_t id = next_tape_id++;
     int running_sweeps = 0;  // sweeps hold indices into the tape, which compaction would move
+    // Entries swept from their op's formula instead of its backward function, ever: what tests
+    // read to see which route an entry took (detail::entries_swept_by_formula).
+    std::uint64_t entries_swept_by_formula = 0;
     // The first entry a sweep started now may reach: the tape's length when the innermost running
     // sweep began (0 when none runs). A grad() or backward() inside a backward function or a hook
     // sees only what was recorded since, never the running sweep's gradients.

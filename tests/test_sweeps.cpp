@@ -650,6 +650,59 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
     }
 }
 
+TEST_CASE("the sweep runs an element-wise op from its formula where it can, and from its backward function where not")
+{
+    // The test above shows that the routes agree; this one shows which route each entry took.
+    // Each loss is (op(a, b) * 1.0).sum(): only the op's entries can be formula entries (the mul
+    // by 1.0 reads a broadcast scalar, and a sum has no formula). `watch` puts a hook on the op's
+    // result.
+    using Op = std::function<Tensor(const Tensor&, const Tensor&)>;
+    const auto formula_entries = [](const Op& op, bool watch = false) {
+        const Tensor a = (random({2, 5}, 3) * 0.5 + 1.5).requires_grad_();
+        const Tensor b = (random({2, 5}, 4) * 0.5 + 1.5).requires_grad_();
+        const Tensor r = op(a, b);
+        if (watch) r.register_hook([](const Tensor&) { return Tensor(); });
+        const Tensor loss = (r * 1.0).sum();
+        const std::uint64_t before = autograd::detail::entries_swept_by_formula();
+        grad({loss}, {a, b}, {}, std::nullopt, false, /*allow_unused=*/true);
+        return autograd::detail::entries_swept_by_formula() - before;
+    };
+    // Each op, with the number of formula entries its loss makes (relu's also a - 1.5).
+    const std::vector<std::tuple<const char*, Op, std::uint64_t>> ops{
+        {"add", [](const Tensor& a, const Tensor& b) { return a + b; }, 1},
+        {"sub", [](const Tensor& a, const Tensor& b) { return a - b; }, 1},
+        {"mul", [](const Tensor& a, const Tensor& b) { return a * b; }, 1},
+        {"div", [](const Tensor& a, const Tensor& b) { return a / b; }, 1},
+        {"neg", [](const Tensor& a, const Tensor&) { return -a; }, 1},
+        {"exp", [](const Tensor& a, const Tensor&) { return a.exp(); }, 1},
+        {"log", [](const Tensor& a, const Tensor&) { return a.log(); }, 1},
+        {"tanh", [](const Tensor& a, const Tensor&) { return a.tanh(); }, 1},
+        {"sigmoid", [](const Tensor& a, const Tensor&) { return a.sigmoid(); }, 1},
+        {"relu", [](const Tensor& a, const Tensor&) { return relu(a - 1.5); }, 2}};
+    for (const auto& [name, op, expected] : ops) {
+        INFO(name);
+        CHECK(formula_entries(op) == expected);
+        // A hook on the result watches its entry, which then runs its backward function.
+        CHECK(formula_entries(op, true) == expected - 1);
+        {
+            const autograd::DetectAnomalyGuard anomaly;  // checks each gradient a function returns
+            CHECK(formula_entries(op) == 0);
+        }
+        {
+            autograd::Profiler profiler;  // times each backward function
+            CHECK(formula_entries(op) == 0);
+        }
+    }
+    // An input broadcast, or a saved operand the formula would read that is not contiguous: the
+    // op's entry takes its backward function's route.
+    CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a + b.select(0, 1); }) == 0);
+    CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a * b.select(0, 1); }) == 0);
+    CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a.t() * b.t(); }) == 0);
+    CHECK(formula_entries([](const Tensor& a, const Tensor&) { return a.t().log(); }) == 0);
+    // add's formula reads no saved value: a transposed operand does not matter to it.
+    CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a.t() + b.t(); }) == 1);
+}
+
 TEST_CASE("an incoming gradient no one else holds becomes its input's gradient, one that is held stays as it was")
 {
     // y = x * 1.5 then n unary ops: each hands the gradient it received on to its input, written
