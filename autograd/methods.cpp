@@ -91,7 +91,7 @@ bool is_non_overlapping(const Tensor& t)
     if (t.numel() == 0) return true;  // nothing is written
     std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, size) of dims with size > 1
     for (std::int64_t d = 0; d < t.dim(); ++d)
-        if (t.sizes()[d] > 1) dims.emplace_back(t.strides()[d], t.sizes()[d]);
+        if (t.sizes()[d] > 1) dims.emplace_back(t.impl().stride(d), t.sizes()[d]);
     std::sort(dims.begin(), dims.end());
     std::int64_t reach = 0;  // the largest offset the dims so far can add
     for (const auto& [stride, size] : dims) {

@@ -566,9 +566,9 @@ struct Sweep final : autograd::GradientSums {
     // 384 down to 32 characters), so they are made only from kPrefetchBlocksFrom entries on.
     static constexpr std::size_t kBlocksAhead = 8;
     static constexpr std::size_t kPrefetchBlocksFrom = 20000;
-    // A small tensor's block: its header, storage record and up to 128 bytes (14 doubles). It
+    // A small tensor's block: its header, storage record and up to 112 bytes (14 doubles). It
     // starts on a 16-byte boundary, so it may reach into one line more than its length fills.
-    static constexpr std::size_t kBlockLines = (sizeof(TensorImpl) + sizeof(Storage) + 128 + 63) / 64 + 1;
+    static constexpr std::size_t kBlockLines = (sizeof(TensorImpl) + sizeof(Storage) + 112 + 63) / 64 + 1;
     // Reading an entry's saved list to fetch its blocks is itself a load: perf put half of the
     // walk's own samples on it. So the entry is fetched first, kEntriesAhead below, as the reset
     // does (EntryStore::clear).

@@ -84,8 +84,8 @@ bool keep_in(std::vector<void*>& list, void* p) noexcept
     }
 }
 
-// Small objects are pooled by their size rounded up to 16 bytes.
-std::size_t rounded_object_size(std::size_t size) { return (size + 15) / 16 * 16; }
+// A small object gets its class's block (object_class).
+std::size_t rounded_object_size(std::size_t size) { return detail::object_class_size(detail::object_class(size)); }
 
 // The cache lives behind a plain pointer that outlives it: a tensor freed while this thread
 // is being torn down (after the cache is gone) goes straight back to malloc.

@@ -35,8 +35,8 @@ namespace detail {
 /// and free_small_object reach them inline: every op makes and drops several objects, and a
 /// call into the library for each cost more than the list operation itself.
 struct ObjectLists {
-    /// Size classes: 16, 32, ... kLargestSmallObject bytes.
-    static constexpr std::size_t kClasses = kLargestSmallObject / 16;
+    /// Size classes: 8, 24, 40, ... bytes, up to kLargestSmallObject (see object_class).
+    static constexpr std::size_t kClasses = (kLargestSmallObject + 7) / 16 + 1;
     /// One class's freed blocks, most recently freed last.
     struct List {
         void** items = nullptr;  ///< from malloc; grown by free_small_object_slow
@@ -50,8 +50,13 @@ struct ObjectLists {
 /// gone, and always in sanitized builds (every block then comes from malloc, so that every use
 /// after free is caught). initial-exec: libloom is linked, not dlopen()ed.
 extern constinit thread_local ObjectLists* object_lists [[gnu::tls_model("initial-exec")]];
-/// The size class of a small object of `size` bytes.
-constexpr std::size_t object_class(std::size_t size) { return (size + 15) / 16 - 1; }
+/// The size class of a small object of `size` bytes: class k holds objects of 16k - 7 to 16k + 8
+/// bytes in blocks of 16k + 8, which malloc places 16k + 16 bytes apart (its 8-byte header, then
+/// 16-byte alignment). Classes of 16k bytes would lie 16k + 16 apart, 16 bytes more for an object
+/// of 16k - 8 bytes, a small tensor's usual size.
+constexpr std::size_t object_class(std::size_t size) { return (size + 7) / 16; }
+/// The size of class k's blocks.
+constexpr std::size_t object_class_size(std::size_t k) { return 16 * k + 8; }
 /// allocate_small_object when its class's list is empty (or there is no pool yet).
 void* allocate_small_object_slow(std::size_t size);
 /// free_small_object when its class's list is full (or there is no pool).

@@ -91,7 +91,7 @@ Tensor permute(const Tensor& t, const Shape& dims)
         LOOM_CHECK(!seen[d], "permute", "dim {} repeats in {}", d, dims);
         seen[d] = true;
         shape[i] = t.sizes()[d];
-        strides[i] = t.strides()[d];
+        strides[i] = t.impl().stride(d);
     }
     return as_strided(t, shape, strides, t.storage_offset());
 }
@@ -101,7 +101,7 @@ Shape broadcast_strides(const Tensor& t, const Shape& shape)
     const std::size_t lead = shape.size() - t.sizes().size();
     Shape strides(shape.size(), 0);
     for (std::size_t i = 0; i < t.sizes().size(); ++i)
-        strides[lead + i] = t.sizes()[i] == 1 && shape[lead + i] != 1 ? 0 : t.strides()[i];
+        strides[lead + i] = t.sizes()[i] == 1 && shape[lead + i] != 1 ? 0 : t.impl().stride(i);
     return strides;
 }
 
@@ -138,7 +138,7 @@ Tensor slice(const Tensor& t, std::int64_t dim, std::int64_t start, std::int64_t
     if (shape[dim] > 1) strides[dim] *= step;  // then step < n: no overflow; a single element needs no stride
     // An empty result reaches no element: its offset stays put (start * stride might not fit).
     const bool empty_result = std::find(shape.begin(), shape.end(), 0) != shape.end();
-    return as_strided(t, shape, strides, t.storage_offset() + (empty_result ? 0 : start * t.strides()[dim]));
+    return as_strided(t, shape, strides, t.storage_offset() + (empty_result ? 0 : start * t.impl().stride(dim)));
 }
 
 Tensor select(const Tensor& t, std::int64_t dim, std::int64_t index)
@@ -153,7 +153,7 @@ Tensor select(const Tensor& t, std::int64_t dim, std::int64_t index)
     shape.erase(shape.begin() + dim);
     strides.erase(strides.begin() + dim);
     const bool empty_result = std::find(shape.begin(), shape.end(), 0) != shape.end();
-    return as_strided(t, shape, strides, t.storage_offset() + (empty_result ? 0 : index * t.strides()[dim]));
+    return as_strided(t, shape, strides, t.storage_offset() + (empty_result ? 0 : index * t.impl().stride(dim)));
 }
 
 Tensor unsqueeze(const Tensor& t, std::int64_t dim)
@@ -162,7 +162,7 @@ Tensor unsqueeze(const Tensor& t, std::int64_t dim)
     Shape shape = t.sizes(), strides = t.strides();
     // The new dim has size 1, so its stride is never used to step; any value that fits will do.
     std::int64_t stride = 1;
-    if (dim < t.dim() && __builtin_mul_overflow(t.strides()[dim], t.sizes()[dim], &stride)) stride = 1;
+    if (dim < t.dim() && __builtin_mul_overflow(t.impl().stride(dim), t.sizes()[dim], &stride)) stride = 1;
     shape.insert(shape.begin() + dim, 1);
     strides.insert(strides.begin() + dim, stride);
     return as_strided(t, shape, strides, t.storage_offset());
@@ -176,7 +176,7 @@ Tensor squeeze(const Tensor& t, std::optional<std::int64_t> dim)
         const bool drop = t.sizes()[i] == 1 && (only < 0 || i == only);
         if (!drop) {
             shape.push_back(t.sizes()[i]);
-            strides.push_back(t.strides()[i]);
+            strides.push_back(t.impl().stride(i));
         }
     }
     return as_strided(t, shape, strides, t.storage_offset());
@@ -235,7 +235,7 @@ bool is_dense(const Tensor& t)
     SmallVector<std::pair<std::int64_t, std::int64_t>, 6> dims;  // (stride, size) of each dim that steps
     for (std::int64_t i = 0; i < t.dim(); ++i) {
         if (t.sizes()[i] == 0) return true;
-        if (t.sizes()[i] > 1) dims.push_back({t.strides()[i], t.sizes()[i]});
+        if (t.sizes()[i] > 1) dims.push_back({t.impl().stride(i), t.sizes()[i]});
     }
     std::sort(dims.begin(), dims.end());
     std::int64_t expected = 1;
@@ -530,7 +530,7 @@ template <class F> void for_each_gather(std::string_view op, const Tensor& t, st
     Shape t_strides = t.strides();
     t_strides[dim] = 0;
     const std::int64_t* pi = index.data_ptr<std::int64_t>();
-    const std::int64_t n = t.sizes()[dim], step = t.strides()[dim];
+    const std::int64_t n = t.sizes()[dim], step = t.impl().stride(dim);
     for_each_offset<3>(index.sizes(), {t_strides.data(), index.strides().data(), other.strides().data()}, {0, 0, 0},
                        [&](const auto& o) { f(o[0] + checked_index(op, pi[o[1]], n, dim) * step, o[2]); });
 }
@@ -645,13 +645,13 @@ void blas_gemm(const BlasOperand& la, const BlasOperand& lb, std::int64_t n, std
 Tensor blas_ready(const Tensor& t, BlasOperand& layout)
 {
     const auto nd = t.dim();
-    auto l = blas_layout(t.sizes()[nd - 2], t.sizes()[nd - 1], t.strides()[nd - 2], t.strides()[nd - 1]);
+    auto l = blas_layout(t.sizes()[nd - 2], t.sizes()[nd - 1], t.impl().stride(nd - 2), t.impl().stride(nd - 1));
     if (l) {
         layout = *l;
         return t;
     }
     Tensor c = clone(t);
-    layout = *blas_layout(c.sizes()[nd - 2], c.sizes()[nd - 1], c.strides()[nd - 2], c.strides()[nd - 1]);
+    layout = *blas_layout(c.sizes()[nd - 2], c.sizes()[nd - 1], c.impl().stride(nd - 2), c.impl().stride(nd - 1));
     return c;
 }
 

@@ -148,8 +148,9 @@ Shape broadcast_strides(const Tensor& t, const Shape& shape);
 /// scalar seen through expand().
 inline bool all_strides_zero(const Tensor& t)
 {
+    const TensorImpl& impl = t.impl();
     for (std::int64_t d = 0; d < t.dim(); ++d)
-        if (t.strides()[d] != 0 && t.sizes()[d] != 1) return false;
+        if (impl.shape[d] != 1 && impl.stride(d) != 0) return false;
     return true;
 }
 

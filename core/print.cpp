@@ -56,7 +56,7 @@ struct Printer {
             return;
         }
         for (auto i : shown(t.sizes()[dim]))
-            if (i >= 0) measure(dim + 1, offset + i * t.strides()[dim], visit);
+            if (i >= 0) measure(dim + 1, offset + i * t.impl().stride(dim), visit);
     }
 
     void write(std::string& out, std::int64_t dim, std::int64_t offset, std::size_t indent) const
@@ -77,7 +77,7 @@ struct Printer {
                 else out += std::string(t.dim() - dim - 1, '\n') + std::string(indent + 1, ' ');
             }
             if (idx[k] < 0) out += "...";
-            else write(out, dim + 1, offset + idx[k] * t.strides()[dim], indent + 1);
+            else write(out, dim + 1, offset + idx[k] * t.impl().stride(dim), indent + 1);
         }
         out += ']';
     }

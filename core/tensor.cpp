@@ -11,20 +11,23 @@
 
 namespace loom {
 
-Storage::Storage(std::size_t n) : nbytes(n)
-{
-    data = static_cast<std::byte*>(allocate_storage_bytes(n, capacity));
-}
-
-Storage::Storage(std::size_t n, std::byte* bytes) noexcept : data(bytes), nbytes(n), capacity(kInline)
+Storage::Storage(std::size_t n, std::byte* bytes) noexcept : data(bytes), nbytes(n)
 {
     count_inline_storage_bytes(n);
 }
 
-Storage::~Storage()
-{
-    if (!inline_bytes()) free_storage_bytes(data, capacity);
-}
+namespace {
+// A storage record whose bytes come from loom's allocator (core/allocator.hpp), freed with it.
+struct HeapStorage final : Storage {
+    explicit HeapStorage(std::size_t n)
+    {
+        nbytes = n;
+        data = static_cast<std::byte*>(allocate_storage_bytes(n, capacity));
+    }
+    ~HeapStorage() { free_storage_bytes(data, capacity); }
+    std::size_t capacity = 0;  // of the block behind `data`
+};
+}  // namespace
 
 void Tensor::throw_dtype_mismatch(DType asked) const
 {
@@ -100,7 +103,37 @@ Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b)
 }
 
 std::int64_t Tensor::size(std::int64_t d) const { return sizes()[wrap_indexed_dim("size", d, dim())]; }
-std::int64_t Tensor::stride(std::int64_t d) const { return strides()[wrap_indexed_dim("stride", d, dim())]; }
+std::int64_t Tensor::stride(std::int64_t d) const
+{
+    return impl().stride(wrap_indexed_dim("stride", d, dim()));
+}
+
+void TensorImpl::set_layout(Shape shape_, const Shape& strides_)
+{
+    const bool row_major_ = layout_is_contiguous(shape_, strides_);
+    if (row_major_ && strides_ == contiguous_strides(shape_)) {
+        if (stored_strides) free_stored_strides();
+    } else if (stored_strides) {
+        *stored_strides = strides_;
+    } else {
+        void* room = allocate_small_object(sizeof(Shape));
+        try {
+            stored_strides = ::new (room) Shape(strides_);
+        } catch (...) {
+            free_small_object(room, sizeof(Shape));
+            throw;
+        }
+    }
+    shape = std::move(shape_);
+    contiguous = row_major_;
+}
+
+void TensorImpl::free_stored_strides() noexcept
+{
+    stored_strides->~Shape();
+    free_small_object(stored_strides, sizeof(Shape));
+    stored_strides = nullptr;
+}
 bool Tensor::shares_storage(const Tensor& other) const
 {
     return defined() && other.defined() && impl().storage == other.impl().storage;
@@ -120,63 +153,51 @@ template bool Tensor::item<bool>() const;
 // ---- creation ----
 
 namespace {
-// A small tensor's bytes, kept in its Storage: up to 64 float32 or 32 float64 elements, in three
-// sizes, so that a tensor of 14 doubles does not carry 256 bytes: a long tape holds tens of
-// thousands of them, and what a sweep walks is what they weigh.
-template <std::size_t N> struct InlineStorage final : Storage {
-    alignas(16) std::byte bytes[N];
-    explicit InlineStorage(std::size_t n) noexcept : Storage(n, bytes) {}
-};
-constexpr std::size_t kInlineStorageBytes = 256;
-
-// A small tensor's header with its storage and bytes, in one pooled block: one allocation per
-// tensor instead of two, and a sweep that reads the header finds the storage record beside it
-// rather than behind another pointer. `storage` points at `own` without a count (a count on its
-// own block would keep the block alive forever); shared_storage() gives a view a handle that
-// holds the header instead.
-template <std::size_t N> struct TensorWithBytes final : TensorImpl {
-    InlineStorage<N> own;
-    explicit TensorWithBytes(std::size_t nbytes) noexcept : own(nbytes)
+// A small tensor's header with its storage record and its bytes, in one pooled block of the
+// size they need: one allocation per tensor instead of two, and a sweep that reads the header
+// finds the record and the numbers beside it rather than behind another pointer. A long tape
+// holds tens of thousands of them, and what a sweep walks is what they weigh: a tensor of 14
+// doubles takes 256 bytes (120 of header, 24 of record, 112 of numbers), which malloc places
+// 272 apart. `storage` points at `own` without a count (a count on its own block would keep the
+// block alive forever); shared_storage() gives a view a handle that holds the header instead.
+struct TensorWithBytes final : TensorImpl {
+    Storage own;
+    explicit TensorWithBytes(std::size_t nbytes) noexcept : own(nbytes, reinterpret_cast<std::byte*>(this + 1))
     {
         storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), &own);
     }
 };
-static_assert(sizeof(TensorWithBytes<kInlineStorageBytes>) <= kLargestSmallObject,
+// The pool's blocks are 16-byte aligned (malloc's), and so are the bytes after the record: a
+// vector loop over 8-byte-aligned bytes splits more of its loads across cache lines (W7's
+// primal took 12% longer).
+static_assert(sizeof(TensorWithBytes) % 16 == 0, "the bytes after a small tensor's header must be 16-byte aligned");
+constexpr std::size_t kInlineStorageBytes = 256;
+static_assert(sizeof(TensorWithBytes) + kInlineStorageBytes <= kLargestSmallObject,
               "a small tensor's block must come from the object pool");
 
-// TensorImpl::block: what a header lies in.
-enum Block : std::uint8_t { kHeaderAlone, kWithBytes64, kWithBytes128, kWithBytes256 };
+// TensorImpl::block: kHeaderAlone, or the size of a TensorWithBytes block in 8-byte units.
+constexpr std::uint8_t kHeaderAlone = 0;
+constexpr std::size_t block_size(std::uint8_t block) { return std::size_t(block) * 8; }
+static_assert((sizeof(TensorWithBytes) + kInlineStorageBytes) / 8 <= UINT8_MAX);
 
-// Calls fn with the header as the type of its block.
+// Calls fn with the header as the type of its block, and the block's size.
 template <class Fn> void as_block(TensorImpl* impl, Fn fn)
 {
-    switch (impl->block) {
-    case kWithBytes64: return fn(static_cast<TensorWithBytes<64>*>(impl));
-    case kWithBytes128: return fn(static_cast<TensorWithBytes<128>*>(impl));
-    case kWithBytes256: return fn(static_cast<TensorWithBytes<256>*>(impl));
-    default: return fn(impl);
-    }
+    if (impl->block == kHeaderAlone) return fn(impl, sizeof(TensorImpl));
+    return fn(static_cast<TensorWithBytes*>(impl), block_size(impl->block));
 }
 void destroy_contents(TensorImpl* impl) noexcept
 {
-    as_block(impl, []<class B>(B* b) { b->~B(); });
+    as_block(impl, []<class B>(B* b, std::size_t) { b->~B(); });
 }
 void free_block(TensorImpl* impl) noexcept
 {
-    as_block(impl, []<class B>(B* b) { free_small_object(b, sizeof(B)); });
+    as_block(impl, [](auto* b, std::size_t size) { free_small_object(b, size); });
 }
 // Drops one weak count (the handles' together, or a WeakTensor's); the last frees the block.
 void release_weak(TensorImpl* impl) noexcept
 {
     if ((impl->counts.fetch_sub(TensorImpl::kOneWeak, std::memory_order_acq_rel) >> 32) == 1) free_block(impl);
-}
-
-template <std::size_t N, Block kind> [[gnu::always_inline]] inline TensorHandle make_tensor_with_bytes(std::size_t nbytes)
-{
-    static_assert(sizeof(TensorWithBytes<N>) <= kLargestSmallObject);
-    auto* impl = ::new (allocate_small_object(sizeof(TensorWithBytes<N>))) TensorWithBytes<N>(nbytes);
-    impl->block = kind;
-    return TensorHandle(impl);
 }
 
 // The header of a new tensor of `nbytes` bytes, its storage made: in the same block when small,
@@ -185,11 +206,14 @@ template <std::size_t N, Block kind> [[gnu::always_inline]] inline TensorHandle 
 // small tensor.
 [[gnu::always_inline]] inline TensorHandle make_tensor_impl(std::size_t nbytes)
 {
-    if (nbytes <= 64) return make_tensor_with_bytes<64, kWithBytes64>(nbytes);
-    if (nbytes <= 128) return make_tensor_with_bytes<128, kWithBytes128>(nbytes);
-    if (nbytes <= kInlineStorageBytes) return make_tensor_with_bytes<kInlineStorageBytes, kWithBytes256>(nbytes);
+    if (nbytes <= kInlineStorageBytes) {
+        const std::size_t units = (sizeof(TensorWithBytes) + nbytes + 7) / 8;
+        auto* impl = ::new (allocate_small_object(block_size(static_cast<std::uint8_t>(units)))) TensorWithBytes(nbytes);
+        impl->block = static_cast<std::uint8_t>(units);
+        return TensorHandle(impl);
+    }
     TensorHandle impl = detail::new_tensor_header();
-    impl.get()->storage = std::allocate_shared<Storage>(PoolAllocator<Storage>(), nbytes);
+    impl.get()->storage = std::allocate_shared<HeapStorage>(PoolAllocator<HeapStorage>(), nbytes);
     return impl;
 }
 
@@ -202,10 +226,7 @@ Tensor allocate(std::string_view op, const Shape& shape, DType dtype)
                "a {} tensor of shape {} needs more than 2^63 - 1 bytes", dtype, shape);
     TensorHandle impl = make_tensor_impl(static_cast<std::size_t>(nbytes));
     TensorImpl& h = *impl.get();
-    h.shape = shape;
-    // Written where they are kept, not made aside and moved in (a fresh gradient buffer is made
-    // here); contiguous, as a new header is.
-    write_contiguous_strides(shape, h.strides);
+    h.shape = shape;  // row-major, as a new header is: no strides to store
     h.dtype = dtype;
     return Tensor(std::move(impl));
 }
@@ -221,8 +242,7 @@ bool detail::holds_bytes_alone(const Tensor& t)
     // header must have no handle but this one.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Winvalid-offsetof"  // single inheritance, no virtual base: GCC and Clang lay it out as standard
-    constexpr std::size_t own_offset = offsetof(TensorWithBytes<64>, own);
-    static_assert(own_offset == offsetof(TensorWithBytes<128>, own) && own_offset == offsetof(TensorWithBytes<256>, own));
+    constexpr std::size_t own_offset = offsetof(TensorWithBytes, own);
 #pragma GCC diagnostic pop
     const auto* owner = reinterpret_cast<const TensorImpl*>(reinterpret_cast<const std::byte*>(storage.get()) - own_offset);
     return TensorImpl::handles(owner->counts.load(std::memory_order_acquire)) == 1;
@@ -231,9 +251,9 @@ bool detail::holds_bytes_alone(const Tensor& t)
 void detail::release_last_handle(TensorImpl* impl) noexcept
 {
     // One dispatch on the block's kind for both steps: every result an op drops comes here.
-    as_block(impl, []<class B>(B* b) {
+    as_block(impl, []<class B>(B* b, std::size_t size) {
         b->~B();
-        free_small_object(b, sizeof(B));
+        free_small_object(b, size);
     });
 }
 
@@ -278,7 +298,7 @@ void detail::share_storage(const Tensor& dst, const Tensor& src)
     std::shared_ptr<Storage> storage = shared_storage(src);
     // A handle on dst's own bytes, kept in dst, would hold dst's header forever.
     TensorImpl* own = dst.impl_ptr().get();
-    as_block(own, [&]<class B>(B* b) {
+    as_block(own, [&]<class B>(B* b, std::size_t) {
         if constexpr (!std::is_same_v<B, TensorImpl>)
             if (storage.get() == &b->own) storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), storage.get());
     });
@@ -290,8 +310,7 @@ Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, 
 Tensor detail::empty_like_contiguous(const Tensor& like, DType dtype)
 {
     TensorHandle impl = make_tensor_impl(static_cast<std::size_t>(like.numel()) * dtype_size(dtype));  // checked when `like` was made
-    impl.get()->shape = like.sizes();
-    impl.get()->strides = like.strides();  // contiguous, as a new header is
+    impl.get()->shape = like.sizes();  // row-major, as a new header is
     impl.get()->dtype = dtype;
     return Tensor(std::move(impl));
 }

@@ -3,6 +3,7 @@
 /// Views (reshape of contiguous data, permute, slicing, expand) share storage.
 /// The differentiable methods (sum, tanh, ...) are defined by autograd/, which records them on the tape.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -79,14 +80,15 @@ struct SlotChunk {
 }  // namespace autograd
 
 /// Raw bytes shared by a tensor and its views. `version` counts in-place writes,
-/// so the tape can tell when a tensor saved for backward was modified.
+/// so the tape can tell when a tensor saved for backward was modified. The bytes lie either
+/// right after this record, in the same block (a small tensor's: nothing to free), or in a block
+/// from loom's allocator, which a HeapStorage record (core/tensor.cpp) frees.
 struct Storage {
-    /// Allocates `nbytes` bytes from loom's allocator (uninitialised).
-    explicit Storage(std::size_t nbytes);
-    /// Uses `inline_bytes`, `nbytes` long and owned by the object deriving from Storage (a small
-    /// tensor's bytes kept in the same block as its Storage).
-    Storage(std::size_t nbytes, std::byte* inline_bytes) noexcept;
-    ~Storage();
+    /// Uses `bytes`, `nbytes` long, which must lie right after this record in the block that
+    /// holds it (a small tensor's bytes, kept in its header's block).
+    Storage(std::size_t nbytes, std::byte* bytes) noexcept;
+    /// Frees nothing: a HeapStorage frees its bytes, and a small tensor's go with its block.
+    ~Storage() = default;
     Storage(const Storage&) = delete;
     Storage& operator=(const Storage&) = delete;
 
@@ -94,19 +96,20 @@ struct Storage {
     std::byte* data = nullptr;
     /// Bytes in use.
     std::size_t nbytes = 0;
-    /// Of the block behind `data` (core/allocator.hpp); kInline for bytes inside this object's
-    /// own block (nothing to free). A flag beside it would make a small tensor's block 16 bytes
-    /// longer, and a long tape holds tens of thousands of them.
-    std::size_t capacity = 0;
     /// Counts in-place writes to these bytes.
     std::uint64_t version = 0;
-    /// capacity of bytes kept inline.
-    static constexpr std::size_t kInline = SIZE_MAX;
-    /// `data` lies inside this object's own block: nothing to free.
-    bool inline_bytes() const { return capacity == kInline; }
+    /// `data` lies right after this record, in its own block: nothing to free. Told by the
+    /// address, not a flag: a flag would make a small tensor's block 16 bytes longer, and a long
+    /// tape holds tens of thousands of them.
+    bool inline_bytes() const { return data == reinterpret_cast<const std::byte*>(this + 1); }
+
+protected:
+    Storage() = default;
 };
 
 struct TensorImpl;
+/// Row-major strides for `shape`.
+Shape contiguous_strides(const Shape& shape);
 namespace detail {
 /// Whether the process has only ever had one thread (glibc's __libc_single_threaded, as libstdc++'s
 /// shared_ptr reads it): reference counts are then kept without atomic writes, which took a
@@ -146,7 +149,11 @@ struct TensorImpl {
     std::shared_ptr<Storage> storage;
     /// Sizes of each dim.
     Shape shape;
-    Shape strides;  ///< in elements
+    /// The strides, in elements, where they are not shape's row-major ones (null where they
+    /// are): a view's, from the object pool. Most tensors are row-major, and a header with room
+    /// for strides was 40 bytes longer: a long tape holds tens of thousands of headers, and what
+    /// a sweep and a reset walk is what they weigh. Read them with strides() or stride().
+    Shape* stored_strides = nullptr;
     std::int64_t offset = 0;  ///< in elements
     /// Element type.
     DType dtype = kFloat32;
@@ -155,8 +162,8 @@ struct TensorImpl {
     /// A non-leaf's slot is slots->first_slot + slot_index (kept in the padding after dtype).
     std::uint16_t slot_index = 0;
     /// Whether shape and strides lay the elements out row-major without gaps: kept, not computed
-    /// on each ask, as every elementwise op asks it of each operand. Whoever sets shape or
-    /// strides sets it (set_layout, or true for the strides of contiguous_strides()).
+    /// on each ask, as every elementwise op asks it of each operand. Whoever sets strides sets it
+    /// (set_layout; a new header is row-major).
     bool contiguous = true;
     /// A leaf that requires grad: its gradient and hooks. A non-leaf has one only once a hook
     /// or retain_grad() asks for it.
@@ -167,15 +174,22 @@ struct TensorImpl {
     ~TensorImpl()
     {
         if (slots) slots->alive[slot_index].store(false, std::memory_order_release);
+        if (stored_strides) free_stored_strides();
     }
     TensorImpl(const TensorImpl&) = delete;
     TensorImpl& operator=(const TensorImpl&) = delete;
-    /// Sets shape and strides, and whether they are contiguous.
-    void set_layout(Shape shape_, Shape strides_)
+    /// Sets shape and strides, and whether they are contiguous (core/tensor.cpp).
+    void set_layout(Shape shape_, const Shape& strides_);
+    /// Strides of each dim, in elements: the stored ones, or shape's row-major ones.
+    Shape strides() const { return stored_strides ? *stored_strides : contiguous_strides(shape); }
+    /// The stride of dim d (in range), without making the others.
+    std::int64_t stride(std::int64_t d) const
     {
-        shape = std::move(shape_);
-        strides = std::move(strides_);
-        contiguous = layout_is_contiguous(shape, strides);
+        if (stored_strides) return (*stored_strides)[d];
+        std::int64_t s = 1;  // as contiguous_strides(), saturating where a 0 elsewhere leaves no element
+        for (auto i = static_cast<std::size_t>(d) + 1; i < shape.size(); ++i)
+            if (__builtin_mul_overflow(s, std::max<std::int64_t>(shape[i], 1), &s)) return INT64_MAX;
+        return s;
     }
     /// Whether `shape` and `strides` lay the elements out row-major without gaps: a size-1 dim's
     /// stride does not matter, nor do any where there is no element.
@@ -193,6 +207,11 @@ struct TensorImpl {
     }
     /// A non-leaf's slot.
     std::uint64_t slot() const { return slots->first_slot + slot_index; }
+
+private:
+    void free_stored_strides() noexcept;
+
+public:
     /// A non-leaf's producer; seq 0 for any other tensor.
     autograd::History history() const
     {
@@ -277,8 +296,8 @@ public:
     const Shape& sizes() const { return impl().shape; }
     /// Sizes of each dim.
     const Shape& shape() const { return impl().shape; }
-    /// Strides of each dim, in elements.
-    const Shape& strides() const { return impl().strides; }
+    /// Strides of each dim, in elements (made where the header keeps none: a row-major tensor's).
+    Shape strides() const { return impl().strides(); }
     /// Size of `dim` (negative counts from the end).
     std::int64_t size(std::int64_t dim) const;
     /// Stride of `dim` in elements (negative counts from the end).
@@ -604,8 +623,6 @@ std::int64_t numel_of(const Shape& shape);
 /// Throws naming `op` when `value` cannot be held exactly by `dtype` (a fraction in an int64
 /// tensor, 2 in a bool): loom never truncates a scalar silently.
 void check_scalar_fits(std::string_view op, double value, DType dtype);
-/// Row-major strides for `shape`.
-Shape contiguous_strides(const Shape& shape);
 /// NumPy broadcasting; throws naming `op` when the shapes do not broadcast.
 Shape broadcast_shapes(std::string_view op, const Shape& a, const Shape& b);
 /// Wraps a possibly negative dim into [0, ndim), naming `op` when out of range.

@@ -302,7 +302,7 @@ void replace_data(const Tensor& dst, const Tensor& src)
     TensorImpl& d = dst.impl();
     const TensorImpl& s = src.impl();
     loom::detail::share_storage(dst, src);
-    d.set_layout(s.shape, s.strides);
+    d.set_layout(s.shape, s.strides());
     d.offset = s.offset;
     d.dtype = s.dtype;
     if (d.node) {

@@ -149,6 +149,67 @@ TEST_CASE("is_contiguous, kept in the header, agrees with the layout after every
     CHECK(base.select(0, 1).is_contiguous());
 }
 
+TEST_CASE("a view's strides read as PyTorch gives them, and a header stores them only where they are not row-major")
+{
+    const Tensor base = arange(24, kFloat64).reshape({2, 3, 4});
+    struct Case {
+        std::string name;
+        Tensor view;
+        Shape strides;
+    };
+    const std::vector<Case> cases = {
+        {"base", base, {12, 4, 1}},
+        {"select 0", base.select(0, 1), {4, 1}},
+        {"select 2", base.select(2, 1), {12, 4}},
+        {"narrow 2", base.narrow(2, 1, 2), {12, 4, 1}},
+        {"slice step", base.slice(1, 0, 3, 2), {12, 8, 1}},
+        {"transpose", base.transpose(0, 1), {4, 12, 1}},
+        {"permute", base.permute({2, 0, 1}), {1, 12, 4}},
+        {"unsqueeze", base.unsqueeze(1), {12, 12, 4, 1}},
+        {"expand", arange(3, kFloat64).reshape({3, 1}).expand({3, 2}), {1, 0}},
+        {"size-1 dim any stride", base.select(2, 0).unsqueeze(0).transpose(0, 1), {12, 24, 4}},
+        // Row-major without gaps, though its size-1 dim's stride is not the row-major one.
+        {"contiguous with an odd stride", arange(4, kFloat64).reshape({1, 4}).t(), {1, 4}},
+        {"view", base.view({6, 4}), {4, 1}},
+        {"scalar", base.select(0, 1).select(0, 2).select(0, 3), {}},
+        {"empty", zeros({0, 3}), {3, 1}},
+    };
+    for (const auto& [name, v, strides] : cases) {
+        CAPTURE(name);
+        CHECK(v.strides() == strides);
+        for (std::int64_t d = 0; d < v.dim(); ++d) {
+            CHECK(v.stride(d) == strides[static_cast<std::size_t>(d)]);
+            CHECK(v.stride(d - v.dim()) == strides[static_cast<std::size_t>(d)]);
+        }
+        CHECK((v.impl().stored_strides == nullptr) == (strides == contiguous_strides(v.sizes())));
+    }
+    CHECK(cases[10].view.is_contiguous());  // read as PyTorch reads it
+    CHECK_THROWS_AS(base.stride(3), Error);
+
+    // Laid out again as row-major, a header drops the strides it stored.
+    Tensor t = zeros({2, 3});
+    t.impl().set_layout({3, 2}, {1, 3});
+    CHECK(t.strides() == Shape{1, 3});
+    CHECK_FALSE(t.is_contiguous());
+    t.impl().set_layout({2, 3}, {3, 1});
+    CHECK(t.impl().stored_strides == nullptr);
+    CHECK(t.is_contiguous());
+    CHECK(t.strides() == Shape{3, 1});
+}
+
+TEST_CASE("a small tensor's bytes, kept in its header's block, start 16-byte aligned for every size and dtype")
+{
+    for (const DType dtype : {kFloat32, kFloat64, kInt64, kBool})
+        for (std::int64_t n = 0; n <= 80; ++n) {
+            CAPTURE(dtype);
+            CAPTURE(n);
+            const Tensor t = full({n}, 1.0, dtype);
+            CHECK(reinterpret_cast<std::uintptr_t>(t.impl().storage->data) % 16 == 0);
+            CHECK(t.impl().storage->nbytes == static_cast<std::size_t>(n) * dtype_size(dtype));
+            CHECK(t.sum().item<double>() == static_cast<double>(n));
+        }
+}
+
 TEST_CASE("contiguous, clone and to copy only when they must")
 {
     Tensor a = arange(6, kFloat64).reshape({2, 3});
