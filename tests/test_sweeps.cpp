@@ -545,6 +545,33 @@ TEST_CASE("elementwise gradients written into the sweep's sums equal those retur
     CHECK(close(x.grad(), values((x * 1.5 * 2.0 + 4.0) * 1.5), 1e-12));
 }
 
+namespace {
+// loom's element-wise ops that the sweep runs from their formulas (pointwise.hpp), for the two
+// tests below: one shows that the routes agree, the other which route each entry took.
+using BinaryOp = Tensor (*)(const Tensor&, const Tensor&);
+using UnaryOp = Tensor (*)(const Tensor&);
+const std::vector<std::pair<const char*, BinaryOp>> formula_binary_ops{
+    {"add", [](const Tensor& a, const Tensor& b) { return a + b; }},
+    {"sub", [](const Tensor& a, const Tensor& b) { return a - b; }},
+    {"mul", [](const Tensor& a, const Tensor& b) { return a * b; }},
+    {"div", [](const Tensor& a, const Tensor& b) { return a / b; }}};
+// With the number of formula entries each makes.
+struct FormulaUnaryOp {
+    const char* name;
+    UnaryOp op;
+    std::uint64_t formula_entries;
+};
+const std::vector<FormulaUnaryOp> formula_unary_ops{
+    {"neg", [](const Tensor& a) { return -a; }, 1},
+    {"exp", [](const Tensor& a) { return a.exp(); }, 1},
+    {"log", [](const Tensor& a) { return a.log(); }, 1},
+    {"tanh", [](const Tensor& a) { return a.tanh(); }, 1},
+    {"sigmoid", [](const Tensor& a) { return a.sigmoid(); }, 1},
+    // a - 1.5 is x / 2 in the first test: about half the elements below zero, where relu's
+    // gradient is zero. The sub is a formula entry too.
+    {"relu", [](const Tensor& a) { return relu(a - 1.5); }, 2}};
+}  // namespace
+
 TEST_CASE("loom's element-wise ops are swept from their formulas, as their backward functions compute them")
 {
     // The sweep runs add, sub, mul, div, neg, exp, log, tanh, sigmoid and relu from pointwise.hpp's
@@ -552,19 +579,6 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
     // backward function with the sweep's sums offered, and anomaly mode through its backward
     // function returning each gradient: all three agree to the last bit, in every case a sum can
     // be in, and the formula's gradients agree with central differences.
-    using Binary = Tensor (*)(const Tensor&, const Tensor&);
-    using Unary = Tensor (*)(const Tensor&);
-    const std::vector<std::pair<const char*, Binary>> binary{
-        {"add", [](const Tensor& a, const Tensor& b) { return a + b; }},
-        {"sub", [](const Tensor& a, const Tensor& b) { return a - b; }},
-        {"mul", [](const Tensor& a, const Tensor& b) { return a * b; }},
-        {"div", [](const Tensor& a, const Tensor& b) { return a / b; }}};
-    const std::vector<std::pair<const char*, Unary>> unary{
-        {"neg", [](const Tensor& a) { return -a; }},         {"exp", [](const Tensor& a) { return a.exp(); }},
-        {"log", [](const Tensor& a) { return a.log(); }},    {"tanh", [](const Tensor& a) { return a.tanh(); }},
-        {"sigmoid", [](const Tensor& a) { return a.sigmoid(); }},
-        // a - 1.5 is x / 2: about half the elements below zero, where relu's gradient is zero.
-        {"relu", [](const Tensor& a) { return relu(a - 1.5); }}};
     // Each loss reads a = 1.5 + x / 2 and b = 1 + x^2 (both positive, for log and div), then the op
     // in one situation. Each op is a statement of its own, so the tape's order is the one written.
     using Op = std::function<Tensor(const Tensor&, const Tensor&)>;
@@ -632,12 +646,12 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
             const bool wide = std::string(situation).find("large") != std::string::npos;
             const Tensor x0 = random({2, wide ? 550 : 5}, 21).to(dtype);
             const auto inputs = [](const Tensor& x) { return std::pair{x * 0.5 + 1.5, x * x + 1.0}; };
-            for (const auto& [name, op] : binary)
+            for (const auto& [name, op] : formula_binary_ops)
                 routes_agree(std::string(name) + ", " + situation, x0, [&, op = op, loss = loss](const Tensor& x) {
                     const auto [a, b] = inputs(x);
                     return loss(a, b, [&](const Tensor& u, const Tensor& v) { return op(u, v); });
                 });
-            for (const auto& [name, op] : unary)
+            for (const auto& [name, op, formula_entries] : formula_unary_ops)
                 routes_agree(std::string(name) + ", " + situation, x0, [&, op = op, loss = loss](const Tensor& x) {
                     const auto [a, b] = inputs(x);
                     // The unary op of one operand, then a mul to join the two (the situation's op).
@@ -667,18 +681,11 @@ TEST_CASE("the sweep runs an element-wise op from its formula where it can, and 
         grad({loss}, {a, b}, {}, std::nullopt, false, /*allow_unused=*/true);
         return autograd::detail::entries_swept_by_formula() - before;
     };
-    // Each op, with the number of formula entries its loss makes (relu's also a - 1.5).
-    const std::vector<std::tuple<const char*, Op, std::uint64_t>> ops{
-        {"add", [](const Tensor& a, const Tensor& b) { return a + b; }, 1},
-        {"sub", [](const Tensor& a, const Tensor& b) { return a - b; }, 1},
-        {"mul", [](const Tensor& a, const Tensor& b) { return a * b; }, 1},
-        {"div", [](const Tensor& a, const Tensor& b) { return a / b; }, 1},
-        {"neg", [](const Tensor& a, const Tensor&) { return -a; }, 1},
-        {"exp", [](const Tensor& a, const Tensor&) { return a.exp(); }, 1},
-        {"log", [](const Tensor& a, const Tensor&) { return a.log(); }, 1},
-        {"tanh", [](const Tensor& a, const Tensor&) { return a.tanh(); }, 1},
-        {"sigmoid", [](const Tensor& a, const Tensor&) { return a.sigmoid(); }, 1},
-        {"relu", [](const Tensor& a, const Tensor&) { return relu(a - 1.5); }, 2}};
+    // Each op, with the number of formula entries its loss makes.
+    std::vector<std::tuple<const char*, Op, std::uint64_t>> ops;
+    for (const auto& [name, op] : formula_binary_ops) ops.emplace_back(name, op, 1);
+    for (const auto& [name, op, entries] : formula_unary_ops)
+        ops.emplace_back(name, [op = op](const Tensor& a, const Tensor&) { return op(a); }, entries);
     for (const auto& [name, op, expected] : ops) {
         INFO(name);
         CHECK(formula_entries(op) == expected);
