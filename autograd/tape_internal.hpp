@@ -84,14 +84,17 @@ public:
     // first). At 8 and 4 perf put half of the reset's samples on those loads; 16 and 8 took
     // 3-4% off W7's backward at 1,024 characters in one process switching the two (too little
     // for separate runs to show), and 32 and 16 no more.
+    // The lines a header spans: it starts on a 16-byte boundary, at most 48 bytes into a line.
+    static constexpr std::size_t kHeaderLines = (48 + sizeof(TensorImpl) + 63) / 64;
     void clear()
     {
         const bool long_tape = size_ >= kPrefetchFrom;  // a short one is still in the cache
         for (std::size_t i = 0; i < size_; ++i) {
             if (long_tape && i + kClearAhead < size_) prefetch_entry<true>((*this)[i + kClearAhead]);
             // A saved tensor's reference counts open its header; its destruction reads the
-            // header and storage record, not the bytes.
-            if (long_tape && i + kClearAhead / 2 < size_) prefetch_saved_blocks<true>((*this)[i + kClearAhead / 2], 4);
+            // header alone (a small tensor's storage record has nothing to free).
+            if (long_tape && i + kClearAhead / 2 < size_)
+                prefetch_saved_blocks<true>((*this)[i + kClearAhead / 2], kHeaderLines);
             (*this)[i].~Entry();
         }
         size_ = 0;
