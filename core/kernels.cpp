@@ -254,7 +254,7 @@ Tensor clone_keeping_layout(const Tensor& t)
     return as_strided(block, t.sizes(), t.strides(), 0);
 }
 
-void add_into(const Tensor& dst, const Tensor& src)
+void add_into_strided(const Tensor& dst, const Tensor& src)
 {
     check_same_dtype("accumulate gradient", dst, src);
     LOOM_CHECK(src.sizes() == dst.sizes(), "accumulate gradient", "internal: shapes {} and {} differ", src.sizes(),

@@ -60,9 +60,7 @@ void write_contiguous_strides(const Shape& shape, Shape& strides)
     std::int64_t s = 1;
     for (auto i = static_cast<std::int64_t>(shape.size()) - 1; i >= 0; --i) {
         strides[i] = s;
-        // Saturates: only a shape with no elements (a 0 elsewhere) can get here without fitting,
-        // and its strides are never used to reach an element.
-        if (__builtin_mul_overflow(s, std::max<std::int64_t>(shape[i], 1), &s)) s = INT64_MAX;
+        s = TensorImpl::row_major_stride_before(s, shape[i]);
     }
 }
 }  // namespace

@@ -186,10 +186,16 @@ struct TensorImpl {
     std::int64_t stride(std::int64_t d) const
     {
         if (stored_strides) return (*stored_strides)[d];
-        std::int64_t s = 1;  // as contiguous_strides(), saturating where a 0 elsewhere leaves no element
-        for (auto i = static_cast<std::size_t>(d) + 1; i < shape.size(); ++i)
-            if (__builtin_mul_overflow(s, std::max<std::int64_t>(shape[i], 1), &s)) return INT64_MAX;
+        std::int64_t s = 1;
+        for (auto i = static_cast<std::size_t>(d) + 1; i < shape.size(); ++i) s = row_major_stride_before(s, shape[i]);
         return s;
+    }
+    /// The row-major stride of the dim before one of `size` whose stride is s. It saturates:
+    /// only a shape with no elements (a 0 elsewhere) overflows, and its strides never reach an element.
+    static std::int64_t row_major_stride_before(std::int64_t s, std::int64_t size)
+    {
+        std::int64_t before;
+        return __builtin_mul_overflow(s, std::max<std::int64_t>(size, 1), &before) ? INT64_MAX : before;
     }
     /// Whether `shape` and `strides` lay the elements out row-major without gaps: a size-1 dim's
     /// stride does not matter, nor do any where there is no element.

@@ -1,6 +1,7 @@
 // Forward values of the ops: broadcasting, reductions along each axis, joins, indexing, matmul.
 #include "helpers.hpp"
 
+#include <loom/core/kernels.hpp>
 #include <loom/core/math.hpp>
 
 #include <bit>
@@ -355,6 +356,28 @@ TEST_CASE("a square is x * x exactly, and a bias's gradient over a batch is the 
     Tensor b = zeros({6}).requires_grad_();
     (zeros({4, 3, 6}) + b).backward(g);  // summed over the two leading dims in the sweep
     CHECK(testing::values(b.grad()) == testing::values(g.sum({0, 1})));
+}
+
+TEST_CASE("add_into adds in place for contiguous and strided layouts, and refuses a mismatch")
+{
+    for (const DType dtype : {kFloat64, kFloat32}) {
+        CAPTURE(dtype);
+        // Contiguous, of one shape and dtype: the sweep's usual sum.
+        const Tensor dst = arange(6, dtype).reshape({2, 3});
+        kernels::add_into(dst, full({2, 3}, 0.5, dtype));
+        CHECK(values(dst) == std::vector<double>{0.5, 1.5, 2.5, 3.5, 4.5, 5.5});
+        // Both transposed alike, and one transposed against one contiguous.
+        const Tensor dst_t = arange(6, dtype).reshape({3, 2}).t();
+        kernels::add_into(dst_t, arange(6, dtype).reshape({3, 2}).t());
+        CHECK(values(dst_t) == std::vector<double>{0, 4, 8, 2, 6, 10});
+        kernels::add_into(dst_t, ones({2, 3}, dtype));
+        CHECK(values(dst_t) == std::vector<double>{1, 5, 9, 3, 7, 11});
+    }
+    const Tensor dst = zeros({2, 3}, kFloat64);
+    CHECK_THROWS_AS(kernels::add_into(dst, zeros({3, 2}, kFloat64)), Error);
+    CHECK_THROWS_AS(kernels::add_into(dst, zeros({2, 3}, kFloat32)), Error);
+    CHECK_THROWS_AS(kernels::add_into(zeros({2, 3}, kInt64), zeros({2, 3}, kInt64)), Error);
+    CHECK(values(dst) == std::vector<double>(6, 0.0));  // a refused add writes nothing
 }
 
 TEST_CASE("large elementwise passes and sums split across threads give what one thread gives")
