@@ -119,7 +119,8 @@ void check_version(const autograd::Entry& e, const autograd::Saved& s)
 {
     LOOM_CHECK(s.unchanged(), e.name(),
                "a tensor of shape {} saved for backward was modified in place afterwards (version {}, "
-               "saved at version {}); clone() it before modifying it",
+               "saved at version {}), by an in-place op or by Module::to(); clone() it before modifying it, "
+               "or call backward() before to()",
                s.value.sizes(), s.value.version(), std::uint64_t(s.version));
 }
 

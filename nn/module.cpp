@@ -301,7 +301,11 @@ void replace_data(const Tensor& dst, const Tensor& src)
 {
     TensorImpl& d = dst.impl();
     const TensorImpl& s = src.impl();
+    // The new bytes count as a write: a tape entry that saved dst before sees it changed and
+    // refuses to sweep with them, whatever version it was saved at.
+    const std::uint64_t written = dst.version() + 1;
     loom::detail::share_storage(dst, src);
+    d.storage->version = written;
     d.set_layout(s.shape, s.strides());
     d.offset = s.offset;
     d.dtype = s.dtype;

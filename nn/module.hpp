@@ -83,6 +83,8 @@ public:
     /// Forgets every parameter's gradient.
     void zero_grad();
     /// Converts every parameter and floating buffer in place: handles held elsewhere see the change.
+    /// Each counts as written (its version goes up), so a backward of a graph recorded before
+    /// refuses rather than sweep with the new values.
     void to(DType dtype);
 
     /// Parameters and buffers by dotted name, sharing storage with the module; a tied tensor

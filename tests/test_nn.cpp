@@ -68,6 +68,23 @@ TEST_CASE("train/eval, zero_grad and to(dtype) reach every child")
     CHECK(m.rnn->forward(ones({2, 1, 4}, kFloat64)).output.dtype() == kFloat64);
 }
 
+TEST_CASE("to(dtype) between a forward and its backward makes the backward refuse, at any version")
+{
+    for (const bool stepped : {false, true}) {
+        nn::Dense d(3, 2);
+        if (stepped) {  // the weight saved at version 1, as after an optimizer's step
+            NoGradGuard no_grad;
+            d.weight.mul_(1.0);
+        }
+        const Tensor loss = d(ones({2, 3})).sum();
+        d.to(kFloat64);
+        check_error([&] { loss.backward(); }, {"saved for backward", "Module::to()", "backward() before to()"});
+        CHECK(!d.weight.grad().defined());
+        d(ones({2, 3}, kFloat64)).sum().backward();  // a forward after to() sweeps as usual
+        CHECK(d.weight.grad().dtype() == kFloat64);
+    }
+}
+
 TEST_CASE("Dense computes x W^T + b and gradchecks")
 {
     nn::Dense d(3, 2, true, kFloat64);
