@@ -437,19 +437,32 @@ struct Sweep final : autograd::GradientSums {
 
     // The saved values a formula reads (a, b, y for a binary op; x, y for a unary one, as
     // Reads flags them), which the op saved in that order: into `values`, where each pairs
-    // with g element for element; false where one does not (a broadcast operand).
+    // with g element for element; false where one does not (a broadcast operand). g has the
+    // output's shape and dtype (a slot's sum always has), and so has a value the entry knows to
+    // be like its output: the output itself, or an input it compared with the output when it
+    // was recorded (InputRef::like_output). Of those only the layout is checked here; a saved
+    // tensor re-laid since (Module::to) changed its version, which take_incoming checks before
+    // anything is read.
     template <bool... Reads>
-    [[gnu::always_inline]] static bool formula_values(const autograd::Entry& e, const Tensor& g, const Tensor* values[])
+    [[gnu::always_inline]] static bool formula_values(const autograd::Entry& e, const autograd::InputNodes inputs,
+                                                      const Tensor& g, const Tensor* values[])
     {
-        constexpr std::size_t reads = (std::size_t(Reads) + ...);
+        constexpr std::size_t count = sizeof...(Reads), reads = (std::size_t(Reads) + ...);
         const std::span<const autograd::Saved> saved = e.saved();
         LOOM_CHECK(saved.size() == reads, e.name(), "internal: saved {} tensors for a formula that reads {}",
                    saved.size(), reads);
         constexpr bool read[] = {Reads...};
         std::size_t next = 0;
-        for (std::size_t k = 0; k < sizeof...(Reads); ++k) {
-            values[k] = read[k] ? &saved[next++].value : nullptr;
-            if (read[k] && !pointwise::pairs_with(*values[k], g)) return false;
+        for (std::size_t k = 0; k < count; ++k) {
+            if (!read[k]) {
+                values[k] = nullptr;
+                continue;
+            }
+            const autograd::Saved& s = saved[next++];
+            values[k] = &s.value;
+            // The last value a formula reads is its output; the others are its inputs, in order.
+            const bool like_output = k == count - 1 ? bool(s.is_output) : inputs[k] && inputs[k].like_output();
+            if (like_output ? !s.value.is_contiguous() : !pointwise::pairs_with(s.value, g)) return false;
         }
         return true;
     }
@@ -508,7 +521,7 @@ struct Sweep final : autograd::GradientSums {
         bool spread = false;
         const Tensor* v[3];
         if (!pointwise::readable_in_place(p.sum, &spread) ||
-            !formula_values<Op::reads.a, Op::reads.b, Op::reads.y>(e, p.sum, v))
+            !formula_values<Op::reads.a, Op::reads.b, Op::reads.y>(e, inputs, p.sum, v))
             return false;
         Tensor g = take_incoming(e, p);
         dispatch_floating("backward", g.dtype(), [&]<class T>() {
@@ -539,11 +552,12 @@ struct Sweep final : autograd::GradientSums {
 
     template <class Op> [[gnu::noinline]] bool swept_unary(const autograd::Entry& e, autograd::PendingGrad& p)
     {
-        const autograd::InputRef in = e.inputs()[0];
+        const autograd::InputNodes inputs = e.inputs();
+        const autograd::InputRef in = inputs[0];
         bool spread = false;
         const Tensor* v[3];
         if (!in.like_output() || !pointwise::readable_in_place(p.sum, &spread) ||
-            !formula_values<Op::reads.x, Op::reads.y>(e, p.sum, v))
+            !formula_values<Op::reads.x, Op::reads.y>(e, inputs, p.sum, v))
             return false;
         Tensor g = take_incoming(e, p);
         dispatch_floating("backward", g.dtype(), [&]<class T>() {

@@ -9,6 +9,7 @@
 #include "../core/allocator.hpp"
 #include "../core/kernels.hpp"
 #include "ops.hpp"
+#include "pointwise.hpp"
 
 namespace loom {
 
@@ -532,12 +533,42 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
         for (const Tensor& out : outputs) check_forward_anomaly(name, out, e.seq);
 }
 
+namespace {
+// The contract that the sweep's formulas trust (Sweep::formula_values): an op swept by its
+// formula saves the inputs and output the formula reads, in that order. Checked where
+// assertions are on (the sanitized suite's build), off the release build's path.
+template <class Refs>
+[[maybe_unused]] void check_formula_saves(const char* name, std::uint8_t kind, Refs inputs, const Tensor& output,
+                                          Refs saved)
+{
+    pointwise::with_formula(static_cast<pointwise::Kind>(kind), [&]<class F>() {
+        SmallVector<const Tensor*, 3> read;
+        if constexpr (pointwise::is_binary<F>) {
+            if (F::reads.a) read.push_back(inputs[0].tensor);
+            if (F::reads.b) read.push_back(inputs[1].tensor);
+        } else if (F::reads.x) {
+            read.push_back(inputs[0].tensor);
+        }
+        if (F::reads.y) read.push_back(&output);
+        bool same = read.size() == saved.size();
+        for (std::size_t k = 0; same && k < read.size(); ++k) same = read[k]->is_same(*saved[k].tensor);
+        LOOM_CHECK(same, name, "internal: saved {} tensors that are not the {} inputs and output its formula reads",
+                   saved.size(), read.size());
+    });
+}
+}  // namespace
+
 template <std::size_t Inputs, std::size_t Saves>
 void detail::push_op_entry(const char* name, std::span<const internal::TensorRef, Inputs> inputs, const Tensor& output,
                            std::span<const internal::TensorRef, Saves> saved, const BackwardOps& ops, void* closure)
 {
     auto& tape = tape_for_entry(name, inputs, std::span<const Tensor>(&output, 1));
     check_output(name, output);
+#ifndef NDEBUG
+    if (ops.pointwise != 0)
+        check_formula_saves(name, ops.pointwise, std::span<const internal::TensorRef>(inputs), output,
+                            std::span<const internal::TensorRef>(saved));
+#endif
     SlotChunk& chunk = tape.chunk_for(tape.next_slot);
     Entry& e = tape.entries.emplace_back();  // as in push_entry_stored
     try {
