@@ -2,7 +2,9 @@
 // run: loom's primal (tensor ops under NoGradGuard), loom's gradient (the same ops recorded, then
 // backward), the plain C++ primal (no tensors, no AD), and the primal and gradient of the same
 // objective written with scan (the loop over characters traced once and replayed). Median of --repeats.
-// Usage: adbench_lstm [--repeats N] [--chars C]
+// Usage: adbench_lstm [--repeats N] [--chars C] [--count primal|gradient|plain N]
+// --count runs N objectives of one kind, untimed, and prints their loss: bench/instructions.sh
+// counts the instructions of two such runs, so that what one objective costs is their difference.
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -32,16 +34,46 @@ template <class F> double median_ms(int repeats, F&& f)
 
 int main(int argc, char** argv)
 {
-    int repeats = 20, chars = 1024;
+    int repeats = 20, chars = 1024, count = 0;
+    const char* count_kind = nullptr;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--repeats") && i + 1 < argc) repeats = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--chars") && i + 1 < argc) chars = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--count") && i + 2 < argc) {
+            count_kind = argv[++i];
+            count = std::atoi(argv[++i]);
+        } else {
+            std::fprintf(stderr, "adbench_lstm: unknown argument '%s'\n", argv[i]);
+            return 2;
+        }
     }
     set_num_threads(1);
     const adbench::LstmInput input = adbench::make_lstm_input(2, chars, 14);
     adbench::LstmTensors x = adbench::to_tensors(input);
     x.main.requires_grad_();
     x.extra.requires_grad_();
+
+    if (count_kind) {
+        double sum = 0;
+        for (int i = 0; i < count; ++i) {
+            if (!std::strcmp(count_kind, "primal")) {
+                NoGradGuard no_grad;
+                sum += adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).item<double>();
+            } else if (!std::strcmp(count_kind, "gradient")) {
+                x.main.zero_grad();
+                x.extra.zero_grad();
+                adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).backward();
+                sum += x.main.grad().sum().item<double>();
+            } else if (!std::strcmp(count_kind, "plain")) {
+                sum += adbench::lstm_objective_plain(input);
+            } else {
+                std::fprintf(stderr, "adbench_lstm: --count takes primal, gradient or plain, not '%s'\n", count_kind);
+                return 2;
+            }
+        }
+        std::printf("W7 count=%d %s sum=%.15g\n", count, count_kind, sum);
+        return 0;
+    }
 
     // One objective's primal (under NoGradGuard) and gradient, timed, with its loss and gradient norm.
     struct Timed {

@@ -5,6 +5,8 @@
 
 #include <loom/loom.hpp>
 
+#include <cstdlib>
+#include <utility>
 #include <vector>
 
 using namespace loom;
@@ -237,4 +239,22 @@ BENCHMARK(linear_recurrence_op_forward_backward)->Unit(benchmark::kMillisecond);
 BENCHMARK(linear_recurrence_plain_forward_backward)->Unit(benchmark::kMillisecond);
 BENCHMARK(mingru_training_step)->Unit(benchmark::kMillisecond);
 BENCHMARK(gru_fused_training_step)->Unit(benchmark::kMillisecond);
-BENCHMARK_MAIN();
+
+int main(int argc, char** argv)
+{
+    // LOOM_BENCH_ITERATIONS=n: the four add benchmarks again, as count/<name>, each run exactly n
+    // iterations, so that bench/instructions.sh can take what one costs from two counts.
+    if (const char* n = std::getenv("LOOM_BENCH_ITERATIONS")) {
+        using Fn = void (*)(benchmark::State&);
+        const std::pair<const char*, Fn> adds[] = {{"count/add_plain_vector", add_plain_vector},
+                                                   {"count/add_no_grad", add_no_grad},
+                                                   {"count/add_recorded", add_recorded},
+                                                   {"count/add_recorded_and_swept", add_recorded_and_swept}};
+        for (const auto& [name, fn] : adds) benchmark::RegisterBenchmark(name, fn)->Iterations(std::atoll(n));
+    }
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    return 0;
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The tape's goals in instructions, which a shared machine's drifting clock cannot move: W7
+# (ADBench's LSTM objective) per objective, and bench_tape's adds per op, each counted by
+# cachegrind as the difference of two runs that differ only in how many objectives or ops they
+# run, so that start-up, set-up and the first objective's warm-up cancel out.
+# Usage: bench/instructions.sh [build dir]   Needs valgrind (Debian's package).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+command -v valgrind >/dev/null || { echo "instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+
+# Instructions of one run of the command given.
+instructions() {
+    valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null "$@" 2>&1 >/dev/null |
+        sed -n 's/.*I *refs: *\([0-9,]*\).*/\1/p' | tr -d ,
+}
+
+# W7: one objective of each kind is (3 objectives - 1 objective) / 2.
+declare -A w7
+for kind in plain primal gradient; do
+    one=$(instructions "$build/bench/adbench_lstm" --count "$kind" 1)
+    three=$(instructions "$build/bench/adbench_lstm" --count "$kind" 3)
+    w7[$kind]=$(((three - one) / 2))
+done
+printf 'W7 per objective: plain C++ %d, loom primal %d, loom gradient %d instructions\n' \
+    "${w7[plain]}" "${w7[primal]}" "${w7[gradient]}"
+printf 'W7 loom gradient / loom primal %.2f (goal <= 2.5), loom primal / plain C++ %.2f (goal <= 3)\n' \
+    "$(echo "${w7[gradient]} / ${w7[primal]}" | bc -l)" "$(echo "${w7[primal]} / ${w7[plain]}" | bc -l)"
+
+# bench_tape's adds: one iteration is (3000 iterations - 1000) / 2000; the swept chain's holds 64 adds.
+declare -A op
+for name in add_plain_vector add_no_grad add_recorded add_recorded_and_swept; do
+    count() {
+        LOOM_BENCH_ITERATIONS=$1 instructions "$build/bench/bench_tape" --benchmark_filter="^count/$name/"
+    }
+    one=$(count 1000)
+    three=$(count 3000)
+    op[$name]=$(echo "($three - $one) / 2000" | bc -l)
+done
+op[add_recorded_and_swept]=$(echo "${op[add_recorded_and_swept]} / 64" | bc -l)
+printf 'bench_tape per add: plain C++ %.0f, no grad %.0f, recorded %.0f, recorded and swept %.0f instructions\n' \
+    "${op[add_plain_vector]}" "${op[add_no_grad]}" "${op[add_recorded]}" "${op[add_recorded_and_swept]}"
+printf 'bench_tape x the plain add: no grad %.2f (goal <= 1.5), recorded %.2f (goal <= 2), recorded and swept %.2f (goal <= 5)\n' \
+    "$(echo "${op[add_no_grad]} / ${op[add_plain_vector]}" | bc -l)" \
+    "$(echo "${op[add_recorded]} / ${op[add_plain_vector]}" | bc -l)" \
+    "$(echo "${op[add_recorded_and_swept]} / ${op[add_plain_vector]}" | bc -l)"
