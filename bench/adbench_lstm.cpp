@@ -10,6 +10,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <algorithm>
+#include <functional>
 
 #include "adbench_lstm.hpp"
 
@@ -53,45 +54,42 @@ int main(int argc, char** argv)
     x.main.requires_grad_();
     x.extra.requires_grad_();
 
+    // One objective's primal (under NoGradGuard), returning its loss, and its gradient, returning
+    // the gradient's norm: timed below, or run --count times.
+    using Objective = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+    const auto primal = [&](Objective objective) {
+        NoGradGuard no_grad;
+        return objective(x.main, x.extra, x.state, x.sequence).item<double>();
+    };
+    const auto gradient = [&](Objective objective) {
+        x.main.zero_grad();
+        x.extra.zero_grad();
+        objective(x.main, x.extra, x.state, x.sequence).backward();
+        return std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
+    };
+
     if (count_kind) {
-        double sum = 0;
-        for (int i = 0; i < count; ++i) {
-            if (!std::strcmp(count_kind, "primal")) {
-                NoGradGuard no_grad;
-                sum += adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).item<double>();
-            } else if (!std::strcmp(count_kind, "gradient")) {
-                x.main.zero_grad();
-                x.extra.zero_grad();
-                adbench::lstm_objective(x.main, x.extra, x.state, x.sequence).backward();
-                sum += x.main.grad().sum().item<double>();
-            } else if (!std::strcmp(count_kind, "plain")) {
-                sum += adbench::lstm_objective_plain(input);
-            } else {
-                std::fprintf(stderr, "adbench_lstm: --count takes primal, gradient or plain, not '%s'\n", count_kind);
-                return 2;
-            }
+        std::function<double()> one;
+        if (!std::strcmp(count_kind, "primal")) one = [&] { return primal(adbench::lstm_objective); };
+        else if (!std::strcmp(count_kind, "gradient")) one = [&] { return gradient(adbench::lstm_objective); };
+        else if (!std::strcmp(count_kind, "plain")) one = [&] { return adbench::lstm_objective_plain(input); };
+        else {
+            std::fprintf(stderr, "adbench_lstm: --count takes primal, gradient or plain, not '%s'\n", count_kind);
+            return 2;
         }
+        double sum = 0;
+        for (int i = 0; i < count; ++i) sum += one();
         std::printf("W7 count=%d %s sum=%.15g\n", count, count_kind, sum);
         return 0;
     }
 
-    // One objective's primal (under NoGradGuard) and gradient, timed, with its loss and gradient norm.
     struct Timed {
         double primal, loss, gradient, gradient_norm;
     };
-    using Objective = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
     const auto time_objective = [&](Objective objective) {
         Timed t{};
-        t.primal = median_ms(repeats, [&] {
-            NoGradGuard no_grad;
-            t.loss = objective(x.main, x.extra, x.state, x.sequence).item<double>();
-        });
-        t.gradient = median_ms(repeats, [&] {
-            x.main.zero_grad();
-            x.extra.zero_grad();
-            objective(x.main, x.extra, x.state, x.sequence).backward();
-            t.gradient_norm = std::sqrt((x.main.grad().pow(2).sum() + x.extra.grad().pow(2).sum()).item<double>());
-        });
+        t.primal = median_ms(repeats, [&] { t.loss = primal(objective); });
+        t.gradient = median_ms(repeats, [&] { t.gradient_norm = gradient(objective); });
         return t;
     };
     const Timed ops = time_objective(adbench::lstm_objective), scanned = time_objective(adbench::lstm_objective_scan);

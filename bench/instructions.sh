@@ -28,13 +28,13 @@ printf 'W7 loom gradient / loom primal %.2f (goal <= 2.5), loom primal / plain C
     "$(echo "${w7[gradient]} / ${w7[primal]}" | bc -l)" "$(echo "${w7[primal]} / ${w7[plain]}" | bc -l)"
 
 # bench_tape's adds: one iteration is (3000 iterations - 1000) / 2000; the swept chain's holds 64 adds.
+iterations_of() {  # name, iterations
+    LOOM_BENCH_ITERATIONS=$2 instructions "$build/bench/bench_tape" --benchmark_filter="^count/$1/"
+}
 declare -A op
 for name in add_plain_vector add_no_grad add_recorded add_recorded_and_swept; do
-    count() {
-        LOOM_BENCH_ITERATIONS=$1 instructions "$build/bench/bench_tape" --benchmark_filter="^count/$name/"
-    }
-    one=$(count 1000)
-    three=$(count 3000)
+    one=$(iterations_of "$name" 1000)
+    three=$(iterations_of "$name" 3000)
     op[$name]=$(echo "($three - $one) / 2000" | bc -l)
 done
 op[add_recorded_and_swept]=$(echo "${op[add_recorded_and_swept]} / 64" | bc -l)
