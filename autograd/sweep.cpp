@@ -420,7 +420,8 @@ struct Sweep final : autograd::GradientSums {
     // no gradient list, no call of the backward function. That function stays the op's definition
     // wherever the formula alone will not do: create_graph, anomaly mode, hooks and retain_grad
     // (a watched entry), grad() capturing the output, the profiler, and operands that are
-    // broadcast or not contiguous.
+    // broadcast or not contiguous where the formula reads them (add and sub read none, and sum
+    // a broadcast operand's gradient to its shape).
 
     // Runs entry e's formula on its output's gradient, p.sum, and takes that gradient from its
     // slot; false, with nothing done, where the general route must run the entry.
@@ -508,10 +509,13 @@ struct Sweep final : autograd::GradientSums {
     {
         const autograd::InputNodes inputs = e.inputs();
         const autograd::InputRef in0 = inputs[0], in1 = inputs[1];
-        if ((in0 && !in0.like_output()) || (in1 && !in1.like_output())) return false;
         // add, and sub's first input: the gradient passes as it is, summed as any returned one.
         constexpr bool passes_a = std::is_same_v<Op, pointwise::Add> || std::is_same_v<Op, pointwise::Sub>;
         constexpr bool passes_b = std::is_same_v<Op, pointwise::Add>;
+        if ((in0 && !in0.like_output()) || (in1 && !in1.like_output())) {
+            if constexpr (passes_a) return swept_broadcast_sum<Op>(e, inputs, p);
+            else return false;
+        }
         if constexpr (passes_a && passes_b) {
             Tensor g = take_incoming(e, p);
             if (in0) add(in0, in1 ? Tensor(g) : std::move(g));
@@ -547,6 +551,31 @@ struct Sweep final : autograd::GradientSums {
                     return Op::grad_b(gi, ai, bi, yi);
                 });
         });
+        return true;
+    }
+
+    // add or sub with an operand broadcast to the output's shape (x + bias, y - mean): that
+    // operand's gradient is the incoming one summed to its shape, as the backward function's
+    // reduce_to sums it, the other's the incoming one as it is; sub's second is negated (after
+    // the sum, which gives the same values as before it: negation is exact).
+    template <class Op>
+    [[gnu::noinline]] bool swept_broadcast_sum(const autograd::Entry& e, const autograd::InputNodes inputs,
+                                               autograd::PendingGrad& p)
+    {
+        const autograd::InputRef in0 = inputs[0], in1 = inputs[1];
+        const autograd::KeptInputMeta& meta = e.input_meta;
+        // A broadcast input's shape: a leaf's node keeps it, the entry a non-leaf's.
+        const auto shape_of = [&](const autograd::InputRef& in, std::size_t k) -> const Shape& {
+            return in.node() ? in.node()->shape : meta.get()[k].shape;
+        };
+        Tensor g = take_incoming(e, p);
+        Tensor g1;
+        if (in1) {
+            g1 = in1.like_output() ? Tensor(g) : loom::sum_to(g, shape_of(in1, 1));
+            if constexpr (std::is_same_v<Op, pointwise::Sub>) g1 = loom::neg(g1);
+        }
+        if (in0) add(in0, in0.like_output() ? std::move(g) : loom::sum_to(g, shape_of(in0, 0)));
+        if (in1) add(in1, std::move(g1));
         return true;
     }
 

@@ -700,10 +700,30 @@ TEST_CASE("the sweep runs an element-wise op from its formula where it can, and 
             CHECK(formula_entries(op) == 0);
         }
     }
-    // An input broadcast, or a saved operand the formula would read that is not contiguous: the
-    // op's entry takes its backward function's route.
-    CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a + b.select(0, 1); }) == 0);
+    // A broadcast operand the formula reads, or a saved operand it reads that is not contiguous:
+    // the op's entry takes its backward function's route.
     CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a * b.select(0, 1); }) == 0);
+    // add and sub read no operand: a broadcast one's gradient is summed to its shape, on either
+    // side, for a leaf (its node keeps its shape) as for a non-leaf (its entry does).
+    CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a + b.select(0, 1); }) == 1);
+    CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return b.select(0, 1) - a; }) == 1);
+    const Tensor bias = tensor({0.5, -1.0, 2.0, 0.25, 1.5}, kFloat64).requires_grad_();
+    CHECK(formula_entries([&](const Tensor& a, const Tensor&) { return a - bias; }) == 1);
+    CHECK(formula_entries([&](const Tensor& a, const Tensor&) { return bias + a; }) == 1);
+    // The leaf's gradient so summed is the backward function's, to the last bit (a running
+    // Profiler sends every entry there), and agrees with central differences.
+    const auto with_bias = [](const Tensor& a, const Tensor& b) { return ((a - b) * a + (b + a).sigmoid()).sum(); };
+    const auto bias_gradient = [&] { return grad({with_bias(random({2, 5}, 3), bias)}, {bias})[0]; };
+    const Tensor by_formula = bias_gradient();
+    Tensor by_function;
+    {
+        autograd::Profiler profiler;
+        by_function = bias_gradient();
+    }
+    CHECK(testing::close_tensors(by_formula, by_function, 0));
+    check_ok(gradcheck([&](const std::vector<Tensor>& in) { return with_bias(in[0], in[1]); },
+                       {random({2, 5}, 5).requires_grad_(), bias.detach().clone().requires_grad_()}),
+             "a - bias, bias + a");
     CHECK(formula_entries([](const Tensor& a, const Tensor& b) { return a.t() * b.t(); }) == 0);
     CHECK(formula_entries([](const Tensor& a, const Tensor&) { return a.t().log(); }) == 0);
     // add's formula reads no saved value: a transposed operand does not matter to it.
