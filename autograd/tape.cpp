@@ -395,11 +395,11 @@ namespace {
 // it. A non-leaf is its slot; where neither its node nor the first output's gradient will tell
 // its shape and dtype (or `many_outputs` leave that unsure), *keep_meta is set.
 [[gnu::always_inline]] inline InputRef input_ref(engine::Tape& tape, const char* name, const Tensor& t,
-                                                 const Tensor* first, bool many_outputs, bool* keep_meta)
+                                                 const TensorImpl* first, bool many_outputs, bool* keep_meta)
 {
     if (!t.requires_grad()) return InputRef();
     const TensorImpl& impl = t.impl();
-    const bool like_output = first && t.sizes() == first->sizes() && t.dtype() == first->dtype();
+    const bool like_output = first && impl.shape == first->shape && impl.dtype == first->dtype;
     if (!impl.slots) {
         tape.hold_input(impl.node);
         return InputRef::leaf(impl.node.get(), like_output);
@@ -493,7 +493,7 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
         bool keep_meta = false;
         for (const Tensor* t : inputs)
             e.add_input(
-                input_ref(tape, name, *t, outputs.empty() ? nullptr : &outputs[0], outputs.size() > 1, &keep_meta));
+                input_ref(tape, name, *t, outputs.empty() ? nullptr : &outputs[0].impl(), outputs.size() > 1, &keep_meta));
         if (keep_meta) keep_input_meta(tape, e, inputs);
         e.first_slot = tape.next_slot;
         e.num_outputs = static_cast<std::uint32_t>(outputs.size());
@@ -558,6 +558,16 @@ template <class Refs>
 }
 }  // namespace
 
+namespace {
+// An entry's input references, built before the entry: as many as the op's inputs.
+template <std::size_t N> struct InputRefList : std::array<InputRef, N> {
+    explicit InputRefList(std::size_t) {}
+};
+template <> struct InputRefList<std::dynamic_extent> : SmallVector<InputRef, 3> {
+    explicit InputRefList(std::size_t n) : SmallVector<InputRef, 3>(n) {}
+};
+}  // namespace
+
 template <std::size_t Inputs, std::size_t Saves>
 void detail::push_op_entry(const char* name, std::span<const internal::TensorRef, Inputs> inputs, const Tensor& output,
                            std::span<const internal::TensorRef, Saves> saved, const BackwardOps& ops, void* closure)
@@ -569,32 +579,42 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
         check_formula_saves(name, ops.pointwise, std::span<const internal::TensorRef>(inputs), output,
                             std::span<const internal::TensorRef>(saved));
 #endif
+    // What the entry keeps of its inputs and output is read before the entry is written: its
+    // one-byte fields may alias anything, so a read after one of them is written is made again
+    // (as push_entry_stored, a check below that fails leaves the tape as harmless as there).
+    TensorImpl& out = output.impl();
+    bool keep_meta = false;
+    InputRefList<Inputs> refs(inputs.size());
+    for (std::size_t k = 0; k < inputs.size(); ++k)
+        refs[k] = input_ref(tape, name, *inputs[k].tensor, &out, false, &keep_meta);
     SlotChunk& chunk = tape.chunk_for(tape.next_slot);
+    const std::uint64_t seq = tape.next_seq, slot = tape.next_slot;
+    const std::shared_ptr<const std::string>& scope = engine::scope_path();
     Entry& e = tape.entries.emplace_back();  // as in push_entry_stored
     try {
-        e.seq = tape.next_seq;
+        e.seq = seq;
         e.cold().name = name;
-        bool keep_meta = false;
-        e.reserve_inputs(inputs.size());
-        for (const internal::TensorRef in : inputs)
-            e.add_input(input_ref(tape, name, *in.tensor, &output, false, &keep_meta));
+        e.set_inputs(refs);
         if (keep_meta) keep_input_meta(tape, e, inputs);
-        e.first_slot = tape.next_slot;
+        e.first_slot = slot;
         e.num_outputs = 1;
-        e.keep_first_output_shape(output.sizes());
-        e.output_dtype = output.dtype();
-        e.reserve_saved(saved.size());
-        for (const internal::TensorRef s : saved) save(e, *s.tensor, s.tensor->is_same(output) ? 0 : kNotOutput);
-        if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;
+        e.keep_first_output_shape(out.shape);
+        e.output_dtype = out.dtype;
+        e.set_saved(saved.size(), [&](std::size_t k) {
+            const Tensor& s = *saved[k].tensor;
+            if (!s.defined()) return Saved(Tensor(), 0, false, 0);
+            return Saved(s, s.version(), s.impl_ptr().get() == &out, 0);
+        });
+        if (scope) e.rare_made().scope = scope;
         e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));
     } catch (...) {
         tape.entries.pop_back();
         throw;
     }
-    give_history(chunk, tape.next_slot, name, tape.next_seq, output);
-    ++tape.next_seq;
-    ++tape.next_slot;
-    if (anomaly_mode_enabled()) check_forward_anomaly(name, output, e.seq);
+    give_history(chunk, slot, name, seq, output);
+    tape.next_seq = seq + 1;
+    tape.next_slot = slot + 1;
+    if (anomaly_mode_enabled()) check_forward_anomaly(name, output, seq);
 }
 #define LOOM_PUSH_OP_ENTRY(INPUTS, SAVES)                                                                            \
     template void detail::push_op_entry<INPUTS, SAVES>(const char*, std::span<const internal::TensorRef, INPUTS>,  \

@@ -695,7 +695,10 @@ struct Entry {
     Entry() noexcept { ::new (static_cast<void*>(&cold())) Cold(); }
     ~Entry()
     {
-        clear_lists();
+        // The lists' codes are left as they are: nothing reads them after, and writing a one-byte
+        // field would make the caller's loop read its own state again (see set_inputs).
+        inputs_.clear(inputs_code_);
+        saved_.clear(saved_code_);
         cold().~Cold();
     }
     Entry(const Entry&) = delete;
@@ -752,6 +755,23 @@ public:
     template <class... Args> void add_saved(Args&&... args)
     {
         saved_code_ = saved_.emplace_back(saved_code_, std::forward<Args>(args)...);
+    }
+    /// Sets all the inputs of an entry that has none yet, writing the list's one-byte code once:
+    /// a one-byte write may alias anything, so each one makes the compiler read again what it
+    /// had read.
+    void set_inputs(std::span<const InputRef> refs)
+    {
+        std::uint8_t code = inputs_.reserve(refs.size());
+        for (const InputRef& in : refs) code = inputs_.emplace_back(code, in);
+        inputs_code_ = code;
+    }
+    /// Sets the n saved tensors of an entry that has none yet, the k-th the Saved that make(k)
+    /// returns, writing the list's code once (as set_inputs).
+    template <class Make> void set_saved(std::size_t n, Make&& make)
+    {
+        std::uint8_t code = saved_.reserve(n);
+        for (std::size_t k = 0; k < n; ++k) code = saved_.emplace_back(code, make(k));
+        saved_code_ = code;
     }
     /// Drops the inputs and the saved tensors.
     void clear_lists() noexcept
