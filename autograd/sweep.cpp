@@ -555,9 +555,10 @@ struct Sweep final : autograd::GradientSums {
     }
 
     // add or sub with an operand broadcast to the output's shape (x + bias, y - mean): that
-    // operand's gradient is the incoming one summed to its shape, as the backward function's
-    // reduce_to sums it, the other's the incoming one as it is; sub's second is negated (after
-    // the sum, which gives the same values as before it: negation is exact).
+    // operand's gradient is the incoming one summed to its shape, by the kernel the backward
+    // function's reduce_to sums it with (the shapes were checked to broadcast when recording),
+    // the other's the incoming one as it is; sub's second is negated after the sum, which gives
+    // the values negating before it gives (negation is exact), in place where the sum is new.
     template <class Op>
     [[gnu::noinline]] bool swept_broadcast_sum(const autograd::Entry& e, const autograd::InputNodes inputs,
                                                autograd::PendingGrad& p)
@@ -570,11 +571,17 @@ struct Sweep final : autograd::GradientSums {
         };
         Tensor g = take_incoming(e, p);
         Tensor g1;
-        if (in1) {
-            g1 = in1.like_output() ? Tensor(g) : loom::sum_to(g, shape_of(in1, 1));
-            if constexpr (std::is_same_v<Op, pointwise::Sub>) g1 = loom::neg(g1);
+        if (in1 && in1.like_output()) {
+            g1 = std::is_same_v<Op, pointwise::Sub> ? loom::neg(g) : g;
+        } else if (in1) {
+            g1 = kernels::sum_to(g, shape_of(in1, 1));  // a new tensor, contiguous: shapes differ
+            if constexpr (std::is_same_v<Op, pointwise::Sub>)
+                dispatch_floating("backward", g1.dtype(), [&]<class T>() {
+                    T* v = g1.data_ptr<T>();
+                    for (std::int64_t i = 0, n = g1.numel(); i < n; ++i) v[i] = -v[i];
+                });
         }
-        if (in0) add(in0, in0.like_output() ? std::move(g) : loom::sum_to(g, shape_of(in0, 0)));
+        if (in0) add(in0, in0.like_output() ? std::move(g) : kernels::sum_to(g, shape_of(in0, 0)));
         if (in1) add(in1, std::move(g1));
         return true;
     }

@@ -442,7 +442,9 @@ Tensor sum_leading(const Tensor& t, std::size_t lead, const Shape& shape)
     const std::int64_t width = rows == 0 ? 0 : t.numel() / rows;
     Tensor out = empty(shape, t.dtype());
     dispatch_floating("sum", t.dtype(), [&]<class T>() {
-        std::vector<double> acc(static_cast<std::size_t>(std::max<std::int64_t>(width, 0)), 0.0);
+        // Inline up to 16 sums (a bias's gradient, a scalar's): a heap vector was a malloc and a
+        // free for every broadcast operand's gradient.
+        SmallVector<double, 16> acc(static_cast<std::size_t>(std::max<std::int64_t>(width, 0)), 0.0);
         const T* p = t.data_ptr<T>();
         for (std::int64_t r = 0; r < rows; ++r)
             for (std::int64_t j = 0; j < width; ++j) acc[j] += p[r * width + j];
