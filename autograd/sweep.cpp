@@ -647,9 +647,10 @@ struct Sweep final : autograd::GradientSums {
         const bool by_formula = !create_graph && !anomaly;
         for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
             autograd::Entry& e = entries[i];
-            if (long_tape && i >= kEntriesAhead) autograd::engine::prefetch_entry<false>(entries[i - kEntriesAhead]);
+            if (long_tape && i >= kEntriesAhead)
+                autograd::engine::prefetch_entry<false>(entries.before(e, i, kEntriesAhead));
             if (long_tape && i >= kBlocksAhead)
-                autograd::engine::prefetch_saved_blocks<false>(entries[i - kBlocksAhead], kBlockLines);
+                autograd::engine::prefetch_saved_blocks<false>(entries.before(e, i, kBlocksAhead), kBlockLines);
             accumulate_leaves_read_above(i);
             const autograd::BackwardOps* ops = e.backward.ops();
             if (by_formula && ops && ops->pointwise != 0 && !e.watched &&

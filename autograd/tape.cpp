@@ -589,7 +589,7 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
         refs[k] = input_ref(tape, name, *inputs[k].tensor, &out, false, &keep_meta);
     SlotChunk& chunk = tape.chunk_for(tape.next_slot);
     const std::uint64_t seq = tape.next_seq, slot = tape.next_slot;
-    const std::shared_ptr<const std::string>& scope = engine::scope_path();
+    const std::shared_ptr<const std::string>* scope = engine::scope_path_set;  // scope_path(), without its null
     Entry& e = tape.entries.emplace_back();  // as in push_entry_stored
     try {
         e.seq = seq;
@@ -605,7 +605,7 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
             if (!s.defined()) return Saved(Tensor(), 0, false, 0);
             return Saved(s, s.version(), s.impl_ptr().get() == &out, 0);
         });
-        if (scope) e.rare_made().scope = scope;
+        if (scope && *scope) e.rare_made().scope = *scope;
         e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));
     } catch (...) {
         tape.entries.pop_back();

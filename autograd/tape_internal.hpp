@@ -64,6 +64,17 @@ public:
     Entry& operator[](std::size_t i) { return (*chunks_[i / kChunk])[i % kChunk]; }
     const Entry& operator[](std::size_t i) const { return (*chunks_[i / kChunk])[i % kChunk]; }
     Entry& back() { return (*this)[size_ - 1]; }
+    // Entry i - n, for e = entry i: found from e's address where both lie in one chunk, which
+    // spares the walks that fetch entries ahead an index computation (two dependent loads) each.
+    Entry& before(Entry& e, std::size_t i, std::size_t n)
+    {
+        return i % kChunk >= n ? *(&e - n) : (*this)[i - n];
+    }
+    // Entry i + n, for e = entry i (i + n < size()), as before().
+    Entry& after(Entry& e, std::size_t i, std::size_t n)
+    {
+        return i % kChunk + n < kChunk ? *(&e + n) : (*this)[i + n];
+    }
     [[gnu::always_inline]] Entry& emplace_back()
     {
         if (size_ == chunks_.size() * kChunk) chunks_.push_back(std::unique_ptr<Chunk>(new Chunk));  // not zeroed
@@ -90,12 +101,13 @@ public:
     {
         const bool long_tape = size_ >= kPrefetchFrom;  // a short one is still in the cache
         for (std::size_t i = 0; i < size_; ++i) {
-            if (long_tape && i + kClearAhead < size_) prefetch_entry<true>((*this)[i + kClearAhead]);
+            Entry& e = (*this)[i];
+            if (long_tape && i + kClearAhead < size_) prefetch_entry<true>(after(e, i, kClearAhead));
             // A saved tensor's reference counts open its header; its destruction reads the
             // header alone (a small tensor's storage record has nothing to free).
             if (long_tape && i + kClearAhead / 2 < size_)
-                prefetch_saved_blocks<true>((*this)[i + kClearAhead / 2], kHeaderLines);
-            (*this)[i].~Entry();
+                prefetch_saved_blocks<true>(after(e, i, kClearAhead / 2), kHeaderLines);
+            e.~Entry();
         }
         size_ = 0;
     }
