@@ -645,8 +645,11 @@ struct Sweep final : autograd::GradientSums {
         // Whether entries of loom's element-wise ops may be swept from their formulas; per entry,
         // also not when its output is watched or captured, or a profiler is running.
         const bool by_formula = !create_graph && !anomaly;
-        for (std::size_t i = start; outstanding > 0 && i-- > 0 && entries[i].seq >= floor;) {
-            autograd::Entry& e = entries[i];
+        autograd::Entry* above = nullptr;  // entry i + 1 of the walk, once it has one
+        for (std::size_t i = start; outstanding > 0 && i-- > 0;) {
+            autograd::Entry& e = entries.at_below(above, i);
+            if (e.seq < floor) break;
+            above = &e;
             if (long_tape && i >= kEntriesAhead)
                 autograd::engine::prefetch_entry<false>(entries.before(e, i, kEntriesAhead));
             if (long_tape && i >= kBlocksAhead)
