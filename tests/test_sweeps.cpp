@@ -617,6 +617,13 @@ TEST_CASE("loom's element-wise ops are swept from their formulas, as their backw
              const Tensor row = b.select(0, 1);
              return (op(a, row) * 1.0 + op(row, a) * 2.0).sum();
          }},
+        // Over 1,024 elements, the gradient reaching a broadcast operand's add or sub is one value
+        // spread: summed to the operand's shape from a tensor that is not contiguous.
+        {"a gradient spread from a large sum to an operand broadcast",
+         [](const Tensor& a, const Tensor& b, const auto& op) {
+             const Tensor row = b.select(0, 1);
+             return op(a, row).sum() + op(row, a).sum() * 2.0;
+         }},
         {"operands not contiguous",
          [](const Tensor& a, const Tensor& b, const auto& op) { return (op(a.t(), b.t()) * 1.0).sum(); }}};
     const auto routes_agree = [](const std::string& what, const Tensor& x0,
