@@ -482,8 +482,11 @@ struct Sweep final : autograd::GradientSums {
     // Sums input `in`'s gradient fn(g_i, i) into its sum: written into a fresh one (g's own
     // buffer where `last_read` and no one else holds g), added into one the sweep owns, or made
     // aside and added as any gradient is.
+    // `g_owned`: the slot g came from owned it (PendingGrad::owned): the sweep made it, or took
+    // it whole, for that slot alone, so of sole_whole_tensor's checks only the handles on it and
+    // on its bytes (a view's) need counting before it is handed over.
     template <class T, class Fn>
-    void sum_formula(const autograd::InputRef& in, Tensor& g, bool spread, bool last_read, Fn fn)
+    void sum_formula(const autograd::InputRef& in, Tensor& g, bool g_owned, bool spread, bool last_read, Fn fn)
     {
         autograd::PendingGrad& q = receiving(in);
         const T* gp = g.data_ptr<T>();  // read before g may be handed over
@@ -492,7 +495,11 @@ struct Sweep final : autograd::GradientSums {
             return spread ? empty(g.sizes(), g.dtype()) : detail::empty_like_contiguous(g, g.dtype());
         };
         if (!q.sum.defined()) {
-            const bool hand_over = last_read && !spread && sole_whole_tensor(g);
+            const bool hand_over =
+                last_read && !spread &&
+                (g_owned ? g.impl_ptr().use_count() == 1 &&
+                               (detail::bytes_in_own_block(g) || g.impl().storage.use_count() == 1)
+                         : sole_whole_tensor(g));
             if (hand_over) q.sum = std::move(g);
             else make_in_place(q.sum, buffer);
             q.owned = true;
@@ -527,6 +534,7 @@ struct Sweep final : autograd::GradientSums {
         if (!pointwise::readable_in_place(p.sum, &spread) ||
             !formula_values<Op::reads.a, Op::reads.b, Op::reads.y>(e, inputs, p.sum, v))
             return false;
+        const bool g_owned = p.owned;  // read before take_incoming clears it
         Tensor g = take_incoming(e, p);
         dispatch_floating("backward", g.dtype(), [&]<class T>() {
             // A value the formula does not read is never asked for: its pointer stays null.
@@ -540,13 +548,13 @@ struct Sweep final : autograd::GradientSums {
             if (in0) {
                 if constexpr (passes_a) add(in0, in1 ? Tensor(g) : std::move(g));
                 else
-                    sum_formula<T>(in0, g, spread, !in1, [&](T gi, std::int64_t i) {
+                    sum_formula<T>(in0, g, g_owned, spread, !in1, [&](T gi, std::int64_t i) {
                         const auto [ai, bi, yi] = values_at(i);
                         return Op::grad_a(gi, ai, bi, yi);
                     });
             }
             if (in1)
-                sum_formula<T>(in1, g, spread, true, [&](T gi, std::int64_t i) {
+                sum_formula<T>(in1, g, g_owned, spread, true, [&](T gi, std::int64_t i) {
                     const auto [ai, bi, yi] = values_at(i);
                     return Op::grad_b(gi, ai, bi, yi);
                 });
@@ -595,11 +603,12 @@ struct Sweep final : autograd::GradientSums {
         if (!in.like_output() || !pointwise::readable_in_place(p.sum, &spread) ||
             !formula_values<Op::reads.x, Op::reads.y>(e, inputs, p.sum, v))
             return false;
+        const bool g_owned = p.owned;  // read before take_incoming clears it
         Tensor g = take_incoming(e, p);
         dispatch_floating("backward", g.dtype(), [&]<class T>() {
             const T* x = Op::reads.x ? v[0]->data_ptr<T>() : nullptr;
             const T* y = Op::reads.y ? v[1]->data_ptr<T>() : nullptr;
-            sum_formula<T>(in, g, spread, true, [&](T gi, std::int64_t i) {
+            sum_formula<T>(in, g, g_owned, spread, true, [&](T gi, std::int64_t i) {
                 return Op::grad(gi, Op::reads.x ? x[i] : T(0), Op::reads.y ? y[i] : T(0));
             });
         });
