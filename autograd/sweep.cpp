@@ -42,6 +42,13 @@ bool sole_whole_tensor(const Tensor& t)
            t.storage_offset() == 0 &&
            t.is_contiguous() && t.impl().storage->nbytes == static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype());
 }
+// sole_whole_tensor(t) for a t the sweep owns (PendingGrad::owned): made, or taken whole, for one
+// slot alone, so it covers its bytes whole; only the handles on it and on its bytes (a view's)
+// need counting. Inline, where sole_whole_tensor is a call of about a hundred instructions.
+inline bool sole_owned_tensor(const Tensor& t)
+{
+    return t.impl_ptr().use_count() == 1 && (detail::bytes_in_own_block(t) || t.impl().storage.use_count() == 1);
+}
 
 // Makes the undefined handle `slot` the tensor make() returns, built where the handle lies.
 // Assigned instead, the returned handle, which the callee stores as two words, is read back as one
@@ -482,9 +489,7 @@ struct Sweep final : autograd::GradientSums {
     // Sums input `in`'s gradient fn(g_i, i) into its sum: written into a fresh one (g's own
     // buffer where `last_read` and no one else holds g), added into one the sweep owns, or made
     // aside and added as any gradient is.
-    // `g_owned`: the slot g came from owned it (PendingGrad::owned): the sweep made it, or took
-    // it whole, for that slot alone, so of sole_whole_tensor's checks only the handles on it and
-    // on its bytes (a view's) need counting before it is handed over.
+    // `g_owned`: the slot g came from owned it (PendingGrad::owned; see sole_owned_tensor).
     template <class T, class Fn>
     void sum_formula(const autograd::InputRef& in, Tensor& g, bool g_owned, bool spread, bool last_read, Fn fn)
     {
@@ -495,11 +500,7 @@ struct Sweep final : autograd::GradientSums {
             return spread ? empty(g.sizes(), g.dtype()) : detail::empty_like_contiguous(g, g.dtype());
         };
         if (!q.sum.defined()) {
-            const bool hand_over =
-                last_read && !spread &&
-                (g_owned ? g.impl_ptr().use_count() == 1 &&
-                               (detail::bytes_in_own_block(g) || g.impl().storage.use_count() == 1)
-                         : sole_whole_tensor(g));
+            const bool hand_over = last_read && !spread && (g_owned ? sole_owned_tensor(g) : sole_whole_tensor(g));
             if (hand_over) q.sum = std::move(g);
             else make_in_place(q.sum, buffer);
             q.owned = true;
@@ -656,7 +657,7 @@ struct Sweep final : autograd::GradientSums {
         const bool by_formula = !create_graph && !anomaly;
         autograd::Entry* above = nullptr;  // entry i + 1 of the walk, once it has one
         for (std::size_t i = start; outstanding > 0 && i-- > 0;) {
-            autograd::Entry& e = entries.at_below(above, i);
+            autograd::Entry& e = above ? entries.before(*above, i + 1, 1) : entries[i];
             if (e.seq < floor) break;
             above = &e;
             if (long_tape && i >= kEntriesAhead)

@@ -425,15 +425,15 @@ template <class Refs> void keep_input_meta(engine::Tape& tape, Entry& e, Refs in
         if (refs[k].slot() != 0) meta[k] = InputMeta{tensor_of(inputs[k]).sizes(), tensor_of(inputs[k]).dtype()};
 }
 
-// Keeps s for e's backward; `output`: its index among e's outputs, or kNotOutput. A saved
-// output is kept as it is, marked so that compaction can tell it from a user's hold (see
-// compact_since).
+// What an entry keeps of s for its backward; `output`: s's index among the entry's outputs, or
+// kNotOutput. A saved output is kept as it is, marked so that compaction can tell it from a
+// user's hold (see compact_since).
 constexpr std::size_t kNotOutput = SIZE_MAX;
-[[gnu::always_inline]] inline void save(Entry& e, const Tensor& s, std::size_t output)
+[[gnu::always_inline]] inline Saved saved_of(const Tensor& s, std::size_t output)
 {
-    if (!s.defined()) e.add_saved(Tensor(), 0, false, 0);
-    else if (output == kNotOutput) e.add_saved(s, s.version(), false, 0);
-    else e.add_saved(s, s.version(), true, output);
+    if (!s.defined()) return Saved(Tensor(), 0, false, 0);
+    if (output == kNotOutput) return Saved(s, s.version(), false, 0);
+    return Saved(s, s.version(), true, output);
 }
 
 // Gives `out` the history of its entry's output in `slot`, whose record `chunk` holds.
@@ -513,7 +513,7 @@ void detail::push_entry_stored(const char* name, std::span<const Tensor* const> 
             LOOM_CHECK(index == outputs.size() || index < Saved::kMaxOutputs, name,
                        "saves its output {}, but only the first {} outputs of an op can be saved for backward", index,
                        Saved::kMaxOutputs);
-            save(e, *s, index == outputs.size() ? kNotOutput : index);
+            e.add_saved(saved_of(*s, index == outputs.size() ? kNotOutput : index));
         }
         if (const auto& scope = engine::scope_path()) e.rare_made().scope = scope;
         e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));
@@ -602,8 +602,7 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
         e.output_dtype = out.dtype;
         e.set_saved(saved.size(), [&](std::size_t k) {
             const Tensor& s = *saved[k].tensor;
-            if (!s.defined()) return Saved(Tensor(), 0, false, 0);
-            return Saved(s, s.version(), s.impl_ptr().get() == &out, 0);
+            return saved_of(s, s.impl_ptr().get() == &out ? 0 : kNotOutput);  // out: read once, above
         });
         if (scope && *scope) e.rare_made().scope = *scope;
         e.backward.emplace(ops, closure, ops.kept_inline ? nullptr : tape.stream.allocate(ops.size, ops.align));

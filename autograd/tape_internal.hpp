@@ -64,12 +64,6 @@ public:
     Entry& operator[](std::size_t i) { return (*chunks_[i / kChunk])[i % kChunk]; }
     const Entry& operator[](std::size_t i) const { return (*chunks_[i / kChunk])[i % kChunk]; }
     Entry& back() { return (*this)[size_ - 1]; }
-    // Entry i, for `above` = entry i + 1 (or null): the one before it in its chunk, unless i is
-    // a chunk's last (as before()).
-    Entry& at_below(Entry* above, std::size_t i)
-    {
-        return above && i % kChunk != kChunk - 1 ? *(above - 1) : (*this)[i];
-    }
     // Entry i - n, for e = entry i: found from e's address where both lie in one chunk, which
     // spares the walks that fetch entries ahead an index computation (two dependent loads) each.
     Entry& before(Entry& e, std::size_t i, std::size_t n)
@@ -108,7 +102,8 @@ public:
         const bool long_tape = size_ >= kPrefetchFrom;  // a short one is still in the cache
         Entry* next = nullptr;
         for (std::size_t i = 0; i < size_; ++i) {
-            // Entry i is the one after entry i - 1 in its chunk; only a chunk's first is looked up.
+            // Entry i is the one after entry i - 1 in its chunk; only a chunk's first is looked up
+            // (cheaper here than after(), which would test for entry i - 1 first).
             Entry& e = *(i % kChunk == 0 ? &(*this)[i] : next);
             next = &e + 1;
             if (long_tape && i + kClearAhead < size_) prefetch_entry<true>(after(e, i, kClearAhead));
