@@ -5,6 +5,9 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+
+#include <pthread.h>
 
 #include "allocator.hpp"
 #include "random.hpp"
@@ -160,7 +163,8 @@ namespace {
 // block alive forever); shared_storage() gives a view a handle that holds the header instead.
 struct TensorWithBytes final : TensorImpl {
     Storage own;
-    explicit TensorWithBytes(std::size_t nbytes) noexcept : own(nbytes, reinterpret_cast<std::byte*>(this + 1))
+    TensorWithBytes(std::uint16_t owner, std::size_t nbytes) noexcept
+        : TensorImpl(owner), own(nbytes, reinterpret_cast<std::byte*>(this + 1))
     {
         storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), &own);
     }
@@ -168,6 +172,7 @@ struct TensorWithBytes final : TensorImpl {
 // The pool's blocks are 16-byte aligned (malloc's), and so are the bytes after the record: a
 // vector loop over 8-byte-aligned bytes splits more of its loads across cache lines (W7's
 // primal took 12% longer).
+static_assert(sizeof(TensorImpl) == 120, "the owner's count and tag must fit in the header's padding");
 static_assert(sizeof(TensorWithBytes) % 16 == 0, "the bytes after a small tensor's header must be 16-byte aligned");
 constexpr std::size_t kInlineStorageBytes = 256;
 static_assert(sizeof(TensorWithBytes) + kInlineStorageBytes <= kLargestSmallObject,
@@ -195,8 +200,224 @@ void free_block(TensorImpl* impl) noexcept
 // Drops one weak count (the handles' together, or a WeakTensor's); the last frees the block.
 void release_weak(TensorImpl* impl) noexcept
 {
-    if ((impl->counts.fetch_sub(TensorImpl::kOneWeak, std::memory_order_acq_rel) >> 32) == 1) free_block(impl);
+    const std::uint64_t before = impl->counts.fetch_sub(TensorImpl::kOneWeak, std::memory_order_acq_rel);
+    if ((before & TensorImpl::kWeakMask) == 1) free_block(impl);
 }
+// Ends a header whose handles are all gone, while weak handles may still count it.
+void release_handles(TensorImpl* impl) noexcept
+{
+    destroy_contents(impl);
+    release_weak(impl);
+}
+
+// ---- Reference counts ----
+// Biased reference counting (Choi, Shull and Torrellas, PACT 2018; CPython's free-threaded
+// build): a header's owner, the thread that made it, counts its handles in the plain byte
+// `local`, and every other thread in the atomic word `counts`. Most tensors never leave their
+// thread, and no program of loom's runs single-threaded: Debian's OpenBLAS starts a thread as it
+// loads, so counts kept atomic "once the process has threads" were atomic always, a lock-prefixed
+// instruction per handle copied or dropped.
+//
+// A handle may be copied on one thread and dropped on another, so only the sum of the two counts
+// is the number of handles. When the owner's count reaches zero it merges: `counts` takes the
+// sum and kMerged, and from then on every thread counts there (the last to drop one frees). When
+// another thread drops a handle that only the owner's count holds (its own count would go below
+// zero), it sets kQueued instead and queues the header to its owner, the queue keeping that
+// handle's count: the owner merges what is queued at the next header it makes, or when it exits,
+// and a thread that has exited has its queue merged at once by whoever queues to it. Until then
+// the header stays allocated: a tensor that a thread made and another thread dropped last is
+// freed when its maker next makes a tensor.
+//
+// A WeakTensor merges its header first (or queues it, holding a count, from another thread), so
+// lock() reads one word on any thread: a merged header with no handle is gone for good.
+struct OwnerState final : detail::ThreadOwner {
+    std::mutex mutex;                  // guards what follows
+    std::vector<TensorImpl*> queued;   // headers queued by other threads, each holding a count
+    bool exited = false;               // the thread has ended; a new one may take the tag again
+};
+// Every tag's state, by tag (0 unused), and the tags free to take again. Never destroyed: threads
+// drop handles until the process ends.
+struct Owners {
+    std::mutex mutex;
+    std::vector<OwnerState*> by_tag{nullptr};
+    std::vector<std::uint16_t> free_tags;
+};
+Owners& owners()
+{
+    static Owners* all = new Owners;
+    return *all;
+}
+// The owner of the headers made by threads without a tag: one that has ended.
+OwnerState& no_owner()
+{
+    static OwnerState* nobody = [] {
+        auto* state = new OwnerState;
+        state->tag = detail::kNoOwner;
+        state->exited = true;
+        return state;
+    }();
+    return *nobody;
+}
+constinit thread_local bool thread_untagged [[gnu::tls_model("initial-exec")]] = false;
+
+// Moves the owner's count into `counts` for good and adds `extra`; returns the handles then.
+// Called by the owner thread, or with its state's mutex held once it has exited.
+std::int64_t merge_counts(TensorImpl* impl, int extra) noexcept
+{
+    const std::int64_t local = impl->local.load(std::memory_order_relaxed);
+    std::uint64_t counts = impl->counts.load(std::memory_order_relaxed), merged;
+    std::int64_t handles;
+    do {
+        handles = TensorImpl::shared_handles(counts) + local + extra;
+        merged = (std::uint64_t(std::uint32_t(handles)) << 32) | (counts & TensorImpl::kWeakMask) | TensorImpl::kMerged;
+    } while (!impl->counts.compare_exchange_weak(counts, merged, std::memory_order_acq_rel, std::memory_order_relaxed));
+    impl->local.store(0, std::memory_order_relaxed);
+    impl->owner.store(detail::kNoOwner, std::memory_order_relaxed);
+    return handles;
+}
+// Merges a header its queue held, dropping the queue's count.
+void merge_queued(TensorImpl* impl) noexcept
+{
+    if (merge_counts(impl, -1) == 0) release_handles(impl);
+}
+// Settles the headers other threads queued for this one.
+void settle_queued(OwnerState& me) noexcept
+{
+    std::vector<TensorImpl*> queued;
+    {
+        const std::lock_guard lock(me.mutex);
+        queued.swap(me.queued);
+        me.pending.store(false, std::memory_order_relaxed);
+    }
+    for (TensorImpl* impl : queued) merge_queued(impl);
+}
+// Hands a header that holds a count for it to the owner of tag `tag`; merges it here if that thread has exited.
+void queue_for_owner(TensorImpl* impl, std::uint16_t tag) noexcept
+{
+    OwnerState* owner = &no_owner();
+    if (tag != detail::kNoOwner) {
+        const std::lock_guard lock(owners().mutex);
+        owner = owners().by_tag[tag];
+    }
+    std::int64_t left;
+    {
+        const std::lock_guard lock(owner->mutex);
+        if (!owner->exited) {
+            owner->queued.push_back(impl);  // a failed allocation of 8 bytes here ends the process (noexcept)
+            owner->pending.store(true, std::memory_order_release);
+            return;
+        }
+        // Merged under the lock, so that no new thread takes the tag meanwhile; freed after it,
+        // as freeing drops handles that may queue here again.
+        left = merge_counts(impl, -1);
+    }
+    if (left == 0) release_handles(impl);
+}
+// Ends this thread's ownership: what is queued is merged, and whatever is queued later is merged
+// by the thread that queues it. The tag may be taken by a new thread, which then counts the
+// unmerged headers as their owner (their counts were last written here, before the unlock).
+struct ThreadExit {
+    ~ThreadExit()
+    {
+        auto* me = static_cast<OwnerState*>(detail::thread_owner);
+        detail::thread_tag = 0;
+        detail::thread_owner = nullptr;
+        thread_untagged = true;  // headers made from now on (by later thread_local destructors) have no owner
+        std::vector<TensorImpl*> queued;
+        {
+            const std::lock_guard lock(me->mutex);
+            me->exited = true;
+            queued.swap(me->queued);
+        }
+        for (TensorImpl* impl : queued) merge_queued(impl);
+        const std::lock_guard lock(owners().mutex);
+        owners().free_tags.push_back(me->tag);
+    }
+};
+
+// A child made by fork() has only the thread that forked: every other thread's headers are
+// merged there, and its tags are free. The locks are held across the fork, so none is left held
+// by a thread that did not come along.
+void lock_owners_for_fork() noexcept
+{
+    owners().mutex.lock();
+    for (OwnerState* state : owners().by_tag)
+        if (state) state->mutex.lock();
+    no_owner().mutex.lock();
+}
+void unlock_owners_after_fork() noexcept
+{
+    no_owner().mutex.unlock();
+    for (OwnerState* state : owners().by_tag)
+        if (state) state->mutex.unlock();
+    owners().mutex.unlock();
+}
+void end_other_owners_in_child() noexcept
+{
+    unlock_owners_after_fork();
+    std::vector<TensorImpl*> queued;
+    {
+        const std::lock_guard lock(owners().mutex);
+        for (OwnerState* state : owners().by_tag) {
+            if (!state || state == detail::thread_owner || state->exited) continue;
+            state->exited = true;
+            queued.insert(queued.end(), state->queued.begin(), state->queued.end());
+            state->queued.clear();
+            owners().free_tags.push_back(state->tag);
+        }
+    }
+    for (TensorImpl* impl : queued) merge_queued(impl);
+}
+[[gnu::constructor]] void merge_other_owners_after_fork()
+{
+    pthread_atfork(lock_owners_for_fork, unlock_owners_after_fork, end_other_owners_in_child);
+}
+}  // namespace
+
+std::uint16_t detail::tag_for_new_header_slow()
+{
+    if (auto* me = static_cast<OwnerState*>(thread_owner)) {
+        settle_queued(*me);
+        return me->tag;
+    }
+    if (thread_untagged) return kNoOwner;
+    OwnerState* me = nullptr;
+    {
+        const std::lock_guard lock(owners().mutex);
+        Owners& all = owners();
+        if (!all.free_tags.empty()) {
+            me = all.by_tag[all.free_tags.back()];
+            all.free_tags.pop_back();
+        } else if (all.by_tag.size() < kNoOwner) {
+            try {
+                me = new OwnerState;
+                me->tag = static_cast<std::uint16_t>(all.by_tag.size());
+                all.by_tag.push_back(me);
+            } catch (const std::bad_alloc&) {
+                delete me;
+                me = nullptr;
+            }
+        }
+    }
+    if (!me) {
+        thread_untagged = true;  // every tag is taken by a live thread: this one's headers count atomically
+        return kNoOwner;
+    }
+    {
+        const std::lock_guard lock(me->mutex);
+        me->exited = false;
+    }
+    static thread_local ThreadExit at_exit;
+    (void)&at_exit;
+    thread_owner = me;
+    thread_tag = me->tag;
+    return me->tag;
+}
+
+constinit thread_local std::uint16_t detail::thread_tag [[gnu::tls_model("initial-exec")]] = 0;
+constinit thread_local detail::ThreadOwner* detail::thread_owner [[gnu::tls_model("initial-exec")]] = nullptr;
+
+namespace {
 
 // The header of a new tensor of `nbytes` bytes, its storage made: in the same block when small,
 // else with the bytes from the storage cache. Always inlined: returned from a call, a handle was
@@ -206,7 +427,8 @@ void release_weak(TensorImpl* impl) noexcept
 {
     if (nbytes <= kInlineStorageBytes) {
         const std::size_t units = (sizeof(TensorWithBytes) + nbytes + 7) / 8;
-        auto* impl = ::new (allocate_small_object(block_size(static_cast<std::uint8_t>(units)))) TensorWithBytes(nbytes);
+        const std::uint16_t owner = detail::tag_for_new_header();
+        auto* impl = ::new (allocate_small_object(block_size(static_cast<std::uint8_t>(units)))) TensorWithBytes(owner, nbytes);
         impl->block = static_cast<std::uint8_t>(units);
         return TensorHandle(impl);
     }
@@ -243,7 +465,7 @@ bool detail::holds_bytes_alone(const Tensor& t)
     constexpr std::size_t own_offset = offsetof(TensorWithBytes, own);
 #pragma GCC diagnostic pop
     const auto* owner = reinterpret_cast<const TensorImpl*>(reinterpret_cast<const std::byte*>(storage.get()) - own_offset);
-    return TensorImpl::handles(owner->counts.load(std::memory_order_acquire)) == 1;
+    return detail::handle_count(*owner) == 1;
 }
 
 void detail::release_last_handle(TensorImpl* impl) noexcept
@@ -255,16 +477,45 @@ void detail::release_last_handle(TensorImpl* impl) noexcept
     });
 }
 
+void detail::release_last_owned_handle(TensorImpl* impl) noexcept
+{
+    std::uint64_t counts = impl->counts.load(std::memory_order_relaxed), merged;
+    do {
+        // Other threads' handles, or a queued count: merge, and the last of them frees.
+        merged = counts | TensorImpl::kMerged;
+    } while (!impl->counts.compare_exchange_weak(counts, merged, std::memory_order_acq_rel, std::memory_order_relaxed));
+    // Only now: a thread that queued the header read its owner before this exchange.
+    impl->local.store(0, std::memory_order_relaxed);
+    impl->owner.store(kNoOwner, std::memory_order_relaxed);
+    if (TensorImpl::shared_handles(merged) == 0 && !(merged & TensorImpl::kQueued)) release_handles(impl);
+}
+
 void detail::release_shared_handle(TensorImpl* impl) noexcept
 {
-    if (TensorImpl::handles(impl->counts.fetch_sub(1, std::memory_order_acq_rel)) != 1) return;
-    destroy_contents(impl);
-    release_weak(impl);
+    // Read before the exchange below: the owner changes it only after an exchange that merges.
+    const std::uint16_t owner = impl->owner.load(std::memory_order_relaxed);
+    std::uint64_t counts = impl->counts.load(std::memory_order_relaxed);
+    for (;;) {
+        if (counts & TensorImpl::kMerged) {
+            if (TensorImpl::shared_handles(impl->counts.fetch_sub(TensorImpl::kOneShared, std::memory_order_acq_rel)) == 1)
+                release_handles(impl);
+            return;
+        }
+        if (TensorImpl::shared_handles(counts) == 0 && !(counts & TensorImpl::kQueued)) {
+            // A handle only the owner's count holds: its count goes to the owner's queue.
+            if (impl->counts.compare_exchange_weak(counts, counts | TensorImpl::kQueued, std::memory_order_acq_rel,
+                                                   std::memory_order_relaxed))
+                return queue_for_owner(impl, owner);
+        } else if (impl->counts.compare_exchange_weak(counts, counts - TensorImpl::kOneShared, std::memory_order_acq_rel,
+                                                      std::memory_order_relaxed))
+            return;
+    }
 }
 
 TensorHandle detail::new_tensor_header()
 {
-    auto* impl = ::new (allocate_small_object(sizeof(TensorImpl))) TensorImpl();
+    const std::uint16_t owner = tag_for_new_header();
+    auto* impl = ::new (allocate_small_object(sizeof(TensorImpl))) TensorImpl(owner);
     impl->block = kHeaderAlone;
     return TensorHandle(impl);
 }
@@ -274,12 +525,34 @@ detail::WeakTensor::~WeakTensor()
     if (impl_) release_weak(impl_);
 }
 
+detail::WeakTensor::WeakTensor(const Tensor& t) noexcept : impl_(t.impl_ptr().get())
+{
+    if (!impl_) return;
+    impl_->counts.fetch_add(TensorImpl::kOneWeak, std::memory_order_relaxed);
+    const std::uint16_t owner = impl_->owner.load(std::memory_order_relaxed);
+    if (owner == thread_tag) {
+        merge_counts(impl_, 0);  // t's handle keeps it above zero
+        return;
+    }
+    // Another thread's header: unless merged, its owner merges it, the queue holding a count.
+    std::uint64_t counts = impl_->counts.load(std::memory_order_relaxed);
+    while (!(counts & TensorImpl::kMerged))
+        if (impl_->counts.compare_exchange_weak(counts, (counts + TensorImpl::kOneShared) | TensorImpl::kQueued,
+                                                std::memory_order_acq_rel, std::memory_order_relaxed)) {
+            queue_for_owner(impl_, owner);
+            return;
+        }
+}
+
 Tensor detail::WeakTensor::lock() const
 {
     if (!impl_) return {};
+    if (impl_->owner.load(std::memory_order_relaxed) == thread_tag) return Tensor(TensorHandle::another(impl_));  // alive: unmerged
+    // Merged, or queued with a count: no handle left only once merged at zero.
     std::uint64_t counts = impl_->counts.load(std::memory_order_relaxed);
-    while (TensorImpl::handles(counts) != 0)
-        if (impl_->counts.compare_exchange_weak(counts, counts + 1, std::memory_order_acq_rel, std::memory_order_relaxed))
+    while (!(counts & TensorImpl::kMerged) || TensorImpl::shared_handles(counts) != 0)
+        if (impl_->counts.compare_exchange_weak(counts, counts + TensorImpl::kOneShared, std::memory_order_acq_rel,
+                                                std::memory_order_relaxed))
             return Tensor(TensorHandle(impl_));
     return {};
 }

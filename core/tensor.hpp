@@ -15,10 +15,6 @@
 #include <utility>
 #include <vector>
 
-#if __has_include(<sys/single_threaded.h>)
-#include <sys/single_threaded.h>
-#endif
-
 #include "dtype.hpp"
 #include "small_vector.hpp"
 #include "error.hpp"
@@ -111,40 +107,71 @@ struct TensorImpl;
 /// Row-major strides for `shape`.
 Shape contiguous_strides(const Shape& shape);
 namespace detail {
-/// Whether the process has only ever had one thread (glibc's __libc_single_threaded, as libstdc++'s
-/// shared_ptr reads it): reference counts are then kept without atomic writes, which took a
-/// twentieth of W7's gradient at 32 characters. It turns false before a second thread starts, for good.
-inline bool single_threaded()
+/// The owner tag of a merged header, and of one made by a thread without a tag (its owner then
+/// counts as a thread that has ended: its last handle merges it at once).
+inline constexpr std::uint16_t kNoOwner = 0xffff;
+/// What a thread that makes headers keeps for them (see "Reference counts" in core/tensor.cpp).
+struct ThreadOwner {
+    /// The tag its headers record as their owner (1 to kNoOwner - 1).
+    std::uint16_t tag = 0;
+    /// Whether other threads queued headers for it to settle (at the next header it makes).
+    std::atomic<bool> pending{false};
+};
+/// This thread's tag (0 before its first header and once it has exited: no header's owner).
+/// initial-exec: libloom is linked, not dlopen()ed, and every handle copied or dropped reads it.
+extern constinit thread_local std::uint16_t thread_tag [[gnu::tls_model("initial-exec")]];
+/// This thread's owner record (null before its first header and once it has exited).
+extern constinit thread_local ThreadOwner* thread_owner [[gnu::tls_model("initial-exec")]];
+/// tag_for_new_header when the thread has no tag yet or has headers to settle (core/tensor.cpp).
+std::uint16_t tag_for_new_header_slow();
+/// The owner tag for a header this thread makes now. Settles first what other threads queued for
+/// it: call it before the new header's block is allocated.
+inline std::uint16_t tag_for_new_header()
 {
-#if __has_include(<sys/single_threaded.h>)
-    return __libc_single_threaded;
-#else
-    return false;
-#endif
+    ThreadOwner* me = thread_owner;
+    if (me && !me->pending.load(std::memory_order_relaxed)) [[likely]]
+        return me->tag;
+    return tag_for_new_header_slow();
 }
 /// Ends a header whose last handle is gone: destroys what it holds, and frees its block unless a
 /// weak handle still counts it (core/tensor.cpp; out of line, as a header lies in one of several
 /// kinds of block).
 void release_last_handle(TensorImpl* impl) noexcept;
-/// Drops one count on a header with more than one, or none that can be read without a race.
+/// Drops the owner thread's last count on a header that other handles or weak handles count too.
+void release_last_owned_handle(TensorImpl* impl) noexcept;
+/// Drops one count of a handle on a thread other than the header's owner.
 void release_shared_handle(TensorImpl* impl) noexcept;
 }  // namespace detail
 
 /// A tensor's header: its storage, the view of it (shape, strides, offset), dtype and autograd
 /// node, with its reference counts in it. Tensor is a handle on one (TensorHandle).
 struct TensorImpl {
+    /// A header owned by the thread of tag `owner_tag` (tag_for_new_header()), with one handle.
     /// User-provided, so that making a header does not first zero all of it.
-    TensorImpl() noexcept {}
-    /// Handles on this header (the low 32 bits), and above them the weak handles plus one for all
-    /// the handles together: one word, so that the last handle finds itself alone with one load
-    /// and frees the header without an atomic write.
-    std::atomic<std::uint64_t> counts{kOneHandle};
-    /// counts with one handle and no weak one.
-    static constexpr std::uint64_t kOneHandle = (std::uint64_t(1) << 32) | 1;
+    explicit TensorImpl(std::uint16_t owner_tag) noexcept : counts(kHandlesWeak), local(1), owner(owner_tag) {}
+    /// The counts that threads other than the owner keep (biased reference counting, as
+    /// CPython's free-threaded build): the high 32 bits are their handles, as a signed number
+    /// (below zero when they dropped handles the owner counted); the low 30 bits count the weak
+    /// handles plus one for all the handles together; kMerged and kQueued are the top two of
+    /// the low 32. One word, so that the owner's last handle finds itself alone with one load.
+    std::atomic<std::uint64_t> counts;
+    /// One handle counted in `counts`.
+    static constexpr std::uint64_t kOneShared = std::uint64_t(1) << 32;
+    /// The owner's count was moved into `counts` for good: every thread counts there.
+    static constexpr std::uint64_t kMerged = std::uint64_t(1) << 31;
+    /// The header waits in its owner's queue, which holds one handle's count (see core/tensor.cpp).
+    static constexpr std::uint64_t kQueued = std::uint64_t(1) << 30;
+    /// The weak handles' part of `counts`.
+    static constexpr std::uint64_t kWeakMask = kQueued - 1;
+    /// The weak part of a header with no weak handle (the handles' one).
+    static constexpr std::uint64_t kHandlesWeak = 1;
     /// One weak count.
-    static constexpr std::uint64_t kOneWeak = std::uint64_t(1) << 32;
-    /// The handles that a value of `counts` counts (its low 32 bits).
-    static constexpr std::uint64_t handles(std::uint64_t counts) { return counts & 0xffffffffu; }
+    static constexpr std::uint64_t kOneWeak = 1;
+    /// The handles that a value of `counts` counts (may be below zero, or include the queue's).
+    static constexpr std::int32_t shared_handles(std::uint64_t counts)
+    {
+        return static_cast<std::int32_t>(static_cast<std::uint32_t>(counts >> 32));
+    }
     /// The bytes; shared by every view of them.
     std::shared_ptr<Storage> storage;
     /// Sizes of each dim.
@@ -165,6 +192,12 @@ struct TensorImpl {
     /// on each ask, as every elementwise op asks it of each operand. Whoever sets strides sets it
     /// (set_layout; a new header is row-major).
     bool contiguous = true;
+    /// The handles the owner thread counts, without atomic writes (0 once merged); only the
+    /// owner writes it. At most 255: a handle beyond counts in `counts`. Kept, with `owner`, in
+    /// the padding before `node`: a small tensor's block stays 256 bytes.
+    std::atomic<std::uint8_t> local;
+    /// The tag of the thread that made the header (detail::kNoOwner once merged).
+    std::atomic<std::uint16_t> owner;
     /// A leaf that requires grad: its gradient and hooks. A non-leaf has one only once a hook
     /// or retain_grad() asks for it.
     std::shared_ptr<autograd::Node> node;
@@ -226,10 +259,19 @@ public:
     }
 };
 
+namespace detail {
+/// The handles on `impl`: the owner's and the others' (see TensorHandle::use_count).
+inline long handle_count(const TensorImpl& impl)
+{
+    return long(TensorImpl::shared_handles(impl.counts.load(std::memory_order_acquire))) +
+           impl.local.load(std::memory_order_relaxed);
+}
+}  // namespace detail
+
 /// A counted handle on a header, one pointer wide: copying a Tensor adds one count, the last
-/// handle frees the header. The count is atomic once the process has threads (a tensor may be
-/// shared between them, as a parameter is), but a handle that finds itself the only one frees the
-/// header without an atomic write, as most results of an op are freed.
+/// handle frees the header. On the thread that made the header the count is a plain byte (most
+/// tensors never leave it); elsewhere it is atomic (a tensor may be shared between threads, as a
+/// parameter is). A handle that finds itself the only one frees the header without an atomic write.
 class TensorHandle {
 public:
     TensorHandle() = default;
@@ -238,11 +280,14 @@ public:
     /// Another handle on `other`'s header (one count more).
     TensorHandle(const TensorHandle& other) noexcept : impl_(other.impl_)
     {
-        if (!impl_) return;
-        if (detail::single_threaded())
-            impl_->counts.store(impl_->counts.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-        else
-            impl_->counts.fetch_add(1, std::memory_order_relaxed);
+        if (impl_) add_count();
+    }
+    /// Another handle on `impl`, which some handle holds alive.
+    static TensorHandle another(TensorImpl* impl) noexcept
+    {
+        TensorHandle h(impl);
+        h.add_count();
+        return h;
     }
     /// Takes over `other`'s count, leaving it undefined.
     TensorHandle(TensorHandle&& other) noexcept : impl_(other.impl_) { other.impl_ = nullptr; }
@@ -261,28 +306,46 @@ public:
     [[gnu::always_inline]] ~TensorHandle()
     {
         if (!impl_) return;
-        const std::uint64_t counts = impl_->counts.load(std::memory_order_acquire);
-        if (counts == TensorImpl::kOneHandle) detail::release_last_handle(impl_);
-        else if (detail::single_threaded() && TensorImpl::handles(counts) > 1)
-            impl_->counts.store(counts - 1, std::memory_order_relaxed);
-        else
+        if (!owned_here()) {
             detail::release_shared_handle(impl_);
+            return;
+        }
+        const std::uint8_t n = impl_->local.load(std::memory_order_relaxed);
+        if (n > 1)
+            impl_->local.store(n - 1, std::memory_order_relaxed);
+        // The owner's last handle: alone when no other thread counts one and no weak handle exists.
+        else if (impl_->counts.load(std::memory_order_acquire) == TensorImpl::kHandlesWeak)
+            detail::release_last_handle(impl_);
+        else
+            detail::release_last_owned_handle(impl_);
     }
     /// Exchanges the two handles.
     void swap(TensorHandle& other) noexcept { std::swap(impl_, other.impl_); }
     /// The header (null for an undefined tensor).
     TensorImpl* get() const { return impl_; }
-    /// How many handles there are on the header (0 for none).
-    long use_count() const
-    {
-        return impl_ ? long(TensorImpl::handles(impl_->counts.load(std::memory_order_relaxed))) : 0;
-    }
+    /// How many handles there are on the header (0 for none); exact on the thread that made it
+    /// while no other thread copies or drops one, else an estimate (a queued header counts one more).
+    long use_count() const { return impl_ ? detail::handle_count(*impl_) : 0; }
     /// Whether the handles are on the same header.
     bool operator==(const TensorHandle& other) const { return impl_ == other.impl_; }
     /// Whether it is on a header.
     explicit operator bool() const { return impl_ != nullptr; }
 
 private:
+    /// One count more, for a new handle.
+    void add_count() noexcept
+    {
+        if (owned_here()) {
+            const std::uint8_t n = impl_->local.load(std::memory_order_relaxed);
+            if (n != UINT8_MAX) [[likely]] {
+                impl_->local.store(n + 1, std::memory_order_relaxed);
+                return;
+            }
+        }
+        impl_->counts.fetch_add(TensorImpl::kOneShared, std::memory_order_relaxed);
+    }
+    /// Whether this thread made the header (and has not merged its count into `counts`).
+    bool owned_here() const { return impl_->owner.load(std::memory_order_relaxed) == detail::thread_tag; }
     TensorImpl* impl_ = nullptr;
 };
 
@@ -563,10 +626,9 @@ class WeakTensor {
 public:
     WeakTensor() = default;
     /// A weak handle on t (none when t is undefined).
-    explicit WeakTensor(const Tensor& t) noexcept : impl_(t.impl_ptr().get())
-    {
-        if (impl_) impl_->counts.fetch_add(TensorImpl::kOneWeak, std::memory_order_relaxed);
-    }
+    /// Every handle on t counts in its shared word from now on (at once on the thread that made
+    /// t, else once that thread settles it), so that lock() can tell from any thread.
+    explicit WeakTensor(const Tensor& t) noexcept;
     WeakTensor(const WeakTensor& other) noexcept : impl_(other.impl_)
     {
         if (impl_) impl_->counts.fetch_add(TensorImpl::kOneWeak, std::memory_order_relaxed);

@@ -5,6 +5,7 @@
 #include <loom/loom.hpp>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -120,6 +121,26 @@ TEST_CASE("a tensor made on one thread can be freed on another")
         CHECK(u.sum().item<double>() == 100.0);
     }).join();  // this thread's cache is released when it ends
     CHECK(ones({100}).sum().item<double>() == 100.0);
+}
+
+TEST_CASE("a tensor's handles count past its thread's 255 and back, and those of another thread with them")
+{
+    Tensor t = ones({1000}, kFloat64);
+    const std::weak_ptr<Storage> bytes = t.impl().storage;  // held by t's header alone
+    std::vector<Tensor> copies(300, t);  // 255 counted by this thread, the rest in the shared word
+    CHECK(t.impl_ptr().use_count() == 301);
+    long seen_there = 0;
+    std::thread([&] {
+        const std::vector<Tensor> more(copies.begin(), copies.begin() + 10);
+        seen_there = more[0].impl_ptr().use_count();
+    }).join();
+    CHECK(seen_there == 311);
+    CHECK(t.impl_ptr().use_count() == 301);
+    copies.clear();  // this thread's count reaches its last and merges into the shared word
+    CHECK(t.impl_ptr().use_count() == 1);
+    CHECK(t.sum().item<double>() == 1000.0);
+    t = Tensor();
+    CHECK(bytes.expired());
 }
 
 TEST_CASE("a SmallVector copy that fits inline copies the whole inline block, from inline or heap storage alike")

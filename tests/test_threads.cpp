@@ -7,8 +7,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <iterator>
+#include <memory>
+#include <mutex>
 #include <thread>
 
 #include <signal.h>
@@ -187,6 +190,134 @@ TEST_CASE("threads training their own models at once do not interfere")
         });
     for (auto& th : pool) th.join();
     CHECK(losses[0] == losses[1]);  // the same seed on each thread: the same run
+}
+
+// A header's owner (the thread that made it) counts its handles without atomic writes, and other
+// threads count theirs atomically (core/tensor.cpp, "Reference counts"). A tensor's storage is
+// held by its header alone, so a weak_ptr to it tells when the header was freed.
+TEST_CASE("a handle copied on its tensor's thread and dropped on another is freed by that thread, or at once once it has ended")
+{
+    Tensor t = ones({1000}, kFloat64);
+    const std::weak_ptr<Storage> bytes = t.impl().storage;
+    Tensor copy = t;  // counted by this thread
+    t = Tensor();
+    std::thread([moved = std::move(copy)]() mutable { moved = Tensor(); }).join();
+    CHECK_FALSE(bytes.expired());  // queued for this thread, which has made nothing since
+    const Tensor next = zeros({2});
+    CHECK(bytes.expired());
+
+    // Made by threads that then end, each tag perhaps taken again by the next thread: dropped
+    // here, the last handle frees each at once.
+    std::vector<Tensor> made;
+    std::vector<std::weak_ptr<Storage>> theirs;
+    for (int i = 0; i < 3; ++i)
+        std::thread([&] {
+            made.push_back(full({1000}, double(i), kFloat64));
+            made.push_back(made.back());
+            theirs.push_back(made.back().impl().storage);
+        }).join();
+    CHECK(made[0].impl_ptr().use_count() == 2);
+    CHECK(made[0].sum().item<double>() == 0.0);
+    CHECK(made[5].sum().item<double>() == 2000.0);
+    made.erase(made.begin() + 1);
+    CHECK_FALSE(theirs[0].expired());
+    made.clear();
+    for (const auto& w : theirs) CHECK(w.expired());
+}
+
+TEST_CASE("a weak handle made on another thread than its tensor's locks on either, and on neither once the tensor is gone")
+{
+    Tensor t = ones({1000}, kFloat64);
+    const std::weak_ptr<Storage> bytes = t.impl().storage;
+    detail::WeakTensor weak;
+    std::thread([&] { weak = detail::WeakTensor(t); }).join();
+    CHECK(weak.lock().is_same(t));  // still this thread's to count: queued to be merged
+    const Tensor next = zeros({2});  // merged now
+    CHECK(weak.lock().is_same(t));
+    CHECK(t.impl_ptr().use_count() == 1);
+    bool locked_there = false;
+    std::thread([&] { locked_there = weak.lock().is_same(t); }).join();
+    CHECK(locked_there);
+    t = Tensor();
+    CHECK(bytes.expired());
+    CHECK_FALSE(weak.lock().defined());
+    std::thread([&] { locked_there = weak.lock().defined(); }).join();
+    CHECK_FALSE(locked_there);
+}
+
+#ifndef __SANITIZE_THREAD__  // ThreadSanitizer does not follow a forked child of a threaded process
+TEST_CASE("in a forked child, a tensor made by a thread that did not come along is freed when its last handle goes")
+{
+    std::vector<Tensor> made;
+    std::weak_ptr<Storage> bytes;
+    std::mutex mutex;
+    std::condition_variable changed;
+    bool handed = false, done = false;
+    std::thread maker([&] {
+        std::unique_lock lock(mutex);
+        made.push_back(ones({1000}, kFloat64));
+        made.push_back(made.back());
+        bytes = made.back().impl().storage;
+        handed = true;
+        changed.notify_all();
+        changed.wait(lock, [&] { return done; });  // alive in the parent while it forks
+    });
+    {
+        std::unique_lock lock(mutex);
+        changed.wait(lock, [&] { return handed; });
+    }
+    const pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        made.clear();
+        _exit(bytes.expired() ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    {
+        const std::lock_guard lock(mutex);
+        done = true;
+    }
+    changed.notify_all();
+    maker.join();
+    made.clear();  // its thread has ended: freed at once
+    CHECK(bytes.expired());
+}
+#endif
+
+TEST_CASE("tensors passed between threads, copied and dropped on each, all read right and are all freed once the threads end")
+{
+    constexpr int kThreads = 4, kRounds = 1500;
+    std::mutex mutex;
+    std::vector<Tensor> passed;  // guarded by mutex
+    std::vector<std::weak_ptr<Storage>> made;  // guarded by mutex
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> pool;
+    for (int id = 1; id <= kThreads; ++id)
+        pool.emplace_back([&, id] {
+            for (int r = 0; r < kRounds; ++r) {
+                const Tensor mine = full({300}, double(id), kFloat64);
+                Tensor theirs;
+                {
+                    const std::lock_guard lock(mutex);
+                    made.push_back(mine.impl().storage);
+                    passed.push_back(mine);  // copied here, dropped wherever it is taken
+                    if (passed.size() > 8) {
+                        theirs = std::move(passed.front());
+                        passed.erase(passed.begin());
+                    }
+                }
+                if (!theirs.defined()) continue;
+                const Tensor again = theirs;
+                if (again.sum().item<double>() != 300.0 * again.data_ptr<double>()[0]) ++wrong;
+            }
+        });
+    for (auto& th : pool) th.join();
+    CHECK(wrong == 0);
+    passed.clear();
+    CHECK(made.size() == std::size_t(kThreads * kRounds));
+    CHECK(std::count_if(made.begin(), made.end(), [](const auto& w) { return !w.expired(); }) == 0);
 }
 
 TEST_CASE("OpenBLAS's threads, started again by loom at load, compute GEMMs from several threads, and the environment is left as it was")
