@@ -272,11 +272,12 @@ std::int64_t merge_counts(TensorImpl* impl, int extra) noexcept
         merged = (std::uint64_t(std::uint32_t(handles)) << 32) | (counts & TensorImpl::kWeakMask) | TensorImpl::kMerged;
     } while (!impl->counts.compare_exchange_weak(counts, merged, std::memory_order_acq_rel, std::memory_order_relaxed));
     impl->local.store(0, std::memory_order_relaxed);
+    // Only after the exchange: a thread that queues the header reads its owner before its own.
     impl->owner.store(detail::kNoOwner, std::memory_order_relaxed);
     return handles;
 }
-// Merges a header its queue held, dropping the queue's count.
-void merge_queued(TensorImpl* impl) noexcept
+// Merges a header and drops one count (its queue's, or its owner's last handle's); the last frees it.
+void merge_and_drop_one(TensorImpl* impl) noexcept
 {
     if (merge_counts(impl, -1) == 0) release_handles(impl);
 }
@@ -289,7 +290,7 @@ void settle_queued(OwnerState& me) noexcept
         queued.swap(me.queued);
         me.pending.store(false, std::memory_order_relaxed);
     }
-    for (TensorImpl* impl : queued) merge_queued(impl);
+    for (TensorImpl* impl : queued) merge_and_drop_one(impl);
 }
 // Hands a header that holds a count for it to the owner of tag `tag`; merges it here if that thread has exited.
 void queue_for_owner(TensorImpl* impl, std::uint16_t tag) noexcept
@@ -329,7 +330,7 @@ struct ThreadExit {
             me->exited = true;
             queued.swap(me->queued);
         }
-        for (TensorImpl* impl : queued) merge_queued(impl);
+        for (TensorImpl* impl : queued) merge_and_drop_one(impl);
         const std::lock_guard lock(owners().mutex);
         owners().free_tags.push_back(me->tag);
     }
@@ -366,7 +367,7 @@ void end_other_owners_in_child() noexcept
             owners().free_tags.push_back(state->tag);
         }
     }
-    for (TensorImpl* impl : queued) merge_queued(impl);
+    for (TensorImpl* impl : queued) merge_and_drop_one(impl);
 }
 [[gnu::constructor]] void merge_other_owners_after_fork()
 {
@@ -479,15 +480,8 @@ void detail::release_last_handle(TensorImpl* impl) noexcept
 
 void detail::release_last_owned_handle(TensorImpl* impl) noexcept
 {
-    std::uint64_t counts = impl->counts.load(std::memory_order_relaxed), merged;
-    do {
-        // Other threads' handles, or a queued count: merge, and the last of them frees.
-        merged = counts | TensorImpl::kMerged;
-    } while (!impl->counts.compare_exchange_weak(counts, merged, std::memory_order_acq_rel, std::memory_order_relaxed));
-    // Only now: a thread that queued the header read its owner before this exchange.
-    impl->local.store(0, std::memory_order_relaxed);
-    impl->owner.store(kNoOwner, std::memory_order_relaxed);
-    if (TensorImpl::shared_handles(merged) == 0 && !(merged & TensorImpl::kQueued)) release_handles(impl);
+    // Other threads' handles, a queued count or weak handles remain: merge, and the last handle frees.
+    merge_and_drop_one(impl);
 }
 
 void detail::release_shared_handle(TensorImpl* impl) noexcept
