@@ -166,7 +166,9 @@ struct Sweep final : autograd::GradientSums {
     // The sums of the non-leaves this sweep may reach, one per slot from base_slot on: the
     // outputs of the entries numbered `floor` and above.
     std::vector<autograd::PendingGrad> slots;
-    std::vector<std::size_t> swept;  // the indices of the entries run, released at the end
+    // The indices of the entries run, released at the end: the first `ran` of them. Kept sized
+    // (its elements overwritten, never cleared), so that recording one is a store.
+    std::vector<std::size_t> swept;
     std::uint64_t base_slot;
     // One past the last slot in `slots` (base_slot + slots.size(), kept: the size is a division).
     std::uint64_t end_slot;
@@ -211,7 +213,6 @@ struct Sweep final : autograd::GradientSums {
     {
         if (kind == Kind::plain) {
             slots.clear();
-            swept.clear();
             tape.spare_slots.swap(slots);
             tape.spare_swept.swap(swept);
         }
@@ -652,10 +653,18 @@ struct Sweep final : autograd::GradientSums {
         // Entries never move (EntryStore) and none is reclaimed while a sweep runs, so `e` stays
         // valid while hooks, backward functions and recorded sums append to the tape.
         const bool long_tape = start >= kPrefetchBlocksFrom;
-        // Whether entries of loom's element-wise ops may be swept from their formulas; per entry,
-        // also not when its output is watched or captured, or a profiler is running.
-        const bool by_formula = !create_graph && !anomaly;
+        // Whether entries of loom's element-wise ops may be swept from their formulas (per entry,
+        // also not when its output is watched or captured). Not while a profiler runs, so that it
+        // sees each entry's backward; one started by a hook during the sweep sees those after.
+        const bool by_formula =
+            !create_graph && !anomaly && autograd::detail::profilers_alive.load(std::memory_order_relaxed) == 0;
+        // Leaves whose gradient may become final during the sweep (post-accumulate hooks).
+        const bool leaves_to_finish = !last_readers.empty();
         autograd::Entry* above = nullptr;  // entry i + 1 of the walk, once it has one
+        // Each entry below start runs at most once (those recorded meanwhile lie above it).
+        if (swept.size() < start) swept.resize(start);
+        std::size_t* const ran_at = swept.data();
+        std::size_t ran = 0, ran_by_formula = 0;
         for (std::size_t i = start; outstanding > 0 && i-- > 0;) {
             autograd::Entry& e = above ? entries.before(*above, i + 1, 1) : entries[i];
             if (e.seq < floor) break;
@@ -664,15 +673,14 @@ struct Sweep final : autograd::GradientSums {
                 autograd::engine::prefetch_entry<false>(entries.before(e, i, kEntriesAhead));
             if (long_tape && i >= kBlocksAhead)
                 autograd::engine::prefetch_saved_blocks<false>(entries.before(e, i, kBlocksAhead), kBlockLines);
-            accumulate_leaves_read_above(i);
+            if (leaves_to_finish) accumulate_leaves_read_above(i);
             const autograd::BackwardOps* ops = e.backward.ops();
-            if (by_formula && ops && ops->pointwise != 0 && !e.watched &&
-                autograd::detail::profilers_alive.load(std::memory_order_relaxed) == 0) {
+            if (by_formula && ops && ops->pointwise != 0 && !e.watched) {
                 autograd::PendingGrad& p = slot(e.first_slot);
                 if (!p.sum.defined()) continue;
                 if (!p.captured && swept_by_formula(e, p)) {
-                    swept.push_back(i);
-                    ++tape.entries_swept_by_formula;
+                    ran_at[ran++] = i;
+                    ++ran_by_formula;
                     continue;
                 }
             }
@@ -766,15 +774,16 @@ struct Sweep final : autograd::GradientSums {
                                    "internal: the gradient backward returned");
                 add(inputs[k], std::move(input_grads[k]));
             }
-            swept.push_back(i);
+            ran_at[ran++] = i;
         }
+        tape.entries_swept_by_formula += ran_by_formula;
         if (!retain_graph && !create_graph) {
-            tape.released_entries += swept.size();  // each was unreleased: checked before it ran
+            tape.released_entries += ran;  // each was unreleased: checked before it ran
             // When this sweep ran every entry on the tape, the tape is emptied now: each entry is
             // destroyed once, where releasing it first would walk the whole tape twice.
             if (kind == Kind::plain && tape.released_entries == entries.size()) autograd::engine::reset(tape);
             else
-                for (std::size_t i : swept) autograd::engine::release(entries[i]);
+                for (std::size_t k = 0; k < ran; ++k) autograd::engine::release(entries[ran_at[k]]);
         }
     }
 

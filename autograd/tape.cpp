@@ -343,6 +343,7 @@ Entry& Entry::operator=(Entry&& other) noexcept
     output_ndim = other.output_ndim;
     watched = other.watched;
     custom = other.custom;
+    has_rare = other.has_rare;
     inputs_code_ = inputs_.take(other.inputs_, std::exchange(other.inputs_code_, 0));
     saved_code_ = saved_.take(other.saved_, std::exchange(other.saved_code_, 0));
     input_meta = std::move(other.input_meta);
@@ -573,8 +574,10 @@ void detail::push_op_entry(const char* name, std::span<const internal::TensorRef
                            std::span<const internal::TensorRef, Saves> saved, const BackwardOps& ops, void* closure)
 {
     auto& tape = tape_for_entry(name, inputs, std::span<const Tensor>(&output, 1));
-    check_output(name, output);
 #ifndef NDEBUG
+    // internal::record's contract (a fresh, floating output), checked off the release build's
+    // path as the formula's saves are: 9 instructions of every entry loom's own ops record.
+    check_output(name, output);
     if (ops.pointwise != 0)
         check_formula_saves(name, ops.pointwise, std::span<const internal::TensorRef>(inputs), output,
                             std::span<const internal::TensorRef>(saved));
@@ -647,9 +650,9 @@ Tensor record_region(const char* name, const Tensor& input, Tensor output, Regio
                             std::span<const Tensor>(), [](const BackwardContext& c) { return GradList{c.take_grad()}; },
                             false);
     Entry& e = this_tape().entries.back();
-    auto& kept = e.cold().rare;
-    if (kept) kept->region = std::move(rare->region);  // the entry made its own for a Scope
-    else kept = std::move(rare);
+    Entry::Rare* made = rare.get();
+    if (Entry::Rare& kept = e.adopt_rare(rare); &kept != made)
+        kept.region = std::move(made->region);  // the entry made its own for a Scope
     return output;
 }
 std::uint64_t detail::next_sequence() { return this_tape().next_seq; }

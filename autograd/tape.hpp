@@ -631,10 +631,11 @@ public:
         return *this;
     }
     /// Keeps a closure moved from `closure` (of the type `ops` is the token of): in the entry, or
-    /// at `place`, which the tape's stream allocated for it when `!ops.kept_inline`.
+    /// at `place`, which the tape's stream allocated for it when `!ops.kept_inline`. Only for an
+    /// entry being recorded, which holds none yet: there is nothing to destroy first (and the
+    /// compiler cannot tell, as the entry's one-byte fields written before may alias the token).
     [[gnu::always_inline]] void emplace(const BackwardOps& ops, void* closure, void* place) noexcept
     {
-        reset();
         // A closure that captures nothing (most of loom's ops) has no bytes to move: an indirect
         // call per entry saved.
         if (!ops.empty) ops.move_construct(closure, ops.kept_inline ? static_cast<void*>(bytes_.data()) : place);
@@ -699,7 +700,9 @@ struct Entry {
         // field would make the caller's loop read its own state again (see set_inputs).
         inputs_.clear(inputs_code_);
         saved_.clear(saved_code_);
-        cold().~Cold();
+        // Without a Rare part the cold part holds nothing to destroy: a reset then never reads
+        // its line (EntryStore::clear fetches only the entry).
+        if (has_rare) cold().~Cold();
     }
     Entry(const Entry&) = delete;
     /// Moves `other` here, leaving it empty (compaction moves the live entries down the tape).
@@ -722,6 +725,8 @@ struct Entry {
     /// Recorded by a user's op (autograd::record or Function): its mistakes are reported as the
     /// user's, and under create_graph a gradient it computed off the tape is an error.
     bool custom : 1 = false;
+    /// Its cold part has a Rare part (Cold::rare is set only through rare_made or adopt_rare).
+    bool has_rare : 1 = false;
     /// output_ndim of a first output whose shape is kept aside, in Rare::output_shape.
     static constexpr std::uint8_t kShapeAside = 7;
 
@@ -830,12 +835,12 @@ public:
     {
         if (shape.size() <= std::extent_v<decltype(Cold::output_dims)>) {
             std::uint32_t* dims = cold().output_dims;
-            bool fits = true;
+            std::uint64_t all = 0;  // every dim's bits: one test of the high half for all of them
             for (std::size_t d = 0; d < shape.size(); ++d) {
-                fits = fits && static_cast<std::uint64_t>(shape[d]) <= UINT32_MAX;
+                all |= static_cast<std::uint64_t>(shape[d]);
                 dims[d] = static_cast<std::uint32_t>(shape[d]);
             }
-            if (fits) [[likely]] {
+            if (all <= UINT32_MAX) [[likely]] {
                 output_ndim = static_cast<std::uint8_t>(shape.size()) & 7;
                 return;
             }
@@ -885,6 +890,15 @@ public:
     {
         auto& r = cold().rare;
         if (!r) r = std::make_unique<Rare>();
+        has_rare = true;
+        return *r;
+    }
+    /// rare, taken from `made` if the entry has none yet (nothing here can fail).
+    Rare& adopt_rare(std::unique_ptr<Rare>& made) noexcept
+    {
+        auto& r = cold().rare;
+        if (!r) r = std::move(made);
+        has_rare = true;
         return *r;
     }
 };

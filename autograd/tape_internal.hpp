@@ -32,13 +32,13 @@ inline const std::shared_ptr<const std::string> no_scope;
 // last reader of each leaf.
 inline std::atomic<bool> post_accumulate_hooks_exist{false};
 
-// Fetches entry e's lines ahead of their use; `ForWrite`: to be destroyed. The sweep and the
-// reset both walk a long tape whose entries were written long before.
-template <bool ForWrite> [[gnu::always_inline]] inline void prefetch_entry(const Entry& e)
+// Fetches entry e's lines ahead of their use; `ForWrite`: to be destroyed; `WithCold`: its cold
+// part too. The sweep and the reset both walk a long tape whose entries were written long before.
+template <bool ForWrite, bool WithCold = true> [[gnu::always_inline]] inline void prefetch_entry(const Entry& e)
 {
     const auto* bytes = reinterpret_cast<const char*>(&e);
     for (std::size_t at = 0; at < sizeof(Entry); at += 64) __builtin_prefetch(bytes + at, ForWrite);
-    __builtin_prefetch(&e.cold(), ForWrite);
+    if constexpr (WithCold) __builtin_prefetch(&e.cold(), ForWrite);
 }
 // Fetches the first `lines` cache lines of the block of each tensor e saved: reading an entry's
 // saved list is itself a load, so e must have been fetched some entries before.
@@ -77,12 +77,18 @@ public:
     }
     [[gnu::always_inline]] Entry& emplace_back()
     {
-        if (size_ == chunks_.size() * kChunk) chunks_.push_back(std::unique_ptr<Chunk>(new Chunk));  // not zeroed
-        Entry* e = new (&(*this)[size_]) Entry();
+        if (next_ == chunk_end_) [[unlikely]]
+            find_next();
+        Entry* e = new (next_) Entry();
+        ++next_;
         ++size_;
         return *e;
     }
-    void pop_back() { (*this)[--size_].~Entry(); }
+    void pop_back()
+    {
+        (*this)[--size_].~Entry();
+        next_ = chunk_end_ = nullptr;  // found again by the next emplace_back
+    }
     // Keeps the first n entries.
     void shrink_to(std::size_t n)
     {
@@ -106,7 +112,8 @@ public:
             // (cheaper here than after(), which would test for entry i - 1 first).
             Entry& e = *(i % kChunk == 0 ? &(*this)[i] : next);
             next = &e + 1;
-            if (long_tape && i + kClearAhead < size_) prefetch_entry<true>(after(e, i, kClearAhead));
+            // The cold part is not fetched: only an entry with a Rare part reads it here.
+            if (long_tape && i + kClearAhead < size_) prefetch_entry<true, false>(after(e, i, kClearAhead));
             // A saved tensor's reference counts open its header; its destruction reads the
             // header alone (a small tensor's storage record has nothing to free).
             if (long_tape && i + kClearAhead / 2 < size_)
@@ -114,6 +121,7 @@ public:
             e.~Entry();
         }
         size_ = 0;
+        next_ = chunk_end_ = nullptr;
     }
     // The index of the first entry numbered seq or above (size() if none).
     std::size_t lower_bound(std::uint64_t seq) const
@@ -143,8 +151,21 @@ private:
     static_assert(offsetof(Chunk, cold) == kChunk * sizeof(Entry) &&
                       offsetof(Chunk, cold) + sizeof(Chunk::cold) <= Entry::kChunkAlign,
                   "Entry::cold() finds an entry's chunk by rounding its address down to kChunkAlign");
+    // Sets next_ and chunk_end_ for entry size_, adding a chunk if need be.
+    [[gnu::noinline]] void find_next()
+    {
+        if (size_ == chunks_.size() * kChunk) chunks_.push_back(std::unique_ptr<Chunk>(new Chunk));  // not zeroed
+        Chunk& chunk = *chunks_[size_ / kChunk];
+        next_ = &chunk[size_ % kChunk];
+        chunk_end_ = &chunk[0] + kChunk;
+    }
     std::vector<std::unique_ptr<Chunk>> chunks_;
     std::size_t size_ = 0;
+    // Where entry size_ goes, while it lies in the chunk that ends at chunk_end_: appending
+    // writes there and steps on, instead of finding the chunk from the index. Both null when
+    // unknown (after a pop or a clear).
+    Entry* next_ = nullptr;
+    Entry* chunk_end_ = nullptr;
 };
 
 // What entries keep beside them: the backward closures too large to keep inline, and the
