@@ -661,8 +661,10 @@ struct Sweep final : autograd::GradientSums {
         // Leaves whose gradient may become final during the sweep (post-accumulate hooks).
         const bool leaves_to_finish = !last_readers.empty();
         autograd::Entry* above = nullptr;  // entry i + 1 of the walk, once it has one
-        // Each entry below start runs at most once (those recorded meanwhile lie above it).
-        if (swept.size() < start) swept.resize(start);
+        // Each entry from the floor up to start runs at most once (those recorded meanwhile lie
+        // above it); a nested sweep or a checkpointed segment walks only the few above its floor.
+        const std::size_t lowest = entries.lower_bound(floor);
+        if (start > lowest && swept.size() < start - lowest) swept.resize(start - lowest);
         std::size_t* const ran_at = swept.data();
         std::size_t ran = 0, ran_by_formula = 0;
         for (std::size_t i = start; outstanding > 0 && i-- > 0;) {
