@@ -655,7 +655,8 @@ struct Sweep final : autograd::GradientSums {
         const bool long_tape = start >= kPrefetchBlocksFrom;
         // Whether entries of loom's element-wise ops may be swept from their formulas (per entry,
         // also not when its output is watched or captured). Not while a profiler runs, so that it
-        // sees each entry's backward; one started by a hook during the sweep sees those after.
+        // sees each entry's backward; a profiler that a hook starts during the sweep sees only
+        // the entries after it that take the general route.
         const bool by_formula =
             !create_graph && !anomaly && autograd::detail::profilers_alive.load(std::memory_order_relaxed) == 0;
         // Leaves whose gradient may become final during the sweep (post-accumulate hooks).

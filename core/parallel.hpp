@@ -61,7 +61,10 @@ template <class F> void over_rows(std::int64_t rows, std::int64_t width, F&& fn)
 {
     if (rows * width < kThreadedElementwise) [[likely]]
         return fn(std::int64_t(0), rows);
-    over_rows_threaded(rows, width, fn);
+    // A copy, made on this path alone: `fn` passed by reference would have to be in memory
+    // on the one above too, its captures stored there before every small op.
+    const std::decay_t<F> copy(fn);
+    over_rows_threaded(rows, width, copy);
 }
 
 /// fn(i0, i1) over [0, n), split as over_rows splits rows of one element.
