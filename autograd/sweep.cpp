@@ -166,9 +166,9 @@ struct Sweep final : autograd::GradientSums {
     // The sums of the non-leaves this sweep may reach, one per slot from base_slot on: the
     // outputs of the entries numbered `floor` and above.
     std::vector<autograd::PendingGrad> slots;
-    // The indices of the entries run, released at the end: the first `ran` of them. Kept sized
-    // (its elements overwritten, never cleared), so that recording one is a store.
-    std::vector<std::size_t> swept;
+    // The indices of the entries run, released at the end (the first `ran` of them): sized to
+    // the walk before it starts, so that recording one is a store.
+    autograd::engine::SweptList swept;
     std::uint64_t base_slot;
     // One past the last slot in `slots` (base_slot + slots.size(), kept: the size is a division).
     std::uint64_t end_slot;
@@ -202,7 +202,7 @@ struct Sweep final : autograd::GradientSums {
         base_slot = lowest == tape.entries.size() ? tape.next_slot : tape.entries[lowest].first_slot;
         if (kind == Kind::plain) {
             slots.swap(tape.spare_slots);
-            swept.swap(tape.spare_swept);
+            std::swap(swept, tape.spare_swept);
         }
         slots.resize(static_cast<std::size_t>(tape.next_slot - base_slot));
         end_slot = tape.next_slot;
@@ -214,7 +214,7 @@ struct Sweep final : autograd::GradientSums {
         if (kind == Kind::plain) {
             slots.clear();
             tape.spare_slots.swap(slots);
-            tape.spare_swept.swap(swept);
+            std::swap(tape.spare_swept, swept);
         }
         --tape.running_sweeps;
         tape.sweep_floor = outer_floor;
@@ -665,8 +665,7 @@ struct Sweep final : autograd::GradientSums {
         // Each entry from the floor up to start runs at most once (those recorded meanwhile lie
         // above it); a nested sweep or a checkpointed segment walks only the few above its floor.
         const std::size_t lowest = entries.lower_bound(floor);
-        if (start > lowest && swept.size() < start - lowest) swept.resize(start - lowest);
-        std::size_t* const ran_at = swept.data();
+        std::size_t* const ran_at = swept.room_for(start > lowest ? start - lowest : 0);
         std::size_t ran = 0, ran_by_formula = 0;
         for (std::size_t i = start; outstanding > 0 && i-- > 0;) {
             autograd::Entry& e = above ? entries.before(*above, i + 1, 1) : entries[i];

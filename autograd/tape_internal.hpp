@@ -224,6 +224,23 @@ private:
 };
 
 // One thread's tape.
+// The indices of the entries a sweep ran, to release them at its end: a buffer of a
+// capacity, written from its start, never value-initialised (a sweep that stops early touches
+// only the pages it wrote).
+struct SweptList {
+    std::unique_ptr<std::size_t[]> indices;
+    std::size_t capacity = 0;
+    // Makes room for n, dropping what it held.
+    std::size_t* room_for(std::size_t n)
+    {
+        if (capacity < n) {
+            indices = std::make_unique_for_overwrite<std::size_t[]>(n);
+            capacity = n;
+        }
+        return indices.get();
+    }
+};
+
 struct Tape {
     // Declared before the entries, so that it outlives what they keep in it.
     ByteStream stream;
@@ -248,7 +265,7 @@ struct Tape {
     // The outermost sweep's buffers, kept between sweeps (empty, capacity kept): a sweep over a
     // long tape would otherwise allocate and fault in megabytes of fresh memory every time.
     std::vector<PendingGrad> spare_slots;
-    std::vector<std::size_t> spare_swept;
+    SweptList spare_swept;
     // The leaves' nodes the entries read, each held here once, so that an entry reading a
     // parameter points at its node instead of copying a shared_ptr (two atomic reference counts
     // per op). Dropped when the tape is empty and no sweep runs, and pruned to those the remaining
