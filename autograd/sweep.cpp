@@ -202,7 +202,7 @@ struct Sweep final : autograd::GradientSums {
         base_slot = lowest == tape.entries.size() ? tape.next_slot : tape.entries[lowest].first_slot;
         if (kind == Kind::plain) {
             slots.swap(tape.spare_slots);
-            std::swap(swept, tape.spare_swept);
+            swept.swap(tape.spare_swept);
         }
         slots.resize(static_cast<std::size_t>(tape.next_slot - base_slot));
         end_slot = tape.next_slot;
@@ -214,7 +214,7 @@ struct Sweep final : autograd::GradientSums {
         if (kind == Kind::plain) {
             slots.clear();
             tape.spare_slots.swap(slots);
-            std::swap(tape.spare_swept, swept);
+            tape.spare_swept.swap(swept);
         }
         --tape.running_sweeps;
         tape.sweep_floor = outer_floor;

@@ -223,24 +223,32 @@ private:
     std::size_t used_ = 0;
 };
 
-// One thread's tape.
 // The indices of the entries a sweep ran, to release them at its end: a buffer of a
 // capacity, written from its start, never value-initialised (a sweep that stops early touches
 // only the pages it wrote).
-struct SweptList {
-    std::unique_ptr<std::size_t[]> indices;
-    std::size_t capacity = 0;
+class SweptList {
+public:
     // Makes room for n, dropping what it held.
     std::size_t* room_for(std::size_t n)
     {
-        if (capacity < n) {
-            indices = std::make_unique_for_overwrite<std::size_t[]>(n);
-            capacity = n;
+        if (capacity_ < n) {
+            indices_ = std::make_unique_for_overwrite<std::size_t[]>(n);
+            capacity_ = n;
         }
-        return indices.get();
+        return indices_.get();
     }
+    void swap(SweptList& other) noexcept
+    {
+        indices_.swap(other.indices_);
+        std::swap(capacity_, other.capacity_);
+    }
+
+private:
+    std::unique_ptr<std::size_t[]> indices_;
+    std::size_t capacity_ = 0;
 };
 
+// One thread's tape.
 struct Tape {
     // Declared before the entries, so that it outlives what they keep in it.
     ByteStream stream;
