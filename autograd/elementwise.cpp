@@ -82,7 +82,7 @@ bool summed_in_place(const BackwardContext& c, std::size_t k, Fn fn, const Tenso
         // Handed over, g's values are in the sum (and g is undefined).
         const T* gp = sum.holds_incoming ? sum.sum->data_ptr<T>() : g.data_ptr<T>();
         const T* vp = v.data_ptr<T>();
-        sum.write_from<T>(gp, spread, [&](T gi, std::int64_t i) { return fn(gi, vp[i]); });
+        sum.write_from<T>(gp, spread, [fn, vp](T gi, std::int64_t i) { return fn(gi, vp[i]); });
     });
     return true;
 }

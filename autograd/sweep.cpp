@@ -543,20 +543,22 @@ struct Sweep final : autograd::GradientSums {
             const T* a = Op::reads.a ? v[0]->data_ptr<T>() : nullptr;
             const T* b = Op::reads.b ? v[1]->data_ptr<T>() : nullptr;
             const T* y = Op::reads.y ? v[2]->data_ptr<T>() : nullptr;
-            const auto values_at = [&](std::int64_t i) {
+            // Captured by value here and below: each reference is one more load per element
+            // batch in the kernel the write runs (GradientBuffer::write).
+            const auto values_at = [a, b, y](std::int64_t i) {
                 return std::array<T, 3>{Op::reads.a ? a[i] : T(0), Op::reads.b ? b[i] : T(0),
                                         Op::reads.y ? y[i] : T(0)};
             };
             if (in0) {
                 if constexpr (passes_a) add(in0, in1 ? Tensor(g) : std::move(g));
                 else
-                    sum_formula<T>(in0, g, g_owned, spread, !in1, [&](T gi, std::int64_t i) {
+                    sum_formula<T>(in0, g, g_owned, spread, !in1, [values_at](T gi, std::int64_t i) {
                         const auto [ai, bi, yi] = values_at(i);
                         return Op::grad_a(gi, ai, bi, yi);
                     });
             }
             if (in1)
-                sum_formula<T>(in1, g, g_owned, spread, true, [&](T gi, std::int64_t i) {
+                sum_formula<T>(in1, g, g_owned, spread, true, [values_at](T gi, std::int64_t i) {
                     const auto [ai, bi, yi] = values_at(i);
                     return Op::grad_b(gi, ai, bi, yi);
                 });
@@ -610,7 +612,7 @@ struct Sweep final : autograd::GradientSums {
         dispatch_floating("backward", g.dtype(), [&]<class T>() {
             const T* x = Op::reads.x ? v[0]->data_ptr<T>() : nullptr;
             const T* y = Op::reads.y ? v[1]->data_ptr<T>() : nullptr;
-            sum_formula<T>(in, g, g_owned, spread, true, [&](T gi, std::int64_t i) {
+            sum_formula<T>(in, g, g_owned, spread, true, [x, y](T gi, std::int64_t i) {
                 return Op::grad(gi, Op::reads.x ? x[i] : T(0), Op::reads.y ? y[i] : T(0));
             });
         });

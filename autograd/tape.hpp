@@ -420,7 +420,9 @@ struct GradientBuffer {
     template <class T, class Fn> [[gnu::always_inline]] void write(Fn value) const
     {
         T* out = sum->data_ptr<T>();
-        kernels::over_elements(sum->numel(), [&](std::int64_t i0, std::int64_t i1) {
+        // Captured by value: by reference, each element batch would reach value's captures
+        // through one more pointer, and out and fresh would be stored to reach them by.
+        kernels::over_elements(sum->numel(), [out, fresh = fresh, value](std::int64_t i0, std::int64_t i1) {
             if (fresh)
                 for (std::int64_t i = i0; i < i1; ++i) out[i] = value(i);
             else
@@ -432,8 +434,8 @@ struct GradientBuffer {
     /// is written: the sum may be g's own buffer (holds_incoming).
     template <class T, class Fn> [[gnu::always_inline]] void write_from(const T* g, bool spread, Fn fn) const
     {
-        if (spread) write<T>([&, g0 = *g](std::int64_t i) { return fn(g0, i); });
-        else write<T>([&](std::int64_t i) { return fn(g[i], i); });
+        if (spread) write<T>([fn, g0 = *g](std::int64_t i) { return fn(g0, i); });
+        else write<T>([fn, g](std::int64_t i) { return fn(g[i], i); });
     }
 };
 
