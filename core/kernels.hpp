@@ -8,6 +8,7 @@
 
 #include "parallel.hpp"
 #include "tensor.hpp"
+#include "tensor_block.hpp"
 
 namespace loom::kernels {
 
@@ -185,13 +186,13 @@ template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
 {
     using R = decltype(f(T{}));
     const bool contiguous = x.is_contiguous();
-    Tensor out = contiguous ? detail::empty_like_contiguous(x, dtype_of<R>()) : empty(x.sizes(), dtype_of<R>());
+    const std::int64_t n = x.numel();
+    Tensor out = contiguous ? detail::new_contiguous_like<R>(x, n) : empty(x.sizes(), dtype_of<R>());
     R* o = out.data_ptr<R>();
     const T* in = x.data_ptr<T>();
     if (contiguous) {
         // Captured by value: see zip_typed.
-        over_elements(x.numel(),
-                      [o, in, &f](std::int64_t i0, std::int64_t i1) { map_contiguous(o + i0, in + i0, i1 - i0, f); });
+        over_elements(n, [o, in, &f](std::int64_t i0, std::int64_t i1) { map_contiguous(o + i0, in + i0, i1 - i0, f); });
     } else {
         const Shape out_strides = contiguous_strides(x.sizes());
         for_each_offset<2>(x.sizes(), {x.strides().data(), out_strides.data()}, {0, 0},
@@ -325,11 +326,12 @@ template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& 
     // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
     const bool same_shape = a.sizes() == b.sizes();
     if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
-        Tensor out = detail::empty_like_contiguous(a, dtype_of<R>());
+        const std::int64_t n = a.numel();
+        Tensor out = detail::new_contiguous_like<R>(a, n);
         R* o = out.data_ptr<R>();
         // The pointers captured by value: captured by reference, they would be locals whose
         // address escapes to the threaded path, stored to the stack on every small op.
-        over_elements(a.numel(), [o, pa, pb, same_shape, &f](std::int64_t i0, std::int64_t i1) {
+        over_elements(n, [o, pa, pb, same_shape, &f](std::int64_t i0, std::int64_t i1) {
             if (same_shape) return zip_contiguous(o + i0, pa + i0, pb + i0, i1 - i0, f);
             const T scalar = *pb;
             const auto with_scalar = [&](T x) { return f(x, scalar); };

@@ -84,6 +84,18 @@ public:
         append(other.begin(), other.end());
         return *this;
     }
+    /// *this = other where this vector is a new one (empty, its elements inline): always
+    /// inlined, as the copy of a shape every new tensor's header makes (operator= may be a call).
+    [[gnu::always_inline]] void assign_to_new(const SmallVector& other)
+    {
+        if constexpr (std::is_trivially_copyable_v<T> && sizeof(inline_) <= 64)
+            if (other.size_ <= N) {
+                std::memcpy(data_, other.data_, sizeof(inline_));
+                size_ = other.size_;
+                return;
+            }
+        *this = other;
+    }
     SmallVector& operator=(SmallVector&& other) noexcept
     {
         if (this != &other) {

@@ -11,13 +11,9 @@
 
 #include "allocator.hpp"
 #include "random.hpp"
+#include "tensor_block.hpp"
 
 namespace loom {
-
-Storage::Storage(std::size_t n, std::byte* bytes) noexcept : data(bytes), nbytes(n)
-{
-    count_inline_storage_bytes(n);
-}
 
 namespace {
 // A storage record whose bytes come from loom's allocator (core/allocator.hpp), freed with it.
@@ -153,36 +149,12 @@ template bool Tensor::item<bool>() const;
 
 // ---- creation ----
 
+using detail::block_size;
+using detail::kHeaderAlone;
+using detail::kInlineStorageBytes;
+using detail::TensorWithBytes;
+
 namespace {
-// A small tensor's header with its storage record and its bytes, in one pooled block of the
-// size they need: one allocation per tensor instead of two, and a sweep that reads the header
-// finds the record and the numbers beside it rather than behind another pointer. A long tape
-// holds tens of thousands of them, and what a sweep walks is what they weigh: a tensor of 14
-// doubles takes 256 bytes (120 of header, 24 of record, 112 of numbers), which malloc places
-// 272 apart. `storage` points at `own` without a count (a count on its own block would keep the
-// block alive forever); shared_storage() gives a view a handle that holds the header instead.
-struct TensorWithBytes final : TensorImpl {
-    Storage own;
-    TensorWithBytes(std::uint16_t owner, std::size_t nbytes) noexcept
-        : TensorImpl(owner), own(nbytes, reinterpret_cast<std::byte*>(this + 1))
-    {
-        storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), &own);
-    }
-};
-// The pool's blocks are 16-byte aligned (malloc's), and so are the bytes after the record: a
-// vector loop over 8-byte-aligned bytes splits more of its loads across cache lines (W7's
-// primal took 12% longer).
-static_assert(sizeof(TensorImpl) == 120, "the owner's count and tag must fit in the header's padding");
-static_assert(sizeof(TensorWithBytes) % 16 == 0, "the bytes after a small tensor's header must be 16-byte aligned");
-constexpr std::size_t kInlineStorageBytes = 256;
-static_assert(sizeof(TensorWithBytes) + kInlineStorageBytes <= kLargestSmallObject,
-              "a small tensor's block must come from the object pool");
-
-// TensorImpl::block: kHeaderAlone, or the size of a TensorWithBytes block in 8-byte units.
-constexpr std::uint8_t kHeaderAlone = 0;
-constexpr std::size_t block_size(std::uint8_t block) { return std::size_t(block) * 8; }
-static_assert((sizeof(TensorWithBytes) + kInlineStorageBytes) / 8 <= UINT8_MAX);
-
 // Calls fn with the header as the type of its block, and the block's size.
 template <class Fn> void as_block(TensorImpl* impl, Fn fn)
 {
@@ -426,13 +398,7 @@ namespace {
 // small tensor.
 [[gnu::always_inline]] inline TensorHandle make_tensor_impl(std::size_t nbytes)
 {
-    if (nbytes <= kInlineStorageBytes) {
-        const std::size_t units = (sizeof(TensorWithBytes) + nbytes + 7) / 8;
-        const std::uint16_t owner = detail::tag_for_new_header();
-        auto* impl = ::new (allocate_small_object(block_size(static_cast<std::uint8_t>(units)))) TensorWithBytes(owner, nbytes);
-        impl->block = static_cast<std::uint8_t>(units);
-        return TensorHandle(impl);
-    }
+    if (nbytes <= kInlineStorageBytes) return detail::new_tensor_with_bytes(nbytes);
     TensorHandle impl = detail::new_tensor_header();
     impl.get()->storage = std::allocate_shared<HeapStorage>(PoolAllocator<HeapStorage>(), nbytes);
     return impl;

@@ -80,9 +80,9 @@ struct SlotChunk {
 /// right after this record, in the same block (a small tensor's: nothing to free), or in a block
 /// from loom's allocator, which a HeapStorage record (core/tensor.cpp) frees.
 struct Storage {
-    /// Uses `bytes`, `nbytes` long, which must lie right after this record in the block that
-    /// holds it (a small tensor's bytes, kept in its header's block).
-    Storage(std::size_t nbytes, std::byte* bytes) noexcept;
+    /// Uses `bytes`, `n` long, which must lie right after this record in the block that holds
+    /// it (a small tensor's bytes, kept in its header's block: see detail::TensorWithBytes).
+    Storage(std::size_t n, std::byte* bytes) noexcept : data(bytes), nbytes(n) {}
     /// Frees nothing: a HeapStorage frees its bytes, and a small tensor's go with its block.
     ~Storage() = default;
     Storage(const Storage&) = delete;
