@@ -416,7 +416,8 @@ struct GradientBuffer {
     explicit operator bool() const { return sum != nullptr; }
     /// Writes value(i) into every element i of the sum (of element type T): set when the buffer
     /// is fresh, added when not. A large sum is split across threads (kernels::over_elements),
-    /// so value may be called from several at once: it must only read.
+    /// so value may be called from several at once: it must only read. It is copied into the
+    /// loop (keep what it captures small: pointers, or references), so it must be copyable.
     template <class T, class Fn> [[gnu::always_inline]] void write(Fn value) const
     {
         T* out = sum->data_ptr<T>();
