@@ -503,7 +503,7 @@ struct Sweep final : autograd::GradientSums {
     void sum_formula(const autograd::InputRef& in, Tensor& g, bool g_owned, bool spread, bool last_read, Fn fn)
     {
         autograd::PendingGrad& q = receiving(in);
-        const T* gp = g.data_ptr<T>();  // read before g may be handed over
+        const T* gp = g.unsafe_data<T>();  // read before g may be handed over; g is of dtype T
         // A buffer of g's shape: laid out as g is where g is contiguous (no shape to check).
         const auto buffer = [&] {
             return spread ? empty(g.sizes(), g.dtype()) : new_buffer_like<T>(g);
@@ -548,9 +548,10 @@ struct Sweep final : autograd::GradientSums {
         Tensor g = take_incoming(e, p);
         dispatch_floating("backward", g.dtype(), [&]<class T>() {
             // A value the formula does not read is never asked for: its pointer stays null.
-            const T* a = Op::reads.a ? v[0]->data_ptr<T>() : nullptr;
-            const T* b = Op::reads.b ? v[1]->data_ptr<T>() : nullptr;
-            const T* y = Op::reads.y ? v[2]->data_ptr<T>() : nullptr;
+            // Each value is of g's dtype, T: formula_values checked it or the entry did.
+            const T* a = Op::reads.a ? v[0]->unsafe_data<T>() : nullptr;
+            const T* b = Op::reads.b ? v[1]->unsafe_data<T>() : nullptr;
+            const T* y = Op::reads.y ? v[2]->unsafe_data<T>() : nullptr;
             // Captured by value here and below: each reference is one more load per element
             // batch in the kernel the write runs (GradientBuffer::write).
             const auto values_at = [a, b, y](std::int64_t i) {
@@ -618,8 +619,8 @@ struct Sweep final : autograd::GradientSums {
         const bool g_owned = p.owned;  // read before take_incoming clears it
         Tensor g = take_incoming(e, p);
         dispatch_floating("backward", g.dtype(), [&]<class T>() {
-            const T* x = Op::reads.x ? v[0]->data_ptr<T>() : nullptr;
-            const T* y = Op::reads.y ? v[1]->data_ptr<T>() : nullptr;
+            const T* x = Op::reads.x ? v[0]->unsafe_data<T>() : nullptr;  // as in swept_binary
+            const T* y = Op::reads.y ? v[1]->unsafe_data<T>() : nullptr;
             sum_formula<T>(in, g, g_owned, spread, true, [x, y](T gi, std::int64_t i) {
                 return Op::grad(gi, Op::reads.x ? x[i] : T(0), Op::reads.y ? y[i] : T(0));
             });

@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
@@ -409,6 +410,15 @@ public:
         if (dtype_of<T>() != dtype()) [[unlikely]]
             throw_dtype_mismatch(dtype_of<T>());
         return reinterpret_cast<T*>(impl().storage->data) + impl().offset;
+    }
+    /// data_ptr() without its checks, as libtorch's TensorImpl::unsafe_data: for loom's inner
+    /// loops, on a tensor they know to be defined and of dtype T (asserted where assertions are
+    /// on). The sweep reads five such pointers per product it differentiates.
+    template <class T> [[gnu::always_inline]] T* unsafe_data() const
+    {
+        assert(defined() && dtype_of<T>() == impl_.get()->dtype);
+        const TensorImpl* header = impl_.get();
+        return reinterpret_cast<T*>(header->storage->data) + header->offset;
     }
     /// The single value of a one-element tensor, converted to T.
     template <class T> T item() const;
