@@ -413,7 +413,8 @@ public:
     }
     /// data_ptr() without its checks, as libtorch's TensorImpl::unsafe_data: for loom's inner
     /// loops, on a tensor they know to be defined and of dtype T (asserted where assertions are
-    /// on). The sweep reads five such pointers per product it differentiates.
+    /// on). The sweep reads three per product it differentiates: the two factors and the
+    /// incoming gradient.
     template <class T> [[gnu::always_inline]] T* unsafe_data() const
     {
         assert(defined() && dtype_of<T>() == impl_.get()->dtype);
