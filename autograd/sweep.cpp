@@ -261,12 +261,12 @@ struct Sweep final : autograd::GradientSums {
         LOOM_CHECK(s >= base_slot && s < end_slot, "backward",
                    "internal: gradient slot {} is outside this sweep's {} slots from {}", s, end_slot - base_slot,
                    base_slot);
-        return slots[static_cast<std::size_t>(s - base_slot)];
+        return walked_slot(s);
     }
 
-    // slot(s) for an output of an entry the walk reached, unchecked (asserted): the walk reaches
-    // only entries at or above the floor recorded before the sweep began, whose slots all lie in
-    // base_slot .. end_slot - 1.
+    // slot(s) unchecked (asserted), for s known to be in range: an output of an entry the walk
+    // reached (the walk reaches only entries at or above the floor recorded before the sweep
+    // began, whose slots all lie in base_slot .. end_slot - 1), or a slot tested just before.
     autograd::PendingGrad& walked_slot(std::uint64_t s)
     {
         assert(s >= base_slot && s < end_slot);
@@ -338,7 +338,7 @@ struct Sweep final : autograd::GradientSums {
         // A leaf's slot() is 0, below every sweep's base_slot: slots are numbered from 1.
         const std::uint64_t s = in.slot();
         if (s >= base_slot && s < end_slot) [[likely]] {
-            autograd::PendingGrad& p = slots[static_cast<std::size_t>(s - base_slot)];
+            autograd::PendingGrad& p = walked_slot(s);  // in range: tested just above
             if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
             return p;
         }

@@ -409,7 +409,7 @@ public:
     {
         if (dtype_of<T>() != dtype()) [[unlikely]]
             throw_dtype_mismatch(dtype_of<T>());
-        return reinterpret_cast<T*>(impl().storage->data) + impl().offset;
+        return unsafe_data<T>();
     }
     /// data_ptr() without its checks, as libtorch's TensorImpl::unsafe_data: for loom's inner
     /// loops, on a tensor they know to be defined and of dtype T (asserted where assertions are
