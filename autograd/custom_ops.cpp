@@ -30,10 +30,16 @@ void check_custom_grads(const char* op, const GradList& grads, const BackwardCon
                grads.size(), c.needs.size());
     for (std::size_t k = 0; k < grads.size(); ++k) {
         if (!grads[k].defined() || !c.needs[k]) continue;
-        LOOM_CHECK(grads[k].sizes() == c.input_shape(k) && grads[k].dtype() == c.input_dtype(k), op,
-                   "backward returned a gradient of shape {} and dtype {} for input {}, expected shape {} and dtype {} "
-                   "like the input",
-                   grads[k].sizes(), grads[k].dtype(), k, c.input_shape(k), c.input_dtype(k));
+        if (grads[k].sizes() == c.input_shape(k) && grads[k].dtype() == c.input_dtype(k)) continue;
+        // A leaf's shape and dtype are read from it now: Module::to() may have converted it since.
+        const bool leaf_converted = c.inputs[k].node() && grads[k].sizes() == c.input_shape(k);
+        fail(op,
+             "backward returned a gradient of shape {} and dtype {} for input {}, expected shape {} and dtype {} like "
+             "the input{}",
+             grads[k].sizes(), grads[k].dtype(), k, c.input_shape(k), c.input_dtype(k),
+             leaf_converted ? "; or the input is a leaf that Module::to() converted after the graph was recorded: then "
+                              "call backward() before to(), or run the forward again after it"
+                            : "");
     }
 }
 

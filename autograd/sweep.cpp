@@ -85,6 +85,17 @@ void accumulate_grad(autograd::Node& node, Tensor g, bool recorded)
 }
 
 
+// A gradient of `dtype` reached `leaf`, whose dtype differs: the only way a leaf's dtype changes
+// is Module::to(), so the graph was recorded before the conversion.
+[[noreturn, gnu::noinline, gnu::cold]] void fail_leaf_converted(const autograd::Node& leaf, DType dtype)
+{
+    fail("backward",
+         "a gradient of dtype {} reached a leaf tensor of shape {} (a parameter, or a tensor you called "
+         "requires_grad_() on) that is {} now: it was converted, by Module::to(), after the graph that computed the "
+         "gradient was recorded; call backward() before to(), or run the forward again after it",
+         dtype, leaf.shape, leaf.dtype);
+}
+
 [[noreturn, gnu::noinline, gnu::cold]] void fail_gradient(const char* op, const Shape& shape, DType dtype,
                                                          const Tensor& g, const char* what)
 {
@@ -97,6 +108,22 @@ void accumulate_grad(autograd::Node& node, Tensor g, bool recorded)
 {
     if (!(g.sizes() == shape && g.dtype() == dtype)) [[unlikely]]
         fail_gradient(op, shape, dtype, g, what);
+}
+// A leaf's shape and dtype are read from its node when the sweep runs: a leaf that Module::to()
+// converted since the entry was recorded is named as such, not as an internal error.
+[[noreturn, gnu::noinline, gnu::cold]] void fail_input_gradient(const char* op, const autograd::BackwardContext& c,
+                                                               std::size_t k, const Tensor& g)
+{
+    if (const autograd::Node* leaf = c.inputs[k].node(); leaf && g.dtype() != leaf->dtype && g.sizes() == leaf->shape)
+        fail_leaf_converted(*leaf, g.dtype());
+    fail_gradient(op, c.input_shape(k), c.input_dtype(k), g, "internal: the gradient backward returned");
+}
+// Checks the gradient loom's own op returned for its input k.
+[[gnu::always_inline]] inline void check_input_gradient(const char* op, const autograd::BackwardContext& c,
+                                                        std::size_t k, const Tensor& g)
+{
+    if (!(g.sizes() == c.input_shape(k) && g.dtype() == c.input_dtype(k))) [[unlikely]]
+        fail_input_gradient(op, c, k, g);
 }
 void check_gradient(const char* op, const autograd::Node& node, const Tensor& g, const char* what)
 {
@@ -303,12 +330,20 @@ struct Sweep final : autograd::GradientSums {
         return impl.slots ? pending(impl.history()) : pending(impl.node.get());
     }
 
-    // The sum a gradient arriving at a leaf goes into.
-    autograd::PendingGrad& receiving(autograd::Node* leaf) { return pending(leaf); }
+    // The sum a gradient of `dtype` arriving at a leaf goes into. A leaf's dtype changes only
+    // when Module::to() converts it: a gradient of another dtype comes from a graph recorded
+    // before the conversion, and would be summed or converted into the leaf's gradient silently
+    // (a graph that saved the leaf is refused by its version; one that only read it is not).
+    autograd::PendingGrad& receiving(autograd::Node* leaf, DType dtype)
+    {
+        if (dtype != leaf->dtype) [[unlikely]]
+            fail_leaf_converted(*leaf, dtype);
+        return pending(leaf);
+    }
 
     // The sum a gradient arriving at a non-leaf goes into; an error below the floor, where the
-    // gradient could flow no further.
-    autograd::PendingGrad& receiving(const History& h)
+    // gradient could flow no further. (A non-leaf's dtype never changes.)
+    autograd::PendingGrad& receiving(const History& h, DType)
     {
         autograd::PendingGrad& p = pending(h);
         if (h.seq >= floor) {
@@ -333,7 +368,7 @@ struct Sweep final : autograd::GradientSums {
     // without reaching the input, or as above. Inline for a slot of this sweep's, the rest out of
     // line: as one function, its rare paths made every call save and restore registers, about a
     // third of its cost.
-    [[gnu::always_inline]] autograd::PendingGrad& receiving(const autograd::InputRef& in)
+    [[gnu::always_inline]] autograd::PendingGrad& receiving(const autograd::InputRef& in, DType dtype)
     {
         // A leaf's slot() is 0, below every sweep's base_slot: slots are numbered from 1.
         const std::uint64_t s = in.slot();
@@ -342,14 +377,14 @@ struct Sweep final : autograd::GradientSums {
             if (!p.sum.defined()) ++outstanding;  // every caller gives it a sum
             return p;
         }
-        return receiving_elsewhere(in);
+        return receiving_elsewhere(in, dtype);
     }
-    [[gnu::noinline]] autograd::PendingGrad& receiving_elsewhere(const autograd::InputRef& in)
+    [[gnu::noinline]] autograd::PendingGrad& receiving_elsewhere(const autograd::InputRef& in, DType dtype)
     {
-        if (autograd::Node* leaf = in.node()) return receiving(leaf);
+        if (autograd::Node* leaf = in.node()) return receiving(leaf, dtype);
         // Below the floor: the producer names the entry in errors, and keys a capture.
         const std::uint64_t s = in.slot();
-        if (s < base_slot) return receiving(autograd::engine::producer_of_slot(tape, s));
+        if (s < base_slot) return receiving(autograd::engine::producer_of_slot(tape, s), dtype);
         return slot(s);  // past this sweep's slots (those below end_slot were found inline): slot() fails
     }
 
@@ -375,7 +410,10 @@ struct Sweep final : autograd::GradientSums {
     // stalled load in every gradient summed (perf on bench_tape's swept chain).
     template <class To> void add(const To& to, Tensor&& g)
     {
-        autograd::PendingGrad& p = receiving(to);
+        // g is defined (every caller passes a gradient): its dtype read unchecked, for a leaf alone
+        // (checked, the throw path cost the sweep's every sum).
+        assert(g.defined());
+        autograd::PendingGrad& p = receiving(to, g.impl_ptr().get()->dtype);
         if (!p.sum.defined()) {
             p.sum = std::move(g);  // adopted as is: it may be shared, so not owned
             p.owned = false;
@@ -407,7 +445,7 @@ struct Sweep final : autograd::GradientSums {
     // into in place.
     Tensor accumulator(const autograd::InputRef& input, const Shape& shape, DType dtype)
     {
-        autograd::PendingGrad& p = receiving(input);
+        autograd::PendingGrad& p = receiving(input, dtype);
         if (!p.sum.defined()) {
             make_in_place(p.sum, [&] { return zeros(shape, dtype); });
             p.owned = true;
@@ -424,7 +462,7 @@ struct Sweep final : autograd::GradientSums {
     autograd::GradientBuffer gradient_buffer(const autograd::InputRef& input, const Shape& shape, DType dtype,
                                              Tensor* incoming)
     {
-        autograd::PendingGrad& p = receiving(input);
+        autograd::PendingGrad& p = receiving(input, dtype);
         if (!p.sum.defined()) {
             // The incoming gradient's buffer, where no one else holds it, instead of a new one:
             // an allocation here and a release after the backward saved.
@@ -445,7 +483,8 @@ struct Sweep final : autograd::GradientSums {
     void add_region(const autograd::InputRef& input, const Shape& shape, DType dtype, const autograd::RegionFn& region,
                     const Tensor& g)
     {
-        autograd::PendingGrad& p = receiving(input);
+        assert(g.defined());
+        autograd::PendingGrad& p = receiving(input, g.impl_ptr().get()->dtype);  // unchecked, as in add()
         if (create_graph) {
             const Tensor whole = autograd::embed_region(g, shape, region);
             p.sum = p.sum.defined() ? loom::add(p.sum, whole) : whole;
@@ -534,7 +573,7 @@ struct Sweep final : autograd::GradientSums {
     template <class T, class Fn>
     void sum_formula(const autograd::InputRef& in, Tensor& g, bool g_owned, bool spread, bool last_read, Fn fn)
     {
-        autograd::PendingGrad& q = receiving(in);
+        autograd::PendingGrad& q = receiving(in, dtype_of<T>());
         const T* gp = g.unsafe_data<T>();  // read before g may be handed over; g is of dtype T
         // A buffer of g's shape: laid out as g is where g is contiguous (no shape to check).
         const auto buffer = [&] {
@@ -815,8 +854,7 @@ struct Sweep final : autograd::GradientSums {
                 }
                 // A custom op's gradients were checked above, with messages for its author.
                 if (!custom)
-                    check_gradient(name, ctx.input_shape(k), ctx.input_dtype(k), input_grads[k],
-                                   "internal: the gradient backward returned");
+                    check_input_gradient(name, ctx, k, input_grads[k]);
                 add(inputs[k], std::move(input_grads[k]));
             }
             ran_at[ran++] = i;

@@ -85,6 +85,70 @@ TEST_CASE("to(dtype) between a forward and its backward makes the backward refus
     }
 }
 
+TEST_CASE("to(dtype) between a forward and its backward: graphs that saved nothing of the weight refuse too")
+{
+    // Each graph reads the weight without saving it, so no version check sees the conversion:
+    // the gradient reaching the converted weight is what tells. One route each: the formula
+    // route (add, neg), the general route (sum), a view's region, grad(), and a user's op.
+    const auto sum_of_all = [](const Tensor& w) {
+        return autograd::record("sum_of_all", {w}, w.detach().sum(), {}, [](const autograd::BackwardContext& c) {
+            return autograd::GradList{c.grad().expand(c.input_shape(0)).contiguous()};
+        });
+    };
+    const std::vector<std::pair<const char*, std::function<Tensor(const Tensor&)>>> graphs{
+        {"add", [](const Tensor& w) { return (w + w).sum(); }},
+        {"neg", [](const Tensor& w) { return (-w).sum(); }},
+        {"sum", [](const Tensor& w) { return w.sum(); }},
+        {"a view", [](const Tensor& w) { const Tensor row = w.select(0, 1); return (row * row).sum(); }},
+        {"a user's op", sum_of_all},
+    };
+    for (const auto& [name, graph] : graphs)
+        for (const bool through_grad : {false, true}) {
+            CAPTURE(name);
+            CAPTURE(through_grad);
+            nn::Dense d(3, 2);
+            const Tensor loss = graph(d.weight);
+            d.to(kFloat64);
+            const auto sweep = [&] {
+                if (through_grad) (void)loom::grad({loss}, {d.weight});
+                else loss.backward();
+            };
+            if (std::string(name) == "a user's op")  // its own check speaks first, to the op's author
+                check_error(sweep, {"sum_of_all", "dtype float32", "dtype float64", "Module::to()", "backward() before to()"});
+            else
+                check_error(sweep, {"backward", "dtype float32", "shape [2, 3]", "float64 now", "Module::to()",
+                                    "backward() before to()"});
+            CHECK(!d.weight.grad().defined());
+            d(ones({2, 3}, kFloat64)).sum().backward();  // a forward after to() sweeps as usual
+            CHECK(d.weight.grad().dtype() == kFloat64);
+        }
+}
+
+TEST_CASE("a view of a parameter taken before to(dtype) keeps the values it had")
+{
+    // Small (its bytes in its header's block) and large parameters hold their bytes differently.
+    for (const std::int64_t in : {3, 40}) {
+        CAPTURE(in);
+        nn::Dense d(in, 2);
+        Tensor row;
+        {
+            NoGradGuard no_grad;
+            row = d.weight.select(0, 1);
+        }
+        const std::vector<double> before = values(row);
+        d.to(kFloat64);
+        {
+            NoGradGuard no_grad;
+            d.weight.mul_(2.0);  // the parameter's new bytes: the old view does not see them
+        }
+        CHECK(row.dtype() == kFloat32);
+        CHECK(values(row) == before);
+        std::vector<double> doubled = before;
+        for (double& v : doubled) v *= 2;
+        CHECK(values(d.weight.select(0, 1)) == doubled);  // float32 values are exact in float64, and so twice them
+    }
+}
+
 TEST_CASE("Dense computes x W^T + b and gradchecks")
 {
     nn::Dense d(3, 2, true, kFloat64);
