@@ -73,15 +73,25 @@ inline void* allocate_small_object(std::size_t size)
     }
     return detail::allocate_small_object_slow(size);
 }
+namespace detail {
+/// The free list that a block of `size` bytes goes back to, where it has room; null where it has
+/// none or there is no pool (free_small_object_slow then takes the block).
+inline ObjectLists::List* free_list_with_room(std::size_t size) noexcept
+{
+    if (ObjectLists* pool = object_lists) {
+        ObjectLists::List& list = pool->lists[object_class(size)];
+        if (list.size < list.capacity) [[likely]]
+            return &list;
+    }
+    return nullptr;
+}
+}  // namespace detail
 /// Returns a block from allocate_small_object.
 inline void free_small_object(void* p, std::size_t size) noexcept
 {
-    if (detail::ObjectLists* pool = detail::object_lists) {
-        detail::ObjectLists::List& list = pool->lists[detail::object_class(size)];
-        if (list.size < list.capacity) [[likely]] {
-            list.items[list.size++] = p;
-            return;
-        }
+    if (detail::ObjectLists::List* list = detail::free_list_with_room(size)) [[likely]] {
+        list->items[list->size++] = p;
+        return;
     }
     detail::free_small_object_slow(p, size);
 }

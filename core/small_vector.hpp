@@ -224,9 +224,11 @@ public:
     }
 
     /// \endcond
+    /// Whether the elements lie in a heap block (past N), which the destructor frees.
+    bool on_heap() const noexcept { return data_ != reinterpret_cast<const T*>(inline_); }
+
 private:
     T* inline_data() noexcept { return std::launder(reinterpret_cast<T*>(inline_)); }
-    bool on_heap() const noexcept { return data_ != reinterpret_cast<const T*>(inline_); }
 
     template <class It> void append(It first, It last)
     {
