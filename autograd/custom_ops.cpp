@@ -31,8 +31,7 @@ void check_custom_grads(const char* op, const GradList& grads, const BackwardCon
     for (std::size_t k = 0; k < grads.size(); ++k) {
         if (!grads[k].defined() || !c.needs[k]) continue;
         if (grads[k].sizes() == c.input_shape(k) && grads[k].dtype() == c.input_dtype(k)) continue;
-        // A leaf's shape and dtype are read from it now: Module::to() may have converted it since.
-        const bool leaf_converted = c.inputs[k].node() && grads[k].sizes() == c.input_shape(k);
+        const bool leaf_converted = engine::converted_leaf(c.inputs[k], grads[k].sizes(), grads[k].dtype());
         fail(op,
              "backward returned a gradient of shape {} and dtype {} for input {}, expected shape {} and dtype {} like "
              "the input{}",

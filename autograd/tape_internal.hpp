@@ -438,6 +438,16 @@ protected:
 };
 extern constinit thread_local Tracer* current_tracer [[gnu::tls_model("initial-exec")]];
 
+// ---- custom_ops.cpp and sweep.cpp ----
+// Whether a gradient of `shape` and `dtype` for input `in`, which is not of that input's shape
+// and dtype, is one for a leaf that Module::to() converted after the entry was recorded: of the
+// leaf's shape but not its dtype (only to() changes a leaf's dtype). The errors then name to().
+inline bool converted_leaf(const InputRef& in, const Shape& shape, DType dtype)
+{
+    const Node* leaf = in.node();
+    return leaf && dtype != leaf->dtype && shape == leaf->shape;
+}
+
 // ---- anomaly.cpp ----
 // Whether a DetectAnomalyGuard is alive on this thread (inner ops or not).
 inline bool anomaly_guarded() { return detail::anomaly_guards > 0; }

@@ -89,35 +89,51 @@ TEST_CASE("to(dtype) between a forward and its backward: graphs that saved nothi
 {
     // Each graph reads the weight without saving it, so no version check sees the conversion:
     // the gradient reaching the converted weight is what tells. One route each: the formula
-    // route (add, neg), the general route (sum), a view's region, grad(), and a user's op.
+    // route (add, neg), the general route (sum), a view's region, grad(), a user's op, and a
+    // closure writing the gradient in place.
     const auto sum_of_all = [](const Tensor& w) {
         return autograd::record("sum_of_all", {w}, w.detach().sum(), {}, [](const autograd::BackwardContext& c) {
             return autograd::GradList{c.grad().expand(c.input_shape(0)).contiguous()};
         });
     };
-    const std::vector<std::pair<const char*, std::function<Tensor(const Tensor&)>>> graphs{
-        {"add", [](const Tensor& w) { return (w + w).sum(); }},
-        {"neg", [](const Tensor& w) { return (-w).sum(); }},
-        {"sum", [](const Tensor& w) { return w.sum(); }},
-        {"a view", [](const Tensor& w) { const Tensor row = w.select(0, 1); return (row * row).sum(); }},
-        {"a user's op", sum_of_all},
+    const std::vector<std::string> sweep_error{"backward",    "dtype float32", "shape [2, 3]",
+                                               "float64 now", "Module::to()",  "backward() before to()"};
+    // A user's op has its returned gradients checked first: that error speaks to the op's author.
+    const std::vector<std::string> user_op_error{"sum_of_all", "dtype float32", "dtype float64", "Module::to()",
+                                                 "backward() before to()"};
+    struct Route {
+        const char* name;
+        std::function<Tensor(const Tensor&)> graph;
+        const std::vector<std::string>& error;
     };
-    for (const auto& [name, graph] : graphs)
+    const std::vector<Route> routes{
+        {"add", [](const Tensor& w) { return (w + w).sum(); }, sweep_error},
+        {"neg", [](const Tensor& w) { return (-w).sum(); }, sweep_error},
+        {"sum", [](const Tensor& w) { return w.sum(); }, sweep_error},
+        {"a view", [](const Tensor& w) { const Tensor row = w.select(0, 1); return (row * row).sum(); }, sweep_error},
+        {"a user's op", sum_of_all, user_op_error},
+        // A hook on exp's result has the sweep run exp's closure, which writes into the sum in place.
+        {"exp's closure",
+         [](const Tensor& w) {
+             Tensor e = exp(w);
+             e.register_hook([](const Tensor& g) { return g; });
+             return e.sum();
+         },
+         sweep_error},
+    };
+    for (const Route& route : routes)
         for (const bool through_grad : {false, true}) {
-            CAPTURE(name);
+            CAPTURE(route.name);
             CAPTURE(through_grad);
             nn::Dense d(3, 2);
-            const Tensor loss = graph(d.weight);
+            const Tensor loss = route.graph(d.weight);
             d.to(kFloat64);
-            const auto sweep = [&] {
-                if (through_grad) (void)loom::grad({loss}, {d.weight});
-                else loss.backward();
-            };
-            if (std::string(name) == "a user's op")  // its own check speaks first, to the op's author
-                check_error(sweep, {"sum_of_all", "dtype float32", "dtype float64", "Module::to()", "backward() before to()"});
-            else
-                check_error(sweep, {"backward", "dtype float32", "shape [2, 3]", "float64 now", "Module::to()",
-                                    "backward() before to()"});
+            check_error(
+                [&] {
+                    if (through_grad) (void)loom::grad({loss}, {d.weight});
+                    else loss.backward();
+                },
+                route.error);
             CHECK(!d.weight.grad().defined());
             d(ones({2, 3}, kFloat64)).sum().backward();  // a forward after to() sweeps as usual
             CHECK(d.weight.grad().dtype() == kFloat64);
