@@ -207,8 +207,20 @@ struct TensorImpl {
     autograd::SlotChunk* slots = nullptr;
     ~TensorImpl()
     {
-        if (slots) slots->alive[slot_index].store(false, std::memory_order_release);
+        release_slot();
         if (stored_strides) free_stored_strides();
+    }
+    /// A non-leaf's slot is marked dead (its tensor gone), as the destructor does first.
+    void release_slot() noexcept
+    {
+        if (slots) slots->alive[slot_index].store(false, std::memory_order_release);
+    }
+    /// Whether the destructor would release nothing but the slot: no strides, node, shape or
+    /// storage of its own on the heap. detail::release_last_handle then frees the block without
+    /// it; a member added here that needs releasing must make this false.
+    bool releases_only_slot() const noexcept
+    {
+        return !stored_strides && !node && !shape.on_heap() && storage.use_count() == 0;
     }
     TensorImpl(const TensorImpl&) = delete;
     TensorImpl& operator=(const TensorImpl&) = delete;
