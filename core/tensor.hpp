@@ -142,6 +142,8 @@ void release_last_handle(TensorImpl* impl) noexcept;
 void release_last_owned_handle(TensorImpl* impl) noexcept;
 /// Drops one count of a handle on a thread other than the header's owner.
 void release_shared_handle(TensorImpl* impl) noexcept;
+/// Adds a handle on the owner thread whose byte count is full: a batch of its count moves to `counts`.
+void add_owned_handle_past_byte(TensorImpl* impl) noexcept;
 }  // namespace detail
 
 /// A tensor's header: its storage, the view of it (shape, strides, offset), dtype and autograd
@@ -168,6 +170,9 @@ struct TensorImpl {
     static constexpr std::uint64_t kHandlesWeak = 1;
     /// One weak count.
     static constexpr std::uint64_t kOneWeak = 1;
+    /// How many handles the owner moves to `counts` at once when its byte is full, and takes
+    /// back at most when it drops its last (see "Reference counts" in core/tensor.cpp).
+    static constexpr std::int32_t kHandleBatch = 128;
     /// The handles that a value of `counts` counts (may be below zero, or include the queue's).
     static constexpr std::int32_t shared_handles(std::uint64_t counts)
     {
@@ -194,7 +199,7 @@ struct TensorImpl {
     /// (set_layout; a new header is row-major).
     bool contiguous = true;
     /// The handles the owner thread counts, without atomic writes (0 once merged); only the
-    /// owner writes it. At most 255: a handle beyond counts in `counts`. Kept, with `owner`, in
+    /// owner writes it. At most 255: past that a batch of them moves to `counts`. Kept, with `owner`, in
     /// the padding before `node`: a small tensor's block stays 256 bytes.
     std::atomic<std::uint8_t> local;
     /// The tag of the thread that made the header (detail::kNoOwner once merged).
@@ -355,6 +360,7 @@ private:
                 impl_->local.store(n + 1, std::memory_order_relaxed);
                 return;
             }
+            return detail::add_owned_handle_past_byte(impl_);
         }
         impl_->counts.fetch_add(TensorImpl::kOneShared, std::memory_order_relaxed);
     }

@@ -136,7 +136,17 @@ TEST_CASE("a tensor's handles count past its thread's 255 and back, and those of
     }).join();
     CHECK(seen_there == 311);
     CHECK(t.impl_ptr().use_count() == 301);
-    copies.clear();  // this thread's count reaches its last and merges into the shared word
+    copies.clear();  // this thread's count reaches its last and takes back what it moved to the shared word
+    CHECK(t.impl_ptr().use_count() == 1);
+    // Still this thread's to count without atomic writes: a weight that a long tape saves
+    // thousands of times stays so through every reset.
+    CHECK(t.impl().owner.load() == detail::thread_tag);
+    copies.assign(1000, t);
+    CHECK(t.impl_ptr().use_count() == 1001);
+    copies.resize(3);
+    CHECK(t.impl_ptr().use_count() == 4);
+    copies.clear();
+    CHECK(t.impl().owner.load() == detail::thread_tag);
     CHECK(t.impl_ptr().use_count() == 1);
     CHECK(t.sum().item<double>() == 1000.0);
     t = Tensor();

@@ -225,6 +225,21 @@ TEST_CASE("a handle copied on its tensor's thread and dropped on another is free
     for (const auto& w : theirs) CHECK(w.expired());
 }
 
+TEST_CASE("a tensor's maker takes back the count of a handle copied on another thread, which then queues the header when it drops it")
+{
+    Tensor t = ones({1000}, kFloat64);
+    const std::weak_ptr<Storage> bytes = t.impl().storage;
+    Tensor held;
+    std::thread([&] { held = t; }).join();  // counted in the shared word
+    t = Tensor();  // this thread's last count: it takes the other handle's count back, and stays the owner
+    CHECK(held.impl().owner.load() == detail::thread_tag);
+    CHECK(held.impl_ptr().use_count() == 1);
+    std::thread([moved = std::move(held)]() mutable { moved = Tensor(); }).join();
+    CHECK_FALSE(bytes.expired());  // queued for this thread, as any handle it counts
+    const Tensor next = zeros({2});
+    CHECK(bytes.expired());
+}
+
 TEST_CASE("a weak handle made on another thread than its tensor's locks on either, and on neither once the tensor is gone")
 {
     Tensor t = ones({1000}, kFloat64);
