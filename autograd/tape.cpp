@@ -423,7 +423,11 @@ template <class Refs> void keep_input_meta(engine::Tape& tape, Entry& e, Refs in
     InputMeta* meta = e.input_meta.emplace(
         tape.stream.allocate(KeptInputMeta::bytes_for(inputs.size()), KeptInputMeta::bytes_align), inputs.size(), large);
     for (std::size_t k = 0; k < inputs.size(); ++k)
-        if (refs[k].slot() != 0) meta[k] = InputMeta{tensor_of(inputs[k]).sizes(), tensor_of(inputs[k]).dtype()};
+        if (refs[k].slot() != 0) {
+            // Into the list's new, empty shapes: copied whole where inline, not through a call.
+            meta[k].shape.assign_to_new(tensor_of(inputs[k]).sizes());
+            meta[k].dtype = tensor_of(inputs[k]).dtype();
+        }
 }
 
 // What an entry keeps of s for its backward; `output`: s's index among the entry's outputs, or
