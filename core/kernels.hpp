@@ -317,22 +317,18 @@ template <class R, class T, class F>
     for (std::int64_t i = 0; i < n; ++i) o[i] = f(a[i], b[i]);
 }
 
-/// out = f(a, b) with broadcasting, for T = the operands' C++ type, which both must have (the
-/// callers below check it); `op` names the call in errors.
+/// out = f(a, b) with broadcasting, for T = the operands' C++ type; `op` names the call in errors.
 template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     using R = decltype(f(T{}, T{}));
+    const T* pa = a.data_ptr<T>();
+    const T* pb = b.data_ptr<T>();
     // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
     const bool same_shape = a.sizes() == b.sizes();
     if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
         const std::int64_t n = a.numel();
         Tensor out = detail::new_contiguous_like<R>(a, n);
-        // The operands' addresses read after the allocation, not before: held across its calls
-        // (its rare slow paths), they were spilled to the stack and read back. Unchecked: both
-        // are defined (their sizes were read) and of dtype T (the caller dispatched on it).
-        const T* pa = a.unsafe_data<T>();
-        const T* pb = b.unsafe_data<T>();
-        R* o = out.unsafe_data<R>();
+        R* o = out.data_ptr<R>();
         // The pointers captured by value: captured by reference, they would be locals whose
         // address escapes to the threaded path, stored to the stack on every small op.
         over_elements(n, [o, pa, pb, same_shape, &f](std::int64_t i0, std::int64_t i1) {
