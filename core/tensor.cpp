@@ -192,10 +192,10 @@ void release_handles(TensorImpl* impl) noexcept
 //
 // A handle may be copied on one thread and dropped on another, so only the sum of the two counts
 // is the number of handles. The owner's byte holds 255: the next handle moves kHandleBatch of
-// them to `counts`. When the owner drops its last count and `counts` holds handles, it takes up
-// to a batch of them back into its byte; only where it cannot (weak handles, a queued count,
-// other threads' share at or below zero) it merges: `counts` takes the sum and kMerged, and from
-// then on every thread counts there (the last to drop one frees). A weight that a long tape
+// them to `counts`. When the owner drops its last count and `counts` holds a batch, it takes the
+// batch back into its byte; otherwise (weak handles, a queued count, fewer handles there than a
+// batch) it merges: `counts` takes the sum and kMerged, and from then on every thread counts
+// there (the last to drop one frees). A weight that a long tape
 // saves thousands of times was otherwise merged at the first reset, and each later save and
 // drop of it was a lock-prefixed instruction and a call (W7: 7,700 of each per gradient). When
 // another thread drops a handle that only the owner's count holds (its own count would go below
@@ -477,22 +477,23 @@ void detail::add_owned_handle_past_byte(TensorImpl* impl) noexcept
 
 void detail::release_last_owned_handle(TensorImpl* impl) noexcept
 {
-    // Handles counted in `counts` (another thread's, or moved there past the byte's 255): the
-    // owner takes up to a batch of them back into its byte and goes on counting alone. Which
-    // handles a count stands for does not matter, only the sum; another thread that drops one
-    // of them finds its share at zero and queues the header, as for any handle the owner counts.
+    // A batch that the owner moved to `counts` past the byte's 255 (add_owned_handle_past_byte)
+    // comes back to its byte, and it goes on counting alone. Only the sum of the counts means
+    // anything, so this takes a batch wherever `counts` holds one; with fewer (other threads'
+    // handles alone), the header merges as it always did, and their last drop frees it at once
+    // rather than queueing it to an owner that may make no tensor for a long time.
     std::uint64_t counts = impl->counts.load(std::memory_order_relaxed);
     while (!(counts & (TensorImpl::kMerged | TensorImpl::kQueued)) &&
-           (counts & TensorImpl::kWeakMask) == TensorImpl::kHandlesWeak && TensorImpl::shared_handles(counts) > 0) {
-        const std::int32_t taken = std::min(TensorImpl::shared_handles(counts), TensorImpl::kHandleBatch);
-        if (impl->counts.compare_exchange_weak(counts, counts - std::uint64_t(taken) * TensorImpl::kOneShared,
+           (counts & TensorImpl::kWeakMask) == TensorImpl::kHandlesWeak &&
+           TensorImpl::shared_handles(counts) >= TensorImpl::kHandleBatch) {
+        if (impl->counts.compare_exchange_weak(counts, counts - std::uint64_t(TensorImpl::kHandleBatch) * TensorImpl::kOneShared,
                                                std::memory_order_acq_rel, std::memory_order_relaxed)) {
-            impl->local.store(static_cast<std::uint8_t>(taken), std::memory_order_relaxed);  // and the dropped one gone
+            impl->local.store(TensorImpl::kHandleBatch, std::memory_order_relaxed);  // and the dropped one gone
             return;
         }
     }
-    // Weak handles, a queued count, or other threads' handles below zero: merge, and the last
-    // handle frees.
+    // Weak handles, a queued count, or fewer handles in `counts` than a batch: merge, and the
+    // last handle frees.
     merge_and_drop_one(impl);
 }
 

@@ -77,7 +77,7 @@ struct SlotChunk {
         for (; i + 8 <= n; i += 8)  // written out: GCC does not unroll a loop of atomic loads
             if (at(i) | at(i + 1) | at(i + 2) | at(i + 3) | at(i + 4) | at(i + 5) | at(i + 6) | at(i + 7)) return true;
         for (; i < n; ++i)
-            if (alive[i].load(std::memory_order_acquire)) return true;
+            if (at(i)) return true;
         return false;
     }
 };
@@ -178,7 +178,7 @@ struct TensorImpl {
     /// One weak count.
     static constexpr std::uint64_t kOneWeak = 1;
     /// How many handles the owner moves to `counts` at once when its byte is full, and takes
-    /// back at most when it drops its last (see "Reference counts" in core/tensor.cpp).
+    /// back when it drops its last (see "Reference counts" in core/tensor.cpp).
     static constexpr std::int32_t kHandleBatch = 128;
     /// The handles that a value of `counts` counts (may be below zero, or include the queue's).
     static constexpr std::int32_t shared_handles(std::uint64_t counts)
