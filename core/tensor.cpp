@@ -195,9 +195,9 @@ void release_handles(TensorImpl* impl) noexcept
 // them to `counts`. When the owner drops its last count and `counts` holds a batch, it takes the
 // batch back into its byte; otherwise (weak handles, a queued count, fewer handles there than a
 // batch) it merges: `counts` takes the sum and kMerged, and from then on every thread counts
-// there (the last to drop one frees). A weight that a long tape
-// saves thousands of times was otherwise merged at the first reset, and each later save and
-// drop of it was a lock-prefixed instruction and a call (W7: 7,700 of each per gradient). When
+// there (the last to drop one frees). A weight that a long tape saves thousands of times was
+// otherwise merged at the first reset, and each later save and drop of it was a lock-prefixed
+// instruction and a call (W7: 7,700 of each per gradient). When
 // another thread drops a handle that only the owner's count holds (its own count would go below
 // zero), it sets kQueued instead and queues the header to its owner, the queue keeping that
 // handle's count: the owner merges what is queued at the next header it makes, or when it exits,
