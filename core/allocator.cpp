@@ -230,35 +230,44 @@ void detail::free_small_object_slow(void* p, std::size_t size) noexcept
 }
 
 namespace {
-// Sorts items by address, highest first (a list hands out its last item first), by LSD radix
-// on the address offset from the lowest in 11-bit digits: a few passes over the list, where a
-// comparison sort of W7's 38,000 headers took 3 ms.
+// Sorts items by address, highest first (a list hands out its last item first), by LSD radix on
+// each block's distance from the lowest in 16-byte units, as 32-bit keys: two passes of at most
+// 12-bit digits for spans up to 256 MiB, where a comparison sort of W7's 38,000 headers took 3 ms
+// (and sorting the pointers themselves, half again the instructions). The pointers are made again
+// from the keys, so blocks must lie a multiple of 16 bytes apart (malloc's); a list that breaks
+// that, or spans 64 GiB or more, is left as it is: the order is only what the cache prefers.
 void sort_by_address_descending(void** items, std::size_t n, std::vector<void*>& scratch)
 {
     auto lowest = reinterpret_cast<std::uintptr_t>(items[0]), highest = lowest;
+    std::uintptr_t off_grid = 0;  // the low bits of any block's distance from the first
     for (std::size_t i = 1; i < n; ++i) {
         const auto a = reinterpret_cast<std::uintptr_t>(items[i]);
         lowest = std::min(lowest, a);
         highest = std::max(highest, a);
+        off_grid |= a - reinterpret_cast<std::uintptr_t>(items[0]);
     }
-    scratch.resize(n);
-    void** from = items;
-    void** to = scratch.data();
-    constexpr int kBits = 11;
-    constexpr std::size_t kBuckets = std::size_t(1) << kBits;
-    const std::uintptr_t span = (highest - lowest) >> 4;  // blocks are 16-byte aligned
-    for (int shift = 0; shift == 0 || (span >> shift) != 0; shift += kBits) {
-        std::size_t count[kBuckets + 1] = {};
-        const auto bucket = [&](void* p) {
-            const std::uintptr_t key = (reinterpret_cast<std::uintptr_t>(p) - lowest) >> 4;
-            return kBuckets - 1 - ((key >> shift) & (kBuckets - 1));  // highest digit first
-        };
-        for (std::size_t i = 0; i < n; ++i) ++count[bucket(from[i]) + 1];
-        for (std::size_t b = 0; b < kBuckets; ++b) count[b + 1] += count[b];
-        for (std::size_t i = 0; i < n; ++i) to[count[bucket(from[i])]++] = from[i];
-        std::swap(from, to);
+    const std::uintptr_t span = (highest - lowest) >> 4;
+    if ((off_grid & 15) != 0 || span > UINT32_MAX) return;
+    scratch.resize(n);  // 8 bytes an item: the keys and their sorted copy
+    auto* keys = reinterpret_cast<std::uint32_t*>(scratch.data());
+    std::uint32_t* sorted = keys + n;
+    for (std::size_t i = 0; i < n; ++i)
+        keys[i] = static_cast<std::uint32_t>((reinterpret_cast<std::uintptr_t>(items[i]) - lowest) >> 4);
+    constexpr int kMostBits = 12;  // a digit's; span fits 32 bits, so three passes do
+    const int bits = std::bit_width(span);
+    const int passes = std::max(1, (bits + kMostBits - 1) / kMostBits);
+    const int digit = (bits + passes - 1) / passes;
+    const std::uint32_t mask = (std::uint32_t(1) << digit) - 1;
+    std::uint32_t count[(std::size_t(1) << kMostBits) + 1];
+    for (int pass = 0, shift = 0; pass < passes; ++pass, shift += digit) {
+        std::fill(count, count + mask + 2, 0);
+        for (std::size_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & mask) + 1];
+        for (std::size_t b = 0; b <= mask; ++b) count[b + 1] += count[b];
+        for (std::size_t i = 0; i < n; ++i) sorted[count[(keys[i] >> shift) & mask]++] = keys[i];
+        std::swap(keys, sorted);
     }
-    if (from != items) std::copy(from, from + n, items);
+    for (std::size_t i = 0; i < n; ++i)
+        items[n - 1 - i] = reinterpret_cast<void*>(lowest + (std::uintptr_t(keys[i]) << 4));
 }
 }  // namespace
 

@@ -194,6 +194,29 @@ TEST_CASE("order_small_objects hands a long free list out lowest address first, 
     order_small_objects();  // harmless when called again, or with nothing to order
 }
 
+TEST_CASE("order_small_objects leaves a list as it is where one block is not 16 bytes from the others")
+{
+    // The sort rebuilds each address from its distance to the lowest in 16-byte units; a block
+    // 8 bytes off that grid must not be moved onto it. (A size class of its own again: 480 bytes.)
+    if (!storage_cache_enabled()) return;  // no list: each block goes back to malloc as it is freed
+    constexpr std::size_t kSize = 480, kCount = 5000;
+    std::vector<void*> blocks;
+    for (std::size_t i = 0; i < kCount; ++i) blocks.push_back(allocate_small_object(kSize));
+    void* off_grid = static_cast<char*>(blocks.back()) + 8;  // inside a block of ours, never dereferenced
+    std::vector<void*> listed(blocks.begin(), blocks.end() - 1);
+    listed.insert(listed.begin() + kCount / 2, off_grid);
+    for (std::size_t i = listed.size() - 1; i > 0; --i) std::swap(listed[i], listed[(i * 7919) % (i + 1)]);
+    for (void* p : listed) free_small_object(p, kSize);
+    order_small_objects();
+    std::vector<void*> again;
+    for (std::size_t i = 0; i < listed.size(); ++i) again.push_back(allocate_small_object(kSize));
+    std::reverse(again.begin(), again.end());
+    CHECK(again == listed);  // handed back in the order freed: last freed first
+    for (void* p : again)
+        if (p != off_grid) free_small_object(p, kSize);
+    free_small_object(blocks.back(), kSize);
+}
+
 TEST_CASE("a small tensor's header and bytes are one block: a view holds the header, and sharing a tensor's own bytes back with it holds nothing")
 {
     const Tensor big = zeros({1000});
