@@ -187,8 +187,9 @@ template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
     using R = decltype(f(T{}));
     const bool contiguous = x.is_contiguous();
     const std::int64_t n = x.numel();
-    Tensor out = contiguous ? detail::new_contiguous_like<R>(x, n) : empty(x.sizes(), dtype_of<R>());
-    R* o = out.data_ptr<R>();
+    R* o;
+    Tensor out = contiguous ? detail::new_contiguous_like<R>(x, n, o) : empty(x.sizes(), dtype_of<R>());
+    if (!contiguous) o = out.data_ptr<R>();
     const T* in = x.data_ptr<T>();
     if (contiguous) {
         // Captured by value: see zip_typed.
@@ -327,8 +328,8 @@ template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& 
     const bool same_shape = a.sizes() == b.sizes();
     if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
         const std::int64_t n = a.numel();
-        Tensor out = detail::new_contiguous_like<R>(a, n);
-        R* o = out.data_ptr<R>();
+        R* o;
+        Tensor out = detail::new_contiguous_like<R>(a, n, o);
         // The pointers captured by value: captured by reference, they would be locals whose
         // address escapes to the threaded path, stored to the stack on every small op.
         over_elements(n, [o, pa, pb, same_shape, &f](std::int64_t i0, std::int64_t i1) {

@@ -56,20 +56,36 @@ static_assert((sizeof(TensorWithBytes) + kInlineStorageBytes) / 8 <= UINT8_MAX);
     return TensorHandle(impl);
 }
 
-/// empty_like_contiguous(like, dtype_of<R>()) where the caller knows like's element count:
-/// a small result is made here, inline, which spares each elementwise op a call that counts
-/// the elements again and picks the element size from the dtype (an add of 14 floats with no
-/// grad took 363 instructions, 321 with this and assign_to_new). The sweep keeps the call: in
-/// its large formula functions the inlined version cost more than the call it saved.
+/// empty_like_contiguous(like, dtype_of<R>()) where the caller knows like's element count, and
+/// its first element's address in `data`: a small result is made here, inline, which spares each
+/// elementwise op a call that counts the elements again and picks the element size from the dtype
+/// (an add of 14 floats with no grad took 363 instructions, 321 with this and assign_to_new), and
+/// the address is known without reading it back through the header.
+template <class R> [[gnu::always_inline]] inline Tensor new_contiguous_like(const Tensor& like, std::int64_t numel, R*& data)
+{
+    static_assert(sizeof(R) == dtype_size(dtype_of<R>()), "R must be its dtype's element type");
+    const std::size_t nbytes = static_cast<std::size_t>(numel) * sizeof(R);
+    if (nbytes > kInlineStorageBytes) [[unlikely]] {
+        Tensor t = empty_like_contiguous(like, dtype_of<R>());
+        data = t.data_ptr<R>();
+        return t;
+    }
+    TensorHandle impl = new_tensor_with_bytes(nbytes);
+    TensorImpl* header = impl.get();
+    // The dtype before the shape: the shape's copy (char-typed) would keep this store apart from
+    // the constructor's, which it replaces.
+    header->dtype = dtype_of<R>();
+    header->shape.assign_to_new(like.sizes());  // row-major, as a new header is
+    data = reinterpret_cast<R*>(static_cast<TensorWithBytes*>(header) + 1);
+    return Tensor(std::move(impl));
+}
+
+/// new_contiguous_like without the address. The sweep calls it through a function of its own:
+/// inlined into its large formula functions, it cost more than the call it saved.
 template <class R> [[gnu::always_inline]] inline Tensor new_contiguous_like(const Tensor& like, std::int64_t numel)
 {
-    const std::size_t nbytes = static_cast<std::size_t>(numel) * sizeof(R);
-    if (nbytes > kInlineStorageBytes) [[unlikely]]
-        return empty_like_contiguous(like, dtype_of<R>());
-    TensorHandle impl = new_tensor_with_bytes(nbytes);
-    impl.get()->shape.assign_to_new(like.sizes());  // row-major, as a new header is
-    impl.get()->dtype = dtype_of<R>();
-    return Tensor(std::move(impl));
+    R* data;
+    return new_contiguous_like(like, numel, data);
 }
 
 }  // namespace loom::detail
