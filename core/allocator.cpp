@@ -42,7 +42,7 @@ struct Cache {
     std::vector<LargeBlock> large;  // blocks above kLargestClassBlock, most recently freed last
     std::size_t bytes = 0;
     detail::ObjectLists objects;
-    std::vector<void*> scratch;  // order_small_objects' buffer, kept
+    std::vector<std::uint32_t> scratch;  // order_small_objects' keys, kept
 
     void clear() noexcept
     {
@@ -53,7 +53,7 @@ struct Cache {
             }
         };
         release(free);
-        scratch = std::vector<void*>();
+        scratch = std::vector<std::uint32_t>();
         for (auto& list : objects.lists) {
             for (std::uint32_t i = 0; i < list.size; ++i) std::free(list.items[i]);
             list.size = 0;
@@ -236,7 +236,7 @@ namespace {
 // (and sorting the pointers themselves, half again the instructions). The pointers are made again
 // from the keys, so blocks must lie a multiple of 16 bytes apart (malloc's); a list that breaks
 // that, or spans 64 GiB or more, is left as it is: the order is only what the cache prefers.
-void sort_by_address_descending(void** items, std::size_t n, std::vector<void*>& scratch)
+void sort_by_address_descending(void** items, std::size_t n, std::vector<std::uint32_t>& scratch)
 {
     auto lowest = reinterpret_cast<std::uintptr_t>(items[0]), highest = lowest;
     std::uintptr_t off_grid = 0;  // the low bits of any block's distance from the first
@@ -248,8 +248,8 @@ void sort_by_address_descending(void** items, std::size_t n, std::vector<void*>&
     }
     const std::uintptr_t span = (highest - lowest) >> 4;
     if ((off_grid & 15) != 0 || span > UINT32_MAX) return;
-    scratch.resize(n);  // 8 bytes an item: the keys and their sorted copy
-    auto* keys = reinterpret_cast<std::uint32_t*>(scratch.data());
+    scratch.resize(2 * n);  // the keys and their sorted copy
+    std::uint32_t* keys = scratch.data();
     std::uint32_t* sorted = keys + n;
     for (std::size_t i = 0; i < n; ++i)
         keys[i] = static_cast<std::uint32_t>((reinterpret_cast<std::uintptr_t>(items[i]) - lowest) >> 4);
