@@ -468,10 +468,16 @@ void detail::release_last_handle(TensorImpl* impl) noexcept
     destroy_and_free(impl);
 }
 
+namespace {
+// A batch of handles as `counts` counts them: what the owner moves there past its byte's 255 and
+// takes back when it drops its last.
+constexpr std::uint64_t kBatchInCounts = std::uint64_t(TensorImpl::kHandleBatch) * TensorImpl::kOneShared;
+}  // namespace
+
 void detail::add_owned_handle_past_byte(TensorImpl* impl) noexcept
 {
     // The byte holds 255: kHandleBatch of them move to `counts`, and the byte counts the new one.
-    impl->counts.fetch_add(std::uint64_t(TensorImpl::kHandleBatch) * TensorImpl::kOneShared, std::memory_order_relaxed);
+    impl->counts.fetch_add(kBatchInCounts, std::memory_order_relaxed);
     impl->local.store(UINT8_MAX + 1 - TensorImpl::kHandleBatch, std::memory_order_relaxed);
 }
 
@@ -486,8 +492,8 @@ void detail::release_last_owned_handle(TensorImpl* impl) noexcept
     while (!(counts & (TensorImpl::kMerged | TensorImpl::kQueued)) &&
            (counts & TensorImpl::kWeakMask) == TensorImpl::kHandlesWeak &&
            TensorImpl::shared_handles(counts) >= TensorImpl::kHandleBatch) {
-        if (impl->counts.compare_exchange_weak(counts, counts - std::uint64_t(TensorImpl::kHandleBatch) * TensorImpl::kOneShared,
-                                               std::memory_order_acq_rel, std::memory_order_relaxed)) {
+        if (impl->counts.compare_exchange_weak(counts, counts - kBatchInCounts, std::memory_order_acq_rel,
+                                               std::memory_order_relaxed)) {
             impl->local.store(TensorImpl::kHandleBatch, std::memory_order_relaxed);  // and the dropped one gone
             return;
         }
