@@ -120,7 +120,7 @@ struct Program {
 // The bytes of a contiguous tensor.
 const char* bytes_of(const Tensor& t)
 {
-    return reinterpret_cast<const char*>(t.impl().storage->data) + t.storage_offset() * std::int64_t(dtype_size(t.dtype()));
+    return reinterpret_cast<const char*>(t.impl().data);
 }
 
 // x flipped along its first dim (the time dim), as a new contiguous tensor.

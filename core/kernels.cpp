@@ -34,8 +34,8 @@ Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offs
     TensorImpl* impl = handle.get();
     impl->storage = shared_storage(t);
     impl->set_layout(std::move(shape), std::move(strides));
-    impl->offset = offset;
     impl->dtype = t.dtype();
+    impl->data = impl->storage->data + offset * static_cast<std::int64_t>(dtype_size(impl->dtype));
     return Tensor(std::move(handle));
 }
 

@@ -405,7 +405,9 @@ namespace {
 {
     if (nbytes <= kInlineStorageBytes) return detail::new_tensor_with_bytes(nbytes);
     TensorHandle impl = detail::new_tensor_header();
-    impl.get()->storage = std::allocate_shared<HeapStorage>(PoolAllocator<HeapStorage>(), nbytes);
+    TensorImpl& h = *impl.get();
+    h.storage = std::allocate_shared<HeapStorage>(PoolAllocator<HeapStorage>(), nbytes);
+    h.data = h.storage->data;
     return impl;
 }
 
@@ -579,6 +581,7 @@ std::shared_ptr<Storage> shared_storage(const Tensor& t)
 
 void detail::share_storage(const Tensor& dst, const Tensor& src)
 {
+    const std::int64_t offset = dst.storage_offset();  // kept, as the view's strides are
     std::shared_ptr<Storage> storage = shared_storage(src);
     // A handle on dst's own bytes, kept in dst, would hold dst's header forever.
     TensorImpl* own = dst.impl_ptr().get();
@@ -586,7 +589,9 @@ void detail::share_storage(const Tensor& dst, const Tensor& src)
         if constexpr (!std::is_same_v<B, TensorImpl>)
             if (storage.get() == &b->own) storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), storage.get());
     });
-    dst.impl().storage = std::move(storage);
+    TensorImpl& d = dst.impl();
+    d.storage = std::move(storage);
+    d.data = d.storage->data + offset * static_cast<std::int64_t>(dtype_size(d.dtype));
 }
 
 Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, dtype); }

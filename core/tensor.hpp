@@ -1,5 +1,5 @@
 /// \file
-/// Tensor: a cheap handle on shared storage with a shape, strides, offset and dtype.
+/// Tensor: a cheap handle on shared storage with a shape, strides, first element and dtype.
 /// Views (reshape of contiguous data, permute, slicing, expand) share storage.
 /// The differentiable methods (sum, tanh, ...) are defined by autograd/, which records them on the tape.
 #pragma once
@@ -153,7 +153,7 @@ void release_shared_handle(TensorImpl* impl) noexcept;
 void add_owned_handle_past_byte(TensorImpl* impl) noexcept;
 }  // namespace detail
 
-/// A tensor's header: its storage, the view of it (shape, strides, offset), dtype and autograd
+/// A tensor's header: its storage, the view of it (shape, strides, first element), dtype and autograd
 /// node, with its reference counts in it. Tensor is a handle on one (TensorHandle).
 struct TensorImpl {
     /// A header owned by the thread of tag `owner_tag` (tag_for_new_header()), with one handle.
@@ -194,7 +194,10 @@ struct TensorImpl {
     /// for strides was 40 bytes longer: a long tape holds tens of thousands of headers, and what
     /// a sweep and a reset walk is what they weigh. Read them with strides() or stride().
     Shape* stored_strides = nullptr;
-    std::int64_t offset = 0;  ///< in elements
+    /// The first element's address: the storage's bytes plus the view's offset (storage_offset()
+    /// elements). Kept, not computed, as every op reads it: through the storage record, a sweep
+    /// that reads a saved tensor's numbers waited on the record's line before the numbers' own.
+    std::byte* data = nullptr;
     /// Element type.
     DType dtype = kFloat32;
     /// The kind of block the header lies in (core/tensor.cpp): how to free it.
@@ -426,7 +429,12 @@ public:
         return n;
     }
     /// Offset of the first element in the storage, in elements.
-    std::int64_t storage_offset() const { return impl().offset; }
+    std::int64_t storage_offset() const
+    {
+        const TensorImpl& h = impl();
+        if (!h.storage) return 0;
+        return (h.data - h.storage->data) / static_cast<std::ptrdiff_t>(dtype_size(h.dtype));
+    }
     /// Whether the elements are laid out row-major without gaps (kept in the header).
     bool is_contiguous() const { return impl().contiguous; }
     /// Whether both handles refer to the same header.
@@ -459,8 +467,7 @@ public:
     template <class T> [[gnu::always_inline]] T* unsafe_data() const
     {
         assert(defined() && dtype_of<T>() == impl_.get()->dtype);
-        const TensorImpl* header = impl_.get();
-        return reinterpret_cast<T*>(header->storage->data) + header->offset;
+        return reinterpret_cast<T*>(impl_.get()->data);
     }
     /// The single value of a one-element tensor, converted to T.
     template <class T> T item() const;
@@ -664,8 +671,8 @@ inline bool bytes_in_own_block(const Tensor& t) { return t.impl().storage && t.i
 /// (The caller checks that t's header has one handle.)
 bool holds_bytes_alone(const Tensor& t);
 /// Makes dst use src's storage (see shared_storage()): dst's header is kept, so every handle on it
-/// sees src's bytes from now on. Its shape, strides, offset and dtype are left as they were: the
-/// caller sets them to fit the new bytes (nothing is checked here).
+/// sees src's bytes from now on. Its shape, strides, storage offset and dtype are left as they
+/// were: the caller sets them to fit the new bytes (nothing is checked here).
 void share_storage(const Tensor& dst, const Tensor& src);
 /// An uninitialised tensor of contiguous `like`'s shape, its shape and strides copied rather than
 /// computed and checked again: the fast path of elementwise ops.

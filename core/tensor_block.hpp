@@ -25,6 +25,7 @@ struct TensorWithBytes final : TensorImpl {
     TensorWithBytes(std::uint16_t owner, std::size_t nbytes) noexcept
         : TensorImpl(owner), own(nbytes, reinterpret_cast<std::byte*>(this + 1))
     {
+        data = own.data;
         storage = std::shared_ptr<Storage>(std::shared_ptr<Storage>(), &own);
         count_inline_storage_bytes(nbytes);
     }

@@ -307,7 +307,7 @@ void replace_data(const Tensor& dst, const Tensor& src)
     loom::detail::share_storage(dst, src);
     d.storage->version = written;
     d.set_layout(s.shape, s.strides());
-    d.offset = s.offset;
+    d.data = s.data;  // dst shares src's storage now
     d.dtype = s.dtype;
     if (d.node) {
         d.node->dtype = s.dtype;

@@ -246,7 +246,7 @@ void save(const std::string& path, const NamedTensorMap& tensors, const Metadata
         write_all(fd, &header_size, 8, temp);
         write_all(fd, text.data(), text.size(), temp);
         for (const Tensor& t : ordered)
-            write_all(fd, t.impl().storage->data + t.storage_offset() * dtype_size(t.dtype()),
+            write_all(fd, t.impl().data,
                       static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype()), temp);
         LOOM_CHECK(::fsync(fd) == 0, "save", "flushing {} failed: {}", temp, std::strerror(errno));
     } catch (...) {
