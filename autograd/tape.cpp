@@ -231,16 +231,23 @@ void compact_since(std::uint64_t first_seq)
         for (const auto& in : e.inputs())
             if (in.slot() >= base) read[static_cast<std::size_t>(in.slot() - base)] = true;
     }
-    std::size_t kept = first;
-    for (std::size_t i = first; i < tape.entries.size(); ++i)
-        if (!any_alive || dead[i]) {
-            tape.released_entries -= tape.entries[i].released();
-            forget_watched(tape, tape.entries[i]);
-        } else {
-            if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
-            ++kept;
-        }
-    tape.entries.shrink_to(kept);
+    const auto forget = [&tape](const Entry& e) noexcept {
+        tape.released_entries -= e.released();
+        forget_watched(tape, e);
+    };
+    if (!any_alive) {
+        tape.entries.drop_from(first, forget);  // one walk: no entry is kept
+    } else {
+        std::size_t kept = first;
+        for (std::size_t i = first; i < tape.entries.size(); ++i)
+            if (dead[i]) {
+                forget(tape.entries[i]);
+            } else {
+                if (kept != i) tape.entries[kept] = std::move(tape.entries[i]);
+                ++kept;
+            }
+        tape.entries.shrink_to(kept);
+    }
     if (tape.entries.empty()) {
         tape.stream.clear();
         tape.retire_all_chunks();
