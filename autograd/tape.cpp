@@ -102,8 +102,7 @@ void reset(Tape& tape)
 void release_held_inputs_if_idle(Tape& tape)
 {
     if (tape.running_sweeps > 0 || !tape.entries.empty() || tape.held_inputs.empty()) return;
-    tape.recently_held.fill(nullptr);
-    tape.held_inputs.clear();
+    tape.release_held_inputs();
 }
 
 void reset_if_all_released(Tape& tape)

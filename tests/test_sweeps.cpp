@@ -849,6 +849,19 @@ TEST_CASE("the tape holds a leaf its entries read while one of them may still be
         loss.backward();
         CHECK(hooked);
         CHECK(dropped.expired());  // the tape is empty: nothing holds it any more
+        // So again and again, read by an op that saves nothing (the product above saved the leaf
+        // itself): a new leaf's node often takes a freed one's address, which the tape must not
+        // take for one it still holds.
+        for (int round = 0; round < 20; ++round) {
+            {
+                const Tensor leaf = tensor({1.0, 2.0}, kFloat64).requires_grad_();
+                dropped = leaf.impl().node;
+                loss = (leaf + 1.0).sum();
+            }
+            REQUIRE_FALSE(dropped.expired());
+            loss.backward();
+            REQUIRE(dropped.expired());
+        }
         // Read by entries no one can sweep any more (an evaluation loop that never calls
         // backward), a leaf is let go at the next compaction; one still read there is kept.
         const Tensor kept = tensor({0.5}, kFloat64).requires_grad_();
