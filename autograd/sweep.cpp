@@ -414,10 +414,12 @@ struct Sweep final : autograd::GradientSums {
         }
     }
 
-    // Adds g to the sum of what `to` receives (a node, or an entry's input).
+    // Adds g to the sum of what `to` receives (a node, or an entry's input): the first gradient
+    // to arrive is adopted, inline; a sum is made out of line (add's formula passes its gradient
+    // on as it is, and the call cost more than the adoption: bench_tape's swept chain).
     // g by reference: a handle passed by value is stored as two words and read back as one, a
-    // stalled load in every gradient summed (perf on bench_tape's swept chain).
-    template <class To> void add(const To& to, Tensor&& g)
+    // stalled load in every gradient summed (perf on the same chain).
+    template <class To> [[gnu::always_inline]] void add(const To& to, Tensor&& g)
     {
         autograd::PendingGrad& p = receiving(to, defined_dtype(g));
         if (!p.sum.defined()) {
@@ -425,6 +427,10 @@ struct Sweep final : autograd::GradientSums {
             p.owned = false;
             return;
         }
+        add_to_sum(p, std::move(g));
+    }
+    [[gnu::noinline]] void add_to_sum(autograd::PendingGrad& p, Tensor&& g)
+    {
         if (create_graph) {
             p.sum = loom::add(p.sum, g);
             return;
