@@ -35,7 +35,7 @@ Tensor as_strided(const Tensor& t, Shape shape, Shape strides, std::int64_t offs
     impl->storage = shared_storage(t);
     impl->set_layout(std::move(shape), std::move(strides));
     impl->dtype = t.dtype();
-    impl->data = impl->storage->data + offset * static_cast<std::int64_t>(dtype_size(impl->dtype));
+    impl->set_storage_offset(offset);
     return Tensor(std::move(handle));
 }
 

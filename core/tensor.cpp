@@ -591,7 +591,7 @@ void detail::share_storage(const Tensor& dst, const Tensor& src)
     });
     TensorImpl& d = dst.impl();
     d.storage = std::move(storage);
-    d.data = d.storage->data + offset * static_cast<std::int64_t>(dtype_size(d.dtype));
+    d.set_storage_offset(offset);
 }
 
 Tensor empty(const Shape& shape, DType dtype) { return allocate("empty", shape, dtype); }

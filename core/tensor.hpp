@@ -241,6 +241,17 @@ struct TensorImpl {
     TensorImpl& operator=(const TensorImpl&) = delete;
     /// Sets shape and strides, and whether they are contiguous (core/tensor.cpp).
     void set_layout(Shape shape_, const Shape& strides_);
+    /// Points `data` at element `offset` of the storage, counted in this header's dtype.
+    void set_storage_offset(std::int64_t offset)
+    {
+        data = storage->data + offset * static_cast<std::int64_t>(dtype_size(dtype));
+    }
+    /// Where `data` lies in the storage, in elements (0 without storage).
+    std::int64_t storage_offset() const
+    {
+        if (!storage) return 0;
+        return (data - storage->data) / static_cast<std::ptrdiff_t>(dtype_size(dtype));
+    }
     /// Strides of each dim, in elements: the stored ones, or shape's row-major ones.
     Shape strides() const { return stored_strides ? *stored_strides : contiguous_strides(shape); }
     /// The stride of dim d (in range), without making the others.
@@ -429,12 +440,7 @@ public:
         return n;
     }
     /// Offset of the first element in the storage, in elements.
-    std::int64_t storage_offset() const
-    {
-        const TensorImpl& h = impl();
-        if (!h.storage) return 0;
-        return (h.data - h.storage->data) / static_cast<std::ptrdiff_t>(dtype_size(h.dtype));
-    }
+    std::int64_t storage_offset() const { return impl().storage_offset(); }
     /// Whether the elements are laid out row-major without gaps (kept in the header).
     bool is_contiguous() const { return impl().contiguous; }
     /// Whether both handles refer to the same header.
