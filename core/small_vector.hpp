@@ -209,14 +209,25 @@ public:
         return begin() + at;
     }
 
-    friend bool operator==(const SmallVector& a, const SmallVector& b)
+    [[gnu::always_inline]] friend bool operator==(const SmallVector& a, const SmallVector& b)
     {
-        // A plain loop: std::equal becomes a call to memcmp, which costs more than comparing
-        // the few sizes of a shape, and shapes are compared in every op and every sweep step.
+        // Shapes are compared in every op, every recorded input and every sweep step, and have
+        // few dims: up to four are compared unrolled, by one jump on the count (a loop cost
+        // twice the instructions for a 1-dim shape); std::equal would call memcmp.
         if (a.size() != b.size()) return false;
-        for (size_type i = 0; i < a.size(); ++i)
-            if (!(a[i] == b[i])) return false;
-        return true;
+        const T* x = a.data_;
+        const T* y = b.data_;
+        switch (a.size()) {
+        case 4: if (!(x[3] == y[3])) return false; [[fallthrough]];
+        case 3: if (!(x[2] == y[2])) return false; [[fallthrough]];
+        case 2: if (!(x[1] == y[1])) return false; [[fallthrough]];
+        case 1: return x[0] == y[0];
+        case 0: return true;
+        default:
+            for (size_type i = 0; i < a.size(); ++i)
+                if (!(x[i] == y[i])) return false;
+            return true;
+        }
     }
     friend auto operator<=>(const SmallVector& a, const SmallVector& b)
     {
