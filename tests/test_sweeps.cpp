@@ -392,6 +392,38 @@ TEST_CASE("what entries keep beside them outlives compaction, is destroyed once,
     });
 }
 
+TEST_CASE("a compaction that finds every entry alive leaves the tape as it was; a later one reclaims what died since")
+{
+    on_fresh_tape([] {
+        Tensor x = random({3}, 6).requires_grad_();
+        auto count = std::make_shared<int>(0);
+        const auto tripled = [&] {  // its closure holds a count and lies in the stream
+            return autograd::record("tripled", {x}, x.detach() * 3.0, {},
+                                    [count](const autograd::BackwardContext& c) {
+                                        return std::vector<Tensor>{c.grad() * 3.0};
+                                    });
+        };
+        // 3,000 results held: the compactions due at 1,024 and 2,048 entries find nothing dead.
+        std::vector<Tensor> held;
+        for (int i = 0; i < 3000; ++i) held.push_back(tripled());
+        CHECK(autograd::tape_size() == 3000);
+        CHECK(count.use_count() == 3001);
+        const std::size_t stream = autograd::detail::tape_stream_bytes();
+        CHECK(stream > 0);
+        // Dropped, all but one: the next compaction reclaims them and their bytes, once each.
+        Tensor kept = held[1234];
+        held.clear();
+        for (int i = 0; i < 4000; ++i) (void)tripled();
+        CHECK(autograd::tape_size() < 3000);
+        CHECK(count.use_count() - 1 == static_cast<long>(autograd::tape_size()));
+        CHECK(autograd::detail::tape_stream_bytes() < stream);
+        kept.sum().backward();
+        CHECK(close(x.grad(), values(full_like(x, 3.0)), 1e-12));
+        CHECK(autograd::tape_size() == 0);
+        CHECK(count.use_count() == 1);
+    });
+}
+
 TEST_CASE("an entry keeps a first output of five dims, or of a dim past 2^32, aside: exports, compaction and sweeps "
           "see it whole")
 {
