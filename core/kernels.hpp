@@ -181,7 +181,8 @@ template <class R, class T, class F>
     for (std::int64_t i = 0; i < n; ++i) o[i] = f(x[i]);
 }
 
-/// out[i] = f(x[i]) for T = x's C++ type; the result dtype follows f's return type.
+/// out[i] = f(x[i]) for T = x's C++ type, which the caller checked; the result dtype follows
+/// f's return type.
 template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
 {
     using R = decltype(f(T{}));
@@ -190,7 +191,7 @@ template <class T, class F> Tensor map_typed(const Tensor& x, F&& f)
     R* o;
     Tensor out = contiguous ? detail::new_contiguous_like<R>(x, n, o) : empty(x.sizes(), dtype_of<R>());
     if (!contiguous) o = out.data_ptr<R>();
-    const T* in = x.data_ptr<T>();
+    const T* in = x.unsafe_data<T>();
     if (contiguous) {
         // Captured by value: see zip_typed.
         over_elements(n, [o, in, &f](std::int64_t i0, std::int64_t i1) { map_contiguous(o + i0, in + i0, i1 - i0, f); });
@@ -318,12 +319,13 @@ template <class R, class T, class F>
     for (std::int64_t i = 0; i < n; ++i) o[i] = f(a[i], b[i]);
 }
 
-/// out = f(a, b) with broadcasting, for T = the operands' C++ type; `op` names the call in errors.
+/// out = f(a, b) with broadcasting, for T = the operands' C++ type, which the caller checked both
+/// are (zip_floating and the others below); `op` names the call in errors.
 template <class T, class F> Tensor zip_typed(std::string_view op, const Tensor& a, const Tensor& b, F&& f)
 {
     using R = decltype(f(T{}, T{}));
-    const T* pa = a.data_ptr<T>();
-    const T* pb = b.data_ptr<T>();
+    const T* pa = a.unsafe_data<T>();
+    const T* pb = b.unsafe_data<T>();
     // Equal shapes, or tensor op scalar (as long as the scalar adds no dims): no broadcasting.
     const bool same_shape = a.sizes() == b.sizes();
     if ((same_shape || (b.numel() == 1 && b.dim() <= a.dim())) && a.is_contiguous() && b.is_contiguous()) {
