@@ -71,12 +71,15 @@ template <class R> [[gnu::always_inline]] inline Tensor new_contiguous_like(cons
         data = t.data_ptr<R>();
         return t;
     }
+    // Found before the new header is written, whose stores may alias like's handle: after them,
+    // the handle would be read and tested again.
+    const Shape& shape = like.sizes();
     TensorHandle impl = new_tensor_with_bytes(nbytes);
     TensorImpl* header = impl.get();
     // The dtype before the shape: the shape's copy (char-typed) would keep this store apart from
     // the constructor's, which it replaces.
     header->dtype = dtype_of<R>();
-    header->shape.assign_to_new(like.sizes());  // row-major, as a new header is
+    header->shape.assign_to_new(shape);  // row-major, as a new header is
     data = reinterpret_cast<R*>(static_cast<TensorWithBytes*>(header) + 1);
     return Tensor(std::move(impl));
 }
